@@ -1,0 +1,117 @@
+"""Label taxonomies and the mappings between them.
+
+A taxonomy is an ordered tuple of label names, least relevant first, so the index of a label is its
+ordinal grade (used for ordinal partial credit and for thresholds).
+
+Built-in taxonomies
+-------------------
+``hd3``      Home Depot / WANDS style 3-level scale: Irrelevant < Partial < Exact.
+``esci4``    Amazon ESCI: Irrelevant < Complement < Substitute < Exact.
+``taobao4``  Taobao-style 4-level scale used by TaoSR papers: Irrelevant < Mismatch (same broad
+             category, a key attribute is wrong) < Related (a usable alternative) < Excellent.
+
+Mappings between them are explicit tables (``MAPPINGS``), not index arithmetic, because the scales
+do not line up one-to-one (an ESCI Complement is *Irrelevant* for the Home Depot raters, who are told
+that an accessory for the item searched is irrelevant).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Taxonomy:
+    name: str
+    labels: tuple[str, ...]  # least relevant first
+    aliases: tuple[tuple[str, str], ...] = ()  # (alias, canonical), case-insensitive
+
+    def __post_init__(self) -> None:
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"taxonomy {self.name!r} has duplicate labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def index(self, label: str) -> int:
+        return self.labels.index(self.normalize(label))
+
+    def normalize(self, label: str) -> str:
+        """Return the canonical spelling of ``label`` or raise ``ValueError``."""
+        key = str(label).strip().lower()
+        for name in self.labels:
+            if name.lower() == key:
+                return name
+        for alias, canonical in self.aliases:
+            if alias.lower() == key:
+                return canonical
+        raise ValueError(f"unknown label {label!r} for taxonomy {self.name!r}; expected one of {list(self.labels)}")
+
+    def is_valid(self, label: str) -> bool:
+        try:
+            self.normalize(label)
+            return True
+        except ValueError:
+            return False
+
+
+TAXONOMIES: dict[str, Taxonomy] = {
+    "hd3": Taxonomy(
+        "hd3",
+        ("Irrelevant", "Partial", "Exact"),
+        aliases=(("1", "Irrelevant"), ("2", "Partial"), ("3", "Exact"), ("perfect", "Exact"),
+                 ("partially relevant", "Partial"), ("I", "Irrelevant"), ("P", "Partial"), ("E", "Exact")),
+    ),
+    "esci4": Taxonomy(
+        "esci4",
+        ("Irrelevant", "Complement", "Substitute", "Exact"),
+        aliases=(("I", "Irrelevant"), ("C", "Complement"), ("S", "Substitute"), ("E", "Exact")),
+    ),
+    "taobao4": Taxonomy(
+        "taobao4",
+        ("Irrelevant", "Mismatch", "Related", "Excellent"),
+        aliases=(("L1", "Irrelevant"), ("L2", "Mismatch"), ("L3", "Related"), ("L4", "Excellent")),
+    ),
+}
+
+# (source, target) -> {source label: target label}
+MAPPINGS: dict[tuple[str, str], dict[str, str]] = {
+    ("esci4", "hd3"): {"Exact": "Exact", "Substitute": "Partial", "Complement": "Irrelevant", "Irrelevant": "Irrelevant"},
+    ("hd3", "esci4"): {"Exact": "Exact", "Partial": "Substitute", "Irrelevant": "Irrelevant"},
+    ("taobao4", "hd3"): {"Excellent": "Exact", "Related": "Partial", "Mismatch": "Partial", "Irrelevant": "Irrelevant"},
+    ("hd3", "taobao4"): {"Exact": "Excellent", "Partial": "Related", "Irrelevant": "Irrelevant"},
+    ("esci4", "taobao4"): {"Exact": "Excellent", "Substitute": "Related", "Complement": "Mismatch", "Irrelevant": "Irrelevant"},
+    ("taobao4", "esci4"): {"Excellent": "Exact", "Related": "Substitute", "Mismatch": "Complement", "Irrelevant": "Irrelevant"},
+}
+
+
+def get_taxonomy(name: str) -> Taxonomy:
+    try:
+        return TAXONOMIES[name]
+    except KeyError:
+        raise ValueError(f"unknown taxonomy {name!r}; known: {sorted(TAXONOMIES)}") from None
+
+
+def map_label(label: str, source: str, target: str) -> str:
+    """Map ``label`` from taxonomy ``source`` to taxonomy ``target``."""
+    src = get_taxonomy(source)
+    canonical = src.normalize(label)
+    if source == target:
+        return canonical
+    try:
+        table = MAPPINGS[(source, target)]
+    except KeyError:
+        raise ValueError(f"no label mapping from {source!r} to {target!r}") from None
+    return table[canonical]
+
+
+def rating_to_label(rating: float, cuts: tuple[float, float] = (1.75, 2.5)) -> str:
+    """Home Depot mean rating (1..3) to an ``hd3`` label: Irrelevant < cuts[0] <= Partial < cuts[1] <= Exact."""
+    lo, hi = cuts
+    if not lo <= hi:
+        raise ValueError(f"rating cuts must be ascending, got {cuts}")
+    if rating < lo:
+        return "Irrelevant"
+    if rating < hi:
+        return "Partial"
+    return "Exact"
