@@ -1,0 +1,107 @@
+"""``she eval`` and ``she predict``: generate judgements, score them, write metrics, a report and plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from she.data.labels import get_taxonomy
+from she.data.schema import Record
+from she.evaluation.generate import Judgement, generate_judgements
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def judgement_json(j: Judgement, record: Record | None = None) -> dict:
+    d = {"id": j.record_id, "label": j.label, "probs": j.probs, "format_ok": j.format_ok, "reasoning": j.text}
+    if record is not None and record.label is not None:
+        d["gold"] = record.label
+    return d
+
+
+def score(records: list[Record], judgements: list[Judgement], taxonomy: str) -> dict:
+    """Metrics of judgements against gold labels (pure given the judgements)."""
+    from she.evaluation.metrics import classification_report, step_accuracy
+    from she.rewards.verifier import verify_steps
+
+    labels = list(get_taxonomy(taxonomy).labels)
+    y_true = [r.label for r in records]
+    y_pred = [j.label for j in judgements]
+    m = classification_report(y_true, y_pred, labels)
+    m["format_valid_rate"] = sum(j.format_ok for j in judgements) / max(1, len(judgements))
+    verdicts = []
+    for r, j in zip(records, judgements):
+        if r.facts.is_empty():
+            continue
+        # the Verdict step is the label itself, already scored above; step accuracy is about reasoning
+        verdicts.append([v.verdict for v in verify_steps(j.parsed, r) if v.step != "Verdict"])
+    if verdicts:
+        m["step_accuracy"] = step_accuracy(verdicts)
+    return m
+
+
+def evaluate(
+    model_path: str,
+    records: list[Record],
+    out_dir: str | os.PathLike,
+    *,
+    taxonomy: str = "hd3",
+    batch_size: int = 16,
+    max_new_tokens: int = 96,
+    bf16: bool = True,
+    title: str = "Evaluation",
+    progress: bool = True,
+) -> dict:
+    from she.evaluation.report import write_report
+    from she.models.registry import load_model_and_tokenizer
+
+    missing = [r.id for r in records if r.label is None]
+    if missing:
+        raise ValueError(f"{len(missing)} record(s) have no label (first: {missing[0]}); use `she predict` instead")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tok = load_model_and_tokenizer(model_path)
+    t0 = time.time()
+    judgements = generate_judgements(
+        model, tok, records, taxonomy=taxonomy, batch_size=batch_size, max_new_tokens=max_new_tokens, bf16=bf16,
+        progress=progress,
+    )
+    elapsed = time.time() - t0
+    m = score(records, judgements, taxonomy)
+    n_tokens = sum(j.n_new_tokens for j in judgements)
+    m["generation"] = {"seconds": elapsed, "new_tokens": n_tokens, "tokens_per_s": n_tokens / max(elapsed, 1e-9),
+                       "pairs_per_s": len(records) / max(elapsed, 1e-9)}
+    m["model"] = str(model_path)
+    _atomic_write(out / "metrics.json", json.dumps(m, indent=2))
+    lines = [json.dumps(judgement_json(j, r), ensure_ascii=False) for r, j in zip(records, judgements)]
+    _atomic_write(out / "predictions.jsonl", "\n".join(lines) + "\n")
+    write_report(m, out, labels=list(get_taxonomy(taxonomy).labels), title=title, examples=list(zip(records, judgements))[:5])
+    return m
+
+
+def predict(model_path: str, records: list[Record], out_file: str | os.PathLike, *, taxonomy: str = "hd3",
+            batch_size: int = 16, max_new_tokens: int = 96, bf16: bool = True, progress: bool = True) -> int:
+    """Write one JSON line per pair. Streams in chunks so huge inputs never sit in memory as judgements."""
+    from she.models.registry import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(model_path)
+    out = Path(out_file)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    n = 0
+    chunk = max(batch_size * 8, 64)
+    with open(tmp, "w") as f:
+        for start in range(0, len(records), chunk):
+            part = records[start : start + chunk]
+            for r, j in zip(part, generate_judgements(model, tok, part, taxonomy=taxonomy, batch_size=batch_size,
+                                                      max_new_tokens=max_new_tokens, bf16=bf16, progress=progress)):
+                f.write(json.dumps(judgement_json(j, r), ensure_ascii=False) + "\n")
+                n += 1
+    os.replace(tmp, out)
+    return n

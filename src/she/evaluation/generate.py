@@ -1,0 +1,115 @@
+"""Batched generation of judgements: prompt -> reasoning trace -> parsed steps, label and class probabilities.
+
+Class probabilities are read from the logits of the **label token** the model generated itself: at the
+generation step that emits the first token of the verdict label, the softmax over the first tokens of
+all label names gives P(label | query, product, reasoning). No second forward pass is needed, and the
+probabilities are conditioned on the model's own reasoning, which is what the judge's label means.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
+from she.data.labels import get_taxonomy
+from she.data.schema import Record
+
+
+@dataclass
+class Judgement:
+    record_id: str
+    text: str
+    label: str | None
+    probs: dict[str, float] | None
+    format_ok: bool
+    parsed: object = field(repr=False, default=None)  # she.reasoning.parse.ParsedTrace
+    n_new_tokens: int = 0
+
+
+def autocast(enabled: bool, device: torch.device):
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def label_first_tokens(tokenizer, labels: list[str]) -> dict[bool, list[int]] | None:
+    """First token id of each label, with and without a leading space. None when two labels collide."""
+    out: dict[bool, list[int]] = {}
+    for spaced in (True, False):
+        ids = [tokenizer.encode((" " if spaced else "") + lab, add_special_tokens=False)[0] for lab in labels]
+        if len(set(ids)) != len(ids):
+            return None
+        out[spaced] = ids
+    return out
+
+
+def _label_probs(step_logits: torch.Tensor, token_text: str, first_tokens, labels) -> dict[str, float] | None:
+    if first_tokens is None:
+        return None
+    ids = first_tokens[token_text.startswith(" ")]
+    p = torch.softmax(step_logits.float()[ids], dim=-1)
+    return {lab: float(v) for lab, v in zip(labels, p)}
+
+
+@torch.no_grad()
+def generate_judgements(
+    model,
+    tokenizer,
+    records: list[Record],
+    *,
+    taxonomy: str = "hd3",
+    batch_size: int = 16,
+    max_new_tokens: int = 96,
+    bf16: bool = True,
+    progress: bool = True,
+    schema=None,
+) -> list[Judgement]:
+    from tqdm.auto import tqdm
+
+    from she.reasoning.parse import parse_trace
+    from she.reasoning.prompts import build_messages
+    from she.reasoning.schema import default_schema
+    from she.reasoning.segmentation import token_char_offsets
+
+    schema = schema or default_schema(taxonomy)
+    labels = list(get_taxonomy(taxonomy).labels)
+    first_tokens = label_first_tokens(tokenizer, labels)
+    tokenizer.padding_side = "left"
+    model.eval()
+    device = next(model.parameters()).device
+    prompts = [
+        tokenizer.apply_chat_template(build_messages(r), tokenize=False, add_generation_prompt=True) for r in records
+    ]
+    order = sorted(range(len(records)), key=lambda i: len(prompts[i]))  # less padding per batch
+    results: list[Judgement | None] = [None] * len(records)
+    eos = tokenizer.eos_token_id
+    bar = tqdm(total=len(records), desc="judging", unit="pair", disable=not progress)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = {k: v.to(device) for k, v in enc.items()}
+        with autocast(bf16, device):
+            out = model.generate(
+                **enc, max_new_tokens=max_new_tokens, do_sample=False, output_scores=True,
+                return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
+            )
+        gen = out.sequences[:, enc["input_ids"].shape[1] :]
+        for row, i in enumerate(idx):
+            ids = gen[row].tolist()
+            if eos in ids:
+                ids = ids[: ids.index(eos)]
+            ids = [t for t in ids if t != tokenizer.pad_token_id]
+            text, offsets = token_char_offsets(tokenizer, ids)
+            parsed = parse_trace(text, schema)
+            probs = None
+            if parsed.label is not None and parsed.label_span is not None:
+                k = next((j for j, (s, e) in enumerate(offsets) if e > parsed.label_span[0]), None)
+                if k is not None and k < len(out.scores):
+                    s, e = offsets[k]
+                    probs = _label_probs(out.scores[k][row], text[s:e], first_tokens, labels)
+            results[i] = Judgement(records[i].id, text, parsed.label, probs, parsed.format_ok, parsed, len(ids))
+        bar.update(len(idx))
+    bar.close()
+    return results  # type: ignore[return-value]

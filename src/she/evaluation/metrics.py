@@ -1,0 +1,220 @@
+"""Classification metrics for relevance judges, written out by hand (no scikit-learn).
+
+Why not sklearn: it is not a dependency of this package, and two of the choices we need are not its
+defaults and are easy to get wrong through it:
+
+* **Invalid predictions are wrong, never dropped.** A judge that fails to emit a parsable label (``None``)
+  or emits a label outside the taxonomy has made an error. Dropping those rows would reward a model for
+  refusing hard items. They are counted in ``n_invalid``, count as wrong for accuracy and recall, and
+  get their own last column ``"invalid"`` in the confusion matrix.
+* **Macro-F1 averages only over classes that occur in the gold labels** (support > 0). A class with no
+  gold example has an undefined recall; if nobody predicted it either, its F1 is 0/0. Averaging a 0 in
+  for it would make the score depend on which labels the taxonomy *could* have, not on the data. This is
+  what ``sklearn.metrics.f1_score(y_true, y_pred, labels=<labels present in y_true>, average="macro",
+  zero_division=0)`` computes. Such a class is still listed in ``per_class`` (precision/recall/F1 = 0.0,
+  support 0) so false positives on it stay visible; ``macro_labels`` says which classes were averaged.
+
+Undefined ratios (0/0) are reported as 0.0, like sklearn's ``zero_division=0``.
+
+``bootstrap_ci`` gives percentile confidence intervals; with ``groups`` (e.g. the query id of every row)
+it resamples whole groups (a cluster bootstrap), which is the honest choice when rows of the same query
+are correlated, as they are in every search-relevance set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+
+import numpy as np
+
+INVALID = "invalid"
+STEP_VERDICTS = ("correct", "incorrect", "unknown")
+
+
+def _encode(
+    y_true: Sequence[str], y_pred: Sequence[str | None], labels: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Map labels to column indices; predictions outside ``labels`` (or None) map to ``len(labels)``."""
+    labels = list(labels)
+    if not labels:
+        raise ValueError("labels must not be empty")
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"labels contain duplicates: {labels}")
+    if len(y_true) != len(y_pred):
+        raise ValueError(f"y_true has {len(y_true)} items but y_pred has {len(y_pred)}")
+    if len(y_true) == 0:
+        raise ValueError("cannot compute metrics on zero examples")
+    index = {lab: i for i, lab in enumerate(labels)}
+    k = len(labels)
+    true_idx = np.empty(len(y_true), dtype=np.int64)
+    for i, t in enumerate(y_true):
+        if t not in index:
+            raise ValueError(f"y_true[{i}] = {t!r} is not one of the labels {labels}")
+        true_idx[i] = index[t]
+    pred_idx = np.array([index.get(p, k) if isinstance(p, str) else k for p in y_pred], dtype=np.int64)
+    return true_idx, pred_idx
+
+
+def _confusion(true_idx: np.ndarray, pred_idx: np.ndarray, k: int) -> np.ndarray:
+    """[k, k+1] counts: rows = gold class, columns = predicted class, last column = invalid."""
+    return np.bincount(true_idx * (k + 1) + pred_idx, minlength=k * (k + 1)).reshape(k, k + 1)
+
+
+def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    num = np.asarray(num, dtype=np.float64)
+    den = np.asarray(den, dtype=np.float64)
+    return np.divide(num, den, out=np.zeros(np.broadcast(num, den).shape), where=den > 0)
+
+
+def _scores_from_confusion(conf: np.ndarray) -> dict[str, np.ndarray]:
+    """Vectorised over any leading batch dims: conf has shape [..., k, k+1]."""
+    k = conf.shape[-2]
+    tp = np.diagonal(conf[..., :, :k], axis1=-2, axis2=-1)
+    support = conf.sum(-1)  # gold count per class (row sums, invalid included)
+    predicted = conf[..., :, :k].sum(-2)  # how often each class was predicted (column sums)
+    precision = _safe_div(tp, predicted)
+    recall = _safe_div(tp, support)
+    f1 = _safe_div(2 * precision * recall, precision + recall)
+    present = support > 0
+    macro_f1 = _safe_div((f1 * present).sum(-1), present.sum(-1))
+    n = conf.sum((-2, -1))
+    accuracy = _safe_div(tp.sum(-1), n)
+    return {
+        "tp": tp, "support": support, "predicted": predicted, "precision": precision,
+        "recall": recall, "f1": f1, "macro_f1": macro_f1, "accuracy": accuracy,
+    }  # fmt: skip
+
+
+def classification_report(y_true: Sequence[str], y_pred: Sequence[str | None], labels: Sequence[str]) -> dict:
+    """Per-class and aggregate scores of a labelling.
+
+    Returns a dict with
+
+    * ``macro_f1``: mean F1 over classes with support > 0 (see module docstring for why).
+    * ``accuracy``: share of rows whose prediction equals the gold label (invalid rows are wrong).
+    * ``per_class``: ``{label: {"precision", "recall", "f1", "support"}}`` for every label, in order.
+    * ``confusion``: list of ``len(labels)`` rows (gold) of ``len(labels) + 1`` ints (predicted, then
+      ``"invalid"``). ``confusion_columns`` names the columns.
+    * ``n``, ``n_invalid``: row count and number of predictions that were None or not in ``labels``.
+    * ``macro_labels``: the labels averaged in ``macro_f1``.
+
+    ``y_true`` must only contain members of ``labels`` (a ValueError names the first offending index).
+    """
+    labels = list(labels)
+    true_idx, pred_idx = _encode(y_true, y_pred, labels)
+    k = len(labels)
+    conf = _confusion(true_idx, pred_idx, k)
+    s = _scores_from_confusion(conf)
+    per_class = {
+        lab: {
+            "precision": float(s["precision"][i]),
+            "recall": float(s["recall"][i]),
+            "f1": float(s["f1"][i]),
+            "support": int(s["support"][i]),
+        }
+        for i, lab in enumerate(labels)
+    }
+    return {
+        "macro_f1": float(s["macro_f1"]),
+        "accuracy": float(s["accuracy"]),
+        "per_class": per_class,
+        "confusion": conf.tolist(),
+        "confusion_columns": labels + [INVALID],
+        "n": len(true_idx),
+        "n_invalid": int((pred_idx == k).sum()),
+        "macro_labels": [lab for i, lab in enumerate(labels) if s["support"][i] > 0],
+    }
+
+
+def bootstrap_ci(
+    y_true: Sequence[str],
+    y_pred: Sequence[str | None],
+    labels: Sequence[str],
+    metric: str = "macro_f1",
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    groups: Sequence[Hashable] | None = None,
+) -> tuple[float, float]:
+    """Percentile bootstrap ``(1 - alpha)`` confidence interval of ``metric`` ("macro_f1" or "accuracy").
+
+    Without ``groups`` the (gold, prediction) pairs are resampled with replacement. With ``groups`` (one
+    hashable per row, e.g. the query id) whole groups are resampled: rows of one query share the query's
+    difficulty, so treating them as independent gives intervals that are too narrow.
+
+    Implementation: the confusion matrix is additive, so we build one confusion matrix per group (per row
+    without ``groups``), draw for every replicate how many times each group is picked (a multinomial count
+    vector), and get the replicate's confusion matrix as a weighted sum -- no per-replicate Python loop.
+    Within a replicate, a class absent from the resampled gold labels is left out of the macro average,
+    exactly as in ``classification_report``.
+    """
+    if metric not in ("macro_f1", "accuracy"):
+        raise ValueError(f"metric must be 'macro_f1' or 'accuracy', got {metric!r}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    true_idx, pred_idx = _encode(y_true, y_pred, labels)
+    k = len(list(labels))
+    cell = true_idx * (k + 1) + pred_idx
+    if groups is None:
+        group_idx = np.arange(len(cell))
+        n_groups = len(cell)
+    else:
+        if len(groups) != len(cell):
+            raise ValueError(f"groups has {len(groups)} items but y_true has {len(cell)}")
+        ids: dict[Hashable, int] = {}
+        group_idx = np.array([ids.setdefault(g, len(ids)) for g in groups], dtype=np.int64)
+        n_groups = len(ids)
+    per_group = np.zeros((n_groups, k * (k + 1)))
+    np.add.at(per_group, (group_idx, cell), 1.0)
+
+    rng = np.random.default_rng(seed)
+    values = np.empty(n_boot)
+    chunk = max(1, min(n_boot, 2_000_000 // max(n_groups, 1)))  # bound memory of the count matrix
+    for start in range(0, n_boot, chunk):
+        m = min(chunk, n_boot - start)
+        counts = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=m)
+        conf = (counts @ per_group).reshape(m, k, k + 1)
+        values[start : start + m] = _scores_from_confusion(conf)[metric]
+    lo, hi = np.quantile(values, [alpha / 2, 1 - alpha / 2])
+    return float(lo), float(hi)
+
+
+def step_accuracy(verdicts: Sequence[Sequence[str]]) -> dict:
+    """Summarise step-level verdicts (one list per rollout, each "correct" / "incorrect" / "unknown").
+
+    "unknown" means the checker could not decide (e.g. the product text does not say); it is neither right
+    nor wrong, so ``accuracy`` = correct / (correct + incorrect) and ``coverage`` = known / all steps.
+    ``accuracy`` is None when no step is known, ``coverage`` None when there are no steps -- a number there
+    would be invented. ``rollouts_all_correct`` is the share of rollouts (with at least one step) with no
+    incorrect step, a stricter view since one wrong step usually decides the label.
+    """
+    counts = dict.fromkeys(STEP_VERDICTS, 0)
+    n_with_steps = 0
+    n_clean = 0
+    for r, steps in enumerate(verdicts):
+        if isinstance(steps, str):
+            raise ValueError(f"verdicts[{r}] is a string; expected a list of verdict strings")
+        for s, v in enumerate(steps):
+            if v not in counts:
+                raise ValueError(f"verdicts[{r}][{s}] = {v!r}; expected one of {STEP_VERDICTS}")
+            counts[v] += 1
+        if len(steps):
+            n_with_steps += 1
+            n_clean += "incorrect" not in steps
+    known = counts["correct"] + counts["incorrect"]
+    total = known + counts["unknown"]
+    return {
+        "accuracy": counts["correct"] / known if known else None,
+        "coverage": known / total if total else None,
+        "n_steps": total,
+        "n_correct": counts["correct"],
+        "n_incorrect": counts["incorrect"],
+        "n_unknown": counts["unknown"],
+        "n_rollouts": len(verdicts),
+        "rollouts_all_correct": n_clean / n_with_steps if n_with_steps else None,
+    }
+
+
+__all__ = ["classification_report", "bootstrap_ci", "step_accuracy", "INVALID", "STEP_VERDICTS"]

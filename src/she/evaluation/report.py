@@ -1,0 +1,81 @@
+"""Markdown reports and PNG plots (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def plot_confusion(confusion: list[list[int]], labels: list[str], path: Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = labels + (["invalid"] if confusion and len(confusion[0]) > len(labels) else [])
+    fig, ax = plt.subplots(figsize=(1.3 * len(cols) + 2, 1.1 * len(labels) + 1.5))
+    ax.imshow(confusion, cmap="Blues")
+    ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("human label")
+    vmax = max((max(r) for r in confusion), default=0)
+    for i, row in enumerate(confusion):
+        for j, v in enumerate(row):
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > vmax / 2 else "black")
+    ax.set_title(title or "confusion matrix")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(series: dict[str, list[tuple[float, float]]], path: Path, title: str, xlabel: str = "step") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, pts in series.items():
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def metrics_table(rows: dict[str, dict], labels: list[str]) -> str:
+    head = "| model | Macro F1 | accuracy | " + " | ".join(f"F1 {l}" for l in labels) + " | format valid | step acc. | n |"
+    sep = "|" + "---|" * (6 + len(labels))
+    lines = [head, sep]
+    for name, m in rows.items():
+        pc = m.get("per_class", {})
+        sa = m.get("step_accuracy", {}).get("accuracy") if isinstance(m.get("step_accuracy"), dict) else None
+        lines.append(
+            f"| {name} | {m['macro_f1']:.3f} | {m['accuracy']:.3f} | "
+            + " | ".join(f"{pc.get(l, {}).get('f1', 0.0):.3f}" for l in labels)
+            + f" | {m.get('format_valid_rate', float('nan')):.3f} | {'-' if sa is None else f'{sa:.3f}'} | {m['n']} |"
+        )
+    return "\n".join(lines)
+
+
+def write_report(m: dict, out: Path, *, labels: list[str], title: str, examples=None) -> Path:
+    plot_confusion(m["confusion"], labels, out / "confusion.png", title)
+    parts = [f"# {title}", "", f"Model: `{m.get('model', '?')}`", "", metrics_table({"model": m}, labels), ""]
+    g = m.get("generation")
+    if g:
+        parts += [f"Generation: {g['pairs_per_s']:.2f} pairs/s, {g['tokens_per_s']:.1f} new tokens/s "
+                  f"({g['seconds']:.0f} s).", ""]
+    parts += ["![confusion matrix](confusion.png)", ""]
+    if examples:
+        parts += ["## Examples", ""]
+        for r, j in examples:
+            parts += [f"**{r.query}** -> {r.product.title} (human: {r.label}, model: {j.label})", "", "```",
+                      j.text.strip() or "(empty)", "```", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(parts))
+    return path

@@ -1,0 +1,247 @@
+"""The step schema: which reasoning steps a trace has, in which order, and what each one concludes.
+
+A trace is one step per line, ``Key: content``, and ends with the label::
+
+    Query: cordless drill; brand=dewalt; size=20v
+    Product: drill/driver kit; brand=DeWalt; size=20V; color=yellow
+    Type: same
+    Attributes: brand=match; size=match
+    Verdict: Exact
+
+Each step has a *kind* that says how its content is read:
+
+``free``        free text (the query / product analysis). Only required to be non-empty.
+``choice``      one word (or phrase) out of ``choices`` -- e.g. the type relation.
+``attributes``  ``attr=value`` pairs separated by ``;`` where ``value`` is match / mismatch /
+                unspecified, or ``none`` when nothing was checked. For this kind ``choices`` is the
+                tuple of attribute names that may be checked, in the fixed order they are rendered.
+                Attributes a trace does not mention are "not checked" (they imply no mismatch).
+``label``       the relevance label of the schema's taxonomy; always the last step, so the label is
+                generated *after* (and conditioned on) the reasoning.
+
+Why a schema object rather than a hard-coded format: the verifier, the renderer, the parser and the
+rationale writer must agree on the same steps, and users may add steps (e.g. a ``Negation`` step
+for queries such as "sink without faucet") from YAML without touching code.
+
+The step *names* ``query``, ``product``, ``type``, ``attributes``, ``negation``, ``specs`` and
+``verdict`` have a meaning the rest of she relies on (the type step feeds the guideline rule, see
+:func:`she.reasoning.parse.consistent_label`); the *keys* are just what is printed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from she.data.labels import get_taxonomy
+from she.data.schema import ATTRIBUTES, MATCH_VALUES, TYPE_RELATIONS
+
+STEP_KINDS = ("free", "choice", "attributes", "label")
+_KEY_RE = re.compile(r"^[^\W\d_][^\W_]*(?:[ _-][^\W_]+){0,3}$")
+
+
+def normalize_key(key: str) -> str:
+    """Case/spacing-insensitive form of a step key: ``"Type_relation"`` -> ``"type relation"``."""
+    return " ".join(re.split(r"[\s_-]+", key.strip().lower())).strip()
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """One step of the trace.
+
+    ``name`` is the stable identifier code refers to (``"type"``); ``key`` is the word printed at
+    the start of the line (``"Type"``); ``aliases`` are other keys the tolerant parser accepts
+    (e.g. ``"Label"`` for the verdict) -- they never appear in rendered traces.
+    """
+
+    name: str
+    key: str
+    kind: str
+    choices: tuple[str, ...] | None = None
+    aliases: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", self.name):
+            raise ValueError(f"step name must be lowercase identifier-like (e.g. 'type'), got {self.name!r}")
+        if not isinstance(self.key, str) or not _KEY_RE.match(self.key):
+            raise ValueError(
+                f"step {self.name!r}: key must be 1-4 words of letters/digits starting with a letter, got {self.key!r}"
+            )
+        for a in self.aliases:
+            if not isinstance(a, str) or not _KEY_RE.match(a):
+                raise ValueError(f"step {self.name!r}: bad alias {a!r}")
+        if self.kind not in STEP_KINDS:
+            raise ValueError(f"step {self.name!r}: kind must be one of {STEP_KINDS}, got {self.kind!r}")
+        if self.kind == "choice":
+            if not self.choices:
+                raise ValueError(f"step {self.name!r}: a choice step needs a non-empty 'choices' list")
+        elif self.kind == "attributes":
+            if self.choices is None:
+                object.__setattr__(self, "choices", ATTRIBUTES)
+            bad = [c for c in self.choices if c not in ATTRIBUTES]
+            if bad:
+                raise ValueError(f"step {self.name!r}: unknown attribute(s) {bad}; known: {list(ATTRIBUTES)}")
+        elif self.choices is not None:
+            raise ValueError(f"step {self.name!r}: 'choices' is only allowed for choice/attributes steps")
+        if self.choices is not None:
+            object.__setattr__(self, "choices", tuple(str(c) for c in self.choices))
+            lowered = [c.lower() for c in self.choices]
+            if len(set(lowered)) != len(lowered) or any(not c.strip() for c in self.choices):
+                raise ValueError(f"step {self.name!r}: choices must be distinct non-empty strings")
+        object.__setattr__(self, "aliases", tuple(self.aliases))
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": self.name, "key": self.key, "kind": self.kind}
+        if self.choices is not None:
+            d["choices"] = list(self.choices)
+        if self.aliases:
+            d["aliases"] = list(self.aliases)
+        return d
+
+
+@dataclass
+class StepSchema:
+    """An ordered list of steps plus the label taxonomy of the final (label) step."""
+
+    steps: list[StepSpec]
+    taxonomy: str = "hd3"
+    _by_key: dict[str, int] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        get_taxonomy(self.taxonomy)  # raises on an unknown taxonomy
+        self.steps = list(self.steps)
+        if not self.steps:
+            raise ValueError("a step schema needs at least one step")
+        names = [s.name for s in self.steps]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate step names in schema: {names}")
+        label_steps = [i for i, s in enumerate(self.steps) if s.kind == "label"]
+        if label_steps != [len(self.steps) - 1]:
+            raise ValueError("a step schema needs exactly one 'label' step and it must be the last one")
+        self._by_key = {}
+        for i, s in enumerate(self.steps):
+            for k in (s.key, s.name, *s.aliases):
+                nk = normalize_key(k)
+                if nk in self._by_key and self._by_key[nk] != i:
+                    raise ValueError(f"key/alias {k!r} is used by two steps")
+                self._by_key[nk] = i
+
+    # -- lookups ---------------------------------------------------------------------------
+    def index_of_key(self, key: str) -> int | None:
+        """Index of the step whose key, name or alias is ``key`` (case/spacing-insensitive)."""
+        return self._by_key.get(normalize_key(key))
+
+    def step(self, name: str) -> StepSpec | None:
+        for s in self.steps:
+            if s.name == name:
+                return s
+        return None
+
+    @property
+    def label_step(self) -> StepSpec:
+        return self.steps[-1]
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return get_taxonomy(self.taxonomy).labels
+
+    # -- (de)serialisation -----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"taxonomy": self.taxonomy, "steps": [s.to_dict() for s in self.steps]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | list[Any], *, taxonomy: str | None = None, where: str = "schema") -> "StepSchema":
+        """Build a schema from ``{"taxonomy": ..., "steps": [...]}`` or a bare list of step dicts.
+
+        Each step dict has ``name``, ``key``, ``kind`` and optionally ``choices`` and ``aliases``.
+        ``where`` names the source (file) in error messages.
+        """
+        if isinstance(d, list):
+            raw_steps, tax = d, taxonomy or "hd3"
+        elif isinstance(d, dict):
+            unknown = set(d) - {"taxonomy", "steps"}
+            if unknown:
+                raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}; expected 'taxonomy' and 'steps'")
+            if "steps" not in d:
+                raise ValueError(f"{where}: missing field 'steps'")
+            raw_steps, tax = d["steps"], taxonomy or d.get("taxonomy", "hd3")
+        else:
+            raise ValueError(f"{where}: a step schema must be a list of steps or an object with 'steps'")
+        if not isinstance(raw_steps, list):
+            raise ValueError(f"{where}: 'steps' must be a list")
+        steps = []
+        for i, s in enumerate(raw_steps):
+            if not isinstance(s, dict):
+                raise ValueError(f"{where}: steps[{i}] must be an object")
+            unknown = set(s) - {"name", "key", "kind", "choices", "aliases"}
+            if unknown:
+                raise ValueError(f"{where}: steps[{i}]: unknown field(s) {sorted(unknown)}")
+            for req in ("name", "key", "kind"):
+                if req not in s:
+                    raise ValueError(f"{where}: steps[{i}]: missing field {req!r}")
+            choices = s.get("choices")
+            if choices is not None and not isinstance(choices, (list, tuple)):
+                raise ValueError(f"{where}: steps[{i}].choices must be a list")
+            aliases = s.get("aliases") or ()
+            if not isinstance(aliases, (list, tuple)):
+                raise ValueError(f"{where}: steps[{i}].aliases must be a list")
+            try:
+                steps.append(StepSpec(str(s["name"]), str(s["key"]), str(s["kind"]),
+                                      None if choices is None else tuple(choices), tuple(aliases)))
+            except ValueError as e:
+                raise ValueError(f"{where}: steps[{i}]: {e}") from None
+        try:
+            return cls(steps, str(tax))
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+
+
+def load_schema(path: str | Path, *, taxonomy: str | None = None) -> StepSchema:
+    """Load a step schema from a YAML or JSON file (see :meth:`StepSchema.from_dict`)."""
+    p = Path(path)
+    text = p.read_text(encoding="utf-8")
+    if p.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}: line {e.lineno}: invalid JSON: {e.msg}") from None
+    else:
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f"line {mark.line + 1}: " if mark is not None else ""
+            raise ValueError(f"{p}: {line}invalid YAML: {e}") from None
+    return StepSchema.from_dict(data, taxonomy=taxonomy, where=str(p))
+
+
+def default_schema(taxonomy: str = "hd3") -> StepSchema:
+    """Query analysis, product analysis, type relation, attribute checks, verdict."""
+    return StepSchema(
+        [
+            StepSpec("query", "Query", "free"),
+            StepSpec("product", "Product", "free"),
+            StepSpec("type", "Type", "choice", TYPE_RELATIONS, aliases=("Type relation", "Relation")),
+            StepSpec("attributes", "Attributes", "attributes", ATTRIBUTES, aliases=("Attribute checks", "Attribute")),
+            StepSpec("verdict", "Verdict", "label", aliases=("Label", "Relevance", "Final verdict")),
+        ],
+        taxonomy,
+    )
+
+
+__all__ = [
+    "ATTRIBUTES",
+    "MATCH_VALUES",
+    "STEP_KINDS",
+    "TYPE_RELATIONS",
+    "StepSchema",
+    "StepSpec",
+    "default_schema",
+    "load_schema",
+    "normalize_key",
+]

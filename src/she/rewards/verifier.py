@@ -1,0 +1,84 @@
+"""The human-annotated offline verifier: checks each reasoning step against human step facts.
+
+For every parsed step it returns ``correct``, ``incorrect`` or ``unknown`` and the rule that decided.
+It never guesses: a step with no human fact behind it is ``unknown`` and is left to the judge.
+
+Rules (default schema):
+* ``Type``        -- conclusion vs ``facts.type_relation``.
+* ``Attributes``  -- every attribute the step concludes on vs the fact for that attribute. Any
+  disagreement -> incorrect. A known *mismatch* the step does not mention -> incorrect (the step
+  missed the decisive evidence). Otherwise correct if at least one attribute was checked against a
+  fact, else unknown.
+* ``Verdict``     -- the label vs the gold label (when the record has one).
+* ``Query``       -- only checkable for negation: if ``facts.negation == "yes"`` the query analysis must
+  mention the exclusion (``without``/``no``/``non``/``not``/``except``/``free``), else incorrect.
+* anything else   -- unknown.
+A step that failed to parse (no conclusion) is incorrect when a fact exists for it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from she.data.schema import ATTRIBUTES, Record
+
+CORRECT, INCORRECT, UNKNOWN = "correct", "incorrect", "unknown"
+_NEGATION = re.compile(r"\b(without|no|non|not|except|excluding|free)\b", re.I)
+
+
+@dataclass(frozen=True)
+class StepVerdict:
+    step: str  # the step key, e.g. "Type"
+    verdict: str  # correct | incorrect | unknown
+    rule: str  # which rule decided, for logs and debugging
+
+
+def verify_steps(parsed, record: Record) -> list[StepVerdict]:
+    """One verdict per parsed step, in order."""
+    facts = record.facts
+    out: list[StepVerdict] = []
+    for step in parsed.steps:
+        key = step.key
+        if key == "Type":
+            if facts.type_relation is None:
+                out.append(StepVerdict(key, UNKNOWN, "no type fact"))
+            elif step.conclusion is None:
+                out.append(StepVerdict(key, INCORRECT, "type unparsed"))
+            else:
+                ok = step.conclusion == facts.type_relation
+                out.append(StepVerdict(key, CORRECT if ok else INCORRECT, "type_relation"))
+        elif key == "Attributes":
+            out.append(_verify_attributes(step.conclusion, facts))
+        elif key == "Verdict":
+            if record.label is None:
+                out.append(StepVerdict(key, UNKNOWN, "no gold label"))
+            else:
+                ok = step.conclusion == record.label
+                out.append(StepVerdict(key, CORRECT if ok else INCORRECT, "gold label"))
+        elif key == "Query" and facts.negation == "yes":
+            ok = bool(_NEGATION.search(step.text or ""))
+            out.append(StepVerdict(key, CORRECT if ok else INCORRECT, "negation mentioned"))
+        else:
+            out.append(StepVerdict(key, UNKNOWN, "no rule"))
+    return out
+
+
+def _verify_attributes(conclusion, facts) -> StepVerdict:
+    known = {a: getattr(facts, a) for a in ATTRIBUTES if getattr(facts, a) is not None}
+    if not known:
+        return StepVerdict("Attributes", UNKNOWN, "no attribute facts")
+    if not isinstance(conclusion, dict):
+        return StepVerdict("Attributes", INCORRECT, "attributes unparsed")
+    checked = 0
+    for attr, value in conclusion.items():
+        if attr in known:
+            checked += 1
+            if value != known[attr]:
+                return StepVerdict("Attributes", INCORRECT, f"{attr}: said {value}, fact {known[attr]}")
+    for attr, value in known.items():
+        if value == "mismatch" and attr not in conclusion:
+            return StepVerdict("Attributes", INCORRECT, f"{attr}: missed a mismatch")
+    if checked == 0:
+        return StepVerdict("Attributes", UNKNOWN, "no checked attribute has a fact")
+    return StepVerdict("Attributes", CORRECT, f"{checked} attribute(s) agree")

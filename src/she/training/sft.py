@@ -1,0 +1,123 @@
+"""SFT warm start: a thin adapter over TRL's ``SFTTrainer``.
+
+Each record becomes a conversational prompt-completion example: the prompt is the policy's chat
+prompt (:func:`she.reasoning.prompts.build_messages`), the completion is a reasoning trace from the
+rule-based rationale writer (or a teacher, or ``Verdict: <label>`` alone for the label-only baseline).
+TRL then computes the loss on completion tokens only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from she.config import SFTJobConfig, to_dict
+from she.data.schema import Record
+
+log = logging.getLogger(__name__)
+
+
+def completion_text(record: Record, target: str = "reasoning") -> str:
+    from she.reasoning.rationale import write_rationale
+
+    if record.label is None:
+        raise ValueError(f"record {record.id} has no label: SFT needs labelled data")
+    if target == "reasoning":
+        return write_rationale(record)
+    if target == "label":
+        return f"Verdict: {record.label}"
+    raise ValueError(f"unknown SFT target {target!r}; use 'reasoning' or 'label'")
+
+
+def build_sft_dataset(records: list[Record], target: str = "reasoning", traces: dict[str, str] | None = None):
+    """Conversational prompt-completion dataset. ``traces`` (record id -> text) overrides the rule writer,
+    e.g. with accepted teacher traces."""
+    from datasets import Dataset
+
+    from she.reasoning.prompts import build_messages
+
+    rows = []
+    for r in records:
+        text = traces[r.id] if traces and r.id in traces else completion_text(r, target)
+        rows.append({"prompt": build_messages(r), "completion": [{"role": "assistant", "content": text}]})
+    return Dataset.from_list(rows)
+
+
+def last_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    d = Path(output_dir)
+    if not d.is_dir():
+        return None
+    return get_last_checkpoint(str(d))
+
+
+def use_cpu() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def train_sft(cfg: SFTJobConfig, train: list[Record], validation: list[Record] | None = None) -> Path:
+    """Train and save the final model to ``cfg.output_dir/final``; returns that folder."""
+    import torch
+    from trl import SFTConfig, SFTTrainer
+
+    from she.models.registry import load_model_and_tokenizer
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "she_config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
+    model, tok = load_model_and_tokenizer(cfg.model, for_training=True)
+    train_ds = build_sft_dataset(train, cfg.target)
+    eval_ds = build_sft_dataset(validation, cfg.target) if validation else None
+    peft_config = None
+    if cfg.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
+            target_modules="all-linear",
+        )
+    cpu = use_cpu()
+    bf16 = cfg.bf16 and (cpu or torch.cuda.is_bf16_supported())
+    args = SFTConfig(
+        output_dir=str(out),
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_ratio,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        max_length=cfg.max_length,
+        weight_decay=cfg.weight_decay,
+        bf16=bf16,
+        use_cpu=cpu,
+        seed=cfg.seed,
+        logging_steps=cfg.logging_steps,
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        report_to=[] if cfg.report_to in ("none", "") else [cfg.report_to],
+        eval_strategy="epoch" if eval_ds is not None else "no",
+        completion_only_loss=True,
+        dataloader_num_workers=0,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tok, peft_config=peft_config)
+    resume = last_checkpoint(out) if cfg.resume else None
+    if resume:
+        log.info("resuming from %s", resume)
+    trainer.train(resume_from_checkpoint=resume)
+    final = out / "final"
+    model_to_save = trainer.model
+    if cfg.lora:
+        model_to_save = model_to_save.merge_and_unload()  # users get an ordinary folder, not an adapter
+    model_to_save.save_pretrained(final)
+    tok.padding_side = "left"
+    tok.save_pretrained(final)
+    (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+    return final

@@ -1,0 +1,355 @@
+"""Tests for she.algorithms.advantages.
+
+Structure (as verl tests its core_algos): a plain Python-loop reference implementation of every function,
+written straight from the formulas in the module docstring; vectorised == loop on random shapes and seeds;
+then small hand-computed tensors with the arithmetic in comments; then edge cases and bad input.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from she.algorithms.advantages import (
+    critical_step_weights,
+    group_normalize,
+    normalize_step_rewards,
+    pad_step_rewards,
+    srpo_advantages,
+    step_advantages,
+)
+
+# ---------------------------------------------------------------- loop references
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return m, sd
+
+
+def _norm(x: float, xs: list[float], eps: float, scale: bool) -> float:
+    if max(xs) == min(xs):
+        return 0.0
+    m, sd = _mean_std(xs)
+    return (x - m) / (sd + eps) if scale else x - m
+
+
+def ref_group_normalize(rewards, g, eps=1e-4, scale=True):
+    out = []
+    for i, r in enumerate(rewards):
+        grp = rewards[(i // g) * g : (i // g + 1) * g]
+        out.append(_norm(r, grp, eps, scale))
+    return out
+
+
+def ref_normalize_step_rewards(step_rewards, step_mask, g, eps=1e-4, scale=True):
+    b, s = len(step_rewards), len(step_rewards[0])
+    out = [[0.0] * s for _ in range(b)]
+    for i in range(b):
+        lo = (i // g) * g
+        pool = [step_rewards[j][k] for j in range(lo, lo + g) for k in range(s) if step_mask[j][k]]
+        for k in range(s):
+            if step_mask[i][k]:
+                out[i][k] = _norm(step_rewards[i][k], pool, eps, scale)
+    return out
+
+
+def ref_step_advantages(q, step_mask, token_step, mode):
+    out = []
+    for i, row in enumerate(token_step):
+        res = []
+        for st in row:
+            if st < 0:
+                res.append(0.0)
+                continue
+            future = [q[i][k] for k in range(len(q[i])) if step_mask[i][k] and k >= st]
+            res.append({"broadcast": q[i][st], "cumsum": sum(future), "min": min(future)}[mode])
+        out.append(res)
+    return out
+
+
+def ref_critical_step_weights(raw, step_mask, outcome_correct, norm, few=2.0, ccw=1.5, thr=0.5, below=0.5):
+    out = []
+    for i in range(len(raw)):
+        w, seen_error = [], False
+        for k in range(len(raw[i])):
+            if not step_mask[i][k]:
+                w.append(1.0)
+            elif raw[i][k] < below:
+                w.append(few if (not seen_error and not outcome_correct[i]) else 1.0)
+                seen_error = True
+            else:
+                w.append(ccw if norm[i][k] > thr else 1.0)
+        out.append(w)
+    return out
+
+
+def ref_srpo(outcome, step_rewards, step_mask, token_step, cmask, g, alpha, mode, critical, eps=1e-4, scale=True):
+    out_adv = ref_group_normalize(outcome, g, eps, scale)
+    q = ref_normalize_step_rewards(step_rewards, step_mask, g, eps, scale)
+    if critical is not None:
+        correct = [r >= critical.get("outcome_correct_at", 1.0) for r in outcome]
+        w = ref_critical_step_weights(
+            step_rewards, step_mask, correct, q,
+            critical.get("first_error_weight", 2.0), critical.get("confident_correct_weight", 1.5),
+            critical.get("threshold", 0.5), critical.get("incorrect_below", 0.5),
+        )  # fmt: skip
+        q = [[a * b for a, b in zip(qr, wr)] for qr, wr in zip(q, w)]
+    sa = ref_step_advantages(q, step_mask, token_step, mode)
+    return [[(out_adv[i] + alpha * sa[i][t]) * cmask[i][t] for t in range(len(cmask[i]))] for i in range(len(cmask))]
+
+
+# ---------------------------------------------------------------- random batches
+
+
+def random_batch(seed: int):
+    """A batch like the trainer builds: contiguous groups, ragged steps, separators, label, right padding."""
+    rng = random.Random(seed)
+    g = rng.choice([1, 2, 3, 4])
+    b = g * rng.randint(1, 4)
+    s = rng.randint(1, 5)
+    # discrete rewards make equal-reward groups (the edge case) common; sometimes continuous ones
+    discrete = rng.random() < 0.5
+    outcome = [rng.choice([0.0, 0.5, 1.0]) if discrete else rng.random() for _ in range(b)]
+    steps, tok_rows, mask_rows = [], [], []
+    for _ in range(b):
+        n_steps = rng.randint(0, s)  # some rollouts have no valid step at all
+        steps.append([float(rng.choice([0, 1])) if discrete else rng.random() for _ in range(n_steps)])
+        toks = []
+        for k in range(n_steps):
+            toks += [k] * rng.randint(1, 4)  # single-token steps included
+            toks += [-1] * rng.randint(0, 1)  # newline separator outside any step
+        toks += [-1] * rng.randint(1, 3)  # the label
+        tok_rows.append(toks)
+    t = max(map(len, tok_rows)) + rng.randint(0, 2)
+    token_step = torch.full((b, t), -1, dtype=torch.long)
+    cmask = torch.zeros(b, t, dtype=torch.bool)
+    for i, toks in enumerate(tok_rows):
+        token_step[i, : len(toks)] = torch.tensor(toks)
+        cmask[i, : len(toks)] = True
+    sr, sm = pad_step_rewards(steps)
+    step_rewards = torch.full((b, s), float("nan"))  # padding holds garbage on purpose
+    step_mask = torch.zeros(b, s, dtype=torch.bool)
+    step_rewards[:, : sr.shape[1]] = torch.where(sm, sr, torch.tensor(float("nan")))
+    step_mask[:, : sm.shape[1]] = sm
+    return torch.tensor(outcome), step_rewards, step_mask, token_step, cmask, g
+
+
+def _close(a: torch.Tensor, b: list, tol: float = 1e-4) -> None:
+    assert not torch.isnan(a).any()
+    torch.testing.assert_close(a, torch.tensor(b, dtype=a.dtype).reshape(a.shape), atol=tol, rtol=tol)
+
+
+SEEDS = range(40)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_group_normalize_matches_loop(seed):
+    outcome, *_, g = random_batch(seed)
+    for scale in (True, False):
+        _close(group_normalize(outcome, g, scale=scale), ref_group_normalize(outcome.tolist(), g, scale=scale))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_normalize_step_rewards_matches_loop(seed):
+    _, sr, sm, _, _, g = random_batch(seed)
+    for scale in (True, False):
+        got = normalize_step_rewards(sr, sm, g, scale=scale)
+        _close(got, ref_normalize_step_rewards(sr.tolist(), sm.tolist(), g, scale=scale))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("mode", ["broadcast", "cumsum", "min"])
+def test_step_advantages_matches_loop(seed, mode):
+    _, sr, sm, ts, _, g = random_batch(seed)
+    q = normalize_step_rewards(sr, sm, g)
+    _close(step_advantages(q, sm, ts, mode), ref_step_advantages(q.tolist(), sm.tolist(), ts.tolist(), mode))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_critical_weights_match_loop(seed):
+    outcome, sr, sm, _, _, g = random_batch(seed)
+    q = normalize_step_rewards(sr, sm, g)
+    correct = outcome >= 1.0
+    got = critical_step_weights(sr, sm, correct, norm_step_rewards=q, threshold=0.3)
+    want = ref_critical_step_weights(sr.tolist(), sm.tolist(), correct.tolist(), q.tolist(), thr=0.3)
+    _close(got, want, tol=0)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("mode", ["broadcast", "cumsum", "min"])
+def test_srpo_matches_loop(seed, mode):
+    outcome, sr, sm, ts, cm, g = random_batch(seed)
+    crit = None if seed % 2 else {"first_error_weight": 3.0, "threshold": 0.2, "outcome_correct_at": 0.5}
+    got = srpo_advantages(outcome, sr, sm, ts, cm, g, alpha=0.7, mode=mode, critical=crit)
+    want = ref_srpo(outcome.tolist(), sr.tolist(), sm.tolist(), ts.tolist(), cm.tolist(), g, 0.7, mode, crit)
+    _close(got, want)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_alpha_zero_is_exactly_grpo(seed):
+    outcome, sr, sm, ts, cm, g = random_batch(seed)
+    grpo = group_normalize(outcome, g)[:, None] * cm.float()
+    got = srpo_advantages(outcome, sr, sm, ts, cm, g, alpha=0.0, mode="cumsum", critical={"threshold": 0.0})
+    assert torch.equal(got, grpo)
+    # and the step part really matters when alpha != 0 (whenever some step reward varies in a group)
+    q = normalize_step_rewards(sr, sm, g)
+    if (q != 0).any() and ((ts >= 0) & cm).any():
+        assert not torch.equal(srpo_advantages(outcome, sr, sm, ts, cm, g, alpha=1.0), grpo)
+
+
+# ---------------------------------------------------------------- hand-computed examples
+
+
+def test_group_normalize_hand():
+    # Group [1, 0, 0, 1]: mean 0.5; unbiased var = 4 * 0.25 / 3 = 1/3, std = 0.5773503
+    #   -> +-0.5 / (0.5773503 + 1e-4) = +-0.8658756
+    # Group [2, 4, 6, 4]... use G = 4 for both: [2, 4, 6, 4]: mean 4, var = (4 + 0 + 4 + 0) / 3 = 8/3,
+    #   std = 1.6329932 -> [-2, 0, 2, 0] / 1.6330932 = [-1.2246524, 0, 1.2246524, 0]
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 4.0, 6.0, 4.0])
+    a = 0.5 / (math.sqrt(1 / 3) + 1e-4)
+    c = 2 / (math.sqrt(8 / 3) + 1e-4)
+    _close(group_normalize(r, 4), [a, -a, -a, a, -c, 0, c, 0], tol=1e-6)
+    # Dr. GRPO (no std): just r - mean
+    _close(group_normalize(r, 4, scale=False), [0.5, -0.5, -0.5, 0.5, -2, 0, 2, 0], tol=0)
+
+
+def test_all_equal_group_is_exactly_zero_even_with_eps_zero():
+    # 0.1 * 3 / 3 != 0.1 in floats; a naive (r - mean) / std would give noise / noise (or 0/0 = NaN).
+    r = torch.tensor([0.1, 0.1, 0.1, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0])
+    out = group_normalize(r, 3, eps=0.0)
+    assert torch.equal(out[:6], torch.zeros(6))
+    assert not torch.isnan(out).any()
+    # G = 1: every group is constant -> no signal, no NaN
+    assert torch.equal(group_normalize(torch.tensor([0.0, 1.0]), 1, eps=0.0), torch.zeros(2))
+
+
+def test_normalize_step_rewards_hand():
+    # G = 2. rollout 0 steps [0, 4], rollout 1 steps [2] (+ padding). Group pool {0, 4, 2}:
+    #   mean 2, unbiased var = (4 + 4 + 0) / 2 = 4, std 2 -> [-1, 1], [0]; padding -> 0 (even if NaN).
+    sr = torch.tensor([[0.0, 4.0], [2.0, float("nan")]])
+    sm = torch.tensor([[True, True], [True, False]])
+    _close(normalize_step_rewards(sr, sm, 2, eps=0.0), [[-1.0, 1.0], [0.0, 0.0]], tol=0)
+
+
+def test_step_advantages_hand_three_modes():
+    # rollout 0: q = [0.5, -1.0, 2.0], tokens -> steps [0, 0, 1, -1, 2, 2, -1]
+    #   broadcast: [0.5, 0.5, -1, 0, 2, 2, 0]
+    #   cumsum (suffix sums): s0 = 0.5 - 1 + 2 = 1.5, s1 = -1 + 2 = 1, s2 = 2 -> [1.5, 1.5, 1, 0, 2, 2, 0]
+    #   min (suffix minima):  s0 = min(0.5, -1, 2) = -1, s1 = -1, s2 = 2   -> [-1, -1, -1, 0, 2, 2, 0]
+    # rollout 1: one valid step q = [-0.3] (others padding), a single-token step then label/padding
+    #   every mode: [-0.3, 0, 0, ...]
+    # rollout 2: no valid steps, every token -1 -> all zeros
+    q = torch.tensor([[0.5, -1.0, 2.0], [-0.3, 9.0, 9.0], [9.0, 9.0, 9.0]])
+    sm = torch.tensor([[True, True, True], [True, False, False], [False, False, False]])
+    ts = torch.tensor([[0, 0, 1, -1, 2, 2, -1], [0, -1, -1, -1, -1, -1, -1], [-1] * 7])
+    tail = [[-0.3, 0, 0, 0, 0, 0, 0], [0.0] * 7]
+    _close(step_advantages(q, sm, ts, "broadcast"), [[0.5, 0.5, -1, 0, 2, 2, 0]] + tail, tol=1e-6)
+    _close(step_advantages(q, sm, ts, "cumsum"), [[1.5, 1.5, 1, 0, 2, 2, 0]] + tail, tol=1e-6)
+    _close(step_advantages(q, sm, ts, "min"), [[-1, -1, -1, 0, 2, 2, 0]] + tail, tol=1e-6)
+
+
+def test_critical_weights_hand():
+    # r0: raw [1, 0, 0], outcome wrong; norm [0.8, -1, -1]
+    #     s0 correct & 0.8 > 0.5 -> 1.5; s1 first error of a wrong rollout -> 2; s2 later error -> 1
+    # r1: raw [0, 1, 0], outcome right -> errors not emphasised; s1 correct but norm 0.3 <= 0.5 -> 1
+    # r2: raw [1, 1, pad], outcome wrong, no error; norm [0.6, 0.5, .] -> [1.5, 1 (0.5 not > 0.5), 1 (pad)]
+    # r3: raw [0.2, pad, pad], outcome wrong -> s0 first error -> 2; padding stays 1 even with norm 5
+    raw = torch.tensor([[1, 0, 0], [0, 1, 0], [1, 1, 0.9], [0.2, 0.9, 0.9]])
+    sm = torch.tensor([[1, 1, 1], [1, 1, 1], [1, 1, 0], [1, 0, 0]], dtype=torch.bool)
+    norm = torch.tensor([[0.8, -1, -1], [-1, 0.3, -1], [0.6, 0.5, 5], [-0.5, 5, 5]])
+    correct = torch.tensor([False, True, False, False])
+    w = critical_step_weights(raw, sm, correct, norm_step_rewards=norm)
+    _close(w, [[1.5, 2, 1], [1, 1, 1], [1.5, 1, 1], [2, 1, 1]], tol=0)
+
+
+def test_srpo_hand():
+    # One prompt, G = 2, scale=False so the arithmetic stays readable.
+    # outcome [1, 0] -> A_out = [0.5, -0.5]
+    # steps r0 [1, 1], r1 [1, 0]; pool {1, 1, 1, 0}, mean 0.75 -> q r0 [0.25, 0.25], r1 [0.25, -0.75]
+    # tokens r0 -> steps [0, 0, 1, -1(label), -1(pad)], completion mask [1, 1, 1, 1, 0]
+    #        r1 -> steps [0, 1, 1, -1, -1],            completion mask [1, 1, 1, 1, 1]
+    # alpha 0.5, broadcast:
+    #   r0: [0.5 + 0.125, 0.625, 0.625, 0.5, 0 (padding)]
+    #   r1: [-0.5 + 0.125 = -0.375, -0.5 - 0.375 = -0.875, -0.875, -0.5, -0.5]
+    outcome = torch.tensor([1.0, 0.0])
+    sr = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    sm = torch.ones(2, 2, dtype=torch.bool)
+    ts = torch.tensor([[0, 0, 1, -1, -1], [0, 1, 1, -1, -1]])
+    cm = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    got = srpo_advantages(outcome, sr, sm, ts, cm, 2, alpha=0.5, scale=False)
+    _close(got, [[0.625, 0.625, 0.625, 0.5, 0], [-0.375, -0.875, -0.875, -0.5, -0.5]], tol=1e-6)
+    # With critical steps (threshold 0.2; r0 correct, r1 wrong since 0 < outcome_correct_at = 1):
+    #   r0 s0, s1 correct, q 0.25 > 0.2 -> x1.5 -> 0.375 each
+    #   r1 s0 correct 0.25 > 0.2 -> 0.375 ; s1 first error of a wrong rollout -> x2 -> -1.5
+    #   r0: 0.5 + 0.5 * 0.375 = 0.6875 on step tokens, 0.5 on label, 0 on padding
+    #   r1: -0.5 + 0.1875 = -0.3125 ; -0.5 + 0.5 * (-1.5) = -1.25 ; label -0.5
+    got = srpo_advantages(outcome, sr, sm, ts, cm, 2, alpha=0.5, scale=False, critical={"threshold": 0.2})
+    _close(got, [[0.6875, 0.6875, 0.6875, 0.5, 0], [-0.3125, -1.25, -1.25, -0.5, -0.5]], tol=1e-6)
+    # cumsum moves the blame of r1's error onto its first step: s0 value = 0.25 - 0.75 = -0.5
+    #   r1: [-0.5 + 0.5 * -0.5 = -0.75, -0.875, -0.875, -0.5, -0.5]; r0 s0 = 0.5 -> 0.75
+    got = srpo_advantages(outcome, sr, sm, ts, cm, 2, alpha=0.5, scale=False, mode="cumsum")
+    _close(got, [[0.75, 0.75, 0.625, 0.5, 0], [-0.75, -0.875, -0.875, -0.5, -0.5]], tol=1e-6)
+
+
+def test_equal_step_rewards_give_zero_step_advantage():
+    # every step of the group rewarded 1 -> no step signal; outcome part unchanged
+    outcome = torch.tensor([1.0, 0.0])
+    sr = torch.ones(2, 2)
+    sm = torch.ones(2, 2, dtype=torch.bool)
+    ts = torch.tensor([[0, 1, -1], [0, 1, -1]])
+    cm = torch.ones(2, 3)
+    got = srpo_advantages(outcome, sr, sm, ts, cm, 2, alpha=1.0, mode="min", eps=0.0)
+    assert torch.equal(got, group_normalize(outcome, 2, eps=0.0)[:, None].expand(2, 3))
+
+
+def test_no_steps_anywhere_in_batch():
+    outcome = torch.tensor([1.0, 0.0])
+    empty = torch.zeros(2, 0)
+    ts = torch.full((2, 3), -1)
+    cm = torch.ones(2, 3)
+    got = srpo_advantages(outcome, empty, empty.bool(), ts, cm, 2, alpha=1.0, mode="min")
+    assert torch.equal(got, group_normalize(outcome, 2)[:, None].expand(2, 3))
+
+
+def test_pad_step_rewards():
+    v, m = pad_step_rewards([[0.5, 1.0], [], [0.25]])
+    assert v.tolist() == [[0.5, 1.0], [0.0, 0.0], [0.25, 0.0]]
+    assert m.tolist() == [[True, True], [False, False], [True, False]]
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_batch_not_multiple_of_group_size():
+    with pytest.raises(ValueError, match="batch size 3, which is not a multiple of group_size=2"):
+        group_normalize(torch.zeros(3), 2)
+
+
+def test_token_pointing_at_missing_step_is_an_error():
+    q = torch.zeros(1, 2)
+    sm = torch.tensor([[True, False]])
+    with pytest.raises(ValueError, match=r"token_step\[0, 1\] = 1 points at no valid step"):
+        step_advantages(q, sm, torch.tensor([[0, 1]]))
+    with pytest.raises(ValueError, match=r"token_step\[0, 0\] = 5"):
+        step_advantages(q, sm, torch.tensor([[5, 0]]))
+    with pytest.raises(ValueError, match="integer"):
+        step_advantages(q, sm, torch.tensor([[0.0, 0.0]]))
+
+
+def test_bad_mode_and_nonfinite_rewards():
+    with pytest.raises(ValueError, match="mode must be one of"):
+        step_advantages(torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool), torch.zeros(1, 1, dtype=torch.long), "sum")
+    with pytest.raises(ValueError, match=r"rows \[1\]"):
+        group_normalize(torch.tensor([0.0, float("nan")]), 2)
+    with pytest.raises(ValueError, match=r"step_rewards\[0, 1\] = nan is not finite"):
+        normalize_step_rewards(torch.tensor([[0.0, float("nan")]]), torch.ones(1, 2, dtype=torch.bool), 1)
+    with pytest.raises(ValueError, match="unknown keys in critical"):
+        srpo_advantages(
+            torch.zeros(2), torch.zeros(2, 1), torch.ones(2, 1, dtype=torch.bool), torch.zeros(2, 1, dtype=torch.long),
+            torch.ones(2, 1), 2, critical={"first_eror_weight": 2.0},
+        )  # fmt: skip
