@@ -343,7 +343,8 @@ def test_token_pointing_at_missing_step_is_an_error():
 
 def test_bad_mode_and_nonfinite_rewards():
     with pytest.raises(ValueError, match="mode must be one of"):
-        step_advantages(torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool), torch.zeros(1, 1, dtype=torch.long), "sum")
+        one = torch.ones(1, 1, dtype=torch.bool)
+        step_advantages(torch.zeros(1, 1), one, torch.zeros(1, 1, dtype=torch.long), "sum")
     with pytest.raises(ValueError, match=r"rows \[1\]"):
         group_normalize(torch.tensor([0.0, float("nan")]), 2)
     with pytest.raises(ValueError, match=r"step_rewards\[0, 1\] = nan is not finite"):

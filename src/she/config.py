@@ -55,7 +55,7 @@ class SFTJobConfig:
     warmup_ratio: float = 0.03
     batch_size: int = 8
     gradient_accumulation_steps: int = 1
-    max_length: int = 384
+    max_length: int = 512
     weight_decay: float = 0.0
     bf16: bool = True  # bf16 autocast: ~2x faster on this CPU, and standard on GPUs
     lora: bool = False

@@ -118,7 +118,8 @@ def group_normalize(rewards: Tensor, group_size: int, eps: float = 1e-4, scale: 
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be 1-D [B], got shape {tuple(rewards.shape)}")
     if not torch.isfinite(rewards).all():
-        raise ValueError(f"rewards contain NaN/inf at rows {torch.nonzero(~torch.isfinite(rewards)).flatten().tolist()}")
+        rows = torch.nonzero(~torch.isfinite(rewards)).flatten().tolist()
+        raise ValueError(f"rewards contain NaN/inf at rows {rows}")
     r = _groups(rewards.float(), group_size, "rewards")  # [P, G]
     return _normalize(r, torch.ones_like(r, dtype=torch.bool), eps, scale).reshape(-1)
 
@@ -135,7 +136,9 @@ def normalize_step_rewards(
     bad = mask & ~torch.isfinite(step_rewards)
     if bad.any():
         i, s = (int(v) for v in bad.nonzero()[0])
-        raise ValueError(f"step_rewards[{i}, {s}] = {float(step_rewards[i, s])} is not finite but step_mask says it exists")
+        raise ValueError(
+            f"step_rewards[{i}, {s}] = {float(step_rewards[i, s])} is not finite but step_mask says it exists"
+        )
     r = torch.where(mask, step_rewards.float(), 0.0)
     rg = _groups(r, group_size, "step_rewards").flatten(1)  # [P, G*S]: every step of every rollout
     mg = _groups(mask, group_size, "step_mask").flatten(1)
@@ -265,7 +268,9 @@ def srpo_advantages(
         return adv
 
     if step_rewards.shape[0] != outcome_rewards.shape[0]:
-        raise ValueError(f"step_rewards has {step_rewards.shape[0]} rows but outcome_rewards has {outcome_rewards.shape[0]}")
+        raise ValueError(
+            f"step_rewards has {step_rewards.shape[0]} rows but outcome_rewards has {outcome_rewards.shape[0]}"
+        )
     norm = normalize_step_rewards(step_rewards, step_mask, group_size, eps=eps, scale=scale)
     if critical is not None:
         opts = dict(critical)

@@ -145,17 +145,17 @@ def tiny_corpus(n: int = 400, seed: int = 0) -> list[str]:
         "Exact", "Partial", "Irrelevant", "Substitute", "Complement", "relevance", "judge", "search",
     ]
     lines = [" ".join(words)]
-    try:
-        from she.data.synthetic import generate
+    from she.data.synthetic import generate
+    from she.reasoning.prompts import build_messages
+    from she.reasoning.rationale import write_rationale
 
-        for r in generate(n_queries=max(1, n // 4), seed=seed)[:n]:
-            lines.append(f"Query: {r.query}\nProduct: {r.product.title}")
-    except Exception:  # the generator is optional for the tokenizer; words above suffice
-        pass
+    for r in generate(n_queries=max(1, n // 4), seed=seed)[:n]:
+        lines.extend(m["content"] for m in build_messages(r))
+        lines.append(write_rationale(r))
     return lines
 
 
-def _build_tiny(out: Path, vocab_size: int = 512) -> None:
+def _build_tiny(out: Path, vocab_size: int = 1024) -> None:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast

@@ -282,14 +282,19 @@ def _local_guideline_label(type_relation: str, attribute_results: Mapping[str, s
 
 
 try:  # the shared implementation, when the data package provides one
-    from she.data.guideline import guideline_label as _shared_guideline_label  # type: ignore
+    from she.data.guideline import GUIDELINE_TAXONOMIES as _SHARED_TAXONOMIES
+    from she.data.guideline import guideline_label as _shared_guideline_label
 except ImportError:  # pragma: no cover - depends on which modules exist
-    _shared_guideline_label = None
+    _shared_guideline_label, _SHARED_TAXONOMIES = None, ()
 
 
 def guideline_label(type_relation: str, attribute_results: Mapping[str, str], taxonomy: str) -> str:
-    """Label implied by a type relation and attribute results under the project's guideline rule."""
-    if _shared_guideline_label is not None:
+    """Label implied by a type relation and attribute results under the project's guideline rule.
+
+    Delegates to :func:`she.data.guideline.guideline_label` for the taxonomies it covers (hd3,
+    esci4) and uses the table above for the others (taobao4).
+    """
+    if _shared_guideline_label is not None and taxonomy in _SHARED_TAXONOMIES:
         return _shared_guideline_label(type_relation, dict(attribute_results), taxonomy)
     return _local_guideline_label(type_relation, attribute_results, taxonomy)
 

@@ -44,76 +44,82 @@ def _common_prefix_len(a: str, b: str) -> int:
 def _offsets_full_prefix(decode, ids: Sequence[int]) -> tuple[str, Offsets]:
     """Reference algorithm: decode ids[:i+1] for every i. O(T^2) decoding work, but no locality assumption.
 
-    If a decoder rewrites earlier text when a token arrives (e.g. ``clean_up_tokenization_spaces`` turning
-    "a ." into "a."), earlier spans are clipped to the part of the text that survived, so the offsets stay
-    contiguous and cover exactly the final text.
+    Per token, compare the stable decoded prefix with the text attributed so far:
+
+    * it extends it: the token gets the new characters;
+    * it is a prefix of it: a temporary retraction -- byte-fallback decoders (Llama, Gemma) turn a whole
+      run of byte tokens into U+FFFD while the last character of the run is incomplete, hiding characters
+      already shown -- so the token gets an empty span and the attributed text is kept;
+    * neither (a decoder that rewrites earlier text, e.g. ``clean_up_tokenization_spaces`` turning "a ."
+      into "a."): earlier spans are clipped to the common prefix and the token gets the rest.
+
+    The last token takes the full decode as is (trailing U+FFFD included), so the text is exactly
+    ``decode(ids)`` and the spans are contiguous over it.
     """
     offsets: Offsets = []
     prev = ""
     n = len(ids)
     for i in range(n):
+        last = i == n - 1
         cur = decode(ids[: i + 1])
-        stable = cur if i == n - 1 else _strip_incomplete(cur)
-        if not stable.startswith(prev):
+        stable = cur if last else _strip_incomplete(cur)
+        if stable.startswith(prev):
+            offsets.append((len(prev), len(stable)))
+            prev = stable
+        elif prev.startswith(stable) and not last:
+            offsets.append((len(prev), len(prev)))
+        else:
             c = _common_prefix_len(prev, stable)
             offsets = [(min(a, c), min(b, c)) for a, b in offsets]
-            prev = prev[:c]
-        if len(stable) < len(prev):  # only possible after clipping above; keep spans monotone
-            stable = prev
-        offsets.append((len(prev), len(stable)))
-        prev = stable
+            offsets.append((c, len(stable)))
+            prev = stable
     return prev, offsets
 
 
-def _offsets_window(decode, ids: Sequence[int], context: int = 2) -> tuple[str, Offsets]:
-    """Sliding-window incremental decoding (the scheme vLLM/TGI use for streaming detokenisation).
+class _NotLocal(Exception):
+    """The decoder's output inside a window is not consistent with the text attributed before."""
 
-    ``start`` is a token index where a character begins; ``done`` is how many characters of
-    ``decode(ids[start:i])`` have already been attributed. Decoding from ``start`` (a few tokens of context
-    before the unattributed ones) rather than from the unattributed token itself keeps decoders that treat
-    the first token specially (SentencePiece drops the leading space of a sequence) consistent: the
-    difference between two decodes with the same start is what token i added.
+
+def _offsets_window(decode, ids: Sequence[int], context: int = 2) -> tuple[str, Offsets]:
+    """Sliding-window version of ``_offsets_full_prefix`` (the scheme vLLM/TGI use for streaming).
+
+    The same per-token rule, applied to ``decode(ids[start:i+1])`` instead of ``decode(ids[:i+1])``;
+    ``wprev`` is the part of the window's text already attributed. ``start`` always sits where a character
+    begins, ``context`` completed tokens behind the newest one: decoding with a little left context, and
+    comparing two decodes with the *same* start, keeps decoders that treat the first token of a sequence
+    specially (SentencePiece strips its leading space) consistent. Raises ``_NotLocal`` whenever the window
+    disagrees with what was attributed; the caller then falls back to the full-prefix algorithm.
     """
     offsets: Offsets = []
-    pieces: list[str] = []
-    pos = 0  # characters attributed so far, in the full text
-    start = 0  # window start (a character boundary)
-    done = 0  # characters of decode(ids[start:...]) already attributed
-    boundaries: list[int] = [0]  # token indices where a character starts, most recent last
+    text = ""  # attributed so far, over the whole sequence
+    start = 0  # window start: a token index where a character begins
+    wprev = ""  # attributed part of the window's decoded text
+    boundaries: list[int] = []  # token indices after which the decoded text was complete
     n = len(ids)
     for i in range(n):
+        last = i == n - 1
         cur = decode(ids[start : i + 1])
-        complete = not cur.endswith(REPLACEMENT)
-        stable = cur if (complete or i == n - 1) else _strip_incomplete(cur)
-        if len(stable) < done or not stable.startswith(_window_prefix(pieces, done)):
+        stable = cur if last else _strip_incomplete(cur)
+        extended = stable.startswith(wprev)
+        if extended:
+            delta = stable[len(wprev) :]
+            offsets.append((len(text), len(text) + len(delta)))
+            text += delta
+            wprev = stable
+        elif wprev.startswith(stable) and not last:
+            offsets.append((len(text), len(text)))
+        else:
             raise _NotLocal
-        delta = stable[done:]
-        offsets.append((pos, pos + len(delta)))
-        pieces.append(delta)
-        pos += len(delta)
-        done = len(stable)
-        if complete:
+        if extended and stable == cur and not last:  # nothing pending: token i + 1 starts a new character
             boundaries.append(i + 1)
-            # slide: keep `context` completed tokens (boundaries) of left context
-            if len(boundaries) > context + 1:
-                new_start = boundaries[-1 - context]
+            if len(boundaries) > context:
+                new_start = boundaries.pop(0)
                 if new_start > start:
-                    done = len(decode(ids[new_start : i + 1]))
                     start = new_start
-                del boundaries[: -context - 1]
-    return "".join(pieces), offsets
-
-
-class _NotLocal(Exception):
-    """The decoder's output for a window is not consistent with what was attributed before."""
-
-
-def _window_prefix(pieces: list[str], done: int) -> str:
-    # The last `done` characters attributed so far (the window's already-attributed text).
-    if done == 0:
-        return ""
-    tail = "".join(pieces[-64:])  # windows are a few tokens long; 64 pieces is far more than enough
-    return tail[-done:] if len(tail) >= done else "".join(pieces)[-done:]
+                    wprev = decode(ids[start : i + 1])
+                    if not text.endswith(wprev):
+                        raise _NotLocal
+    return text, offsets
 
 
 def token_char_offsets(tokenizer: Any, ids: Sequence[int], **decode_kwargs: Any) -> tuple[str, Offsets]:
