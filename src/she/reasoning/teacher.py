@@ -13,6 +13,7 @@ times and then counted as failures; nothing here raises for a bad answer or a de
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import re
@@ -96,7 +97,7 @@ class TeacherClient:
                 if e.code == 429 or e.code >= 500:
                     continue
                 raise TeacherError(last) from None
-            except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, OSError) as e:
+            except (urllib.error.URLError, http.client.HTTPException, socket.timeout, TimeoutError, OSError) as e:
                 last = f"{type(e).__name__}: {getattr(e, 'reason', e)} ({url})"
                 continue
             return _content(raw, url)
@@ -161,7 +162,10 @@ def judge_answer(text: str, record: Record, schema: StepSchema, *, require_consi
         return None, WRONG_LABEL
     if require_consistent and parsed.step("type") is not None and consistent_label(parsed, schema.taxonomy) != parsed.label:
         return None, INCONSISTENT
-    return canonical_trace(parsed, schema), "accepted"
+    try:
+        return canonical_trace(parsed, schema), "accepted"
+    except ValueError:  # defensive: a format_ok trace always re-renders
+        return None, PARSE_FAILED
 
 
 def generate_traces(
