@@ -48,6 +48,7 @@ class SFTJobConfig:
     output_dir: str = "runs/sft"
     data: DataConfig = field(default_factory=DataConfig)
     target: str = "reasoning"  # reasoning | label  (label-only baseline)
+    prompt_style: str = "compact"  # compact | full (see she.reasoning.prompts); saved with the model
     epochs: float = 1.0
     max_steps: int = -1
     learning_rate: float = 1e-4

@@ -18,6 +18,14 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def prompt_style_of(model_path) -> str:
+    """The prompt style the model was fine-tuned with (``she.json``), else the full zero-shot prompt."""
+    from she.models.registry import resolve_model
+    from she.training.sft import load_she_meta
+
+    return load_she_meta(resolve_model(model_path)).get("prompt_style", "full")
+
+
 def judgement_json(j: Judgement, record: Record | None = None) -> dict:
     d = {"id": j.record_id, "label": j.label, "probs": j.probs, "format_ok": j.format_ok, "reasoning": j.text}
     if record is not None and record.label is not None:
@@ -67,10 +75,11 @@ def evaluate(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model, tok = load_model_and_tokenizer(model_path)
+    style = prompt_style_of(model_path)
     t0 = time.time()
     judgements = generate_judgements(
         model, tok, records, taxonomy=taxonomy, batch_size=batch_size, max_new_tokens=max_new_tokens, bf16=bf16,
-        progress=progress,
+        progress=progress, prompt_style=style,
     )
     elapsed = time.time() - t0
     m = score(records, judgements, taxonomy)
@@ -91,6 +100,7 @@ def predict(model_path: str, records: list[Record], out_file: str | os.PathLike,
     from she.models.registry import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(model_path)
+    style = prompt_style_of(model_path)
     out = Path(out_file)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -100,7 +110,8 @@ def predict(model_path: str, records: list[Record], out_file: str | os.PathLike,
         for start in range(0, len(records), chunk):
             part = records[start : start + chunk]
             for r, j in zip(part, generate_judgements(model, tok, part, taxonomy=taxonomy, batch_size=batch_size,
-                                                      max_new_tokens=max_new_tokens, bf16=bf16, progress=progress)):
+                                                      max_new_tokens=max_new_tokens, bf16=bf16, progress=progress,
+                                                      prompt_style=style)):
                 f.write(json.dumps(judgement_json(j, r), ensure_ascii=False) + "\n")
                 n += 1
     os.replace(tmp, out)

@@ -65,6 +65,7 @@ def generate_judgements(
     bf16: bool = True,
     progress: bool = True,
     schema=None,
+    prompt_style: str = "full",
 ) -> list[Judgement]:
     from tqdm.auto import tqdm
 
@@ -80,7 +81,7 @@ def generate_judgements(
     model.eval()
     device = next(model.parameters()).device
     prompts = [
-        tokenizer.apply_chat_template(build_messages(r), tokenize=False, add_generation_prompt=True) for r in records
+        tokenizer.apply_chat_template(build_messages(r, style=prompt_style), tokenize=False, add_generation_prompt=True) for r in records
     ]
     order = sorted(range(len(records)), key=lambda i: len(prompts[i]))  # less padding per batch
     results: list[Judgement | None] = [None] * len(records)

@@ -31,7 +31,8 @@ def completion_text(record: Record, target: str = "reasoning") -> str:
     raise ValueError(f"unknown SFT target {target!r}; use 'reasoning' or 'label'")
 
 
-def build_sft_dataset(records: list[Record], target: str = "reasoning", traces: dict[str, str] | None = None):
+def build_sft_dataset(records: list[Record], target: str = "reasoning", traces: dict[str, str] | None = None,
+                      prompt_style: str = "compact"):
     """Conversational prompt-completion dataset. ``traces`` (record id -> text) overrides the rule writer,
     e.g. with accepted teacher traces."""
     from datasets import Dataset
@@ -41,8 +42,21 @@ def build_sft_dataset(records: list[Record], target: str = "reasoning", traces: 
     rows = []
     for r in records:
         text = traces[r.id] if traces and r.id in traces else completion_text(r, target)
-        rows.append({"prompt": build_messages(r), "completion": [{"role": "assistant", "content": text}]})
+        rows.append({"prompt": build_messages(r, style=prompt_style), "completion": [{"role": "assistant", "content": text}]})
     return Dataset.from_list(rows)
+
+
+SHE_META = "she.json"
+
+
+def save_she_meta(model_dir: str | os.PathLike, meta: dict) -> None:
+    """How the model expects to be prompted, saved beside its weights (like generation_config.json)."""
+    (Path(model_dir) / SHE_META).write_text(json.dumps(meta, indent=2))
+
+
+def load_she_meta(model_dir: str | os.PathLike) -> dict:
+    p = Path(model_dir) / SHE_META
+    return json.loads(p.read_text()) if p.exists() else {}
 
 
 def last_checkpoint(output_dir: str | os.PathLike) -> str | None:
@@ -71,8 +85,8 @@ def train_sft(cfg: SFTJobConfig, train: list[Record], validation: list[Record] |
     out.mkdir(parents=True, exist_ok=True)
     (out / "she_config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
     model, tok = load_model_and_tokenizer(cfg.model, for_training=True)
-    train_ds = build_sft_dataset(train, cfg.target)
-    eval_ds = build_sft_dataset(validation, cfg.target) if validation else None
+    train_ds = build_sft_dataset(train, cfg.target, prompt_style=cfg.prompt_style)
+    eval_ds = build_sft_dataset(validation, cfg.target, prompt_style=cfg.prompt_style) if validation else None
     peft_config = None
     if cfg.lora:
         from peft import LoraConfig
@@ -119,5 +133,6 @@ def train_sft(cfg: SFTJobConfig, train: list[Record], validation: list[Record] |
     model_to_save.save_pretrained(final)
     tok.padding_side = "left"
     tok.save_pretrained(final)
+    save_she_meta(final, {"prompt_style": cfg.prompt_style, "target": cfg.target, "taxonomy": cfg.data.taxonomy})
     (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
     return final

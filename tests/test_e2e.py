@@ -1,0 +1,104 @@
+"""End to end on CPU with the tiny model: data -> SFT -> eval/predict, through the CLI and the API."""
+
+import json
+
+import pytest
+
+from she.cli import main
+
+
+def _run(argv):
+    try:
+        main(argv)
+    except SystemExit as e:  # argparse / user errors
+        return e.code
+    return 0
+
+
+@pytest.mark.slow
+def test_sft_then_eval_and_predict(tmp_path, tiny_model_dir, capsys):
+    data = tmp_path / "data.jsonl"
+    assert _run(["data", "generate", "--out", str(data), "--queries", "30", "--seed", "3"]) == 0
+    n_records = sum(1 for _ in open(data))
+    assert n_records == 120
+
+    out = tmp_path / "sft"
+    assert _run(["train", "sft", "--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(out),
+                 "--max-steps", "3"]) == 0
+    final = out / "final"
+    assert (final / "config.json").exists() and (final / "she.json").exists()
+    assert json.loads((final / "she.json").read_text())["prompt_style"] == "compact"
+    assert any(p.name.startswith("checkpoint-") for p in out.iterdir())
+
+    ev = tmp_path / "eval"
+    assert _run(["eval", "--model", str(final), "--data", str(data), "--split", "test", "--out", str(ev),
+                 "--max-new-tokens", "24", "--no-bf16"]) == 0
+    m = json.loads((ev / "metrics.json").read_text())
+    for key in ("macro_f1", "accuracy", "per_class", "format_valid_rate", "n", "confusion"):
+        assert key in m
+    assert set(m["per_class"]) == {"Irrelevant", "Partial", "Exact"}
+    assert m["n"] == sum(v["support"] for v in m["per_class"].values()) > 0
+    assert 0.0 <= m["macro_f1"] <= 1.0
+    assert (ev / "confusion.png").stat().st_size > 1000
+    assert "Macro F1" in (ev / "report.md").read_text()
+    preds = [json.loads(l) for l in open(ev / "predictions.jsonl")]
+    assert len(preds) == m["n"]
+
+    pout = tmp_path / "preds.jsonl"
+    assert _run(["predict", "--model", str(final), "--data", str(data), "--out", str(pout),
+                 "--max-new-tokens", "16"]) == 0
+    lines = [json.loads(l) for l in open(pout)]
+    assert len(lines) == n_records
+    assert {"id", "label", "probs", "reasoning"} <= set(lines[0])
+    for d in lines:
+        if d["probs"] is not None:
+            assert abs(sum(d["probs"].values()) - 1.0) < 1e-4
+
+
+@pytest.mark.slow
+def test_sft_resumes_from_checkpoint(tmp_path, tiny_model_dir):
+    from she.config import DataConfig, SFTJobConfig
+    from she.data.sources import load_splits
+    from she.training.sft import last_checkpoint, train_sft
+
+    cfg = SFTJobConfig(model=str(tiny_model_dir), output_dir=str(tmp_path / "run"), max_steps=2, save_steps=2,
+                       batch_size=4, report_to="none", data=DataConfig(synthetic_queries=20), bf16=False)
+    train = load_splits(cfg.data)["train"]
+    train_sft(cfg, train)
+    assert last_checkpoint(cfg.output_dir).endswith("checkpoint-2")
+    cfg.max_steps = 4
+    train_sft(cfg, train)
+    hist = json.loads((tmp_path / "run" / "log_history.json").read_text())
+    assert hist[-1]["step"] == 4
+    assert last_checkpoint(cfg.output_dir).endswith("checkpoint-4")
+
+
+def test_cli_bad_input_is_one_clear_line(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "1", "query": "drill", "product": {"title": "DeWalt drill"}, "label": "Exact"}\n'
+                   '{"id": "2", "query": "", "product": {"title": "x"}}\n')
+    assert _run(["data", "validate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("she: error:") and "bad.jsonl:2" in err and "query" in err
+    assert "Traceback" not in err
+
+    rejects = tmp_path / "rej.jsonl"
+    assert _run(["data", "validate", str(bad), "--on-error", "skip", "--rejects", str(rejects)]) == 1
+    out = capsys.readouterr().out
+    assert "1 ok, 1 rejected" in out
+    rows = [json.loads(l) for l in open(rejects)]
+    assert len(rows) == 1 and rows[0]["line"] == 2
+
+
+def test_cli_unknown_model_message(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"id": "1", "query": "drill", "product": {"title": "DeWalt drill"}, "label": "Exact"}\n')
+    assert _run(["eval", "--model", str(tmp_path / "nope"), "--data", str(data), "--out", str(tmp_path / "o")]) == 2
+    assert "neither a registered name" in capsys.readouterr().err
+
+
+def test_bad_config_key(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("sft:\n  epocs: 1\n")
+    assert _run(["demo", "--config", str(cfg)]) == 2
+    assert "unknown key(s) ['epocs']" in capsys.readouterr().err
