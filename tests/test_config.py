@@ -30,3 +30,10 @@ def test_type_errors(tmp_path):
         load_config(SFTJobConfig, p)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(SFTJobConfig, tmp_path / "missing.yaml")
+
+
+def test_partial_section_keeps_parent_defaults():
+    cfg = load_config(DemoConfig, None, {"data.path": "x.csv", "sft.epochs": 2})
+    assert cfg.data.path == "x.csv"
+    assert cfg.data.max_train == DemoConfig().data.max_train == 480  # the demo's sizing survives
+    assert cfg.sft.epochs == 2.0 and cfg.sft.save_steps == DemoConfig().sft.save_steps == 30

@@ -102,3 +102,48 @@ def test_bad_config_key(tmp_path, capsys):
     cfg.write_text("sft:\n  epocs: 1\n")
     assert _run(["demo", "--config", str(cfg)]) == 2
     assert "unknown key(s) ['epocs']" in capsys.readouterr().err
+
+
+def test_teach_then_sft_uses_teacher_traces(tmp_path, tiny_model_dir):
+    """`she data teach` against a real local OpenAI-compatible server; wrong-label traces are rejected."""
+    import http.server
+    import threading
+
+    answer = "Query: drill\nProduct: drill\nType: same\nAttributes: none\nVerdict: Exact"
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        data = tmp_path / "d.jsonl"
+        assert _run(["data", "generate", "--out", str(data), "--queries", "6"]) == 0
+        gold = {json.loads(l)["id"]: json.loads(l)["label"] for l in open(data)}
+        traces = tmp_path / "traces.jsonl"
+        assert _run(["data", "teach", str(data), "--out", str(traces), "--base-url",
+                     f"http://127.0.0.1:{srv.server_address[1]}/v1", "--teacher-model", "t"]) == 0
+    finally:
+        srv.shutdown()
+    got = [json.loads(l) for l in open(traces)]
+    assert {d["id"] for d in got} == {i for i, lab in gold.items() if lab == "Exact"}
+    assert all(d["trace"].endswith("Verdict: Exact") for d in got)
+
+    from she.data.schema import Record
+    from she.training.sft import build_sft_dataset, load_traces
+
+    recs = [Record.from_dict(json.loads(l)) for l in open(data)]
+    ds = build_sft_dataset(recs, traces=load_traces(traces))
+    by_id = {r.id: ds[i]["completion"][0]["content"] for i, r in enumerate(recs)}
+    for d in got:
+        assert by_id[d["id"]] == d["trace"]

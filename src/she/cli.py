@@ -69,6 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     dg.add_argument("--seed", type=int, default=0)
     dg.add_argument("--taxonomy", default="hd3")
 
+    dt = d.add_parser("teach", help="SFT traces from an OpenAI-compatible teacher; wrong-label traces rejected")
+    dt.add_argument("path")
+    dt.add_argument("--out", required=True, help="traces JSONL: {id, trace} per accepted record")
+    dt.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8000/v1")
+    dt.add_argument("--teacher-model", required=True)
+    dt.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
+    dt.add_argument("--format", default="auto", choices=FORMATS)
+    dt.add_argument("--n", type=int, default=1, help="samples per record")
+
     t = sub.add_parser("train", help="training jobs").add_subparsers(dest="train_cmd", required=True)
     ts = t.add_parser("sft", help="supervised warm start on reasoning traces (TRL SFTTrainer)")
     ts.add_argument("--config", default=None, help="YAML SFT config")
@@ -78,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--epochs", type=float, default=None)
     ts.add_argument("--max-steps", type=int, default=None)
     ts.add_argument("--lora", action="store_true", default=None)
+    ts.add_argument("--traces", default=None, help="teacher traces JSONL from `she data teach` (else rule-based)")
     _add_data_args(ts)
 
     e = sub.add_parser("eval", help="generate, parse and score judgements; metrics.json, report.md, confusion.png")
@@ -140,6 +150,16 @@ def _cmd_data(a) -> None:
         recs = generate(n_queries=a.queries, products_per_query=a.products_per_query, seed=a.seed, taxonomy=a.taxonomy)
         save_jsonl(recs, a.out)
         print(f"wrote {len(recs)} records to {a.out}")
+    elif a.data_cmd == "teach":
+        from she.data.loaders import load_records
+        from she.reasoning.teacher import TeacherClient, generate_traces
+        from she.data.validation import atomic_write_lines
+
+        records, _ = load_records(a.path, a.format)
+        client = TeacherClient(a.base_url, a.teacher_model, api_key=a.api_key)
+        accepted, stats = generate_traces(records, client, n=a.n)
+        atomic_write_lines(a.out, (json.dumps({"id": r.id, "trace": t}, ensure_ascii=False) + "\n" for r, t in accepted))
+        print(json.dumps(stats.to_dict(), indent=2))
 
 
 def _cmd_train(a) -> None:
@@ -148,7 +168,7 @@ def _cmd_train(a) -> None:
     from she.training.sft import train_sft
 
     over = {"model": a.model, "output_dir": a.output_dir, "target": a.target, "epochs": a.epochs,
-            "max_steps": a.max_steps, "lora": a.lora, **_data_overrides(a)}
+            "max_steps": a.max_steps, "lora": a.lora, "traces_file": a.traces, **_data_overrides(a)}
     cfg = load_config(SFTJobConfig, a.config, over)
     splits = load_splits(cfg.data)
     final = train_sft(cfg, splits["train"])

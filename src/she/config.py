@@ -48,6 +48,7 @@ class SFTJobConfig:
     output_dir: str = "runs/sft"
     data: DataConfig = field(default_factory=DataConfig)
     target: str = "reasoning"  # reasoning | label  (label-only baseline)
+    traces_file: str | None = None  # teacher traces JSONL ({id, trace}) from `she data teach`; else rule-based
     prompt_style: str = "compact"  # compact | full (see she.reasoning.prompts); saved with the model
     epochs: float = 1.0
     max_steps: int = -1
@@ -83,14 +84,24 @@ class EvalConfig:
     limit: int | None = None
 
 
+def _demo_data() -> DataConfig:
+    return DataConfig(max_train=480, max_eval=150)
+
+
+def _demo_sft() -> SFTJobConfig:
+    return SFTJobConfig(logging_steps=5, save_steps=30)
+
+
 @dataclass
 class DemoConfig:
+    """Defaults sized so the whole demo runs in under 15 minutes on a 2-core CPU (docs/benchmarks.md)."""
+
     model: str = "smollm2-135m"
     output_dir: str = "runs/demo"
-    data: DataConfig = field(default_factory=DataConfig)
-    sft: SFTJobConfig = field(default_factory=SFTJobConfig)
-    eval_batch_size: int = 16
-    max_new_tokens: int = 96
+    data: DataConfig = field(default_factory=_demo_data)
+    sft: SFTJobConfig = field(default_factory=_demo_sft)
+    eval_batch_size: int = 32
+    max_new_tokens: int = 64
     eval_before: bool = True
 
 
@@ -144,12 +155,22 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
 
 
 def from_dict(cls: type[T], d: dict[str, Any], where: str = "config") -> T:
+    """Build ``cls`` from a mapping. A nested section updates the *parent's default* for it, so a
+    partial ``data:`` section in a demo config keeps the demo's data defaults for the keys it omits."""
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
+    flds = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(flds))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(names)}")
-    kwargs = {k: _convert(hints[k], v, f"{where}.{k}") for k, v in d.items()}
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(flds)}")
+    kwargs = {}
+    for k, v in d.items():
+        f = flds[k]
+        if dataclasses.is_dataclass(hints[k]) and isinstance(v, dict) and f.default_factory is not dataclasses.MISSING:
+            base = f.default_factory()
+            sub = from_dict(hints[k], v, f"{where}.{k}")
+            kwargs[k] = dataclasses.replace(base, **{n: getattr(sub, n) for n in v})
+        else:
+            kwargs[k] = _convert(hints[k], v, f"{where}.{k}")
     return cls(**kwargs)
 
 

@@ -9,13 +9,8 @@ from pathlib import Path
 
 from she.data.labels import get_taxonomy
 from she.data.schema import Record
+from she.data.validation import atomic_write_lines
 from she.evaluation.generate import Judgement, generate_judgements
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def prompt_style_of(model_path) -> str:
@@ -87,9 +82,9 @@ def evaluate(
     m["generation"] = {"seconds": elapsed, "new_tokens": n_tokens, "tokens_per_s": n_tokens / max(elapsed, 1e-9),
                        "pairs_per_s": len(records) / max(elapsed, 1e-9)}
     m["model"] = str(model_path)
-    _atomic_write(out / "metrics.json", json.dumps(m, indent=2))
-    lines = [json.dumps(judgement_json(j, r), ensure_ascii=False) for r, j in zip(records, judgements)]
-    _atomic_write(out / "predictions.jsonl", "\n".join(lines) + "\n")
+    atomic_write_lines(out / "metrics.json", [json.dumps(m, indent=2)])
+    atomic_write_lines(out / "predictions.jsonl",
+                       (json.dumps(judgement_json(j, r), ensure_ascii=False) + "\n" for r, j in zip(records, judgements)))
     write_report(m, out, labels=list(get_taxonomy(taxonomy).labels), title=title, examples=list(zip(records, judgements))[:5])
     return m
 

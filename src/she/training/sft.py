@@ -46,6 +46,21 @@ def build_sft_dataset(records: list[Record], target: str = "reasoning", traces: 
     return Dataset.from_list(rows)
 
 
+def load_traces(path: str | os.PathLike) -> dict[str, str]:
+    """Teacher traces ``{"id", "trace"}`` per line; records without one fall back to the rule writer."""
+    out: dict[str, str] = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+                out[str(d["id"])] = str(d["trace"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{n}: expected a JSON object with 'id' and 'trace' ({e})") from None
+    return out
+
+
 SHE_META = "she.json"
 
 
@@ -85,7 +100,8 @@ def train_sft(cfg: SFTJobConfig, train: list[Record], validation: list[Record] |
     out.mkdir(parents=True, exist_ok=True)
     (out / "she_config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
     model, tok = load_model_and_tokenizer(cfg.model, for_training=True)
-    train_ds = build_sft_dataset(train, cfg.target, prompt_style=cfg.prompt_style)
+    traces = load_traces(cfg.traces_file) if cfg.traces_file else None
+    train_ds = build_sft_dataset(train, cfg.target, traces=traces, prompt_style=cfg.prompt_style)
     eval_ds = build_sft_dataset(validation, cfg.target, prompt_style=cfg.prompt_style) if validation else None
     peft_config = None
     if cfg.lora:
