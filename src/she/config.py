@@ -202,3 +202,51 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[st
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+@dataclass
+class PRMJobConfig:
+    """``she train prm``: label policy rollouts step by step, then fine-tune the generative judge.
+
+    See docs/judge.md. The number of policy generations is about
+    ``N * R + M * (steps that need Monte-Carlo labels)``, at most ``N * R * (1 + M * (S - 1))`` for N
+    records, R rollouts each, M continuations and S schema steps.
+    """
+
+    policy: str = "runs/sft/final"  # the policy that writes rollouts and continuations (save_pretrained folder or name)
+    judge_model: str = "smollm2-135m"  # base model of the judge (registry name or folder)
+    output_dir: str = "runs/prm"
+    data: DataConfig = field(default_factory=DataConfig)
+    split: str = "train"  # which split of `data` to label ("all" = every record)
+    max_records: int | None = 200  # seeded subsample of that split (None = all)
+    eval_fraction: float = 0.2  # share of query groups held out to measure the judge
+    dataset_file: str | None = None  # an existing PRM dataset JSONL: skip labelling, just train
+    # rollouts and Monte-Carlo labels (Math-Shepherd)
+    rollouts_per_record: int = 1
+    add_reference_traces: bool = False  # also label the rule-based rationale of each record
+    mc_continuations: int = 4  # M continuations per step prefix
+    rollout_temperature: float = 1.0
+    mc_temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 96
+    generation_batch_size: int = 32
+    label_mode: str = "hard"  # hard (share > 0 -> 1) | soft (the share)
+    use_mc: bool = True
+    use_facts: bool = True  # human step facts through the offline verifier
+    facts_priority: str = "facts"  # facts (facts override MC) | mc (MC overrides facts)
+    unknown_steps: str = "mc"  # steps the facts cannot check: mc (label by MC) | skip
+    # judge format
+    verdict_words: tuple[str, str] | None = None  # None = automatic (" good"/" bad", else "+"/"-")
+    max_length: int = 1024
+    # training
+    epochs: float = 1.0
+    max_steps: int = -1
+    learning_rate: float = 5e-5
+    batch_size: int = 8
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    bf16: bool = True
+    eval_before: bool = True
+    seed: int = 0
+    logging_steps: int = 10

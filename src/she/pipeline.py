@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import time
 from pathlib import Path
 
@@ -78,7 +79,19 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
         "Confusion matrices: [base](eval_base/confusion.png), [SFT](eval_sft/confusion.png).", "",
         "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), "",
     ]
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    report.append(f"Peak memory (RSS): {peak_mib:.0f} MiB.")
     (out / "report.md").write_text("\n".join(report))
-    summary = {"rows": rows, "timings": timings, "report": str(out / "report.md"), "final_model": str(final)}
+    sft_log = dict(next((h for h in reversed(history) if "train_runtime" in h), {}))
+    from she.models.registry import load_model_and_tokenizer
+    from she.training.sft import count_tokens
+
+    tok = load_model_and_tokenizer(final)[1]
+    sft_log.update(count_tokens(splits["train"], tok, cfg.sft.target, cfg.sft.prompt_style))
+    if "train_runtime" in sft_log and sft_log["train_runtime"]:
+        epochs = float(sft_log.get("epoch", 1.0))
+        sft_log["train_tokens_per_s"] = sft_log["tokens"] * epochs / float(sft_log["train_runtime"])
+    summary = {"rows": rows, "timings": timings, "peak_rss_mib": peak_mib, "sft_train": sft_log,
+               "report": str(out / "report.md"), "final_model": str(final)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary

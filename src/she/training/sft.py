@@ -61,6 +61,20 @@ def load_traces(path: str | os.PathLike) -> dict[str, str]:
     return out
 
 
+def count_tokens(records: list[Record], tokenizer, target: str = "reasoning", prompt_style: str = "compact") -> dict:
+    """Tokens per training example (prompt + completion), for throughput figures."""
+    from she.reasoning.prompts import build_messages
+
+    total = completion = 0
+    for r in records:
+        text = completion_text(r, target)
+        msgs = build_messages(r, style=prompt_style) + [{"role": "assistant", "content": text}]
+        total += len(tokenizer(tokenizer.apply_chat_template(msgs, tokenize=False), add_special_tokens=False)["input_ids"])
+        completion += len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    n = max(1, len(records))
+    return {"examples": len(records), "tokens": total, "mean_tokens": total / n, "mean_completion_tokens": completion / n}
+
+
 SHE_META = "she.json"
 
 

@@ -1,0 +1,596 @@
+"""SRPO on top of TRL: ``GRPOTrainer`` with per-token advantages from step rewards.
+
+TRL's ``GRPOTrainer`` samples G completions per prompt, scores them with reward functions, turns the
+rewards into one advantage per completion (group-normalised) and optimises a clipped policy loss in
+which that advantage multiplies every completion token. SRPO keeps all of it except the advantage:
+
+1. ``super()._generate_and_score_completions(inputs)`` does generation, reward computation (our
+   :func:`outcome_reward` is the one reward function, so TRL's own advantage *is* vanilla GRPO's), the
+   reference/old log-probs and TRL's logging. It returns a dict whose ``completion_ids`` and
+   ``completion_mask`` are this process's completions, [B_local, T].
+2. The override decodes each completion, parses it into steps, asks the examiner for a score per step
+   and maps step character spans onto the policy's own generated tokens.
+3. Group statistics must cover whole groups, and a group's G completions may sit on several processes,
+   so -- exactly like TRL does with its rewards -- everything needed is gathered over processes
+   (outcome rewards and token->step maps with ``accelerator.gather`` after padding, ragged step rewards
+   with ``gather_object``), :func:`she.algorithms.advantages.srpo_advantages` is computed over the
+   global batch, and this process keeps rows ``[rank * B_local, (rank + 1) * B_local)`` (TRL's
+   ``process_slice``) and its own T columns.
+4. ``output["advantages"]`` is replaced by that [B_local, T] tensor. TRL 1.16's ``_compute_loss``
+   accepts (B, T) advantages (it only unsqueezes 1-D ones).
+
+With ``step_rewards=False`` the same trainer is vanilla GRPO: the advantage is TRL's own, broadcast over
+the completion tokens (``adv[:, None] * completion_mask``), so both arms of an experiment share every
+line of code except the advantage.
+
+See docs/srpo.md ("SRPOTrainer") for the TRL internals this relies on; tests/test_trl_contract.py fails
+loudly if a TRL upgrade moves them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from trl import GRPOConfig, GRPOTrainer
+
+from she.algorithms.advantages import CREDIT_MODES, pad_step_rewards, srpo_advantages
+from she.data.schema import Record
+from she.reasoning.parse import ParsedTrace, parse_trace
+from she.reasoning.schema import StepSchema, default_schema
+from she.reasoning.segmentation import token_steps_for_completion
+from she.rewards.hybrid import (
+    SOURCES,
+    StepExaminer,
+    StepScores,
+    VerifierExaminer,
+    examine_batch,
+    format_reward,
+    outcome_reward,
+)
+
+log = logging.getLogger(__name__)
+
+RECORD_ID_COLUMN = "record_id"
+RECORD_JSON_COLUMN = "record"
+OUTCOME_REWARD_NAME = "outcome"
+
+
+# ------------------------------------------------------------------------------------------- datasets
+
+
+def make_prompt_dataset(records: Sequence[Record], style: str = "compact", *, schema: StepSchema | None = None,
+                        include_record_json: bool = False):
+    """Conversational GRPO dataset: a ``prompt`` column (chat messages) and a ``record_id`` column.
+
+    TRL passes every extra column through to the reward functions and to ``_generate_and_score_completions``
+    (``remove_unused_columns`` is False for GRPO), which is how a completion finds its record (gold label and
+    step facts). ``include_record_json`` also stores the whole record as JSON in a ``record`` column, so the
+    trainer needs no ``records_by_id`` map (handy for datasets streamed from disk; bigger rows).
+    """
+    from datasets import Dataset
+
+    from she.reasoning.prompts import build_messages
+
+    rows = []
+    seen: set[str] = set()
+    for r in records:
+        if r.label is None:
+            raise ValueError(f"record {r.id}: no gold label; RL needs labelled records")
+        if r.id in seen:
+            raise ValueError(f"record id {r.id!r} occurs twice; record ids must be unique")
+        seen.add(r.id)
+        row = {"prompt": build_messages(r, schema=schema, style=style), RECORD_ID_COLUMN: r.id}
+        if include_record_json:
+            row[RECORD_JSON_COLUMN] = r.to_json()
+        rows.append(row)
+    if not rows:
+        raise ValueError("make_prompt_dataset: no records")
+    return Dataset.from_list(rows)
+
+
+def build_grpo_config(
+    output_dir: str | Path,
+    *,
+    num_generations: int = 4,
+    per_device_train_batch_size: int | None = None,
+    max_completion_length: int = 96,
+    max_steps: int = -1,
+    num_train_epochs: float = 1.0,
+    learning_rate: float = 1e-6,
+    beta: float = 0.0,
+    temperature: float = 1.0,
+    bf16: bool = False,
+    seed: int = 0,
+    logging_steps: int = 1,
+    report_to: str = "none",
+    save_strategy: str = "no",
+    **overrides: Any,
+) -> GRPOConfig:
+    """A ``GRPOConfig`` with the project's defaults: CPU when there is no CUDA, bf16 only where supported.
+
+    ``per_device_train_batch_size`` defaults to ``num_generations`` (one prompt's group per device step),
+    the smallest batch TRL accepts. Any other ``GRPOConfig`` field can be passed in ``overrides``.
+    """
+    cpu = not torch.cuda.is_available()
+    use_bf16 = bool(bf16) and (cpu or torch.cuda.is_bf16_supported())
+    return GRPOConfig(
+        output_dir=str(output_dir),
+        num_generations=num_generations,
+        per_device_train_batch_size=per_device_train_batch_size or num_generations,
+        max_completion_length=max_completion_length,
+        max_steps=max_steps,
+        num_train_epochs=num_train_epochs,
+        learning_rate=learning_rate,
+        beta=beta,
+        temperature=temperature,
+        bf16=use_bf16,
+        use_cpu=cpu,
+        seed=seed,
+        logging_steps=logging_steps,
+        report_to=[] if report_to in ("none", "", None) else [report_to],
+        save_strategy=save_strategy,
+        dataloader_num_workers=0,
+        **overrides,
+    )
+
+
+# ------------------------------------------------------------------------------------ pure helpers
+
+
+@dataclass
+class RolloutScore:
+    """Everything SRPO derives from one completion (one row of the batch).
+
+    ``step_keys``/``step_scores``/``step_sources`` cover the *examined* steps (all parsed steps except the
+    label step unless it is included); ``step_scores[k] is None`` means nobody scored step k and it gets no
+    step reward. ``token_step`` maps each generated token to an index into the *rewarded* steps (the
+    examined steps with a score, in order), -1 elsewhere; it is None when token maps were not needed.
+    """
+
+    text: str
+    label: str | None
+    gold: str
+    outcome: float
+    correct: bool
+    format_ok: bool
+    step_keys: list[str]
+    step_scores: list[float | None]
+    step_sources: list[str]
+    token_step: list[int] | None = None
+
+    @property
+    def rewards(self) -> list[float]:
+        """Step rewards of the rewarded steps, in text order (what ``token_step`` indexes)."""
+        return [s for s in self.step_scores if s is not None]
+
+
+def rollout_outcome(text: str, record: Record, schema: StepSchema, *, partial_credit: bool = False,
+                    format_weight: float = 0.0) -> tuple[float, ParsedTrace]:
+    """Outcome reward of one completion: label reward plus ``format_weight`` times the format reward.
+
+    The same function feeds TRL's reward function and SRPO's own outcome term, so the two never disagree.
+    """
+    parsed = parse_trace(text, schema)
+    reward = outcome_reward(parsed.label, record.label, schema.taxonomy, partial_credit)
+    if format_weight:
+        reward += format_weight * format_reward(parsed)
+    return reward, parsed
+
+
+def examined_step_indices(parsed: ParsedTrace, include_label_step: bool = False) -> list[int]:
+    """Indices into ``parsed.steps`` that can earn a step reward.
+
+    The label (verdict) step is left out by default: the outcome reward already judges it, and rewarding
+    it again would count the label twice on the very tokens that decide it.
+    """
+    return [k for k, s in enumerate(parsed.steps) if include_label_step or s.kind != "label"]
+
+
+def completion_lengths(completion_ids: Tensor, completion_mask: Tensor, pad_token_id: int | None) -> list[int]:
+    """Number of generated tokens per row of TRL's right-padded batch.
+
+    TRL's mask is 1 exactly on the generated ids (up to and including EOS). The one exception is
+    ``mask_truncated_completions=True``, which zeroes the whole mask of a truncated row; there the length is
+    the row up to its trailing padding. (Such a row gets zero advantage anyway, but its reward still counts
+    in its group's statistics, as in TRL.)
+    """
+    lengths = []
+    for ids, m in zip(completion_ids.tolist(), completion_mask.tolist()):
+        n = int(sum(m))
+        if n == 0:
+            n = len(ids)
+            while n > 0 and pad_token_id is not None and ids[n - 1] == pad_token_id:
+                n -= 1
+        lengths.append(n)
+    return lengths
+
+
+def process_slice(process_index: int, local_batch_size: int) -> slice:
+    """This process's rows of a gathered batch: the same slice TRL's ``_generate_and_score_completions`` takes."""
+    return slice(process_index * local_batch_size, (process_index + 1) * local_batch_size)
+
+
+def token_step_tensor(rows: Sequence[Sequence[int]], width: int) -> Tensor:
+    """Ragged per-row token->step maps -> a [B, width] long tensor padded with -1."""
+    out = torch.full((len(rows), width), -1, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if len(r) > width:
+            raise ValueError(f"row {i}: token->step map has {len(r)} entries but the batch has only {width} columns")
+        out[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
+    return out
+
+
+def step_metrics(rows: Sequence[RolloutScore]) -> dict[str, float]:
+    """Batch metrics from scored rollouts: per-step-type mean reward, who decided the steps, format, accuracy.
+
+    ``srpo/step_reward/<Key>``: mean step score of that step type (scored steps only) -- which checks
+    the policy gets right. ``srpo/step_source/<source>``: share of examined steps decided by the
+    verifier, the judge, a blend, the neutral fallback, or nobody (``none``) -- how much of the step
+    signal rests on human facts versus a judge's opinion.
+    """
+    by_key: dict[str, list[float]] = defaultdict(list)
+    sources: dict[str, int] = defaultdict(int)
+    n_steps = 0
+    for r in rows:
+        for k, s, src in zip(r.step_keys, r.step_scores, r.step_sources):
+            n_steps += 1
+            sources[src] += 1
+            if s is not None:
+                by_key[k].append(s)
+    n = max(len(rows), 1)
+    out = {
+        "srpo/outcome_reward": sum(r.outcome for r in rows) / n,
+        "srpo/label_accuracy": sum(r.correct for r in rows) / n,
+        "srpo/format_ok": sum(r.format_ok for r in rows) / n,
+        "srpo/rewarded_steps_per_completion": sum(len(r.rewards) for r in rows) / n,
+    }
+    for k in sorted(by_key):
+        out[f"srpo/step_reward/{k}"] = sum(by_key[k]) / len(by_key[k])
+    if n_steps:
+        for src in SOURCES:
+            if src in sources or src in ("verifier", "judge", "neutral"):
+                out[f"srpo/step_source/{src}"] = sources.get(src, 0) / n_steps
+    return out
+
+
+# ------------------------------------------------------------------------------------------ trainer
+
+
+@dataclass
+class SRPOBatch:
+    """What the last ``_generate_and_score_completions`` call computed (for tests, debugging, callbacks).
+
+    ``rollouts``/``token_step``/``trl_advantages``/``advantages`` are this process's rows; ``outcome_rewards``
+    and ``step_rewards`` are the gathered global batch the group statistics were computed on.
+    """
+
+    mode: str
+    rollouts: list[RolloutScore]
+    outcome_rewards: Tensor  # [B_global]
+    step_rewards: list[list[float]] = field(default_factory=list)  # global, ragged
+    token_step: Tensor | None = None  # [B_local, T]
+    trl_advantages: Tensor | None = None  # [B_local], TRL's own
+    advantages: Tensor | None = None  # [B_local, T], what the loss uses
+
+
+class SRPOTrainer(GRPOTrainer):
+    """``GRPOTrainer`` whose advantage is SRPO's per-token (B, T) advantage; vanilla GRPO with ``step_rewards=False``.
+
+    Arguments beyond ``GRPOTrainer``'s (which are passed through as keywords, except ``reward_funcs``: the
+    trainer builds its own outcome reward so that TRL's advantage is exactly vanilla GRPO's):
+
+    records_by_id: record id -> :class:`Record` (gold label and step facts), for a dataset with a
+        ``record_id`` column (:func:`make_prompt_dataset`). Not needed when the dataset has a ``record``
+        column of record JSON.
+    examiner: scores steps (:mod:`she.rewards.hybrid`); default :class:`VerifierExaminer` (human facts only;
+        steps it cannot check get no step reward rather than an invented neutral one).
+    step_rewards: False = vanilla GRPO (the examiner, if any, is still run for the step metrics).
+    alpha, credit_mode, critical, scale: forwarded to :func:`srpo_advantages`; ``scale`` follows
+        ``args.scale_rewards`` (``group`` -> True, ``none`` -> False).
+    schema, taxonomy: the step schema the policy writes (default :func:`default_schema` of ``taxonomy``).
+    partial_credit, format_weight: the outcome reward (:func:`rollout_outcome`).
+    include_label_step: also give the verdict step a step reward (off: the outcome already covers it).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        args: GRPOConfig | None = None,
+        train_dataset: Any = None,
+        *,
+        records_by_id: Mapping[str, Record] | None = None,
+        examiner: StepExaminer | None = None,
+        step_rewards: bool = True,
+        alpha: float = 1.0,
+        credit_mode: str = "broadcast",
+        critical: Mapping[str, Any] | None = None,
+        schema: StepSchema | None = None,
+        taxonomy: str = "hd3",
+        partial_credit: bool = False,
+        format_weight: float = 0.0,
+        include_label_step: bool = False,
+        **grpo_kwargs: Any,
+    ) -> None:
+        if "reward_funcs" in grpo_kwargs:
+            raise ValueError(
+                "SRPOTrainer builds its own reward function (the outcome reward, so that TRL's advantage is vanilla "
+                "GRPO's and SRPO's outcome term uses the same numbers); do not pass reward_funcs"
+            )
+        if credit_mode not in CREDIT_MODES:
+            raise ValueError(f"credit_mode must be one of {CREDIT_MODES}, got {credit_mode!r}")
+        self.schema = schema or default_schema(taxonomy)
+        if schema is not None and schema.taxonomy != taxonomy:
+            raise ValueError(f"schema taxonomy {schema.taxonomy!r} differs from taxonomy={taxonomy!r}")
+        self.taxonomy = taxonomy
+        self.records_by_id = dict(records_by_id) if records_by_id is not None else None
+        self.examiner = examiner if examiner is not None else VerifierExaminer()
+        self.step_rewards = bool(step_rewards)
+        self.alpha = float(alpha)
+        self.credit_mode = credit_mode
+        self.critical = dict(critical) if critical is not None else None
+        self.partial_credit = partial_credit
+        self.format_weight = float(format_weight)
+        self.include_label_step = include_label_step
+        self.last_batch: SRPOBatch | None = None
+        self._record_cache: dict[str, Record] = {}
+        if args is not None:
+            self._check_args(args)
+        if train_dataset is not None:
+            self._check_dataset(train_dataset, "train_dataset")
+
+        reward = self._make_reward_func()
+        super().__init__(model=model, reward_funcs=[reward], args=args, train_dataset=train_dataset, **grpo_kwargs)
+        self._check_args(self.args)
+        self.scale = self.args.scale_rewards != "none"
+
+    # -- setup checks ------------------------------------------------------------------------------
+
+    def _check_args(self, args: GRPOConfig) -> None:
+        if not self.step_rewards:
+            return
+        if args.scale_rewards not in ("group", "none"):
+            raise ValueError(
+                f"SRPO normalises rewards per group; scale_rewards={args.scale_rewards!r} is not supported "
+                "(use 'group' or 'none')"
+            )
+        if getattr(args, "off_policy_mask_threshold", None) is not None or args.loss_type == "vespo":
+            raise ValueError(
+                "off_policy_mask_threshold and loss_type='vespo' use the advantage's sign per *sequence*; with "
+                "per-token SRPO advantages that is ill-defined. Use step_rewards=False or another loss."
+            )
+
+    def _check_dataset(self, dataset: Any, name: str) -> None:
+        cols = set(getattr(dataset, "column_names", None) or [])
+        if not cols:
+            return  # an IterableDataset without known columns: rows are checked as they come
+        if RECORD_JSON_COLUMN in cols:
+            return
+        if RECORD_ID_COLUMN not in cols:
+            raise ValueError(
+                f"{name} has neither a {RECORD_ID_COLUMN!r} nor a {RECORD_JSON_COLUMN!r} column (columns: "
+                f"{sorted(cols)}); build it with make_prompt_dataset"
+            )
+        if self.records_by_id is None:
+            raise ValueError(f"{name} has a {RECORD_ID_COLUMN!r} column: pass records_by_id")
+        missing = [rid for rid in dataset[RECORD_ID_COLUMN] if rid not in self.records_by_id]
+        if missing:
+            raise ValueError(f"{name}: {len(missing)} record id(s) not in records_by_id, e.g. {missing[:3]}")
+
+    # -- records and rewards -----------------------------------------------------------------------
+
+    def resolve_record(self, row: Mapping[str, Any]) -> Record:
+        """The record behind one dataset row (``record`` JSON column, else ``record_id`` + ``records_by_id``)."""
+        if row.get(RECORD_JSON_COLUMN) is not None:
+            raw = row[RECORD_JSON_COLUMN]
+            rid = raw.get("id") if isinstance(raw, dict) else None
+            if rid is None or str(rid) not in self._record_cache:
+                try:
+                    rec = Record.from_dict(json.loads(raw) if isinstance(raw, str) else dict(raw))
+                except (ValueError, TypeError) as e:
+                    raise ValueError(f"column {RECORD_JSON_COLUMN!r}: bad record JSON: {e}") from None
+                self._record_cache[rec.id] = rec
+                rid = rec.id
+            rec = self._record_cache[str(rid)]
+        else:
+            if RECORD_ID_COLUMN not in row:
+                raise ValueError(f"dataset row has neither {RECORD_JSON_COLUMN!r} nor {RECORD_ID_COLUMN!r}: {sorted(row)}")
+            rid = str(row[RECORD_ID_COLUMN])
+            if self.records_by_id is None or rid not in self.records_by_id:
+                raise ValueError(f"record id {rid!r} is not in records_by_id")
+            rec = self.records_by_id[rid]
+        if rec.label is None:
+            raise ValueError(f"record {rec.id}: no gold label")
+        if rec.taxonomy != self.taxonomy:
+            raise ValueError(f"record {rec.id}: taxonomy {rec.taxonomy!r}, but the trainer uses {self.taxonomy!r}")
+        return rec
+
+    def _make_reward_func(self) -> Callable[..., list[float]]:
+        """TRL reward function: the outcome reward of each completion (TRL logs it as ``rewards/outcome``)."""
+
+        def outcome(prompts: list, completions: list, **kwargs: Any) -> list[float]:
+            columns = [k for k in (RECORD_JSON_COLUMN, RECORD_ID_COLUMN) if k in kwargs]
+            if not columns:
+                raise ValueError(f"reward function: no {RECORD_ID_COLUMN!r}/{RECORD_JSON_COLUMN!r} column in {sorted(kwargs)}")
+            out = []
+            for i, c in enumerate(completions):
+                text = c[-1]["content"] if isinstance(c, list) else c
+                rec = self.resolve_record({k: kwargs[k][i] for k in columns})
+                out.append(rollout_outcome(text, rec, self.schema, partial_credit=self.partial_credit,
+                                           format_weight=self.format_weight)[0])
+            return out
+
+        outcome.__name__ = OUTCOME_REWARD_NAME
+        return outcome
+
+    # -- scoring -----------------------------------------------------------------------------------
+
+    def _tokenizer_for_decoding(self):
+        tok = self.processing_class
+        return getattr(tok, "tokenizer", tok)  # a multimodal processor wraps the tokenizer
+
+    def score_rollouts(self, inputs: Sequence[Mapping[str, Any]], completion_ids: Tensor, completion_mask: Tensor,
+                       *, with_token_steps: bool = True) -> list[RolloutScore]:
+        """Decode, parse, examine and (optionally) map tokens to steps for this process's completions.
+
+        Decoding uses ``skip_special_tokens=True``, as TRL does for the reward functions, so the parsed text
+        is the text the outcome reward saw; token->step maps are built from the same ids and checked against
+        that text (``token_steps_for_completion(..., text=...)``).
+        """
+        tok = self._tokenizer_for_decoding()
+        if len(inputs) != completion_ids.shape[0]:
+            raise RuntimeError(f"{len(inputs)} input rows but {completion_ids.shape[0]} completions")
+        lengths = completion_lengths(completion_ids, completion_mask, tok.pad_token_id)
+        ids_rows = [row[:n] for row, n in zip(completion_ids.tolist(), lengths)]
+        records = [self.resolve_record(x) for x in inputs]
+        texts = [tok.decode(ids, skip_special_tokens=True) for ids in ids_rows]
+        parsed_rows, outcomes = [], []
+        for text, rec in zip(texts, records):
+            reward, parsed = rollout_outcome(text, rec, self.schema, partial_credit=self.partial_credit,
+                                             format_weight=self.format_weight)
+            parsed_rows.append(parsed)
+            outcomes.append(reward)
+        examined = [examined_step_indices(p, self.include_label_step) for p in parsed_rows]
+        scores: list[StepScores] = examine_batch(self.examiner, list(zip(parsed_rows, records)))
+        rows = []
+        for i, (p, rec, idx, sc) in enumerate(zip(parsed_rows, records, examined, scores)):
+            keys = [p.steps[k].key for k in idx]
+            step_scores = [sc.scores[k] for k in idx]
+            sources = [sc.sources[k] for k in idx]
+            token_step = None
+            if with_token_steps:
+                spans = [p.steps[k].span for k, s in zip(idx, step_scores) if s is not None]
+                token_step = token_steps_for_completion(tok, ids_rows[i], spans, text=texts[i], skip_special_tokens=True)
+            rows.append(RolloutScore(
+                text=texts[i], label=p.label, gold=rec.label, outcome=outcomes[i], correct=p.label == rec.label,
+                format_ok=p.format_ok, step_keys=keys, step_scores=step_scores, step_sources=sources,
+                token_step=token_step,
+            ))
+        return rows
+
+    # -- the hook ----------------------------------------------------------------------------------
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        output = super()._generate_and_score_completions(inputs)
+        mode = "train" if self.model.training else "eval"
+        group_size = self.num_generations if mode == "train" else (self.num_generations_eval or self.num_generations)
+        trl_adv = output["advantages"]
+        mask = output["completion_mask"]
+        if trl_adv.dim() != 1 or trl_adv.shape[0] != mask.shape[0]:
+            raise RuntimeError(
+                f"TRL returned advantages of shape {tuple(trl_adv.shape)} for completion_mask {tuple(mask.shape)}; "
+                "SRPOTrainer expects [B_local] (see tests/test_trl_contract.py)"
+            )
+        rows = self.score_rollouts(inputs, output["completion_ids"], mask, with_token_steps=self.step_rewards)
+        batch = self._gather_rows(rows, mode)
+        batch.trl_advantages = trl_adv.detach().clone()
+        if self.step_rewards:
+            adv = self._srpo_local_advantages(rows, mask, group_size, batch, mode)
+        else:
+            adv = trl_adv[:, None] * mask.to(trl_adv.dtype)  # vanilla GRPO, broadcast over the tokens
+        batch.advantages = adv
+        self.last_batch = batch
+        output["advantages"] = adv
+        return output
+
+    def _gather_rows(self, rows: list[RolloutScore], mode: str) -> SRPOBatch:
+        """Gather scored rollouts of all processes (small Python objects) and log global step metrics."""
+        from accelerate.utils import gather_object
+
+        light = [RolloutScore(r.text, r.label, r.gold, r.outcome, r.correct, r.format_ok, r.step_keys,
+                              r.step_scores, r.step_sources) for r in rows]  # token maps stay local
+        all_rows: list[RolloutScore] = gather_object(light)
+        for name, value in step_metrics(all_rows).items():
+            self._metrics[mode][name].append(value)
+        device = self.accelerator.device
+        outcome_all = self.accelerator.gather(torch.tensor([r.outcome for r in rows], dtype=torch.float32, device=device))
+        return SRPOBatch(mode=mode, rollouts=rows, outcome_rewards=outcome_all.cpu(),
+                         step_rewards=[r.rewards for r in all_rows])
+
+    def _srpo_local_advantages(self, rows: list[RolloutScore], mask: Tensor, group_size: int, batch: SRPOBatch,
+                               mode: str) -> Tensor:
+        acc = self.accelerator
+        device = mask.device
+        b_local, t_local = mask.shape
+        token_step = token_step_tensor([r.token_step for r in rows], t_local).to(device)
+        correct = torch.tensor([r.correct for r in rows], dtype=torch.bool, device=device)
+        # pad the time dimension to the longest process, then gather: every process sees the global batch
+        token_step_all = acc.gather(acc.pad_across_processes(token_step, dim=1, pad_index=-1)).cpu()
+        mask_all = acc.gather(acc.pad_across_processes(mask, dim=1, pad_index=0)).cpu()
+        correct_all = acc.gather(correct).cpu()
+        adv, step_abs = local_srpo_advantages(
+            batch.outcome_rewards, batch.step_rewards, token_step_all, mask_all, correct_all, group_size,
+            process_index=acc.process_index, local_shape=(b_local, t_local), alpha=self.alpha,
+            mode=self.credit_mode, critical=self.critical, scale=self.scale,
+        )
+        if step_abs is not None:
+            self._metrics[mode]["srpo/step_advantage_abs_mean"].append(step_abs)
+        batch.token_step = token_step
+        return adv.to(device=device, dtype=torch.float32)
+
+
+def local_srpo_advantages(
+    outcome_all: Tensor,
+    step_rewards_all: Sequence[Sequence[float]],
+    token_step_all: Tensor,
+    mask_all: Tensor,
+    correct_all: Tensor,
+    group_size: int,
+    *,
+    process_index: int,
+    local_shape: tuple[int, int],
+    alpha: float = 1.0,
+    mode: str = "broadcast",
+    critical: Mapping[str, Any] | None = None,
+    scale: bool = True,
+) -> tuple[Tensor, float | None]:
+    """SRPO advantages over the gathered batch, then this process's [B_local, T_local] part (pure).
+
+    Inputs are what every process holds after gathering: ``outcome_all`` [B], ``step_rewards_all`` (ragged,
+    B rows, in process order), ``token_step_all``/``mask_all`` [B, T_max] (each process's rows padded on
+    the right to the longest process's T with -1 / 0, as ``accelerator.pad_across_processes`` does) and
+    ``correct_all`` [B] (label right, for critical-step weighting). Groups may straddle processes; their
+    statistics are computed on the whole group here. Returns (local advantages, mean |step part| over
+    completion tokens, or None for an empty mask) -- the second is a logging metric.
+    """
+    b_local, t_local = local_shape
+    step_values, step_mask = pad_step_rewards(step_rewards_all)
+    crit = None
+    if critical is not None:
+        crit = dict(critical)
+        crit.setdefault("outcome_correct", correct_all.bool())
+    adv_all = srpo_advantages(outcome_all, step_values, step_mask, token_step_all, mask_all, group_size,
+                              alpha=alpha, mode=mode, critical=crit, scale=scale)
+    outcome_only = srpo_advantages(outcome_all, step_values, step_mask, token_step_all, mask_all, group_size,
+                                   alpha=0.0, scale=scale)
+    m = mask_all.bool()
+    step_abs = (adv_all - outcome_only)[m].abs().mean().item() if m.any() else None
+    if token_step_all.shape[1] < t_local:
+        raise ValueError(f"gathered token maps have {token_step_all.shape[1]} columns, fewer than T_local={t_local}")
+    return adv_all[process_slice(process_index, b_local), :t_local], step_abs
+
+
+__all__ = [
+    "OUTCOME_REWARD_NAME",
+    "RECORD_ID_COLUMN",
+    "RECORD_JSON_COLUMN",
+    "RolloutScore",
+    "SRPOBatch",
+    "SRPOTrainer",
+    "build_grpo_config",
+    "completion_lengths",
+    "examined_step_indices",
+    "local_srpo_advantages",
+    "make_prompt_dataset",
+    "process_slice",
+    "rollout_outcome",
+    "step_metrics",
+    "token_step_tensor",
+]
