@@ -9,6 +9,7 @@ show that unparsable completions degrade to the outcome advantage.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections import defaultdict
@@ -24,6 +25,7 @@ from she.algorithms.advantages import pad_step_rewards, srpo_advantages  # noqa:
 from she.data.schema import Record  # noqa: E402
 from she.data.synthetic import generate  # noqa: E402
 from she.reasoning.parse import parse_trace  # noqa: E402
+from she.reasoning.prompts import user_message  # noqa: E402
 from she.reasoning.rationale import write_rationale  # noqa: E402
 from she.reasoning.schema import default_schema  # noqa: E402
 from she.reasoning.segmentation import token_steps_for_completion  # noqa: E402
@@ -202,8 +204,8 @@ def test_local_advantages_of_a_group_split_over_two_processes():
                                            process_index=0, local_shape=(2, 5), alpha=1.0)
     expected0 = torch.tensor([[a_out + q_hi, a_out + q_hi, a_out, a_out, 0.0], [a_out + q_hi, a_out, 0, 0, 0]])
     assert torch.allclose(adv0, expected0, atol=1e-5)
-    # |step part| over the 10 completion tokens: 3 tokens q_hi, 3 tokens |q_lo|
-    assert step_abs == pytest.approx((3 * q_hi + 3 * abs(q_lo)) / 10, abs=1e-5)
+    # |step part| over the 4+2+3+2 = 11 completion tokens: 3 tokens carry q_hi, 3 carry |q_lo|
+    assert step_abs == pytest.approx((3 * q_hi + 3 * abs(q_lo)) / 11, abs=1e-5)
     assert process_slice(1, 2) == slice(2, 4)
 
 
@@ -250,11 +252,7 @@ def records() -> list[Record]:
 
 
 def make_rollout_func(records: list[Record]):
-    by_user_msg = {}
-    for r in records:
-        from she.reasoning.prompts import user_message
-
-        by_user_msg[user_message(r)] = scripted_variants(r)
+    by_user_msg = {user_message(r): scripted_variants(r) for r in records}
 
     def rollout(prompts, trainer):
         tok = trainer.processing_class
@@ -320,7 +318,7 @@ def test_make_prompt_dataset_and_config(records, tmp_path):
     ds = make_prompt_dataset(records, include_record_json=True)
     assert ds.column_names == ["prompt", "record_id", "record"]
     assert ds[0]["prompt"][0]["role"] == "system" and ds[0]["record_id"] == records[0].id
-    assert Record.from_dict(__import__("json").loads(ds[0]["record"])).label == records[0].label
+    assert Record.from_dict(json.loads(ds[0]["record"])).label == records[0].label
     with pytest.raises(ValueError, match="twice"):
         make_prompt_dataset([records[0], records[0]])
     cfg = build_grpo_config(tmp_path, num_generations=4)
@@ -395,6 +393,17 @@ def test_vanilla_mode_is_trls_own_advantage(tiny, records, tmp_path, monkeypatch
     out0 = t0._generate_and_score_completions(rows)
     assert torch.equal(out0["completion_ids"], out["completion_ids"])
     assert torch.allclose(out0["advantages"], out["advantages"], atol=1e-6)
+
+
+def test_record_json_column_needs_no_records_by_id(tiny, records, tmp_path):
+    model, tok = tiny
+    args = build_grpo_config(tmp_path, num_generations=G, per_device_train_batch_size=G, max_completion_length=48)
+    t = SRPOTrainer(model, args, make_prompt_dataset(records, include_record_json=True), processing_class=tok,
+                    rollout_func=make_rollout_func(records))
+    t.model.train()
+    t._generate_and_score_completions(batch_rows(t, [1]))
+    assert [r.outcome for r in t.last_batch.rollouts] == [1.0, 0.0, 1.0, 0.0]
+    assert {r.gold for r in t.last_batch.rollouts} == {records[1].label}
 
 
 def test_unparsable_real_samples_fall_back_to_the_outcome_advantage(tiny, records, tmp_path):

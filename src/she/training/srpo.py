@@ -390,15 +390,13 @@ class SRPOTrainer(GRPOTrainer):
         """The record behind one dataset row (``record`` JSON column, else ``record_id`` + ``records_by_id``)."""
         if row.get(RECORD_JSON_COLUMN) is not None:
             raw = row[RECORD_JSON_COLUMN]
-            rid = raw.get("id") if isinstance(raw, dict) else None
-            if rid is None or str(rid) not in self._record_cache:
+            key = raw if isinstance(raw, str) else json.dumps(raw, sort_keys=True, default=str)
+            if key not in self._record_cache:  # every rollout of a prompt carries the same JSON: parse once
                 try:
-                    rec = Record.from_dict(json.loads(raw) if isinstance(raw, str) else dict(raw))
+                    self._record_cache[key] = Record.from_dict(json.loads(raw) if isinstance(raw, str) else dict(raw))
                 except (ValueError, TypeError) as e:
                     raise ValueError(f"column {RECORD_JSON_COLUMN!r}: bad record JSON: {e}") from None
-                self._record_cache[rec.id] = rec
-                rid = rec.id
-            rec = self._record_cache[str(rid)]
+            rec = self._record_cache[key]
         else:
             if RECORD_ID_COLUMN not in row:
                 raise ValueError(f"dataset row has neither {RECORD_JSON_COLUMN!r} nor {RECORD_ID_COLUMN!r}: {sorted(row)}")
@@ -520,7 +518,7 @@ class SRPOTrainer(GRPOTrainer):
         device = mask.device
         b_local, t_local = mask.shape
         token_step = token_step_tensor([r.token_step for r in rows], t_local).to(device)
-        correct = torch.tensor([r.correct for r in rows], dtype=torch.bool, device=device)
+        correct = torch.tensor([r.correct for r in rows], dtype=torch.long, device=device)  # NCCL-safe dtype
         # pad the time dimension to the longest process, then gather: every process sees the global batch
         token_step_all = acc.gather(acc.pad_across_processes(token_step, dim=1, pad_index=-1)).cpu()
         mask_all = acc.gather(acc.pad_across_processes(mask, dim=1, pad_index=0)).cpu()
