@@ -37,3 +37,13 @@ def test_partial_section_keeps_parent_defaults():
     assert cfg.data.path == "x.csv"
     assert cfg.data.max_train == DemoConfig().data.max_train == 480  # the demo's sizing survives
     assert cfg.sft.epochs == 2.0 and cfg.sft.save_steps == DemoConfig().sft.save_steps == 30
+
+
+def test_train_cap_does_not_change_test_sample():
+    from she.config import DataConfig
+    from she.data.sources import load_splits
+
+    a = load_splits(DataConfig(synthetic_queries=60, max_train=50, max_eval=20))
+    b = load_splits(DataConfig(synthetic_queries=60, max_train=80, max_eval=20))
+    assert [r.id for r in a["test"]] == [r.id for r in b["test"]]
+    assert len(a["train"]) == 50 and len(b["train"]) == 80 and len(a["test"]) == 20

@@ -112,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--model", default=None)
     dm.add_argument("--output-dir", default=None)
     dm.add_argument("--max-steps", type=int, default=None)
+    dm.add_argument("--skip-base-eval", action="store_true", help="do not evaluate the untrained model")
     _add_data_args(dm)
     return p
 
@@ -207,6 +208,8 @@ def _cmd_demo(a) -> None:
     from she.pipeline import run_demo
 
     over = {"model": a.model, "output_dir": a.output_dir, "sft.max_steps": a.max_steps, **_data_overrides(a)}
+    if a.skip_base_eval:
+        over["eval_before"] = False
     cfg = load_config(DemoConfig, a.config, over)
     s = run_demo(cfg)
     print(open(s["report"]).read())

@@ -39,9 +39,10 @@ def load_splits(cfg: DataConfig) -> dict[str, list[Record]]:
         fractions={"train": train_frac, "validation": cfg.validation_fraction, "test": cfg.test_fraction},
         seed=cfg.split_seed,
     )
-    rng = random.Random(cfg.split_seed)
     caps = {"train": cfg.max_train, "validation": cfg.max_eval, "test": cfg.max_eval}
     for name, cap in caps.items():
         if cap is not None and len(splits.get(name, [])) > cap:
+            # one RNG per split: changing the train cap must never change the test sample
+            rng = random.Random(f"{cfg.split_seed}:{name}")
             splits[name] = rng.sample(splits[name], cap)
     return splits
