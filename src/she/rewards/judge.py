@@ -261,7 +261,8 @@ class StepJudge:
             saved = meta.get("verdict_token_ids")
             if saved and list(saved) != [judge.good_id, judge.bad_id]:
                 raise ValueError(f"{meta_path}: verdict token ids {saved} differ from the tokenizer's "
-                                 f"{[judge.good_id, judge.bad_id]}: tokenizer and judge metadata do not belong together")
+                                 f"{[judge.good_id, judge.bad_id]}: tokenizer and judge metadata do not "
+                                 "belong together")
             return judge
         return cls(model, tok, fmt, **kwargs)
 
@@ -331,7 +332,8 @@ class StepJudge:
                     idx = order[start : start + self.batch_size]
                     ids, mask, rows, cols = collate([encoded[i] for i in idx], self.tokenizer.pad_token_id)
                     with autocast(self.bf16, device):
-                        logits = selected_logits(self.model, ids.to(device), mask.to(device), rows.to(device), cols.to(device))
+                        logits = selected_logits(self.model, ids.to(device), mask.to(device), rows.to(device),
+                                                 cols.to(device))
                     probs = p_good(logits, self.good_id, self.bad_id).tolist()
                     k = 0
                     for i in idx:
