@@ -147,3 +147,33 @@ def test_teach_then_sft_uses_teacher_traces(tmp_path, tiny_model_dir):
     by_id = {r.id: ds[i]["completion"][0]["content"] for i, r in enumerate(recs)}
     for d in got:
         assert by_id[d["id"]] == d["trace"]
+
+
+@pytest.mark.slow
+def test_cli_prm_then_srpo_and_grpo(tmp_path, tiny_model_dir):
+    """The RL commands run end to end from YAML on the tiny model: judge training, SRPO with a hybrid
+    examiner, vanilla GRPO; each saves an ordinary model folder."""
+    data = tmp_path / "d.jsonl"
+    assert _run(["data", "generate", "--out", str(data), "--queries", "12"]) == 0
+    prm_cfg = tmp_path / "prm.yaml"
+    prm_cfg.write_text(
+        f"policy: {tiny_model_dir}\njudge_model: {tiny_model_dir}\noutput_dir: {tmp_path / 'prm'}\n"
+        "max_records: 6\nmc_continuations: 1\nmax_new_tokens: 16\nadd_reference_traces: true\n"
+        "max_steps: 2\nbatch_size: 4\nbf16: false\n"
+    )
+    assert _run(["train", "prm", "--config", str(prm_cfg), "--data", str(data)]) == 0
+    judge_dir = tmp_path / "prm" / "judge"
+    assert (judge_dir / "she_judge.json").exists()
+    m = json.loads((tmp_path / "prm" / "metrics.json").read_text())
+    assert m  # the held-out judge metrics were written
+
+    rl_cfg = tmp_path / "rl.yaml"
+    rl_cfg.write_text("examiner: hybrid\nmax_steps: 2\nnum_generations: 2\nprompts_per_step: 1\n"
+                      "max_completion_length: 12\nbf16: false\nreport_to: none\nsave_steps: 1\n")
+    for algo in ("srpo", "grpo"):
+        out = tmp_path / algo
+        assert _run(["train", algo, "--config", str(rl_cfg), "--model", str(tiny_model_dir), "--data", str(data),
+                     "--judge", str(judge_dir), "--output-dir", str(out)]) == 0
+        assert (out / "final" / "config.json").exists() and (out / "checkpoint-2").is_dir()
+        hist = json.loads((out / "log_history.json").read_text())
+        assert any("srpo/outcome_reward" in h for h in hist)

@@ -90,6 +90,23 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--traces", default=None, help="teacher traces JSONL from `she data teach` (else rule-based)")
     _add_data_args(ts)
 
+    for algo, helptext in (("srpo", "SRPO: stepwise hybrid-examined RL (TRL GRPOTrainer + per-token step advantages)"),
+                           ("grpo", "vanilla GRPO: the same trainer with step rewards off")):
+        tr = t.add_parser(algo, help=helptext)
+        tr.add_argument("--config", default=None, help="YAML RL config")
+        tr.add_argument("--model", default=None, help="SFT checkpoint folder (or registered name)")
+        tr.add_argument("--output-dir", default=None)
+        tr.add_argument("--max-steps", type=int, default=None)
+        tr.add_argument("--judge", default=None, help="judge folder from `she train prm` (examiner hybrid/blend)")
+        _add_data_args(tr)
+    tp = t.add_parser("prm", help="train the generative stepwise reward model (the judge)")
+    tp.add_argument("--config", default=None, help="YAML PRM config")
+    tp.add_argument("--policy", default=None, help="policy folder whose rollouts are labelled")
+    tp.add_argument("--judge-model", default=None)
+    tp.add_argument("--output-dir", default=None)
+    tp.add_argument("--max-steps", type=int, default=None)
+    _add_data_args(tp)
+
     e = sub.add_parser("eval", help="generate, parse and score judgements; metrics.json, report.md, confusion.png")
     e.add_argument("--model", required=True)
     e.add_argument("--out", required=True)
@@ -164,9 +181,28 @@ def _cmd_data(a) -> None:
 
 
 def _cmd_train(a) -> None:
-    from she.config import SFTJobConfig, load_config
+    from she.config import PRMJobConfig, RLJobConfig, SFTJobConfig, load_config
     from she.data.sources import load_splits
     from she.training.sft import train_sft
+
+    if a.train_cmd in ("srpo", "grpo"):
+        from she.training.rl import run_rl_job
+
+        over = {"model": a.model, "output_dir": a.output_dir, "max_steps": a.max_steps, "judge": a.judge,
+                **_data_overrides(a)}
+        cfg = load_config(RLJobConfig, a.config, over)
+        if a.train_cmd == "grpo":
+            cfg.step_rewards = False
+        print(f"saved {run_rl_job(cfg, load_splits(cfg.data)['train'])}")
+        return
+    if a.train_cmd == "prm":
+        from she.training.prm import run_prm_job
+
+        over = {"policy": a.policy, "judge_model": a.judge_model, "output_dir": a.output_dir,
+                "max_steps": a.max_steps, **_data_overrides(a)}
+        res = run_prm_job(load_config(PRMJobConfig, a.config, over))
+        print(json.dumps({k: v for k, v in res.items() if not isinstance(v, (dict, list))}, indent=2, default=str))
+        return
 
     over = {"model": a.model, "output_dir": a.output_dir, "target": a.target, "epochs": a.epochs,
             "max_steps": a.max_steps, "lora": a.lora, "traces_file": a.traces, **_data_overrides(a)}

@@ -250,3 +250,38 @@ class PRMJobConfig:
     eval_before: bool = True
     seed: int = 0
     logging_steps: int = 10
+
+
+@dataclass
+class RLJobConfig:
+    """``she train srpo`` / ``she train grpo``: RL from an SFT checkpoint (docs/srpo.md).
+
+    ``grpo`` is the same job with ``step_rewards: false`` (vanilla GRPO in the same harness).
+    """
+
+    model: str = "runs/sft/final"
+    output_dir: str = "runs/srpo"
+    data: DataConfig = field(default_factory=DataConfig)
+    step_rewards: bool = True
+    examiner: str = "verifier"  # verifier | hybrid (verifier first, judge fills the rest) | blend
+    judge: str | None = None  # a judge folder from `she train prm` (needed for hybrid/blend)
+    judge_weight: float = 0.5  # blend weight of the judge
+    alpha: float = 1.0  # weight of the step advantage next to the outcome advantage
+    credit_mode: str = "broadcast"  # broadcast | cumsum | min
+    critical: dict[str, float] | None = None  # e.g. {first_error_weight: 2.0, confident_correct_weight: 1.5}
+    partial_credit: bool = False  # ordinal partial credit in the outcome reward
+    format_weight: float = 0.0
+    prompt_style: str = "compact"
+    num_generations: int = 4
+    prompts_per_step: int = 2
+    max_completion_length: int = 80
+    max_steps: int = 50
+    learning_rate: float = 1e-6
+    beta: float = 0.0
+    temperature: float = 1.0
+    bf16: bool = True
+    seed: int = 0
+    logging_steps: int = 1
+    save_steps: int = 25
+    resume: bool = True
+    report_to: str = "tensorboard"
