@@ -189,3 +189,19 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def iter_jsonl(path: str | os.PathLike):
+    """Yield ``(line_number, object)`` for each non-blank line of a JSONL file; bad JSON raises
+    ``ValueError`` naming the file and line. For small side files (traces, PRM rows); records go
+    through :mod:`she.data.loaders`, which can also skip and write rejects."""
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: invalid JSON: {e.msg}") from None

@@ -368,16 +368,9 @@ def check_prm_row(row: Any, where: str) -> dict[str, Any]:
 
 
 def load_prm_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: invalid JSON: {e.msg}") from None
-            rows.append(check_prm_row(row, f"{path}:{n}"))
+    from she.data.validation import iter_jsonl
+
+    rows = [check_prm_row(row, f"{path}:{n}") for n, row in iter_jsonl(path)]
     return rows
 
 

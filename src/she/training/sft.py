@@ -48,16 +48,13 @@ def build_sft_dataset(records: list[Record], target: str = "reasoning", traces: 
 
 def load_traces(path: str | os.PathLike) -> dict[str, str]:
     """Teacher traces ``{"id", "trace"}`` per line; records without one fall back to the rule writer."""
+    from she.data.validation import iter_jsonl
+
     out: dict[str, str] = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-                out[str(d["id"])] = str(d["trace"])
-            except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{n}: expected a JSON object with 'id' and 'trace' ({e})") from None
+    for n, d in iter_jsonl(path):
+        if not isinstance(d, dict) or "id" not in d or "trace" not in d:
+            raise ValueError(f"{path}:{n}: expected a JSON object with 'id' and 'trace'")
+        out[str(d["id"])] = str(d["trace"])
     return out
 
 
