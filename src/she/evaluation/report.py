@@ -79,3 +79,33 @@ def write_report(m: dict, out: Path, *, labels: list[str], title: str, examples=
     path = out / "report.md"
     path.write_text("\n".join(parts))
     return path
+
+
+def rl_curves(log_history: list[dict], out_dir: Path) -> dict[str, Path]:
+    """PNG curves of an RL run from the trainer's ``log_history``: outcome reward and label accuracy,
+    per-step-type step reward, and the policy's entropy / KL / clip fraction (what shows collapse).
+
+    Keys that a run did not log are left out of a plot; a plot with nothing to show is not written.
+    Returns the written paths by name.
+    """
+    out_dir = Path(out_dir)
+    rows = [r for r in log_history if "step" in r]
+
+    def series(key: str) -> list[tuple[float, float]]:
+        return [(r["step"], float(r[key])) for r in rows if key in r and r[key] is not None]
+
+    keys = sorted({k for r in rows for k in r})
+    groups = {
+        "reward": ("rewards and accuracy", ["reward", "srpo/outcome_reward", "srpo/label_accuracy", "srpo/format_ok"]),
+        "step_reward": ("mean step reward by step type", [k for k in keys if k.startswith("srpo/step_reward/")]),
+        "policy": ("policy entropy, KL, clip fraction", ["entropy", "kl", "clip_ratio/region_mean"]),
+    }
+    written: dict[str, Path] = {}
+    for name, (title, ks) in groups.items():
+        data = {k.split("/")[-1] if name == "step_reward" else k: series(k) for k in ks}
+        data = {k: v for k, v in data.items() if v}
+        if data:
+            path = out_dir / f"{name}.png"
+            plot_curves(data, path, title)
+            written[name] = path
+    return written
