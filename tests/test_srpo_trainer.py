@@ -436,7 +436,13 @@ def test_two_training_steps_use_token_level_advantages(tiny, records, tmp_path, 
     logs = [h for h in t.state.log_history if "loss" in h]
     assert len(logs) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in logs)
     assert all("srpo/step_reward/Type" in h and "rewards/outcome/mean" in h for h in logs)
+    # what shows entropy collapse and off-policy drift: TRL's own metrics, relied on by docs/srpo.md
+    assert all("entropy" in h and "clip_ratio/region_mean" in h for h in logs)
     assert any(not torch.equal(a, b.detach()) for a, b in zip(before, t.model.parameters()))
+    from she.evaluation.report import rl_curves
+
+    written = rl_curves(t.state.log_history, tmp_path)
+    assert set(written) == {"reward", "step_reward", "policy"} and all(p.stat().st_size > 0 for p in written.values())
 
 
 def test_setup_errors(tiny, records, tmp_path):

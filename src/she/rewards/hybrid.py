@@ -231,6 +231,21 @@ def examine_batch(examiner: StepExaminer, items: Sequence[tuple[Any, Any]]) -> l
     return result
 
 
+def fault_counts(examiner: Any) -> dict[str, int]:
+    """Cumulative fault counters of an examiner and of its judge (``fault_counts`` dicts, e.g.
+    :class:`she.rewards.judge.RemoteJudge`'s), summed per key; ``{}`` when neither keeps any.
+
+    Lets the trainer log remote-judge faults without knowing which examiner it was given.
+    """
+    out: dict[str, int] = {}
+    for part in (examiner, getattr(examiner, "judge", None)):
+        counts = getattr(part, "fault_counts", None)
+        if isinstance(counts, dict):
+            for k, v in counts.items():
+                out[k] = out.get(k, 0) + int(v)
+    return out
+
+
 def outcome_reward(pred_label: str | None, gold: str, taxonomy: str, ordinal_partial_credit: bool = False) -> float:
     """1.0 for the right label, 0.0 for a wrong or missing one.
 
@@ -275,6 +290,7 @@ __all__ = [
     "check_scores",
     "combine_step_scores",
     "examine_batch",
+    "fault_counts",
     "format_reward",
     "outcome_reward",
 ]

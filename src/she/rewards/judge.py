@@ -37,7 +37,8 @@ would do to the joined text, and the judge depends on the policy only through th
 (parser character spans), never on the policy's tokenizer.
 
 Also here: :class:`RemoteJudge`, the same per-step verdicts asked from any OpenAI-compatible chat
-endpoint (one request per rollout), with failures turned into a neutral 0.5 and counted.
+endpoint (one request per rollout), with timeouts and retries; failures become a neutral 0.5 and are
+counted per kind in ``fault_counts``.
 """
 
 from __future__ import annotations
@@ -419,13 +420,69 @@ class RemoteJudgeStats:
         return asdict(self)
 
 
+# Keys of RemoteJudge.fault_counts. Per *attempt*: timeout, connection, http_5xx, http_429 (retried) and
+# http_4xx (not retried); per *answer*: garbage (HTTP 200 that is not a chat completion, or a verdict
+# missing for at least one step); retries = extra attempts made; neutral_scores = steps that got NEUTRAL
+# because of any of these.
+FAULT_KINDS: tuple[str, ...] = ("timeout", "connection", "http_5xx", "http_429", "http_4xx", "garbage", "retries",
+                                "neutral_scores")
+_RETRYABLE = frozenset({"timeout", "connection", "http_5xx", "http_429"})
+_WARN_FIRST = 3  # log the first few faults of each kind, then one line every _WARN_EVERY
+_WARN_EVERY = 100
+
+
+def classify_request_error(exc: BaseException) -> str:
+    """Fault kind of an exception raised by ``urllib.request.urlopen`` / ``read`` (pure).
+
+    ``HTTPError`` -> ``http_5xx`` / ``http_429`` / ``http_4xx``; a timeout, whether urllib wraps it in a
+    ``URLError`` (connect phase) or lets ``TimeoutError`` through (read phase) -> ``timeout``; any other
+    socket/HTTP-protocol error (refused, reset, DNS, truncated response) -> ``connection``.
+    """
+    import urllib.error
+
+    if isinstance(exc, urllib.error.HTTPError):
+        if exc.code >= 500:
+            return "http_5xx"
+        return "http_429" if exc.code == 429 else "http_4xx"
+    reason = getattr(exc, "reason", None) if isinstance(exc, urllib.error.URLError) else exc
+    if isinstance(reason, TimeoutError) or (isinstance(reason, str) and "timed out" in reason):
+        return "timeout"
+    return "connection"
+
+
+def chat_content(raw: bytes) -> str | None:
+    """The assistant text of an OpenAI chat-completion body, or None when the body is not one."""
+    try:
+        content = json.loads(raw.decode("utf-8"))["choices"][0]["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError):
+        return None
+    return content if isinstance(content, str) else None
+
+
+def _fresh_fault_counts() -> dict[str, int]:
+    return dict.fromkeys(FAULT_KINDS, 0)
+
+
 @dataclass
 class RemoteJudge:
     """Per-step good/bad verdicts from an OpenAI-compatible chat endpoint (one request per rollout).
 
-    Reuses :class:`she.reasoning.teacher.TeacherClient` (urllib, bounded retries). Never raises for a
-    dead server or a garbage answer: such steps get :data:`NEUTRAL` (0.5) and are counted in
-    ``stats``. Verdicts are 1.0 (good) or 0.0 (bad): a chat endpoint gives no calibrated probability.
+    Built for a judge that runs *inside* RL training, where the endpoint is someone else's server and a
+    fault must cost a little signal, never the run:
+
+    * every attempt has a ``timeout`` (seconds); timeouts, connection errors, HTTP 5xx and 429 are
+      retried up to ``max_retries`` times after ``backoff * 2**k`` seconds (k = 0, 1, ...; capped at
+      ``max_backoff``), because they are usually transient; other 4xx are not retried (the same request
+      would fail the same way);
+    * an HTTP 200 that is not a chat completion, or an answer without a readable verdict for a step, is
+      *garbage*: not retried (at temperature 0 the same question gets the same answer) and the
+      unreadable steps score :data:`NEUTRAL`;
+    * a request that still has no answer after the retries scores every step :data:`NEUTRAL`.
+
+    Nothing raises. Every event is counted in ``fault_counts`` (keys :data:`FAULT_KINDS`; SRPOTrainer
+    logs their per-step increments as ``judge/faults/<kind>``) and logged with ``logging.warning`` (the
+    first few of each kind, then every 100th). ``stats`` keeps the per-request summary. Verdicts are 1.0
+    (good) or 0.0 (bad): a chat endpoint gives no calibrated probability.
     """
 
     base_url: str
@@ -435,47 +492,109 @@ class RemoteJudge:
     api_key: str | None = None
     max_tokens: int = 64
     backoff: float = 0.5
+    max_backoff: float = 8.0
     instruction: str = REMOTE_INSTRUCTION
     stats: RemoteJudgeStats = field(default_factory=RemoteJudgeStats)
+    fault_counts: dict[str, int] = field(default_factory=_fresh_fault_counts)
+    sleep: Any = field(default=None, repr=False)  # callable(seconds); None = time.sleep (tests pass a recorder)
 
     def __post_init__(self) -> None:
-        from she.reasoning.teacher import TeacherClient
-
-        self.client = TeacherClient(self.base_url, self.model, api_key=self.api_key, timeout=self.timeout,
-                                    max_retries=self.max_retries, temperature=0.0, max_tokens=self.max_tokens,
-                                    backoff=self.backoff)
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"remote judge base_url must start with http:// or https://, got {self.base_url!r}")
+        if self.max_retries < 0 or self.timeout <= 0 or self.backoff < 0 or self.max_backoff < 0:
+            raise ValueError(f"remote judge: need max_retries >= 0, timeout > 0, backoff >= 0 and max_backoff >= 0; "
+                             f"got max_retries={self.max_retries}, timeout={self.timeout}, backoff={self.backoff}, "
+                             f"max_backoff={self.max_backoff}")
+        self.base_url = self.base_url.rstrip("/")
+        for k in FAULT_KINDS:
+            self.fault_counts.setdefault(k, 0)
 
     def messages(self, parsed: Any, record: Any) -> list[dict[str, str]]:
         steps = "\n".join(f"{k}. {' '.join(s.text.split())}" for k, s in enumerate(parsed.steps, 1))
         return [{"role": "system", "content": self.instruction},
                 {"role": "user", "content": f"{user_message(record)}\n\nReasoning steps:\n{steps}"}]
 
+    # -- faults ------------------------------------------------------------------------------------
     def _error(self, msg: str) -> None:
         if len(self.stats.errors) < 5:
             self.stats.errors.append(msg)
 
-    def score_steps(self, parsed: Any, record: Any) -> list[float | None]:
-        from she.reasoning.teacher import TeacherError
+    def _fault(self, kind: str, msg: str) -> None:
+        """Count one fault and log it, rate-limited per kind (a dead server must not flood the log)."""
+        self.fault_counts[kind] = n = self.fault_counts.get(kind, 0) + 1
+        if n <= _WARN_FIRST or n % _WARN_EVERY == 0:
+            more = "" if n < _WARN_FIRST else f" (further {kind} warnings only every {_WARN_EVERY}th)"
+            log.warning("remote judge %s #%d: %s%s", kind, n, msg, more)
 
+    # -- transport ---------------------------------------------------------------------------------
+    def _attempt(self, url: str, body: bytes, headers: dict[str, str]) -> tuple[str, bytes | str]:
+        """One POST: ``("ok", body bytes)`` or ``(fault kind, message)``."""
+        import http.client
+        import urllib.error
+        import urllib.request
+
+        req = urllib.request.Request(url, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                return "ok", resp.read()
+        except urllib.error.HTTPError as e:
+            return classify_request_error(e), f"HTTP {e.code} from {url}"
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as e:  # TimeoutError is an OSError
+            return classify_request_error(e), f"{type(e).__name__}: {getattr(e, 'reason', e)} ({url})"
+
+    def request(self, messages: list[dict[str, str]], who: str = "?") -> str | None:
+        """The endpoint's answer text, or None when there is none after the retries (every fault counted)."""
+        import time
+
+        sleep = self.sleep or time.sleep
+        body = json.dumps({"model": self.model, "messages": messages, "temperature": 0.0,
+                           "max_tokens": self.max_tokens}).encode("utf-8")
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        url = f"{self.base_url}/chat/completions"
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                self.fault_counts["retries"] += 1
+                sleep(min(self.backoff * 2 ** (attempt - 1), self.max_backoff))
+            kind, payload = self._attempt(url, body, headers)
+            if kind == "ok":
+                text = chat_content(payload)  # type: ignore[arg-type]
+                if text is None:
+                    msg = f"record {who}: {url} answered HTTP 200 but not with a chat completion: {payload[:120]!r}"
+                    self._fault("garbage", msg)
+                    self._error(msg)
+                return text
+            msg = f"record {who}, attempt {attempt + 1}/{self.max_retries + 1}: {payload}"
+            self._fault(kind, msg)
+            if kind not in _RETRYABLE:
+                self._error(msg)
+                return None
+        self._error(f"record {who}: no answer after {self.max_retries + 1} attempt(s); last: {payload}")
+        return None
+
+    # -- scoring -----------------------------------------------------------------------------------
+    def score_steps(self, parsed: Any, record: Any) -> list[float | None]:
         n = len(parsed.steps)
         if n == 0:
             return []
+        who = str(getattr(record, "id", "?"))
         self.stats.requests += 1
         self.stats.steps += n
-        try:
-            answer = self.client.chat(self.messages(parsed, record))
-        except TeacherError as e:
+        answer = self.request(self.messages(parsed, record), who)
+        if answer is None:
             self.stats.failed_requests += 1
             self.stats.neutral_steps += n
-            self._error(f"{getattr(record, 'id', '?')}: {e}")
-            log.warning("remote judge request failed for record %s: %s", getattr(record, "id", "?"), e)
+            self.fault_counts["neutral_scores"] += n
             return [NEUTRAL] * n
         verdicts = parse_remote_verdicts(answer, n)
         missing = sum(v is None for v in verdicts)
         if missing:
             self.stats.unparseable_answers += 1
             self.stats.neutral_steps += missing
-            self._error(f"{getattr(record, 'id', '?')}: unreadable answer {answer[:80]!r}")
+            self.fault_counts["neutral_scores"] += missing
+            self._fault("garbage", f"record {who}: no readable verdict for {missing} of {n} step(s) in {answer[:80]!r}")
+            self._error(f"{who}: unreadable answer {answer[:80]!r}")
         return [NEUTRAL if v is None else v for v in verdicts]
 
     def score_batch(self, items: Sequence[tuple[Any, Any]]) -> list[list[float | None]]:
@@ -486,6 +605,7 @@ class RemoteJudge:
 
 __all__ = [
     "EncodedJudge",
+    "FAULT_KINDS",
     "JUDGE_INSTRUCTION",
     "JUDGE_META",
     "JudgeFormat",
@@ -494,6 +614,8 @@ __all__ = [
     "RemoteJudgeStats",
     "StepJudge",
     "auto_verdicts",
+    "chat_content",
+    "classify_request_error",
     "collate",
     "p_good",
     "parse_remote_verdicts",

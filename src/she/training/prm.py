@@ -587,7 +587,9 @@ def _records_for(cfg: PRMJobConfig) -> list[Record]:
     if cfg.max_records is not None and len(records) > cfg.max_records:
         keep = sorted(random.Random(cfg.seed).sample(range(len(records)), cfg.max_records))
         records = [records[i] for i in keep]
-    return records
+    from she.data.factstore import attach_from_path
+
+    return attach_from_path(records, cfg.facts_store)  # unchanged when no facts_store is set
 
 
 def check_prm_config(cfg: PRMJobConfig) -> None:

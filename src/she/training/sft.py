@@ -86,12 +86,12 @@ def load_she_meta(model_dir: str | os.PathLike) -> dict:
 
 
 def last_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest *intact* checkpoint of a run (its manifest checks out), or None; newer damaged or
+    half-written ones are skipped with a logged reason (:func:`she.training.checkpoints.last_good_checkpoint`)."""
+    from she.training.checkpoints import last_good_checkpoint
 
-    d = Path(output_dir)
-    if not d.is_dir():
-        return None
-    return get_last_checkpoint(str(d))
+    found = last_good_checkpoint(output_dir)
+    return str(found) if found is not None else None
 
 
 def use_cpu() -> bool:
@@ -109,7 +109,6 @@ def train_sft(cfg: SFTJobConfig, train: list[Record], validation: list[Record] |
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "she_config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
     model, tok = load_model_and_tokenizer(cfg.model, for_training=True)
     traces = load_traces(cfg.traces_file) if cfg.traces_file else None
     train_ds = build_sft_dataset(train, cfg.target, traces=traces, prompt_style=cfg.prompt_style)
@@ -147,19 +146,27 @@ def train_sft(cfg: SFTJobConfig, train: list[Record], validation: list[Record] |
         completion_only_loss=True,
         dataloader_num_workers=0,
     )
+    if args.process_index == 0:  # under `accelerate launch` only rank 0 writes run files
+        (out / "she_config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
+    from she.training.checkpoints import ManifestCallback
+
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tok, peft_config=peft_config)
+                         processing_class=tok, peft_config=peft_config, callbacks=[ManifestCallback()])
     resume = last_checkpoint(out) if cfg.resume else None
     if resume:
         log.info("resuming from %s", resume)
     trainer.train(resume_from_checkpoint=resume)
     final = out / "final"
-    model_to_save = trainer.model
-    if cfg.lora:
-        model_to_save = model_to_save.merge_and_unload()  # users get an ordinary folder, not an adapter
-    model_to_save.save_pretrained(final)
     tok.padding_side = "left"
-    tok.save_pretrained(final)
-    save_she_meta(final, {"prompt_style": cfg.prompt_style, "target": cfg.target, "taxonomy": cfg.data.taxonomy})
-    (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+    main = trainer.accelerator.is_main_process
+    if cfg.lora:
+        if main:  # merging is local and in place: rank 0 merges its (DDP-identical) copy
+            trainer.model.merge_and_unload().save_pretrained(final)  # an ordinary folder, not an adapter
+            tok.save_pretrained(final)
+    else:
+        trainer.save_model(str(final))  # every rank (FSDP/ZeRO-3 gather); rank 0 writes weights + tokenizer
+    if main:
+        save_she_meta(final, {"prompt_style": cfg.prompt_style, "target": cfg.target, "taxonomy": cfg.data.taxonomy})
+        (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+    trainer.accelerator.wait_for_everyone()  # no rank returns before final/ is complete
     return final

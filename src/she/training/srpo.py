@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ from she.rewards.hybrid import (
     StepScores,
     VerifierExaminer,
     examine_batch,
+    fault_counts,
     format_reward,
     outcome_reward,
 )
@@ -112,13 +114,22 @@ def build_grpo_config(
     logging_steps: int = 1,
     report_to: str = "none",
     save_strategy: str = "no",
+    use_vllm: bool = False,
+    vllm_mode: str = "colocate",
+    vllm_gpu_memory_utilization: float = 0.3,
+    vllm_server_base_url: str | None = None,
     **overrides: Any,
 ) -> GRPOConfig:
     """A ``GRPOConfig`` with the project's defaults: CPU when there is no CUDA, bf16 only where supported.
 
     ``per_device_train_batch_size`` defaults to ``num_generations`` (one prompt's group per device step),
     the smallest batch TRL accepts. Any other ``GRPOConfig`` field can be passed in ``overrides``.
+    The ``vllm_*`` settings are TRL's own fields, checked here first so that a missing vLLM or a typo'd
+    mode fails before a model is loaded (:func:`she.training.distributed.check_vllm_settings`).
     """
+    from she.training.distributed import check_vllm_settings
+
+    check_vllm_settings(use_vllm, vllm_mode, vllm_gpu_memory_utilization, vllm_server_base_url)
     cpu = not torch.cuda.is_available()
     use_bf16 = bool(bf16) and (cpu or torch.cuda.is_bf16_supported())
     return GRPOConfig(
@@ -138,6 +149,10 @@ def build_grpo_config(
         report_to=[] if report_to in ("none", "", None) else [report_to],
         save_strategy=save_strategy,
         dataloader_num_workers=0,
+        use_vllm=use_vllm,
+        vllm_mode=vllm_mode,
+        vllm_gpu_memory_utilization=vllm_gpu_memory_utilization,
+        vllm_server_base_url=vllm_server_base_url,
         **overrides,
     )
 
@@ -264,6 +279,10 @@ def step_metrics(rows: Sequence[RolloutScore]) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------ trainer
 
 
+class NonFiniteLossError(RuntimeError):
+    """The loss was NaN/inf for ``max_bad_steps`` optimizer steps in a row: training cannot go on."""
+
+
 @dataclass
 class SRPOBatch:
     """What the last ``_generate_and_score_completions`` call computed (for tests, debugging, callbacks).
@@ -298,6 +317,17 @@ class SRPOTrainer(GRPOTrainer):
     schema, taxonomy: the step schema the policy writes (default :func:`default_schema` of ``taxonomy``).
     partial_credit, format_weight: the outcome reward (:func:`rollout_outcome`).
     include_label_step: also give the verdict step a step reward (off: the outcome already covers it).
+    reward_model: optional scalar reward model (:class:`she.training.reward_model.ScalarRewardModel`, or anything
+        with ``score_records(records, completion_texts) -> list[float]``). When set, its score *replaces* the
+        label outcome reward everywhere (TRL's reward function, hence GRPO's advantage, and SRPO's outcome
+        term): scalar-RM GRPO with ``step_rewards=False``. ``correct``/label accuracy stay label-based metrics.
+    max_bad_steps: an optimizer step whose loss is NaN/inf is skipped (gradients dropped, parameters and
+        optimizer moments untouched, counted and logged); this many skipped steps *in a row* raise
+        :class:`NonFiniteLossError` (one bad batch is noise, a streak means the run has diverged).
+    dump_advantages_dir: debugging aid (default: env ``SHE_DUMP_ADVANTAGES``): every process writes, per
+        generation round, a ``torch.save`` file with its advantages and the *global* row index of each
+        local row (:meth:`dump_advantages`), so that runs on different process counts can be compared row
+        by row (tests/test_distributed.py).
     """
 
     def __init__(
@@ -317,6 +347,9 @@ class SRPOTrainer(GRPOTrainer):
         partial_credit: bool = False,
         format_weight: float = 0.0,
         include_label_step: bool = False,
+        reward_model: Any | None = None,
+        max_bad_steps: int = 5,
+        dump_advantages_dir: str | Path | None = None,
         **grpo_kwargs: Any,
     ) -> None:
         if "reward_funcs" in grpo_kwargs:
@@ -339,8 +372,22 @@ class SRPOTrainer(GRPOTrainer):
         self.partial_credit = partial_credit
         self.format_weight = float(format_weight)
         self.include_label_step = include_label_step
+        self.reward_model = reward_model
+        if reward_model is not None and (partial_credit or self.format_weight):
+            raise ValueError("with a reward_model the RM score is the only outcome reward; "
+                             "partial_credit and format_weight do not apply (turn them off)")
+        if isinstance(max_bad_steps, bool) or not isinstance(max_bad_steps, int) or max_bad_steps < 1:
+            raise ValueError(f"max_bad_steps must be an integer >= 1, got {max_bad_steps!r}")
+        self.max_bad_steps = max_bad_steps
+        self.nonfinite_steps = 0  # optimizer steps skipped because the loss was not finite (whole run)
+        self.consecutive_nonfinite_steps = 0
+        self._window_nonfinite: float | None = None  # first non-finite loss seen in the current update window
+        self._faults_seen: dict[str, int] = {}  # examiner fault totals already logged
         self.last_batch: SRPOBatch | None = None
         self._record_cache: dict[str, Record] = {}
+        dump = dump_advantages_dir if dump_advantages_dir is not None else os.environ.get("SHE_DUMP_ADVANTAGES")
+        self.dump_advantages_dir = Path(dump) if dump else None
+        self._generation_rounds = 0
         if args is not None:
             self._check_args(args)
         if train_dataset is not None:
@@ -350,6 +397,8 @@ class SRPOTrainer(GRPOTrainer):
         super().__init__(model=model, reward_funcs=[reward], args=args, train_dataset=train_dataset, **grpo_kwargs)
         self._check_args(self.args)
         self.scale = self.args.scale_rewards != "none"
+        if reward_model is not None and hasattr(reward_model, "to"):
+            reward_model.to(self.accelerator.device)
 
     # -- setup checks ------------------------------------------------------------------------------
 
@@ -411,7 +460,10 @@ class SRPOTrainer(GRPOTrainer):
         return rec
 
     def _make_reward_func(self) -> Callable[..., list[float]]:
-        """TRL reward function: the outcome reward of each completion (TRL logs it as ``rewards/outcome``)."""
+        """TRL reward function: the outcome reward of each completion (TRL logs it as ``rewards/outcome``),
+        or the reward model's score (logged as ``rewards/reward_model``) when one is set."""
+        if self.reward_model is not None:
+            return self._make_rm_reward_func()
 
         def outcome(prompts: list, completions: list, **kwargs: Any) -> list[float]:
             columns = [k for k in (RECORD_JSON_COLUMN, RECORD_ID_COLUMN) if k in kwargs]
@@ -427,6 +479,17 @@ class SRPOTrainer(GRPOTrainer):
 
         outcome.__name__ = OUTCOME_REWARD_NAME
         return outcome
+
+    def _make_rm_reward_func(self) -> Callable[..., list[float]]:
+        def reward_model(prompts: list, completions: list, **kwargs: Any) -> list[float]:
+            columns = [k for k in (RECORD_JSON_COLUMN, RECORD_ID_COLUMN) if k in kwargs]
+            if not columns:
+                raise ValueError(f"reward function: no {RECORD_ID_COLUMN!r}/{RECORD_JSON_COLUMN!r} column in {sorted(kwargs)}")
+            records = [self.resolve_record({k: kwargs[k][i] for k in columns}) for i in range(len(completions))]
+            texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+            return [float(x) for x in self.reward_model.score_records(records, texts)]
+
+        return reward_model
 
     # -- scoring -----------------------------------------------------------------------------------
 
@@ -455,6 +518,8 @@ class SRPOTrainer(GRPOTrainer):
                                              format_weight=self.format_weight)
             parsed_rows.append(parsed)
             outcomes.append(reward)
+        if self.reward_model is not None:  # the RM score is the outcome (same call as TRL's: memoised)
+            outcomes = [float(x) for x in self.reward_model.score_records(records, texts)]
         examined = [examined_step_indices(p, self.include_label_step) for p in parsed_rows]
         scores: list[StepScores] = examine_batch(self.examiner, list(zip(parsed_rows, records)))
         rows = []
@@ -496,7 +561,36 @@ class SRPOTrainer(GRPOTrainer):
         batch.advantages = adv
         self.last_batch = batch
         output["advantages"] = adv
+        if self.dump_advantages_dir is not None:
+            self.dump_advantages(batch, inputs, mask)
+        self._generation_rounds += 1
         return output
+
+    def dump_advantages(self, batch: SRPOBatch, inputs: Sequence[Mapping[str, Any]], mask: Tensor) -> Path:
+        """Write this process's part of the current generation round to ``dump_advantages_dir``.
+
+        File ``adv-r{round:05d}-p{process:03d}.pt`` (a ``torch.load``-able dict): ``rows`` (the global row
+        index of each local row: TRL's ``process_slice``), ``advantages`` [B_local, T_local],
+        ``completion_mask``, ``trl_advantages``, ``texts``, ``record_ids``, the gathered ``outcome_rewards``
+        and ``step_rewards``, and ``round``, ``global_step``, ``process_index``, ``num_processes``. Purely
+        additive: training never reads it back.
+        """
+        acc = self.accelerator
+        b_local = mask.shape[0]
+        d = self.dump_advantages_dir
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / f"adv-r{self._generation_rounds:05d}-p{acc.process_index:03d}.pt"
+        torch.save({
+            "round": self._generation_rounds, "global_step": int(self.state.global_step),
+            "process_index": acc.process_index, "num_processes": acc.num_processes,
+            "rows": torch.arange(b_local) + acc.process_index * b_local,
+            "advantages": batch.advantages.detach().cpu(), "completion_mask": mask.detach().cpu(),
+            "trl_advantages": None if batch.trl_advantages is None else batch.trl_advantages.detach().cpu(),
+            "texts": [r.text for r in batch.rollouts],
+            "record_ids": [str(x.get(RECORD_ID_COLUMN, "")) for x in inputs],
+            "outcome_rewards": batch.outcome_rewards.detach().cpu(), "step_rewards": batch.step_rewards,
+        }, path)
+        return path
 
     def _gather_rows(self, rows: list[RolloutScore], mode: str) -> SRPOBatch:
         """Gather scored rollouts of all processes (small Python objects) and log global step metrics."""
@@ -507,10 +601,75 @@ class SRPOTrainer(GRPOTrainer):
         all_rows: list[RolloutScore] = gather_object(light)
         for name, value in step_metrics(all_rows).items():
             self._metrics[mode][name].append(value)
+        self._log_examiner_faults(mode)
         device = self.accelerator.device
         outcome_all = self.accelerator.gather(torch.tensor([r.outcome for r in rows], dtype=torch.float32, device=device))
         return SRPOBatch(mode=mode, rollouts=rows, outcome_rewards=outcome_all.cpu(),
                          step_rewards=[r.rewards for r in all_rows])
+
+    def _log_examiner_faults(self, mode: str) -> None:
+        """Log ``judge/faults/<kind>``: examiner faults (e.g. remote-judge timeouts) since the last batch,
+        summed over processes. Nothing is logged for examiners that keep no ``fault_counts``."""
+        counts = fault_counts(self.examiner)
+        if not counts:
+            return
+        keys = sorted(counts)
+        local = torch.tensor([counts[k] for k in keys], dtype=torch.long, device=self.accelerator.device)
+        total = self.accelerator.gather(local).view(-1, len(keys)).sum(0).tolist()
+        for k, v in zip(keys, total):
+            self._metrics[mode][f"judge/faults/{k}"].append(float(v - self._faults_seen.get(k, 0)))
+            self._faults_seen[k] = int(v)
+
+    # -- non-finite losses -------------------------------------------------------------------------
+
+    def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Tensor:
+        """TRL's step (forward + backward), then: drop the gradients of an update whose loss is not finite.
+
+        Why here: ``Trainer`` calls ``optimizer.step()`` unconditionally after the last micro-batch of an
+        update, and ``backward`` of a NaN loss has already written NaN gradients. Setting every ``.grad``
+        to ``None`` makes that step a no-op for the parameters *and* for AdamW's moments and step count
+        (torch optimizers skip parameters without a gradient, weight decay included), so the bad batch
+        leaves no trace. Once a micro-batch is bad, the rest of its accumulation window is dropped too
+        (half an update is not the update that was asked for). The decision is taken over all processes
+        at the last micro-batch, because DDP's all-reduce would spread one process's NaN to every rank.
+        The learning-rate schedule still advances (the step happened; it just changed nothing).
+        """
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self._window_nonfinite is None and not bool(torch.isfinite(loss).all()):
+            self._window_nonfinite = float(loss.detach().float().reshape(-1)[0].item())
+        if self._window_nonfinite is not None:
+            model.zero_grad(set_to_none=True)
+        if self.accelerator.sync_gradients:
+            self._end_update_window(model)
+        return loss
+
+    def _end_update_window(self, model: Any) -> None:
+        bad_value = self._window_nonfinite
+        self._window_nonfinite = None
+        bad = bad_value is not None
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor([int(bad)], dtype=torch.long, device=self.accelerator.device)
+            bad = bool(self.accelerator.gather(flag).sum().item())
+            if bad:
+                model.zero_grad(set_to_none=True)
+        self._metrics["train"]["srpo/nonfinite_loss_skipped"].append(float(bad))
+        if not bad:
+            self.consecutive_nonfinite_steps = 0
+            return
+        step = self.state.global_step + 1  # the Trainer increments global_step after the optimizer step
+        self.nonfinite_steps += 1
+        self.consecutive_nonfinite_steps += 1
+        what = f"loss {bad_value}" if bad_value is not None else "a non-finite loss on another process"
+        log.warning("step %d: %s; optimizer update skipped (%d in a row, limit max_bad_steps=%d; %d in this run)",
+                    step, what, self.consecutive_nonfinite_steps, self.max_bad_steps, self.nonfinite_steps)
+        if self.consecutive_nonfinite_steps >= self.max_bad_steps:
+            first = step - self.consecutive_nonfinite_steps + 1
+            raise NonFiniteLossError(
+                f"the loss was not finite in {self.consecutive_nonfinite_steps} consecutive optimizer steps "
+                f"(steps {first}-{step}, max_bad_steps={self.max_bad_steps}); stopping. The weights are still those "
+                f"after step {first - 1} and the checkpoints in {self.args.output_dir} are untouched. Usual causes: "
+                "a learning rate too high, bf16 overflow, or rewards/advantages out of range."
+            )
 
     def _srpo_local_advantages(self, rows: list[RolloutScore], mask: Tensor, group_size: int, batch: SRPOBatch,
                                mode: str) -> Tensor:
@@ -576,6 +735,7 @@ def local_srpo_advantages(
 
 
 __all__ = [
+    "NonFiniteLossError",
     "OUTCOME_REWARD_NAME",
     "RECORD_ID_COLUMN",
     "RECORD_JSON_COLUMN",
