@@ -2,9 +2,14 @@
 
     she model prepare smollm2-135m
     she data validate|stats|split|generate ...
+    she data facts build|show ...
+    she data filter|diverse ...   (difficulty band / diverse subset, docs/sampling.md)
     she train sft [--config configs/sft.yaml] [--data FILE] ...
+    she train dpo|rm|cross-encoder --config ...   (baselines, docs/baselines.md)
+    she train curriculum --config configs/curriculum-demo.yaml
     she eval --model DIR --data FILE --out DIR
-    she predict --model DIR --data FILE --out preds.jsonl
+    she predict --model DIR --data FILE --out preds.jsonl [--fast]
+    she serve --model DIR [--host 127.0.0.1] [--port 8000]   (docs/serving.md)
     she demo
 
 User errors (bad files, bad configs, unknown models) print one clear line and exit with status 2;
@@ -77,6 +82,19 @@ def build_parser() -> argparse.ArgumentParser:
     dt.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
     dt.add_argument("--format", default="auto", choices=FORMATS)
     dt.add_argument("--n", type=int, default=1, help="samples per record")
+    from she.sampling.commands import add_data_parsers, add_train_parser
+
+    add_data_parsers(d, _add_data_args)  # she data filter | diverse (docs/sampling.md)
+    df = d.add_parser("facts", help="fact store: human step facts by record id (SQLite) for the verifier")
+    dfs = df.add_subparsers(dest="facts_cmd", required=True)
+    dfb = dfs.add_parser("build", help="validate annotation JSONL files into a fact store")
+    dfb.add_argument("paths", nargs="+", help='JSONL: {"id": ..., "facts": {...}} or full records with facts')
+    dfb.add_argument("--out", required=True, help="the store file, e.g. facts.sqlite (replaced atomically)")
+    dfb.add_argument("--on-error", default="fail", choices=["fail", "skip"])
+    dfb.add_argument("--rejects", default=None, help="rejects file (default: <out>.rejects.jsonl)")
+    dfw = dfs.add_parser("show", help="print the stored facts of record ids as JSON lines")
+    dfw.add_argument("--store", required=True)
+    dfw.add_argument("ids", nargs="+")
 
     t = sub.add_parser("train", help="training jobs").add_subparsers(dest="train_cmd", required=True)
     ts = t.add_parser("sft", help="supervised warm start on reasoning traces (TRL SFTTrainer)")
@@ -98,14 +116,28 @@ def build_parser() -> argparse.ArgumentParser:
         tr.add_argument("--output-dir", default=None)
         tr.add_argument("--max-steps", type=int, default=None)
         tr.add_argument("--judge", default=None, help="judge folder from `she train prm` (examiner hybrid/blend)")
+        tr.add_argument("--facts-store", default=None, help="fact store from `she data facts build`")
+        tr.add_argument("--reward-model", default=None,
+                        help="scalar RM folder from `she train rm`: its score replaces the label reward (scalar-RM GRPO)")
         _add_data_args(tr)
+    for algo, helptext in (("dpo", "baseline: DPO on pass@N preference pairs of the SFT policy (TRL DPOTrainer)"),
+                           ("rm", "baseline: scalar reward model on the same pass@N pairs (TRL RewardTrainer)"),
+                           ("cross-encoder", "baseline: MiniLM cross-encoder classifier over [query, product]")):
+        tb = t.add_parser(algo, help=helptext)
+        tb.add_argument("--config", default=None, help="YAML config (docs/baselines.md)")
+        tb.add_argument("--model", default=None, help="base model: SFT folder (dpo, rm) or BERT-like folder/minilm")
+        tb.add_argument("--output-dir", default=None)
+        tb.add_argument("--max-steps", type=int, default=None)
+        _add_data_args(tb)
     tp = t.add_parser("prm", help="train the generative stepwise reward model (the judge)")
     tp.add_argument("--config", default=None, help="YAML PRM config")
     tp.add_argument("--policy", default=None, help="policy folder whose rollouts are labelled")
     tp.add_argument("--judge-model", default=None)
     tp.add_argument("--output-dir", default=None)
     tp.add_argument("--max-steps", type=int, default=None)
+    tp.add_argument("--facts-store", default=None, help="fact store from `she data facts build`")
     _add_data_args(tp)
+    add_train_parser(t, _add_data_args)  # she train curriculum
 
     e = sub.add_parser("eval", help="generate, parse and score judgements; metrics.json, report.md, confusion.png")
     e.add_argument("--model", required=True)
@@ -122,7 +154,20 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True)
     pr.add_argument("--batch-size", type=int, default=16)
     pr.add_argument("--max-new-tokens", type=int, default=96)
+    pr.add_argument("--fast", action="store_true",
+                    help="label only, one forward pass, no reasoning (approximate for reasoning models; docs/serving.md)")
     _add_data_args(pr, required=True)
+
+    sv = sub.add_parser("serve", help="HTTP relevance service + OpenAI-compatible chat endpoint (docs/serving.md)")
+    sv.add_argument("--model", required=True, help="registered name or save_pretrained folder")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-batch", type=int, default=64, help="pairs per model batch")
+    sv.add_argument("--batch-wait-ms", type=float, default=5, help="longest wait to fill a batch")
+    sv.add_argument("--max-request-pairs", type=int, default=256)
+    sv.add_argument("--max-text-chars", type=int, default=2000)
+    sv.add_argument("--max-new-tokens", type=int, default=96, help="reasoning length in full mode")
+    sv.add_argument("--taxonomy", default=None, help="default: the model's she.json, else hd3")
 
     dm = sub.add_parser("demo", help="the main job: data -> base eval -> SFT -> eval -> report")
     dm.add_argument("--config", default=None)
@@ -178,6 +223,36 @@ def _cmd_data(a) -> None:
         accepted, stats = generate_traces(records, client, n=a.n)
         atomic_write_lines(a.out, (json.dumps({"id": r.id, "trace": t}, ensure_ascii=False) + "\n" for r, t in accepted))
         print(json.dumps(stats.to_dict(), indent=2))
+    elif a.data_cmd == "facts":
+        _cmd_facts(a)
+    elif a.data_cmd in ("filter", "diverse"):
+        from she.sampling.commands import cmd_data
+
+        cmd_data(a)
+
+
+def _cmd_facts(a) -> None:
+    from she.data.factstore import FactStore
+
+    if a.facts_cmd == "build":
+        rep = FactStore.build(a.paths, a.out, on_error=a.on_error, rejects_path=a.rejects)
+        print(rep.summary())
+        for dup in rep.duplicates[:10]:
+            print(f"  duplicate: {dup.message()}")
+        if rep.n_duplicates > 10:
+            print(f"  ... and {rep.n_duplicates - 10} more duplicates")
+        return
+    missing = []
+    with FactStore.open(a.store) as store:
+        for rid in a.ids:
+            facts = store.get(rid)
+            if facts is None:
+                missing.append(rid)
+                continue
+            print(json.dumps({"id": rid, "facts": facts.known(), "src": store.source_of(rid)}, ensure_ascii=False))
+    if missing:
+        print(f"she: not in {a.store}: {', '.join(missing)}", file=sys.stderr)
+        sys.exit(1)
 
 
 def _cmd_train(a) -> None:
@@ -189,7 +264,7 @@ def _cmd_train(a) -> None:
         from she.training.rl import run_rl_job
 
         over = {"model": a.model, "output_dir": a.output_dir, "max_steps": a.max_steps, "judge": a.judge,
-                **_data_overrides(a)}
+                "facts_store": a.facts_store, "reward_model": a.reward_model, **_data_overrides(a)}
         cfg = load_config(RLJobConfig, a.config, over)
         if a.train_cmd == "grpo":
             cfg.step_rewards = False
@@ -199,9 +274,17 @@ def _cmd_train(a) -> None:
         from she.training.prm import run_prm_job
 
         over = {"policy": a.policy, "judge_model": a.judge_model, "output_dir": a.output_dir,
-                "max_steps": a.max_steps, **_data_overrides(a)}
+                "max_steps": a.max_steps, "facts_store": a.facts_store, **_data_overrides(a)}
         res = run_prm_job(load_config(PRMJobConfig, a.config, over))
         print(json.dumps({k: v for k, v in res.items() if not isinstance(v, (dict, list))}, indent=2, default=str))
+        return
+    if a.train_cmd in ("dpo", "rm", "cross-encoder"):
+        _cmd_train_baseline(a)
+        return
+    if a.train_cmd == "curriculum":
+        from she.sampling.commands import cmd_train_curriculum
+
+        cmd_train_curriculum(a, _data_overrides(a))
         return
 
     over = {"model": a.model, "output_dir": a.output_dir, "target": a.target, "epochs": a.epochs,
@@ -210,6 +293,37 @@ def _cmd_train(a) -> None:
     splits = load_splits(cfg.data)
     final = train_sft(cfg, splits["train"])
     print(f"saved {final}")
+
+
+def _cmd_train_baseline(a) -> None:
+    """``she train dpo|rm|cross-encoder`` (docs/baselines.md)."""
+    from she.config import CrossEncoderJobConfig, DPOJobConfig, RewardModelJobConfig, load_config
+    from she.data.sources import load_splits
+
+    over = {"model": a.model, "output_dir": a.output_dir, "max_steps": a.max_steps, **_data_overrides(a)}
+    if a.train_cmd == "dpo":
+        from she.training.dpo import run_dpo_job
+
+        cfg = load_config(DPOJobConfig, a.config, over)
+        print(f"saved {run_dpo_job(cfg, load_splits(cfg.data)['train'])}")
+    elif a.train_cmd == "rm":
+        from she.training.reward_model import run_reward_model_job
+
+        cfg = load_config(RewardModelJobConfig, a.config, over)
+        print(f"saved {run_reward_model_job(cfg, load_splits(cfg.data)['train'])}")
+    else:
+        from she.training.cross_encoder import run_cross_encoder_job
+
+        cfg = load_config(CrossEncoderJobConfig, a.config, over)
+        splits = load_splits(cfg.data)
+        if cfg.eval_split not in ("none", *splits):
+            raise ValueError(f"eval_split {cfg.eval_split!r}: use none or one of {sorted(splits)}")
+        evals = splits[cfg.eval_split] if cfg.eval_split != "none" else None
+        final = run_cross_encoder_job(cfg, splits["train"], evals)
+        print(f"saved {final}")
+        if evals:
+            m = json.loads((final.parent / "metrics.json").read_text())
+            print(json.dumps({k: m[k] for k in ("macro_f1", "accuracy", "n")}, indent=2))
 
 
 def _cmd_eval(a) -> None:
@@ -235,8 +349,22 @@ def _cmd_predict(a) -> None:
 
     dcfg = from_dict(DataConfig, {k.split(".", 1)[1]: v for k, v in _data_overrides(a).items() if v is not None})
     n = predict(a.model, load_data(dcfg), a.out, taxonomy=dcfg.taxonomy, batch_size=a.batch_size,
-                max_new_tokens=a.max_new_tokens)
+                max_new_tokens=a.max_new_tokens, fast=a.fast)
     print(f"wrote {n} predictions to {a.out}")
+
+
+def _cmd_serve(a) -> None:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        print(f"she: error: serving needs fastapi and uvicorn ({e}); pip install 'she[serve]'", file=sys.stderr)
+        sys.exit(2)
+    from she.serving.app import serve
+
+    serve(a.model, host=a.host, port=a.port, max_batch_pairs=a.max_batch, batch_wait_ms=a.batch_wait_ms,
+          max_request_pairs=a.max_request_pairs, max_text_chars=a.max_text_chars, max_new_tokens=a.max_new_tokens,
+          taxonomy=a.taxonomy)
 
 
 def _cmd_demo(a) -> None:
@@ -256,7 +384,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from she.config import ConfigError
 
-    user_errors: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, ValueError)
+    # OSError: a bad path the user gave (an --out that is a file, a read-only folder, a directory as config)
+    user_errors: tuple[type[BaseException], ...] = (ConfigError, OSError, ValueError)
     try:
         from she.data.validation import DataError
 
@@ -264,13 +393,14 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError:
         pass
     handlers = {"model": _cmd_model, "data": _cmd_data, "train": _cmd_train, "eval": _cmd_eval,
-                "predict": _cmd_predict, "demo": _cmd_demo}
+                "predict": _cmd_predict, "serve": _cmd_serve, "demo": _cmd_demo}
     try:
         handlers[a.cmd](a)
     except user_errors as e:
         if os.environ.get("SHE_DEBUG"):
             raise
-        print(f"she: error: {e}", file=sys.stderr)
+        msg = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the message holds
+        print(f"she: error: {msg}", file=sys.stderr)
         sys.exit(2)
 
 

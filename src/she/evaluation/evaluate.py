@@ -90,8 +90,13 @@ def evaluate(
 
 
 def predict(model_path: str, records: list[Record], out_file: str | os.PathLike, *, taxonomy: str = "hd3",
-            batch_size: int = 16, max_new_tokens: int = 96, bf16: bool = True, progress: bool = True) -> int:
-    """Write one JSON line per pair. Streams in chunks so huge inputs never sit in memory as judgements."""
+            batch_size: int = 16, max_new_tokens: int = 96, bf16: bool = True, progress: bool = True,
+            fast: bool = False) -> int:
+    """Write one JSON line per pair. Streams in chunks so huge inputs never sit in memory as judgements.
+
+    ``fast=True`` scores the label in one forward pass without writing reasoning
+    (:func:`she.evaluation.fast.score_labels_fast`; exact for label-target models, an approximation for
+    reasoning models); ``reasoning`` is then empty."""
     from she.models.registry import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(model_path)
@@ -101,13 +106,24 @@ def predict(model_path: str, records: list[Record], out_file: str | os.PathLike,
     tmp = out.with_name(out.name + ".tmp")
     n = 0
     chunk = max(batch_size * 8, 64)
-    with open(tmp, "w") as f:
-        for start in range(0, len(records), chunk):
-            part = records[start : start + chunk]
-            for r, j in zip(part, generate_judgements(model, tok, part, taxonomy=taxonomy, batch_size=batch_size,
-                                                      max_new_tokens=max_new_tokens, bf16=bf16, progress=progress,
-                                                      prompt_style=style)):
-                f.write(json.dumps(judgement_json(j, r), ensure_ascii=False) + "\n")
-                n += 1
-    os.replace(tmp, out)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for start in range(0, len(records), chunk):
+                part = records[start : start + chunk]
+                if fast:
+                    from she.evaluation.fast import score_labels_fast
+
+                    judged = score_labels_fast(model, tok, part, taxonomy=taxonomy, prompt_style=style,
+                                               batch_size=batch_size, bf16=bf16)
+                else:
+                    judged = generate_judgements(model, tok, part, taxonomy=taxonomy, batch_size=batch_size,
+                                                 max_new_tokens=max_new_tokens, bf16=bf16, progress=progress,
+                                                 prompt_style=style)
+                for r, j in zip(part, judged):
+                    f.write(json.dumps(judgement_json(j, r), ensure_ascii=False) + "\n")
+                    n += 1
+        os.replace(tmp, out)
+    except BaseException:  # a failure (or Ctrl-C) midway must not leave a half-written .tmp behind
+        tmp.unlink(missing_ok=True)
+        raise
     return n

@@ -1,0 +1,175 @@
+"""Fast label scoring: class probabilities from **one forward pass**, no generated reasoning.
+
+How: the chat prompt is followed by a *forced prefix* that ends exactly where the label token
+comes -- by default the label step's key, ``"Verdict:"`` -- and the softmax over the first tokens
+of the label names at that position is P(label). This is the same label-token reading as
+:func:`she.evaluation.generate.generate_judgements` (which reads it at the label token the model
+generated itself), moved to a position we force instead of one the model reaches.
+
+Exact or approximate, depending on how the model was trained (``target`` in ``she.json``):
+
+* ``target="label"``: SFT completions are ``"Verdict: <label>"`` (:func:`she.training.sft.completion_text`),
+  so the forced prefix *is* the start of every training completion, and the distribution read
+  there is exactly the model's distribution over its first label token. Fast mode is exact.
+* ``target="reasoning"`` (and base models): the model was trained to write ``Query/Product/Type/
+  Attributes`` lines *before* the verdict, and its verdict is conditioned on those lines. Jumping
+  straight to ``Verdict:`` skips the reasoning, a position the model never saw in training, so
+  the result is an **approximation** of what full generation would answer, and it can be a bad
+  one. Measured on the demo SFT reasoning model (SmolLM2-135M, ``runs/demo``, 120 synthetic test
+  pairs): fast mode answered ``Irrelevant`` for every pair, agreeing with full generation on 6.7 % of
+  pairs (accuracy 16.7 % against 54.2 % for full generation); forcing ``Query:``/``Product:`` lines
+  copied from the input before ``Verdict:``, or empty step keys, did no better (8 % on 48 pairs).
+  The reasoning model has learnt to read its label off the ``Type``/``Attributes`` lines; without
+  them it falls back to one class. ``label_mass`` (the full-vocabulary probability of the label
+  tokens at that position) was 0.999 there: a low value flags a doubtful reading, but a high one does
+  *not* mean the reading agrees with full generation. For reasoning models use ``mode="full"``, or
+  train a label-target model for fast scoring.
+
+Batches are **right-padded** and the logit is read at each row's last real token: every real token
+keeps the position id it has when the row is alone, so a pair's score does not depend on which
+other pairs share its batch (a plain forward on a left-padded batch would shift position ids).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from she.data.labels import get_taxonomy
+from she.data.schema import Record
+from she.evaluation.generate import Judgement, _label_probs, autocast, label_first_tokens
+
+
+@dataclass
+class FastJudgement(Judgement):
+    """A :class:`Judgement` read in one forward pass: ``text`` is empty, ``parsed`` is None.
+
+    ``format_ok`` is True by construction (the format up to the label is forced, not generated).
+    ``label_mass`` is the full-vocabulary probability of the label tokens at the read position.
+    """
+
+    label_mass: float | None = None
+
+
+def fast_prefix(taxonomy: str = "hd3", schema=None) -> str:
+    """The forced text after the prompt: the label step's key and a colon (``"Verdict:"``).
+
+    Why no skeleton of the earlier steps: their content (type relation, attribute checks) is what
+    decides the label, so any text we forced there would decide the answer for the model; an empty
+    step list is the least presumptuous prefix, and for label-target models it is the training format.
+    """
+    from she.reasoning.schema import default_schema
+
+    schema = schema or default_schema(taxonomy)
+    return f"{schema.label_step.key}:"
+
+
+def fast_mode_is_exact(target: str | None) -> bool:
+    """Fast mode equals full generation's label distribution only for label-target models."""
+    return target == "label"
+
+
+def prefix_label_tokens(tokenizer, prefix: str, labels: Sequence[str]) -> tuple[list[int], str]:
+    """Token ids of the labels' first tokens as they follow ``prefix``, and the separator used.
+
+    Training text is ``prefix + " " + label`` (or ``prefix + label`` when ``prefix`` ends with
+    whitespace). Raises ``ValueError`` unless, in this tokenizer, that text tokenizes as the prefix's
+    own tokens followed by the label's first token -- otherwise the position we read would not be
+    where the model predicts the label, and the numbers would be silently wrong.
+    """
+    if not prefix:
+        raise ValueError("the fast-mode prefix must not be empty")
+    sep = "" if prefix[-1].isspace() else " "
+    first = label_first_tokens(tokenizer, list(labels))
+    name = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
+    if first is None:
+        raise ValueError(f"labels {list(labels)} share a first token in tokenizer {name}: label probabilities "
+                         "cannot be read from one token")
+    ids = first[sep == " "]
+    base = tokenizer.encode(prefix, add_special_tokens=False)
+    for lab, tid in zip(labels, ids):
+        full = tokenizer.encode(prefix + sep + lab, add_special_tokens=False)
+        if full[: len(base)] != base or len(full) <= len(base) or full[len(base)] != tid:
+            raise ValueError(f"tokenizer {name}: {prefix + sep + lab!r} does not tokenize as {prefix!r} followed by "
+                             f"the first token of {sep + lab!r}; choose another fast-mode prefix")
+    return list(ids), sep
+
+
+def _right_pad(batch: Sequence[Sequence[int]], pad_id: int):
+    width = max(len(x) for x in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for b, x in enumerate(batch):
+        ids[b, : len(x)] = torch.tensor(list(x), dtype=torch.long)
+        mask[b, : len(x)] = 1
+    last = torch.tensor([len(x) - 1 for x in batch], dtype=torch.long)
+    return ids, mask, last
+
+
+@torch.no_grad()
+def score_labels_fast(
+    model,
+    tokenizer,
+    records: list[Record],
+    *,
+    taxonomy: str = "hd3",
+    prompt_style: str = "full",
+    prefix: str | Callable[[Record], str] | None = None,
+    batch_size: int = 32,
+    bf16: bool = False,
+) -> list[FastJudgement]:
+    """One forward pass per batch: P(label) at the forced label position, for every record.
+
+    ``prompt_style`` must be the one the model was trained with (``she.json``; see
+    :func:`she.evaluation.evaluate.prompt_style_of`). ``prefix`` defaults to :func:`fast_prefix`; it may
+    be a function of the record (e.g. to force a short step list before the verdict), as long as every
+    prefix's last line puts the label at a token boundary (checked, see :func:`prefix_label_tokens`).
+    The label is the most probable one (the first, least relevant, on an exact tie).
+    """
+    from she.reasoning.prompts import build_messages
+    from she.rewards.judge import selected_logits
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    labels = list(get_taxonomy(taxonomy).labels)
+    prefix = fast_prefix(taxonomy) if prefix is None else prefix
+    prefixes = [prefix(r) for r in records] if callable(prefix) else [prefix] * len(records)
+    checked: dict[str, tuple[list[int], str]] = {}
+    for p in prefixes:
+        tail = p.rsplit("\n", 1)[-1] or p  # what decides the token boundary before the label
+        if tail not in checked:
+            checked[tail] = prefix_label_tokens(tokenizer, tail, labels)
+    if len({(tuple(ids), sep) for ids, sep in checked.values()}) > 1:
+        raise ValueError("fast-mode prefixes must all put the label after the same separator")
+    label_ids, sep = next(iter(checked.values())) if checked else ([], " ")
+    first_tokens = label_first_tokens(tokenizer, labels)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    texts = [tokenizer.apply_chat_template(build_messages(r, style=prompt_style), tokenize=False,
+                                           add_generation_prompt=True) + p for r, p in zip(records, prefixes)]
+    encoded = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    order = sorted(range(len(records)), key=lambda i: len(encoded[i]))  # less padding per batch
+    out: list[FastJudgement | None] = [None] * len(records)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            ids, mask, last = _right_pad([encoded[i] for i in idx], pad_id)
+            rows = torch.arange(len(idx))
+            with autocast(bf16, device):
+                logits = selected_logits(model, ids.to(device), mask.to(device), rows.to(device), last.to(device))
+            full = torch.softmax(logits.float(), dim=-1)
+            mass = full[:, label_ids].sum(dim=-1).tolist()
+            for row, i in enumerate(idx):
+                probs = _label_probs(logits[row], sep + labels[0], first_tokens, labels)
+                label = max(labels, key=lambda lab: probs[lab])  # first max wins on a tie
+                out[i] = FastJudgement(records[i].id, "", label, probs, True, None, 0, label_mass=float(mass[row]))
+    finally:
+        model.train(was_training)
+    return out  # type: ignore[return-value]
+
+
+__all__ = ["FastJudgement", "fast_mode_is_exact", "fast_prefix", "prefix_label_tokens", "score_labels_fast"]

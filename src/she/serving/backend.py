@@ -1,0 +1,222 @@
+"""The model side of the service: one loaded judge, called only from the batcher's worker thread.
+
+:meth:`JudgeBackend.run` is the batcher's scoring function. Its keys:
+
+``("fast",)``                  records -> :class:`~she.evaluation.fast.FastJudgement` (one forward pass)
+``("full",)``                  records -> :class:`~she.evaluation.generate.Judgement` (greedy generation)
+``("chat", max_tokens, temperature, top_p)``   :class:`ChatItem` -> :class:`ChatResult`
+
+Per-item problems (a prompt longer than the model's context) come back as :class:`ItemError`
+results instead of failing the whole batch, so one bad pair does not fail its batch-mates' requests.
+Everything that touches the tokenizer runs here, in the one worker thread: Hugging Face fast
+tokenizers are not safe to reconfigure (padding) while another thread encodes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from she.data.labels import get_taxonomy
+from she.data.schema import Record
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ItemError:
+    """A per-item failure: ``message`` names what is wrong (shown to the client as a 4xx)."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class ChatItem:
+    messages: tuple[tuple[str, str], ...]  # (role, text)
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" | "length"
+
+
+def apply_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """Cut ``text`` at the earliest stop string; (text, whether one was found)."""
+    cuts = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+class JudgeBackend:
+    """A loaded relevance judge plus what the service needs to know about it (``she.json``)."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, name: str, taxonomy: str = "hd3", prompt_style: str = "full",
+                 target: str | None = None, max_new_tokens: int = 96, bf16: bool = False,
+                 fast_prefix: str | None = None) -> None:
+        from she.evaluation.fast import fast_prefix as default_prefix
+        from she.evaluation.fast import prefix_label_tokens
+
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.taxonomy = taxonomy
+        self.labels = list(get_taxonomy(taxonomy).labels)
+        self.prompt_style = prompt_style
+        self.target = target
+        self.max_new_tokens = max_new_tokens
+        self.bf16 = bf16
+        self.fast_prefix = default_prefix(taxonomy) if fast_prefix is None else fast_prefix
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.fast_error: str | None = None
+        try:
+            prefix_label_tokens(tokenizer, self.fast_prefix, self.labels)
+        except ValueError as e:  # the service still answers full-mode and chat requests
+            self.fast_error = str(e)
+            log.warning("fast mode unavailable: %s", e)
+        limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        self.context = int(limit) if limit else None
+
+    @classmethod
+    def load(cls, model_dir: str | os.PathLike, *, taxonomy: str | None = None, device: str = "auto",
+             bf16: bool | None = None, max_new_tokens: int = 96, fast_prefix: str | None = None) -> "JudgeBackend":
+        """Load a registered name or ``save_pretrained`` folder; prompt style/target/taxonomy from ``she.json``."""
+        import torch
+
+        from she.models.registry import load_model_and_tokenizer, resolve_model
+        from she.training.sft import load_she_meta
+
+        path = resolve_model(model_dir)
+        meta = load_she_meta(path)
+        trained = meta.get("taxonomy")
+        if taxonomy and trained and taxonomy != trained:
+            raise ValueError(f"{path} was trained with taxonomy {trained!r} (she.json), not {taxonomy!r}")
+        model, tok = load_model_and_tokenizer(path)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        model.to(device)
+        model.eval()
+        return cls(model, tok, name=str(model_dir), taxonomy=taxonomy or trained or "hd3",
+                   prompt_style=meta.get("prompt_style", "full"), target=meta.get("target"),
+                   max_new_tokens=max_new_tokens, bf16=(device != "cpu") if bf16 is None else bf16,
+                   fast_prefix=fast_prefix)
+
+    # -- description ----------------------------------------------------------------------------
+    @property
+    def fast_exact(self) -> bool:
+        from she.evaluation.fast import fast_mode_is_exact
+
+        return fast_mode_is_exact(self.target)
+
+    def info(self) -> dict[str, Any]:
+        fast = "unavailable" if self.fast_error else ("exact" if self.fast_exact else "approximate")
+        return {"model": self.name, "taxonomy": self.taxonomy, "labels": self.labels,
+                "prompt_style": self.prompt_style, "target": self.target, "fast_mode": fast,
+                "fast_prefix": self.fast_prefix, "fast_error": self.fast_error,
+                "max_new_tokens": self.max_new_tokens, "context": self.context,
+                "device": str(next(self.model.parameters()).device)}
+
+    # -- the batcher's scoring function ---------------------------------------------------------------
+    def run(self, key: Hashable, items: list[Any]) -> list[Any]:
+        kind = key[0] if isinstance(key, tuple) else key
+        if kind in ("fast", "full"):
+            return self._relevance(kind, items)
+        if kind == "chat":
+            _, max_tokens, temperature, top_p = key
+            return self._chat(items, max_tokens=max_tokens, temperature=temperature, top_p=top_p)
+        raise ValueError(f"unknown batch key {key!r}")
+
+    def _prompt(self, messages: list[dict[str, str]]) -> str:
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+
+    def _too_long(self, n_tokens: int, reserve: int) -> str | None:
+        if self.context is not None and n_tokens + reserve > self.context:
+            return (f"the prompt is {n_tokens} tokens; with {reserve} more it exceeds the model's context of "
+                    f"{self.context} tokens")
+        return None
+
+    def _relevance(self, mode: str, records: list[Record]) -> list[Any]:
+        from she.reasoning.prompts import build_messages
+
+        if mode == "fast" and self.fast_error:
+            return [ItemError(f"fast mode is unavailable for this model: {self.fast_error}")] * len(records)
+        reserve = len(self.tokenizer.encode(self.fast_prefix, add_special_tokens=False)) + 1 if mode == "fast" \
+            else self.max_new_tokens
+        out: list[Any] = [None] * len(records)
+        ok: list[int] = []
+        for i, r in enumerate(records):
+            n = len(self.tokenizer.encode(self._prompt(build_messages(r, style=self.prompt_style)),
+                                          add_special_tokens=False))
+            problem = self._too_long(n, reserve)
+            if problem:
+                out[i] = ItemError(problem)
+            else:
+                ok.append(i)
+        if ok:
+            good = [records[i] for i in ok]
+            if mode == "fast":
+                from she.evaluation.fast import score_labels_fast
+
+                res = score_labels_fast(self.model, self.tokenizer, good, taxonomy=self.taxonomy,
+                                        prompt_style=self.prompt_style, prefix=self.fast_prefix,
+                                        batch_size=len(good), bf16=self.bf16)
+            else:
+                from she.evaluation.generate import generate_judgements
+
+                res = generate_judgements(self.model, self.tokenizer, good, taxonomy=self.taxonomy,
+                                          batch_size=len(good), max_new_tokens=self.max_new_tokens, bf16=self.bf16,
+                                          progress=False, prompt_style=self.prompt_style)
+            for i, j in zip(ok, res):
+                out[i] = j
+        return out
+
+    def _chat(self, items: list[ChatItem], *, max_tokens: int, temperature: float, top_p: float) -> list[Any]:
+        import torch
+
+        from she.evaluation.generate import autocast
+
+        tok = self.tokenizer
+        out: list[Any] = [None] * len(items)
+        prompts: dict[int, list[int]] = {}
+        for i, it in enumerate(items):
+            ids = tok.encode(self._prompt([{"role": r, "content": c} for r, c in it.messages]), add_special_tokens=False)
+            problem = self._too_long(len(ids), max_tokens)
+            if problem:
+                out[i] = ItemError(problem)
+            else:
+                prompts[i] = ids
+        if not prompts:
+            return out
+        idx = list(prompts)
+        width = max(len(prompts[i]) for i in idx)
+        pad = tok.pad_token_id
+        device = next(self.model.parameters()).device
+        # left padding: generation appends on the right, so every row's last prompt token is aligned
+        input_ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in idx], device=device)
+        mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx], device=device)
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 \
+            else {"do_sample": False}
+        eos = tok.eos_token_id
+        with torch.no_grad(), autocast(self.bf16, device):
+            seqs = self.model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_tokens,
+                                       pad_token_id=pad, eos_token_id=eos, **sampling)
+        for row, i in enumerate(idx):
+            gen = seqs[row, width:].tolist()
+            stopped = eos in gen
+            if stopped:
+                gen = gen[: gen.index(eos)]
+            gen = [t for t in gen if t != pad] if pad != eos else gen
+            text, hit = apply_stop(tok.decode(gen, skip_special_tokens=True), items[i].stop)
+            out[i] = ChatResult(text, len(prompts[i]), len(gen), "stop" if (stopped or hit) else "length")
+        return out
+
+
+__all__ = ["ChatItem", "ChatResult", "ItemError", "JudgeBackend", "apply_stop"]
