@@ -177,3 +177,21 @@ def test_cli_prm_then_srpo_and_grpo(tmp_path, tiny_model_dir):
         assert (out / "final" / "config.json").exists() and (out / "checkpoint-2").is_dir()
         hist = json.loads((out / "log_history.json").read_text())
         assert any("srpo/outcome_reward" in h for h in hist)
+
+
+def test_eval_data_config_uses_the_jobs_split_and_caps(tmp_path, tiny_model_dir):
+    """`she eval --data-config JOB.yaml` evaluates the same seeded, capped test sample as that job."""
+    from she.config import DataConfig
+    from she.data.sources import load_splits
+
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text("model: x\ndata:\n  synthetic_queries: 40\n  split_seed: 5\n  max_eval: 7\n")
+    ev = tmp_path / "ev"
+    assert _run(["eval", "--model", str(tiny_model_dir), "--data-config", str(cfg), "--out", str(ev),
+                 "--max-new-tokens", "4", "--no-bf16"]) == 0
+    expected = load_splits(DataConfig(synthetic_queries=40, split_seed=5, max_eval=7))["test"]
+    got = [json.loads(line)["id"] for line in open(ev / "predictions.jsonl")]
+    assert got == [r.id for r in expected] and len(got) == 7
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: x\n")
+    assert _run(["eval", "--model", str(tiny_model_dir), "--data-config", str(bad), "--out", str(ev)]) == 2

@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--max-new-tokens", type=int, default=96)
     e.add_argument("--no-bf16", action="store_true")
+    e.add_argument("--data-config", default=None,
+                   help="YAML of any job (its `data:` section is used): the same seeded split and caps as that job")
     _add_data_args(e)
 
     pr = sub.add_parser("predict", help="one JSON line per pair: label, class probabilities, reasoning")
@@ -331,7 +333,23 @@ def _cmd_eval(a) -> None:
     from she.data.sources import load_data, load_splits
     from she.evaluation.evaluate import evaluate
 
-    dcfg = from_dict(DataConfig, {k.split(".", 1)[1]: v for k, v in _data_overrides(a).items() if v is not None})
+    over = {k.split(".", 1)[1]: v for k, v in _data_overrides(a).items() if v is not None}
+    if a.data_config:
+        import yaml
+
+        try:
+            raw = yaml.safe_load(open(a.data_config)) or {}
+        except yaml.YAMLError as ex:
+            raise ValueError(f"{a.data_config}: not valid YAML: {ex}") from None
+        if not isinstance(raw, dict) or not isinstance(raw.get("data"), dict):
+            raise ValueError(f"{a.data_config}: no `data:` section")
+        base = dict(raw["data"])
+        if a.format == "auto":
+            over.pop("format", None)  # the flag's default must not override the file's format
+        if a.on_error == "fail":
+            over.pop("on_error", None)
+        over = {**base, **over}
+    dcfg = from_dict(DataConfig, over, where=a.data_config or "data")
     split = a.split or ("all" if a.data else "test")
     records = load_data(dcfg) if split == "all" else load_splits(dcfg)[split]
     if a.limit:
@@ -402,6 +420,20 @@ def main(argv: list[str] | None = None) -> None:
         msg = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the message holds
         print(f"she: error: {msg}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Destroy the process group a job opened under ``accelerate launch`` (no-op otherwise).
+
+    Left open, gloo's threads can abort the interpreter at exit ("terminate called without an active
+    exception", exit status -6: seen in about 1 of 8 two-process CPU launches), turning a finished run
+    into a failed one. Destroying is local (no collective), so it cannot hang. docs/distributed.md.
+    """
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

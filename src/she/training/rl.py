@@ -114,5 +114,8 @@ def run_rl_job(cfg: RLJobConfig, train: list[Record], callbacks: list | None = N
     if trainer.accelerator.is_main_process:
         save_she_meta(final, {"prompt_style": cfg.prompt_style, "target": "reasoning", "taxonomy": cfg.data.taxonomy})
         (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+        from she.evaluation.report import rl_curves
+
+        rl_curves(trainer.state.log_history, out)  # reward.png, step_reward.png, policy.png
     trainer.accelerator.wait_for_everyone()  # no rank returns (and reads final/) before rank 0 has written it
     return final
