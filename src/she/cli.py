@@ -11,6 +11,7 @@
     she predict --model DIR --data FILE --out preds.jsonl [--fast]
     she serve --model DIR [--host 127.0.0.1] [--port 8000]   (docs/serving.md)
     she demo
+    she compare configs/compare-cpu.yaml [--output-dir DIR] [--rows a,b,c]   (docs/baselines.md)
 
 User errors (bad files, bad configs, unknown models) print one clear line and exit with status 2;
 ``SHE_DEBUG=1`` shows the traceback.
@@ -178,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--max-steps", type=int, default=None)
     dm.add_argument("--skip-base-eval", action="store_true", help="do not evaluate the untrained model")
     _add_data_args(dm)
+
+    cp = sub.add_parser("compare", help="every baseline and ablation from one SFT start at equal budget; resumable "
+                                        "(docs/baselines.md)")
+    cp.add_argument("config", help="YAML compare config (configs/compare-*.yaml)")
+    cp.add_argument("--output-dir", default=None)
+    cp.add_argument("--rows", default=None, help="comma-separated rows to run (default: the config's rows, else all)")
     return p
 
 
@@ -397,6 +404,19 @@ def _cmd_demo(a) -> None:
     print(open(s["report"]).read())
 
 
+def _cmd_compare(a) -> None:
+    import shlex
+
+    from she.evaluation.compare import load_compare_config, run_compare
+
+    rows = [r.strip() for r in a.rows.split(",") if r.strip()] if a.rows else None
+    cfg = load_compare_config(a.config, {"output_dir": a.output_dir, "rows": rows})
+    argv = ["she", "compare", a.config] + (["--output-dir", a.output_dir] if a.output_dir else []) \
+        + (["--rows", a.rows] if a.rows else [])
+    s = run_compare(cfg, command=shlex.join(argv))
+    print(open(os.path.join(s["output_dir"], "results.md")).read())
+
+
 def main(argv: list[str] | None = None) -> None:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -411,7 +431,7 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError:
         pass
     handlers = {"model": _cmd_model, "data": _cmd_data, "train": _cmd_train, "eval": _cmd_eval,
-                "predict": _cmd_predict, "serve": _cmd_serve, "demo": _cmd_demo}
+                "predict": _cmd_predict, "serve": _cmd_serve, "demo": _cmd_demo, "compare": _cmd_compare}
     try:
         handlers[a.cmd](a)
     except user_errors as e:

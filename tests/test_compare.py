@@ -1,0 +1,424 @@
+"""``she compare``: pure budget rules (hand-computed), config errors, the wiring of every job with fakes, and
+the whole table on the tiny model -- then a rerun that must call no job at all.
+
+The tiny random policy never writes a correct trace, so the end-to-end test writes two scripted caches
+before the run (as tests/test_baselines.py does for DPO/RM): pass@N rollouts with one right and one wrong
+rollout per record, and pass rates chosen so that the difficulty band keeps exactly one pool prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+from she.config import ConfigError  # noqa: E402
+from she.evaluation import compare  # noqa: E402
+from she.evaluation.compare import (  # noqa: E402
+    ALL_ROWS,
+    CompareConfig,
+    load_compare_config,
+    majority_label,
+    plan_same_as,
+    rl_job_config,
+    seeded_subset,
+    split_stage_steps,
+    strict_rl_steps,
+)
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "compare-tiny.yaml"
+
+
+# ------------------------------------------------------------------------------------------ pure rules
+
+
+def test_budget_rules_hand_computed():
+    assert compare.rl_generations(20, 2, 4) == 160
+    # 20 prompts x k=4 = 80 generations = 10 steps of 2 x 4
+    assert strict_rl_steps(20, 2, 4, 80) == 10
+    # 81 generations round up to 11 steps: the row never spends more than the others
+    assert strict_rl_steps(20, 2, 4, 81) == 9
+    assert strict_rl_steps(3, 2, 2, 4) == 2
+    assert split_stage_steps([None, None], 7) == [3, 4]
+    assert split_stage_steps([2, None, None], 7) == [2, 2, 3]
+    assert split_stage_steps([3, 4], 7) == [3, 4]
+    with pytest.raises(ValueError, match="add up to 6 but the budget is 7"):
+        split_stage_steps([2, 4], 7)
+    with pytest.raises(ValueError, match="at least one step"):
+        split_stage_steps([6, None, None], 7)
+    with pytest.raises(ValueError, match="no RL step is left"):
+        split_stage_steps([None], 0)
+    st = compare.default_stages(9)
+    assert [(s.name, s.advance.steps, s.filter.pass_rate) for s in st] == [("easy", 2, (0.5, 1.0)), ("main", 7, None)]
+
+
+def test_majority_label_and_subset():
+    from she.data.schema import Record
+
+    def rec(i, label):
+        return Record.from_dict({"id": str(i), "query": "q", "product": {"title": "t"}, "label": label})
+
+    labels = ["Irrelevant", "Partial", "Exact"]
+    assert majority_label([rec(0, "Exact"), rec(1, "Partial"), rec(2, "Exact")], labels) == "Exact"
+    # a tie goes to the label that comes first in the taxonomy
+    assert majority_label([rec(0, "Exact"), rec(1, "Partial")], labels) == "Partial"
+    recs = [rec(i, "Exact") for i in range(10)]
+    sub = seeded_subset(recs, 4, "s")
+    assert len(sub) == 4 and [r.id for r in sub] == sorted((r.id for r in sub), key=int)  # input order kept
+    assert seeded_subset(recs, 4, "s") == sub and seeded_subset(recs, None, "s") == recs
+
+
+def test_row_metrics_bootstrap_by_query_hand_computed():
+    from she.data.schema import Record
+
+    recs = [Record.from_dict({"id": str(i), "query": f"q{i // 2}", "query_id": f"q{i // 2}", "product": {"title": "t"},
+                              "label": lab}) for i, lab in enumerate(["Exact", "Exact", "Partial", "Partial"])]
+    labels = ["Irrelevant", "Partial", "Exact"]
+    # every prediction right -> every bootstrap replicate is perfect
+    m = compare.row_metrics(recs, {r.id: r.label for r in recs}, labels, n_boot=50, seed=0)
+    assert m["macro_f1"] == 1.0 and m["macro_f1_ci"] == [1.0, 1.0] and m["n_groups"] == 2
+    # query q0 right, q1 wrong (predicted Exact): replicates draw q0q0 (acc 1), q1q1 (0) or one of each (0.5)
+    m = compare.row_metrics(recs, {"0": "Exact", "1": "Exact", "2": "Exact", "3": "Exact"}, labels, n_boot=400, seed=0)
+    assert m["accuracy"] == 0.5 and m["accuracy_ci"] == [0.0, 1.0]
+    assert m["per_class_f1"] == {"Irrelevant": 0.0, "Partial": 0.0, "Exact": pytest.approx(2 / 3)}
+    with pytest.raises(ValueError, match="no prediction"):
+        compare.row_metrics(recs, {"0": "Exact"}, labels, n_boot=5, seed=0)
+
+
+# ----------------------------------------------------------------------------------------- config
+
+
+def test_config_errors_name_the_key(tmp_path):
+    def load(text: str):
+        p = tmp_path / "c.yaml"
+        p.write_text(text)
+        return load_compare_config(p)
+
+    with pytest.raises(ConfigError, match=r"c.yaml.rows: unknown row\(s\) \['srpo_fast'\]"):
+        load("rows: [sft, srpo_fast]\n")
+    with pytest.raises(ConfigError, match=r"c.yaml.rl: \['model'\] are set by she compare"):
+        load("rl: {model: x}\n")
+    with pytest.raises(ConfigError, match=r"c.yaml.dpo: \['rollouts'\] are set by she compare"):
+        load("dpo: {rollouts: {n: 3}}\n")
+    with pytest.raises(ConfigError, match=r"c.yaml.rl: unknown key\(s\) \['step'\]"):
+        load("rl: {step: 3}\n")
+    with pytest.raises(ConfigError, match=r"c.yaml.budget: 'loose'"):
+        load("budget: loose\n")
+    with pytest.raises(ConfigError, match=r"rows \['srpo_judge_only'\] need a judge"):
+        load("rows: [srpo_judge_only]\n")
+    with pytest.raises(ConfigError, match=r"curriculum.stages\[0\].overrides.max_steps"):
+        load("curriculum: {stages: [{name: a, overrides: {max_steps: 3}}]}\n")
+    # rl.examiner verifier: srpo needs no judge, and srpo_verifier_only is srpo's job
+    cfg = load("rows: [grpo, srpo, srpo_no_step_reward, srpo_verifier_only]\nrl: {examiner: verifier}\n")
+    assert plan_same_as(cfg, compare.selected_rows(cfg)) == {"srpo_no_step_reward": "grpo", "srpo_verifier_only": "srpo"}
+    tiny = load_compare_config(CONFIG)
+    assert plan_same_as(tiny, list(ALL_ROWS)) == {"srpo_no_step_reward": "grpo"}
+
+
+def test_rl_job_configs_differ_only_where_the_row_says():
+    cfg = CompareConfig(rl={"examiner": "hybrid", "max_steps": 7, "alpha": 0.5}, seed=3)
+    kw = dict(model="S", output_dir="o", judge="J", reward_model="R")
+    grpo, srpo, vo, jo, rm = (rl_job_config(cfg, r, **kw) for r in
+                              ("grpo", "srpo", "srpo_verifier_only", "srpo_judge_only", "rm_grpo"))
+    assert (grpo.step_rewards, srpo.step_rewards, grpo.max_steps, grpo.seed, grpo.model) == (False, True, 7, 3, "S")
+    assert (srpo.examiner, srpo.judge, srpo.alpha) == ("hybrid", "J", 0.5)
+    assert (vo.examiner, vo.judge) == ("verifier", None)  # no judge loaded for the verifier-only arm
+    assert (jo.examiner, jo.judge_weight, jo.judge) == ("blend", 1.0, "J")
+    assert (rm.reward_model, rm.step_rewards) == ("R", False)
+
+
+# ------------------------------------------------------------------------------- wiring with fake jobs
+
+
+def test_wiring_with_fake_jobs(tmp_path, monkeypatch):
+    """Every job replaced by a fake that records its config: the budgets, the shared SFT start, the judge
+    trained by the prm section, and the curriculum stages are what the rules say."""
+    import she.evaluation.evaluate as ev_mod
+    import she.sampling.curriculum as cur_mod
+    import she.sampling.difficulty as diff_mod
+    import she.training.dpo as dpo_mod
+    import she.training.prm as prm_mod
+    import she.training.reward_model as rm_mod
+    import she.training.rl as rl_mod
+    import she.training.sft as sft_mod
+
+    calls: list[tuple[str, object]] = []
+
+    def folder(p: Path) -> Path:
+        p.mkdir(parents=True, exist_ok=True)
+        (p / "config.json").write_text("{}")
+        return p
+
+    def fake_sft(cfg, train, validation=None):
+        calls.append(("sft", cfg))
+        return folder(Path(cfg.output_dir) / "final")
+
+    def fake_rl(cfg, train, callbacks=None):
+        calls.append(("rl", (cfg, len(train))))
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.output_dir) / "log_history.json").write_text(json.dumps(
+            [{"step": s, "loss": 0.0, "reward": 0.1 * s, "entropy": 1.0, "srpo/step_reward/Type": 0.5,
+              "srpo/step_reward/Brand": 1.0} for s in range(1, cfg.max_steps + 1)]))
+        return folder(Path(cfg.output_dir) / "final")
+
+    def fake_passn_job(kind):
+        def run(cfg, train, progress=True):
+            calls.append((kind, cfg))
+            out = Path(cfg.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "pairs_stats.json").write_text(json.dumps({"generations": cfg.rollouts.n * cfg.rollouts.max_records}))
+            return folder(out / "final")
+        return run
+
+    def fake_prm(cfg, progress=True):
+        calls.append(("prm", cfg))
+        folder(Path(cfg.output_dir) / "judge")
+        return {}
+
+    def fake_rates(model, records, k, cache, **kw):
+        calls.append(("rates", (model, len(records), k)))
+        return {r.id: 1.0 if i < 2 else 0.5 for i, r in enumerate(records)}  # the first two always solved
+
+    def fake_eval(model, records, out, **kw):
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "predictions.jsonl").write_text("".join(json.dumps({"id": r.id, "label": "Exact"}) + "\n"
+                                                             for r in records))
+        (Path(out) / "metrics.json").write_text(json.dumps({"format_valid_rate": 1.0}))
+        return {}
+
+    monkeypatch.setattr(sft_mod, "train_sft", fake_sft)
+    monkeypatch.setattr(rl_mod, "run_rl_job", fake_rl)
+    monkeypatch.setattr(dpo_mod, "run_dpo_job", fake_passn_job("dpo"))
+    monkeypatch.setattr(rm_mod, "run_reward_model_job", fake_passn_job("rm"))
+    monkeypatch.setattr(prm_mod, "run_prm_job", fake_prm)
+    monkeypatch.setattr(diff_mod, "estimate_pass_rates", fake_rates)
+    monkeypatch.setattr(ev_mod, "evaluate", fake_eval)
+    rows = ["sft", "label_only_sft", "dpo", "grpo", "rm_grpo", "srpo", "srpo_judge_only", "srpo_full",
+            "srpo_full_no_difficulty"]
+    cfg = CompareConfig(model="BASE", output_dir=str(tmp_path / "c"), rows=rows, prm={"max_records": 7},
+                        sft={"traces_file": "teacher.jsonl", "max_steps": 5},
+                        rl={"examiner": "hybrid", "max_steps": 10, "prompts_per_step": 2, "num_generations": 4},
+                        difficulty=compare.DifficultyConfig(max_records=12, k=4), diverse=compare.DiverseConfig(
+                            embedder="hashing"), data=compare.DataConfig(synthetic_queries=30), eval=compare.CompareEvalConfig(max_eval=10))
+    res = compare.run_compare(cfg)
+    sft_dir = str(tmp_path / "c" / "sft" / "final")
+    sfts = [c for k, c in calls if k == "sft"]
+    assert sorted((c.target, c.model, c.traces_file, c.max_steps) for c in sfts) == [
+        ("label", "BASE", None, 5), ("reasoning", "BASE", "teacher.jsonl", 5)]  # the reasoning SFT trained once
+    prm = [c for k, c in calls if k == "prm"]
+    assert len(prm) == 1 and prm[0].policy == sft_dir and prm[0].max_records == 7
+    judge = str(tmp_path / "c" / "prm" / "judge")
+    dpo = next(c for k, c in calls if k == "dpo")
+    rm = next(c for k, c in calls if k == "rm")
+    # pass@N at the RL budget: n = num_generations, 10 steps x 2 prompts = 20 prompts; one shared cache
+    assert (dpo.rollouts.n, dpo.rollouts.max_records, dpo.model) == (4, 20, sft_dir)
+    assert dpo.rollouts == rm.rollouts and (rm.model, rm.policy) == (sft_dir, sft_dir)
+    rl = {c.output_dir: c for k, (c, n) in [(k, v) for k, v in calls if k == "rl"]}
+    grpo = rl[str(tmp_path / "c" / "grpo")]
+    assert (grpo.max_steps, grpo.model, grpo.judge, grpo.step_rewards) == (10, sft_dir, judge, False)
+    assert rl[str(tmp_path / "c" / "rm_grpo")].reward_model == str(tmp_path / "c" / "rm" / "final")
+    # strict budget: 12 pool prompts x k=4 = 48 generations = 6 steps of 2 x 4 -> 4 RL steps, split 1 + 3;
+    # stage 2 starts from stage 1
+    assert rl[str(tmp_path / "c" / "srpo_full" / "stage-1-main")].model == str(
+        tmp_path / "c" / "srpo_full" / "stage-0-easy" / "final")
+    stage_runs = [(Path(c.output_dir).parent.name, Path(c.output_dir).name, c.max_steps)
+                  for k, (c, n) in [(k, v) for k, v in calls if k == "rl"] if Path(c.output_dir).name.startswith("stage")]
+    # no_difficulty pays nothing for estimation: 10 steps, split 2 + 8
+    assert stage_runs == [("srpo_full", "stage-0-easy", 1), ("srpo_full", "stage-1-main", 3),
+                          ("srpo_full_no_difficulty", "stage-0-easy", 2), ("srpo_full_no_difficulty", "stage-1-main", 8)]
+    assert [v for k, v in calls if k == "rates"] == [(sft_dir, 12, 4)]  # estimated once for every srpo_full row
+    r = res["rows"]
+    assert r["grpo"]["generations"] == 80 and r["dpo"]["generations"] == 80
+    assert r["rm_grpo"]["generations_by_source"] == {"pass@n": 80, "rl": 80}
+    assert r["srpo_full"]["generations_by_source"] == {"rl": 32, "difficulty": 48}
+    assert r["srpo_full_no_difficulty"]["generations_by_source"] == {"rl": 80}
+    assert r["srpo_full"]["generations"] <= r["grpo"]["generations"]
+    sel = json.loads((tmp_path / "c" / "srpo_full" / "selection.json").read_text())
+    # the band 0 < p < 1 drops the two always-solved prompts; 4 steps x 2 prompts = 8 are selected
+    assert sel["after_band"] == 10 and sel["n_wanted"] == 8 and len(sel["ids"]) == 8
+    assert set(res["plots"]) == {"reward", "step_reward", "entropy", "macro_f1"}
+    assert all((tmp_path / "c" / f).stat().st_size > 1000 for f in res["plots"].values())
+
+
+def test_strict_budget_with_too_large_pool_fails_before_training(tmp_path, monkeypatch):
+    import she.training.sft as sft_mod
+
+    monkeypatch.setattr(sft_mod, "train_sft", lambda *a, **k: pytest.fail("trained before the budget check"))
+    cfg = CompareConfig(output_dir=str(tmp_path / "c"), rows=["srpo_full"], rl={"max_steps": 2},
+                        difficulty=compare.DifficultyConfig(max_records=10), data=compare.DataConfig(synthetic_queries=20))
+    with pytest.raises(ValueError, match=r"budget strict leaves -3 RL steps: estimating 10 pool prompts x k=4 = 40"):
+        compare.run_compare(cfg)
+
+
+# ------------------------------------------------------------------------------------ the whole table
+
+
+def _tiny_bert(path: Path, records) -> Path:
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    from she.training.cross_encoder import product_text
+
+    words = sorted({w for r in records for w in re.findall(r"\w+|[^\w\s]", (r.query + " " + product_text(r)).lower())})
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(path / "vocab.txt"))
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=80)
+    BertForSequenceClassification(cfg).bert.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _write_scripted_caches(out: Path, cfg: CompareConfig, train, pool_rates: dict[str, int]) -> None:
+    from she.reasoning.rationale import write_rationale
+    from she.training.pairs import RecordRollouts, judge_rollout, rollout_settings
+
+    other = {"Exact": "Irrelevant", "Partial": "Exact", "Irrelevant": "Partial"}
+    settings = rollout_settings(out / "sft" / "final", n=cfg.rl["num_generations"], temperature=1.0, top_p=1.0,
+                                max_new_tokens=cfg.rl["max_completion_length"], prompt_style="compact")
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "passn_rollouts.jsonl", "w") as f:
+        for r in train:
+            gold = write_rationale(r)
+            wrong = re.sub(r"(?m)^Verdict: .*$", f"Verdict: {other[r.label]}", gold)
+            f.write(RecordRollouts(r.id, r.label, [judge_rollout(gold, r), judge_rollout(wrong, r)], settings).to_json()
+                    + "\n")
+    (out / "difficulty").mkdir(exist_ok=True)
+    with open(out / "difficulty" / "pass_rates.jsonl", "w") as f:
+        for rid, passes in pool_rates.items():
+            f.write(json.dumps({"id": rid, "gold": next(r.label for r in train if r.id == rid), "k": 2,
+                                "passes": passes}) + "\n")
+
+
+JOBS = [("she.training.sft", "train_sft"), ("she.training.dpo", "run_dpo_job"),
+        ("she.training.reward_model", "run_reward_model_job"), ("she.training.rl", "run_rl_job"),
+        ("she.training.cross_encoder", "run_cross_encoder_job"), ("she.training.prm", "run_prm_job"),
+        ("she.sampling.difficulty", "estimate_pass_rates"), ("she.sampling.diverse", "diverse_select"),
+        ("she.sampling.curriculum", "run_curriculum"), ("she.evaluation.evaluate", "evaluate"),
+        ("she.evaluation.compare", "evaluate_checkpoint")]
+
+
+def _spy(monkeypatch, forbid: bool = False) -> dict[str, int]:
+    import importlib
+
+    counts: dict[str, int] = {}
+    for mod_name, fn in JOBS:
+        mod = importlib.import_module(mod_name)
+        orig = getattr(mod, fn)
+
+        def wrapper(*a, _orig=orig, _fn=fn, **k):
+            if forbid:
+                raise AssertionError(f"{_fn} was called on a rerun")
+            counts[_fn] = counts.get(_fn, 0) + 1
+            return _orig(*a, **k)
+
+        monkeypatch.setattr(mod, fn, wrapper)
+    return counts
+
+
+@pytest.mark.slow
+def test_whole_table_on_the_tiny_model_then_a_rerun_runs_nothing(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    from she.data.sources import load_splits
+    from she.cli import main
+
+    pytest.importorskip("trl")
+    out = tmp_path / "cmp"
+    base = load_compare_config(CONFIG)
+    splits = load_splits(base.data)
+    bert = _tiny_bert(tmp_path / "bert", splits["train"] + splits["test"])
+    over = {"model": str(tiny_model_dir), "judge": str(tiny_model_dir), "output_dir": str(out),
+            "cross_encoder.model": str(bert)}
+    cfg = load_compare_config(CONFIG, over)
+    pool = seeded_subset(splits["train"], 2, "0:compare-pool")
+    # both pool prompts solved 1 time in 2: in the band 0 < p < 1 and in the easy stage (p >= 0.5)
+    _write_scripted_caches(out, cfg, splits["train"], {pool[0].id: 1, pool[1].id: 1})
+
+    counts = _spy(monkeypatch)
+    res = compare.run_compare(cfg, command="pytest")
+    # SFT + label-only SFT; 5 plain RL rows + 2 + 2 + 2 curriculum stages + 1 = 12 RL runs (no_step_reward reuses grpo)
+    assert counts["train_sft"] == 2 and counts["run_rl_job"] == 12 and counts["run_curriculum"] == 3
+    assert counts["run_dpo_job"] == counts["run_reward_model_job"] == counts["run_cross_encoder_job"] == 1
+    assert counts["estimate_pass_rates"] == 1 and "run_prm_job" not in counts  # judge given: no PRM job
+    assert counts["evaluate"] == 12  # every generative row but the reused one (majority/cross-encoder: no LM)
+
+    rows = res["rows"]
+    assert list(rows) == list(ALL_ROWS)
+    for name, r in rows.items():
+        for metric in ("macro_f1", "accuracy"):
+            lo, hi = r[f"{metric}_ci"]
+            assert lo <= r[metric] <= hi, (name, metric, r[metric], lo, hi)
+        assert r["n"] == len(splits["test"])
+    labels = ["Irrelevant", "Partial", "Exact"]
+    maj = majority_label(splits["train"], labels)
+    assert rows["majority"]["accuracy"] == pytest.approx(sum(r.label == maj for r in splits["test"]) / len(splits["test"]))
+    assert rows["srpo_no_step_reward"]["same_as"] == "grpo"
+    assert rows["srpo_no_step_reward"]["macro_f1_ci"] == rows["grpo"]["macro_f1_ci"]
+    # budgets: 3 steps x 2 prompts x 2 generations = 12 for every RL row; pass@2 on 6 prompts = 12;
+    # srpo_full: 2 pool prompts x k=2 = 4 generations = 1 step -> 2 RL steps = 8, 12 in all
+    for name in ("grpo", "srpo", "srpo_verifier_only", "srpo_judge_only", "srpo_full_no_difficulty", "dpo"):
+        assert rows[name]["generations"] == 12, name
+    assert rows["rm_grpo"]["generations_by_source"] == {"pass@n": 12, "rl": 12}
+    assert rows["srpo_full"]["generations_by_source"] == {"rl": 8, "difficulty": 4}
+    assert rows["majority"]["generations"] == rows["cross_encoder"]["generations"] == 0
+    sel = json.loads((out / "srpo_full" / "selection.json").read_text())
+    assert (sel["pool"], sel["after_band"], sel["n_wanted"], sel["ids"]) == (2, 2, 4, [r.id for r in pool])
+    assert all(r["wall_time_s"] is not None for r in rows.values())
+
+    md = (out / "results.md").read_text()
+    for name in ALL_ROWS:
+        assert f"| {name}" in md, name
+    assert "Command: `pytest`" in md and "Seed: 0" in md and "## Ablations" in md
+    for plot in ("reward.png", "entropy.png", "macro_f1.png", "macro_f1_over_training.png"):
+        assert (out / plot).stat().st_size > 1000, plot
+    # the random model writes no parseable step, so no step reward was logged and no empty plot is drawn
+    assert "step_reward" not in res["plots"] and not (out / "step_reward.png").exists()
+    curve = res["checkpoint_macro_f1"]["grpo"]
+    assert [p[0] for p in curve] == [0, 2, 3]  # SFT start, checkpoint-2, final
+    state = json.loads((out / "compare_state.json").read_text())
+    assert state["done"] == list(ALL_ROWS)
+
+    # a rerun (here through the CLI) calls no job and gives the same table
+    monkeypatch.undo()
+    _spy(monkeypatch, forbid=True)
+    main(["compare", str(out / "compare_config.json")])  # the resolved config it saved is a valid config
+    assert "| srpo_full_no_curriculum" in capsys.readouterr().out
+    again = json.loads((out / "results.json").read_text())
+    for name in ALL_ROWS:
+        assert again["rows"][name]["macro_f1_ci"] == rows[name]["macro_f1_ci"]
+        assert again["rows"][name]["generations"] == rows[name]["generations"]
+
+    # a killed run that lost one evaluation: only that one is redone
+    monkeypatch.undo()
+    (out / "sft" / "eval" / "metrics.json").unlink()
+    counts = _spy(monkeypatch)
+    compare.run_compare(cfg, command="pytest")
+    assert counts == {"evaluate": 1}
+
+
+def test_a_selection_smaller_than_a_batch_fails_clearly(tmp_path, monkeypatch):
+    """TRL would "train" zero steps on fewer distinct prompts than prompts_per_step; compare refuses first."""
+    import she.sampling.difficulty as diff_mod
+    import she.training.rl as rl_mod
+    import she.training.sft as sft_mod
+
+    def fake_sft(cfg, train, validation=None):
+        (Path(cfg.output_dir) / "final").mkdir(parents=True)
+        (Path(cfg.output_dir) / "final" / "config.json").write_text("{}")
+
+    monkeypatch.setattr(sft_mod, "train_sft", fake_sft)
+    monkeypatch.setattr(diff_mod, "estimate_pass_rates",
+                        lambda m, records, k, c, **kw: {r.id: 0.5 if i == 0 else 0.0 for i, r in enumerate(records)})
+    monkeypatch.setattr(rl_mod, "run_rl_job", lambda *a, **k: pytest.fail("RL started on a too small selection"))
+    cfg = CompareConfig(output_dir=str(tmp_path / "c"), rows=["srpo_full"], rl={"max_steps": 8, "prompts_per_step": 2,
+                        "num_generations": 2}, difficulty=compare.DifficultyConfig(max_records=4, k=2),
+                        diverse=compare.DiverseConfig(embedder="hashing"), data=compare.DataConfig(synthetic_queries=20))
+    with pytest.raises(ValueError, match=r"srpo_full: stage 'easy' has 1 prompt\(s\) but every RL step needs "
+                                         r"prompts_per_step=2"):
+        compare.run_compare(cfg)
