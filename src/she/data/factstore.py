@@ -244,7 +244,8 @@ def _umask() -> int:
 
 
 def _fill_from_files(paths: Sequence[Path], sink: ErrorSink, report: BuildReport):
-    from she.data.loaders import _text_lines  # per-line decoding: an encoding error names its line
+    # per-line decoding: an encoding error names its line
+    from she.data.loaders import _SURROGATE_ESCAPE, _text_lines
 
     def fill(writer: _Writer) -> None:
         for p in paths:
@@ -259,7 +260,18 @@ def _fill_from_files(paths: Sequence[Path], sink: ErrorSink, report: BuildReport
                         obj = json.loads(raw)
                     except json.JSONDecodeError as e:
                         raise _Bad(None, f"invalid JSON: {e.msg} (column {e.colno})") from None
+                    except RecursionError:  # hostile input such as 100k nested brackets
+                        raise _Bad(None, "invalid JSON: nested too deeply") from None
+                    except ValueError:  # an integer literal beyond Python's digit limit
+                        raise _Bad(None, "invalid JSON: number too long") from None
                     rid, facts = _parse_fact_line(obj)
+                    if _SURROGATE_ESCAPE.search(raw):  # a lone \ud800 cannot be stored as UTF-8 text
+                        for name, value in (("id", rid), ("facts", facts.known())):
+                            try:
+                                json.dumps(value, ensure_ascii=False).encode("utf-8")
+                            except UnicodeEncodeError:
+                                raise _Bad(name, "lone UTF-16 surrogate escape (e.g. \\ud800): not "
+                                                 "representable as UTF-8 text") from None
                 except _Bad as b:
                     sink.reject(p, line, b.field, b.reason, raw)
                     continue

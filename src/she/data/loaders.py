@@ -126,11 +126,16 @@ def detect_format(path: PathLike) -> str:
         return "esci"
     with open(p, "rb") as f:
         head = f.read(65536).decode("latin-1")
-    first = head.lstrip("\ufeff").lstrip("ï»¿").splitlines()[0] if head.strip() else ""
+    # the first physical line: split on "\n" like the loaders (splitlines() would also cut at \x85, \x0c, ...)
+    first = head.lstrip("\ufeff").lstrip("ï»¿").split("\n", 1)[0].rstrip("\r") if head.strip() else ""
     if first.lstrip().startswith("{"):
         return "jsonl"
     delim = "\t" if "\t" in first else ","
-    cols = {_clean_header(c) for c in next(csv.reader([first], delimiter=delim), [])}
+    try:
+        cols = {_clean_header(c) for c in next(csv.reader([first], delimiter=delim), [])}
+    except csv.Error as e:  # e.g. a bare carriage return inside the header line
+        raise DataError(f"cannot detect the format: the header is not valid CSV ({e}); pass format=",
+                        path=p, line=1) from None
     if {"search_term", "relevance", "product_title"} <= cols:
         return "home-depot"
     if "esci_label" in cols:
@@ -515,13 +520,16 @@ def load_jsonl(
     records: list[Record] = []
     seen: dict[str, int] = {}
     p = Path(path)
-    for line, text in enumerate(_text_lines(p, "utf-8"), start=1):
+    bad: dict[int, str] = {}
+    for line, text in enumerate(_text_lines(p, "utf-8", bad), start=1):
         raw = text.rstrip("\r\n")
-        if not raw.strip():
+        if not raw.strip() and line not in bad:
             report.n_blank += 1
             continue
         report.n_read += 1
         try:
+            if line in bad:
+                raise _Bad(None, bad.pop(line))
             rec = _record_from_json(raw)
             _check_unique(seen, rec.id, line)
             if taxonomy is not None and rec.label is not None and rec.taxonomy != taxonomy:
@@ -545,12 +553,37 @@ def _record_from_json(raw: str) -> Record:
         d = json.loads(raw)
     except json.JSONDecodeError as e:
         raise _Bad(None, f"invalid JSON: {e.msg} (column {e.colno})") from None
+    except RecursionError:  # hostile input such as 100k nested brackets
+        raise _Bad(None, "invalid JSON: nested too deeply") from None
+    except ValueError:  # an integer literal beyond Python's digit limit (sys.get_int_max_str_digits)
+        raise _Bad(None, "invalid JSON: number too long") from None
     if not isinstance(d, dict):
         raise _Bad(None, f"expected a JSON object, got {type(d).__name__}")
     try:
-        return Record.from_dict(d)
+        rec = Record.from_dict(d)
     except (ValueError, TypeError) as e:
         raise _Bad(_field_of(str(e)), str(e)) from None
+    if _SURROGATE_ESCAPE.search(raw):
+        bad = _unencodable_field(rec)
+        if bad is not None:
+            raise _Bad(bad, "lone UTF-16 surrogate escape (e.g. \\ud800): not representable as UTF-8 text")
+    return rec
+
+
+# a \uD800-\uDFFF escape; paired ones (emoji) are fine, a lone one yields text no UTF-8 writer accepts
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _unencodable_field(rec: Record) -> str | None:
+    """The (dotted) field of ``rec`` holding text that cannot be encoded as UTF-8, or None. Such a
+    record would load fine and crash much later (``save_jsonl``, a tokenizer), far from its line."""
+    for k, v in rec.to_dict().items():
+        for sub, x in (v.items() if isinstance(v, dict) else [(None, v)]):
+            try:
+                json.dumps(x, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                return k if sub is None else f"{k}.{sub}"
+    return None
 
 
 _FIELD_PATTERNS: tuple[tuple[re.Pattern[str], str | None], ...] = (
@@ -693,16 +726,22 @@ class _LineTap:
 _Row = tuple[int, list[str] | None, str, str | None]  # (first line, fields or None, raw text, csv error)
 
 
-def _text_lines(p: Path, encoding: str) -> Iterator[str]:
+def _text_lines(p: Path, encoding: str, bad: dict[int, str] | None = None) -> Iterator[str]:
     """Physical lines of ``p`` (split on ``\\n``, line ends kept), each decoded on its own so a
     decoding error names its true line (a text-mode file decodes ahead in 8 KiB chunks). A UTF-8 BOM
-    at the very start is dropped."""
+    at the very start is dropped.
+
+    Without ``bad`` a line that does not decode raises :class:`DataError`. With it, the reason is
+    stored under the line number and the line is yielded with the bad bytes as ``\\xNN`` escapes, so
+    the caller can reject that one row (``on_error="skip"`` goes on) and the rejects file shows it."""
     try:
         f = open(p, "rb")
     except FileNotFoundError:
         raise DataError("no such file", path=p) from None
     except IsADirectoryError:
         raise DataError("is a directory, expected a file", path=p) from None
+    except OSError as e:  # permission denied, a device, ...
+        raise DataError(f"cannot read ({e.strerror or e})", path=p) from None
     with f:
         for n, b in enumerate(f, start=1):
             if n == 1 and b.startswith(b"\xef\xbb\xbf") and encoding.lower().replace("_", "-").startswith("utf-8"):
@@ -710,8 +749,11 @@ def _text_lines(p: Path, encoding: str) -> Iterator[str]:
             try:
                 yield b.decode(encoding)
             except UnicodeDecodeError as e:
-                raise DataError(f"not valid {encoding} text ({e.reason} at byte {e.start} of the line)",
-                                path=p, line=n) from None
+                reason = f"not valid {encoding} text ({e.reason} at byte {e.start} of the line)"
+                if bad is None:
+                    raise DataError(reason, path=p, line=n) from None
+                bad[n] = reason
+                yield b.decode(encoding, "backslashreplace")
 
 
 def _csv_rows(path: PathLike, *, encoding: str, delimiter: str = ",") -> Iterator[_Row]:
@@ -720,19 +762,24 @@ def _csv_rows(path: PathLike, *, encoding: str, delimiter: str = ",") -> Iterato
     p = Path(path)
     if not p.exists():
         raise DataError("no such file", path=p)
-    tap = _LineTap(_text_lines(p, encoding))
+    bad: dict[int, str] = {}  # undecodable lines: a row holding one is a row error, not a file error
+    tap = _LineTap(_text_lines(p, encoding, bad))
     reader = csv.reader(tap, delimiter=delimiter, strict=True)
     while True:
+        err = None
         try:
             row = next(reader)
         except StopIteration:
             return
         except csv.Error as e:
-            start, raw = tap.take()
-            yield start, None, raw, f"CSV syntax error: {e}"
-            continue
+            row, err = None, f"CSV syntax error: {e}"
         start, raw = tap.take()
-        yield start, row, raw, None
+        if bad:
+            for n in range(start, tap.n + 1):
+                if n in bad:
+                    row, err = None, (bad.pop(n) if n == start else f"line {n}: {bad.pop(n)}")
+                    break
+        yield start, row, raw, err
 
 
 def _header(path: PathLike, rows: Iterator[_Row],

@@ -24,6 +24,7 @@ Step-fact vocabulary (every field optional; ``None`` means "no human fact known"
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -146,13 +147,15 @@ class Record:
             if req not in d:
                 raise ValueError(f"missing field {req!r}")
         rid = d["id"]
-        if not isinstance(rid, (str, int)) or str(rid) == "":
+        if isinstance(rid, bool) or not isinstance(rid, (str, int)) or str(rid) == "":
             raise ValueError("field 'id' must be a non-empty string or integer")
         query = d["query"]
         if not isinstance(query, str) or not query.strip():
             raise ValueError("field 'query' must be a non-empty string")
         product = Product.from_dict(d["product"])
         taxonomy = d.get("taxonomy", "hd3")
+        if not isinstance(taxonomy, str):
+            raise ValueError("field 'taxonomy' must be a string")
         from she.data.labels import get_taxonomy
 
         tax = get_taxonomy(taxonomy)
@@ -160,12 +163,22 @@ class Record:
         if label is not None:
             label = tax.normalize(str(label))
         score = d.get("score")
-        if score is not None and not isinstance(score, (int, float)):
-            raise ValueError("field 'score' must be a number")
+        if score is not None:
+            if isinstance(score, bool) or not isinstance(score, (int, float)):
+                raise ValueError("field 'score' must be a number")
+            # JSON allows NaN/Infinity and huge integers; a non-finite score would poison every average
+            try:
+                finite = math.isfinite(score)
+            except OverflowError:  # an integer beyond the float range
+                finite = False
+            if not finite:
+                raise ValueError("field 'score' must be a finite number")
         meta = d.get("query_meta") or {}
         if not isinstance(meta, dict):
             raise ValueError("field 'query_meta' must be an object")
         qid = d.get("query_id")
+        if qid is not None and (isinstance(qid, bool) or not isinstance(qid, (str, int))):
+            raise ValueError("field 'query_id' must be a string or integer")
         return cls(
             id=str(rid),
             query=query,
