@@ -22,3 +22,34 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from she.models.registry import prepare
 
     return prepare("tiny", out_dir=tmp_path_factory.mktemp("models") / "tiny")
+
+
+def _build_tiny_bert(path: Path, records, *, hidden_size: int = 32, intermediate_size: int = 64,
+                     max_position_embeddings: int = 128) -> Path:
+    """A tiny random BERT encoder folder whose WordPiece vocabulary is exactly the words (and punctuation)
+    of the records' query and cross-encoder product text, so no token is [UNK]. Saved as a bare encoder,
+    like the packaged MiniLM the cross-encoder starts from; seeded, so every test gets the same weights."""
+    import re
+
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    from she.training.cross_encoder import product_text
+
+    words = sorted({w for r in records for w in re.findall(r"\w+|[^\w\s]", (r.query + " " + product_text(r)).lower())})
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(path / "vocab.txt"))
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=hidden_size, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=intermediate_size, max_position_embeddings=max_position_embeddings)
+    BertForSequenceClassification(cfg).bert.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_factory():
+    """``make(path, records, *, hidden_size=32, intermediate_size=64, max_position_embeddings=128)``: builds
+    a tiny BERT base for cross-encoder tests (see ``_build_tiny_bert``)."""
+    return _build_tiny_bert

@@ -346,23 +346,6 @@ def test_run_rl_job_with_reward_model(tiny_model_dir, records, trained_rm, tmp_p
 # ------------------------------------------------------------------------------------- cross-encoder
 
 
-def _tiny_bert_dir(path: Path, records: list[Record]) -> Path:
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
-
-    from she.training.cross_encoder import product_text
-
-    words = sorted({w for r in records for w in re.findall(r"\w+|[^\w\s]", (r.query + " " + product_text(r)).lower())})
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(path / "vocab.txt"))
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128)
-    BertForSequenceClassification(cfg).bert.save_pretrained(path)  # a bare encoder, like the MiniLM package
-    tok.save_pretrained(path)
-    return path
-
-
 def test_product_text():
     from she.training.cross_encoder import product_text
 
@@ -372,14 +355,14 @@ def test_product_text():
     assert [product_text(r) for r in (r1, r2, r3)] == ["DeWalt 20V drill", "20V drill | DeWalt", "20V drill"]
 
 
-def test_cross_encoder_two_steps_on_a_tiny_bert(tmp_path):
+def test_cross_encoder_two_steps_on_a_tiny_bert(tmp_path, tiny_bert_factory):
     from transformers import AutoModel
 
     from she.training.cross_encoder import CrossEncoderJudge, run_cross_encoder_job
 
     allrecs = generate(n_queries=4, products_per_query=3, seed=5)
     train, evals = allrecs[:8], allrecs[8:]
-    base = _tiny_bert_dir(tmp_path / "bert", allrecs)
+    base = tiny_bert_factory(tmp_path / "bert", allrecs)
     cfg = CrossEncoderJobConfig(model=str(base), output_dir=str(tmp_path / "ce"), data=_data_cfg(), max_steps=2,
                                 batch_size=4, learning_rate=1e-2, max_length=64, report_to="none", logging_steps=1)
     final = run_cross_encoder_job(cfg, train, evals)

@@ -258,24 +258,6 @@ def test_strict_budget_with_too_large_pool_fails_before_training(tmp_path, monke
 # ------------------------------------------------------------------------------------ the whole table
 
 
-def _tiny_bert(path: Path, records) -> Path:
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
-
-    from she.training.cross_encoder import product_text
-
-    words = sorted({w for r in records for w in re.findall(r"\w+|[^\w\s]", (r.query + " " + product_text(r)).lower())})
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(path / "vocab.txt"))
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=32, max_position_embeddings=80)
-    BertForSequenceClassification(cfg).bert.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 def _write_scripted_caches(out: Path, cfg: CompareConfig, train, pool_rates: dict[str, int]) -> None:
     from she.reasoning.rationale import write_rationale
     from she.training.pairs import RecordRollouts, judge_rollout, rollout_settings
@@ -324,7 +306,8 @@ def _spy(monkeypatch, forbid: bool = False) -> dict[str, int]:
 
 
 @pytest.mark.slow
-def test_whole_table_on_the_tiny_model_then_a_rerun_runs_nothing(tmp_path, tiny_model_dir, monkeypatch, capsys):
+def test_whole_table_on_the_tiny_model_then_a_rerun_runs_nothing(tmp_path, tiny_model_dir, tiny_bert_factory,
+                                                                monkeypatch, capsys):
     from she.data.sources import load_splits
     from she.cli import main
 
@@ -332,7 +315,8 @@ def test_whole_table_on_the_tiny_model_then_a_rerun_runs_nothing(tmp_path, tiny_
     out = tmp_path / "cmp"
     base = load_compare_config(CONFIG)
     splits = load_splits(base.data)
-    bert = _tiny_bert(tmp_path / "bert", splits["train"] + splits["test"])
+    bert = tiny_bert_factory(tmp_path / "bert", splits["train"] + splits["test"], hidden_size=16, intermediate_size=32,
+                             max_position_embeddings=80)
     over = {"model": str(tiny_model_dir), "judge": str(tiny_model_dir), "output_dir": str(out),
             "cross_encoder.model": str(bert)}
     cfg = load_compare_config(CONFIG, over)

@@ -245,7 +245,7 @@ def _umask() -> int:
 
 def _fill_from_files(paths: Sequence[Path], sink: ErrorSink, report: BuildReport):
     # per-line decoding: an encoding error names its line
-    from she.data.loaders import _SURROGATE_ESCAPE, _text_lines
+    from she.data.loaders import _SURROGATE_ESCAPE, _loads_line, _text_lines
 
     def fill(writer: _Writer) -> None:
         for p in paths:
@@ -256,15 +256,7 @@ def _fill_from_files(paths: Sequence[Path], sink: ErrorSink, report: BuildReport
                     continue
                 report.n_read += 1
                 try:
-                    try:
-                        obj = json.loads(raw)
-                    except json.JSONDecodeError as e:
-                        raise _Bad(None, f"invalid JSON: {e.msg} (column {e.colno})") from None
-                    except RecursionError:  # hostile input such as 100k nested brackets
-                        raise _Bad(None, "invalid JSON: nested too deeply") from None
-                    except ValueError:  # an integer literal beyond Python's digit limit
-                        raise _Bad(None, "invalid JSON: number too long") from None
-                    rid, facts = _parse_fact_line(obj)
+                    rid, facts = _parse_fact_line(_loads_line(raw, _Bad))
                     if _SURROGATE_ESCAPE.search(raw):  # a lone \ud800 cannot be stored as UTF-8 text
                         for name, value in (("id", rid), ("facts", facts.known())):
                             try:

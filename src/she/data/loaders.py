@@ -548,15 +548,22 @@ def load_jsonl(
     return _finish(records, sink, path, rejects_path)
 
 
-def _record_from_json(raw: str) -> Record:
+def _loads_line(raw: str, bad: Callable[[str | None, str], Exception] = _Bad) -> Any:
+    """``json.loads`` of one input line with every failure raised as ``bad(None, reason)``, which the caller
+    turns into a rejected row naming file and line. The fact store reads its JSONL the same way and passes
+    its own row-error class as ``bad``."""
     try:
-        d = json.loads(raw)
+        return json.loads(raw)
     except json.JSONDecodeError as e:
-        raise _Bad(None, f"invalid JSON: {e.msg} (column {e.colno})") from None
+        raise bad(None, f"invalid JSON: {e.msg} (column {e.colno})") from None
     except RecursionError:  # hostile input such as 100k nested brackets
-        raise _Bad(None, "invalid JSON: nested too deeply") from None
+        raise bad(None, "invalid JSON: nested too deeply") from None
     except ValueError:  # an integer literal beyond Python's digit limit (sys.get_int_max_str_digits)
-        raise _Bad(None, "invalid JSON: number too long") from None
+        raise bad(None, "invalid JSON: number too long") from None
+
+
+def _record_from_json(raw: str) -> Record:
+    d = _loads_line(raw)
     if not isinstance(d, dict):
         raise _Bad(None, f"expected a JSON object, got {type(d).__name__}")
     try:

@@ -191,6 +191,20 @@ def _umask() -> int:
     return mask
 
 
+def check_labelled_unique(records: Iterable[Any], purpose: str) -> None:
+    """Raise ``ValueError`` at the first record without a gold label (``purpose`` says who needs it, e.g.
+    "RL needs labelled records") or whose id came before. Jobs that score rollouts look records up by id
+    and grade them against the gold label, so either problem would later give silently wrong rewards or
+    pass rates instead of an error naming the record."""
+    seen: set[str] = set()
+    for r in records:
+        if r.label is None:
+            raise ValueError(f"record {r.id}: no gold label; {purpose}")
+        if r.id in seen:
+            raise ValueError(f"record id {r.id!r} occurs twice; record ids must be unique")
+        seen.add(r.id)
+
+
 def iter_jsonl(path: str | os.PathLike):
     """Yield ``(line_number, object)`` for each non-blank line of a JSONL file; bad JSON raises
     ``ValueError`` naming the file and line. For small side files (traces, PRM rows); records go

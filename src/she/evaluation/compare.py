@@ -572,6 +572,16 @@ class _Ctx:
             stages = [dataclasses.replace(st, filter=dataclasses.replace(st.filter, pass_rate=None)) for st in stages]
         return stages
 
+    def run_folders(self, row: str) -> list[Path]:
+        """The training folders of a row, in training order: one per curriculum stage for the srpo_full rows
+        that have a curriculum, else ``<out>/<row>``. Readers of log histories and checkpoints walk them in
+        this order and chain their step counts."""
+        if row in FULL_ROWS and row != "srpo_full_no_curriculum":
+            from she.sampling.curriculum import stage_dir
+
+            return [stage_dir(self.out / row, i, st) for i, st in enumerate(self.stages(row))]
+        return [self.out / row]
+
     def pass_rates(self) -> dict[str, float]:
         """Pass rates of the pool under the SFT policy (estimated once; report at <out>/difficulty/report.json)."""
         report_path = self.out / "difficulty" / "report.json"
@@ -757,14 +767,9 @@ class _Ctx:
         if row not in RL_ROWS + FULL_ROWS:
             return []
         row = self.same_as.get(row, row)
-        folders = [self.out / row]
-        if row in FULL_ROWS and row != "srpo_full_no_curriculum":
-            from she.sampling.curriculum import stage_dir
-
-            folders = [stage_dir(self.out / row, i, st) for i, st in enumerate(self.stages(row))]
         hist: list[dict[str, Any]] = []
         offset = 0
-        for f in folders:
+        for f in self.run_folders(row):
             p = f / "log_history.json"
             if not p.exists():
                 continue
@@ -1006,14 +1011,9 @@ def _checkpoints(ctx: _Ctx, row: str) -> list[tuple[int, Path]]:
     """(cumulative step, folder) of every intact checkpoint of a row, plus its final folder."""
     from she.training.checkpoints import list_checkpoints, verify_checkpoint
 
-    folders = [ctx.out / row]
-    if row in FULL_ROWS and row != "srpo_full_no_curriculum":
-        from she.sampling.curriculum import stage_dir
-
-        folders = [stage_dir(ctx.out / row, i, st) for i, st in enumerate(ctx.stages(row))]
     points: list[tuple[int, Path]] = []
     offset = 0
-    for f in folders:
+    for f in ctx.run_folders(row):
         for ck in list_checkpoints(f):
             ok, why = verify_checkpoint(ck, check_hashes=False)
             if ok:

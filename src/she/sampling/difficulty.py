@@ -283,17 +283,12 @@ def estimate_pass_rates(
     """
     from tqdm.auto import tqdm
 
+    from she.data.validation import check_labelled_unique
     from she.reasoning.schema import default_schema
 
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    seen: set[str] = set()
-    for r in records:
-        if r.label is None:
-            raise ValueError(f"record {r.id}: no gold label; pass rates need labelled records")
-        if r.id in seen:
-            raise ValueError(f"record id {r.id!r} occurs twice; record ids must be unique")
-        seen.add(r.id)
+    check_labelled_unique(records, "pass rates need labelled records")
     cache = Path(cache_path)
     cached = read_cache(cache, repair=True)
     for r in records:

@@ -136,30 +136,15 @@ class CrossEncoderJudge:
 
 
 def build_training_args(cfg: CrossEncoderJobConfig, output_dir: str | Path):
-    import torch
     from transformers import TrainingArguments
 
-    from she.training.sft import use_cpu
+    from she.training.trainer_setup import common_training_args
 
-    cpu = use_cpu()
     return TrainingArguments(
-        output_dir=str(output_dir),
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler_type,
+        **common_training_args(cfg, output_dir),
         warmup_steps=cfg.warmup_ratio,  # a float < 1 is a ratio of the total steps (transformers 5)
         weight_decay=cfg.weight_decay,
-        per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.eval_batch_size,
-        bf16=cfg.bf16 and (cpu or torch.cuda.is_bf16_supported()),
-        use_cpu=cpu,
-        seed=cfg.seed,
-        logging_steps=cfg.logging_steps,
-        save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
-        report_to=[] if cfg.report_to in ("none", "") else [cfg.report_to],
-        dataloader_num_workers=0,
     )
 
 
@@ -175,7 +160,7 @@ def run_cross_encoder_job(cfg: CrossEncoderJobConfig, train_records: list[Record
 
     from she.data.validation import atomic_write_lines
     from she.evaluation.metrics import classification_report
-    from she.training.sft import last_checkpoint, save_she_meta
+    from she.training.trainer_setup import save_final, train_resuming
 
     if not train_records:
         raise ValueError("run_cross_encoder_job: no training records")
@@ -199,27 +184,19 @@ def run_cross_encoder_job(cfg: CrossEncoderJobConfig, train_records: list[Record
 
     trainer = Trainer(model=model, args=build_training_args(cfg, out), train_dataset=train_ds,
                       data_collator=DataCollatorWithPadding(tok), processing_class=tok, callbacks=[ManifestCallback()])
-    resume = last_checkpoint(out) if cfg.resume else None
-    if resume:
-        log.info("resuming from %s", resume)
-    trainer.train(resume_from_checkpoint=resume)
-    final = out / "final"
-    trainer.save_model(str(final))
-    if not trainer.accelerator.is_main_process:
-        trainer.accelerator.wait_for_everyone()
-        return final
-    save_she_meta(final, {"kind": CE_KIND, "labels": labels, "taxonomy": taxonomy, "max_length": cfg.max_length,
-                          "base": str(cfg.model)})
-    (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
-    if eval_records:
+    train_resuming(trainer, out, cfg.resume, log)
+
+    def score_eval_split(final: Path) -> None:  # rank 0 only, before the other ranks are released
         judge = CrossEncoderJudge(trainer.model, tok, labels, max_length=cfg.max_length)
         preds = judge.predict(eval_records, cfg.eval_batch_size)
         m = classification_report([r.label for r in eval_records], [p["label"] for p in preds], labels)
         m["model"] = str(final)
         atomic_write_lines(out / "predictions.jsonl", (json.dumps(p, ensure_ascii=False) + "\n" for p in preds))
         atomic_write_lines(out / "metrics.json", [json.dumps(m, indent=2)])
-    trainer.accelerator.wait_for_everyone()
-    return final
+
+    meta = {"kind": CE_KIND, "labels": labels, "taxonomy": taxonomy, "max_length": cfg.max_length,
+            "base": str(cfg.model)}
+    return save_final(trainer, out, meta, on_main=score_eval_split if eval_records else None)
 
 
 __all__ = [

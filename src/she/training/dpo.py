@@ -24,33 +24,17 @@ log = logging.getLogger(__name__)
 def build_dpo_config(cfg: DPOJobConfig, output_dir: str | Path):
     """A TRL ``DPOConfig`` from the job config: CPU when there is no CUDA, bf16 only where supported
     (mirrors :func:`she.training.sft.train_sft`)."""
-    import torch
     from trl import DPOConfig
 
-    from she.training.sft import use_cpu
+    from she.training.trainer_setup import common_training_args
 
-    cpu = use_cpu()
-    bf16 = cfg.bf16 and (cpu or torch.cuda.is_bf16_supported())
     return DPOConfig(
-        output_dir=str(output_dir),
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler_type,
+        **common_training_args(cfg, output_dir),
         warmup_steps=cfg.warmup_steps,
-        per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         max_length=cfg.max_length,
         beta=cfg.beta,
         loss_type=[cfg.loss_type],
-        bf16=bf16,
-        use_cpu=cpu,
-        seed=cfg.seed,
-        logging_steps=cfg.logging_steps,
-        save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
-        report_to=[] if cfg.report_to in ("none", "") else [cfg.report_to],
-        dataloader_num_workers=0,
     )
 
 
@@ -66,7 +50,7 @@ def run_dpo_job(cfg: DPOJobConfig, train_records: list[Record], *, progress: boo
 
     from she.models.registry import load_model_and_tokenizer, resolve_model
     from she.training.pairs import build_pairs_for_job, preference_rows
-    from she.training.sft import last_checkpoint, save_she_meta
+    from she.training.trainer_setup import save_final, train_resuming
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -84,19 +68,10 @@ def run_dpo_job(cfg: DPOJobConfig, train_records: list[Record], *, progress: boo
     model, tok = load_model_and_tokenizer(resolve_model(cfg.model), for_training=True)
     trainer = DPOTrainer(model=model, args=build_dpo_config(cfg, out), train_dataset=train_ds, processing_class=tok,
                          callbacks=[ManifestCallback()])
-    resume = last_checkpoint(out) if cfg.resume else None
-    if resume:
-        log.info("resuming from %s", resume)
-    trainer.train(resume_from_checkpoint=resume)
-    final = out / "final"
+    train_resuming(trainer, out, cfg.resume, log)
     tok.padding_side = "left"  # the saved tokenizer is for generation
-    trainer.save_model(str(final))  # every rank (sharded setups gather); rank 0 writes weights + tokenizer
-    if trainer.accelerator.is_main_process:
-        save_she_meta(final, {"prompt_style": style, "target": "reasoning", "taxonomy": cfg.data.taxonomy,
-                              "trained_by": "dpo"})
-        (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
-    trainer.accelerator.wait_for_everyone()
-    return final
+    return save_final(trainer, out, {"prompt_style": style, "target": "reasoning", "taxonomy": cfg.data.taxonomy,
+                                     "trained_by": "dpo"})
 
 
 __all__ = ["build_dpo_config", "run_dpo_job"]

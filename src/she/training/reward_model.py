@@ -36,32 +36,16 @@ RM_KIND = "scalar_rm"
 
 def build_reward_config(cfg: RewardModelJobConfig, output_dir: str | Path):
     """A TRL ``RewardConfig`` from the job config (CPU without CUDA, bf16 only where supported)."""
-    import torch
     from trl import RewardConfig
 
-    from she.training.sft import use_cpu
+    from she.training.trainer_setup import common_training_args
 
-    cpu = use_cpu()
-    bf16 = cfg.bf16 and (cpu or torch.cuda.is_bf16_supported())
     return RewardConfig(
-        output_dir=str(output_dir),
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler_type,
+        **common_training_args(cfg, output_dir),
         warmup_steps=cfg.warmup_steps,
-        per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         max_length=cfg.max_length,
         center_rewards_coefficient=cfg.center_rewards_coefficient,
-        bf16=bf16,
-        use_cpu=cpu,
-        seed=cfg.seed,
-        logging_steps=cfg.logging_steps,
-        save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
-        report_to=[] if cfg.report_to in ("none", "") else [cfg.report_to],
-        dataloader_num_workers=0,
     )
 
 
@@ -93,7 +77,7 @@ def run_reward_model_job(cfg: RewardModelJobConfig, train_records: list[Record],
     from trl import RewardTrainer
 
     from she.training.pairs import build_pairs_for_job, preference_rows
-    from she.training.sft import last_checkpoint, save_she_meta
+    from she.training.trainer_setup import save_final, train_resuming
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -111,17 +95,8 @@ def run_reward_model_job(cfg: RewardModelJobConfig, train_records: list[Record],
 
     trainer = RewardTrainer(model=model, args=build_reward_config(cfg, out), train_dataset=train_ds,
                             processing_class=tok, callbacks=[ManifestCallback()])
-    resume = last_checkpoint(out) if cfg.resume else None
-    if resume:
-        log.info("resuming from %s", resume)
-    trainer.train(resume_from_checkpoint=resume)
-    final = out / "final"
-    trainer.save_model(str(final))
-    if trainer.accelerator.is_main_process:
-        save_she_meta(final, {"prompt_style": style, "kind": RM_KIND, "taxonomy": cfg.data.taxonomy})
-        (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
-    trainer.accelerator.wait_for_everyone()
-    return final
+    train_resuming(trainer, out, cfg.resume, log)
+    return save_final(trainer, out, {"prompt_style": style, "kind": RM_KIND, "taxonomy": cfg.data.taxonomy})
 
 
 class ScalarRewardModel:

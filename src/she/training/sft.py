@@ -102,10 +102,10 @@ def use_cpu() -> bool:
 
 def train_sft(cfg: SFTJobConfig, train: list[Record], validation: list[Record] | None = None) -> Path:
     """Train and save the final model to ``cfg.output_dir/final``; returns that folder."""
-    import torch
     from trl import SFTConfig, SFTTrainer
 
     from she.models.registry import load_model_and_tokenizer
+    from she.training.trainer_setup import common_training_args, save_final, train_resuming
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -121,30 +121,15 @@ def train_sft(cfg: SFTJobConfig, train: list[Record], validation: list[Record] |
             r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
             target_modules="all-linear",
         )
-    cpu = use_cpu()
-    bf16 = cfg.bf16 and (cpu or torch.cuda.is_bf16_supported())
     args = SFTConfig(
-        output_dir=str(out),
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler_type,
+        **common_training_args(cfg, out),
         warmup_steps=cfg.warmup_ratio,
-        per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         max_length=cfg.max_length,
         weight_decay=cfg.weight_decay,
-        bf16=bf16,
-        use_cpu=cpu,
-        seed=cfg.seed,
-        logging_steps=cfg.logging_steps,
-        save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
-        report_to=[] if cfg.report_to in ("none", "") else [cfg.report_to],
         eval_strategy="epoch" if eval_ds is not None else "no",
         completion_only_loss=True,
-        dataloader_num_workers=0,
     )
     if args.process_index == 0:  # under `accelerate launch` only rank 0 writes run files
         (out / "she_config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
@@ -152,21 +137,13 @@ def train_sft(cfg: SFTJobConfig, train: list[Record], validation: list[Record] |
 
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tok, peft_config=peft_config, callbacks=[ManifestCallback()])
-    resume = last_checkpoint(out) if cfg.resume else None
-    if resume:
-        log.info("resuming from %s", resume)
-    trainer.train(resume_from_checkpoint=resume)
-    final = out / "final"
+    train_resuming(trainer, out, cfg.resume, log)
     tok.padding_side = "left"
-    main = trainer.accelerator.is_main_process
-    if cfg.lora:
-        if main:  # merging is local and in place: rank 0 merges its (DDP-identical) copy
-            trainer.model.merge_and_unload().save_pretrained(final)  # an ordinary folder, not an adapter
-            tok.save_pretrained(final)
-    else:
-        trainer.save_model(str(final))  # every rank (FSDP/ZeRO-3 gather); rank 0 writes weights + tokenizer
-    if main:
-        save_she_meta(final, {"prompt_style": cfg.prompt_style, "target": cfg.target, "taxonomy": cfg.data.taxonomy})
-        (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
-    trainer.accelerator.wait_for_everyone()  # no rank returns before final/ is complete
-    return final
+    if cfg.lora and trainer.accelerator.is_main_process:
+        # merging is local and in place: rank 0 merges its (DDP-identical) copy
+        final = out / "final"
+        trainer.model.merge_and_unload().save_pretrained(final)  # an ordinary folder, not an adapter
+        tok.save_pretrained(final)
+    # without LoRA every rank saves (FSDP/ZeRO-3 gather); no rank returns before final/ is complete
+    return save_final(trainer, out, {"prompt_style": cfg.prompt_style, "target": cfg.target,
+                                     "taxonomy": cfg.data.taxonomy}, save_model=not cfg.lora)

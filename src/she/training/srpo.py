@@ -79,16 +79,12 @@ def make_prompt_dataset(records: Sequence[Record], style: str = "compact", *, sc
     """
     from datasets import Dataset
 
+    from she.data.validation import check_labelled_unique
     from she.reasoning.prompts import build_messages
 
+    check_labelled_unique(records, "RL needs labelled records")
     rows = []
-    seen: set[str] = set()
     for r in records:
-        if r.label is None:
-            raise ValueError(f"record {r.id}: no gold label; RL needs labelled records")
-        if r.id in seen:
-            raise ValueError(f"record id {r.id!r} occurs twice; record ids must be unique")
-        seen.add(r.id)
         row = {"prompt": build_messages(r, schema=schema, style=style), RECORD_ID_COLUMN: r.id}
         if include_record_json:
             row[RECORD_JSON_COLUMN] = r.to_json()

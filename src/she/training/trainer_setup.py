@@ -1,0 +1,106 @@
+"""What every Hugging Face ``Trainer``-based job of she does the same way: SFT, DPO, the scalar reward model
+and the cross-encoder.
+
+Why one place: these jobs must agree on the device (CPU exactly when there is no CUDA), on precision (bf16
+only where the GPU supports it), on what ``report_to: none`` means, on resuming only from an *intact*
+checkpoint, and on how ``final/`` is written under ``accelerate launch`` (every rank saves -- sharded setups
+gather collectively -- rank 0 alone writes ``she.json`` and ``log_history.json``, and no rank returns before
+it has). A fix to one of these rules is then a fix for all jobs. Each job still builds its own TRL/transformers
+config class and adds the fields only it has (``beta``, ``max_length``, eval batch size, ...).
+
+The GRPO/SRPO path (:mod:`she.training.srpo`, :mod:`she.training.rl`) has its own builder with other
+defaults and fields and is not routed through here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def report_to_list(report_to: str) -> list[str]:
+    """``report_to`` as transformers wants it: ``none`` (or empty) is no reporter at all."""
+    return [] if report_to in ("none", "") else [report_to]
+
+
+def common_training_args(cfg: Any, output_dir: str | Path) -> dict[str, Any]:
+    """Keyword arguments shared by the ``TrainingArguments`` (or TRL subclass) of every fine-tuning job.
+
+    ``cfg`` is a job config with ``epochs``, ``max_steps``, ``learning_rate``, ``lr_scheduler_type``,
+    ``batch_size``, ``bf16``, ``seed``, ``logging_steps``, ``save_steps``, ``save_total_limit`` and
+    ``report_to``. Warm-up is left to the caller: some jobs configure it in steps, others as a ratio.
+    bf16 stays as configured on CPU (transformers runs it as CPU autocast) and on GPUs that support it; on
+    older GPUs it falls back to fp32 instead of failing the job at start-up. ``dataloader_num_workers=0``:
+    the data sets are small and in memory, so worker processes would only add start-up time.
+    """
+    import torch
+
+    from she.training.sft import use_cpu
+
+    cpu = use_cpu()
+    return {
+        "output_dir": str(output_dir),
+        "num_train_epochs": cfg.epochs,
+        "max_steps": cfg.max_steps,
+        "learning_rate": cfg.learning_rate,
+        "lr_scheduler_type": cfg.lr_scheduler_type,
+        "per_device_train_batch_size": cfg.batch_size,
+        "bf16": cfg.bf16 and (cpu or torch.cuda.is_bf16_supported()),
+        "use_cpu": cpu,
+        "seed": cfg.seed,
+        "logging_steps": cfg.logging_steps,
+        "save_steps": cfg.save_steps,
+        "save_total_limit": cfg.save_total_limit,
+        "report_to": report_to_list(cfg.report_to),
+        "dataloader_num_workers": 0,
+    }
+
+
+def train_resuming(trainer: Any, output_dir: str | Path, resume: bool, logger: logging.Logger = log) -> str | None:
+    """``trainer.train()``, continuing from the newest intact checkpoint in ``output_dir`` when ``resume``.
+
+    Only checkpoints whose manifest checks out are candidates (:func:`she.training.sft.last_checkpoint`), so
+    a checkpoint half-written by a killed run is skipped instead of crashing the restart. ``logger`` is the
+    calling job's, so the "resuming from" line keeps its origin. Returns the checkpoint used (None = fresh).
+    """
+    from she.training.sft import last_checkpoint
+
+    checkpoint = last_checkpoint(output_dir) if resume else None
+    if checkpoint:
+        logger.info("resuming from %s", checkpoint)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    return checkpoint
+
+
+def save_final(trainer: Any, output_dir: str | Path, meta: dict[str, Any], *, save_model: bool = True,
+               on_main: Callable[[Path], None] | None = None) -> Path:
+    """Write ``<output_dir>/final`` and the run files; returns that folder.
+
+    ``save_model`` runs on every rank (FSDP/ZeRO-3 gather the full weights collectively; rank 0 writes the
+    weights and the tokenizer, which is ``trainer.processing_class``). Pass ``save_model=False`` when the
+    caller has written the weights itself (a merged LoRA model). The main process then writes ``she.json``
+    (``meta``: how the model is to be prompted or read) and ``log_history.json``, and runs ``on_main(final)``
+    for job-specific rank-0 work (e.g. scoring an eval split). Every rank waits for that before returning,
+    so no rank reads ``final/`` before it is complete.
+    """
+    from she.training.sft import save_she_meta
+
+    out = Path(output_dir)
+    final = out / "final"
+    if save_model:
+        trainer.save_model(str(final))
+    if trainer.accelerator.is_main_process:
+        save_she_meta(final, meta)
+        (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+        if on_main is not None:
+            on_main(final)
+    trainer.accelerator.wait_for_everyone()
+    return final
+
+
+__all__ = ["common_training_args", "report_to_list", "save_final", "train_resuming"]
