@@ -495,3 +495,15 @@ def test_cli_filter_tiny(tmp_path, tiny_model_dir, capsys):
     rep = json.loads((tmp_path / "kept.jsonl.report.json").read_text())
     assert rep["before"]["n"] == 4 and sum(rep["before"]["counts"]) == 4 and len(rep["before"]["counts"]) == 3
     assert (tmp_path / "h.png").exists()
+
+
+def test_mean_group_path_diversity_by_hand():
+    from she.sampling.diverse import mean_group_path_diversity
+
+    a = "Query: q\nProduct: p\nType: same\nAttributes: none\nVerdict: Exact"
+    b = "Query: q\nProduct: p\nType: related\nAttributes: none\nVerdict: Partial"
+    b2 = "Query: other words\nProduct: p2\nType: related\nAttributes: none\nVerdict: Partial"  # same path as b
+    # group 1: {a, b} -> 2/2; group 2: {b, b2} -> 1/2 (free-text steps do not count)
+    assert mean_group_path_diversity([a, b, b, b2], 2) == pytest.approx((1.0 + 0.5) / 2)
+    with pytest.raises(ValueError, match="groups of 3"):
+        mean_group_path_diversity([a, b, b, b2], 3)

@@ -438,6 +438,7 @@ def test_two_training_steps_use_token_level_advantages(tiny, records, tmp_path, 
     assert all("srpo/step_reward/Type" in h and "rewards/outcome/mean" in h for h in logs)
     # what shows entropy collapse and off-policy drift: TRL's own metrics, relied on by docs/srpo.md
     assert all("entropy" in h and "clip_ratio/region_mean" in h for h in logs)
+    assert all(1 / G - 1e-9 <= h["srpo/path_diversity"] <= 1.0 for h in logs)
     assert any(not torch.equal(a, b.detach()) for a, b in zip(before, t.model.parameters()))
     from she.evaluation.report import rl_curves
 

@@ -98,7 +98,8 @@ def rl_curves(log_history: list[dict], out_dir: Path) -> dict[str, Path]:
     groups = {
         "reward": ("rewards and accuracy", ["reward", "srpo/outcome_reward", "srpo/label_accuracy", "srpo/format_ok"]),
         "step_reward": ("mean step reward by step type", [k for k in keys if k.startswith("srpo/step_reward/")]),
-        "policy": ("policy entropy, KL, clip fraction", ["entropy", "kl", "clip_ratio/region_mean"]),
+        "policy": ("policy entropy, KL, clip fraction, path diversity",
+                   ["entropy", "kl", "clip_ratio/region_mean", "srpo/path_diversity"]),
     }
     written: dict[str, Path] = {}
     for name, (title, ks) in groups.items():

@@ -373,6 +373,15 @@ def path_diversity(group_texts: Sequence[str], schema=None, taxonomy: str = "hd3
     return len({path_signature(t, schema, taxonomy) for t in group_texts}) / len(group_texts)
 
 
+def mean_group_path_diversity(texts: Sequence[str], group_size: int, schema=None, taxonomy: str = "hd3") -> float:
+    """Mean :func:`path_diversity` over consecutive groups of ``group_size`` rollouts (GRPO's layout:
+    the G rollouts of one prompt are adjacent). Logged by SRPOTrainer as ``srpo/path_diversity``."""
+    if group_size < 1 or not texts or len(texts) % group_size:
+        raise ValueError(f"mean_group_path_diversity: {len(texts)} texts do not form groups of {group_size}")
+    groups = [texts[i:i + group_size] for i in range(0, len(texts), group_size)]
+    return sum(path_diversity(g, schema, taxonomy) for g in groups) / len(groups)
+
+
 def token_entropy_summary(entropies: Tensor, mask: Tensor | None = None) -> dict[str, float]:
     """Mean and quantiles (p10, p50, p90) of per-token entropies over the masked (real) tokens."""
     v = entropies.float()

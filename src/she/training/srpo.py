@@ -597,6 +597,12 @@ class SRPOTrainer(GRPOTrainer):
         all_rows: list[RolloutScore] = gather_object(light)
         for name, value in step_metrics(all_rows).items():
             self._metrics[mode][name].append(value)
+        group = self.num_generations if mode == "train" else (self.num_generations_eval or self.num_generations)
+        if all_rows and len(all_rows) % group == 0:  # reasoning-path diversity inside rollout groups
+            from she.sampling.diverse import mean_group_path_diversity
+
+            self._metrics[mode]["srpo/path_diversity"].append(
+                mean_group_path_diversity([r.text for r in all_rows], group, self.schema))
         self._log_examiner_faults(mode)
         device = self.accelerator.device
         outcome_all = self.accelerator.gather(torch.tensor([r.outcome for r in rows], dtype=torch.float32, device=device))
