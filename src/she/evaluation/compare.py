@@ -67,7 +67,7 @@ RL_ROWS = ("grpo", "rm_grpo", "srpo", "srpo_no_step_reward", "srpo_verifier_only
 FULL_ROWS = ("srpo_full", "srpo_full_no_difficulty", "srpo_full_no_diverse", "srpo_full_no_curriculum")
 
 ROW_INFO: dict[str, str] = {
-    "majority": "predicts the most frequent training label for every pair (no model)",
+    "majority": "predicts the most frequent label of the training split (before any balancing) for every pair",
     "label_only_sft": "SFT from the base model on `Verdict: <label>` only (no reasoning)",
     "sft": "SFT on reasoning traces: the shared start of every generative row below",
     "dpo": "DPO on pass@N preference pairs sampled from the SFT policy",
@@ -811,7 +811,12 @@ class _Ctx:
             t = time.perf_counter()
             ecfg = self.cfg.eval
             if row == "majority":
-                lab = majority_label(self.train, self.labels)
+                src = self.train
+                if self.cfg.data.balance_train:  # a label-balanced sample has no majority: use the split's prior
+                    from she.data.sources import load_splits
+
+                    src = load_splits(dataclasses.replace(self.cfg.data, balance_train=False, max_train=None))["train"]
+                lab = majority_label(src, self.labels)
                 preds = [{"id": r.id, "label": lab, "gold": r.label} for r in self.evals]
             elif row == "cross_encoder":
                 from she.training.cross_encoder import CrossEncoderJudge
