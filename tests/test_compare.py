@@ -406,3 +406,37 @@ def test_a_selection_smaller_than_a_batch_fails_clearly(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"srpo_full: stage 'easy' has 1 prompt\(s\) but every RL step needs "
                                          r"prompts_per_step=2"):
         compare.run_compare(cfg)
+
+
+def test_no_diverse_row_with_the_same_prompts_as_srpo_full_is_flagged(tmp_path):
+    """When the band holds no more prompts than wanted, diverse and random selection keep the same set: the row
+    is then flagged in results.md instead of being read as 'diverse sampling made no difference'."""
+    from types import SimpleNamespace
+
+    def sel(row, ids):
+        (tmp_path / row).mkdir(exist_ok=True)
+        (tmp_path / row / "selection.json").write_text(json.dumps({"after_band": 3, "n_wanted": 8, "ids": ids}))
+
+    ctx = SimpleNamespace(out=tmp_path)
+    sel("srpo_full", ["a", "b", "c"])
+    sel("srpo_full_no_diverse", ["c", "a", "b"])
+    note = compare._Ctx.note(ctx, "srpo_full_no_diverse")
+    assert note is not None and "same 3 prompts" in note and "held 3, 8 were wanted" in note
+    assert compare._Ctx.note(ctx, "srpo_full_no_curriculum") is None
+    sel("srpo_full_no_diverse", ["a", "b", "d"])
+    assert compare._Ctx.note(ctx, "srpo_full_no_diverse") is None
+    (tmp_path / "srpo_full" / "selection.json").unlink()
+    assert compare._Ctx.note(ctx, "srpo_full_no_diverse") is None
+
+    row = {"macro_f1": 0.2, "macro_f1_ci": [0.1, 0.3], "accuracy": 0.5, "accuracy_ci": [0.4, 0.6],
+           "per_class_f1": {}, "description": "d"}
+    s = {"rows": {"srpo_full": {**row, "kind": "main"},
+                  "srpo_full_no_diverse": {**row, "kind": "ablation", "note": note}},
+         "labels": ["Irrelevant", "Partial", "Exact"], "output_dir": "o", "command": "c", "seed": 0,
+         "bootstrap": {"n": 10, "seed": 0, "alpha": 0.05},
+         "data": {"source": "s", "taxonomy": "hd3", "split_seed": 0, "balance_train": False, "split_sizes": {},
+                  "eval_n": 1, "eval_split": "test", "eval_query_groups": 1, "eval_labels": {}},
+         "budget": {"mode": "strict", "rl": {"max_steps": 1, "prompts_per_step": 1, "num_generations": 2},
+                    "rl_generations_per_row": 2}}
+    md = compare.results_markdown(s)
+    assert f"- **srpo_full_no_diverse** {note}." in md and md.index("Notes:") < md.index("## Rows")

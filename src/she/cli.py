@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--max-steps", type=int, default=None)
     ts.add_argument("--lora", action="store_true", default=None)
     ts.add_argument("--traces", default=None, help="teacher traces JSONL from `she data teach` (else rule-based)")
+    ts.add_argument("--schema", default=None,
+                    help="step schema: default | coverage (adds a Missing step) | a YAML/JSON schema file")
     _add_data_args(ts)
 
     for algo, helptext in (("srpo", "SRPO: stepwise hybrid-examined RL (TRL GRPOTrainer + per-token step advantages)"),
@@ -297,7 +299,8 @@ def _cmd_train(a) -> None:
         return
 
     over = {"model": a.model, "output_dir": a.output_dir, "target": a.target, "epochs": a.epochs,
-            "max_steps": a.max_steps, "lora": a.lora, "traces_file": a.traces, **_data_overrides(a)}
+            "max_steps": a.max_steps, "lora": a.lora, "traces_file": a.traces, "schema": a.schema,
+            **_data_overrides(a)}
     cfg = load_config(SFTJobConfig, a.config, over)
     splits = load_splits(cfg.data)
     final = train_sft(cfg, splits["train"])

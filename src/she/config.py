@@ -52,6 +52,7 @@ class SFTJobConfig:
     target: str = "reasoning"  # reasoning | label  (label-only baseline)
     traces_file: str | None = None  # teacher traces JSONL ({id, trace}) from `she data teach`; else rule-based
     prompt_style: str = "compact"  # compact | full (see she.reasoning.prompts); saved with the model
+    schema: str = "default"  # step schema: default | coverage | a YAML/JSON file (she.reasoning.schema); saved with the model
     epochs: float = 1.0
     max_steps: int = -1
     learning_rate: float = 1e-4

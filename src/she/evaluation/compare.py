@@ -52,6 +52,7 @@ from she.config import (
     to_dict,
 )
 from she.data.schema import Record
+from she.reasoning.schema import in_schema
 
 log = logging.getLogger(__name__)
 
@@ -648,8 +649,24 @@ class _Ctx:
             report["selection"] = "diverse_select"
             report["diverse"] = rep
         report["ids"] = [r.id for r in chosen]
+        if len(cand) <= n:
+            report["whole_band"] = True
+            log.warning("%s: the band holds %d prompts and %d are wanted, so every one is kept and the selection "
+                        "method does not matter; enlarge difficulty.max_records for a diverse-vs-random contrast",
+                        row, len(cand), n)
         _write_json(path, report)
         return chosen, rates
+
+    def note(self, row: str) -> str | None:
+        """Why a row cannot show the effect it ablates, when its inputs turned out identical to srpo_full's."""
+        if row != "srpo_full_no_diverse":
+            return None
+        mine, full = (_read_json(p) if p.exists() else None
+                      for p in (self.out / row / "selection.json", self.out / "srpo_full" / "selection.json"))
+        if not mine or not full or sorted(mine.get("ids", [])) != sorted(full.get("ids", [])):
+            return None
+        return (f"selected the same {len(mine['ids'])} prompts as srpo_full (the band held {mine.get('after_band')}, "
+                f"{mine.get('n_wanted')} were wanted), so it cannot show an effect of diverse sampling at this size")
 
     # rows ------------------------------------------------------------------------------------------
     def model_of(self, row: str) -> tuple[Path | None, list[str]]:
@@ -856,6 +873,7 @@ class _Ctx:
             "kind": "main" if row in MAIN_ROWS else "ablation",
             "description": ROW_INFO[row],
             "same_as": self.same_as.get(row),
+            "note": self.note(row),
             "model": str(model) if model is not None else None,
             "eval_dir": str(ev),
             "format_valid_rate": m.get("format_valid_rate"),
@@ -892,6 +910,16 @@ def _initial_state(out: Path, cfg: CompareConfig) -> dict[str, Any]:
     return state
 
 
+def _compare_schema(cfg: CompareConfig, *args, **kwargs) -> str:
+    """Every row writes the schema of the shared SFT start: ``sft_model``'s ``she.json``, else ``sft.schema``."""
+    from she.training.sft import schema_of
+
+    if cfg.sft_model:
+        return schema_of(cfg.sft_model) if Path(cfg.sft_model).exists() else "default"
+    return str(cfg.sft.get("schema", "default"))
+
+
+@in_schema(_compare_schema)
 def run_compare(cfg: CompareConfig, *, command: str | None = None) -> dict[str, Any]:
     """Run (or resume) the comparison; returns the results dict also written to ``<out>/results.json``."""
     from she.data.labels import get_taxonomy
@@ -1191,6 +1219,9 @@ def results_markdown(s: Mapping[str, Any]) -> str:
               "## Main results", "", *_table(main, labels), ""]
     if abl:
         parts += ["## Ablations", "", *_table(abl, labels), ""]
+    notes = [f"- **{k}** {v['note']}." for k, v in rows.items() if v.get("note")]
+    if notes:
+        parts += ["Notes:", "", *notes, ""]
     parts += ["## Rows", ""] + [f"- **{k}**: {v['description']}" for k, v in rows.items()] + [""]
     plots = s.get("plots", {})
     if plots:

@@ -11,6 +11,7 @@ from she.data.labels import get_taxonomy
 from she.data.schema import Record
 from she.data.validation import atomic_write_lines
 from she.evaluation.generate import Judgement, generate_judgements
+from she.reasoning.schema import in_schema
 
 
 def prompt_style_of(model_path) -> str:
@@ -46,9 +47,40 @@ def score(records: list[Record], judgements: list[Judgement], taxonomy: str) -> 
         verdicts.append([v.verdict for v in verify_steps(j.parsed, r) if v.step != "Verdict"])
     if verdicts:
         m["step_accuracy"] = step_accuracy(verdicts)
+    checks = step_checks(records, judgements)
+    if checks:
+        m["step_checks"] = checks
     return m
 
 
+def step_checks(records: list[Record], judgements: list[Judgement]) -> dict[str, dict]:
+    """Per step key, how many of the generated steps the verifier could check were correct -- on *every*
+    record, including those without step facts, where the checks come from the gold label (Type/Attributes,
+    docs/srpo.md) or from the strings themselves (the coverage schema's ``Missing``). The Verdict is left out
+    (it is the label, scored above). ``{key: {"correct", "incorrect", "accuracy"}}``; keys never checked are absent."""
+    from she.rewards.verifier import verify_steps
+
+    out: dict[str, dict] = {}
+    for r, j in zip(records, judgements):
+        if getattr(j, "parsed", None) is None or r.label is None:
+            continue
+        for v in verify_steps(j.parsed, r):
+            if v.step == "Verdict" or v.verdict not in ("correct", "incorrect"):
+                continue
+            c = out.setdefault(v.step, {"correct": 0, "incorrect": 0})
+            c[v.verdict] += 1
+    for c in out.values():
+        c["accuracy"] = c["correct"] / (c["correct"] + c["incorrect"])
+    return out
+
+
+def _model_schema(model_path, *args, **kwargs) -> str:
+    from she.training.sft import schema_of
+
+    return schema_of(model_path)
+
+
+@in_schema(_model_schema)
 def evaluate(
     model_path: str,
     records: list[Record],
@@ -89,6 +121,7 @@ def evaluate(
     return m
 
 
+@in_schema(_model_schema)
 def predict(model_path: str, records: list[Record], out_file: str | os.PathLike, *, taxonomy: str = "hd3",
             batch_size: int = 16, max_new_tokens: int = 96, bf16: bool = True, progress: bool = True,
             fast: bool = False) -> int:

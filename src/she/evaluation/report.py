@@ -70,6 +70,11 @@ def write_report(m: dict, out: Path, *, labels: list[str], title: str, examples=
     if g:
         parts += [f"Generation: {g['pairs_per_s']:.2f} pairs/s, {g['tokens_per_s']:.1f} new tokens/s "
                   f"({g['seconds']:.0f} s).", ""]
+    checks = m.get("step_checks")
+    if checks:
+        parts += ["Steps the verifier could check (from the gold label or the strings; docs/srpo.md): "
+                  + "; ".join(f"{k} {c['accuracy']:.3f} of {c['correct'] + c['incorrect']}" for k, c in checks.items())
+                  + ".", ""]
     parts += ["![confusion matrix](confusion.png)", ""]
     if examples:
         parts += ["## Examples", ""]

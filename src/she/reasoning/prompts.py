@@ -19,6 +19,7 @@ DESCRIPTION_CHARS = 200
 _FREE_HINTS = {
     "query": "<searched type; constraints>",
     "product": "<product type; brand=..; color=..; size=..>",
+    "coverage": "<query words the product lacks, comma-separated, or none>",
 }
 _OUTCOME_TEXT = {
     "different": "different type",

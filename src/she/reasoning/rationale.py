@@ -288,6 +288,53 @@ def _apply_query_meta(meta: Mapping[str, str], q_cons: dict[str, str], notes: li
             q_cons[a] = one_line(meta[a])
 
 
+MAX_MISSING_WORDS = 6
+
+
+def _product_text(record: Record) -> str:
+    """Everything the product side says: title, brand, colour and attribute values (HTML unescaped)."""
+    p = record.product
+    title = html.unescape(one_line(p.title))
+    values = [one_line(v) for v in p.attributes.values() if one_line(v)]
+    return " ".join(x for x in (title, p.brand or "", p.color or "", " ".join(values)) if x)
+
+
+def missing_query_words(record: Record) -> list[str]:
+    """The query's content words (lower case, as written, first occurrence of each stem) whose stem
+    occurs nowhere in the product text; at most :data:`MAX_MISSING_WORDS`. Label-free and exact: the
+    ``Missing`` step of the coverage schema, written by :func:`rationale_steps` and checked by the verifier."""
+    have = _stems(_product_text(record))
+    out: list[str] = []
+    seen: set[str] = set()
+    for t in _content(_tokens(html.unescape(one_line(record.query)))):
+        if t in _UNITS:  # "20v" tokenises as 20 + v: the number carries the requirement
+            continue
+        s = _stem(t)
+        if s in seen:
+            continue
+        seen.add(s)
+        parts = {_stem(x) for x in t.split("-") if x} if "-" in t else set()
+        if s not in have and not (parts and parts <= have):
+            out.append(t)
+    return out[:MAX_MISSING_WORDS]
+
+
+def coverage_text(words: list[str]) -> str:
+    return ", ".join(words) if words else "none"
+
+
+def parse_coverage(text: str | None) -> set[str] | None:
+    """The stems a ``Missing`` step names (``"none"`` -> empty set); None when there is no text."""
+    if text is None:
+        return None
+    t = text.strip().strip(".").strip()
+    if not t:
+        return None
+    if t.lower() in ("none", "nothing", "-"):
+        return set()
+    return {_stem(w) for w in re.split(r"[,;]\s*|\s+", t.lower()) if w.strip("'’.")}
+
+
 def analyse(record: Record) -> Evidence:
     """Collect facts + lexical evidence for ``record`` (label not used)."""
     query = html.unescape(one_line(record.query))
@@ -480,6 +527,8 @@ def rationale_steps(record: Record, schema: StepSchema | None = None, *, include
         elif s.name == "product" and s.kind == "free":
             steps[s.name] = _analysis_line(_trim_words(ev.product_phrase, 6), {a: _trim_words(v, 4) for a, v in p_vals.items()},
                                            "unclear product")
+        elif s.name == "coverage" and s.kind == "free":
+            steps[s.name] = coverage_text(missing_query_words(record))
         elif s.name == "type" and s.kind == "choice":
             steps[s.name] = type_rel
         elif s.kind == "attributes":

@@ -14,6 +14,9 @@ Rules (default schema):
   fact, else unknown. Without attribute facts, a gold label that admits no mismatch (Exact) makes a
   claimed mismatch incorrect and "none"/matches correct.
 * ``Verdict``     -- the label vs the gold label (when the record has one).
+* ``Missing``     -- (coverage schema) the query words the product text lacks, computed exactly from the
+  strings (:func:`she.reasoning.rationale.missing_query_words`): a rule, not a human fact, but exact, so it
+  is checked for every record; any other set of words is incorrect.
 * ``Query``       -- only checkable for negation: if ``facts.negation == "yes"`` the query analysis must
   mention the exclusion (``without``/``no``/``non``/``not``/``except``/``free``), else incorrect.
 * anything else   -- unknown.
@@ -63,12 +66,28 @@ def verify_steps(parsed, record: Record) -> list[StepVerdict]:
             else:
                 ok = step.conclusion == record.label
                 out.append(StepVerdict(key, CORRECT if ok else INCORRECT, "gold label"))
+        elif step.name == "coverage":
+            out.append(_verify_coverage(step, record))
         elif key == "Query" and facts.negation == "yes":
             ok = bool(_NEGATION.search(step.text or ""))
             out.append(StepVerdict(key, CORRECT if ok else INCORRECT, "negation mentioned"))
         else:
             out.append(StepVerdict(key, UNKNOWN, "no rule"))
     return out
+
+
+def _verify_coverage(step, record: Record) -> StepVerdict:
+    """``Missing``: the named query words (by stem) must be exactly those the product text lacks."""
+    from she.reasoning.rationale import missing_query_words, parse_coverage, _stem
+
+    said = parse_coverage(step.conclusion if isinstance(step.conclusion, str) else None)
+    if said is None:
+        return StepVerdict(step.key, INCORRECT, "coverage unparsed")
+    truth = {_stem(w) for w in missing_query_words(record)}
+    if said == truth:
+        return StepVerdict(step.key, CORRECT, f"{len(truth)} missing word(s) named")
+    wrong = sorted(said - truth) or sorted(truth - said)
+    return StepVerdict(step.key, INCORRECT, f"coverage differs at {wrong[0]!r}")
 
 
 def _verify_attributes(conclusion, facts) -> StepVerdict:

@@ -58,8 +58,12 @@ class JudgeBackend:
 
     def __init__(self, model: Any, tokenizer: Any, *, name: str, taxonomy: str = "hd3", prompt_style: str = "full",
                  target: str | None = None, max_new_tokens: int = 96, bf16: bool = False,
-                 fast_prefix: str | None = None) -> None:
+                 fast_prefix: str | None = None, schema: str = "default") -> None:
         from she.evaluation.fast import fast_prefix as default_prefix
+        from she.reasoning.schema import resolve_schema
+
+        resolve_schema(schema, taxonomy)  # a bad schema fails at load, not on the first request
+        self.schema = schema
         from she.evaluation.fast import prefix_label_tokens
 
         self.model = model
@@ -105,7 +109,7 @@ class JudgeBackend:
         return cls(model, tok, name=str(model_dir), taxonomy=taxonomy or trained or "hd3",
                    prompt_style=meta.get("prompt_style", "full"), target=meta.get("target"),
                    max_new_tokens=max_new_tokens, bf16=(device != "cpu") if bf16 is None else bf16,
-                   fast_prefix=fast_prefix)
+                   fast_prefix=fast_prefix, schema=meta.get("schema", "default"))
 
     # -- description ----------------------------------------------------------------------------
     @property
@@ -117,13 +121,19 @@ class JudgeBackend:
     def info(self) -> dict[str, Any]:
         fast = "unavailable" if self.fast_error else ("exact" if self.fast_exact else "approximate")
         return {"model": self.name, "taxonomy": self.taxonomy, "labels": self.labels,
-                "prompt_style": self.prompt_style, "target": self.target, "fast_mode": fast,
+                "prompt_style": self.prompt_style, "schema": self.schema, "target": self.target, "fast_mode": fast,
                 "fast_prefix": self.fast_prefix, "fast_error": self.fast_error,
                 "max_new_tokens": self.max_new_tokens, "context": self.context,
                 "device": str(next(self.model.parameters()).device)}
 
     # -- the batcher's scoring function ---------------------------------------------------------------
     def run(self, key: Hashable, items: list[Any]) -> list[Any]:
+        from she.reasoning.schema import schema_scope
+
+        with schema_scope(self.schema):  # the batcher's worker thread starts with the built-in schema
+            return self._run(key, items)
+
+    def _run(self, key: Hashable, items: list[Any]) -> list[Any]:
         kind = key[0] if isinstance(key, tuple) else key
         if kind in ("fast", "full"):
             return self._relevance(kind, items)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from she.config import DPOJobConfig, to_dict
 from she.data.schema import Record
+from she.reasoning.schema import in_schema
+from she.training.sft import schema_of
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,7 @@ def build_dpo_config(cfg: DPOJobConfig, output_dir: str | Path):
     )
 
 
+@in_schema(lambda cfg, *a, **k: schema_of(cfg.model))
 def run_dpo_job(cfg: DPOJobConfig, train_records: list[Record], *, progress: bool = True) -> Path:
     """Sample (or reuse) pass@N rollouts, build pairs, run DPO, save ``<output_dir>/final``; returns it.
 

@@ -28,6 +28,8 @@ from typing import Any
 
 from she.config import RewardModelJobConfig, to_dict
 from she.data.schema import Record
+from she.reasoning.schema import in_schema
+from she.training.sft import schema_of
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,7 @@ def load_rm_base(name_or_dir: str, seed: int = 0):
     return model, tok
 
 
+@in_schema(lambda cfg, *a, **k: schema_of(cfg.policy or cfg.model))
 def run_reward_model_job(cfg: RewardModelJobConfig, train_records: list[Record], *, progress: bool = True) -> Path:
     """Sample (or reuse) pass@N rollouts of ``cfg.policy`` (default ``cfg.model``), train the RM, save
     ``<output_dir>/final`` (weights, tokenizer, ``she.json`` with the prompt style); returns that folder."""

@@ -70,7 +70,17 @@ def trainer_rollout_kwargs(cfg: RLJobConfig) -> dict:
 
 
 def run_rl_job(cfg: RLJobConfig, train: list[Record], callbacks: list | None = None) -> Path:
-    """``callbacks``: extra ``TrainerCallback``s (the curriculum's plateau stop, see she.sampling.curriculum)."""
+    """``callbacks``: extra ``TrainerCallback``s (the curriculum's plateau stop, see she.sampling.curriculum).
+
+    Rollouts are parsed and examined with the policy's own step schema (``she.json``)."""
+    from she.reasoning.schema import schema_scope
+    from she.training.sft import schema_of
+
+    with schema_scope(schema_of(cfg.model)):
+        return _run_rl_job(cfg, train, callbacks)
+
+
+def _run_rl_job(cfg: RLJobConfig, train: list[Record], callbacks: list | None = None) -> Path:
     from she.models.registry import load_model_and_tokenizer
     from she.training.checkpoints import ManifestCallback
     from she.training.sft import last_checkpoint, save_she_meta

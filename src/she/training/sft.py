@@ -76,8 +76,25 @@ SHE_META = "she.json"
 
 
 def save_she_meta(model_dir: str | os.PathLike, meta: dict) -> None:
-    """How the model expects to be prompted, saved beside its weights (like generation_config.json)."""
+    """How the model expects to be prompted, saved beside its weights (like generation_config.json).
+
+    The step schema in effect (:func:`she.reasoning.schema.schema_scope`) is recorded as ``schema`` unless
+    it is the built-in one, so every model trained on a schema variant carries it to eval, RL and serving."""
+    from she.reasoning.schema import active_schema_name
+
+    meta = dict(meta)
+    if "schema" not in meta and active_schema_name() != "default":
+        meta["schema"] = active_schema_name()
     (Path(model_dir) / SHE_META).write_text(json.dumps(meta, indent=2))
+
+
+def schema_of(model: str | os.PathLike) -> str:
+    """The step schema a model writes (``she.json``). A folder without one -- a base model, a Trainer
+    checkpoint -- says nothing, so the schema already in effect is kept (the built-in one at top level)."""
+    from she.models.registry import resolve_model
+    from she.reasoning.schema import active_schema_name
+
+    return load_she_meta(resolve_model(model)).get("schema", active_schema_name())
 
 
 def load_she_meta(model_dir: str | os.PathLike) -> dict:
@@ -101,7 +118,16 @@ def use_cpu() -> bool:
 
 
 def train_sft(cfg: SFTJobConfig, train: list[Record], validation: list[Record] | None = None) -> Path:
-    """Train and save the final model to ``cfg.output_dir/final``; returns that folder."""
+    """Train and save the final model to ``cfg.output_dir/final``; returns that folder.
+
+    The traces, prompts and ``she.json`` follow ``cfg.schema`` (the step schema variant)."""
+    from she.reasoning.schema import schema_scope
+
+    with schema_scope(cfg.schema):
+        return _train_sft(cfg, train, validation)
+
+
+def _train_sft(cfg: SFTJobConfig, train: list[Record], validation: list[Record] | None = None) -> Path:
     from trl import SFTConfig, SFTTrainer
 
     from she.models.registry import load_model_and_tokenizer

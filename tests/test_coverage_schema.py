@@ -1,0 +1,199 @@
+"""The coverage step schema (``Missing``), schema scopes, and the schema a model carries in she.json."""
+
+import json
+import threading
+
+import pytest
+
+from she.data.schema import Product, Record
+from she.reasoning.parse import parse_trace
+from she.reasoning.prompts import build_messages
+from she.reasoning.rationale import missing_query_words, parse_coverage, write_rationale
+from she.reasoning.schema import (
+    active_schema_name,
+    builtin_schema,
+    default_schema,
+    in_schema,
+    resolve_schema,
+    schema_scope,
+)
+from she.rewards.verifier import verify_steps
+
+
+def rec(query, title, label="Partial", **product):
+    return Record(id="r1", query=query, product=Product(title=title, **product), label=label)
+
+
+@pytest.mark.parametrize(
+    "query,title,kw,expected",
+    [
+        ("cordless 20v dewalt drills", "DEWALT 18-Volt Drill/Driver Kit", {}, ["cordless", "20"]),  # v is a unit
+        ("drills for the garage", "Cordless Drill", {}, ["garage"]),  # stopwords are not requirements
+        ("red drill", "Cordless Drill", {"color": "Red"}, []),  # the colour field is product text
+        ("ryobi drill", "Cordless Drill", {"brand": "RYOBI"}, []),
+        ("drill drills bits", "Drill Bit Set", {}, []),  # one entry per stem
+        ("anti-slip mat", "Slip Resistant Anti Fatigue Mat", {}, []),  # every part of a hyphenated word
+        ("anti-slip mat", "Rubber Mat", {}, ["anti-slip"]),
+        ("a b c d e f g h", "nothing", {}, ["b", "c", "d", "e", "f", "g"]),  # "a" is a stopword; at most 6
+    ],
+)
+def test_missing_query_words(query, title, kw, expected):
+    assert missing_query_words(rec(query, title, **kw)) == expected
+
+
+def test_parse_coverage():
+    assert parse_coverage("none") == set()
+    assert parse_coverage("None.") == set()
+    assert parse_coverage("Cordless, 20") == {"cordless", "20"}
+    assert parse_coverage("drills; bits") == {"drill", "bit"}  # the verifier compares stems
+    assert parse_coverage("  ") is None
+    assert parse_coverage(None) is None
+
+
+def test_scope_switches_default_schema_and_restores():
+    assert [s.name for s in default_schema().steps] == [s.name for s in builtin_schema().steps]
+    with schema_scope("coverage"):
+        names = [s.name for s in default_schema("hd3").steps]
+        assert names == ["query", "product", "coverage", "type", "attributes", "verdict"]
+        assert default_schema("esci4").taxonomy == "esci4" and default_schema("esci4").step("coverage")
+        assert active_schema_name() == "coverage"
+        with schema_scope("default"):
+            assert default_schema().step("coverage") is None
+        assert default_schema().step("coverage") is not None
+    assert default_schema().step("coverage") is None and active_schema_name() == "default"
+
+
+def test_scope_is_restored_after_an_error():
+    with pytest.raises(RuntimeError):
+        with schema_scope("coverage"):
+            raise RuntimeError("boom")
+    assert active_schema_name() == "default"
+
+
+def test_bad_schema_names_the_choices(tmp_path):
+    with pytest.raises(ValueError, match="coverage"):
+        with schema_scope("nope"):
+            pass
+    with pytest.raises(ValueError, match="does not exist"):
+        resolve_schema(str(tmp_path / "missing.yaml"))
+
+
+def test_schema_file_spec(tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text("steps:\n  - {name: query, key: Query, kind: free}\n  - {name: verdict, key: Verdict, kind: label}\n")
+    with schema_scope(str(f)):
+        assert [s.key for s in default_schema().steps] == ["Query", "Verdict"]
+
+
+def test_threads_start_with_the_builtin_schema():
+    seen = []
+    with schema_scope("coverage"):
+        t = threading.Thread(target=lambda: seen.append(default_schema().step("coverage")))
+        t.start()
+        t.join()
+    assert seen == [None]
+
+
+def test_in_schema_decorator():
+    @in_schema(lambda spec: spec)
+    def steps(spec):
+        return [s.name for s in default_schema().steps]
+
+    assert "coverage" in steps("coverage") and "coverage" not in steps("default")
+
+
+def test_coverage_rationale_prompt_and_verifier():
+    r = rec("cordless 20v dewalt drills", "DEWALT 18-Volt Drill/Driver Kit", label="Partial")
+    with schema_scope("coverage"):
+        text = write_rationale(r)
+        lines = text.splitlines()
+        assert lines[2] == "Missing: cordless, 20" and lines[1].startswith("Product:")
+        parsed = parse_trace(text, default_schema())
+        assert parsed.format_ok
+        v = {x.step: x.verdict for x in verify_steps(parsed, r)}
+        assert v["Missing"] == "correct" and v["Verdict"] == "correct"
+        for wrong in ("Missing: none", "Missing: cordless", "Missing: cordless, 20, drill"):
+            bad = parse_trace(text.replace("Missing: cordless, 20", wrong), default_schema())
+            assert {x.step: x.verdict for x in verify_steps(bad, r)}["Missing"] == "incorrect", wrong
+        reordered = parse_trace(text.replace("Missing: cordless, 20", "Missing: 20, Cordless."), default_schema())
+        assert {x.step: x.verdict for x in verify_steps(reordered, r)}["Missing"] == "correct"
+        assert "Missing" in build_messages(r, style="compact")[0]["content"]
+        assert "query words the product lacks" in build_messages(r, style="full")[0]["content"]
+    assert "Missing" not in write_rationale(r)  # the built-in schema is untouched
+
+
+def test_she_json_records_the_schema(tmp_path):
+    from she.training.sft import load_she_meta, save_she_meta, schema_of
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+    with schema_scope("coverage"):
+        save_she_meta(tmp_path / "a", {"prompt_style": "compact"})
+    save_she_meta(tmp_path / "b", {"prompt_style": "compact"})
+    assert load_she_meta(tmp_path / "a")["schema"] == "coverage"
+    assert "schema" not in load_she_meta(tmp_path / "b")
+    assert schema_of(tmp_path / "a") == "coverage" and schema_of(tmp_path / "b") == "default"
+    (tmp_path / "c").mkdir()  # a folder without she.json (a Trainer checkpoint) keeps the scope in effect
+    (tmp_path / "c" / "config.json").write_text("{}")
+    with schema_scope("coverage"):
+        assert schema_of(tmp_path / "c") == "coverage"
+    assert schema_of(tmp_path / "c") == "default"
+
+
+@pytest.mark.slow
+def test_sft_with_coverage_schema_then_eval_reads_it(tmp_path, tiny_model_dir, monkeypatch):
+    from she.cli import main
+    import she.evaluation.evaluate as ev
+
+    data = tmp_path / "data.jsonl"
+    main(["data", "generate", "--out", str(data), "--queries", "8", "--seed", "1"])
+    out = tmp_path / "sft"
+    main(["train", "sft", "--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(out),
+          "--max-steps", "1", "--schema", "coverage"])
+    final = out / "final"
+    assert json.loads((final / "she.json").read_text())["schema"] == "coverage"
+    seen = []
+    real = ev.generate_judgements
+
+    def spy(*a, **k):
+        seen.append([s.key for s in default_schema().steps])
+        return real(*a, **k)
+
+    monkeypatch.setattr(ev, "generate_judgements", spy)
+    main(["eval", "--model", str(final), "--data", str(data), "--split", "test", "--out", str(tmp_path / "ev"),
+          "--max-new-tokens", "8", "--no-bf16"])
+    assert seen and "Missing" in seen[0]
+    assert active_schema_name() == "default"
+
+
+def test_step_checks_counts_label_and_string_checks_without_facts():
+    """score() reports, per step key, the verifier's checks on records that have no step facts (Home Depot)."""
+    from she.evaluation.evaluate import score
+    from she.evaluation.generate import Judgement
+
+    exact = rec("cordless drill", "Cordless Drill", label="Exact")  # nothing missing
+    partial = rec("cordless 20v drill", "Drill", label="Partial")  # cordless, 20 missing
+    texts = {
+        # Missing right, Type same (Exact forces same: correct), no mismatch (correct)
+        "e_ok": (exact, "Query: drill\nProduct: drill\nMissing: none\nType: same\nAttributes: none\nVerdict: Exact"),
+        # Missing wrong, Type different (Exact excludes it: incorrect), attributes mismatch (Exact: incorrect)
+        "e_bad": (exact, "Query: drill\nProduct: drill\nMissing: drill\nType: different\n"
+                         "Attributes: function=mismatch\nVerdict: Irrelevant"),
+        # Missing right; Partial allows same/related (unknown) and mismatches (unknown)
+        "p": (partial, "Query: drill\nProduct: drill\nMissing: cordless, 20\nType: same\n"
+                       "Attributes: function=mismatch\nVerdict: Partial"),
+    }
+    with schema_scope("coverage"):
+        recs, js = [], []
+        for key, (r, t) in texts.items():
+            p = parse_trace(t, default_schema())
+            recs.append(r)
+            js.append(Judgement(r.id, t, p.label, None, p.format_ok, p))
+        m = score(recs, js, "hd3")
+    c = m["step_checks"]
+    assert c["Missing"] == {"correct": 2, "incorrect": 1, "accuracy": 2 / 3}
+    assert c["Type"] == {"correct": 1, "incorrect": 1, "accuracy": 0.5}
+    assert c["Attributes"] == {"correct": 1, "incorrect": 1, "accuracy": 0.5}
+    assert "Verdict" not in c and "Query" not in c
+    assert "step_accuracy" not in m  # that one stays about human step facts, which these records lack
