@@ -130,6 +130,9 @@ def test_rl_job_configs_differ_only_where_the_row_says():
     assert (vo.examiner, vo.judge) == ("verifier", None)  # no judge loaded for the verifier-only arm
     assert (jo.examiner, jo.judge_weight, jo.judge) == ("blend", 1.0, "J")
     assert (rm.reward_model, rm.step_rewards) == ("R", False)
+    assert srpo.save_total_limit == 2  # RL checkpoints hold optimizer state: only the newest two are kept
+    curve = CompareConfig(rl={"max_steps": 7}, eval_checkpoints=True)
+    assert rl_job_config(curve, "srpo", **kw).save_total_limit is None  # the F1-over-training curve reads them all
 
 
 # ------------------------------------------------------------------------------- wiring with fake jobs

@@ -568,3 +568,23 @@ def test_cli_flags_and_missing_serve_extra(monkeypatch, capsys):
         main(["serve", "--model", "m"])
     assert e.value.code == 2
     assert "pip install 'she[serve]'" in capsys.readouterr().err
+
+
+def test_backend_serves_in_the_models_schema(tiny, monkeypatch):
+    """The service's worker thread starts with the built-in schema; the backend opens the model's own."""
+    import threading
+
+    from she.reasoning.schema import default_schema
+    from she.serving.backend import JudgeBackend
+
+    model, tok = tiny
+    with pytest.raises(ValueError, match="unknown schema"):
+        JudgeBackend(model, tok, name="t", schema="nope")
+    backend = JudgeBackend(model, tok, name="t", schema="coverage")
+    assert backend.info()["schema"] == "coverage"
+    seen = []
+    monkeypatch.setattr(backend, "_relevance", lambda mode, items: seen.append([s.key for s in default_schema().steps]))
+    t = threading.Thread(target=backend.run, args=(("full",), []))
+    t.start()
+    t.join()
+    assert seen and "Missing" in seen[0]

@@ -301,6 +301,7 @@ class RLJobConfig:
     seed: int = 0
     logging_steps: int = 1
     save_steps: int = 25
+    save_total_limit: int | None = 2  # checkpoints kept (each holds optimizer state: ~1.6 GB for a 135M model); None = all
     resume: bool = True
     report_to: str = "tensorboard"
     max_bad_steps: int = 5  # NaN/inf-loss steps are skipped; this many in a row stop the run (docs/design.md)

@@ -340,6 +340,8 @@ def rl_job_config(cfg: CompareConfig, row: str, *, model: str, output_dir: str, 
     kw["judge"] = str(judge) if examiner in ("hybrid", "blend") and judge is not None else None
     if max_steps is not None:
         kw["max_steps"] = max_steps
+    if cfg.eval_checkpoints:  # the Macro-F1-over-training curve reads every checkpoint
+        kw["save_total_limit"] = None
     return dataclasses.replace(base, **kw)
 
 

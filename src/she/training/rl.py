@@ -97,7 +97,7 @@ def _run_rl_job(cfg: RLJobConfig, train: list[Record], callbacks: list | None = 
         max_completion_length=cfg.max_completion_length, max_steps=cfg.max_steps,
         learning_rate=cfg.learning_rate, beta=cfg.beta, temperature=cfg.temperature, bf16=cfg.bf16, seed=cfg.seed,
         logging_steps=cfg.logging_steps, report_to=cfg.report_to, save_strategy="steps",
-        save_steps=cfg.save_steps, **rollout_settings(cfg),
+        save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit, **rollout_settings(cfg),
     )
     if args.process_index == 0:
         (out / "she_config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
