@@ -443,3 +443,9 @@ def test_no_diverse_row_with_the_same_prompts_as_srpo_full_is_flagged(tmp_path):
                     "rl_generations_per_row": 2}}
     md = compare.results_markdown(s)
     assert f"- **srpo_full_no_diverse** {note}." in md and md.index("Notes:") < md.index("## Rows")
+    assert "Steps the verifier could check" not in md
+    s["rows"]["srpo_full"]["step_checks"] = {"Missing": {"accuracy": 0.5}, "Type": {"accuracy": 0.25}}
+    s["rows"]["srpo_full_no_diverse"]["step_checks"] = {"Type": {"accuracy": 1.0}}
+    md = compare.results_markdown(s)
+    assert "| row | Missing | Type |" in md
+    assert "| srpo_full | 0.500 | 0.250 |" in md and "| srpo_full_no_diverse | - | 1.000 |" in md

@@ -197,3 +197,11 @@ def test_step_checks_counts_label_and_string_checks_without_facts():
     assert c["Attributes"] == {"correct": 1, "incorrect": 1, "accuracy": 0.5}
     assert "Verdict" not in c and "Query" not in c
     assert "step_accuracy" not in m  # that one stays about human step facts, which these records lack
+
+
+def test_schema_of_a_name_that_is_no_model_says_nothing(tmp_path):
+    from she.training.sft import schema_of
+
+    assert schema_of(tmp_path / "nothing-here") == "default"
+    with schema_scope("coverage"):
+        assert schema_of("not-a-registered-name") == "coverage"

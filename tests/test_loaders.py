@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -487,15 +486,12 @@ def shared(rel: str) -> Path:
 
 def test_real_home_depot():
     p = shared("home-depot-product-search-relevance/train.csv")
-    t0 = time.perf_counter()
-    recs, rep = load_records(p)
-    elapsed = time.perf_counter() - t0
+    recs, rep = load_records(p)  # its load time is a benchmark (docs/benchmarks.md), not a test
     assert detect_format(p) == "home-depot"
     assert len(recs) == 59_773 and rep.n_rejected == 0
     # default cuts (1.75, 2.5): <1.75 Irrelevant, [1.75, 2.5) Partial, >=2.5 Exact
     assert Counter(r.label for r in recs) == {"Irrelevant": 9_731, "Partial": 22_428, "Exact": 27_614}
     assert len({r.group for r in recs}) == 9_513
-    assert elapsed < 15, f"loading Home Depot took {elapsed:.1f}s"
 
 
 def test_real_esci_sample():

@@ -880,6 +880,7 @@ class _Ctx:
             "eval_dir": str(ev),
             "format_valid_rate": m.get("format_valid_rate"),
             "step_accuracy": sa.get("accuracy") if isinstance(sa, dict) else None,
+            "step_checks": m.get("step_checks"),
             "generations": sum(gens.values()),
             "generations_by_source": gens,
             # majority trains nothing; a reused sft_model was trained elsewhere (unknown: None)
@@ -917,7 +918,7 @@ def _compare_schema(cfg: CompareConfig, *args, **kwargs) -> str:
     from she.training.sft import schema_of
 
     if cfg.sft_model:
-        return schema_of(cfg.sft_model) if Path(cfg.sft_model).exists() else "default"
+        return schema_of(cfg.sft_model)
     return str(cfg.sft.get("schema", "default"))
 
 
@@ -1221,6 +1222,15 @@ def results_markdown(s: Mapping[str, Any]) -> str:
               "## Main results", "", *_table(main, labels), ""]
     if abl:
         parts += ["## Ablations", "", *_table(abl, labels), ""]
+    checked = {k: v["step_checks"] for k, v in rows.items() if v.get("step_checks")}
+    if checked:
+        keys = list(dict.fromkeys(key for c in checked.values() for key in c))
+        parts += ["## Steps the verifier could check", "",
+                  "Share of generated steps the verifier marked correct, among those it could check on these "
+                  "pairs (from the gold label, or from the strings for a coverage `Missing` step; `evaluate.step_checks`).",
+                  "", "| row | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+        parts += [f"| {k} | " + " | ".join(_f(c[key]["accuracy"]) if key in c else "-" for key in keys) + " |"
+                  for k, c in checked.items()] + [""]
     notes = [f"- **{k}** {v['note']}." for k, v in rows.items() if v.get("note")]
     if notes:
         parts += ["Notes:", "", *notes, ""]

@@ -622,7 +622,7 @@ def load_judge_for_training(cfg: PRMJobConfig):
 def _policy_schema(cfg: PRMJobConfig, *args, **kwargs) -> str:
     from she.training.sft import schema_of
 
-    return schema_of(cfg.policy) if cfg.policy and Path(cfg.policy).exists() else "default"
+    return schema_of(cfg.policy) if cfg.policy else "default"
 
 
 @in_schema(_policy_schema)

@@ -90,11 +90,17 @@ def save_she_meta(model_dir: str | os.PathLike, meta: dict) -> None:
 
 def schema_of(model: str | os.PathLike) -> str:
     """The step schema a model writes (``she.json``). A folder without one -- a base model, a Trainer
-    checkpoint -- says nothing, so the schema already in effect is kept (the built-in one at top level)."""
+    checkpoint, a registered model not prepared yet -- says nothing, so the schema already in effect is kept
+    (the built-in one at top level). A name that is no model at all also says nothing here: loading it fails
+    next, with the loader's own message."""
     from she.models.registry import resolve_model
     from she.reasoning.schema import active_schema_name
 
-    return load_she_meta(resolve_model(model)).get("schema", active_schema_name())
+    try:
+        folder = resolve_model(model, prepare_if_missing=False)
+    except FileNotFoundError:
+        return active_schema_name()
+    return load_she_meta(folder).get("schema", active_schema_name())
 
 
 def load_she_meta(model_dir: str | os.PathLike) -> dict:
