@@ -75,6 +75,7 @@ def step_checks(records: list[Record], judgements: list[Judgement]) -> dict[str,
 
 
 def _model_schema(model_path, *args, **kwargs) -> str:
+    """The step schema of the model an entry point reads (its first argument): see ``in_schema``."""
     from she.training.sft import schema_of
 
     return schema_of(model_path)

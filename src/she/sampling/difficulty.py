@@ -30,8 +30,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from she.reasoning.schema import in_schema
 from she.data.schema import Record
+from she.evaluation.evaluate import _model_schema
+from she.reasoning.schema import in_schema
 
 log = logging.getLogger(__name__)
 
@@ -255,14 +256,7 @@ def model_generate_fn(model_dir_or_model: Any, *, batch_size: int = 32, temperat
     return generate
 
 
-def _policy_schema(model, *args, **kwargs) -> str:
-    from she.reasoning.schema import active_schema_name
-    from she.training.sft import schema_of
-
-    return schema_of(model) if isinstance(model, (str, os.PathLike)) else active_schema_name()
-
-
-@in_schema(_policy_schema)
+@in_schema(lambda model, *a, **k: _model_schema(model))
 def estimate_pass_rates(
     model_dir_or_model: Any,
     records: Sequence[Record],

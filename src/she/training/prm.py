@@ -44,6 +44,7 @@ from typing import Any
 from she.config import PRMJobConfig, to_dict
 from she.data.schema import Record
 from she.reasoning.schema import in_schema
+from she.training.sft import schema_of
 
 log = logging.getLogger(__name__)
 
@@ -619,13 +620,7 @@ def load_judge_for_training(cfg: PRMJobConfig):
     return StepJudge(model, tok, JudgeFormat(good=good, bad=bad, max_length=cfg.max_length), bf16=cfg.bf16)
 
 
-def _policy_schema(cfg: PRMJobConfig, *args, **kwargs) -> str:
-    from she.training.sft import schema_of
-
-    return schema_of(cfg.policy) if cfg.policy else "default"
-
-
-@in_schema(_policy_schema)
+@in_schema(lambda cfg, *a, **k: schema_of(cfg.policy))
 def run_prm_job(cfg: PRMJobConfig, progress: bool = True) -> dict[str, Any]:
     """Label (or load) the stepwise dataset, fine-tune the judge, measure it on held-out queries.
 

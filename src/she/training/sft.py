@@ -96,6 +96,8 @@ def schema_of(model: str | os.PathLike) -> str:
     from she.models.registry import resolve_model
     from she.reasoning.schema import active_schema_name
 
+    if not isinstance(model, (str, os.PathLike)):  # None, or an already loaded (model, tokenizer) pair
+        return active_schema_name()
     try:
         folder = resolve_model(model, prepare_if_missing=False)
     except FileNotFoundError:
