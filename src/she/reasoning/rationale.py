@@ -355,7 +355,7 @@ def analyse(record: Record) -> Evidence:
     p_phrase, p_brand, head_seg, color_seg, sizes = _product_parts(title, p.brand or pattrs.get("brand"))
     if pattrs.get("type"):
         p_phrase = pattrs["type"].lower()
-    title_all = " ".join(x for x in (title, p.brand or "", p.color or "", " ".join(pattrs.values())) if x)
+    title_all = _product_text(record)
     t_stems = _stems(title_all)
     head_stems = _stems(head_seg)
     q_stems = {_stem(t) for t in q_content}

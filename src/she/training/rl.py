@@ -7,6 +7,8 @@ from pathlib import Path
 
 from she.config import RLJobConfig, to_dict
 from she.data.schema import Record
+from she.reasoning.schema import in_schema
+from she.training.sft import schema_of
 
 
 def build_examiner(cfg: RLJobConfig):
@@ -69,18 +71,11 @@ def trainer_rollout_kwargs(cfg: RLJobConfig) -> dict:
     return out
 
 
+@in_schema(lambda cfg, *a, **k: schema_of(cfg.model))
 def run_rl_job(cfg: RLJobConfig, train: list[Record], callbacks: list | None = None) -> Path:
     """``callbacks``: extra ``TrainerCallback``s (the curriculum's plateau stop, see she.sampling.curriculum).
 
     Rollouts are parsed and examined with the policy's own step schema (``she.json``)."""
-    from she.reasoning.schema import schema_scope
-    from she.training.sft import schema_of
-
-    with schema_scope(schema_of(cfg.model)):
-        return _run_rl_job(cfg, train, callbacks)
-
-
-def _run_rl_job(cfg: RLJobConfig, train: list[Record], callbacks: list | None = None) -> Path:
     from she.models.registry import load_model_and_tokenizer
     from she.training.checkpoints import ManifestCallback
     from she.training.sft import last_checkpoint, save_she_meta

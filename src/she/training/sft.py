@@ -15,6 +15,7 @@ from pathlib import Path
 
 from she.config import SFTJobConfig, to_dict
 from she.data.schema import Record
+from she.reasoning.schema import in_schema
 
 log = logging.getLogger(__name__)
 
@@ -125,17 +126,11 @@ def use_cpu() -> bool:
     return not torch.cuda.is_available()
 
 
+@in_schema(lambda cfg, *a, **k: cfg.schema)
 def train_sft(cfg: SFTJobConfig, train: list[Record], validation: list[Record] | None = None) -> Path:
     """Train and save the final model to ``cfg.output_dir/final``; returns that folder.
 
     The traces, prompts and ``she.json`` follow ``cfg.schema`` (the step schema variant)."""
-    from she.reasoning.schema import schema_scope
-
-    with schema_scope(cfg.schema):
-        return _train_sft(cfg, train, validation)
-
-
-def _train_sft(cfg: SFTJobConfig, train: list[Record], validation: list[Record] | None = None) -> Path:
     from trl import SFTConfig, SFTTrainer
 
     from she.models.registry import load_model_and_tokenizer
