@@ -354,3 +354,162 @@ def test_bad_mode_and_nonfinite_rewards():
             torch.zeros(2), torch.zeros(2, 1), torch.ones(2, 1, dtype=torch.bool), torch.zeros(2, 1, dtype=torch.long),
             torch.ones(2, 1), 2, critical={"first_eror_weight": 2.0},
         )  # fmt: skip
+
+
+# ================================================================ issue 10: per-type normalisation, gated estimators
+
+from she.algorithms.advantages import (  # noqa: E402
+    ESTIMATORS,
+    AdvantageInputs,
+    AdvantageOptions,
+    compute_advantages,
+    gated_step_advantages,
+    outcome_advantage,
+    step_flaws,
+)
+
+
+def ref_gated(outcome_adv, correct, step_rewards, step_mask, token_step, cmask, alpha, few, rho, tau, min_form):
+    """Loop reference of section 5 of the module docstring."""
+    out = []
+    for i in range(len(cmask)):
+        flaws = [max(0.0, min(1.0, (tau - q) / tau)) if m else 0.0 for q, m in zip(step_rewards[i], step_mask[i])]
+        pens, seen = [], False
+        for f in flaws:
+            w = few if (f > 0 and not seen) else 1.0
+            seen = seen or f > 0
+            pens.append(w * f)
+        if min_form:
+            pens = [max(pens[s:]) if step_mask[i][s] else 0.0 for s in range(len(pens))]
+        row = []
+        for t in range(len(cmask[i])):
+            s = token_step[i][t]
+            f, p = (flaws[s], pens[s]) if s >= 0 else (0.0, 0.0)
+            a = outcome_adv[i] * (1 - (1 - rho) * f) if correct[i] else min(outcome_adv[i], 0.0)
+            row.append((a - alpha * p) * cmask[i][t] if alpha else outcome_adv[i] * cmask[i][t])
+        out.append(row)
+    return out
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("min_form", [False, True])
+def test_gated_matches_loop(seed, min_form):
+    outcome, sr, sm, ts, cm, g = random_batch(seed)
+    rng = random.Random(seed)
+    correct = torch.tensor([rng.random() < 0.5 for _ in range(len(outcome))])
+    adv = group_normalize(outcome, g)
+    clean = torch.where(sm, sr, torch.zeros_like(sr))
+    for alpha, few, rho in ((0.7, 2.0, 0.5), (1.0, 1.0, 0.0), (0.0, 2.0, 0.5)):
+        got = gated_step_advantages(adv, correct, sr, sm, ts, cm, alpha=alpha, first_error_weight=few,
+                                    flawed_share=rho, min_form=min_form)
+        want = ref_gated(adv.tolist(), correct.tolist(), clean.tolist(), sm.tolist(), ts.tolist(), cm.float().tolist(),
+                         alpha, few, rho, 0.5, min_form)
+        _close(got, want)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("name", ["srpo_gated", "srpo_gated_min"])
+def test_gated_properties(seed, name):
+    outcome, sr, sm, ts, cm, g = random_batch(seed)
+    outcome = (outcome >= 0.5).float()  # binary outcome: right label = 1
+    x = AdvantageInputs(outcome, sr, sm, ts, cm, g)
+    adv = compute_advantages(name, x, AdvantageOptions(alpha=1.0))
+    wrong = outcome < 1
+    # 1. no token of a wrong-verdict rollout gets a positive advantage
+    assert (adv[wrong] <= 0).all()
+    # 2. alpha = 0 is GRPO exactly
+    assert torch.equal(compute_advantages(name, x, AdvantageOptions(alpha=0.0)), compute_advantages("grpo", x))
+    # 3. an all-wrong group with a flagged step has non-zero advantages on that step's tokens
+    flaw = step_flaws(sr, sm)
+    for p in range(len(outcome) // g):
+        rows = range(p * g, (p + 1) * g)
+        if all(wrong[i] for i in rows):
+            for i in rows:
+                for t in range(ts.shape[1]):
+                    s = int(ts[i, t])
+                    if s >= 0 and flaw[i, s] > 0 and cm[i, t]:
+                        assert adv[i, t] < 0
+
+
+def test_gated_hand():
+    # One prompt, G = 2, scale=False: outcome [1, 0] -> A_out [0.5, -0.5].
+    # r0 (right): steps q [1, 0.25]: flaws [0, 0.5]; first flagged step s1 -> pen 2 * 0.5 = 1.0
+    #   tokens [s0, s1, label]: s0 0.5 ; s1 0.5 * (1 - 0.5 * 0.5) - 1.0 * 1.0 = 0.375 - 1 = -0.625 ; label 0.5
+    # r1 (wrong): steps q [0, 0]: flaws [1, 1], pens [2, 1]
+    #   tokens [s0, s1, label]: -0.5 - 2 = -2.5 ; -0.5 - 1 = -1.5 ; label -0.5
+    adv = torch.tensor([0.5, -0.5])
+    sr = torch.tensor([[1.0, 0.25], [0.0, 0.0]])
+    sm = torch.ones(2, 2, dtype=torch.bool)
+    ts = torch.tensor([[0, 1, -1], [0, 1, -1]])
+    cm = torch.ones(2, 3)
+    got = gated_step_advantages(adv, torch.tensor([True, False]), sr, sm, ts, cm, alpha=1.0)
+    _close(got, [[0.5, -0.625, 0.5], [-2.5, -1.5, -0.5]], tol=1e-6)
+    # min-form: r1 s0 answers for max(2, 1) = 2, s1 for 1 (unchanged); r0 s0 for max(0, 1) = 1 -> 0.5 - 1 = -0.5
+    got = gated_step_advantages(adv, torch.tensor([True, False]), sr, sm, ts, cm, alpha=1.0, min_form=True)
+    _close(got, [[-0.5, -0.625, 0.5], [-2.5, -1.5, -0.5]], tol=1e-6)
+
+
+def test_all_wrong_group_learns_only_through_flagged_steps():
+    # G = 4, every verdict wrong: GRPO's advantage is 0 everywhere; the gated estimator pushes down only the
+    # tokens of the flagged step (r2's step 1), nothing else.
+    outcome = torch.zeros(4)
+    sr = torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+    sm = torch.ones(4, 2, dtype=torch.bool)
+    ts = torch.tensor([[0, 1, -1]] * 4)
+    cm = torch.ones(4, 3)
+    x = AdvantageInputs(outcome, sr, sm, ts, cm, 4)
+    assert torch.equal(compute_advantages("grpo", x), torch.zeros(4, 3))
+    got = compute_advantages("srpo_gated", x, AdvantageOptions(alpha=0.5))
+    want = torch.zeros(4, 3)
+    want[2, 1] = -0.5 * 2.0  # alpha * first_error_weight * flaw 1
+    assert torch.equal(got, want)
+
+
+def test_per_type_normalisation_gives_zero_to_a_step_every_rollout_gets_right():
+    # Issue 10 B: four rollouts all say Type `same` (right: 1), Missing right in 2 of 4.
+    # Pooled: pool {1,1,1,1,1,0,1,0} -> mean 0.75 -> every Type step gets +0.25 / std > 0.
+    # Per type: the Type pool {1,1,1,1} is constant -> 0; Missing pool {1,0,1,0} -> +-1/(std) .
+    sr = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0], [1.0, 0.0]])  # [Type, Missing]
+    sm = torch.ones(4, 2, dtype=torch.bool)
+    types = torch.tensor([[0, 1]] * 4)
+    pooled = normalize_step_rewards(sr, sm, 4)
+    assert (pooled[:, 0] > 0.4).all()  # the farmable part: a step everyone gets right is paid
+    per_type = normalize_step_rewards(sr, sm, 4, step_type=types)
+    assert torch.equal(per_type[:, 0], torch.zeros(4))
+    sd = math.sqrt(4 * 0.25 / 3)
+    _close(per_type[:, 1], [0.5 / (sd + 1e-4), -0.5 / (sd + 1e-4)] * 2)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_per_type_normalisation_matches_loop(seed):
+    _, sr, sm, _, _, g = random_batch(seed)
+    rng = random.Random(seed)
+    types = torch.tensor([[rng.randint(0, 2) for _ in range(sr.shape[1])] for _ in range(sr.shape[0])])
+    got = normalize_step_rewards(sr, sm, g, step_type=types)
+    want = torch.zeros_like(got)
+    for k in range(3):
+        part = torch.tensor(ref_normalize_step_rewards(sr.tolist(), (sm & (types == k)).tolist(), g))
+        want = want + part
+    _close(got, want.tolist())
+
+
+def test_class_weights_apply_after_normalisation():
+    # two prompts of G = 2; weights by gold class 2.0 (prompt 0) and 0.5 (prompt 1)
+    r = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    w = torch.tensor([2.0, 2.0, 0.5, 0.5])
+    base = group_normalize(r, 2)
+    assert torch.equal(outcome_advantage(r, 2, w), base * w)
+    # the same weights applied to the rewards before normalising would cancel: that is why they come after
+    assert torch.allclose(group_normalize(r * w, 2), base, atol=1e-3)
+    with pytest.raises(ValueError, match="outcome_weight"):
+        outcome_advantage(r, 2, torch.tensor([1.0, -1.0, 1.0, 1.0]))
+
+
+def test_registry_names_and_unknown():
+    assert {"grpo", "srpo_centered", "srpo_centered_pooled", "srpo_gated", "srpo_gated_min"} <= set(ESTIMATORS)
+    x = AdvantageInputs(torch.tensor([1.0, 0.0]), torch.zeros(2, 0), torch.zeros(2, 0, dtype=torch.bool),
+                        torch.full((2, 2), -1), torch.ones(2, 2), 2)
+    with pytest.raises(ValueError, match="unknown advantage estimator 'nope'"):
+        compute_advantages("nope", x)
+    for name in ESTIMATORS:  # no steps anywhere: every estimator is the outcome advantage
+        assert torch.equal(compute_advantages(name, x), compute_advantages("grpo", x)), name

@@ -34,10 +34,15 @@ The std is the unbiased (n-1) one, as in TRL and verl.
 
 2. Step advantage (process supervision, DeepSeekMath section 4.1.3)
 -------------------------------------------------------------------
-Step rewards are normalised with the mean and std of *all valid step rewards of all rollouts in the group*
-(not per step position: step 2 of one rollout need not talk about the same thing as step 2 of another):
+Step rewards are normalised within each group. With ``step_type`` (an integer id per step: which schema
+step it is) each step is compared with *the same step type* of the other rollouts of its group:
 
-    q~_{i,s} = (q_{i,s} - mean(Q_g)) / (std(Q_g) + eps),   Q_g = { q_{j,s'} : j in group g, s' valid }
+    q~_{i,s} = (q_{i,s} - mean(Q_{g,k})) / (std(Q_{g,k}) + eps),   Q_{g,k} = { q_{j,s'} : j in g, type(j,s') = k }
+
+so a step every rollout gets right has q~ = 0 whatever the other step types score. Without ``step_type``
+the pool is *all valid step rewards of the group* (DeepSeekMath's pooling; kept as an ablation): then a
+step every rollout gets right is pushed up whenever another step type of the group scores lower, which
+is how the pooled estimator paid the majority path (docs/srpo.md, "What went wrong").
 
 and then turned into a per-token advantage by one of three credit modes (t is a token of step s(t)):
 
@@ -64,12 +69,41 @@ group clearly agrees are good (normalised reward above a threshold) get more wei
 --------
     A_{i,t} = [ A^out_i + alpha * A^step_{i,t} ] * completion_mask_{i,t}
 
-With alpha = 0 this is exactly GRPO's advantage broadcast over the completion tokens.
+With alpha = 0 this is exactly GRPO's advantage broadcast over the completion tokens. This is the
+``srpo_centered`` estimator of the registry below.
+
+5. Outcome-gated, penalty-only step credit (``srpo_gated``, ``srpo_gated_min``)
+------------------------------------------------------------------------------
+The centred step term rewards any step scoring above its group, whatever the verdict; where every rollout
+gives the same verdict it is the only gradient, and the policy farms it on the majority path. The gated
+estimators never centre step scores and never pay for a step; a step the examiner flags only *lowers*:
+
+    flaw_{i,s} = clip((tau - q_{i,s}) / tau, 0, 1)        (tau = incorrect_below, 0.5; verifier 0 -> 1, 1 -> 0)
+    pen_{i,s}  = w_{i,s} * flaw_{i,s},   w = first_error_weight on the first flagged step of a rollout, else 1
+    wrong verdict:  A_{i,t} = min(A^out_i, 0)                            - alpha * pen_{i,s(t)}
+    right verdict:  A_{i,t} = A^out_i * (1 - (1 - rho) * flaw_{i,s(t)}) - alpha * pen_{i,s(t)}
+
+(rho = ``flawed_share``, the share of the positive outcome advantage a flawed step keeps, 0.5). So no
+token of a wrong-verdict rollout is ever pushed up; a group where every rollout is wrong (outcome
+advantage 0: vanilla GRPO learns nothing there) still pushes down the steps the examiner flags -- the
+hypothesis for why SRPO can beat GRPO. ``srpo_gated_min`` uses PURE's min-form over the penalties: a token
+answers for the worst flagged step at or after it (``max_{s' >= s(t)} pen_{i,s'}``), so the blame of a
+wrong step reaches the steps that led to it. Tokens in no step get only the (gated) outcome term. With
+alpha = 0 both are GRPO exactly.
+
+6. Class-aware outcome and the registry
+---------------------------------------
+``outcome_weight`` [B] (a per-row weight, e.g. by gold class) multiplies the group-normalised outcome
+advantage *after* normalisation (before it, a constant weight per prompt would cancel). Every estimator
+has the signature ``fn(inputs: AdvantageInputs, opts: AdvantageOptions) -> Tensor [B, T]`` and is picked
+by name from :data:`ESTIMATORS` (as verl's ``core_algos``): ``grpo``, ``srpo_centered``,
+``srpo_centered_pooled``, ``srpo_gated``, ``srpo_gated_min``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -125,12 +159,23 @@ def group_normalize(rewards: Tensor, group_size: int, eps: float = 1e-4, scale: 
 
 
 def normalize_step_rewards(
-    step_rewards: Tensor, step_mask: Tensor, group_size: int, eps: float = 1e-4, scale: bool = True
+    step_rewards: Tensor, step_mask: Tensor, group_size: int, eps: float = 1e-4, scale: bool = True,
+    step_type: Tensor | None = None,
 ) -> Tensor:
-    """Normalise step rewards by the mean/std of all valid step rewards in each group. [B, S] -> [B, S].
+    """Normalise step rewards within each group. [B, S] -> [B, S].
 
+    ``step_type`` None: by the mean/std of all valid step rewards of the group (pooled). ``step_type`` [B, S]
+    (integer ids): each type separately, so a step type every rollout gets right comes out 0.
     Invalid (padding) steps come out as 0, whatever garbage (even NaN) they held.
     """
+    if step_type is not None:
+        _check_same_shape(step_type, step_mask, "step_type", "step_mask")
+        out = torch.zeros(step_rewards.shape, dtype=torch.float32)
+        mask = step_mask.bool()
+        for k in torch.unique(step_type[mask]).tolist():
+            of_k = mask & (step_type == k)
+            out = out + normalize_step_rewards(step_rewards, of_k, group_size, eps=eps, scale=scale)
+        return out
     _check_same_shape(step_rewards, step_mask, "step_rewards", "step_mask")
     mask = step_mask.bool()
     bad = mask & ~torch.isfinite(step_rewards)
@@ -246,8 +291,13 @@ def srpo_advantages(
     critical: dict | None = None,
     eps: float = 1e-4,
     scale: bool = True,
+    step_type: Tensor | None = None,
+    outcome_weight: Tensor | None = None,
 ) -> Tensor:
     """Per-token SRPO advantage [B, T]: ``(A^out_i + alpha * A^step_{i,t}) * completion_mask``.
+
+    ``step_type``: normalise step rewards per type (see :func:`normalize_step_rewards`); ``outcome_weight``
+    [B]: per-row weights on the normalised outcome advantage (:func:`outcome_advantage`).
 
     ``critical``: None (no emphasis) or keyword arguments for ``critical_step_weights`` (``first_error_weight``,
     ``confident_correct_weight``, ``threshold``, ``incorrect_below``) plus optionally ``outcome_correct``
@@ -263,7 +313,7 @@ def srpo_advantages(
             f"[B={outcome_rewards.shape[0]}, T]"
         )
     mask = completion_mask.float()
-    adv = group_normalize(outcome_rewards, group_size, eps=eps, scale=scale)[:, None] * mask
+    adv = outcome_advantage(outcome_rewards, group_size, outcome_weight, eps=eps, scale=scale)[:, None] * mask
     if alpha == 0:
         return adv
 
@@ -271,7 +321,7 @@ def srpo_advantages(
         raise ValueError(
             f"step_rewards has {step_rewards.shape[0]} rows but outcome_rewards has {outcome_rewards.shape[0]}"
         )
-    norm = normalize_step_rewards(step_rewards, step_mask, group_size, eps=eps, scale=scale)
+    norm = normalize_step_rewards(step_rewards, step_mask, group_size, eps=eps, scale=scale, step_type=step_type)
     if critical is not None:
         opts = dict(critical)
         outcome_correct = opts.pop("outcome_correct", None)
@@ -284,6 +334,199 @@ def srpo_advantages(
         norm = norm * critical_step_weights(step_rewards, step_mask, outcome_correct, norm_step_rewards=norm, **opts)
     step_adv = step_advantages(norm, step_mask, token_step, mode=mode)
     return adv + alpha * step_adv * mask
+
+
+def outcome_advantage(
+    outcome_rewards: Tensor, group_size: int, outcome_weight: Tensor | None = None, eps: float = 1e-4,
+    scale: bool = True,
+) -> Tensor:
+    """GRPO's group-normalised outcome advantage [B], times ``outcome_weight`` [B] *after* normalisation.
+
+    A weight per gold class applied to the rewards before normalisation would cancel (every rollout of a
+    prompt shares the gold class); applied after, it scales how much a prompt of that class moves the policy.
+    """
+    adv = group_normalize(outcome_rewards, group_size, eps=eps, scale=scale)
+    if outcome_weight is None:
+        return adv
+    w = outcome_weight.float()
+    if w.shape != adv.shape:
+        raise ValueError(f"outcome_weight has shape {tuple(w.shape)}, expected [{adv.shape[0]}]")
+    if not torch.isfinite(w).all() or (w < 0).any():
+        raise ValueError("outcome_weight must be finite and >= 0")
+    return adv * w
+
+
+def step_flaws(step_rewards: Tensor, step_mask: Tensor, incorrect_below: float = 0.5) -> Tensor:
+    """How wrong each step is, [B, S] in [0, 1]: ``clip((tau - q) / tau, 0, 1)``; 0 on padding.
+
+    A verifier's 0 is a full flaw, its 1 none; a judge's probability below ``tau`` is a partial flaw, at or
+    above ``tau`` none -- a judge's doubt never adds up to a penalty on steps it thinks are fine.
+    """
+    _check_same_shape(step_rewards, step_mask, "step_rewards", "step_mask")
+    if not 0.0 < incorrect_below <= 1.0:
+        raise ValueError(f"incorrect_below must be in (0, 1], got {incorrect_below}")
+    mask = step_mask.bool()
+    q = torch.where(mask, step_rewards.float(), torch.ones_like(step_rewards, dtype=torch.float32))
+    return ((incorrect_below - q) / incorrect_below).clamp(0.0, 1.0) * mask
+
+
+def gated_step_advantages(
+    outcome_adv: Tensor,
+    outcome_correct: Tensor,
+    step_rewards: Tensor,
+    step_mask: Tensor,
+    token_step: Tensor,
+    completion_mask: Tensor,
+    alpha: float = 1.0,
+    first_error_weight: float = 2.0,
+    flawed_share: float = 0.5,
+    incorrect_below: float = 0.5,
+    min_form: bool = False,
+) -> Tensor:
+    """Outcome-gated, penalty-only SRPO advantage [B, T] (module docstring, section 5).
+
+    ``outcome_adv`` [B] is the (weighted) group-normalised outcome advantage; ``outcome_correct`` [B] whether
+    the rollout's verdict is right. ``alpha == 0`` returns ``outcome_adv`` broadcast over the mask: GRPO.
+    """
+    if not 0.0 <= flawed_share <= 1.0:
+        raise ValueError(f"flawed_share must be in [0, 1], got {flawed_share}")
+    if first_error_weight < 0:
+        raise ValueError(f"first_error_weight must be >= 0, got {first_error_weight}")
+    mask = completion_mask.float()
+    base = outcome_adv.float()[:, None] * mask
+    if alpha == 0:
+        return base
+    if outcome_correct.shape != outcome_adv.shape:
+        raise ValueError(f"outcome_correct must have shape {tuple(outcome_adv.shape)}, got {tuple(outcome_correct.shape)}")
+    smask = step_mask.bool()
+    _check_token_step(token_step, smask)
+    flaw = step_flaws(step_rewards, smask, incorrect_below)  # [B, S]
+    flagged = flaw > 0
+    first = flagged & ((flagged.long().cumsum(-1) - flagged.long()) == 0)
+    pen = flaw * torch.where(first, torch.full_like(flaw, first_error_weight), torch.ones_like(flaw))
+    if min_form:  # a token answers for the worst penalty at or after its step (suffix max; padding is 0)
+        pen = pen.flip(-1).cummax(-1).values.flip(-1) * smask
+    in_step = token_step >= 0
+    if flaw.shape[1] == 0:
+        flaw_t = pen_t = torch.zeros_like(mask)
+    else:
+        idx = token_step.clamp(min=0).long()
+        flaw_t = torch.where(in_step, flaw.gather(1, idx), torch.zeros_like(mask))
+        pen_t = torch.where(in_step, pen.gather(1, idx), torch.zeros_like(mask))
+    a = outcome_adv.float()[:, None]
+    right = outcome_correct.bool()[:, None]
+    adv = torch.where(right, a * (1.0 - (1.0 - flawed_share) * flaw_t), a.clamp(max=0.0)) - alpha * pen_t
+    return adv * mask
+
+
+# ---------------------------------------------------------------- the estimator registry
+
+
+@dataclass(frozen=True)
+class AdvantageInputs:
+    """Everything an estimator may read; one row per rollout, groups contiguous (see the module docstring)."""
+
+    outcome_rewards: Tensor  # [B]
+    step_rewards: Tensor  # [B, S] in [0, 1]
+    step_mask: Tensor  # [B, S] bool
+    token_step: Tensor  # [B, T] long, -1 outside steps
+    completion_mask: Tensor  # [B, T]
+    group_size: int
+    outcome_correct: Tensor | None = None  # [B] bool; None = outcome_rewards >= 1
+    step_type: Tensor | None = None  # [B, S] long: schema step id, for per-type normalisation
+    outcome_weight: Tensor | None = None  # [B] per-row weight on the normalised outcome advantage
+
+
+@dataclass(frozen=True)
+class AdvantageOptions:
+    """Every estimator's knobs (each estimator reads the ones it needs)."""
+
+    alpha: float = 1.0
+    credit_mode: str = "broadcast"  # centred estimators: broadcast | cumsum | min
+    critical: dict | None = None  # centred estimators: critical_step_weights keywords
+    eps: float = 1e-4
+    scale: bool = True
+    first_error_weight: float = 2.0  # gated estimators
+    flawed_share: float = 0.5
+    incorrect_below: float = 0.5
+    extra: dict = field(default_factory=dict)
+
+
+Estimator = Callable[[AdvantageInputs, AdvantageOptions], Tensor]
+ESTIMATORS: dict[str, Estimator] = {}
+
+
+def register_estimator(name: str) -> Callable[[Estimator], Estimator]:
+    def deco(fn: Estimator) -> Estimator:
+        if name in ESTIMATORS:
+            raise ValueError(f"advantage estimator {name!r} is already registered")
+        ESTIMATORS[name] = fn
+        return fn
+
+    return deco
+
+
+def get_estimator(name: str) -> Estimator:
+    if name not in ESTIMATORS:
+        raise ValueError(f"unknown advantage estimator {name!r}; known: {sorted(ESTIMATORS)}")
+    return ESTIMATORS[name]
+
+
+def _correct(x: AdvantageInputs) -> Tensor:
+    return x.outcome_correct.bool() if x.outcome_correct is not None else x.outcome_rewards >= 1.0
+
+
+@register_estimator("grpo")
+def grpo_estimator(x: AdvantageInputs, o: AdvantageOptions) -> Tensor:
+    """Outcome only (with the class-aware weight when given), broadcast over the completion tokens."""
+    adv = outcome_advantage(x.outcome_rewards, x.group_size, x.outcome_weight, eps=o.eps, scale=o.scale)
+    return adv[:, None] * x.completion_mask.float()
+
+
+def _centered(x: AdvantageInputs, o: AdvantageOptions, step_type: Tensor | None) -> Tensor:
+    crit = None
+    if o.critical is not None:
+        crit = dict(o.critical)
+        crit.setdefault("outcome_correct", _correct(x))
+    return srpo_advantages(x.outcome_rewards, x.step_rewards, x.step_mask, x.token_step, x.completion_mask,
+                           x.group_size, alpha=o.alpha, mode=o.credit_mode, critical=crit, eps=o.eps, scale=o.scale,
+                           step_type=step_type, outcome_weight=x.outcome_weight)
+
+
+@register_estimator("srpo_centered")
+def srpo_centered_estimator(x: AdvantageInputs, o: AdvantageOptions) -> Tensor:
+    """Group-centred step term, normalised per step type (sections 2-4)."""
+    return _centered(x, o, x.step_type)
+
+
+@register_estimator("srpo_centered_pooled")
+def srpo_centered_pooled_estimator(x: AdvantageInputs, o: AdvantageOptions) -> Tensor:
+    """The centred step term normalised over all step types of a group (the first SRPO; an ablation)."""
+    return _centered(x, o, None)
+
+
+def _gated(x: AdvantageInputs, o: AdvantageOptions, min_form: bool) -> Tensor:
+    adv = outcome_advantage(x.outcome_rewards, x.group_size, x.outcome_weight, eps=o.eps, scale=o.scale)
+    return gated_step_advantages(adv, _correct(x), x.step_rewards, x.step_mask, x.token_step, x.completion_mask,
+                                 alpha=o.alpha, first_error_weight=o.first_error_weight, flawed_share=o.flawed_share,
+                                 incorrect_below=o.incorrect_below, min_form=min_form)
+
+
+@register_estimator("srpo_gated")
+def srpo_gated_estimator(x: AdvantageInputs, o: AdvantageOptions) -> Tensor:
+    """Outcome-gated, penalty-only step credit, each step answering for itself (section 5)."""
+    return _gated(x, o, min_form=False)
+
+
+@register_estimator("srpo_gated_min")
+def srpo_gated_min_estimator(x: AdvantageInputs, o: AdvantageOptions) -> Tensor:
+    """Outcome-gated penalties with PURE-style min-form credit (section 5)."""
+    return _gated(x, o, min_form=True)
+
+
+def compute_advantages(name: str, inputs: AdvantageInputs, options: AdvantageOptions | None = None) -> Tensor:
+    """Per-token advantages [B, T] of the estimator ``name`` (see :data:`ESTIMATORS`)."""
+    return get_estimator(name)(inputs, options or AdvantageOptions())
 
 
 def pad_step_rewards(step_rewards: Sequence[Sequence[float]]) -> tuple[Tensor, Tensor]:

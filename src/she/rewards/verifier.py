@@ -12,7 +12,12 @@ Rules (default schema):
   disagreement -> incorrect. A known *mismatch* the step does not mention -> incorrect (the step
   missed the decisive evidence). Otherwise correct if at least one attribute was checked against a
   fact, else unknown. Without attribute facts, a gold label that admits no mismatch (Exact) makes a
-  claimed mismatch incorrect and "none"/matches correct.
+  claimed mismatch incorrect and "none"/matches correct. Steps are also checked *as a combination*: given
+  the rollout's own (readable, label-consistent) Type, an Attributes line from which the guideline cannot
+  reach the gold label is incorrect -- on a Partial pair ``Type: same`` + ``Attributes: none`` implies
+  Exact, so the Attributes line is wrong even though each line alone is possible. A combination that can
+  reach the label is not thereby certain (which attribute mismatches is not in the label): unknown. An
+  unreadable Attributes line is incorrect whatever the label.
 * ``Verdict``     -- the label vs the gold label (when the record has one).
 * ``Missing``     -- (coverage schema) the query words the product text lacks, computed exactly from the
   strings (:func:`she.reasoning.rationale.missing_query_words`): a rule, not a human fact, but exact, so it
@@ -58,7 +63,7 @@ def verify_steps(parsed, record: Record) -> list[StepVerdict]:
         elif key == "Attributes":
             v = _verify_attributes(step.conclusion, facts)
             if v.rule == "no attribute facts":
-                v = _attributes_from_label(step.conclusion, record, v)
+                v = _attributes_from_label(step.conclusion, record, v, _type_conclusion(parsed, facts))
             out.append(v)
         elif key == "Verdict":
             if record.label is None:
@@ -132,16 +137,37 @@ def _type_from_label(conclusion, record: Record) -> StepVerdict:
     return StepVerdict("Type", UNKNOWN, f"label {record.label} allows {'/'.join(allowed)}")
 
 
-def _attributes_from_label(conclusion, record: Record, fallback: StepVerdict) -> StepVerdict:
+def _type_conclusion(parsed, facts) -> str | None:
+    """The rollout's own Type conclusion (first Type step), or the type fact when the record has one."""
+    if facts.type_relation is not None:
+        return facts.type_relation
+    t = next((s for s in parsed.steps if s.key == "Type"), None)
+    return t.conclusion if t is not None and isinstance(t.conclusion, str) else None
+
+
+def _attributes_from_label(conclusion, record: Record, fallback: StepVerdict, type_relation: str | None) -> StepVerdict:
+    """Check the Attributes step against the gold label, alone and together with the rollout's Type."""
     if not _label_semantics(record):
         return fallback
-    from she.data.guideline import label_allows_mismatch
+    from she.data.guideline import consistent_type_relations, guideline_label, label_allows_mismatch
 
-    if label_allows_mismatch(record.label, record.taxonomy):
-        return fallback
     if not isinstance(conclusion, dict):
         return StepVerdict("Attributes", INCORRECT, "attributes unparsed")
+    if label_allows_mismatch(record.label, record.taxonomy):
+        if type_relation in consistent_type_relations(record.label, record.taxonomy):
+            implied = guideline_label(type_relation, _known_results(conclusion), record.taxonomy)
+            if implied != record.label:
+                return StepVerdict("Attributes", INCORRECT,
+                                   f"type {type_relation} with these attributes implies {implied}, label {record.label}")
+        return fallback
     bad = [a for a, v in conclusion.items() if v == "mismatch"]
     if bad:
         return StepVerdict("Attributes", INCORRECT, f"label {record.label} excludes a mismatch ({bad[0]})")
     return StepVerdict("Attributes", CORRECT, f"label {record.label}: no mismatch")
+
+
+def _known_results(conclusion: dict) -> dict[str, str]:
+    """The attribute results the guideline rule accepts (a parsed conclusion may hold other attribute names)."""
+    from she.data.schema import MATCH_VALUES
+
+    return {a: v for a, v in conclusion.items() if a in ATTRIBUTES and v in MATCH_VALUES}

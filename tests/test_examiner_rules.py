@@ -1,0 +1,67 @@
+"""Issue 10, part 0: the step-reward rules that let SRPO farm the majority path, each pinned by a test.
+
+A  steps are checked as a combination: given the rollout's own Type, an Attributes line from which the
+   guideline cannot reach the gold label is wrong (the Exact path is wrong on a Partial pair).
+C  repeated steps earn nothing; a step's credit covers its line break.
+D  a trace cut by the length limit earns no step credit; its cut last line is wrong, not graded on what is left.
+(B, the pooled normalisation, is pinned in tests/test_advantages.py.)
+"""
+
+import pytest
+
+from she.data.schema import Product, Record
+from she.reasoning.parse import parse_trace
+from she.reasoning.schema import builtin_schema
+from she.rewards.verifier import verify_steps
+
+SCHEMA = builtin_schema("hd3")
+
+
+def rec(label):
+    return Record(id="r", query="dewalt drill", product=Product(title="DeWalt 20V Drill"), label=label)
+
+
+def verdicts(trace, label):
+    return {v.step: v.verdict for v in verify_steps(parse_trace(trace, SCHEMA), rec(label))}
+
+
+def trace(type_, attrs, verdict="Exact"):
+    return f"Query: drill\nProduct: drill\nType: {type_}\nAttributes: {attrs}\nVerdict: {verdict}"
+
+
+# -- A: the combination of Type and Attributes against the gold label ------------------------------------------
+def test_exact_path_is_wrong_on_a_partial_pair():
+    v = verdicts(trace("same", "none"), "Partial")
+    assert v["Type"] == "unknown"  # same is possible for Partial (with a mismatch): alone it is not wrong
+    assert v["Attributes"] == "incorrect"  # but same + no mismatch implies Exact, which the label excludes
+
+
+def test_exact_path_with_matches_is_wrong_on_a_partial_pair():
+    assert verdicts(trace("same", "brand=match"), "Partial")["Attributes"] == "incorrect"
+
+
+def test_partial_path_is_not_certain_on_a_partial_pair():
+    # same + a mismatch reaches Partial, but which attribute mismatches is not known from the label
+    v = verdicts(trace("same", "brand=mismatch", "Partial"), "Partial")
+    assert v["Type"] == "unknown" and v["Attributes"] == "unknown"
+    # related reaches Partial whatever the attributes say
+    assert verdicts(trace("related", "none", "Partial"), "Partial")["Attributes"] == "unknown"
+
+
+def test_exact_pair_rules_unchanged():
+    v = verdicts(trace("same", "none"), "Exact")
+    assert v["Type"] == "correct" and v["Attributes"] == "correct"
+    assert verdicts(trace("same", "brand=mismatch"), "Exact")["Attributes"] == "incorrect"
+
+
+def test_irrelevant_pair_with_the_exact_path():
+    v = verdicts(trace("same", "none"), "Irrelevant")
+    assert v["Type"] == "incorrect"
+    # the Type is already wrong; the Attributes line alone cannot reach Irrelevant from any type it
+    # does not state, so it is left to the judge
+    assert v["Attributes"] == "unknown"
+
+
+def test_unparsable_attributes_is_wrong_for_every_label():
+    for label in ("Exact", "Partial", "Irrelevant"):
+        assert verdicts(trace("same", "looks fine to me"), label)["Attributes"] == "incorrect", label
