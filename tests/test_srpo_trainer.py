@@ -10,6 +10,7 @@ show that unparsable completions degrade to the outcome advantage.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections import defaultdict
@@ -21,7 +22,7 @@ import torch
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 pytest.importorskip("trl")
 
-from she.algorithms.advantages import pad_step_rewards, srpo_advantages  # noqa: E402
+from she.algorithms.advantages import AdvantageOptions, pad_step_rewards, srpo_advantages  # noqa: E402
 from she.data.schema import Record  # noqa: E402
 from she.data.synthetic import generate  # noqa: E402
 from she.reasoning.parse import parse_trace  # noqa: E402
@@ -42,8 +43,10 @@ from she.rewards.hybrid import (  # noqa: E402
 from she.rewards.verifier import verify_steps  # noqa: E402
 from she.training.srpo import (  # noqa: E402
     SRPOTrainer,
+    apply_trace_rules,
     build_grpo_config,
     completion_lengths,
+    credit_span,
     local_srpo_advantages,
     make_prompt_dataset,
     process_slice,
@@ -196,12 +199,14 @@ def test_local_advantages_of_a_group_split_over_two_processes():
     # pooled steps {1, 1, 0}: mean 2/3, unbiased std sqrt(1/3)
     q_hi = (1 / 3) / ((1 / 3) ** 0.5 + 1e-4)
     q_lo = (-2 / 3) / ((1 / 3) ** 0.5 + 1e-4)
+    pooled = {"estimator": "srpo_centered_pooled", "options": AdvantageOptions(alpha=1.0)}
     adv1, _ = local_srpo_advantages(outcome_all, steps_all, token_step_all, mask_all, correct, 4,
-                                    process_index=1, local_shape=(2, 3), alpha=1.0)
+                                    process_index=1, local_shape=(2, 3), **pooled)
     expected1 = torch.tensor([[-a_out + q_lo, -a_out + q_lo, -a_out + q_lo], [-a_out, -a_out, 0.0]])
     assert torch.allclose(adv1, expected1, atol=1e-5)
-    adv0, step_abs = local_srpo_advantages(outcome_all, steps_all, token_step_all, mask_all, correct, 4,
-                                           process_index=0, local_shape=(2, 5), alpha=1.0)
+    adv0, stats = local_srpo_advantages(outcome_all, steps_all, token_step_all, mask_all, correct, 4,
+                                        process_index=0, local_shape=(2, 5), **pooled)
+    step_abs = stats["srpo/step_advantage_abs_mean"]
     expected0 = torch.tensor([[a_out + q_hi, a_out + q_hi, a_out, a_out, 0.0], [a_out + q_hi, a_out, 0, 0, 0]])
     assert torch.allclose(adv0, expected0, atol=1e-5)
     # |step part| over the 4+2+3+2 = 11 completion tokens: 3 tokens carry q_hi, 3 carry |q_lo|
@@ -304,7 +309,8 @@ def independent_advantages(tok, records_by_id, rows, out, alpha=1.0) -> tuple[to
         kept = [(s, score[v.verdict]) for s, v in zip(parsed.steps, verify_steps(parsed, rec))
                 if s.kind != "label" and v.verdict in score]
         steps.append([q for _, q in kept])
-        ts = token_steps_for_completion(tok, ids, [s.span for s, _ in kept], text=text, skip_special_tokens=True)
+        spans = [credit_span(text, s.span) for s, _ in kept]  # a step's credit covers its line break
+        ts = token_steps_for_completion(tok, ids, spans, text=text, skip_special_tokens=True)
         token_steps.append(ts + [-1] * (ids_t.shape[1] - len(ts)))
     values, smask = pad_step_rewards(steps)
     adv = srpo_advantages(torch.tensor(outcomes), values, smask, torch.tensor(token_steps), mask, G, alpha=alpha)
@@ -327,7 +333,7 @@ def test_make_prompt_dataset_and_config(records, tmp_path):
 
 
 def test_srpo_hook_matches_independent_computation_and_hand_values(tiny, records, tmp_path):
-    t = make_trainer(tiny, records, tmp_path)
+    t = make_trainer(tiny, records, tmp_path, advantage="srpo_centered_pooled")
     rows = batch_rows(t, [0, 1])
     t.model.train()
     out = t._generate_and_score_completions(rows)
@@ -443,7 +449,8 @@ def test_two_training_steps_use_token_level_advantages(tiny, records, tmp_path, 
     from she.evaluation.report import rl_curves
 
     written = rl_curves(t.state.log_history, tmp_path)
-    assert set(written) == {"reward", "step_reward", "policy"} and all(p.stat().st_size > 0 for p in written.values())
+    assert set(written) == {"reward", "step_reward", "policy", "collapse"}
+    assert all(p.stat().st_size > 0 for p in written.values())
 
 
 def test_setup_errors(tiny, records, tmp_path):
@@ -461,3 +468,132 @@ def test_setup_errors(tiny, records, tmp_path):
     batch_args = build_grpo_config(tmp_path, num_generations=G, scale_rewards="batch")
     with pytest.raises(ValueError, match="scale_rewards"):
         SRPOTrainer(model, batch_args, ds, records_by_id={r.id: r for r in records}, processing_class=tok)
+
+
+# ------------------------------------------------------------------ issue 10: trace rules C, D and collapse logs
+
+
+def test_credit_span_and_trace_rules_by_hand():
+    text = "Type: same\nAttributes: none\r\nVerdict: Exact"
+    assert credit_span(text, (0, 10)) == (0, 11)  # the newline belongs to the step
+    assert credit_span(text, (11, 27)) == (11, 29)  # \r\n too
+    assert credit_span(text, (29, 43)) == (29, 43)  # end of text: nothing to add
+    keys, scores, srcs = ["Type", "Attributes", "Type"], [1.0, None, 1.0], ["verifier", "none", "verifier"]
+    assert apply_trace_rules(keys, scores, srcs, truncated=False) == ([1.0, None, 0.0], ["verifier", "none", "duplicate"])
+    assert apply_trace_rules(keys, scores, srcs, truncated=True) == ([0.0] * 3, ["cut"] * 3)
+
+
+def _rollout_of(texts_by_record: dict, eos: bool = True):
+    def rollout(prompts, trainer):
+        tok = trainer.processing_class
+        seen: dict[str, int] = defaultdict(int)
+        prompt_ids, completion_ids = [], []
+        for p in prompts:
+            key = p[-1]["content"]
+            text = texts_by_record[key][seen[key] % G]
+            seen[key] += 1
+            ptext = tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
+            prompt_ids.append(tok(ptext, add_special_tokens=False)["input_ids"])
+            completion_ids.append(tok(text, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if eos else []))
+        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": None}
+
+    return rollout
+
+
+def _trainer_with(tiny, records, tmp_path, texts, eos=True, **kwargs):
+    model, tok = tiny
+    args = build_grpo_config(tmp_path, num_generations=G, per_device_train_batch_size=G, max_completion_length=200,
+                             max_steps=1, learning_rate=1e-3, seed=0)
+    return SRPOTrainer(model, args, make_prompt_dataset(records), records_by_id={r.id: r for r in records},
+                       processing_class=tok, rollout_func=_rollout_of(texts, eos), **kwargs)
+
+
+def _duplicated(gold: str) -> str:
+    lines = gold.split("\n")
+    k = next(i for i, x in enumerate(lines) if x.startswith("Verdict:"))
+    return "\n".join(lines[:k] + [x for x in lines if x.startswith(("Type:", "Attributes:"))] + lines[k:])
+
+
+@pytest.mark.parametrize("advantage", ["srpo_centered", "srpo_centered_pooled", "srpo_gated"])
+def test_repeated_steps_earn_no_more_than_the_verdict(tiny, records, tmp_path, advantage):
+    """Issue 10 C: a rollout writing Type and Attributes twice must not earn more on the repeats than on its
+    verdict (before the fix: +1.18 on every duplicated token against +0.87 on the Verdict)."""
+    r = records[0]
+    gold = write_rationale(r)
+    texts = {user_message(r): [_duplicated(gold), gold, _replace_line(gold, "Verdict", "Exact" if r.label != "Exact"
+                                                                      else "Irrelevant"), gold]}
+    t = _trainer_with(tiny, [r], tmp_path, texts, advantage=advantage)
+    t.model.train()
+    out = t._generate_and_score_completions(batch_rows(t, [0]))
+    row = t.last_batch.rollouts[0]
+    assert row.step_sources[-2:] == ["duplicate", "duplicate"] and row.step_scores[-2:] == [0.0, 0.0]
+    ts, adv = t.last_batch.token_step[0], out["advantages"][0]
+    n_rewarded = len(row.rewards)
+    dup = (ts == n_rewarded - 1) | (ts == n_rewarded - 2)
+    verdict = (ts == -1) & out["completion_mask"][0].bool()
+    assert dup.any() and verdict.any()
+    assert adv[dup].max() < adv[verdict].min()
+
+
+def test_cut_trace_earns_no_step_credit(tiny, records, tmp_path):
+    """Issue 10 D: a completion cut by the length limit (no EOS) -- its steps all score 0 (source ``cut``)."""
+    r = records[0]
+    gold = write_rationale(r)
+    cut = gold[: gold.index("Attributes:") + len("Attributes: ") + 3]  # "Attributes: bra" -- cut mid-line
+    texts = {user_message(r): [cut, cut, cut, cut]}
+    t = _trainer_with(tiny, [r], tmp_path, texts, eos=False, advantage="srpo_gated")
+    t.model.train()
+    out = t._generate_and_score_completions(batch_rows(t, [0]))
+    for row in t.last_batch.rollouts:
+        assert row.truncated and set(row.step_sources) == {"cut"} and set(row.step_scores) == {0.0}
+    # every verdict wrong (none written): outcome advantage 0, step penalties only -> nothing positive
+    assert (out["advantages"] <= 0).all() and (out["advantages"] < 0).any()
+    assert t._metrics["train"]["srpo/truncated"][-1] == 1.0
+
+
+def test_collapse_metrics_logged_and_computed_right(tiny, records, tmp_path):
+    t = make_trainer(tiny, records, tmp_path)  # default estimator: srpo_gated
+    assert t.advantage == "srpo_gated"
+    t.model.train()
+    out = t._generate_and_score_completions(batch_rows(t, [0, 1]))
+    rows = t.last_batch.rollouts
+    m = {k: v[-1] for k, v in t._metrics["train"].items()}
+    labels = [r.label for r in rows]
+    for lab in ("Exact", "Partial", "Irrelevant"):
+        assert m[f"srpo/pred_share/{lab}"] == pytest.approx(labels.count(lab) / 8)
+    assert m["srpo/pred_share/none"] == pytest.approx(sum(x is None for x in labels) / 8)
+    for gold in {r.gold for r in rows}:
+        of = [r for r in rows if r.gold == gold]
+        assert m[f"srpo/recall/{gold}"] == pytest.approx(sum(r.label == gold for r in of) / len(of))
+    assert m["srpo/zero_var_groups"] == 0.0  # scripted groups mix right and wrong answers
+    assert m["srpo/pos_adv_mass_wrong"] == 0.0  # gated: nothing positive in wrong-verdict rollouts
+    wrong = torch.tensor([not r.correct for r in rows])
+    assert (out["advantages"][wrong] <= 0).all()
+    assert 0.0 < m["srpo/step_share"] < 1.0
+
+
+def test_collapse_metrics_by_hand():
+    from she.training.srpo import RolloutScore, collapse_metrics
+
+    def row(label, gold):
+        return RolloutScore("", label, gold, float(label == gold), label == gold, True, [], [], [])
+
+    rows = [row("Exact", "Exact"), row("Exact", "Exact"), row("Exact", "Partial"), row("Partial", "Partial")]
+    m = collapse_metrics(rows, ("Irrelevant", "Partial", "Exact"), 2)
+    assert m["srpo/pred_share/Exact"] == 0.75 and m["srpo/pred_share/Partial"] == 0.25
+    assert m["srpo/recall/Exact"] == 1.0 and m["srpo/recall/Partial"] == 0.5 and "srpo/recall/Irrelevant" not in m
+    # F1 Exact = 2*2/(2+3) = 0.8, F1 Partial = 2*1/(2+1) = 2/3; Irrelevant absent from gold and predictions
+    assert m["srpo/train_macro_f1"] == pytest.approx((0.8 + 2 / 3) / 2)
+    # group 0 all Exact (entropy 0, outcomes equal); group 1 Exact/Partial (entropy ln 2, outcomes 0/1)
+    assert m["srpo/verdict_entropy"] == pytest.approx(0.5 * math.log(2))
+    assert m["srpo/zero_var_groups"] == 0.5
+
+
+def test_class_weights_scale_grpo(tiny, records, tmp_path):
+    w = {"Exact": 2.0, "Partial": 0.5, "Irrelevant": 1.0}
+    t = make_trainer(tiny, records, tmp_path, step_rewards=False, class_weights=w)
+    t.model.train()
+    out = t._generate_and_score_completions(batch_rows(t, [0, 1]))
+    weights = torch.tensor([w[r.gold] for r in t.last_batch.rollouts])
+    want = t.last_batch.trl_advantages[:, None] * weights[:, None] * out["completion_mask"]
+    assert torch.allclose(out["advantages"], want, atol=1e-5)

@@ -105,10 +105,14 @@ def rl_curves(log_history: list[dict], out_dir: Path) -> dict[str, Path]:
         "step_reward": ("mean step reward by step type", [k for k in keys if k.startswith("srpo/step_reward/")]),
         "policy": ("policy entropy, KL, clip fraction, path diversity",
                    ["entropy", "kl", "clip_ratio/region_mean", "srpo/path_diversity"]),
+        "collapse": ("collapse signs: predicted-class shares, recall, advantage make-up",
+                     [k for k in keys if k.startswith(("srpo/pred_share/", "srpo/recall/"))]
+                     + ["srpo/train_macro_f1", "srpo/verdict_entropy", "srpo/zero_var_groups", "srpo/step_share",
+                        "srpo/pos_adv_mass_wrong", "srpo/truncated"]),
     }
     written: dict[str, Path] = {}
     for name, (title, ks) in groups.items():
-        data = {k.split("/")[-1] if name == "step_reward" else k: series(k) for k in ks}
+        data = {k.split("/")[-1] if name == "step_reward" else k.removeprefix("srpo/"): series(k) for k in ks}
         data = {k: v for k, v in data.items() if v}
         if data:
             path = out_dir / f"{name}.png"

@@ -45,7 +45,10 @@ SOURCE_BLEND = "blend"  # verifier and judge both had an opinion and were averag
 SOURCE_NEUTRAL = "neutral"  # nobody had an opinion; the neutral score was used
 SOURCE_NONE = "none"  # nobody had an opinion and there is no neutral score: the step gets no reward
 SOURCE_EXAMINER = "examiner"  # a plain StepExaminer that does not say where its scores come from
-SOURCES = (SOURCE_VERIFIER, SOURCE_JUDGE, SOURCE_BLEND, SOURCE_NEUTRAL, SOURCE_NONE, SOURCE_EXAMINER)
+SOURCE_DUPLICATE = "duplicate"  # the trainer's rule: a step written again scores 0 (training/srpo.py)
+SOURCE_CUT = "cut"  # the trainer's rule: every step of a trace cut by the length limit scores 0
+SOURCES = (SOURCE_VERIFIER, SOURCE_JUDGE, SOURCE_BLEND, SOURCE_NEUTRAL, SOURCE_NONE, SOURCE_EXAMINER,
+           SOURCE_DUPLICATE, SOURCE_CUT)
 
 HYBRID_MODES = ("verifier_first", "blend")
 

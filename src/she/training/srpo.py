@@ -42,12 +42,22 @@ import torch
 from torch import Tensor
 from trl import GRPOConfig, GRPOTrainer
 
-from she.algorithms.advantages import CREDIT_MODES, pad_step_rewards, srpo_advantages
+from she.algorithms.advantages import (
+    CREDIT_MODES,
+    ESTIMATORS,
+    AdvantageInputs,
+    AdvantageOptions,
+    compute_advantages,
+    outcome_advantage,
+    pad_step_rewards,
+)
 from she.data.schema import Record
 from she.reasoning.parse import ParsedTrace, parse_trace
 from she.reasoning.schema import StepSchema, default_schema
 from she.reasoning.segmentation import token_steps_for_completion
 from she.rewards.hybrid import (
+    SOURCE_CUT,
+    SOURCE_DUPLICATE,
     SOURCES,
     StepExaminer,
     StepScores,
@@ -176,11 +186,17 @@ class RolloutScore:
     step_scores: list[float | None]
     step_sources: list[str]
     token_step: list[int] | None = None
+    truncated: bool = False
 
     @property
     def rewards(self) -> list[float]:
         """Step rewards of the rewarded steps, in text order (what ``token_step`` indexes)."""
         return [s for s in self.step_scores if s is not None]
+
+    @property
+    def reward_keys(self) -> list[str]:
+        """Step keys of the rewarded steps (parallel to :attr:`rewards`)."""
+        return [k for k, s in zip(self.step_keys, self.step_scores) if s is not None]
 
 
 def rollout_outcome(text: str, record: Record, schema: StepSchema, *, partial_credit: bool = False,
@@ -203,6 +219,45 @@ def examined_step_indices(parsed: ParsedTrace, include_label_step: bool = False)
     it again would count the label twice on the very tokens that decide it.
     """
     return [k for k, s in enumerate(parsed.steps) if include_label_step or s.kind != "label"]
+
+
+def credit_span(text: str, span: tuple[int, int]) -> tuple[int, int]:
+    """The characters a step answers for: its line *and* the line break that ends it.
+
+    Without the break, ending a line (or starting the next one) sits outside every step and earns no step
+    credit while continuing a rewarded line does: broadcast credit then pays for longer lines.
+    """
+    s, e = span
+    if text.startswith("\r\n", e):
+        return s, e + 2
+    if text.startswith("\n", e) or text.startswith("\r", e):
+        return s, e + 1
+    return s, e
+
+
+def apply_trace_rules(keys: Sequence[str], scores: Sequence[float | None], sources: Sequence[str], *,
+                      truncated: bool) -> tuple[list[float | None], list[str]]:
+    """Step scores after the two trace-level rules (pure; docs/srpo.md, "What the examiner pays for"):
+
+    * a step key already seen earlier in the trace scores 0 (``duplicate``): writing a step twice never
+      earns twice;
+    * a trace cut by the length limit (no end-of-sequence token) never reached its verdict: every examined
+      step scores 0 (``cut``), so its last, cut line is not graded on what is left and the complete lines
+      before it earn nothing for a trace that failed.
+    """
+    out_scores, out_sources, seen = [], [], set()
+    for k, sc, src in zip(keys, scores, sources):
+        if truncated:
+            out_scores.append(0.0)
+            out_sources.append(SOURCE_CUT)
+        elif k in seen:
+            out_scores.append(0.0)
+            out_sources.append(SOURCE_DUPLICATE)
+        else:
+            out_scores.append(sc)
+            out_sources.append(src)
+        seen.add(k)
+    return out_scores, out_sources
 
 
 def completion_lengths(completion_ids: Tensor, completion_mask: Tensor, pad_token_id: int | None) -> list[int]:
@@ -272,6 +327,92 @@ def step_metrics(rows: Sequence[RolloutScore]) -> dict[str, float]:
     return out
 
 
+def collapse_metrics(rows: Sequence[RolloutScore], labels: Sequence[str], group_size: int) -> dict[str, float]:
+    """Signs of a policy collapsing onto one label, from the training rollouts of one batch (pure).
+
+    ``srpo/pred_share/<label>``: share of rollouts that give that label (``None``: no label);
+    ``srpo/recall/<label>``: per gold class, the share of its rollouts that give it (classes present only);
+    ``srpo/train_macro_f1``: Macro F1 of the rollouts' labels over the classes present in gold or predictions;
+    ``srpo/verdict_entropy``: mean entropy (nats) of the label distribution inside each rollout group (0 when
+    every rollout of a prompt says the same thing); ``srpo/zero_var_groups``: share of groups whose outcome
+    rewards are all equal (GRPO learns nothing from them).
+    """
+    import math
+
+    n = len(rows)
+    if n == 0:
+        return {}
+    out: dict[str, float] = {}
+    for lab in labels:
+        out[f"srpo/pred_share/{lab}"] = sum(r.label == lab for r in rows) / n
+    out["srpo/pred_share/none"] = sum(r.label not in labels for r in rows) / n
+    f1s = []
+    for lab in labels:
+        tp = sum(r.label == lab and r.gold == lab for r in rows)
+        n_gold = sum(r.gold == lab for r in rows)
+        n_pred = sum(r.label == lab for r in rows)
+        if n_gold:
+            out[f"srpo/recall/{lab}"] = tp / n_gold
+        if n_gold or n_pred:
+            f1s.append(2 * tp / (n_gold + n_pred))
+    out["srpo/train_macro_f1"] = sum(f1s) / len(f1s) if f1s else 0.0
+    if group_size >= 1 and n % group_size == 0:
+        ents, zero_var = [], 0
+        for g in range(n // group_size):
+            grp = rows[g * group_size:(g + 1) * group_size]
+            counts: dict[str | None, int] = defaultdict(int)
+            for r in grp:
+                counts[r.label] += 1
+            ents.append(-sum(c / group_size * math.log(c / group_size) for c in counts.values()))
+            zero_var += len({r.outcome for r in grp}) == 1
+        out["srpo/verdict_entropy"] = sum(ents) / len(ents)
+        out["srpo/zero_var_groups"] = zero_var / (n // group_size)
+    return out
+
+
+def advantage_metrics(adv: Tensor, outcome_part: Tensor, mask: Tensor, correct: Tensor) -> dict[str, float]:
+    """How the advantage of a batch is made up (pure; [B, T] tensors, ``correct`` [B] bool).
+
+    ``srpo/step_advantage_abs_mean``: mean |A - A_out| over completion tokens; ``srpo/step_share``: the
+    share of total |advantage| mass that comes from the step term; ``srpo/pos_adv_mass_wrong``: the share of
+    total |advantage| mass that is *positive* advantage on tokens of wrong-verdict rollouts (0 by
+    construction for the gated estimators; what farming the majority path looks like for the others).
+    """
+    m = mask.bool()
+    if not m.any():
+        return {}
+    step = (adv - outcome_part)[m].abs()
+    total = step.sum() + outcome_part[m].abs().sum()
+    wrong = (~correct.bool())[:, None] & m
+    pos_wrong = adv.clamp(min=0)[wrong].sum()
+    mass = adv[m].abs().sum()
+    return {
+        "srpo/step_advantage_abs_mean": step.mean().item(),
+        "srpo/step_share": (step.sum() / total).item() if total > 0 else 0.0,
+        "srpo/pos_adv_mass_wrong": (pos_wrong / mass).item() if mass > 0 else 0.0,
+    }
+
+
+def class_weight_vector(golds: Sequence[str], class_weights: Mapping[str, float] | None) -> Tensor | None:
+    """Per-row outcome weights from each row's gold class (None when no class weights are set)."""
+    if class_weights is None:
+        return None
+    missing = sorted({g for g in golds if g not in class_weights})
+    if missing:
+        raise ValueError(f"class_weights has no weight for gold label(s) {missing} (it has {sorted(class_weights)})")
+    return torch.tensor([float(class_weights[g]) for g in golds], dtype=torch.float32)
+
+
+def balanced_class_weights(labels: Sequence[str], classes: Sequence[str]) -> dict[str, float]:
+    """Inverse-frequency weights ``n / (K * n_c)`` over the classes present (mean weight 1 over rows)."""
+    counts = {c: sum(1 for x in labels if x == c) for c in classes}
+    present = {c: k for c, k in counts.items() if k}
+    if not present:
+        raise ValueError("balanced class weights need at least one labelled record")
+    n, k = sum(present.values()), len(present)
+    return {c: n / (k * present.get(c, n / k)) for c in classes}
+
+
 # ------------------------------------------------------------------------------------------ trainer
 
 
@@ -291,6 +432,8 @@ class SRPOBatch:
     rollouts: list[RolloutScore]
     outcome_rewards: Tensor  # [B_global]
     step_rewards: list[list[float]] = field(default_factory=list)  # global, ragged
+    step_keys: list[list[str]] = field(default_factory=list)  # global, ragged: the key of each rewarded step
+    golds: list[str] = field(default_factory=list)  # global: each row's gold label
     token_step: Tensor | None = None  # [B_local, T]
     trl_advantages: Tensor | None = None  # [B_local], TRL's own
     advantages: Tensor | None = None  # [B_local, T], what the loss uses
@@ -308,8 +451,14 @@ class SRPOTrainer(GRPOTrainer):
     examiner: scores steps (:mod:`she.rewards.hybrid`); default :class:`VerifierExaminer` (human facts only;
         steps it cannot check get no step reward rather than an invented neutral one).
     step_rewards: False = vanilla GRPO (the examiner, if any, is still run for the step metrics).
-    alpha, credit_mode, critical, scale: forwarded to :func:`srpo_advantages`; ``scale`` follows
-        ``args.scale_rewards`` (``group`` -> True, ``none`` -> False).
+    advantage: the estimator, by name from :data:`she.algorithms.advantages.ESTIMATORS` (``grpo``,
+        ``srpo_centered``, ``srpo_centered_pooled``, ``srpo_gated``, ``srpo_gated_min``); default
+        ``srpo_gated`` with step rewards, ``grpo`` without. ``grpo`` without class weights is TRL's own advantage.
+    alpha, credit_mode, critical, scale, first_error_weight, flawed_share, incorrect_below: the estimator's
+        options (:class:`she.algorithms.advantages.AdvantageOptions`); ``scale`` follows ``args.scale_rewards``
+        (``group`` -> True, ``none`` -> False).
+    class_weights: ``{label: weight}`` on the group-normalised outcome advantage of a prompt with that gold
+        label (after normalisation, where it does not cancel); the same for every estimator, GRPO included.
     schema, taxonomy: the step schema the policy writes (default :func:`default_schema` of ``taxonomy``).
     partial_credit, format_weight: the outcome reward (:func:`rollout_outcome`).
     include_label_step: also give the verdict step a step reward (off: the outcome already covers it).
@@ -335,9 +484,14 @@ class SRPOTrainer(GRPOTrainer):
         records_by_id: Mapping[str, Record] | None = None,
         examiner: StepExaminer | None = None,
         step_rewards: bool = True,
+        advantage: str | None = None,
         alpha: float = 1.0,
         credit_mode: str = "broadcast",
         critical: Mapping[str, Any] | None = None,
+        first_error_weight: float = 2.0,
+        flawed_share: float = 0.5,
+        incorrect_below: float = 0.5,
+        class_weights: Mapping[str, float] | None = None,
         schema: StepSchema | None = None,
         taxonomy: str = "hd3",
         partial_credit: bool = False,
@@ -362,6 +516,15 @@ class SRPOTrainer(GRPOTrainer):
         self.records_by_id = dict(records_by_id) if records_by_id is not None else None
         self.examiner = examiner if examiner is not None else VerifierExaminer()
         self.step_rewards = bool(step_rewards)
+        self.advantage = advantage or ("srpo_gated" if self.step_rewards else "grpo")
+        if self.advantage not in ESTIMATORS:
+            raise ValueError(f"advantage must be one of {sorted(ESTIMATORS)}, got {self.advantage!r}")
+        if not self.step_rewards and self.advantage != "grpo":
+            raise ValueError(f"step_rewards=False is vanilla GRPO; advantage={self.advantage!r} needs step rewards")
+        self.class_weights = dict(class_weights) if class_weights is not None else None
+        self.first_error_weight = float(first_error_weight)
+        self.flawed_share = float(flawed_share)
+        self.incorrect_below = float(incorrect_below)
         self.alpha = float(alpha)
         self.credit_mode = credit_mode
         self.critical = dict(critical) if critical is not None else None
@@ -518,19 +681,21 @@ class SRPOTrainer(GRPOTrainer):
             outcomes = [float(x) for x in self.reward_model.score_records(records, texts)]
         examined = [examined_step_indices(p, self.include_label_step) for p in parsed_rows]
         scores: list[StepScores] = examine_batch(self.examiner, list(zip(parsed_rows, records)))
+        ends = {*getattr(self, "eos_token_ids", [tok.eos_token_id]), tok.pad_token_id} - {None}
         rows = []
         for i, (p, rec, idx, sc) in enumerate(zip(parsed_rows, records, examined, scores)):
             keys = [p.steps[k].key for k in idx]
-            step_scores = [sc.scores[k] for k in idx]
-            sources = [sc.sources[k] for k in idx]
+            truncated = not ids_rows[i] or ids_rows[i][-1] not in ends
+            step_scores, sources = apply_trace_rules(keys, [sc.scores[k] for k in idx], [sc.sources[k] for k in idx],
+                                                     truncated=truncated)
             token_step = None
             if with_token_steps:
-                spans = [p.steps[k].span for k, s in zip(idx, step_scores) if s is not None]
+                spans = [credit_span(texts[i], p.steps[k].span) for k, s in zip(idx, step_scores) if s is not None]
                 token_step = token_steps_for_completion(tok, ids_rows[i], spans, text=texts[i], skip_special_tokens=True)
             rows.append(RolloutScore(
                 text=texts[i], label=p.label, gold=rec.label, outcome=outcomes[i], correct=p.label == rec.label,
                 format_ok=p.format_ok, step_keys=keys, step_scores=step_scores, step_sources=sources,
-                token_step=token_step,
+                token_step=token_step, truncated=truncated,
             ))
         return rows
 
@@ -547,10 +712,11 @@ class SRPOTrainer(GRPOTrainer):
                 f"TRL returned advantages of shape {tuple(trl_adv.shape)} for completion_mask {tuple(mask.shape)}; "
                 "SRPOTrainer expects [B_local] (see tests/test_trl_contract.py)"
             )
-        rows = self.score_rollouts(inputs, output["completion_ids"], mask, with_token_steps=self.step_rewards)
+        own = self.advantage != "grpo" or self.class_weights is not None
+        rows = self.score_rollouts(inputs, output["completion_ids"], mask, with_token_steps=self.advantage != "grpo")
         batch = self._gather_rows(rows, mode)
         batch.trl_advantages = trl_adv.detach().clone()
-        if self.step_rewards:
+        if own:
             adv = self._srpo_local_advantages(rows, mask, group_size, batch, mode)
         else:
             adv = trl_adv[:, None] * mask.to(trl_adv.dtype)  # vanilla GRPO, broadcast over the tokens
@@ -593,11 +759,13 @@ class SRPOTrainer(GRPOTrainer):
         from accelerate.utils import gather_object
 
         light = [RolloutScore(r.text, r.label, r.gold, r.outcome, r.correct, r.format_ok, r.step_keys,
-                              r.step_scores, r.step_sources) for r in rows]  # token maps stay local
+                              r.step_scores, r.step_sources, truncated=r.truncated) for r in rows]  # token maps stay local
         all_rows: list[RolloutScore] = gather_object(light)
-        for name, value in step_metrics(all_rows).items():
-            self._metrics[mode][name].append(value)
         group = self.num_generations if mode == "train" else (self.num_generations_eval or self.num_generations)
+        metrics = {**step_metrics(all_rows), **collapse_metrics(all_rows, self.schema.labels, group)}
+        metrics["srpo/truncated"] = sum(r.truncated for r in all_rows) / max(len(all_rows), 1)
+        for name, value in metrics.items():
+            self._metrics[mode][name].append(value)
         if all_rows and len(all_rows) % group == 0:  # reasoning-path diversity inside rollout groups
             from she.sampling.diverse import mean_group_path_diversity
 
@@ -607,7 +775,8 @@ class SRPOTrainer(GRPOTrainer):
         device = self.accelerator.device
         outcome_all = self.accelerator.gather(torch.tensor([r.outcome for r in rows], dtype=torch.float32, device=device))
         return SRPOBatch(mode=mode, rollouts=rows, outcome_rewards=outcome_all.cpu(),
-                         step_rewards=[r.rewards for r in all_rows])
+                         step_rewards=[r.rewards for r in all_rows], step_keys=[r.reward_keys for r in all_rows],
+                         golds=[r.gold for r in all_rows])
 
     def _log_examiner_faults(self, mode: str) -> None:
         """Log ``judge/faults/<kind>``: examiner faults (e.g. remote-judge timeouts) since the last batch,
@@ -678,19 +847,24 @@ class SRPOTrainer(GRPOTrainer):
         acc = self.accelerator
         device = mask.device
         b_local, t_local = mask.shape
-        token_step = token_step_tensor([r.token_step for r in rows], t_local).to(device)
+        token_step = token_step_tensor([r.token_step or [] for r in rows], t_local).to(device)
         correct = torch.tensor([r.correct for r in rows], dtype=torch.long, device=device)  # NCCL-safe dtype
         # pad the time dimension to the longest process, then gather: every process sees the global batch
         token_step_all = acc.gather(acc.pad_across_processes(token_step, dim=1, pad_index=-1)).cpu()
         mask_all = acc.gather(acc.pad_across_processes(mask, dim=1, pad_index=0)).cpu()
         correct_all = acc.gather(correct).cpu()
-        adv, step_abs = local_srpo_advantages(
+        keys = {st.key: k for k, st in enumerate(self.schema.steps)}
+        adv, stats = local_srpo_advantages(
             batch.outcome_rewards, batch.step_rewards, token_step_all, mask_all, correct_all, group_size,
-            process_index=acc.process_index, local_shape=(b_local, t_local), alpha=self.alpha,
-            mode=self.credit_mode, critical=self.critical, scale=self.scale,
+            process_index=acc.process_index, local_shape=(b_local, t_local), estimator=self.advantage,
+            options=AdvantageOptions(alpha=self.alpha, credit_mode=self.credit_mode, critical=self.critical,
+                                     scale=self.scale, first_error_weight=self.first_error_weight,
+                                     flawed_share=self.flawed_share, incorrect_below=self.incorrect_below),
+            step_types_all=[[keys.get(k, len(keys)) for k in row] for row in batch.step_keys],
+            outcome_weight=class_weight_vector(batch.golds, self.class_weights),
         )
-        if step_abs is not None:
-            self._metrics[mode]["srpo/step_advantage_abs_mean"].append(step_abs)
+        for name, value in stats.items():
+            self._metrics[mode][name].append(value)
         batch.token_step = token_step
         return adv.to(device=device, dtype=torch.float32)
 
@@ -705,35 +879,39 @@ def local_srpo_advantages(
     *,
     process_index: int,
     local_shape: tuple[int, int],
-    alpha: float = 1.0,
-    mode: str = "broadcast",
-    critical: Mapping[str, Any] | None = None,
-    scale: bool = True,
-) -> tuple[Tensor, float | None]:
-    """SRPO advantages over the gathered batch, then this process's [B_local, T_local] part (pure).
+    estimator: str = "srpo_gated",
+    options: AdvantageOptions | None = None,
+    step_types_all: Sequence[Sequence[int]] | None = None,
+    outcome_weight: Tensor | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """Advantages of ``estimator`` over the gathered batch, then this process's [B_local, T_local] part (pure).
 
     Inputs are what every process holds after gathering: ``outcome_all`` [B], ``step_rewards_all`` (ragged,
-    B rows, in process order), ``token_step_all``/``mask_all`` [B, T_max] (each process's rows padded on
-    the right to the longest process's T with -1 / 0, as ``accelerator.pad_across_processes`` does) and
-    ``correct_all`` [B] (label right, for critical-step weighting). Groups may straddle processes; their
-    statistics are computed on the whole group here. Returns (local advantages, mean |step part| over
-    completion tokens, or None for an empty mask) -- the second is a logging metric.
+    B rows, in process order) and ``step_types_all`` (the same shape: schema step ids), ``token_step_all``/
+    ``mask_all`` [B, T_max] (each process's rows padded on the right to the longest process's T with -1 / 0,
+    as ``accelerator.pad_across_processes`` does), ``correct_all`` [B] (label right) and ``outcome_weight`` [B]
+    (class-aware weights, or None). Groups may straddle processes; their statistics are computed on the
+    whole group here. Returns (local advantages, :func:`advantage_metrics` of the global batch).
     """
     b_local, t_local = local_shape
-    step_values, step_mask = pad_step_rewards(step_rewards_all)
-    crit = None
-    if critical is not None:
-        crit = dict(critical)
-        crit.setdefault("outcome_correct", correct_all.bool())
-    adv_all = srpo_advantages(outcome_all, step_values, step_mask, token_step_all, mask_all, group_size,
-                              alpha=alpha, mode=mode, critical=crit, scale=scale)
-    outcome_only = srpo_advantages(outcome_all, step_values, step_mask, token_step_all, mask_all, group_size,
-                                   alpha=0.0, scale=scale)
-    m = mask_all.bool()
-    step_abs = (adv_all - outcome_only)[m].abs().mean().item() if m.any() else None
     if token_step_all.shape[1] < t_local:
         raise ValueError(f"gathered token maps have {token_step_all.shape[1]} columns, fewer than T_local={t_local}")
-    return adv_all[process_slice(process_index, b_local), :t_local], step_abs
+    opts = options or AdvantageOptions()
+    step_values, step_mask = pad_step_rewards(step_rewards_all)
+    step_type = None
+    if step_types_all is not None:
+        step_type = torch.full(step_mask.shape, -1, dtype=torch.long)
+        for i, row in enumerate(step_types_all):
+            if len(row) != int(step_mask[i].sum()):
+                raise ValueError(f"row {i}: {len(row)} step types for {int(step_mask[i].sum())} step rewards")
+            step_type[i, : len(row)] = torch.tensor(list(row), dtype=torch.long)
+    x = AdvantageInputs(outcome_all, step_values, step_mask, token_step_all, mask_all, group_size,
+                        outcome_correct=correct_all.bool(), step_type=step_type, outcome_weight=outcome_weight)
+    adv_all = compute_advantages(estimator, x, opts)
+    outcome_part = outcome_advantage(outcome_all, group_size, outcome_weight, eps=opts.eps,
+                                     scale=opts.scale)[:, None] * mask_all.float()
+    stats = advantage_metrics(adv_all, outcome_part, mask_all, correct_all)
+    return adv_all[process_slice(process_index, b_local), :t_local], stats
 
 
 __all__ = [
@@ -747,6 +925,12 @@ __all__ = [
     "build_grpo_config",
     "completion_lengths",
     "examined_step_indices",
+    "advantage_metrics",
+    "apply_trace_rules",
+    "balanced_class_weights",
+    "class_weight_vector",
+    "collapse_metrics",
+    "credit_span",
     "local_srpo_advantages",
     "make_prompt_dataset",
     "process_slice",
