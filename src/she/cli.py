@@ -279,7 +279,8 @@ def _cmd_train(a) -> None:
         cfg = load_config(RLJobConfig, a.config, over)
         if a.train_cmd == "grpo":
             cfg.step_rewards = False
-        print(f"saved {run_rl_job(cfg, load_splits(cfg.data)['train'])}")
+        splits = load_splits(cfg.data)
+        print(f"saved {run_rl_job(cfg, splits['train'], check_records=splits.get('validation') or None)}")
         return
     if a.train_cmd == "prm":
         from she.training.prm import run_prm_job

@@ -284,9 +284,24 @@ class RLJobConfig:
     judge_weight: float = 0.5  # blend weight of the judge
     facts_store: str | None = None  # fact store from `she data facts build`: facts for the verifier, by record id
     reward_model: str | None = None  # scalar RM folder (`she train rm`): its score replaces the label outcome reward
+    # the advantage estimator (docs/srpo.md): srpo_gated (outcome-gated, penalty-only step credit) |
+    # srpo_gated_min (the same, PURE min-form) | srpo_centered (group-centred per step type) |
+    # srpo_centered_pooled (centred over all step types: the first SRPO) | grpo. None: srpo_gated, or grpo
+    # when step_rewards is false.
+    advantage: str | None = None
     alpha: float = 1.0  # weight of the step advantage next to the outcome advantage
-    credit_mode: str = "broadcast"  # broadcast | cumsum | min
-    critical: dict[str, float] | None = None  # e.g. {first_error_weight: 2.0, confident_correct_weight: 1.5}
+    credit_mode: str = "broadcast"  # centred estimators: broadcast | cumsum | min
+    critical: dict[str, float] | None = None  # centred: e.g. {first_error_weight: 2.0, confident_correct_weight: 1.5}
+    first_error_weight: float = 2.0  # gated: weight of the first flagged step of a rollout
+    flawed_share: float = 0.5  # gated: share of a right verdict's positive advantage a flagged step keeps
+    incorrect_below: float = 0.5  # gated: a step score below this is a (partial) flaw
+    # class-aware outcome: weights on the normalised outcome advantage by gold class (every estimator, GRPO too):
+    # null (none) | balanced (inverse frequency in the RL training records) | {Exact: 1.0, Partial: 1.5, ...}
+    class_weights: str | dict[str, float] | None = None
+    # check the examiner before paying it (docs/srpo.md, "Check the examiner"): error (refuse to start when a
+    # constant majority trace out-scores gold-consistent traces on a class) | warn | off
+    examiner_check: str = "error"
+    examiner_check_records: int = 60  # held-out (validation split) records the check scores
     partial_credit: bool = False  # ordinal partial credit in the outcome reward
     format_weight: float = 0.0
     prompt_style: str = "compact"

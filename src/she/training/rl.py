@@ -46,6 +46,63 @@ def with_store_facts(cfg: RLJobConfig, records: list[Record]) -> list[Record]:
     return attach_from_path(records, cfg.facts_store)
 
 
+def resolve_class_weights(cfg: RLJobConfig, train: list[Record]) -> dict[str, float] | None:
+    """``cfg.class_weights`` as ``{label: weight}``: None, ``balanced`` (inverse label frequency in ``train``),
+    or the mapping given (every label of the taxonomy needs a weight >= 0)."""
+    from she.data.labels import get_taxonomy
+    from she.training.srpo import balanced_class_weights
+
+    cw = cfg.class_weights
+    if cw is None or cw == "none":
+        return None
+    labels = get_taxonomy(cfg.data.taxonomy).labels
+    if cw == "balanced":
+        return balanced_class_weights([r.label for r in train], labels)
+    if isinstance(cw, str):
+        raise ValueError(f"class_weights must be null, 'balanced' or a mapping label -> weight, got {cw!r}")
+    missing = [lab for lab in labels if lab not in cw]
+    unknown = [k for k in cw if k not in labels]
+    if missing or unknown:
+        raise ValueError(f"class_weights: labels {missing} have no weight, {unknown} are not labels of {cfg.data.taxonomy}")
+    bad = {k: v for k, v in cw.items() if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0}
+    if bad:
+        raise ValueError(f"class_weights: weights must be numbers >= 0, got {bad}")
+    return {k: float(v) for k, v in cw.items()}
+
+
+def run_examiner_check(cfg: RLJobConfig, examiner, records: list[Record]) -> dict | None:
+    """Score gold vs constant traces of up to ``cfg.examiner_check_records`` records (she.rewards.check);
+    ``error`` refuses to train when a constant trace wins on a class, ``warn`` logs it, ``off`` skips.
+    Written to ``<output_dir>/examiner_check.json``."""
+    import logging
+    import random
+
+    from she.reasoning.schema import default_schema
+    from she.rewards.check import check_examiner, format_check
+
+    if cfg.examiner_check not in ("error", "warn", "off"):
+        raise ValueError(f"examiner_check must be error, warn or off, got {cfg.examiner_check!r}")
+    advantage = cfg.advantage or ("srpo_gated" if cfg.step_rewards else "grpo")
+    if cfg.examiner_check == "off" or advantage == "grpo" or not records:
+        return None
+    sample = list(records)
+    random.Random(cfg.seed).shuffle(sample)
+    criterion = "flaw" if advantage.startswith("srpo_gated") else "reward"
+    report = check_examiner(examiner, sample[: cfg.examiner_check_records], default_schema(cfg.data.taxonomy),
+                            criterion=criterion)
+    text = format_check(report)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "examiner_check.json").write_text(json.dumps(report, indent=2))
+    logging.getLogger(__name__).info("%s", text)
+    if not report["ok"]:
+        if cfg.examiner_check == "error":
+            raise ValueError(f"{text}\nThe step reward would pay a constant answer more than the truth, so SRPO would "
+                             "drift there; fix the examiner (judge, facts) or set examiner_check: warn to train anyway")
+        logging.getLogger(__name__).warning("examiner check failed (examiner_check: warn): training anyway")
+    return report
+
+
 def rollout_settings(cfg: RLJobConfig) -> dict:
     """The job's rollout-engine settings as :func:`build_grpo_config` keywords (TRL's ``GRPOConfig`` names).
 
@@ -72,8 +129,10 @@ def trainer_rollout_kwargs(cfg: RLJobConfig) -> dict:
 
 
 @in_schema(lambda cfg, *a, **k: schema_of(cfg.model))
-def run_rl_job(cfg: RLJobConfig, train: list[Record], callbacks: list | None = None) -> Path:
+def run_rl_job(cfg: RLJobConfig, train: list[Record], callbacks: list | None = None,
+               check_records: list[Record] | None = None) -> Path:
     """``callbacks``: extra ``TrainerCallback``s (the curriculum's plateau stop, see she.sampling.curriculum).
+    ``check_records``: held-out labelled records for the examiner check (default: the training records).
 
     Rollouts are parsed and examined with the policy's own step schema (``she.json``)."""
     from she.models.registry import load_model_and_tokenizer
@@ -96,6 +155,10 @@ def run_rl_job(cfg: RLJobConfig, train: list[Record], callbacks: list | None = N
     )
     if args.process_index == 0:
         (out / "she_config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
+    examiner = build_examiner(cfg)
+    class_weights = resolve_class_weights(cfg, train)
+    if args.process_index == 0:
+        run_examiner_check(cfg, examiner, check_records if check_records is not None else train)
     model, tok = load_model_and_tokenizer(cfg.model)
     tok.padding_side = "left"
     if cfg.layout_invariant_sampling:
@@ -104,8 +167,10 @@ def run_rl_job(cfg: RLJobConfig, train: list[Record], callbacks: list | None = N
         install_layout_invariant_sampling(model, seed=cfg.seed)
     trainer = SRPOTrainer(
         model=model, args=args, train_dataset=make_prompt_dataset(train, cfg.prompt_style),
-        processing_class=tok, records_by_id={r.id: r for r in train}, examiner=build_examiner(cfg),
-        step_rewards=cfg.step_rewards, alpha=cfg.alpha, credit_mode=cfg.credit_mode, critical=cfg.critical,
+        processing_class=tok, records_by_id={r.id: r for r in train}, examiner=examiner,
+        step_rewards=cfg.step_rewards, advantage=cfg.advantage, alpha=cfg.alpha, credit_mode=cfg.credit_mode,
+        critical=cfg.critical, first_error_weight=cfg.first_error_weight, flawed_share=cfg.flawed_share,
+        incorrect_below=cfg.incorrect_below, class_weights=class_weights,
         taxonomy=cfg.data.taxonomy, partial_credit=cfg.partial_credit, format_weight=cfg.format_weight,
         callbacks=[ManifestCallback(), *(callbacks or [])], max_bad_steps=cfg.max_bad_steps,
         **build_reward_model_kwargs(cfg), **trainer_rollout_kwargs(cfg),

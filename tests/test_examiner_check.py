@@ -1,0 +1,105 @@
+"""Check the examiner before paying it (issue 10, part 3): gold traces vs constant traces, per gold class."""
+
+import pytest
+
+from she.data.synthetic import generate
+from she.reasoning.parse import parse_trace
+from she.reasoning.schema import builtin_schema, coverage_schema
+from she.rewards.check import check_examiner, constant_trace, format_check, trace_totals
+from she.rewards.hybrid import VerifierExaminer
+
+SCHEMA = builtin_schema("hd3")
+
+
+@pytest.fixture(scope="module")
+def records():
+    recs = generate(n_queries=30, products_per_query=3, seed=3)
+    assert {r.label for r in recs} == {"Exact", "Partial", "Irrelevant"}
+    return recs
+
+
+def test_trace_totals_by_hand():
+    # steps: free (None -> neutral 0.5 in reward, no flaw), 1.0, 0.25 (flaw 0.5), 0.0 (flaw 1), label (left out)
+    t = trace_totals([None, 1.0, 0.25, 0.0, 1.0], ["free", "choice", "attributes", "free", "label"])
+    assert t == {"reward": 0.5 + 1.0 + 0.25 + 0.0, "flaw": 0.5 + 1.0}
+
+
+def test_constant_trace_follows_the_constant_label(records):
+    r = next(x for x in records if x.label == "Partial")
+    parsed = parse_trace(constant_trace(r, "Exact", SCHEMA), SCHEMA)
+    assert parsed.label == "Exact" and parsed.step("type").conclusion == "same"
+
+
+@pytest.mark.parametrize("schema", [builtin_schema("hd3"), coverage_schema("hd3")])
+def test_the_fixed_verifier_never_pays_a_constant_trace(records, schema):
+    for criterion in ("flaw", "reward"):
+        rep = check_examiner(VerifierExaminer(), records, schema, criterion=criterion)
+        assert rep["ok"], format_check(rep)
+        assert set(rep["classes"]) == {"Exact", "Partial", "Irrelevant"}
+
+
+class MajorityLovingJudge:
+    """A judge that likes every `Type: same` / `Attributes: none` line and doubts everything else."""
+
+    def score_steps(self, parsed, record):
+        out = []
+        for s in parsed.steps:
+            if s.key == "Type":
+                out.append(1.0 if s.conclusion == "same" else 0.2)
+            elif s.key == "Attributes":
+                out.append(1.0 if s.conclusion == {} else 0.2)
+            else:
+                out.append(None)
+        return out
+
+
+def test_a_judge_that_pays_the_majority_path_fails_the_check(records):
+    rep = check_examiner(MajorityLovingJudge(), records, SCHEMA, criterion="flaw")
+    assert not rep["ok"]
+    failing = {(g, lab) for g, lab, *_ in rep["failures"]}
+    assert ("Partial", "Exact") in failing and ("Irrelevant", "Exact") in failing
+    text = format_check(rep)
+    assert "FAIL: on Partial pairs the constant 'Exact' trace" in text
+
+
+def test_bad_input(records):
+    with pytest.raises(ValueError, match="criterion"):
+        check_examiner(VerifierExaminer(), records, SCHEMA, criterion="best")
+    unlabelled = [records[0].__class__(id="u", query="q", product=records[0].product)]
+    with pytest.raises(ValueError, match="labelled"):
+        check_examiner(VerifierExaminer(), unlabelled, SCHEMA)
+
+
+def test_rl_job_refuses_a_failing_examiner_before_loading_a_model(records, tmp_path, monkeypatch):
+    from she.config import RLJobConfig
+    from she.training import rl
+
+    monkeypatch.setattr(rl, "build_examiner", lambda cfg: MajorityLovingJudge())
+    monkeypatch.setattr("she.models.registry.load_model_and_tokenizer",
+                        lambda *a, **k: pytest.fail("a model was loaded before the examiner check"))
+    cfg = RLJobConfig(model="tiny", output_dir=str(tmp_path / "rl"), report_to="none")
+    with pytest.raises(ValueError, match="constant 'Exact' trace"):
+        rl.run_rl_job(cfg, records)
+    assert (tmp_path / "rl" / "examiner_check.json").exists()
+    # warn: the same check is logged and written, and training would go on (here: to the model loader)
+    cfg.examiner_check = "warn"
+    with pytest.raises(pytest.fail.Exception, match="a model was loaded"):
+        rl.run_rl_job(cfg, records)
+    # vanilla GRPO pays no step reward: nothing to check
+    assert rl.run_examiner_check(RLJobConfig(step_rewards=False), MajorityLovingJudge(), records) is None
+
+
+def test_resolve_class_weights(records):
+    from she.config import RLJobConfig
+    from she.training.rl import resolve_class_weights
+
+    assert resolve_class_weights(RLJobConfig(), records) is None
+    w = resolve_class_weights(RLJobConfig(class_weights="balanced"), records)
+    n = {lab: sum(r.label == lab for r in records) for lab in w}
+    assert sum(w[lab] * n[lab] for lab in w) == pytest.approx(len(records))  # mean weight over rows = 1
+    assert resolve_class_weights(RLJobConfig(class_weights={"Exact": 1, "Partial": 2, "Irrelevant": 2}), records) == {
+        "Exact": 1.0, "Partial": 2.0, "Irrelevant": 2.0}
+    with pytest.raises(ValueError, match="no weight"):
+        resolve_class_weights(RLJobConfig(class_weights={"Exact": 1}), records)
+    with pytest.raises(ValueError, match="balanced"):
+        resolve_class_weights(RLJobConfig(class_weights="inverse"), records)
