@@ -23,7 +23,8 @@ demo: install
 	$(VENV)/bin/she demo
 
 test: install
-	$(PY) -m pytest -q
+	$(VENV)/bin/she model prepare smollm2-135m >/dev/null  # the SmolLM2 tokenizer tests need the prepared folder (once)
+	$(PY) -m pytest -q -rs
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"

@@ -282,15 +282,23 @@ def _launch(argv: list[str], timeout: float, cwd: Path) -> subprocess.CompletedP
 
 
 PROBE = """
+import pathlib
 import torch
 from accelerate import PartialState
 s = PartialState(cpu=True)
 t = torch.tensor([s.process_index + 1.0])
 torch.distributed.all_reduce(t)
-print(f"PROBE rank={s.process_index} world={s.num_processes} type={s.distributed_type.value} "
-      f"backend={s.backend} sum={t.item():g}", flush=True)
+line = (f"PROBE rank={s.process_index} world={s.num_processes} type={s.distributed_type.value} "
+        f"backend={s.backend} sum={t.item():g}")
+# one file per rank: two processes printing to one pipe can join their lines (the probe then looked failed)
+pathlib.Path(__file__).with_name(f"probe-{s.process_index}.txt").write_text(line)
 torch.distributed.destroy_process_group()  # as she.cli does: an open gloo group can abort at exit
 """
+
+
+def probe_lines(folder: Path) -> list[str]:
+    """The probe's answers, one per rank that answered, in rank order."""
+    return [p.read_text().strip() for p in sorted(folder.glob("probe-*.txt"))]
 
 
 @pytest.fixture(scope="module")
@@ -299,11 +307,14 @@ def launcher(tmp_path_factory) -> str:
     d = tmp_path_factory.mktemp("probe")
     (d / "probe.py").write_text(PROBE)
     for _ in range(2):  # one retry: a port taken between accelerate's free-port pick and torchrun's bind
+        for old in d.glob("probe-*.txt"):
+            old.unlink()
         res = _launch([str(d / "probe.py")], timeout=120, cwd=d)
-        lines = sorted(l for l in res.stdout.splitlines() if l.startswith("PROBE"))
+        lines = probe_lines(d)
         if res.returncode == 0 and len(lines) == 2:
             return "\n".join(lines)
-    pytest.skip(f"accelerate launch cannot start 2 CPU processes here (rc={res.returncode}): {res.stdout[-800:]}")
+    pytest.skip(f"accelerate launch cannot start 2 CPU processes here (rc={res.returncode}, ranks answering: "
+                f"{len(lines)}): {res.stdout[-800:]}")
 
 
 @pytest.mark.slow
