@@ -103,3 +103,30 @@ def test_resolve_class_weights(records):
         resolve_class_weights(RLJobConfig(class_weights={"Exact": 1}), records)
     with pytest.raises(ValueError, match="balanced"):
         resolve_class_weights(RLJobConfig(class_weights="inverse"), records)
+
+
+def test_judge_steps_filter_and_auc_floor(records, tmp_path):
+    import json
+
+    from she.rewards.hybrid import HybridExaminer
+    from she.training.rl import judge_steps_above_floor
+
+    class Half:
+        def score_steps(self, parsed, record):
+            return [0.1] * len(parsed.steps)
+
+    r = next(x for x in records if x.label == "Partial")
+    parsed = parse_trace(constant_trace(r, "Partial", SCHEMA), SCHEMA)
+    all_judged = HybridExaminer(judge=Half()).examine(parsed, r)
+    only_type = HybridExaminer(judge=Half(), judge_steps=["Product"]).examine(parsed, r)
+    keys = [s.key for s in parsed.steps]
+    assert all_judged.sources[keys.index("Query")] == "judge"
+    assert only_type.sources[keys.index("Query")] == "neutral" and only_type.scores[keys.index("Query")] == 0.5
+    assert only_type.sources[keys.index("Product")] == "judge"
+    # the floor reads metrics.json next to the judge folder
+    (tmp_path / "judge").mkdir()
+    (tmp_path / "metrics.json").write_text(json.dumps({"after": {"by_step": {
+        "Type": {"auc": 0.55}, "Attributes": {"auc": 0.71}, "Query": {"auc": None}}}}))
+    assert judge_steps_above_floor(str(tmp_path / "judge"), 0.6) == ["Attributes"]
+    assert judge_steps_above_floor(str(tmp_path / "judge"), None) is None
+    assert judge_steps_above_floor(str(tmp_path / "nowhere" / "judge"), 0.6) is None

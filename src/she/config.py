@@ -282,6 +282,7 @@ class RLJobConfig:
     examiner: str = "verifier"  # verifier | hybrid (verifier first, judge fills the rest) | blend
     judge: str | None = None  # a judge folder from `she train prm` (needed for hybrid/blend)
     judge_weight: float = 0.5  # blend weight of the judge
+    judge_auc_floor: float | None = 0.6  # step types whose held-out judge AUC is below this are not judged (None: all)
     facts_store: str | None = None  # fact store from `she data facts build`: facts for the verifier, by record id
     reward_model: str | None = None  # scalar RM folder (`she train rm`): its score replaces the label outcome reward
     # the advantage estimator (docs/srpo.md): srpo_gated (outcome-gated, penalty-only step credit) |

@@ -176,8 +176,13 @@ class HybridExaminer:
         mode: str = "verifier_first",
         weight: float = 0.5,
         neutral: float | None = 0.5,
+        judge_steps: Sequence[str] | None = None,
     ) -> None:
+        """``judge_steps``: the step keys the judge may score (None: all). A step type on which the judge is
+        measured to be no better than chance (held-out AUC below a floor, see ``she train srpo``'s
+        ``judge_auc_floor``) is left to the verifier or to the neutral score instead of paying noise."""
         combine_step_scores([], [], mode=mode, weight=weight, neutral=neutral)  # validates the settings
+        self.judge_steps = None if judge_steps is None else frozenset(judge_steps)
         self.verifier = verifier if verifier is not None else VerifierExaminer()
         self.judge = judge
         self.mode = mode
@@ -204,6 +209,9 @@ class HybridExaminer:
                 answers = [self.judge.score_steps(*items[i]) for i in need]
             for i, a in zip(need, answers):
                 j_scores[i] = check_scores(a, len(items[i][0].steps), "judge")
+                if self.judge_steps is not None:
+                    j_scores[i] = [s if st.key in self.judge_steps else None
+                                   for s, st in zip(j_scores[i], items[i][0].steps)]
         return [
             combine_step_scores(v, j_scores.get(i), mode=self.mode, weight=self.weight, neutral=self.neutral)
             for i, v in enumerate(v_scores)

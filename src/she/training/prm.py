@@ -450,8 +450,10 @@ def evaluate_judge(judge: Any, rows: Sequence[dict[str, Any]]) -> dict[str, Any]
     by_key: dict[str, dict[str, float]] = {}
     for key in sorted(set(keys)):
         idx = [i for i, k in enumerate(keys) if k == key]
+        key_auc = roc_auc([ps[i] for i in idx], [ys[i] >= 0.5 for i in idx])
         by_key[key] = {"steps": len(idx), "accuracy": round(sum(hit[i] for i in idx) / len(idx), 4),
-                       "positive_share": round(sum(ys[i] >= 0.5 for i in idx) / len(idx), 4)}
+                       "positive_share": round(sum(ys[i] >= 0.5 for i in idx) / len(idx), 4),
+                       "auc": None if key_auc is None else round(key_auc, 4)}
     auc = roc_auc(ps, [y >= 0.5 for y in ys])
     return {
         "steps": len(ps),

@@ -23,8 +23,33 @@ def build_examiner(cfg: RLJobConfig):
 
         judge = StepJudge.from_pretrained(cfg.judge)
         mode = "verifier_first" if cfg.examiner == "hybrid" else "blend"
-        return HybridExaminer(VerifierExaminer(), judge, mode=mode, weight=cfg.judge_weight)
+        return HybridExaminer(VerifierExaminer(), judge, mode=mode, weight=cfg.judge_weight,
+                              judge_steps=judge_steps_above_floor(cfg.judge, cfg.judge_auc_floor))
     raise ValueError(f"unknown examiner {cfg.examiner!r}; use verifier, hybrid or blend")
+
+
+def judge_steps_above_floor(judge_dir: str, floor: float | None) -> list[str] | None:
+    """Step keys whose held-out judge AUC (``metrics.json`` of ``she train prm``, next to the judge folder)
+    is at least ``floor``; None = no filter (no floor, or no per-step metrics to read -- said in the log)."""
+    import logging
+
+    if floor is None:
+        return None
+    path = Path(judge_dir).parent / "metrics.json"
+    log = logging.getLogger(__name__)
+    try:
+        by_step = (json.loads(path.read_text()).get("after") or {}).get("by_step") or {}
+    except (OSError, ValueError):
+        by_step = {}
+    aucs = {k: v.get("auc") for k, v in by_step.items() if isinstance(v, dict)}
+    if not any(a is not None for a in aucs.values()):
+        log.warning("judge_auc_floor=%s: no per-step AUC in %s; the judge scores every step type", floor, path)
+        return None
+    kept = sorted(k for k, a in aucs.items() if a is not None and a >= floor)
+    dropped = {k: a for k, a in aucs.items() if k not in kept}
+    if dropped:
+        log.warning("judge step types below judge_auc_floor=%s (left to the verifier / neutral): %s", floor, dropped)
+    return kept
 
 
 def build_reward_model_kwargs(cfg: RLJobConfig) -> dict:
