@@ -915,7 +915,7 @@ def _initial_state(out: Path, cfg: CompareConfig) -> dict[str, Any]:
 
 def _compare_schema(cfg: CompareConfig, *args, **kwargs) -> str:
     """Every row writes the schema of the shared SFT start: ``sft_model``'s ``she.json``, else ``sft.schema``."""
-    from she.training.sft import schema_of
+    from she.models.metadata import schema_of
 
     if cfg.sft_model:
         return schema_of(cfg.sft_model)
@@ -1082,7 +1082,7 @@ def checkpoint_curves(ctx: _Ctx) -> dict[str, list[list[float]]]:
     start = _read_json(start_cache) if start_cache.exists() else {}
     sft = str(ctx.sft_dir())
     if sft not in start:
-        from she.evaluation.evaluate import prompt_style_of
+        from she.models.metadata import prompt_style_of
 
         start[sft] = {"step": 0, "macro_f1": evaluate_checkpoint(sft, subset, prompt_style=prompt_style_of(sft), **kw)}
         _write_json(start_cache, start)

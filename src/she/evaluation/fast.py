@@ -39,7 +39,8 @@ import torch
 
 from she.data.labels import get_taxonomy
 from she.data.schema import Record
-from she.evaluation.generate import Judgement, _label_probs, autocast, label_first_tokens
+from she.evaluation.generate import Judgement, _label_probs, label_first_tokens
+from she.models.metadata import autocast
 
 
 @dataclass

@@ -314,7 +314,7 @@ class StepJudge:
         """P(good) per verdict slot of each encoded input, batched (sorted by length, right-padded)."""
         import torch
 
-        from she.evaluation.generate import autocast
+        from she.models.metadata import autocast
 
         out: list[list[float]] = [[] for _ in encoded]
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))

@@ -100,7 +100,7 @@ class CrossEncoderJudge:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from she.training.sft import load_she_meta
+        from she.models.metadata import load_she_meta
 
         meta = load_she_meta(path)
         if meta.get("kind") != CE_KIND:

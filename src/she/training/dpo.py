@@ -18,7 +18,7 @@ from pathlib import Path
 from she.config import DPOJobConfig, to_dict
 from she.data.schema import Record
 from she.reasoning.schema import in_schema
-from she.training.sft import schema_of
+from she.models.metadata import schema_of
 
 log = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ from typing import Any
 from she.config import PRMJobConfig, to_dict
 from she.data.schema import Record
 from she.reasoning.schema import in_schema
-from she.training.sft import schema_of
+from she.models.metadata import schema_of
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class PolicySampler:
     def __call__(self, requests: Sequence[tuple[Record, str]], n: int, temperature: float) -> list[list[str]]:
         import torch
 
-        from she.evaluation.generate import autocast
+        from she.models.metadata import autocast
 
         if n < 1:
             raise ValueError("n must be >= 1")
@@ -519,7 +519,7 @@ def train_judge(judge: Any, rows: Sequence[dict[str, Any]], *, epochs: float = 1
     decay, gradient clipping). Returns the log history ``[{"step", "loss", "lr"}]``."""
     import torch
 
-    from she.evaluation.generate import autocast
+    from she.models.metadata import autocast
 
     examples = encode_rows(judge, rows)
     if not examples:
@@ -643,7 +643,7 @@ def run_prm_job(cfg: PRMJobConfig, progress: bool = True) -> dict[str, Any]:
         labelling: dict[str, Any] = {"dataset_file": cfg.dataset_file, "rows": len(rows)}
         dataset_path = Path(cfg.dataset_file)
     else:
-        from she.evaluation.evaluate import prompt_style_of
+        from she.models.metadata import prompt_style_of
 
         records = _records_for(cfg)
         policy, ptok = load_model_and_tokenizer(cfg.policy)

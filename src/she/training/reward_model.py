@@ -29,7 +29,7 @@ from typing import Any
 from she.config import RewardModelJobConfig, to_dict
 from she.data.schema import Record
 from she.reasoning.schema import in_schema
-from she.training.sft import schema_of
+from she.models.metadata import schema_of
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ class ScalarRewardModel:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from she.training.sft import load_she_meta
+        from she.models.metadata import load_she_meta
 
         p = Path(path)
         if not (p / "config.json").exists():

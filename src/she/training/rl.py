@@ -8,7 +8,7 @@ from pathlib import Path
 from she.config import RLJobConfig, to_dict
 from she.data.schema import Record
 from she.reasoning.schema import in_schema
-from she.training.sft import schema_of
+from she.models.metadata import schema_of
 
 
 def build_examiner(cfg: RLJobConfig):
@@ -78,7 +78,8 @@ def run_rl_job(cfg: RLJobConfig, train: list[Record], callbacks: list | None = N
     Rollouts are parsed and examined with the policy's own step schema (``she.json``)."""
     from she.models.registry import load_model_and_tokenizer
     from she.training.checkpoints import ManifestCallback
-    from she.training.sft import last_checkpoint, save_she_meta
+    from she.models.metadata import save_she_meta
+    from she.training.trainer_setup import last_checkpoint
     from she.training.srpo import SRPOTrainer, build_grpo_config, make_prompt_dataset
 
     train = with_store_facts(cfg, train)

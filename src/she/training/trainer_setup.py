@@ -40,7 +40,7 @@ def common_training_args(cfg: Any, output_dir: str | Path) -> dict[str, Any]:
     """
     import torch
 
-    from she.training.sft import use_cpu
+    from she.models.metadata import use_cpu
 
     cpu = use_cpu()
     return {
@@ -61,15 +61,22 @@ def common_training_args(cfg: Any, output_dir: str | Path) -> dict[str, Any]:
     }
 
 
+def last_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest *intact* checkpoint of a run (its manifest checks out), or None; newer damaged or
+    half-written ones are skipped with a logged reason (:func:`she.training.checkpoints.last_good_checkpoint`)."""
+    from she.training.checkpoints import last_good_checkpoint
+
+    found = last_good_checkpoint(output_dir)
+    return str(found) if found is not None else None
+
+
 def train_resuming(trainer: Any, output_dir: str | Path, resume: bool, logger: logging.Logger = log) -> str | None:
     """``trainer.train()``, continuing from the newest intact checkpoint in ``output_dir`` when ``resume``.
 
-    Only checkpoints whose manifest checks out are candidates (:func:`she.training.sft.last_checkpoint`), so
+    Only checkpoints whose manifest checks out are candidates (:func:`last_checkpoint`), so
     a checkpoint half-written by a killed run is skipped instead of crashing the restart. ``logger`` is the
     calling job's, so the "resuming from" line keeps its origin. Returns the checkpoint used (None = fresh).
     """
-    from she.training.sft import last_checkpoint
-
     checkpoint = last_checkpoint(output_dir) if resume else None
     if checkpoint:
         logger.info("resuming from %s", checkpoint)
@@ -88,7 +95,7 @@ def save_final(trainer: Any, output_dir: str | Path, meta: dict[str, Any], *, sa
     for job-specific rank-0 work (e.g. scoring an eval split). Every rank waits for that before returning,
     so no rank reads ``final/`` before it is complete.
     """
-    from she.training.sft import save_she_meta
+    from she.models.metadata import save_she_meta
 
     out = Path(output_dir)
     final = out / "final"
