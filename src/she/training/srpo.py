@@ -599,7 +599,7 @@ class SRPOTrainer(GRPOTrainer):
             self._metrics[mode][name].append(value)
         group = self.num_generations if mode == "train" else (self.num_generations_eval or self.num_generations)
         if all_rows and len(all_rows) % group == 0:  # reasoning-path diversity inside rollout groups
-            from she.sampling.diverse import mean_group_path_diversity
+            from she.reasoning.paths import mean_group_path_diversity
 
             self._metrics[mode]["srpo/path_diversity"].append(
                 mean_group_path_diversity([r.text for r in all_rows], group, self.schema))
