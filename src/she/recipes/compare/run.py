@@ -1,35 +1,12 @@
-"""``she compare CONFIG``: the paper-style comparison -- every baseline and ablation from one SFT checkpoint,
-at equal generation budgets, resumable, with bootstrap confidence intervals.
-
-The driver only *orchestrates* jobs that already exist (``train_sft``, ``run_dpo_job``,
-``run_reward_model_job``, ``run_rl_job``, ``run_curriculum``, ``run_cross_encoder_job``, ``run_prm_job``,
-``estimate_pass_rates``, ``diverse_select``, ``evaluate``); it adds no training code. What it does add:
-
-* **One start.** Every generative row starts from the same SFT checkpoint (``<out>/sft/final``, trained
-  once, or ``sft_model:``), so the rows differ only in what happens after SFT.
-* **Equal budgets** (:func:`rl_generations`, :func:`strict_rl_steps`). Every RL row gets
-  ``max_steps x prompts_per_step x num_generations`` policy rollouts; the DPO/RM pass@N sampling defaults
-  to the same number of generations (``n = num_generations``, ``max_records = max_steps x
-  prompts_per_step``); the difficulty estimation of ``srpo_full`` is counted in its ``generations`` and,
-  with ``budget: strict`` (default), paid for with RL steps.
-* **Resumability.** Each job writes to ``<out>/<job>/``; a job whose final folder exists is skipped, an
-  evaluation whose ``metrics.json`` exists is skipped, and ``compare_state.json`` (atomic) records job
-  wall times and finished rows after every job and row. Jobs themselves resume from their checkpoints.
-* **Outputs.** ``results.json``, ``results.md`` (table with Macro F1 and accuracy with 95 % bootstrap CIs
-  over query groups, class-wise F1, step accuracy, format-valid rate, generations, wall time; the
-  ablations; command, seed, data), ``reward.png``, ``step_reward.png``, ``entropy.png``,
-  ``macro_f1.png`` and, with ``eval_checkpoints: true``, ``macro_f1_over_training.png``.
-
-docs/baselines.md ("she compare") explains each row and the budget rule.
-"""
+"""The ``she compare`` driver: runs (or skips) the shared jobs and every row of the table
+(:mod:`she.recipes.compare.rows`) under the plan (:mod:`she.recipes.compare.plan`), evaluates each row, keeps
+``compare_state.json`` for resuming, and writes the report (:mod:`she.recipes.compare.report`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
-import math
-import random
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -37,337 +14,40 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from she.config import (
-    ConfigError,
-    CrossEncoderJobConfig,
-    DataConfig,
-    DPOJobConfig,
-    PassAtNConfig,
-    PRMJobConfig,
-    RewardModelJobConfig,
-    RLJobConfig,
-    SFTJobConfig,
-    from_dict,
-    load_config,
-    to_dict,
-)
+from she.config import PassAtNConfig, PRMJobConfig, RewardModelJobConfig, RLJobConfig, SFTJobConfig, to_dict
 from she.data.schema import Record
+from she.models.metadata import schema_of
 from she.reasoning.schema import in_schema
+from she.recipes.compare.config import (
+    CURRICULUM_FIXED,
+    PASSN_FIXED,
+    PRM_FIXED,
+    RL_FIXED,
+    RM_FIXED,
+    SFT_FIXED,
+    CompareConfig,
+    build_section,
+)
+from she.recipes.compare.plan import (
+    check_compare_config,
+    default_stages,
+    group_of,
+    judge_rows,
+    last_step,
+    plan_same_as,
+    rl_generations,
+    rl_job_config,
+    seeded_subset,
+    selected_rows,
+    split_stage_steps,
+    strict_rl_steps,
+)
+from she.recipes.compare.report import results_markdown, row_metrics, write_plots
+from she.recipes.compare.rows import FULL_ROWS, RL_ROWS, ROWS
 
 log = logging.getLogger(__name__)
 
-# -- rows ------------------------------------------------------------------------------------------------
-
-MAIN_ROWS = ("majority", "label_only_sft", "sft", "dpo", "grpo", "rm_grpo", "srpo", "srpo_full", "cross_encoder")
-ABLATION_ROWS = ("srpo_no_step_reward", "srpo_verifier_only", "srpo_judge_only", "srpo_full_no_difficulty",
-                 "srpo_full_no_diverse", "srpo_full_no_curriculum")
-ALL_ROWS = MAIN_ROWS + ABLATION_ROWS
-# plain RL rows: one run_rl_job each (rows with identical job configs share one run, see plan_same_as)
-RL_ROWS = ("grpo", "rm_grpo", "srpo", "srpo_no_step_reward", "srpo_verifier_only", "srpo_judge_only")
-# data-pipeline rows: difficulty band -> diverse selection -> curriculum, each part removable
-FULL_ROWS = ("srpo_full", "srpo_full_no_difficulty", "srpo_full_no_diverse", "srpo_full_no_curriculum")
-
-ROW_INFO: dict[str, str] = {
-    "majority": "predicts the most frequent label of the training split (before any balancing) for every pair",
-    "label_only_sft": "SFT from the base model on `Verdict: <label>` only (no reasoning)",
-    "sft": "SFT on reasoning traces: the shared start of every generative row below",
-    "dpo": "DPO on pass@N preference pairs sampled from the SFT policy",
-    "grpo": "GRPO from SFT, outcome (label) reward only",
-    "rm_grpo": "GRPO whose reward is a scalar reward model trained on the same pass@N pairs",
-    "srpo": "SRPO: GRPO plus per-step rewards from the examiner of the `rl:` section",
-    "srpo_full": "SRPO on a difficulty-banded, diverse prompt set, trained as a curriculum",
-    "cross_encoder": "BERT-style cross-encoder classifier over [query, product] (non-generative anchor)",
-    "srpo_no_step_reward": "SRPO with step rewards off (the same job as grpo, reused)",
-    "srpo_verifier_only": "SRPO with the offline verifier as the only step examiner",
-    "srpo_judge_only": "SRPO with the judge as the step examiner (blend, judge_weight 1.0)",
-    "srpo_full_no_difficulty": "srpo_full without the difficulty band (no pass-rate estimation)",
-    "srpo_full_no_diverse": "srpo_full with a random (not diverse) subset of the band",
-    "srpo_full_no_curriculum": "srpo_full trained in one stage on the selected prompts",
-}
-
-BUDGETS = ("strict", "rl")
 STATE_FILE = "compare_state.json"
-
-# keys of each section that the driver sets itself (a value in the config would be silently overridden)
-SFT_FIXED = ("model", "output_dir", "data", "target", "seed")
-RL_FIXED = ("model", "output_dir", "data", "step_rewards", "reward_model", "judge", "seed", "per_device_batch_size")
-PASSN_FIXED = ("seed",)
-DPO_FIXED = ("model", "output_dir", "data", "rollouts", "seed")
-RM_FIXED = ("model", "policy", "output_dir", "data", "rollouts", "seed")
-CE_FIXED = ("output_dir", "data", "eval_split", "seed")
-PRM_FIXED = ("policy", "output_dir", "data", "seed")
-CURRICULUM_FIXED = ("pass_rates",)
-
-
-# -- config ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class CompareEvalConfig:
-    split: str = "test"  # train | validation | test
-    max_eval: int | None = None  # seeded subsample of that split (None = all of it)
-    batch_size: int = 16
-    max_new_tokens: int = 96
-    bf16: bool = True
-
-
-@dataclass
-class BootstrapConfig:
-    n: int = 1000  # bootstrap replicates (resampling whole query groups)
-    seed: int = 0
-    alpha: float = 0.05  # 0.05 = 95 % intervals
-
-
-@dataclass
-class DifficultyConfig:
-    """srpo_full's difficulty band: pass rates of the SFT policy under k rollouts on a pool of train prompts."""
-
-    max_records: int | None = 200  # the pool: a seeded subsample of train (None = all); all srpo_full rows use it
-    k: int | None = None  # rollouts per prompt (None = rl.num_generations)
-    low: float = 0.0
-    high: float = 1.0
-    inclusive: bool = False  # default keeps 0 < p < 1: the prompts with GRPO reward variance
-    cache_file: str | None = None  # default <out>/difficulty/pass_rates.jsonl (resumable)
-    batch_size: int = 32
-    max_new_tokens: int | None = None  # None = rl.max_completion_length (a generation costs what an RL one does)
-    temperature: float | None = None  # None = rl.temperature
-    bf16: bool = True
-
-
-@dataclass
-class DiverseConfig:
-    n: int | None = None  # prompts to select (None = what the RL run will see: its steps x prompts_per_step)
-    embedder: str = "auto"  # auto | minilm | hashing
-    n_clusters: int | None = None
-    dup_threshold: float = 0.95
-
-
-@dataclass
-class CompareConfig:
-    """``she compare CONFIG``: see the module docstring and docs/baselines.md ("she compare").
-
-    Job sections (``sft``, ``rl``, ``passn``, ``dpo``, ``rm``, ``cross_encoder``, ``prm``, ``curriculum``)
-    are mappings of the fields of the job's own config; the fields the driver sets itself (start model,
-    output folder, data, seed, ...) are refused with the key named.
-    """
-
-    model: str = "smollm2-135m"  # base model: SFT and label-only SFT start here
-    output_dir: str = "runs/compare"
-    data: DataConfig = field(default_factory=DataConfig)
-    seed: int = 0  # every job's seed
-    sft: dict[str, Any] = field(default_factory=dict)  # SFTJobConfig fields (also used by label_only_sft)
-    sft_model: str | None = None  # reuse an existing SFT folder instead of training <out>/sft
-    judge: str | None = None  # judge folder (`she train prm`); None = train one from `prm:` when a row needs it
-    rl: dict[str, Any] = field(default_factory=dict)  # RLJobConfig fields shared by every RL row
-    passn: dict[str, Any] = field(default_factory=dict)  # PassAtNConfig fields shared by dpo and rm
-    dpo: dict[str, Any] = field(default_factory=dict)
-    rm: dict[str, Any] = field(default_factory=dict)
-    cross_encoder: dict[str, Any] = field(default_factory=dict)
-    prm: dict[str, Any] | None = None  # PRMJobConfig fields; `prm: {}` = defaults
-    difficulty: DifficultyConfig = field(default_factory=DifficultyConfig)
-    diverse: DiverseConfig = field(default_factory=DiverseConfig)
-    curriculum: dict[str, Any] | None = None  # CurriculumConfig fields (stages); None = the default two stages
-    rows: list[str] | None = None  # None = every row
-    budget: str = "strict"  # strict: difficulty rollouts are paid with srpo_full's RL steps | rl: not
-    eval: CompareEvalConfig = field(default_factory=CompareEvalConfig)
-    bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
-    eval_checkpoints: bool = False  # also score intermediate RL checkpoints (costly)
-    checkpoint_eval_max: int = 50  # eval pairs per checkpoint
-
-
-def _build(cls: type, section: Mapping[str, Any] | None, where: str, fixed_keys: Sequence[str], **fixed: Any):
-    """``cls`` from a config section plus the driver's own values; a section naming a driver key fails."""
-    section = dict(section or {})
-    bad = sorted(set(section) & set(fixed_keys))
-    if bad:
-        raise ConfigError(f"{where}: {bad} are set by she compare itself and cannot be given here")
-    obj = from_dict(cls, section, where)
-    return dataclasses.replace(obj, **fixed) if fixed else obj
-
-
-def selected_rows(cfg: CompareConfig, where: str = "config") -> list[str]:
-    """The rows to run, in the canonical order (main rows, then ablations), whatever order the config uses."""
-    if cfg.rows is None:
-        return list(ALL_ROWS)
-    unknown = [r for r in cfg.rows if r not in ALL_ROWS]
-    if unknown:
-        raise ConfigError(f"{where}.rows: unknown row(s) {unknown}; choose from {list(ALL_ROWS)}")
-    if not cfg.rows:
-        raise ConfigError(f"{where}.rows: an empty list runs nothing")
-    return [r for r in ALL_ROWS if r in set(cfg.rows)]
-
-
-def check_compare_config(cfg: CompareConfig, where: str = "config") -> None:
-    """Every check that needs no data or model: bad keys, rows, budget mode, section types, stage names."""
-    from she.sampling.curriculum import CurriculumConfig, check_curriculum
-
-    rows = selected_rows(cfg, where)
-    if cfg.budget not in BUDGETS:
-        raise ConfigError(f"{where}.budget: {cfg.budget!r}; use one of {list(BUDGETS)}")
-    if cfg.eval.split not in ("train", "validation", "test"):
-        raise ConfigError(f"{where}.eval.split: {cfg.eval.split!r}; use train, validation or test")
-    if cfg.bootstrap.n < 1 or not 0 < cfg.bootstrap.alpha < 1:
-        raise ConfigError(f"{where}.bootstrap: need n >= 1 and 0 < alpha < 1")
-    if cfg.checkpoint_eval_max < 1:
-        raise ConfigError(f"{where}.checkpoint_eval_max: must be >= 1")
-    _build(SFTJobConfig, cfg.sft, f"{where}.sft", SFT_FIXED)
-    rl = _build(RLJobConfig, cfg.rl, f"{where}.rl", RL_FIXED)
-    if rl.max_steps < 1 or rl.prompts_per_step < 1 or rl.num_generations < 1:
-        raise ConfigError(f"{where}.rl: max_steps, prompts_per_step and num_generations must be >= 1 "
-                          "(they define the equal budget)")
-    _build(PassAtNConfig, cfg.passn, f"{where}.passn", PASSN_FIXED)
-    _build(DPOJobConfig, cfg.dpo, f"{where}.dpo", DPO_FIXED)
-    _build(RewardModelJobConfig, cfg.rm, f"{where}.rm", RM_FIXED)
-    _build(CrossEncoderJobConfig, cfg.cross_encoder, f"{where}.cross_encoder", CE_FIXED)
-    if cfg.prm is not None:
-        _build(PRMJobConfig, cfg.prm, f"{where}.prm", PRM_FIXED)
-    if cfg.curriculum is not None:
-        cur = _build(CurriculumConfig, cfg.curriculum, f"{where}.curriculum", CURRICULUM_FIXED)
-        for i, st in enumerate(cur.stages):
-            if "max_steps" in st.overrides:
-                raise ConfigError(f"{where}.curriculum.stages[{i}].overrides.max_steps: stage lengths come from "
-                                  "advance.steps (or an equal share of the budget)")
-        check_curriculum(cur, f"{where}.curriculum")
-    for key, v in (("difficulty.max_records", cfg.difficulty.max_records), ("difficulty.k", cfg.difficulty.k),
-                   ("diverse.n", cfg.diverse.n), ("eval.max_eval", cfg.eval.max_eval)):
-        if v is not None and v < 1:
-            raise ConfigError(f"{where}.{key}: must be >= 1 or null, got {v}")
-    if cfg.diverse.embedder not in ("auto", "minilm", "hashing"):
-        raise ConfigError(f"{where}.diverse.embedder: {cfg.diverse.embedder!r}; use auto, minilm or hashing")
-    needs = judge_rows(cfg, rows)
-    if needs and cfg.judge is None and cfg.prm is None:
-        raise ConfigError(f"{where}: rows {needs} need a judge: set judge: <folder from `she train prm`> "
-                          "or a prm: section (prm: {} for the defaults)")
-
-
-def load_compare_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> CompareConfig:
-    cfg = load_config(CompareConfig, path, overrides)
-    check_compare_config(cfg, str(path) if path else "config")
-    return cfg
-
-
-# -- budgets (pure) --------------------------------------------------------------------------------------
-
-
-def rl_generations(steps: int, prompts_per_step: int, num_generations: int) -> int:
-    """Policy rollouts of an RL run: every step samples ``num_generations`` completions for each of
-    ``prompts_per_step`` prompts."""
-    return steps * prompts_per_step * num_generations
-
-
-def strict_rl_steps(max_steps: int, prompts_per_step: int, num_generations: int, extra_generations: int) -> int:
-    """RL steps left when ``extra_generations`` (e.g. difficulty estimation) come out of the same budget.
-
-    The extra generations are converted to RL steps and rounded *up*, so the row never spends more than
-    ``rl_generations(max_steps, ...)`` in total. Example: 20 steps x 2 prompts x 4 generations = 160; a
-    pool of 20 prompts x k=4 = 80 generations = 10 steps; 10 steps remain.
-    """
-    per_step = prompts_per_step * num_generations
-    return max_steps - math.ceil(extra_generations / per_step)
-
-
-def split_stage_steps(fixed: Sequence[int | None], total: int) -> list[int]:
-    """Stage lengths that add up to ``total``: fixed lengths stay, the others share the rest equally
-    (the remainder goes to the last of them). Raises when that is impossible: an RL row may not get
-    more or fewer steps than its budget."""
-    if total < 1:
-        raise ValueError(f"no RL step is left for the curriculum (budget {total} steps)")
-    fixed_sum = sum(s for s in fixed if s is not None)
-    free = [i for i, s in enumerate(fixed) if s is None]
-    rest = total - fixed_sum
-    if not free:
-        if rest != 0:
-            raise ValueError(f"the stages' advance.steps add up to {fixed_sum} but the budget is {total} steps; "
-                             "leave one stage's steps unset to take the rest")
-        return list(fixed)  # type: ignore[arg-type]
-    if rest < len(free):
-        raise ValueError(f"{total} budget steps cannot give each of the {len(fixed)} stages at least one step "
-                         f"(fixed stages take {fixed_sum})")
-    share = rest // len(free)
-    out = [s if s is not None else share for s in fixed]
-    out[free[-1]] += rest - share * len(free)
-    return out  # type: ignore[return-value]
-
-
-def default_stages(total: int):
-    """easy (pass rate >= 0.5, the first quarter of the steps) then main (everything selected)."""
-    from she.sampling.curriculum import AdvanceRule, Stage, StageFilter
-
-    if total < 2:
-        raise ValueError(f"the default two-stage curriculum needs at least 2 RL steps, the budget leaves {total}")
-    easy = max(1, total // 4)
-    return [Stage("easy", StageFilter(pass_rate=(0.5, 1.0)), {}, AdvanceRule(steps=easy)),
-            Stage("main", StageFilter(), {}, AdvanceRule(steps=total - easy))]
-
-
-# -- what each row needs (pure given the config) -------------------------------------------------------
-
-
-def _examiner_of(cfg: CompareConfig, row: str) -> str:
-    rl = from_dict(RLJobConfig, {k: v for k, v in cfg.rl.items() if k not in RL_FIXED})
-    if row == "srpo_verifier_only":
-        return "verifier"
-    if row == "srpo_judge_only":
-        return "blend"
-    return rl.examiner
-
-
-def judge_rows(cfg: CompareConfig, rows: Sequence[str]) -> list[str]:
-    """Rows whose examiner reads a judge (hybrid or blend); GRPO rows run the examiner for step metrics too."""
-    return [r for r in rows if r in RL_ROWS + FULL_ROWS and _examiner_of(cfg, r) in ("hybrid", "blend")]
-
-
-def rl_job_config(cfg: CompareConfig, row: str, *, model: str, output_dir: str, judge: str | None,
-                  reward_model: str | None = None, max_steps: int | None = None) -> RLJobConfig:
-    """The RL job of ``row``: the shared ``rl:`` section, the shared start, and the row's own change."""
-    base = _build(RLJobConfig, cfg.rl, "rl", RL_FIXED)
-    kw: dict[str, Any] = {"model": str(model), "output_dir": str(output_dir), "data": cfg.data, "seed": cfg.seed}
-    if row in ("grpo", "srpo_no_step_reward"):
-        kw["step_rewards"] = False
-    elif row == "rm_grpo":
-        kw.update(step_rewards=False, reward_model=str(reward_model))
-    elif row == "srpo_verifier_only":
-        kw.update(step_rewards=True, examiner="verifier")
-    elif row == "srpo_judge_only":
-        # blend with weight 1: the judge's score wherever it has one; the verifier only fills the steps the
-        # judge cannot score (cut off by its max_length) -- rewards/hybrid.py has no pure judge mode
-        kw.update(step_rewards=True, examiner="blend", judge_weight=1.0)
-    elif row in ("srpo", *FULL_ROWS):
-        kw["step_rewards"] = True
-    else:
-        raise ValueError(f"{row!r} is not an RL row")
-    examiner = kw.get("examiner", base.examiner)
-    kw["judge"] = str(judge) if examiner in ("hybrid", "blend") and judge is not None else None
-    if max_steps is not None:
-        kw["max_steps"] = max_steps
-    if cfg.eval_checkpoints:  # the Macro-F1-over-training curve reads every checkpoint
-        kw["save_total_limit"] = None
-    return dataclasses.replace(base, **kw)
-
-
-def _job_key(rl: RLJobConfig) -> str:
-    d = to_dict(rl)
-    d.pop("output_dir")
-    return json.dumps(d, sort_keys=True, default=str)
-
-
-def plan_same_as(cfg: CompareConfig, rows: Sequence[str]) -> dict[str, str]:
-    """``{row: earlier row}`` for RL rows whose job would be identical to an earlier row's (trained once):
-    srpo_no_step_reward is always grpo's job; srpo_verifier_only is srpo's when `rl.examiner` is verifier."""
-    seen: dict[str, str] = {}
-    out: dict[str, str] = {}
-    for row in rows:
-        if row not in RL_ROWS:
-            continue
-        key = _job_key(rl_job_config(cfg, row, model="SFT", output_dir="-", judge="JUDGE", reward_model="RM"))
-        if key in seen:
-            out[row] = seen[key]
-        else:
-            seen[key] = row
-    return out
-
-
-# -- small helpers -----------------------------------------------------------------------------------
 
 
 def _done(folder: Path) -> bool:
@@ -388,58 +68,14 @@ def _read_json(path: Path) -> Any:
         raise ValueError(f"{path}: invalid JSON ({e.msg}); delete it to recompute") from None
 
 
-def seeded_subset(records: Sequence[Record], n: int | None, salt: str) -> list[Record]:
-    """``n`` records drawn with a seed derived from ``salt``, in input order (all when n is None or large)."""
-    if n is None or len(records) <= n:
-        return list(records)
-    keep = set(random.Random(salt).sample(range(len(records)), n))
-    return [r for i, r in enumerate(records) if i in keep]
-
-
-def group_of(record: Record) -> str:
-    """The bootstrap cluster of a record: its query (rows of one query share its difficulty)."""
-    return str(record.query_id) if record.query_id is not None else f"q:{record.query}"
-
-
-def majority_label(records: Sequence[Record], labels: Sequence[str]) -> str:
-    """The most frequent label; ties go to the label that comes first in the taxonomy."""
-    counts = Counter(r.label for r in records)
-    if not counts:
-        raise ValueError("majority baseline: no training records")
-    return max(labels, key=lambda lab: (counts.get(lab, 0), -list(labels).index(lab)))
-
-
-def last_step(log_history: Sequence[Mapping[str, Any]]) -> int:
-    steps = [int(h["step"]) for h in log_history if isinstance(h, Mapping) and "step" in h]
-    return max(steps) if steps else 0
-
-
-def row_metrics(records: Sequence[Record], predicted: Mapping[str, str | None], labels: Sequence[str], *,
-                n_boot: int, seed: int, alpha: float = 0.05) -> dict[str, Any]:
-    """Macro F1 / accuracy with percentile bootstrap CIs that resample whole query groups, and class-wise F1."""
-    from she.evaluation.metrics import bootstrap_ci, classification_report
-
-    missing = [r.id for r in records if r.id not in predicted]
-    if missing:
-        raise ValueError(f"{len(missing)} evaluation record(s) have no prediction (first: {missing[0]!r})")
-    y_true = [r.label for r in records]
-    y_pred = [predicted[r.id] for r in records]
-    groups = [group_of(r) for r in records]
-    rep = classification_report(y_true, y_pred, labels)
-    out = {"macro_f1": rep["macro_f1"], "accuracy": rep["accuracy"], "n": rep["n"], "n_invalid": rep["n_invalid"],
-           "n_groups": len(set(groups)), "per_class_f1": {k: v["f1"] for k, v in rep["per_class"].items()}}
-    for metric in ("macro_f1", "accuracy"):
-        lo, hi = bootstrap_ci(y_true, y_pred, labels, metric=metric, n_boot=n_boot, seed=seed, alpha=alpha,
-                              groups=groups)
-        out[f"{metric}_ci"] = [lo, hi]
-    return out
-
-
 # -- the driver ------------------------------------------------------------------------------------------
 
 
 @dataclass
-class _Ctx:
+class CompareRun:
+    """One ``she compare`` run: the shared jobs (SFT start, judge, reward model, srpo_full's data pipeline),
+    the rows of :data:`she.recipes.compare.rows.ROWS`, their evaluation, and the resumable state file."""
+
     cfg: CompareConfig
     out: Path
     rows: list[str]
@@ -474,7 +110,7 @@ class _Ctx:
     # shared jobs -------------------------------------------------------------------------------------
     @property
     def rl_base(self) -> RLJobConfig:
-        return _build(RLJobConfig, self.cfg.rl, "rl", RL_FIXED)
+        return build_section(RLJobConfig, self.cfg.rl, "rl", RL_FIXED)
 
     def sft_dir(self) -> Path:
         if self.cfg.sft_model:
@@ -493,7 +129,7 @@ class _Ctx:
         return final
 
     def sft_config(self, target: str, output_dir: Path) -> SFTJobConfig:
-        cfg = _build(SFTJobConfig, self.cfg.sft, "sft", SFT_FIXED, model=self.cfg.model, output_dir=str(output_dir),
+        cfg = build_section(SFTJobConfig, self.cfg.sft, "sft", SFT_FIXED, model=self.cfg.model, output_dir=str(output_dir),
                      data=self.cfg.data, target=target, seed=self.cfg.seed)
         if target == "label":  # teacher traces would replace the `Verdict: <label>` targets
             cfg = dataclasses.replace(cfg, traces_file=None)
@@ -509,7 +145,7 @@ class _Ctx:
         def run() -> None:
             from she.training.prm import run_prm_job
 
-            pcfg = _build(PRMJobConfig, self.cfg.prm, "prm", PRM_FIXED, policy=str(self.sft_dir()),
+            pcfg = build_section(PRMJobConfig, self.cfg.prm, "prm", PRM_FIXED, policy=str(self.sft_dir()),
                           output_dir=str(self.out / "prm"), data=self.cfg.data, seed=self.cfg.seed)
             run_prm_job(pcfg, progress=False)
 
@@ -523,7 +159,7 @@ class _Ctx:
         defaults = {"n": rl.num_generations, "max_records": rl.max_steps * rl.prompts_per_step,
                     "max_new_tokens": rl.max_completion_length, "temperature": rl.temperature,
                     "cache_file": str(self.out / "passn_rollouts.jsonl")}
-        return _build(PassAtNConfig, {**{k: v for k, v in defaults.items() if k not in given}, **given}, "passn",
+        return build_section(PassAtNConfig, {**{k: v for k, v in defaults.items() if k not in given}, **given}, "passn",
                       PASSN_FIXED, seed=self.cfg.seed)
 
     def rm_dir(self) -> Path:
@@ -533,7 +169,7 @@ class _Ctx:
             from she.training.reward_model import run_reward_model_job
 
             sft = str(self.sft_dir())
-            rcfg = _build(RewardModelJobConfig, self.cfg.rm, "rm", RM_FIXED, model=sft, policy=sft,
+            rcfg = build_section(RewardModelJobConfig, self.cfg.rm, "rm", RM_FIXED, model=sft, policy=sft,
                           output_dir=str(self.out / "rm"), data=self.cfg.data, rollouts=self.passn(),
                           seed=self.cfg.seed)
             run_reward_model_job(rcfg, self.train, progress=False)
@@ -567,7 +203,7 @@ class _Ctx:
         if self.cfg.curriculum is None:
             stages = default_stages(total)
         else:
-            cur = _build(CurriculumConfig, self.cfg.curriculum, "curriculum", CURRICULUM_FIXED)
+            cur = build_section(CurriculumConfig, self.cfg.curriculum, "curriculum", CURRICULUM_FIXED)
             lengths = split_stage_steps([st.advance.steps for st in cur.stages], total)
             stages = [dataclasses.replace(st, advance=AdvanceRule(steps=n, plateau=st.advance.plateau))
                       for st, n in zip(cur.stages, lengths)]
@@ -671,67 +307,38 @@ class _Ctx:
                 f"{mine.get('n_wanted')} were wanted), so it cannot show an effect of diverse sampling at this size")
 
     # rows ------------------------------------------------------------------------------------------
+    def rl_config(self, row: str, *, model: Path | str, judge: str | None, reward_model: Path | str | None = None,
+                  max_steps: int | None = None) -> RLJobConfig:
+        return rl_job_config(self.cfg, row, model=str(model), output_dir=str(self.out / row), judge=judge,
+                             reward_model=None if reward_model is None else str(reward_model), max_steps=max_steps)
+
+    def train_row(self, row: str, needs: dict[str, Any]) -> Path:
+        """The one job of a ``job`` or ``rl`` row (:data:`ROWS`), unless its final folder exists."""
+        spec = ROWS[row]
+        final = self.out / row / "final"
+        self.job(row, lambda: _done(final), lambda: spec.run(self, spec.config(self, needs)))
+        return final
+
     def model_of(self, row: str) -> tuple[Path | None, list[str]]:
         """Run (or skip) the jobs of ``row``; returns its model folder and the job names it is charged with."""
-        if row == "majority":
+        spec = ROWS[row]
+        if spec.family == "majority":
             return None, []
-        if row == "cross_encoder":
-            final = self.out / "cross_encoder" / "final"
-
-            def run_ce() -> None:
-                from she.training.cross_encoder import run_cross_encoder_job
-
-                ccfg = _build(CrossEncoderJobConfig, self.cfg.cross_encoder, "cross_encoder", CE_FIXED,
-                              output_dir=str(self.out / "cross_encoder"), data=self.cfg.data, eval_split="none",
-                              seed=self.cfg.seed)
-                run_cross_encoder_job(ccfg, self.train, None)
-
-            self.job("cross_encoder", lambda: _done(final), run_ce)
-            return final, ["cross_encoder"]
-        if row == "label_only_sft":
-            final = self.out / "label_only_sft" / "final"
-
-            def run_label() -> None:
-                from she.training.sft import train_sft
-
-                train_sft(self.sft_config("label", self.out / "label_only_sft"), self.train)
-
-            self.job("label_only_sft", lambda: _done(final), run_label)
-            return final, ["label_only_sft"]
+        if not spec.from_sft:
+            return self.train_row(row, {"row": row}), [row]
         sft = self.sft_dir()
-        if row == "sft":
+        if spec.family == "sft":
             return sft, ["sft"] if not self.cfg.sft_model else []
-        if row == "dpo":
-            final = self.out / "dpo" / "final"
-
-            def run_dpo() -> None:
-                from she.training.dpo import run_dpo_job
-
-                dcfg = _build(DPOJobConfig, self.cfg.dpo, "dpo", DPO_FIXED, model=str(sft),
-                              output_dir=str(self.out / "dpo"), data=self.cfg.data, rollouts=self.passn(),
-                              seed=self.cfg.seed)
-                run_dpo_job(dcfg, self.train, progress=False)
-
-            self.job("dpo", lambda: _done(final), run_dpo)
-            return final, ["dpo"]
+        if spec.family == "job":
+            return self.train_row(row, {"row": row, "sft": sft}), [row]
         if row in self.same_as:
             return self.model_of(self.same_as[row])
         judge = self.judge_dir() if row in judge_rows(self.cfg, [row]) else None
-        if row in RL_ROWS:
-            rm = str(self.rm_dir()) if row == "rm_grpo" else None
-            final = self.out / row / "final"
-
-            def run_rl() -> None:
-                from she.training.rl import run_rl_job
-
-                run_rl_job(rl_job_config(self.cfg, row, model=str(sft), output_dir=str(self.out / row), judge=judge,
-                                         reward_model=rm), self.train)
-
-            self.job(row, lambda: _done(final), run_rl)
-            return final, (["rm", row] if row == "rm_grpo" else [row])
-        if row in FULL_ROWS:
-            return self.full_row(row, sft, judge)
-        raise ValueError(f"unknown row {row!r}")
+        if spec.family == "rl":
+            rm = self.rm_dir() if spec.reward_model else None
+            final = self.train_row(row, {"row": row, "sft": sft, "judge": judge, "reward_model": rm})
+            return final, [*spec.charged, row]
+        return self.full_row(row, sft, judge)
 
     def check_batches(self, row: str, records: Sequence[Record], rates: Mapping[str, float] | None, stages) -> None:
         """Every RL run needs at least ``prompts_per_step`` distinct prompts: TRL's sampler drops an incomplete
@@ -752,8 +359,7 @@ class _Ctx:
 
         steps = self.full_steps(row)
         jobs = ["difficulty", row] if row != "srpo_full_no_difficulty" else [row]
-        rl_cfg = rl_job_config(self.cfg, row, model=str(sft), output_dir=str(self.out / row), judge=judge,
-                               max_steps=steps)
+        rl_cfg = self.rl_config(row, model=sft, judge=judge, max_steps=steps)
         if row == "srpo_full_no_curriculum":
             final = self.out / row / "final"
 
@@ -829,18 +435,9 @@ class _Ctx:
         if not mpath.exists():
             t = time.perf_counter()
             ecfg = self.cfg.eval
-            if row == "majority":
-                src = self.train
-                if self.cfg.data.balance_train:  # a label-balanced sample has no majority: use the split's prior
-                    from she.data.sources import load_splits
-
-                    src = load_splits(dataclasses.replace(self.cfg.data, balance_train=False, max_train=None))["train"]
-                lab = majority_label(src, self.labels)
-                preds = [{"id": r.id, "label": lab, "gold": r.label} for r in self.evals]
-            elif row == "cross_encoder":
-                from she.training.cross_encoder import CrossEncoderJudge
-
-                preds = CrossEncoderJudge.from_pretrained(model).predict(self.evals, ecfg.batch_size)
+            predict = ROWS[row].predict
+            if predict is not None:
+                preds = predict(self, model)
             else:
                 from she.evaluation.evaluate import evaluate
 
@@ -872,8 +469,8 @@ class _Ctx:
         sa = m.get("step_accuracy")
         gens = self.generations(row)
         res.update({
-            "kind": "main" if row in MAIN_ROWS else "ablation",
-            "description": ROW_INFO[row],
+            "kind": ROWS[row].kind,
+            "description": ROWS[row].description,
             "same_as": self.same_as.get(row),
             "note": self.note(row),
             "model": str(model) if model is not None else None,
@@ -915,8 +512,6 @@ def _initial_state(out: Path, cfg: CompareConfig) -> dict[str, Any]:
 
 def _compare_schema(cfg: CompareConfig, *args, **kwargs) -> str:
     """Every row writes the schema of the shared SFT start: ``sft_model``'s ``she.json``, else ``sft.schema``."""
-    from she.models.metadata import schema_of
-
     if cfg.sft_model:
         return schema_of(cfg.sft_model)
     return str(cfg.sft.get("schema", "default"))
@@ -936,7 +531,7 @@ def run_compare(cfg: CompareConfig, *, command: str | None = None) -> dict[str, 
     evals = seeded_subset(splits[cfg.eval.split], cfg.eval.max_eval, f"{cfg.seed}:compare-eval")
     if not evals:
         raise ValueError(f"the {cfg.eval.split} split is empty: nothing to evaluate on")
-    ctx = _Ctx(cfg=cfg, out=out, rows=rows, train=splits["train"], evals=evals,
+    ctx = CompareRun(cfg=cfg, out=out, rows=rows, train=splits["train"], evals=evals,
                labels=list(get_taxonomy(cfg.data.taxonomy).labels), state=_initial_state(out, cfg),
                command=command or "run_compare(...) (Python API)", same_as=plan_same_as(cfg, rows))
     preflight(ctx)
@@ -964,7 +559,7 @@ def run_compare(cfg: CompareConfig, *, command: str | None = None) -> dict[str, 
     return summary
 
 
-def preflight(ctx: _Ctx) -> None:
+def preflight(ctx: CompareRun) -> None:
     """Fail in seconds, not hours: budgets, stage lengths and folders that must exist are checked first."""
     cfg = ctx.cfg
     if cfg.sft_model and not _done(Path(cfg.sft_model)) and any(r not in ("majority", "cross_encoder") for r in ctx.rows):
@@ -989,7 +584,7 @@ def preflight(ctx: _Ctx) -> None:
                 raise ValueError(f"{row}: {e}") from None
 
 
-def budget_summary(ctx: _Ctx) -> dict[str, Any]:
+def budget_summary(ctx: CompareRun) -> dict[str, Any]:
     rl = ctx.rl_base
     d: dict[str, Any] = {
         "mode": ctx.cfg.budget,
@@ -1011,7 +606,7 @@ def budget_summary(ctx: _Ctx) -> dict[str, Any]:
     return d
 
 
-def data_summary(ctx: _Ctx, splits: Mapping[str, list[Record]]) -> dict[str, Any]:
+def data_summary(ctx: CompareRun, splits: Mapping[str, list[Record]]) -> dict[str, Any]:
     dc = ctx.cfg.data
     source = (f"{dc.path} (format {dc.format}" + (f", cuts {list(dc.cuts)}" if dc.format == "home-depot" else "") + ")"
               if dc.path else f"synthetic ({dc.synthetic_queries} queries x {dc.synthetic_products_per_query} products, "
@@ -1043,7 +638,7 @@ def evaluate_checkpoint(model_dir: str | Path, records: Sequence[Record], *, tax
     return float(score(list(records), js, taxonomy)["macro_f1"])
 
 
-def _checkpoints(ctx: _Ctx, row: str) -> list[tuple[int, Path]]:
+def _checkpoints(ctx: CompareRun, row: str) -> list[tuple[int, Path]]:
     """(cumulative step, folder) of every intact checkpoint of a row, plus its final folder."""
     from she.training.checkpoints import list_checkpoints, verify_checkpoint
 
@@ -1067,7 +662,7 @@ def _checkpoints(ctx: _Ctx, row: str) -> list[tuple[int, Path]]:
     return sorted(by_step.items())
 
 
-def checkpoint_curves(ctx: _Ctx) -> dict[str, list[list[float]]]:
+def checkpoint_curves(ctx: CompareRun) -> dict[str, list[list[float]]]:
     """Macro F1 over training of every RL row on the first ``checkpoint_eval_max`` eval pairs; cached per row
     in ``<out>/<row>/checkpoint_evals.json`` (a rerun scores only new checkpoints). Step 0 is the SFT start."""
     cfg = ctx.cfg
@@ -1099,172 +694,4 @@ def checkpoint_curves(ctx: _Ctx) -> dict[str, list[list[float]]]:
     return curves
 
 
-# -- report ----------------------------------------------------------------------------------------------
-
-
-def _series(hist: Sequence[Mapping[str, Any]], fn: Callable[[Mapping[str, Any]], float | None]) -> list[tuple[float, float]]:
-    out = []
-    for h in hist:
-        if "step" not in h:
-            continue
-        v = fn(h)
-        if v is not None and math.isfinite(v):
-            out.append((float(h["step"]), float(v)))
-    return out
-
-
-def _mean_step_reward(h: Mapping[str, Any]) -> float | None:
-    vals = [float(v) for k, v in h.items() if k.startswith("srpo/step_reward/") and v is not None]
-    return sum(vals) / len(vals) if vals else None
-
-
-def write_plots(ctx: _Ctx, results: Mapping[str, Mapping[str, Any]], curves: Mapping[str, Any]) -> dict[str, str]:
-    """reward / step_reward / entropy curves (one line per RL row that ran its own job), the Macro F1 bars,
-    and the Macro F1 over training when checkpoints were scored. Returns {name: file}."""
-    from she.evaluation.report import plot_curves
-
-    written: dict[str, str] = {}
-    rl_rows = [r for r in ctx.rows if r in RL_ROWS + FULL_ROWS and r not in ctx.same_as]
-    hists = {r: ctx.log_history(r) for r in rl_rows}
-    specs = {
-        "reward": ("outcome reward (TRL `reward`) per RL row", lambda h: h.get("reward")),
-        "step_reward": ("mean step reward (srpo/step_reward/*)", _mean_step_reward),
-        "entropy": ("policy entropy", lambda h: h.get("entropy")),
-    }
-    for name, (title, fn) in specs.items():
-        series = {r: _series(h, fn) for r, h in hists.items()}
-        series = {r: s for r, s in series.items() if s}
-        if series:
-            plot_curves(series, ctx.out / f"{name}.png", title)
-            written[name] = f"{name}.png"
-    if results:
-        plot_macro_f1_bars(results, ctx.out / "macro_f1.png")
-        written["macro_f1"] = "macro_f1.png"
-    if curves:
-        plot_curves({r: [tuple(p) for p in pts] for r, pts in curves.items()}, ctx.out / "macro_f1_over_training.png",
-                    f"Macro F1 on {min(ctx.cfg.checkpoint_eval_max, len(ctx.evals))} eval pairs over training")
-        written["macro_f1_over_training"] = "macro_f1_over_training.png"
-    return written
-
-
-def plot_macro_f1_bars(results: Mapping[str, Mapping[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(results)
-    vals = [results[n]["macro_f1"] for n in names]
-    lo = [v - results[n]["macro_f1_ci"][0] for n, v in zip(names, vals)]
-    hi = [results[n]["macro_f1_ci"][1] - v for n, v in zip(names, vals)]
-    colors = ["tab:blue" if results[n].get("kind") == "main" else "tab:orange" for n in names]
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(names) + 2), 4))
-    ax.bar(range(len(names)), vals, yerr=[lo, hi], capsize=3, color=colors)
-    ax.set_xticks(range(len(names)), names, rotation=40, ha="right")
-    ax.set_ylabel("Macro F1 (95 % CI, query-group bootstrap)")
-    ax.set_ylim(0, max([1e-3] + [results[n]["macro_f1_ci"][1] for n in names]) * 1.15)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _f(x: float | None, nd: int = 3) -> str:
-    return "-" if x is None else f"{x:.{nd}f}"
-
-
-def _table(rows: Mapping[str, Mapping[str, Any]], labels: Sequence[str]) -> list[str]:
-    head = ("| row | Macro F1 [95% CI] | accuracy [95% CI] | " + " | ".join(f"F1 {lab}" for lab in labels)
-            + " | step acc. | format valid | generations | train wall (s) |")
-    lines = [head, "|" + "---|" * (7 + len(labels))]
-    for name, r in rows.items():
-        name_cell = f"{name} (= {r['same_as']})" if r.get("same_as") else name
-        lines.append(
-            f"| {name_cell} | {_f(r['macro_f1'])} [{_f(r['macro_f1_ci'][0])}, {_f(r['macro_f1_ci'][1])}] | "
-            f"{_f(r['accuracy'])} [{_f(r['accuracy_ci'][0])}, {_f(r['accuracy_ci'][1])}] | "
-            + " | ".join(_f(r["per_class_f1"].get(lab)) for lab in labels)
-            + f" | {_f(r.get('step_accuracy'))} | {_f(r.get('format_valid_rate'))} | {r.get('generations', 0):,} | "
-            f"{_f(r.get('wall_time_s'), 0)} |")
-    return lines
-
-
-def results_markdown(s: Mapping[str, Any]) -> str:
-    """results.md: main table, ablation table, what each row is, budget, data, command, seed, plots."""
-    rows = s["rows"]
-    labels = s["labels"]
-    b = s["budget"]
-    d = s["data"]
-    main = {k: v for k, v in rows.items() if v["kind"] == "main"}
-    abl = {k: v for k, v in rows.items() if v["kind"] == "ablation"}
-    bs = s["bootstrap"]
-    parts = [f"# she compare: {s['output_dir']}", "",
-             f"Command: `{s['command']}`  ", f"Seed: {s['seed']} (every job); bootstrap: {bs['n']} replicates over "
-             f"query groups, seed {bs['seed']}, {100 * (1 - bs['alpha']):.0f} % percentile intervals.", "",
-             f"Data: {d['source']}, taxonomy {d['taxonomy']}, split seed {d['split_seed']}, balance_train "
-             f"{d['balance_train']}; split sizes {d['split_sizes']}; evaluated on {d['eval_n']} {d['eval_split']} "
-             f"pairs from {d['eval_query_groups']} queries, labels {d['eval_labels']}.", "",
-             f"Budget ({b['mode']}): every RL row gets {b['rl']['max_steps']} steps x {b['rl']['prompts_per_step']} "
-             f"prompts x {b['rl']['num_generations']} generations = {b['rl_generations_per_row']:,} policy rollouts."]
-    if "passn" in b:
-        parts.append(f"DPO / reward model: pass@{b['passn']['n']} on {b['passn']['max_records']} training prompts "
-                     "(the same rollouts for both).")
-    if "difficulty" in b:
-        parts.append(f"srpo_full: difficulty estimation on {b['difficulty']['pool']} prompts x k={b['difficulty']['k']} "
-                     f"= {b['difficulty']['generations']:,} generations; RL steps per row {b['srpo_full_steps']}"
-                     + (" (strict: the estimation is paid with RL steps)." if b["mode"] == "strict" else "."))
-    if b.get("judge_labelling_generations"):
-        parts.append(f"The judge's training labels cost {b['judge_labelling_generations']:,} policy generations "
-                     "(shared by every row that uses the judge; not in the per-row column).")
-    parts += ["", "`generations`: policy samples the method spent before evaluation (RL rollouts, pass@N, "
-              "difficulty estimation). `train wall (s)`: wall time of the row's own jobs (the shared SFT excluded; "
-              "`-` when a job ran in an earlier invocation that did not record it).", "",
-              "## Main results", "", *_table(main, labels), ""]
-    if abl:
-        parts += ["## Ablations", "", *_table(abl, labels), ""]
-    checked = {k: v["step_checks"] for k, v in rows.items() if v.get("step_checks")}
-    if checked:
-        keys = list(dict.fromkeys(key for c in checked.values() for key in c))
-        parts += ["## Steps the verifier could check", "",
-                  "Share of generated steps the verifier marked correct, among those it could check on these "
-                  "pairs (from the gold label, or from the strings for a coverage `Missing` step; `evaluate.step_checks`).",
-                  "", "| row | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-        parts += [f"| {k} | " + " | ".join(_f(c[key]["accuracy"]) if key in c else "-" for key in keys) + " |"
-                  for k, c in checked.items()] + [""]
-    notes = [f"- **{k}** {v['note']}." for k, v in rows.items() if v.get("note")]
-    if notes:
-        parts += ["Notes:", "", *notes, ""]
-    parts += ["## Rows", ""] + [f"- **{k}**: {v['description']}" for k, v in rows.items()] + [""]
-    plots = s.get("plots", {})
-    if plots:
-        parts += ["## Plots", ""] + [f"![{k}]({v})" for k, v in plots.items()] + [""]
-    return "\n".join(parts)
-
-
-__all__ = [
-    "ABLATION_ROWS",
-    "ALL_ROWS",
-    "BootstrapConfig",
-    "CompareConfig",
-    "CompareEvalConfig",
-    "DifficultyConfig",
-    "DiverseConfig",
-    "FULL_ROWS",
-    "MAIN_ROWS",
-    "RL_ROWS",
-    "check_compare_config",
-    "default_stages",
-    "evaluate_checkpoint",
-    "judge_rows",
-    "load_compare_config",
-    "majority_label",
-    "plan_same_as",
-    "results_markdown",
-    "rl_generations",
-    "rl_job_config",
-    "row_metrics",
-    "run_compare",
-    "seeded_subset",
-    "split_stage_steps",
-    "strict_rl_steps",
-]
+__all__ = ["STATE_FILE", "CompareRun", "checkpoint_curves", "evaluate_checkpoint", "run_compare"]
