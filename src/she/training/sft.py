@@ -8,12 +8,11 @@ TRL then computes the loss on completion tokens only.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 
-from she.config import SFTJobConfig, to_dict
+from she.config import SFTJobConfig
 from she.data.schema import Record
 from she.reasoning.schema import in_schema
 
@@ -81,7 +80,7 @@ def train_sft(cfg: SFTJobConfig, train: list[Record], validation: list[Record] |
     from trl import SFTConfig, SFTTrainer
 
     from she.models.registry import load_model_and_tokenizer
-    from she.training.trainer_setup import common_training_args, save_final, train_resuming
+    from she.training.trainer_setup import common_training_args, save_final, train_resuming, write_job_config
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -107,8 +106,7 @@ def train_sft(cfg: SFTJobConfig, train: list[Record], validation: list[Record] |
         eval_strategy="epoch" if eval_ds is not None else "no",
         completion_only_loss=True,
     )
-    if args.process_index == 0:  # under `accelerate launch` only rank 0 writes run files
-        (out / "she_config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
+    write_job_config(out, cfg, args.process_index)  # under `accelerate launch` only rank 0 writes run files
     from she.training.checkpoints import ManifestCallback
 
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,

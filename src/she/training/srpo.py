@@ -124,10 +124,9 @@ def build_grpo_config(
     mode fails before a model is loaded (:func:`she.training.distributed.check_vllm_settings`).
     """
     from she.training.distributed import check_vllm_settings
+    from she.training.trainer_setup import device_args, report_to_list
 
     check_vllm_settings(use_vllm, vllm_mode, vllm_gpu_memory_utilization, vllm_server_base_url)
-    cpu = not torch.cuda.is_available()
-    use_bf16 = bool(bf16) and (cpu or torch.cuda.is_bf16_supported())
     return GRPOConfig(
         output_dir=str(output_dir),
         num_generations=num_generations,
@@ -138,11 +137,10 @@ def build_grpo_config(
         learning_rate=learning_rate,
         beta=beta,
         temperature=temperature,
-        bf16=use_bf16,
-        use_cpu=cpu,
+        **device_args(bf16),
         seed=seed,
         logging_steps=logging_steps,
-        report_to=[] if report_to in ("none", "", None) else [report_to],
+        report_to=report_to_list(report_to),
         save_strategy=save_strategy,
         dataloader_num_workers=0,
         use_vllm=use_vllm,
