@@ -189,7 +189,7 @@ def scripted_cache(tiny_model_dir, records, tmp_path_factory) -> tuple[Path, Pas
 def test_dpo_two_steps_changes_weights_and_saves_a_loadable_folder(tiny_model_dir, records, scripted_cache, tmp_path):
     from she.models.registry import load_model_and_tokenizer
     from she.training.dpo import run_dpo_job
-    from she.training.sft import load_she_meta
+    from she.models.metadata import load_she_meta
 
     cache, rcfg = scripted_cache
     before = cache.read_text()
@@ -252,7 +252,7 @@ def test_reward_model_trains_and_scores(tiny_model_dir, records, trained_rm):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from she.training.reward_model import ScalarRewardModel, load_rm_base
-    from she.training.sft import load_she_meta
+    from she.models.metadata import load_she_meta
 
     assert load_she_meta(trained_rm) == {"prompt_style": "full", "kind": "scalar_rm", "taxonomy": "hd3"}
     init, _ = load_rm_base(str(tiny_model_dir), seed=0)  # the same seeded head the job started from

@@ -129,7 +129,7 @@ def test_runs_without_manifests_fall_back_to_the_newest_with_a_trainer_state(tmp
 
 
 def test_last_checkpoint_of_sft_uses_the_validation(tmp_path):
-    from she.training.sft import last_checkpoint
+    from she.training.trainer_setup import last_checkpoint
 
     good = _ckpt(tmp_path, 2)
     _ckpt(tmp_path, 4, manifest=False)

@@ -17,9 +17,9 @@ import pytest
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
-from she.config import ConfigError  # noqa: E402
-from she.evaluation import compare  # noqa: E402
-from she.evaluation.compare import (  # noqa: E402
+from she.config import ConfigError, DataConfig  # noqa: E402
+from she.recipes import compare  # noqa: E402
+from she.recipes.compare import (  # noqa: E402
     ALL_ROWS,
     CompareConfig,
     load_compare_config,
@@ -207,7 +207,7 @@ def test_wiring_with_fake_jobs(tmp_path, monkeypatch):
                         sft={"traces_file": "teacher.jsonl", "max_steps": 5},
                         rl={"examiner": "hybrid", "max_steps": 10, "prompts_per_step": 2, "num_generations": 4},
                         difficulty=compare.DifficultyConfig(max_records=12, k=4), diverse=compare.DiverseConfig(
-                            embedder="hashing"), data=compare.DataConfig(synthetic_queries=30), eval=compare.CompareEvalConfig(max_eval=10))
+                            embedder="hashing"), data=DataConfig(synthetic_queries=30), eval=compare.CompareEvalConfig(max_eval=10))
     res = compare.run_compare(cfg)
     sft_dir = str(tmp_path / "c" / "sft" / "final")
     sfts = [c for k, c in calls if k == "sft"]
@@ -253,7 +253,7 @@ def test_strict_budget_with_too_large_pool_fails_before_training(tmp_path, monke
 
     monkeypatch.setattr(sft_mod, "train_sft", lambda *a, **k: pytest.fail("trained before the budget check"))
     cfg = CompareConfig(output_dir=str(tmp_path / "c"), rows=["srpo_full"], rl={"max_steps": 2},
-                        difficulty=compare.DifficultyConfig(max_records=10), data=compare.DataConfig(synthetic_queries=20))
+                        difficulty=compare.DifficultyConfig(max_records=10), data=DataConfig(synthetic_queries=20))
     with pytest.raises(ValueError, match=r"budget strict leaves -3 RL steps: estimating 10 pool prompts x k=4 = 40"):
         compare.run_compare(cfg)
 
@@ -287,7 +287,7 @@ JOBS = [("she.training.sft", "train_sft"), ("she.training.dpo", "run_dpo_job"),
         ("she.training.cross_encoder", "run_cross_encoder_job"), ("she.training.prm", "run_prm_job"),
         ("she.sampling.difficulty", "estimate_pass_rates"), ("she.sampling.diverse", "diverse_select"),
         ("she.sampling.curriculum", "run_curriculum"), ("she.evaluation.evaluate", "evaluate"),
-        ("she.evaluation.compare", "evaluate_checkpoint")]
+        ("she.recipes.compare.run", "evaluate_checkpoint")]
 
 
 def _spy(monkeypatch, forbid: bool = False) -> dict[str, int]:
@@ -405,7 +405,7 @@ def test_a_selection_smaller_than_a_batch_fails_clearly(tmp_path, monkeypatch):
     monkeypatch.setattr(rl_mod, "run_rl_job", lambda *a, **k: pytest.fail("RL started on a too small selection"))
     cfg = CompareConfig(output_dir=str(tmp_path / "c"), rows=["srpo_full"], rl={"max_steps": 8, "prompts_per_step": 2,
                         "num_generations": 2}, difficulty=compare.DifficultyConfig(max_records=4, k=2),
-                        diverse=compare.DiverseConfig(embedder="hashing"), data=compare.DataConfig(synthetic_queries=20))
+                        diverse=compare.DiverseConfig(embedder="hashing"), data=DataConfig(synthetic_queries=20))
     with pytest.raises(ValueError, match=r"srpo_full: stage 'easy' has 1 prompt\(s\) but every RL step needs "
                                          r"prompts_per_step=2"):
         compare.run_compare(cfg)
@@ -423,13 +423,13 @@ def test_no_diverse_row_with_the_same_prompts_as_srpo_full_is_flagged(tmp_path):
     ctx = SimpleNamespace(out=tmp_path)
     sel("srpo_full", ["a", "b", "c"])
     sel("srpo_full_no_diverse", ["c", "a", "b"])
-    note = compare._Ctx.note(ctx, "srpo_full_no_diverse")
+    note = compare.CompareRun.note(ctx, "srpo_full_no_diverse")
     assert note is not None and "same 3 prompts" in note and "held 3, 8 were wanted" in note
-    assert compare._Ctx.note(ctx, "srpo_full_no_curriculum") is None
+    assert compare.CompareRun.note(ctx, "srpo_full_no_curriculum") is None
     sel("srpo_full_no_diverse", ["a", "b", "d"])
-    assert compare._Ctx.note(ctx, "srpo_full_no_diverse") is None
+    assert compare.CompareRun.note(ctx, "srpo_full_no_diverse") is None
     (tmp_path / "srpo_full" / "selection.json").unlink()
-    assert compare._Ctx.note(ctx, "srpo_full_no_diverse") is None
+    assert compare.CompareRun.note(ctx, "srpo_full_no_diverse") is None
 
     row = {"macro_f1": 0.2, "macro_f1_ci": [0.1, 0.3], "accuracy": 0.5, "accuracy_ci": [0.4, 0.6],
            "per_class_f1": {}, "description": "d"}

@@ -123,7 +123,7 @@ def test_coverage_rationale_prompt_and_verifier():
 
 
 def test_she_json_records_the_schema(tmp_path):
-    from she.training.sft import load_she_meta, save_she_meta, schema_of
+    from she.models.metadata import load_she_meta, save_she_meta, schema_of
 
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
@@ -200,7 +200,7 @@ def test_step_checks_counts_label_and_string_checks_without_facts():
 
 
 def test_schema_of_a_name_that_is_no_model_says_nothing(tmp_path):
-    from she.training.sft import schema_of
+    from she.models.metadata import schema_of
 
     assert schema_of(tmp_path / "nothing-here") == "default"
     with schema_scope("coverage"):

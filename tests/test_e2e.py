@@ -59,7 +59,8 @@ def test_sft_then_eval_and_predict(tmp_path, tiny_model_dir, capsys):
 def test_sft_resumes_from_checkpoint(tmp_path, tiny_model_dir):
     from she.config import DataConfig, SFTJobConfig
     from she.data.sources import load_splits
-    from she.training.sft import last_checkpoint, train_sft
+    from she.training.trainer_setup import last_checkpoint
+    from she.training.sft import train_sft
 
     cfg = SFTJobConfig(model=str(tiny_model_dir), output_dir=str(tmp_path / "run"), max_steps=2, save_steps=2,
                        batch_size=4, report_to="none", data=DataConfig(synthetic_queries=20), bf16=False)

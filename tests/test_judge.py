@@ -397,3 +397,10 @@ def test_remote_judge_dead_server_is_neutral():
     judge = RemoteJudge("http://127.0.0.1:9/v1", "m", timeout=1, max_retries=0, backoff=0.0)
     assert judge.score_steps(*_trace_for("good")) == [0.5, 0.5, 0.5]
     assert judge.stats.failed_requests == 1
+
+
+def test_both_judges_are_batch_step_examiners():
+    """HybridExaminer's batch call is a declared protocol, which both judges implement."""
+    from she.rewards.judge import BatchStepExaminer, RemoteJudge
+
+    assert issubclass(StepJudge, BatchStepExaminer) and issubclass(RemoteJudge, BatchStepExaminer)

@@ -33,13 +33,13 @@ from she.sampling.difficulty import (
     read_cache,
     rollout_bin_edges,
 )
+from she.reasoning.paths import path_diversity
 from she.sampling.diverse import (
     diverse_select,
     hashing_embed,
     kmeans,
     minilm_model_dir,
     near_duplicates,
-    path_diversity,
     plot_entropy,
     resolve_embedder,
     stratified_sample,
@@ -498,7 +498,7 @@ def test_cli_filter_tiny(tmp_path, tiny_model_dir, capsys):
 
 
 def test_mean_group_path_diversity_by_hand():
-    from she.sampling.diverse import mean_group_path_diversity
+    from she.reasoning.paths import mean_group_path_diversity
 
     a = "Query: q\nProduct: p\nType: same\nAttributes: none\nVerdict: Exact"
     b = "Query: q\nProduct: p\nType: related\nAttributes: none\nVerdict: Partial"

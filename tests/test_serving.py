@@ -522,7 +522,7 @@ def test_remote_judge_against_the_tiny_model_gets_answers(client):
 def test_label_target_model_fast_mode_is_exact_and_uses_its_prompt_style(tmp_path, tiny_model_dir, tiny):
     from she.serving.app import create_app
     from she.serving.backend import JudgeBackend
-    from she.training.sft import save_she_meta
+    from she.models.metadata import save_she_meta
 
     d = tmp_path / "label-model"
     shutil.copytree(tiny_model_dir, d)

@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     dt.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
     dt.add_argument("--format", default="auto", choices=FORMATS)
     dt.add_argument("--n", type=int, default=1, help="samples per record")
-    from she.sampling.commands import add_data_parsers, add_train_parser
+    from she.recipes.sampling import add_data_parsers, add_train_parser
 
     add_data_parsers(d, _add_data_args)  # she data filter | diverse (docs/sampling.md)
     df = d.add_parser("facts", help="fact store: human step facts by record id (SQLite) for the verifier")
@@ -237,7 +237,7 @@ def _cmd_data(a) -> None:
     elif a.data_cmd == "facts":
         _cmd_facts(a)
     elif a.data_cmd in ("filter", "diverse"):
-        from she.sampling.commands import cmd_data
+        from she.recipes.sampling import cmd_data
 
         cmd_data(a)
 
@@ -294,7 +294,7 @@ def _cmd_train(a) -> None:
         _cmd_train_baseline(a)
         return
     if a.train_cmd == "curriculum":
-        from she.sampling.commands import cmd_train_curriculum
+        from she.recipes.sampling import cmd_train_curriculum
 
         cmd_train_curriculum(a, _data_overrides(a))
         return
@@ -398,7 +398,7 @@ def _cmd_serve(a) -> None:
 
 def _cmd_demo(a) -> None:
     from she.config import DemoConfig, load_config
-    from she.pipeline import run_demo
+    from she.recipes.demo import run_demo
 
     over = {"model": a.model, "output_dir": a.output_dir, "sft.max_steps": a.max_steps, **_data_overrides(a)}
     if a.skip_base_eval:
@@ -411,7 +411,7 @@ def _cmd_demo(a) -> None:
 def _cmd_compare(a) -> None:
     import shlex
 
-    from she.evaluation.compare import load_compare_config, run_compare
+    from she.recipes.compare import load_compare_config, run_compare
 
     rows = [r.strip() for r in a.rows.split(",") if r.strip()] if a.rows else None
     cfg = load_compare_config(a.config, {"output_dir": a.output_dir, "rows": rows})

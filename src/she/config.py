@@ -16,10 +16,12 @@ from typing import Any, TypeVar
 
 import yaml
 
+from she.errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     pass
 
 

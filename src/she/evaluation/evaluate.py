@@ -11,15 +11,8 @@ from she.data.labels import get_taxonomy
 from she.data.schema import Record
 from she.data.validation import atomic_write_lines
 from she.evaluation.generate import Judgement, generate_judgements
+from she.models.metadata import model_schema, prompt_style_of
 from she.reasoning.schema import in_schema
-
-
-def prompt_style_of(model_path) -> str:
-    """The prompt style the model was fine-tuned with (``she.json``), else the full zero-shot prompt."""
-    from she.models.registry import resolve_model
-    from she.training.sft import load_she_meta
-
-    return load_she_meta(resolve_model(model_path)).get("prompt_style", "full")
 
 
 def judgement_json(j: Judgement, record: Record | None = None) -> dict:
@@ -74,14 +67,7 @@ def step_checks(records: list[Record], judgements: list[Judgement]) -> dict[str,
     return out
 
 
-def _model_schema(model_path, *args, **kwargs) -> str:
-    """The step schema of the model an entry point reads (its first argument): see ``in_schema``."""
-    from she.training.sft import schema_of
-
-    return schema_of(model_path)
-
-
-@in_schema(_model_schema)
+@in_schema(model_schema)
 def evaluate(
     model_path: str,
     records: list[Record],
@@ -122,7 +108,7 @@ def evaluate(
     return m
 
 
-@in_schema(_model_schema)
+@in_schema(model_schema)
 def predict(model_path: str, records: list[Record], out_file: str | os.PathLike, *, taxonomy: str = "hd3",
             batch_size: int = 16, max_new_tokens: int = 96, bf16: bool = True, progress: bool = True,
             fast: bool = False) -> int:

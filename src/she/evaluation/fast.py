@@ -39,7 +39,8 @@ import torch
 
 from she.data.labels import get_taxonomy
 from she.data.schema import Record
-from she.evaluation.generate import Judgement, _label_probs, autocast, label_first_tokens
+from she.evaluation.generate import Judgement, _label_probs, label_first_tokens
+from she.models.metadata import autocast
 
 
 @dataclass
@@ -123,7 +124,7 @@ def score_labels_fast(
     """One forward pass per batch: P(label) at the forced label position, for every record.
 
     ``prompt_style`` must be the one the model was trained with (``she.json``; see
-    :func:`she.evaluation.evaluate.prompt_style_of`). ``prefix`` defaults to :func:`fast_prefix`; it may
+    :func:`she.models.metadata.prompt_style_of`). ``prefix`` defaults to :func:`fast_prefix`; it may
     be a function of the record (e.g. to force a short step list before the verdict), as long as every
     prefix's last line puts the label at a token boundary (checked, see :func:`prefix_label_tokens`).
     The label is the most probable one (the first, least relevant, on an exact tie).

@@ -8,13 +8,13 @@ probabilities are conditioned on the model's own reasoning, which is what the ju
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
 
 from she.data.labels import get_taxonomy
 from she.data.schema import Record
+from she.models.metadata import autocast
 
 
 @dataclass
@@ -26,12 +26,6 @@ class Judgement:
     format_ok: bool
     parsed: object = field(repr=False, default=None)  # she.reasoning.parse.ParsedTrace
     n_new_tokens: int = 0
-
-
-def autocast(enabled: bool, device: torch.device):
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def label_first_tokens(tokenizer, labels: list[str]) -> dict[bool, list[int]] | None:

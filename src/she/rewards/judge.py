@@ -49,7 +49,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from she.reasoning.prompts import user_message
 
@@ -68,6 +68,18 @@ NEUTRAL = 0.5
 
 
 # -- format ------------------------------------------------------------------------------------------
+@runtime_checkable
+class BatchStepExaminer(Protocol):
+    """A step examiner (:class:`she.rewards.hybrid.StepExaminer`) that also scores many traces in one call.
+
+    :class:`she.rewards.hybrid.HybridExaminer` calls ``score_steps_batch`` once per batch, for the traces that
+    still need a judge (an LM judge wants batched generation); both judges here implement it."""
+
+    def score_steps(self, parsed: Any, record: Any) -> list[float | None]: ...
+
+    def score_steps_batch(self, items: Sequence[tuple[Any, Any]]) -> list[list[float | None]]: ...
+
+
 @dataclass(frozen=True)
 class JudgeFormat:
     """How judge inputs are laid out; saved with a trained judge (``she_judge.json``).
@@ -314,7 +326,7 @@ class StepJudge:
         """P(good) per verdict slot of each encoded input, batched (sorted by length, right-padded)."""
         import torch
 
-        from she.evaluation.generate import autocast
+        from she.models.metadata import autocast
 
         out: list[list[float]] = [[] for _ in encoded]
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
@@ -361,7 +373,7 @@ class StepJudge:
         """``[(parsed trace, record), ...]`` -> per-step P(correct), one list per item."""
         return self.score_texts([user_message(r) for _, r in items], [[s.text for s in p.steps] for p, _ in items])
 
-    score_steps_batch = score_batch  # the name she.rewards.hybrid.HybridExaminer looks for
+    score_steps_batch = score_batch  # BatchStepExaminer: what she.rewards.hybrid.HybridExaminer calls
 
     def score_steps(self, parsed: Any, record: Any) -> list[float | None]:
         return self.score_batch([(parsed, record)])[0]

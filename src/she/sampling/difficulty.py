@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from she.data.schema import Record
-from she.evaluation.evaluate import _model_schema
+from she.models.metadata import model_schema
 from she.reasoning.schema import in_schema
 
 log = logging.getLogger(__name__)
@@ -236,7 +236,7 @@ def model_generate_fn(model_dir_or_model: Any, *, batch_size: int = 32, temperat
     from she.training.prm import PolicySampler
 
     if isinstance(model_dir_or_model, (str, os.PathLike)):
-        from she.evaluation.evaluate import prompt_style_of
+        from she.models.metadata import prompt_style_of
         from she.models.registry import load_model_and_tokenizer
 
         model, tok = load_model_and_tokenizer(model_dir_or_model)
@@ -256,7 +256,7 @@ def model_generate_fn(model_dir_or_model: Any, *, batch_size: int = 32, temperat
     return generate
 
 
-@in_schema(lambda model, *a, **k: _model_schema(model))
+@in_schema(model_schema)
 def estimate_pass_rates(
     model_dir_or_model: Any,
     records: Sequence[Record],

@@ -94,7 +94,7 @@ class JudgeBackend:
         import torch
 
         from she.models.registry import load_model_and_tokenizer, resolve_model
-        from she.training.sft import load_she_meta
+        from she.models.metadata import load_she_meta
 
         path = resolve_model(model_dir)
         meta = load_she_meta(path)
@@ -191,7 +191,7 @@ class JudgeBackend:
     def _chat(self, items: list[ChatItem], *, max_tokens: int, temperature: float, top_p: float) -> list[Any]:
         import torch
 
-        from she.evaluation.generate import autocast
+        from she.models.metadata import autocast
 
         tok = self.tokenizer
         out: list[Any] = [None] * len(items)

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from she.config import CrossEncoderJobConfig, to_dict
+from she.config import CrossEncoderJobConfig
 from she.data.labels import get_taxonomy
 from she.data.schema import Record
 
@@ -100,7 +100,7 @@ class CrossEncoderJudge:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from she.training.sft import load_she_meta
+        from she.models.metadata import load_she_meta
 
         meta = load_she_meta(path)
         if meta.get("kind") != CE_KIND:
@@ -160,7 +160,7 @@ def run_cross_encoder_job(cfg: CrossEncoderJobConfig, train_records: list[Record
 
     from she.data.validation import atomic_write_lines
     from she.evaluation.metrics import classification_report
-    from she.training.trainer_setup import save_final, train_resuming
+    from she.training.trainer_setup import save_final, train_resuming, write_job_config
 
     if not train_records:
         raise ValueError("run_cross_encoder_job: no training records")
@@ -171,7 +171,7 @@ def run_cross_encoder_job(cfg: CrossEncoderJobConfig, train_records: list[Record
     labels = list(get_taxonomy(taxonomy).labels)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "she_config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
+    write_job_config(out, cfg)
     base = resolve_base(cfg.model)
     tok = AutoTokenizer.from_pretrained(base)
     train_ds = _dataset(tok, train_records, labels, taxonomy, cfg.max_length)

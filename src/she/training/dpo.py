@@ -15,10 +15,10 @@ import json
 import logging
 from pathlib import Path
 
-from she.config import DPOJobConfig, to_dict
+from she.config import DPOJobConfig
 from she.data.schema import Record
 from she.reasoning.schema import in_schema
-from she.training.sft import schema_of
+from she.models.metadata import schema_of
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +53,11 @@ def run_dpo_job(cfg: DPOJobConfig, train_records: list[Record], *, progress: boo
 
     from she.models.registry import load_model_and_tokenizer, resolve_model
     from she.training.pairs import build_pairs_for_job, preference_rows
-    from she.training.trainer_setup import save_final, train_resuming
+    from she.training.trainer_setup import save_final, train_resuming, write_job_config
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "she_config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
+    write_job_config(out, cfg)
     cache = cfg.rollouts.cache_file or out / "rollouts.jsonl"
     pairs, stats, style = build_pairs_for_job(cfg.model, train_records, cfg.rollouts, cache,
                                               prompt_style=cfg.prompt_style, bf16=cfg.bf16, progress=progress)

@@ -277,7 +277,7 @@ def sample_rollouts(
     hardware. ``prompt_style`` None = the policy's own (``she.json``), like ``she eval``. Returns the
     rollouts of ``records`` (not of other records that may also be in the cache).
     """
-    from she.evaluation.evaluate import prompt_style_of
+    from she.models.metadata import prompt_style_of
     from she.models.registry import resolve_model
 
     if n < 1:
@@ -340,7 +340,7 @@ def build_pairs_for_job(policy: str, records: Sequence[Record], rcfg, cache_file
 
     ``rcfg`` is a :class:`she.config.PassAtNConfig`. Returns (pairs, statistics, prompt style used).
     """
-    from she.evaluation.evaluate import prompt_style_of
+    from she.models.metadata import prompt_style_of
     from she.models.registry import resolve_model
 
     labelled = [r for r in records if r.label is not None]

@@ -44,7 +44,7 @@ from typing import Any
 from she.config import PRMJobConfig, to_dict
 from she.data.schema import Record
 from she.reasoning.schema import in_schema
-from she.training.sft import schema_of
+from she.models.metadata import schema_of
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class PolicySampler:
     def __call__(self, requests: Sequence[tuple[Record, str]], n: int, temperature: float) -> list[list[str]]:
         import torch
 
-        from she.evaluation.generate import autocast
+        from she.models.metadata import autocast
 
         if n < 1:
             raise ValueError("n must be >= 1")
@@ -480,18 +480,20 @@ def encode_rows(judge: Any, rows: Sequence[dict[str, Any]]) -> list[tuple[Any, l
     return out
 
 
-def batch_verdict_loss(judge: Any, batch: Sequence[tuple[Any, list[float | None]]]):
-    """Mean verdict cross-entropy over the labelled slots of ``batch`` (a tensor with grad)."""
+def batch_verdict_loss(judge: Any, batch: Sequence[tuple[Any, list[float | None]]], model: Any = None):
+    """Mean verdict cross-entropy over the labelled slots of ``batch`` (a tensor with grad). ``model``: the
+    judge's model as the trainer wraps it (DDP), default ``judge.model``."""
     import torch
 
     from she.rewards.judge import collate, selected_logits, verdict_loss_terms
 
-    device = next(judge.model.parameters()).device
+    model = judge.model if model is None else model
+    device = next(model.parameters()).device
     ids, mask, rows, cols = collate([e for e, _ in batch], judge.tokenizer.pad_token_id)
     flat = [t for _, ts in batch for t in ts]
     keep = torch.tensor([t is not None for t in flat], dtype=torch.bool)
     y = torch.tensor([t for t in flat if t is not None], dtype=torch.float32, device=device)
-    logits = selected_logits(judge.model, ids.to(device), mask.to(device), rows[keep].to(device), cols[keep].to(device))
+    logits = selected_logits(model, ids.to(device), mask.to(device), rows[keep].to(device), cols[keep].to(device))
     return verdict_loss_terms(logits, judge.good_id, judge.bad_id, y).mean()
 
 
@@ -513,68 +515,69 @@ def mean_verdict_loss(judge: Any, rows: Sequence[dict[str, Any]], batch_size: in
     return total / count if count else float("nan")
 
 
+def _judge_trainer_class():
+    """A transformers ``Trainer`` whose loss is the verdict cross-entropy of :func:`batch_verdict_loss`: the
+    batches are lists of pre-encoded rows, so the collator passes them through as they are."""
+    from transformers import Trainer, TrainerCallback
+
+    class JudgeTrainer(Trainer):
+        def __init__(self, *args: Any, judge: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.judge = judge
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = batch_verdict_loss(self.judge, inputs, model=model)
+            return (loss, None) if return_outputs else loss
+
+    class LogLastStep(TrainerCallback):
+        """The last step is logged even when ``logging_steps`` does not divide it (as the judge always did)."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:
+                control.should_log = True
+            return control
+
+    return JudgeTrainer, LogLastStep
+
+
 def train_judge(judge: Any, rows: Sequence[dict[str, Any]], *, epochs: float = 1.0, max_steps: int = -1,
                 learning_rate: float = 5e-5, batch_size: int = 8, weight_decay: float = 0.0, warmup_steps: int = 0,
                 grad_clip: float = 1.0, bf16: bool = False, seed: int = 0, logging_steps: int = 10,
-                progress: bool = True) -> list[dict[str, float]]:
-    """Fine-tune ``judge.model`` on the verdict slots of ``rows`` (AdamW, linear warm-up then linear
-    decay, gradient clipping). Returns the log history ``[{"step", "loss", "lr"}]``."""
-    import torch
+                progress: bool = True, output_dir: str | os.PathLike | None = None, resume: bool = False,
+                save_steps: int = 0) -> list[dict[str, float]]:
+    """Fine-tune ``judge.model`` on the verdict slots of ``rows`` with a transformers ``Trainer`` (AdamW,
+    linear warm-up then linear decay, gradient clipping; :func:`batch_verdict_loss` as ``compute_loss``), so
+    the judge gets what every other job has: checkpoints (``save_steps`` > 0, with manifests, in
+    ``output_dir``), resuming from the newest intact one (``resume``) and ``accelerate launch``.
+    Returns the log history ``[{"step", "loss", "lr"}]``."""
+    import tempfile
 
-    from she.evaluation.generate import autocast
+    from transformers import TrainingArguments
+
+    from she.training.checkpoints import ManifestCallback
+    from she.training.trainer_setup import device_args, train_resuming
 
     examples = encode_rows(judge, rows)
     if not examples:
         raise ValueError("no training row has a labelled step that fits the judge's max_length")
-    per_epoch = math.ceil(len(examples) / batch_size)
-    total = max_steps if max_steps > 0 else max(1, math.ceil(epochs * per_epoch))
-    model = judge.model
-    device = next(model.parameters()).device
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
-
-    def schedule(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return max(0.0, (total - step) / max(1, total - warmup_steps))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    gen = torch.Generator().manual_seed(seed)
-    history: list[dict[str, float]] = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, desc="judge training", unit="step")
-    model.train()
-    step, running, seen = 0, 0.0, 0
-    while step < total:
-        for b in torch.randperm(len(examples), generator=gen).split(batch_size):
-            if step >= total:
-                break
-            batch = [examples[i] for i in b.tolist()]
-            with autocast(bf16, device):
-                loss = batch_verdict_loss(judge, batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip and grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            opt.step()
-            sched.step()
-            step += 1
-            running += loss.detach().item()
-            seen += 1
-            if step % max(1, logging_steps) == 0 or step == total:
-                history.append({"step": step, "loss": round(running / seen, 5), "lr": opt.param_groups[0]["lr"]})
-                running, seen = 0.0, 0
-                if bar is not None:
-                    bar.set_postfix(loss=history[-1]["loss"])
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
-    model.eval()
-    return history
+    with tempfile.TemporaryDirectory() as scratch:  # no output_dir: nothing is kept
+        out = Path(output_dir) if output_dir is not None else Path(scratch)
+        args = TrainingArguments(
+            output_dir=str(out), num_train_epochs=epochs, max_steps=max_steps, learning_rate=learning_rate,
+            per_device_train_batch_size=batch_size, weight_decay=weight_decay, warmup_steps=warmup_steps,
+            max_grad_norm=grad_clip if grad_clip and grad_clip > 0 else None, lr_scheduler_type="linear",
+            **device_args(bf16), seed=seed, data_seed=seed, logging_steps=max(1, logging_steps), report_to=[],
+            save_strategy="steps" if save_steps > 0 else "no", save_steps=save_steps if save_steps > 0 else 500,
+            remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=not progress,
+        )
+        judge_trainer, log_last = _judge_trainer_class()
+        trainer = judge_trainer(model=judge.model, args=args, train_dataset=examples, data_collator=list,
+                                processing_class=judge.tokenizer, callbacks=[ManifestCallback(), log_last()],
+                                judge=judge)
+        train_resuming(trainer, out, resume, log)
+    judge.model.eval()
+    return [{"step": h["step"], "loss": round(float(h["loss"]), 5), "lr": h.get("learning_rate")}
+            for h in trainer.state.log_history if "loss" in h]
 
 
 # -- the job ----------------------------------------------------------------------------------------
@@ -645,7 +648,7 @@ def run_prm_job(cfg: PRMJobConfig, progress: bool = True) -> dict[str, Any]:
         labelling: dict[str, Any] = {"dataset_file": cfg.dataset_file, "rows": len(rows)}
         dataset_path = Path(cfg.dataset_file)
     else:
-        from she.evaluation.evaluate import prompt_style_of
+        from she.models.metadata import prompt_style_of
 
         records = _records_for(cfg)
         policy, ptok = load_model_and_tokenizer(cfg.policy)
@@ -679,7 +682,7 @@ def run_prm_job(cfg: PRMJobConfig, progress: bool = True) -> dict[str, Any]:
         metrics["before"] = evaluate_judge(judge, eval_rows)
         timings["eval_before"] = round(time.time() - t, 2)
     t = time.time()
-    history = train_judge(judge, train_rows, epochs=cfg.epochs, max_steps=cfg.max_steps,
+    history = train_judge(judge, train_rows, output_dir=out, epochs=cfg.epochs, max_steps=cfg.max_steps,
                           learning_rate=cfg.learning_rate, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
                           warmup_steps=cfg.warmup_steps, grad_clip=cfg.grad_clip, bf16=cfg.bf16, seed=cfg.seed,
                           logging_steps=cfg.logging_steps, progress=progress)

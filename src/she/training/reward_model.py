@@ -26,10 +26,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from she.config import RewardModelJobConfig, to_dict
+from she.config import RewardModelJobConfig
 from she.data.schema import Record
 from she.reasoning.schema import in_schema
-from she.training.sft import schema_of
+from she.models.metadata import schema_of
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +80,11 @@ def run_reward_model_job(cfg: RewardModelJobConfig, train_records: list[Record],
     from trl import RewardTrainer
 
     from she.training.pairs import build_pairs_for_job, preference_rows
-    from she.training.trainer_setup import save_final, train_resuming
+    from she.training.trainer_setup import save_final, train_resuming, write_job_config
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "she_config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
+    write_job_config(out, cfg)
     policy = cfg.policy or cfg.model
     cache = cfg.rollouts.cache_file or out / "rollouts.jsonl"
     pairs, stats, style = build_pairs_for_job(policy, train_records, cfg.rollouts, cache,
@@ -129,7 +129,7 @@ class ScalarRewardModel:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from she.training.sft import load_she_meta
+        from she.models.metadata import load_she_meta
 
         p = Path(path)
         if not (p / "config.json").exists():

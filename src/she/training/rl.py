@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
-from she.config import RLJobConfig, to_dict
+from she.config import RLJobConfig
 from she.data.schema import Record
+from she.models.metadata import schema_of
 from she.reasoning.schema import in_schema
-from she.training.sft import schema_of
+
+log = logging.getLogger(__name__)
 
 
 def build_examiner(cfg: RLJobConfig):
@@ -162,8 +165,8 @@ def run_rl_job(cfg: RLJobConfig, train: list[Record], callbacks: list | None = N
     Rollouts are parsed and examined with the policy's own step schema (``she.json``)."""
     from she.models.registry import load_model_and_tokenizer
     from she.training.checkpoints import ManifestCallback
-    from she.training.sft import last_checkpoint, save_she_meta
     from she.training.srpo import SRPOTrainer, build_grpo_config, make_prompt_dataset
+    from she.training.trainer_setup import save_final, train_resuming, write_job_config
 
     train = with_store_facts(cfg, train)
     out = Path(cfg.output_dir)
@@ -178,8 +181,7 @@ def run_rl_job(cfg: RLJobConfig, train: list[Record], callbacks: list | None = N
         logging_steps=cfg.logging_steps, report_to=cfg.report_to, save_strategy="steps",
         save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit, **rollout_settings(cfg),
     )
-    if args.process_index == 0:
-        (out / "she_config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
+    write_job_config(out, cfg, args.process_index)
     examiner = build_examiner(cfg)
     class_weights = resolve_class_weights(cfg, train)
     if args.process_index == 0:
@@ -200,17 +202,13 @@ def run_rl_job(cfg: RLJobConfig, train: list[Record], callbacks: list | None = N
         callbacks=[ManifestCallback(), *(callbacks or [])], max_bad_steps=cfg.max_bad_steps,
         **build_reward_model_kwargs(cfg), **trainer_rollout_kwargs(cfg),
     )
-    resume = last_checkpoint(out) if cfg.resume else None
-    trainer.train(resume_from_checkpoint=resume)
-    final = out / "final"
-    # save_model on every rank (FSDP/ZeRO-3 gather the full weights collectively); it writes on rank 0 only,
-    # with the tokenizer (trainer.processing_class is `tok`, left padding)
-    trainer.save_model(str(final))
-    if trainer.accelerator.is_main_process:
-        save_she_meta(final, {"prompt_style": cfg.prompt_style, "target": "reasoning", "taxonomy": cfg.data.taxonomy})
-        (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+    train_resuming(trainer, out, cfg.resume, log)
+
+    def curves(final: Path) -> None:
         from she.evaluation.report import rl_curves
 
         rl_curves(trainer.state.log_history, out)  # reward.png, step_reward.png, policy.png
-    trainer.accelerator.wait_for_everyone()  # no rank returns (and reads final/) before rank 0 has written it
-    return final
+
+    # the tokenizer saved with the weights is trainer.processing_class, `tok` (left padding)
+    return save_final(trainer, out, {"prompt_style": cfg.prompt_style, "target": "reasoning",
+                                     "taxonomy": cfg.data.taxonomy}, on_main=curves)

@@ -8,12 +8,11 @@ TRL then computes the loss on completion tokens only.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 
-from she.config import SFTJobConfig, to_dict
+from she.config import SFTJobConfig
 from she.data.schema import Record
 from she.reasoning.schema import in_schema
 
@@ -73,59 +72,6 @@ def count_tokens(records: list[Record], tokenizer, target: str = "reasoning", pr
     return {"examples": len(records), "tokens": total, "mean_tokens": total / n, "mean_completion_tokens": completion / n}
 
 
-SHE_META = "she.json"
-
-
-def save_she_meta(model_dir: str | os.PathLike, meta: dict) -> None:
-    """How the model expects to be prompted, saved beside its weights (like generation_config.json).
-
-    The step schema in effect (:func:`she.reasoning.schema.schema_scope`) is recorded as ``schema`` unless
-    it is the built-in one, so every model trained on a schema variant carries it to eval, RL and serving."""
-    from she.reasoning.schema import active_schema_name
-
-    meta = dict(meta)
-    if "schema" not in meta and active_schema_name() != "default":
-        meta["schema"] = active_schema_name()
-    (Path(model_dir) / SHE_META).write_text(json.dumps(meta, indent=2))
-
-
-def schema_of(model: str | os.PathLike) -> str:
-    """The step schema a model writes (``she.json``). A folder without one -- a base model, a Trainer
-    checkpoint, a registered model not prepared yet -- says nothing, so the schema already in effect is kept
-    (the built-in one at top level). A name that is no model at all also says nothing here: loading it fails
-    next, with the loader's own message."""
-    from she.models.registry import resolve_model
-    from she.reasoning.schema import active_schema_name
-
-    if not isinstance(model, (str, os.PathLike)):  # None, or an already loaded (model, tokenizer) pair
-        return active_schema_name()
-    try:
-        folder = resolve_model(model, prepare_if_missing=False)
-    except FileNotFoundError:
-        return active_schema_name()
-    return load_she_meta(folder).get("schema", active_schema_name())
-
-
-def load_she_meta(model_dir: str | os.PathLike) -> dict:
-    p = Path(model_dir) / SHE_META
-    return json.loads(p.read_text()) if p.exists() else {}
-
-
-def last_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """The newest *intact* checkpoint of a run (its manifest checks out), or None; newer damaged or
-    half-written ones are skipped with a logged reason (:func:`she.training.checkpoints.last_good_checkpoint`)."""
-    from she.training.checkpoints import last_good_checkpoint
-
-    found = last_good_checkpoint(output_dir)
-    return str(found) if found is not None else None
-
-
-def use_cpu() -> bool:
-    import torch
-
-    return not torch.cuda.is_available()
-
-
 @in_schema(lambda cfg, *a, **k: cfg.schema)
 def train_sft(cfg: SFTJobConfig, train: list[Record], validation: list[Record] | None = None) -> Path:
     """Train and save the final model to ``cfg.output_dir/final``; returns that folder.
@@ -134,7 +80,7 @@ def train_sft(cfg: SFTJobConfig, train: list[Record], validation: list[Record] |
     from trl import SFTConfig, SFTTrainer
 
     from she.models.registry import load_model_and_tokenizer
-    from she.training.trainer_setup import common_training_args, save_final, train_resuming
+    from she.training.trainer_setup import common_training_args, save_final, train_resuming, write_job_config
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -160,8 +106,7 @@ def train_sft(cfg: SFTJobConfig, train: list[Record], validation: list[Record] |
         eval_strategy="epoch" if eval_ds is not None else "no",
         completion_only_loss=True,
     )
-    if args.process_index == 0:  # under `accelerate launch` only rank 0 writes run files
-        (out / "she_config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
+    write_job_config(out, cfg, args.process_index)  # under `accelerate launch` only rank 0 writes run files
     from she.training.checkpoints import ManifestCallback
 
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,

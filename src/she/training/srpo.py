@@ -134,10 +134,9 @@ def build_grpo_config(
     mode fails before a model is loaded (:func:`she.training.distributed.check_vllm_settings`).
     """
     from she.training.distributed import check_vllm_settings
+    from she.training.trainer_setup import device_args, report_to_list
 
     check_vllm_settings(use_vllm, vllm_mode, vllm_gpu_memory_utilization, vllm_server_base_url)
-    cpu = not torch.cuda.is_available()
-    use_bf16 = bool(bf16) and (cpu or torch.cuda.is_bf16_supported())
     return GRPOConfig(
         output_dir=str(output_dir),
         num_generations=num_generations,
@@ -148,11 +147,10 @@ def build_grpo_config(
         learning_rate=learning_rate,
         beta=beta,
         temperature=temperature,
-        bf16=use_bf16,
-        use_cpu=cpu,
+        **device_args(bf16),
         seed=seed,
         logging_steps=logging_steps,
-        report_to=[] if report_to in ("none", "", None) else [report_to],
+        report_to=report_to_list(report_to),
         save_strategy=save_strategy,
         dataloader_num_workers=0,
         use_vllm=use_vllm,
@@ -767,7 +765,7 @@ class SRPOTrainer(GRPOTrainer):
         for name, value in metrics.items():
             self._metrics[mode][name].append(value)
         if all_rows and len(all_rows) % group == 0:  # reasoning-path diversity inside rollout groups
-            from she.sampling.diverse import mean_group_path_diversity
+            from she.reasoning.paths import mean_group_path_diversity
 
             self._metrics[mode]["srpo/path_diversity"].append(
                 mean_group_path_diversity([r.text for r in all_rows], group, self.schema))

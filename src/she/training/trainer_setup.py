@@ -1,5 +1,5 @@
-"""What every Hugging Face ``Trainer``-based job of she does the same way: SFT, DPO, the scalar reward model
-and the cross-encoder.
+"""What every Hugging Face ``Trainer``-based job of she does the same way: SFT, DPO, the scalar reward model,
+the cross-encoder, GRPO/SRPO and the step judge.
 
 Why one place: these jobs must agree on the device (CPU exactly when there is no CUDA), on precision (bf16
 only where the GPU supports it), on what ``report_to: none`` means, on resuming only from an *intact*
@@ -8,8 +8,9 @@ gather collectively -- rank 0 alone writes ``she.json`` and ``log_history.json``
 it has). A fix to one of these rules is then a fix for all jobs. Each job still builds its own TRL/transformers
 config class and adds the fields only it has (``beta``, ``max_length``, eval batch size, ...).
 
-The GRPO/SRPO path (:mod:`she.training.srpo`, :mod:`she.training.rl`) has its own builder with other
-defaults and fields and is not routed through here.
+The GRPO/SRPO path (:mod:`she.training.srpo`, :mod:`she.training.rl`) builds its ``GRPOConfig`` with other
+defaults and fields, but takes its device and precision (:func:`device_args`) and ``report_to`` from here,
+and resumes, saves ``final/`` and writes ``she_config.json`` through the same functions as the rest.
 """
 
 from __future__ import annotations
@@ -23,9 +24,36 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
-def report_to_list(report_to: str) -> list[str]:
+def report_to_list(report_to: str | None) -> list[str]:
     """``report_to`` as transformers wants it: ``none`` (or empty) is no reporter at all."""
-    return [] if report_to in ("none", "") else [report_to]
+    return [] if report_to in ("none", "", None) else [report_to]
+
+
+def device_args(bf16: bool) -> dict[str, bool]:
+    """``use_cpu`` (exactly when there is no CUDA) and ``bf16`` (as configured on CPU -- transformers runs it
+    as CPU autocast -- and on GPUs that support it; on older GPUs fp32 instead of failing at start-up)."""
+    import torch
+
+    from she.models.metadata import use_cpu
+
+    cpu = use_cpu()
+    return {"bf16": bool(bf16) and (cpu or torch.cuda.is_bf16_supported()), "use_cpu": cpu}
+
+
+def is_main_process(process_index: int | None = None) -> bool:
+    """Rank 0: ``process_index`` of built ``TrainingArguments`` when given, else the launcher's ``RANK``
+    (``accelerate launch`` / ``torchrun`` set it; a plain run has none and is rank 0)."""
+    import os
+
+    return (int(os.environ.get("RANK", "0")) if process_index is None else process_index) == 0
+
+
+def write_job_config(output_dir: str | Path, cfg: Any, process_index: int | None = None) -> None:
+    """``<output_dir>/she_config.json``: the job's config as run, written by rank 0 only."""
+    from she.config import to_dict
+
+    if is_main_process(process_index):
+        (Path(output_dir) / "she_config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
 
 
 def common_training_args(cfg: Any, output_dir: str | Path) -> dict[str, Any]:
@@ -34,15 +62,9 @@ def common_training_args(cfg: Any, output_dir: str | Path) -> dict[str, Any]:
     ``cfg`` is a job config with ``epochs``, ``max_steps``, ``learning_rate``, ``lr_scheduler_type``,
     ``batch_size``, ``bf16``, ``seed``, ``logging_steps``, ``save_steps``, ``save_total_limit`` and
     ``report_to``. Warm-up is left to the caller: some jobs configure it in steps, others as a ratio.
-    bf16 stays as configured on CPU (transformers runs it as CPU autocast) and on GPUs that support it; on
-    older GPUs it falls back to fp32 instead of failing the job at start-up. ``dataloader_num_workers=0``:
-    the data sets are small and in memory, so worker processes would only add start-up time.
+    Device and precision: :func:`device_args`. ``dataloader_num_workers=0``: the data sets are small and in
+    memory, so worker processes would only add start-up time.
     """
-    import torch
-
-    from she.training.sft import use_cpu
-
-    cpu = use_cpu()
     return {
         "output_dir": str(output_dir),
         "num_train_epochs": cfg.epochs,
@@ -50,8 +72,7 @@ def common_training_args(cfg: Any, output_dir: str | Path) -> dict[str, Any]:
         "learning_rate": cfg.learning_rate,
         "lr_scheduler_type": cfg.lr_scheduler_type,
         "per_device_train_batch_size": cfg.batch_size,
-        "bf16": cfg.bf16 and (cpu or torch.cuda.is_bf16_supported()),
-        "use_cpu": cpu,
+        **device_args(cfg.bf16),
         "seed": cfg.seed,
         "logging_steps": cfg.logging_steps,
         "save_steps": cfg.save_steps,
@@ -61,15 +82,22 @@ def common_training_args(cfg: Any, output_dir: str | Path) -> dict[str, Any]:
     }
 
 
+def last_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest *intact* checkpoint of a run (its manifest checks out), or None; newer damaged or
+    half-written ones are skipped with a logged reason (:func:`she.training.checkpoints.last_good_checkpoint`)."""
+    from she.training.checkpoints import last_good_checkpoint
+
+    found = last_good_checkpoint(output_dir)
+    return str(found) if found is not None else None
+
+
 def train_resuming(trainer: Any, output_dir: str | Path, resume: bool, logger: logging.Logger = log) -> str | None:
     """``trainer.train()``, continuing from the newest intact checkpoint in ``output_dir`` when ``resume``.
 
-    Only checkpoints whose manifest checks out are candidates (:func:`she.training.sft.last_checkpoint`), so
+    Only checkpoints whose manifest checks out are candidates (:func:`last_checkpoint`), so
     a checkpoint half-written by a killed run is skipped instead of crashing the restart. ``logger`` is the
     calling job's, so the "resuming from" line keeps its origin. Returns the checkpoint used (None = fresh).
     """
-    from she.training.sft import last_checkpoint
-
     checkpoint = last_checkpoint(output_dir) if resume else None
     if checkpoint:
         logger.info("resuming from %s", checkpoint)
@@ -88,7 +116,7 @@ def save_final(trainer: Any, output_dir: str | Path, meta: dict[str, Any], *, sa
     for job-specific rank-0 work (e.g. scoring an eval split). Every rank waits for that before returning,
     so no rank reads ``final/`` before it is complete.
     """
-    from she.training.sft import save_she_meta
+    from she.models.metadata import save_she_meta
 
     out = Path(output_dir)
     final = out / "final"
@@ -103,4 +131,5 @@ def save_final(trainer: Any, output_dir: str | Path, meta: dict[str, Any], *, sa
     return final
 
 
-__all__ = ["common_training_args", "report_to_list", "save_final", "train_resuming"]
+__all__ = ["common_training_args", "device_args", "is_main_process", "last_checkpoint", "report_to_list", "save_final",
+           "train_resuming", "write_job_config"]

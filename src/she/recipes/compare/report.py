@@ -1,0 +1,175 @@
+"""Reporting of ``she compare``: per-row metrics with bootstrap intervals, the plots and ``results.md``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from she.data.schema import Record
+from she.recipes.compare.plan import group_of
+from she.recipes.compare.rows import FULL_ROWS, RL_ROWS
+
+
+def row_metrics(records: Sequence[Record], predicted: Mapping[str, str | None], labels: Sequence[str], *,
+                n_boot: int, seed: int, alpha: float = 0.05) -> dict[str, Any]:
+    """Macro F1 / accuracy with percentile bootstrap CIs that resample whole query groups, and class-wise F1."""
+    from she.evaluation.metrics import bootstrap_ci, classification_report
+
+    missing = [r.id for r in records if r.id not in predicted]
+    if missing:
+        raise ValueError(f"{len(missing)} evaluation record(s) have no prediction (first: {missing[0]!r})")
+    y_true = [r.label for r in records]
+    y_pred = [predicted[r.id] for r in records]
+    groups = [group_of(r) for r in records]
+    rep = classification_report(y_true, y_pred, labels)
+    out = {"macro_f1": rep["macro_f1"], "accuracy": rep["accuracy"], "n": rep["n"], "n_invalid": rep["n_invalid"],
+           "n_groups": len(set(groups)), "per_class_f1": {k: v["f1"] for k, v in rep["per_class"].items()}}
+    for metric in ("macro_f1", "accuracy"):
+        lo, hi = bootstrap_ci(y_true, y_pred, labels, metric=metric, n_boot=n_boot, seed=seed, alpha=alpha,
+                              groups=groups)
+        out[f"{metric}_ci"] = [lo, hi]
+    return out
+
+
+def _series(hist: Sequence[Mapping[str, Any]], fn: Callable[[Mapping[str, Any]], float | None]) -> list[tuple[float, float]]:
+    out = []
+    for h in hist:
+        if "step" not in h:
+            continue
+        v = fn(h)
+        if v is not None and math.isfinite(v):
+            out.append((float(h["step"]), float(v)))
+    return out
+
+
+def _mean_step_reward(h: Mapping[str, Any]) -> float | None:
+    vals = [float(v) for k, v in h.items() if k.startswith("srpo/step_reward/") and v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def write_plots(ctx: Any, results: Mapping[str, Mapping[str, Any]], curves: Mapping[str, Any]) -> dict[str, str]:
+    """reward / step_reward / entropy curves (one line per RL row that ran its own job), the Macro F1 bars,
+    and the Macro F1 over training when checkpoints were scored. Returns {name: file}."""
+    from she.evaluation.report import plot_curves
+
+    written: dict[str, str] = {}
+    rl_rows = [r for r in ctx.rows if r in RL_ROWS + FULL_ROWS and r not in ctx.same_as]
+    hists = {r: ctx.log_history(r) for r in rl_rows}
+    specs = {
+        "reward": ("outcome reward (TRL `reward`) per RL row", lambda h: h.get("reward")),
+        "step_reward": ("mean step reward (srpo/step_reward/*)", _mean_step_reward),
+        "entropy": ("policy entropy", lambda h: h.get("entropy")),
+    }
+    for name, (title, fn) in specs.items():
+        series = {r: _series(h, fn) for r, h in hists.items()}
+        series = {r: s for r, s in series.items() if s}
+        if series:
+            plot_curves(series, ctx.out / f"{name}.png", title)
+            written[name] = f"{name}.png"
+    if results:
+        plot_macro_f1_bars(results, ctx.out / "macro_f1.png")
+        written["macro_f1"] = "macro_f1.png"
+    if curves:
+        plot_curves({r: [tuple(p) for p in pts] for r, pts in curves.items()}, ctx.out / "macro_f1_over_training.png",
+                    f"Macro F1 on {min(ctx.cfg.checkpoint_eval_max, len(ctx.evals))} eval pairs over training")
+        written["macro_f1_over_training"] = "macro_f1_over_training.png"
+    return written
+
+
+def plot_macro_f1_bars(results: Mapping[str, Mapping[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    vals = [results[n]["macro_f1"] for n in names]
+    lo = [v - results[n]["macro_f1_ci"][0] for n, v in zip(names, vals)]
+    hi = [results[n]["macro_f1_ci"][1] - v for n, v in zip(names, vals)]
+    colors = ["tab:blue" if results[n].get("kind") == "main" else "tab:orange" for n in names]
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(names) + 2), 4))
+    ax.bar(range(len(names)), vals, yerr=[lo, hi], capsize=3, color=colors)
+    ax.set_xticks(range(len(names)), names, rotation=40, ha="right")
+    ax.set_ylabel("Macro F1 (95 % CI, query-group bootstrap)")
+    ax.set_ylim(0, max([1e-3] + [results[n]["macro_f1_ci"][1] for n in names]) * 1.15)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _f(x: float | None, nd: int = 3) -> str:
+    return "-" if x is None else f"{x:.{nd}f}"
+
+
+def _table(rows: Mapping[str, Mapping[str, Any]], labels: Sequence[str]) -> list[str]:
+    head = ("| row | Macro F1 [95% CI] | accuracy [95% CI] | " + " | ".join(f"F1 {lab}" for lab in labels)
+            + " | step acc. | format valid | generations | train wall (s) |")
+    lines = [head, "|" + "---|" * (7 + len(labels))]
+    for name, r in rows.items():
+        name_cell = f"{name} (= {r['same_as']})" if r.get("same_as") else name
+        lines.append(
+            f"| {name_cell} | {_f(r['macro_f1'])} [{_f(r['macro_f1_ci'][0])}, {_f(r['macro_f1_ci'][1])}] | "
+            f"{_f(r['accuracy'])} [{_f(r['accuracy_ci'][0])}, {_f(r['accuracy_ci'][1])}] | "
+            + " | ".join(_f(r["per_class_f1"].get(lab)) for lab in labels)
+            + f" | {_f(r.get('step_accuracy'))} | {_f(r.get('format_valid_rate'))} | {r.get('generations', 0):,} | "
+            f"{_f(r.get('wall_time_s'), 0)} |")
+    return lines
+
+
+def results_markdown(s: Mapping[str, Any]) -> str:
+    """results.md: main table, ablation table, what each row is, budget, data, command, seed, plots."""
+    rows = s["rows"]
+    labels = s["labels"]
+    b = s["budget"]
+    d = s["data"]
+    main = {k: v for k, v in rows.items() if v["kind"] == "main"}
+    abl = {k: v for k, v in rows.items() if v["kind"] == "ablation"}
+    bs = s["bootstrap"]
+    parts = [f"# she compare: {s['output_dir']}", "",
+             f"Command: `{s['command']}`  ", f"Seed: {s['seed']} (every job); bootstrap: {bs['n']} replicates over "
+             f"query groups, seed {bs['seed']}, {100 * (1 - bs['alpha']):.0f} % percentile intervals.", "",
+             f"Data: {d['source']}, taxonomy {d['taxonomy']}, split seed {d['split_seed']}, balance_train "
+             f"{d['balance_train']}; split sizes {d['split_sizes']}; evaluated on {d['eval_n']} {d['eval_split']} "
+             f"pairs from {d['eval_query_groups']} queries, labels {d['eval_labels']}.", "",
+             f"Budget ({b['mode']}): every RL row gets {b['rl']['max_steps']} steps x {b['rl']['prompts_per_step']} "
+             f"prompts x {b['rl']['num_generations']} generations = {b['rl_generations_per_row']:,} policy rollouts."]
+    if "passn" in b:
+        parts.append(f"DPO / reward model: pass@{b['passn']['n']} on {b['passn']['max_records']} training prompts "
+                     "(the same rollouts for both).")
+    if "difficulty" in b:
+        parts.append(f"srpo_full: difficulty estimation on {b['difficulty']['pool']} prompts x k={b['difficulty']['k']} "
+                     f"= {b['difficulty']['generations']:,} generations; RL steps per row {b['srpo_full_steps']}"
+                     + (" (strict: the estimation is paid with RL steps)." if b["mode"] == "strict" else "."))
+    if b.get("judge_labelling_generations"):
+        parts.append(f"The judge's training labels cost {b['judge_labelling_generations']:,} policy generations "
+                     "(shared by every row that uses the judge; not in the per-row column).")
+    parts += ["", "`generations`: policy samples the method spent before evaluation (RL rollouts, pass@N, "
+              "difficulty estimation). `train wall (s)`: wall time of the row's own jobs (the shared SFT excluded; "
+              "`-` when a job ran in an earlier invocation that did not record it).", "",
+              "## Main results", "", *_table(main, labels), ""]
+    if abl:
+        parts += ["## Ablations", "", *_table(abl, labels), ""]
+    checked = {k: v["step_checks"] for k, v in rows.items() if v.get("step_checks")}
+    if checked:
+        keys = list(dict.fromkeys(key for c in checked.values() for key in c))
+        parts += ["## Steps the verifier could check", "",
+                  "Share of generated steps the verifier marked correct, among those it could check on these "
+                  "pairs (from the gold label, or from the strings for a coverage `Missing` step; `evaluate.step_checks`).",
+                  "", "| row | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+        parts += [f"| {k} | " + " | ".join(_f(c[key]["accuracy"]) if key in c else "-" for key in keys) + " |"
+                  for k, c in checked.items()] + [""]
+    notes = [f"- **{k}** {v['note']}." for k, v in rows.items() if v.get("note")]
+    if notes:
+        parts += ["Notes:", "", *notes, ""]
+    parts += ["## Rows", ""] + [f"- **{k}**: {v['description']}" for k, v in rows.items()] + [""]
+    plots = s.get("plots", {})
+    if plots:
+        parts += ["## Plots", ""] + [f"![{k}]({v})" for k, v in plots.items()] + [""]
+    return "\n".join(parts)
+
+
+__all__ = ["plot_macro_f1_bars", "results_markdown", "row_metrics", "write_plots"]

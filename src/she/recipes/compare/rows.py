@@ -1,0 +1,173 @@
+"""The rows of the ``she compare`` table, as data: ``name -> Row``.
+
+A row says what it is (main result or ablation, one line for results.md), how its model comes about and how
+it is scored. The driver (:mod:`she.recipes.compare.run`) walks this table; it has no per-row branches.
+
+``family`` is how the model of a row comes about:
+
+* ``majority`` -- no model; :attr:`Row.predict` labels every pair.
+* ``sft`` -- the shared SFT start itself.
+* ``job`` -- one job: :attr:`Row.config` builds its config (when the job runs), :attr:`Row.run` trains;
+  ``from_sft`` rows start from the shared SFT folder.
+* ``rl`` -- one ``run_rl_job`` from SFT; :attr:`Row.rl` is the row's change to the shared ``rl:`` section
+  (rows whose RL jobs come out identical share one run, see :func:`she.recipes.compare.plan.plan_same_as`).
+* ``full`` -- the srpo_full data pipeline (difficulty band -> diverse selection -> curriculum) before RL;
+  ``rl`` as above.
+
+Jobs are imported when they run (``from she.training.sft import train_sft`` inside the function), so a test
+that replaces a job on its module replaces it here too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from she.config import CrossEncoderJobConfig, DPOJobConfig
+from she.recipes.compare.config import CE_FIXED, DPO_FIXED, build_section
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the table. ``run`` (the driver) is passed to the callables as their first argument."""
+
+    kind: str  # main | ablation
+    description: str
+    family: str  # majority | sft | job | rl | full (module docstring)
+    config: Callable[[Any, Mapping[str, Any]], Any] | None = None  # (run, needs) -> the job's config
+    run: Callable[[Any, Any], None] | None = None  # (run, job config) -> trains into the job's folder
+    rl: Mapping[str, Any] | None = None  # rl/full rows: the row's change to the shared rl: section
+    from_sft: bool = True  # the row's job starts from the shared SFT folder
+    reward_model: bool = False  # rl rows: the reward is the scalar reward model of the shared `rm` job
+    charged: tuple[str, ...] = ()  # shared jobs whose wall time the row is charged with, besides its own
+    predict: Callable[[Any, Any], list[dict[str, Any]]] | None = None  # (run, model) -> predictions; None = generate
+
+
+# -- the jobs ----------------------------------------------------------------------------------------------
+
+
+def _train_sft(run: Any, cfg: Any) -> None:
+    from she.training.sft import train_sft
+
+    train_sft(cfg, run.train)
+
+
+def _label_only_config(run: Any, needs: Mapping[str, Any]) -> Any:
+    return run.sft_config("label", run.out / "label_only_sft")
+
+
+def _dpo_config(run: Any, needs: Mapping[str, Any]) -> DPOJobConfig:
+    c = run.cfg
+    return build_section(DPOJobConfig, c.dpo, "dpo", DPO_FIXED, model=str(needs["sft"]), output_dir=str(run.out / "dpo"),
+                         data=c.data, rollouts=run.passn(), seed=c.seed)
+
+
+def _run_dpo(run: Any, cfg: DPOJobConfig) -> None:
+    from she.training.dpo import run_dpo_job
+
+    run_dpo_job(cfg, run.train, progress=False)
+
+
+def _cross_encoder_config(run: Any, needs: Mapping[str, Any]) -> CrossEncoderJobConfig:
+    c = run.cfg
+    return build_section(CrossEncoderJobConfig, c.cross_encoder, "cross_encoder", CE_FIXED,
+                         output_dir=str(run.out / "cross_encoder"), data=c.data, eval_split="none", seed=c.seed)
+
+
+def _run_cross_encoder(run: Any, cfg: CrossEncoderJobConfig) -> None:
+    from she.training.cross_encoder import run_cross_encoder_job
+
+    run_cross_encoder_job(cfg, run.train, None)
+
+
+def _rl_config(run: Any, needs: Mapping[str, Any]) -> Any:
+    return run.rl_config(needs["row"], model=needs["sft"], judge=needs.get("judge"),
+                         reward_model=needs.get("reward_model"))
+
+
+def _run_rl(run: Any, cfg: Any) -> None:
+    from she.training.rl import run_rl_job
+
+    run_rl_job(cfg, run.train)
+
+
+# -- predictions of the rows that generate nothing ---------------------------------------------------------
+
+
+def majority_label(records, labels) -> str:
+    """The most frequent label; ties go to the label that comes first in the taxonomy."""
+    from collections import Counter
+
+    counts = Counter(r.label for r in records)
+    if not counts:
+        raise ValueError("majority baseline: no training records")
+    return max(labels, key=lambda lab: (counts.get(lab, 0), -list(labels).index(lab)))
+
+
+def _predict_majority(run: Any, model: Any) -> list[dict[str, Any]]:
+    import dataclasses
+
+    src = run.train
+    if run.cfg.data.balance_train:  # a label-balanced sample has no majority: use the split's prior
+        from she.data.sources import load_splits
+
+        src = load_splits(dataclasses.replace(run.cfg.data, balance_train=False, max_train=None))["train"]
+    lab = majority_label(src, run.labels)
+    return [{"id": r.id, "label": lab, "gold": r.label} for r in run.evals]
+
+
+def _predict_cross_encoder(run: Any, model: Any) -> list[dict[str, Any]]:
+    from she.training.cross_encoder import CrossEncoderJudge
+
+    return CrossEncoderJudge.from_pretrained(model).predict(run.evals, run.cfg.eval.batch_size)
+
+
+# -- the table: main rows first, then the ablations (the order of results.md) -----------------------------
+
+_RL = dict(config=_rl_config, run=_run_rl)
+
+ROWS: dict[str, Row] = {
+    "majority": Row("main", "predicts the most frequent label of the training split (before any balancing) for "
+                    "every pair", "majority", from_sft=False, predict=_predict_majority),
+    "label_only_sft": Row("main", "SFT from the base model on `Verdict: <label>` only (no reasoning)", "job",
+                          config=_label_only_config, run=_train_sft, from_sft=False),
+    "sft": Row("main", "SFT on reasoning traces: the shared start of every generative row below", "sft"),
+    "dpo": Row("main", "DPO on pass@N preference pairs sampled from the SFT policy", "job", config=_dpo_config,
+               run=_run_dpo),
+    "grpo": Row("main", "GRPO from SFT, outcome (label) reward only", "rl", rl={"step_rewards": False}, **_RL),
+    "rm_grpo": Row("main", "GRPO whose reward is a scalar reward model trained on the same pass@N pairs", "rl",
+                   rl={"step_rewards": False}, reward_model=True, charged=("rm",), **_RL),
+    "srpo": Row("main", "SRPO: GRPO plus per-step rewards from the examiner of the `rl:` section", "rl",
+                rl={"step_rewards": True}, **_RL),
+    "srpo_full": Row("main", "SRPO on a difficulty-banded, diverse prompt set, trained as a curriculum", "full",
+                     rl={"step_rewards": True}),
+    "cross_encoder": Row("main", "BERT-style cross-encoder classifier over [query, product] (non-generative anchor)",
+                         "job", config=_cross_encoder_config, run=_run_cross_encoder, from_sft=False,
+                         predict=_predict_cross_encoder),
+    "srpo_no_step_reward": Row("ablation", "SRPO with step rewards off (the same job as grpo, reused)", "rl",
+                               rl={"step_rewards": False}, **_RL),
+    "srpo_verifier_only": Row("ablation", "SRPO with the offline verifier as the only step examiner", "rl",
+                              rl={"step_rewards": True, "examiner": "verifier"}, **_RL),
+    # blend with weight 1: the judge's score wherever it has one; the verifier only fills the steps the judge
+    # cannot score (cut off by its max_length) -- rewards/hybrid.py has no pure judge mode
+    "srpo_judge_only": Row("ablation", "SRPO with the judge as the step examiner (blend, judge_weight 1.0)", "rl",
+                           rl={"step_rewards": True, "examiner": "blend", "judge_weight": 1.0}, **_RL),
+    "srpo_full_no_difficulty": Row("ablation", "srpo_full without the difficulty band (no pass-rate estimation)",
+                                   "full", rl={"step_rewards": True}),
+    "srpo_full_no_diverse": Row("ablation", "srpo_full with a random (not diverse) subset of the band", "full",
+                                rl={"step_rewards": True}),
+    "srpo_full_no_curriculum": Row("ablation", "srpo_full trained in one stage on the selected prompts", "full",
+                                   rl={"step_rewards": True}),
+}
+
+ALL_ROWS = tuple(ROWS)
+MAIN_ROWS = tuple(n for n, r in ROWS.items() if r.kind == "main")
+ABLATION_ROWS = tuple(n for n, r in ROWS.items() if r.kind == "ablation")
+# plain RL rows: one run_rl_job each (rows with identical job configs share one run, see plan_same_as)
+RL_ROWS = tuple(n for n, r in ROWS.items() if r.family == "rl")
+# data-pipeline rows: difficulty band -> diverse selection -> curriculum, each part removable
+FULL_ROWS = tuple(n for n, r in ROWS.items() if r.family == "full")
+ROW_INFO: dict[str, str] = {n: r.description for n, r in ROWS.items()}
+
+__all__ = ["ABLATION_ROWS", "ALL_ROWS", "FULL_ROWS", "MAIN_ROWS", "RL_ROWS", "ROWS", "ROW_INFO", "Row",
+           "majority_label"]
