@@ -27,6 +27,14 @@ def build_examiner(cfg: RLJobConfig):
     raise ValueError(f"unknown examiner {cfg.examiner!r}; use verifier, hybrid or blend")
 
 
+def _live(examiner, cfg: RLJobConfig):
+    """With a fact store, the examiner reads it at every step (facts annotated while the job runs count at
+    once; she.rewards.live_facts, docs/annotation.md)."""
+    from she.rewards.live_facts import live_facts_examiner
+
+    return live_facts_examiner(examiner, cfg.facts_store)
+
+
 def build_reward_model_kwargs(cfg: RLJobConfig) -> dict:
     """``{"reward_model": ScalarRewardModel}`` when ``cfg.reward_model`` is set (scalar-RM GRPO), else ``{}``:
     without one the trainer is built exactly as before."""
@@ -104,7 +112,7 @@ def run_rl_job(cfg: RLJobConfig, train: list[Record], callbacks: list | None = N
         install_layout_invariant_sampling(model, seed=cfg.seed)
     trainer = SRPOTrainer(
         model=model, args=args, train_dataset=make_prompt_dataset(train, cfg.prompt_style),
-        processing_class=tok, records_by_id={r.id: r for r in train}, examiner=build_examiner(cfg),
+        processing_class=tok, records_by_id={r.id: r for r in train}, examiner=_live(build_examiner(cfg), cfg),
         step_rewards=cfg.step_rewards, alpha=cfg.alpha, credit_mode=cfg.credit_mode, critical=cfg.critical,
         taxonomy=cfg.data.taxonomy, partial_credit=cfg.partial_credit, format_weight=cfg.format_weight,
         callbacks=[ManifestCallback(), *(callbacks or [])], max_bad_steps=cfg.max_bad_steps,
