@@ -243,7 +243,7 @@ def create_app(store_path: str | Path, tokens: Mapping[str, str], *, lease_s: fl
             stored = store.answer(it.item_id, who, steps=steps, facts=facts, ttl_s=lease_s)
         except AnswerError as e:
             raise _ClientError(422, str(e)) from None
-        return {"stored": len(stored), "state": item_state(store, it.item_id, it.record_id)}
+        return {"stored": len(stored), "state": item_state(store, it.item_id, it.record_id), "mine": header(who)["mine"]}
 
     @app.post("/api/finish")
     async def finish(request: Request):

@@ -37,8 +37,8 @@ LOGIN = """{% extends "base" %}{% block body %}<main><section><h2>Sign in</h2>
 <form method="post" action="/login"><label>Annotator token <input type="password" name="token" id="token"
 autofocus size="40"></label> <button type="submit">Sign in</button></form></section></main>{% endblock %}"""
 
-PROGRESS = """<span>{{ progress.complete }} / {{ progress.items }} items complete</span>
-<span>you ({{ who }}): {{ mine.done }} done, {{ mine.answers }} answers</span>
+PROGRESS = """<span>{{ progress.complete }} / {{ progress["items"] }} items complete</span>
+<span>you ({{ who }}): <span id="mine">{{ mine.done }} done, {{ mine.answers }} answers</span></span>
 <span>{% for a, c in progress.annotators.items() %}{{ a }} {{ c.done }}{% if not loop.last %} · {% endif %}{% endfor %}</span>
 <a href="/stats">stats</a>"""
 
@@ -111,7 +111,10 @@ async function post(url, body){
 async function answer(body){
   msg.textContent = 'saving…'; msg.className = '';
   const j = await post('/api/answer', Object.assign({item_id: ITEM}, body));
-  if (j) { state = j.state; msg.textContent = 'saved (' + j.stored + ')'; msg.className = 'right'; show(); }
+  if (j) {
+    state = j.state; msg.textContent = 'saved (' + j.stored + ')'; msg.className = 'right'; show();
+    document.getElementById('mine').textContent = j.mine.done + ' done, ' + j.mine.answers + ' answers';
+  }
 }
 function mark(v){ const r = rows[sel]; if (r && r.dataset.kind === 'step') answer({steps: {[r.dataset.step]: v}}); }
 function fact(i){
@@ -149,7 +152,7 @@ show();
 
 STATS = """{% extends "base" %}{% block header %}""" + PROGRESS + """{% endblock %}
 {% block body %}<main><section><h2>Progress</h2>
-<p>{{ progress.complete }} of {{ progress.items }} items complete.</p>
+<p>{{ progress.complete }} of {{ progress["items"] }} items complete.</p>
 <table><tr><th>annotator</th><th>items done</th><th>answers</th></tr>
 {% for a, c in progress.annotators.items() %}<tr><td>{{ a }}</td><td>{{ c.done }}</td><td>{{ c.answers }}</td></tr>{% endfor %}
 </table></section>
