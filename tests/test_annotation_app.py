@@ -121,6 +121,10 @@ def test_right_step_states_its_facts_and_leases_are_exclusive(env):
     r = c.post("/api/answer", headers=_auth("alice"), json={"item_id": iid, "facts": {"type_relation": "related"}})
     st = r.json()["state"]["fact:type_relation"]
     assert (st["value"], st["previous"]) == ("related", "same")  # the correction shows what it replaced
+    assert c.post("/api/skip", headers=_auth("alice"), json={"item_id": iid}).json() == {"next": "/"}
+    assert AnnotationStore(env).lease_holder(iid) is None  # skipped: released, not done
+    assert c.post("/api/other", headers=_auth("alice"), json={"item_id": iid}).status_code == 404
+    assert _lease(c, "alice") == iid  # the first item again
     assert c.post("/api/finish", headers=_auth("alice"), json={"item_id": iid}).json() == {"next": "/"}
     stats = c.get("/api/stats", headers=_auth("alice")).json()
     assert stats["progress"]["annotators"]["alice"] == {"done": 1, "answers": 4}

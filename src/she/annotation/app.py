@@ -245,18 +245,14 @@ def create_app(store_path: str | Path, tokens: Mapping[str, str], *, lease_s: fl
             raise _ClientError(422, str(e)) from None
         return {"stored": len(stored), "state": item_state(store, it.item_id, it.record_id), "mine": header(who)["mine"]}
 
-    @app.post("/api/finish")
-    async def finish(request: Request):
+    @app.post("/api/{action}")
+    async def finish_or_skip(action: str, request: Request):
+        """``finish``: the item is done by this annotator; ``skip``: release it. Either drops the lease."""
         who = annotator(request)
+        if action not in ("finish", "skip"):
+            return JSONResponse({"detail": "not found"}, status_code=404)
         it = owned_item((await body_of(request))["item_id"], who)
-        store.finish(it.item_id, who)
-        return {"next": "/"}
-
-    @app.post("/api/skip")
-    async def skip(request: Request):
-        who = annotator(request)
-        it = owned_item((await body_of(request))["item_id"], who)
-        store.release(it.item_id, who)
+        (store.finish if action == "finish" else store.release)(it.item_id, who)
         return {"next": "/"}
 
     def stats_data() -> dict[str, Any]:

@@ -40,12 +40,11 @@ def item_id_of(record_id: str, trace: str) -> str:
     return f"{record_id}~{hashlib.sha1(trace.encode('utf-8')).hexdigest()[:8]}"
 
 
-def load_traces(path: str | Path) -> dict[str, list[str]]:
-    """``{record id: [trace, ...]}`` from JSONL lines with ``id`` and ``trace`` (or ``reasoning``)."""
-    out: dict[str, list[str]] = {}
+def _id_lines(path: str | Path, what: str):
+    """``(path, line number, object)`` for each non-blank JSONL line, each an object with an ``id``."""
     p = Path(path)
     if not p.is_file():
-        raise DataError("no such traces file", path=p)
+        raise DataError(f"no such {what} file", path=p)
     for line, text in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
         if not text.strip():
             continue
@@ -55,6 +54,13 @@ def load_traces(path: str | Path) -> dict[str, list[str]]:
             raise DataError(f"invalid JSON ({e.msg})", path=p, line=line) from None
         if not isinstance(obj, dict) or "id" not in obj:
             raise DataError("missing field", path=p, line=line, field="id")
+        yield p, line, obj
+
+
+def load_traces(path: str | Path) -> dict[str, list[str]]:
+    """``{record id: [trace, ...]}`` from JSONL lines with ``id`` and ``trace`` (or ``reasoning``)."""
+    out: dict[str, list[str]] = {}
+    for p, line, obj in _id_lines(path, "traces"):
         trace = obj.get("trace", obj.get("reasoning"))
         if not isinstance(trace, str) or not trace.strip():
             raise DataError("missing or empty (a trace line is {\"id\": ..., \"trace\": \"...\"})", path=p, line=line,
@@ -66,19 +72,8 @@ def load_traces(path: str | Path) -> dict[str, list[str]]:
 def load_queue_file(path: str | Path) -> list[tuple[str, str | None, int]]:
     """An explicit queue, in file order: ``(record id, trace or None, need)`` from lines
     ``{"id": ..., "trace": "..." (optional), "need": 1 (optional, annotators wanted)}``."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError("no such queue file", path=p)
     out = []
-    for line, text in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
-        if not text.strip():
-            continue
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"invalid JSON ({e.msg})", path=p, line=line) from None
-        if not isinstance(obj, dict) or "id" not in obj:
-            raise DataError("missing field", path=p, line=line, field="id")
+    for p, line, obj in _id_lines(path, "queue"):
         trace = obj.get("trace")
         if trace is not None and not isinstance(trace, str):
             raise DataError("must be a string", path=p, line=line, field="trace")
