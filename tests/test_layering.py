@@ -17,7 +17,7 @@ TIERS: list[tuple[str, ...]] = [
     ("errors", "config", "algorithms", "data", "reasoning", "models"),  # core
     ("rewards", "evaluation"),
     ("training", "sampling"),
-    ("recipes", "serving", "cli"),
+    ("recipes", "serving", "annotation", "cli"),
 ]
 # inside a tier: (importer, imported) pairs that are allowed; everything else between two packages of one tier
 # is refused
@@ -26,7 +26,7 @@ SAME_TIER = {
     ("models", "errors"), ("models", "data"), ("models", "reasoning"), ("algorithms", "errors"),
     ("evaluation", "rewards"),
     ("sampling", "training"),
-    ("cli", "recipes"), ("cli", "serving"),
+    ("cli", "recipes"), ("cli", "serving"), ("cli", "annotation"),
 }
 TIER = {pkg: i for i, tier in enumerate(TIERS) for pkg in tier}
 

@@ -2,7 +2,7 @@
 
     she model prepare smollm2-135m
     she data validate|stats|split|generate ...
-    she data facts build|show ...
+    she data facts build|show|export ...
     she data filter|diverse ...   (difficulty band / diverse subset, docs/sampling.md)
     she train sft [--config configs/sft.yaml] [--data FILE] ...
     she train dpo|rm|cross-encoder --config ...   (baselines, docs/baselines.md)
@@ -10,6 +10,7 @@
     she eval --model DIR --data FILE --out DIR
     she predict --model DIR --data FILE --out preds.jsonl [--fast]
     she serve --model DIR [--host 127.0.0.1] [--port 8000]   (docs/serving.md)
+    she annotate serve --data FILE --facts facts.sqlite --tokens FILE [--model DIR --judge DIR] --port N
     she demo
     she compare configs/compare-cpu.yaml [--output-dir DIR] [--rows a,b,c]   (docs/baselines.md)
 
@@ -96,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     dfw = dfs.add_parser("show", help="print the stored facts of record ids as JSON lines")
     dfw.add_argument("--store", required=True)
     dfw.add_argument("ids", nargs="+")
+    dfe = dfs.add_parser("export", help="write the store's facts as JSONL (rebuildable), optionally the answer log")
+    dfe.add_argument("--store", required=True)
+    dfe.add_argument("--out", required=True, help='facts JSONL: {"id", "facts"} per record')
+    dfe.add_argument("--answers", default=None, help="also write the annotation log (annotator, time, ...) here")
 
     t = sub.add_parser("train", help="training jobs").add_subparsers(dest="train_cmd", required=True)
     ts = t.add_parser("sft", help="supervised warm start on reasoning traces (TRL SFTTrainer)")
@@ -182,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--skip-base-eval", action="store_true", help="do not evaluate the untrained model")
     _add_data_args(dm)
 
+    from she.annotation.commands import add_parser as add_annotate_parser
+
+    add_annotate_parser(sub)  # she annotate serve (docs/annotation.md)
+
     cp = sub.add_parser("compare", help="every baseline and ablation from one SFT start at equal budget; resumable "
                                         "(docs/baselines.md)")
     cp.add_argument("config", help="YAML compare config (configs/compare-*.yaml)")
@@ -252,6 +261,12 @@ def _cmd_facts(a) -> None:
             print(f"  duplicate: {dup.message()}")
         if rep.n_duplicates > 10:
             print(f"  ... and {rep.n_duplicates - 10} more duplicates")
+        return
+    if a.facts_cmd == "export":
+        from she.data.annotations import export_facts
+
+        n_facts, n_answers = export_facts(a.store, a.out, answers_out=a.answers)
+        print(f"wrote {n_facts} fact lines to {a.out}" + (f" and {n_answers} answers to {a.answers}" if a.answers else ""))
         return
     missing = []
     with FactStore.open(a.store) as store:
@@ -396,6 +411,12 @@ def _cmd_serve(a) -> None:
           taxonomy=a.taxonomy)
 
 
+def _cmd_annotate(a) -> None:
+    from she.annotation.commands import cmd_annotate
+
+    cmd_annotate(a)
+
+
 def _cmd_demo(a) -> None:
     from she.config import DemoConfig, load_config
     from she.recipes.demo import run_demo
@@ -435,7 +456,8 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError:
         pass
     handlers = {"model": _cmd_model, "data": _cmd_data, "train": _cmd_train, "eval": _cmd_eval,
-                "predict": _cmd_predict, "serve": _cmd_serve, "demo": _cmd_demo, "compare": _cmd_compare}
+                "predict": _cmd_predict, "serve": _cmd_serve, "demo": _cmd_demo, "compare": _cmd_compare,
+                "annotate": _cmd_annotate}
     try:
         handlers[a.cmd](a)
     except user_errors as e:

@@ -18,10 +18,13 @@ Layout (format version 1)::
 ``facts`` is the JSON object of the set facts (:meth:`StepFacts.known`, sorted keys); ``src`` is where
 the winning line came from (``file:line``, or ``record:<source>`` for :meth:`FactStore.from_records`).
 
-A store is written once and never modified in place: :meth:`FactStore.build` writes a temporary file
-in the target folder and ``os.replace``-s it, so a reader never sees half a store and a failed build
-leaves the old store untouched. Readers open it read-only (``mode=ro``); a process that already has
-it open keeps reading the old file until it reopens it.
+:meth:`FactStore.build` writes a temporary file in the target folder and ``os.replace``-s it, so a reader
+never sees half a store and a failed build leaves the old store untouched. The annotation app
+(:mod:`she.data.annotations`) is the one writer that changes a store in place (WAL, one transaction per
+answer; it adds its own ``ann_*`` tables, the two above keep their layout). Readers open it read-only
+(``mode=ro``). Every lookup sees the latest committed in-place write; :meth:`FactStore.refresh` also
+notices a store replaced by a new build (a new file at the path) and reopens it, so a long-running job
+calls ``refresh()`` once per step and sees new facts without a restart.
 """
 
 from __future__ import annotations
@@ -285,6 +288,8 @@ class FactStore:
         self.path = Path(path)
         self._con: sqlite3.Connection | None = None
         self._pid: int | None = None
+        self._seen: tuple[tuple[int, int], int] | None = None  # (file identity, data_version) at the last refresh()
+        self.generation = 0  # how many times refresh() has seen the store change
 
     # building -----------------------------------------------------------------------------------------
     @classmethod
@@ -365,6 +370,34 @@ class FactStore:
             self._pid = os.getpid()
         return self._con
 
+    def _identity(self) -> tuple[int, int]:
+        st = os.stat(self.path)
+        return st.st_dev, st.st_ino
+
+    def refresh(self) -> bool:
+        """True when the store changed since the last call (the first call only records the state).
+
+        Two kinds of change: a write in place (the annotation app), seen through SQLite's
+        ``PRAGMA data_version``, which moves when another connection commits; and a new file at the path
+        (a rebuild ``os.replace``-d it), seen through the file's inode, which closes and reopens the
+        connection. A store file that vanished keeps the old connection (the job goes on with the facts
+        it has) and counts as no change.
+        """
+        try:
+            ident = self._identity()
+        except FileNotFoundError:
+            return False
+        before = self._seen
+        if before is not None and before[0] != ident:
+            self.close()
+        version = int(self._conn().execute("PRAGMA data_version").fetchone()[0])
+        state = (ident, version)
+        changed = before is not None and state != before
+        if changed:
+            self.generation += 1
+        self._seen = state
+        return changed
+
     def meta(self) -> dict[str, str]:
         return dict(self._conn().execute("SELECT key, value FROM meta").fetchall())
 
@@ -412,7 +445,7 @@ class FactStore:
     def close(self) -> None:
         if self._con is not None and self._pid == os.getpid():
             self._con.close()
-        self._con, self._pid = None, None
+        self._con, self._pid, self._seen = None, None, None
 
     def __enter__(self) -> "FactStore":
         return self
@@ -424,7 +457,7 @@ class FactStore:
         return {"path": self.path}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.path, self._con, self._pid = state["path"], None, None
+        self.path, self._con, self._pid, self._seen, self.generation = state["path"], None, None, None, 0
 
     def __repr__(self) -> str:
         return f"FactStore({str(self.path)!r})"

@@ -55,6 +55,14 @@ def judge_steps_above_floor(judge_dir: str, floor: float | None) -> list[str] | 
     return kept
 
 
+def _live(examiner, cfg: RLJobConfig):
+    """With a fact store, the examiner reads it at every step (facts annotated while the job runs count at
+    once; she.rewards.live_facts, docs/annotation.md)."""
+    from she.rewards.live_facts import live_facts_examiner
+
+    return live_facts_examiner(examiner, cfg.facts_store)
+
+
 def build_reward_model_kwargs(cfg: RLJobConfig) -> dict:
     """``{"reward_model": ScalarRewardModel}`` when ``cfg.reward_model`` is set (scalar-RM GRPO), else ``{}``:
     without one the trainer is built exactly as before."""
@@ -182,7 +190,7 @@ def run_rl_job(cfg: RLJobConfig, train: list[Record], callbacks: list | None = N
         save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit, **rollout_settings(cfg),
     )
     write_job_config(out, cfg, args.process_index)
-    examiner = build_examiner(cfg)
+    examiner = _live(build_examiner(cfg), cfg)
     class_weights = resolve_class_weights(cfg, train)
     if args.process_index == 0:
         run_examiner_check(cfg, examiner, check_records if check_records is not None else train)

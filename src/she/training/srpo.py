@@ -770,11 +770,28 @@ class SRPOTrainer(GRPOTrainer):
             self._metrics[mode]["srpo/path_diversity"].append(
                 mean_group_path_diversity([r.text for r in all_rows], group, self.schema))
         self._log_examiner_faults(mode)
+        self._log_examiner_metrics(mode)
         device = self.accelerator.device
         outcome_all = self.accelerator.gather(torch.tensor([r.outcome for r in rows], dtype=torch.float32, device=device))
         return SRPOBatch(mode=mode, rollouts=rows, outcome_rewards=outcome_all.cpu(),
                          step_rewards=[r.rewards for r in all_rows], step_keys=[r.reward_keys for r in all_rows],
                          golds=[r.gold for r in all_rows])
+
+    def _log_examiner_metrics(self, mode: str) -> None:
+        """Log an examiner's own ``metrics()`` (e.g. how many steps facts annotated during the run decided,
+        :class:`she.rewards.live_facts.LiveFactsExaminer`): counts summed over processes, others their max."""
+        fn = getattr(self.examiner, "metrics", None)
+        if not callable(fn):
+            return
+        values = dict(fn())
+        if not values:
+            return
+        keys = sorted(values)
+        local = torch.tensor([float(values[k]) for k in keys], dtype=torch.float32, device=self.accelerator.device)
+        every = self.accelerator.gather(local).view(-1, len(keys))
+        for j, k in enumerate(keys):
+            col = every[:, j]
+            self._metrics[mode][k].append(float(col.sum() if "decisions" in k else col.max()))
 
     def _log_examiner_faults(self, mode: str) -> None:
         """Log ``judge/faults/<kind>``: examiner faults (e.g. remote-judge timeouts) since the last batch,
