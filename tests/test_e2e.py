@@ -196,3 +196,26 @@ def test_eval_data_config_uses_the_jobs_split_and_caps(tmp_path, tiny_model_dir)
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: x\n")
     assert _run(["eval", "--model", str(tiny_model_dir), "--data-config", str(bad), "--out", str(ev)]) == 2
+
+
+@pytest.mark.slow
+def test_demo_runs_sft_then_srpo_and_reports_both(tmp_path, tiny_model_dir):
+    """The main job: base / SFT / SRPO side by side, with predicted-class shares and the SRPO curves."""
+    cfg = tmp_path / "demo.yaml"
+    cfg.write_text(
+        f"model: {tiny_model_dir}\noutput_dir: {tmp_path / 'demo'}\n"
+        "data: {synthetic_queries: 12, synthetic_products_per_query: 3, max_train: 16, max_eval: 8}\n"
+        "sft: {max_steps: 2, batch_size: 4, bf16: false, save_steps: 2, report_to: none}\n"
+        "eval_batch_size: 8\nmax_new_tokens: 12\n"
+        "rl: {max_steps: 2, num_generations: 2, prompts_per_step: 1, max_completion_length: 12, bf16: false,\n"
+        "     save_steps: 1, examiner_check: warn}\n"
+    )
+    assert _run(["demo", "--config", str(cfg)]) == 0
+    out = tmp_path / "demo"
+    summary = json.loads((out / "summary.json").read_text())
+    names = list(summary["rows"])
+    assert names[0] == "base (zero-shot)" and names[1] == "SFT" and names[2].startswith("SRPO (srpo_gated, 2 steps)")
+    report = (out / "report.md").read_text()
+    assert "predicted (Irr/Par/Exa)" in report and "| SRPO (srpo_gated, 2 steps) |" in report
+    assert (out / "srpo" / "final" / "she.json").exists() and (out / "srpo" / "examiner_check.json").exists()
+    assert (out / "srpo" / "collapse.png").exists() and "srpo" in summary["timings"]

@@ -108,6 +108,9 @@ class DemoConfig:
     eval_batch_size: int = 32
     max_new_tokens: int = 64
     eval_before: bool = True
+    # the SRPO stage after SFT (null: stop after SFT). model/output_dir/data are set by the demo: the SFT
+    # checkpoint, <output_dir>/srpo, the demo's data; the RL prompts are the SFT training records.
+    rl: RLJobConfig | None = field(default_factory=lambda: _demo_rl())
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:
@@ -332,6 +335,13 @@ class RLJobConfig:
     vllm_mode: str = "colocate"  # colocate (vLLM inside each training process) | server (`trl vllm-serve`)
     vllm_gpu_memory_utilization: float = 0.3  # colocate only: share of GPU memory vLLM may take
     vllm_server_base_url: str | None = None  # server only, e.g. http://10.0.0.5:8000 (None = TRL's 0.0.0.0:8000)
+
+
+def _demo_rl() -> RLJobConfig:
+    """The demo's SRPO stage: a few gated SRPO steps, sized to keep ``make demo`` under 15 CPU minutes."""
+    return RLJobConfig(examiner="verifier", advantage="srpo_gated", max_steps=8, num_generations=4,
+                       prompts_per_step=2, max_completion_length=64, learning_rate=1e-5, save_steps=4,
+                       report_to="none", examiner_check_records=40)
 
 
 # -- baselines (docs/baselines.md) ----------------------------------------------------------------------

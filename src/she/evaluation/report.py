@@ -48,17 +48,31 @@ def plot_curves(series: dict[str, list[tuple[float, float]]], path: Path, title:
     plt.close(fig)
 
 
+def predicted_shares(m: dict, labels: list[str]) -> list[float] | None:
+    """Share of test pairs predicted as each label (confusion column sums; None without a confusion matrix)."""
+    conf = m.get("confusion")
+    if not conf:
+        return None
+    n = sum(sum(row) for row in conf)
+    return [sum(row[j] for row in conf) / n if n else 0.0 for j in range(len(labels))]
+
+
 def metrics_table(rows: dict[str, dict], labels: list[str]) -> str:
-    head = "| model | Macro F1 | accuracy | " + " | ".join(f"F1 {l}" for l in labels) + " | format valid | step acc. | n |"
-    sep = "|" + "---|" * (6 + len(labels))
+    """Markdown table: Macro F1, accuracy, F1 per class, predicted-class shares (a collapsed model predicts
+    one class for most pairs), format validity, step accuracy."""
+    head = ("| model | Macro F1 | accuracy | " + " | ".join(f"F1 {l}" for l in labels)
+            + f" | predicted ({'/'.join(l[:3] for l in labels)}) | format valid | step acc. | n |")
+    sep = "|" + "---|" * (7 + len(labels))
     lines = [head, sep]
     for name, m in rows.items():
         pc = m.get("per_class", {})
         sa = m.get("step_accuracy", {}).get("accuracy") if isinstance(m.get("step_accuracy"), dict) else None
+        shares = predicted_shares(m, labels)
+        sh = "-" if shares is None else "/".join(f"{x:.2f}" for x in shares)
         lines.append(
             f"| {name} | {m['macro_f1']:.3f} | {m['accuracy']:.3f} | "
             + " | ".join(f"{pc.get(l, {}).get('f1', 0.0):.3f}" for l in labels)
-            + f" | {m.get('format_valid_rate', float('nan')):.3f} | {'-' if sa is None else f'{sa:.3f}'} | {m['n']} |"
+            + f" | {sh} | {m.get('format_valid_rate', float('nan')):.3f} | {'-' if sa is None else f'{sa:.3f}'} | {m['n']} |"
         )
     return "\n".join(lines)
 

@@ -1,4 +1,4 @@
-"""The main job (``she demo``): data -> evaluate the base model -> SFT -> evaluate again -> report."""
+"""The main job (``she demo``): data -> evaluate the base model -> SFT -> evaluate -> SRPO -> evaluate -> report."""
 
 from __future__ import annotations
 
@@ -62,6 +62,20 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     rows["SFT"] = evaluate(str(final), test, out / "eval_sft", title="After SFT", **common)
     timings["eval_sft"] = time.time() - t
 
+    if cfg.rl is not None:
+        import dataclasses
+
+        from she.training.rl import run_rl_job
+
+        t = time.time()
+        rl_cfg = dataclasses.replace(cfg.rl, model=str(final), output_dir=str(out / "srpo"), data=cfg.data)
+        rl_final = run_rl_job(rl_cfg, splits["train"], check_records=splits["validation"] or None)
+        timings["srpo"] = time.time() - t
+        t = time.time()
+        rows[f"SRPO ({rl_cfg.advantage or 'srpo_gated'}, {rl_cfg.max_steps} steps)"] = evaluate(
+            str(rl_final), test, out / "eval_srpo", title="After SRPO", **common)
+        timings["eval_srpo"] = time.time() - t
+
     history = json.loads((out / "sft" / "log_history.json").read_text())
     plot_curves({"train loss": _loss_curve(history)}, out / "sft_loss.png", "SFT training loss")
     majority = max(labels, key=lambda l: sum(r.label == l for r in splits["train"]))
@@ -76,7 +90,9 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
         f"Model: `{cfg.model}`; SFT target: {cfg.sft.target}.", "",
         metrics_table(rows, labels), "",
         "![SFT loss](sft_loss.png)", "",
-        "Confusion matrices: [base](eval_base/confusion.png), [SFT](eval_sft/confusion.png).", "",
+        "Confusion matrices: [base](eval_base/confusion.png), [SFT](eval_sft/confusion.png)"
+        + (", [SRPO](eval_srpo/confusion.png); SRPO curves: [reward](srpo/reward.png), "
+           "[collapse signs](srpo/collapse.png), [examiner check](srpo/examiner_check.json)." if cfg.rl else "."), "",
         "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), "",
     ]
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
