@@ -227,3 +227,47 @@ def test_step_accuracy_rejects_unknown_verdicts():
         step_accuracy([["correct"], ["right"]])
     with pytest.raises(ValueError, match="is a string"):
         step_accuracy(["correct"])
+
+
+# -- paired bootstrap of a difference (seeds pooled) ----------------------------------------------------------
+
+from she.evaluation.metrics import paired_bootstrap_diff  # noqa: E402
+
+
+def test_paired_bootstrap_identical_arms_is_exactly_zero():
+    y = ["a", "b", "c", "a", "b", "c"]
+    p = ["a", "a", "c", "b", "b", "c"]
+    r = paired_bootstrap_diff(y, [p], [p], ["a", "b", "c"], n_boot=200, groups=[1, 1, 2, 2, 3, 3])
+    assert r["diff"] == 0.0 and r["lo"] == 0.0 and r["hi"] == 0.0 and r["p_le_0"] == 1.0
+
+
+def test_paired_bootstrap_point_estimate_pools_seeds():
+    labels = ["a", "b", "c"]
+    y = ["a", "b", "c", "a", "b", "c"]
+    a1, a2 = ["a", "b", "c", "a", "a", "a"], ["a", "b", "b", "a", "b", "c"]
+    b = ["a", "a", "a", "a", "a", "a"]
+    r = paired_bootstrap_diff(y, [a1, a2], [b], labels, n_boot=300, seed=1)
+    pooled = classification_report(y + y, a1 + a2, labels)["macro_f1"]  # seeds pooled = predictions concatenated
+    assert r["diff"] == pytest.approx(pooled - classification_report(y, b, labels)["macro_f1"])
+    assert r["lo"] <= r["diff"] <= r["hi"] and r["diff"] > 0
+
+
+def test_paired_interval_is_narrower_than_the_marginal_ones():
+    """Both arms share the pairs' difficulty: the paired interval of the difference is much narrower than the
+    width of either arm's own interval when the arms agree on most pairs."""
+    rng = np.random.default_rng(0)
+    labels = ["a", "b", "c"]
+    y = list(rng.choice(labels, 400))
+    base = [t if rng.random() < 0.5 else str(rng.choice(labels)) for t in y]
+    better = [t if (rng.random() < 0.15) else p for t, p in zip(y, base)]  # fixes ~15 % of pairs
+    groups = [i // 4 for i in range(400)]
+    r = paired_bootstrap_diff(y, [better], [base], labels, n_boot=1000, groups=groups)
+    lo, hi = bootstrap_ci(y, better, labels, n_boot=1000, groups=groups)
+    assert r["lo"] > 0 and (r["hi"] - r["lo"]) < 0.6 * (hi - lo)
+
+
+def test_paired_bootstrap_bad_input():
+    with pytest.raises(ValueError, match="prediction list has 1 items"):
+        paired_bootstrap_diff(["a", "b"], [["a"]], [["a", "b"]], ["a", "b"])
+    with pytest.raises(ValueError, match="at least one"):
+        paired_bootstrap_diff(["a"], [], [["a"]], ["a"])

@@ -181,6 +181,69 @@ def bootstrap_ci(
     return float(lo), float(hi)
 
 
+def paired_bootstrap_diff(
+    y_true: Sequence[str],
+    preds_a: Sequence[Sequence[str | None]],
+    preds_b: Sequence[Sequence[str | None]],
+    labels: Sequence[str],
+    metric: str = "macro_f1",
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    groups: Sequence[Hashable] | None = None,
+) -> dict[str, float]:
+    """Paired bootstrap of ``metric(A) - metric(B)`` on the same evaluation pairs.
+
+    ``preds_a`` / ``preds_b``: one prediction list per seed (run) of each arm, every list aligned with
+    ``y_true``. Seeds are pooled: an arm's confusion matrix is the sum over its runs, so its metric is that of
+    all its runs' predictions together. Each replicate resamples whole query ``groups`` once and applies the
+    *same* resample to both arms (paired: the pair-to-pair difficulty that both arms share cancels, which is
+    what makes the interval of a difference much narrower than two overlapping marginal intervals).
+    Returns ``{"diff", "lo", "hi", "p_le_0"}`` (``p_le_0``: share of replicates with a difference <= 0).
+    """
+    if metric not in ("macro_f1", "accuracy"):
+        raise ValueError(f"metric must be 'macro_f1' or 'accuracy', got {metric!r}")
+    if not 0.0 < alpha < 1.0 or n_boot < 1:
+        raise ValueError(f"need 0 < alpha < 1 and n_boot >= 1, got alpha={alpha}, n_boot={n_boot}")
+    if not preds_a or not preds_b:
+        raise ValueError("each arm needs at least one prediction list")
+    k = len(list(labels))
+    n = len(y_true)
+    if groups is None:
+        group_idx = np.arange(n)
+        n_groups = n
+    else:
+        if len(groups) != n:
+            raise ValueError(f"groups has {len(groups)} items but y_true has {n}")
+        ids: dict[Hashable, int] = {}
+        group_idx = np.array([ids.setdefault(g, len(ids)) for g in groups], dtype=np.int64)
+        n_groups = len(ids)
+
+    def per_group(runs: Sequence[Sequence[str | None]]) -> np.ndarray:
+        out = np.zeros((n_groups, k * (k + 1)))
+        for run in runs:
+            if len(run) != n:
+                raise ValueError(f"a prediction list has {len(run)} items but y_true has {n}")
+            t, p = _encode(y_true, run, labels)
+            np.add.at(out, (group_idx, t * (k + 1) + p), 1.0)
+        return out
+
+    ga, gb = per_group(preds_a), per_group(preds_b)
+    full = lambda g: float(_scores_from_confusion(g.sum(0).reshape(1, k, k + 1))[metric][0])  # noqa: E731
+    diff = full(ga) - full(gb)
+    rng = np.random.default_rng(seed)
+    values = np.empty(n_boot)
+    chunk = max(1, min(n_boot, 2_000_000 // max(n_groups, 1)))
+    for start in range(0, n_boot, chunk):
+        m = min(chunk, n_boot - start)
+        counts = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=m)
+        va = _scores_from_confusion((counts @ ga).reshape(m, k, k + 1))[metric]
+        vb = _scores_from_confusion((counts @ gb).reshape(m, k, k + 1))[metric]
+        values[start : start + m] = va - vb
+    lo, hi = np.quantile(values, [alpha / 2, 1 - alpha / 2])
+    return {"diff": diff, "lo": float(lo), "hi": float(hi), "p_le_0": float((values <= 0).mean())}
+
+
 def step_accuracy(verdicts: Sequence[Sequence[str]]) -> dict:
     """Summarise step-level verdicts (one list per rollout, each "correct" / "incorrect" / "unknown").
 
@@ -217,4 +280,4 @@ def step_accuracy(verdicts: Sequence[Sequence[str]]) -> dict:
     }
 
 
-__all__ = ["classification_report", "bootstrap_ci", "step_accuracy", "INVALID", "STEP_VERDICTS"]
+__all__ = ["classification_report", "bootstrap_ci", "paired_bootstrap_diff", "step_accuracy", "INVALID", "STEP_VERDICTS"]

@@ -90,6 +90,11 @@ class CompareConfig:
     budget: str = "strict"  # strict: difficulty rollouts are paid with srpo_full's RL steps | rl: not
     eval: CompareEvalConfig = field(default_factory=CompareEvalConfig)
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
+    # paired bootstrap intervals of Macro F1 differences [A, B] on the same pairs (A and B each pooled with
+    # their `_seed<k>` rows); pairs with a row not in the run are skipped
+    paired: list[list[str]] = field(default_factory=lambda: [["srpo_gated", "grpo"], ["srpo_gated", "sft"],
+                                                             ["srpo_gated_verifier_only", "grpo"],
+                                                             ["srpo_gated", "srpo_centered_pooled"]])
     eval_checkpoints: bool = False  # also score intermediate RL checkpoints (costly)
     checkpoint_eval_max: int = 50  # eval pairs per checkpoint
 

@@ -131,8 +131,10 @@ def rl_job_config(cfg: CompareConfig, row: str, *, model: str, output_dir: str, 
     spec = ROWS.get(row)
     if spec is None or spec.rl is None:
         raise ValueError(f"{row!r} is not an RL row")
-    kw: dict[str, Any] = {"model": str(model), "output_dir": str(output_dir), "data": cfg.data, "seed": cfg.seed,
-                          **spec.rl}
+    change = dict(spec.rl)
+    seed = cfg.seed + int(change.pop("seed_offset", 0))
+    kw: dict[str, Any] = {"model": str(model), "output_dir": str(output_dir), "data": cfg.data, "seed": seed,
+                          **change}
     if spec.reward_model:
         kw["reward_model"] = str(reward_model)
     examiner = kw.get("examiner", base.examiner)

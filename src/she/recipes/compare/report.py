@@ -24,8 +24,10 @@ def row_metrics(records: Sequence[Record], predicted: Mapping[str, str | None], 
     y_pred = [predicted[r.id] for r in records]
     groups = [group_of(r) for r in records]
     rep = classification_report(y_true, y_pred, labels)
+    n = max(rep["n"], 1)
     out = {"macro_f1": rep["macro_f1"], "accuracy": rep["accuracy"], "n": rep["n"], "n_invalid": rep["n_invalid"],
-           "n_groups": len(set(groups)), "per_class_f1": {k: v["f1"] for k, v in rep["per_class"].items()}}
+           "n_groups": len(set(groups)), "per_class_f1": {k: v["f1"] for k, v in rep["per_class"].items()},
+           "pred_share": {lab: sum(p == lab for p in y_pred) / n for lab in labels}}
     for metric in ("macro_f1", "accuracy"):
         lo, hi = bootstrap_ci(y_true, y_pred, labels, metric=metric, n_boot=n_boot, seed=seed, alpha=alpha,
                               groups=groups)
@@ -105,16 +107,40 @@ def _f(x: float | None, nd: int = 3) -> str:
     return "-" if x is None else f"{x:.{nd}f}"
 
 
+def paired_results(records: Sequence[Record], predictions: Mapping[str, Mapping[str, str | None]],
+                   pairs: Sequence[Sequence[str]], labels: Sequence[str], *, n_boot: int, seed: int,
+                   alpha: float = 0.05) -> list[dict[str, Any]]:
+    """Paired bootstrap of Macro F1 differences for each ``[A, B]`` of ``pairs`` whose rows were run; each arm
+    pools its row with the row's seed repeats (``predictions``: row -> {record id: label})."""
+    from she.evaluation.metrics import paired_bootstrap_diff
+    from she.recipes.compare.rows import arm_of
+
+    y = [r.label for r in records]
+    groups = [group_of(r) for r in records]
+    out = []
+    for a, b in pairs:
+        runs = {arm: [row for row in predictions if arm_of(row) == arm] for arm in (a, b)}
+        if not runs[a] or not runs[b]:
+            continue
+        preds = {arm: [[predictions[row][r.id] for r in records] for row in rows] for arm, rows in runs.items()}
+        res = paired_bootstrap_diff(y, preds[a], preds[b], labels, n_boot=n_boot, seed=seed, alpha=alpha,
+                                    groups=groups)
+        out.append({"a": a, "b": b, "runs_a": runs[a], "runs_b": runs[b], **res})
+    return out
+
+
 def _table(rows: Mapping[str, Mapping[str, Any]], labels: Sequence[str]) -> list[str]:
     head = ("| row | Macro F1 [95% CI] | accuracy [95% CI] | " + " | ".join(f"F1 {lab}" for lab in labels)
-            + " | step acc. | format valid | generations | train wall (s) |")
-    lines = [head, "|" + "---|" * (7 + len(labels))]
+            + f" | predicted ({'/'.join(lab[:3] for lab in labels)}) | step acc. | format valid | generations | "
+            "train wall (s) |")
+    lines = [head, "|" + "---|" * (8 + len(labels))]
     for name, r in rows.items():
         name_cell = f"{name} (= {r['same_as']})" if r.get("same_as") else name
         lines.append(
             f"| {name_cell} | {_f(r['macro_f1'])} [{_f(r['macro_f1_ci'][0])}, {_f(r['macro_f1_ci'][1])}] | "
             f"{_f(r['accuracy'])} [{_f(r['accuracy_ci'][0])}, {_f(r['accuracy_ci'][1])}] | "
             + " | ".join(_f(r["per_class_f1"].get(lab)) for lab in labels)
+            + " | " + ("/".join(_f(r["pred_share"].get(lab), 2) for lab in labels) if r.get("pred_share") else "-")
             + f" | {_f(r.get('step_accuracy'))} | {_f(r.get('format_valid_rate'))} | {r.get('generations', 0):,} | "
             f"{_f(r.get('wall_time_s'), 0)} |")
     return lines
@@ -128,6 +154,7 @@ def results_markdown(s: Mapping[str, Any]) -> str:
     d = s["data"]
     main = {k: v for k, v in rows.items() if v["kind"] == "main"}
     abl = {k: v for k, v in rows.items() if v["kind"] == "ablation"}
+    seeds = {k: v for k, v in rows.items() if v["kind"] == "seed"}
     bs = s["bootstrap"]
     parts = [f"# she compare: {s['output_dir']}", "",
              f"Command: `{s['command']}`  ", f"Seed: {s['seed']} (every job); bootstrap: {bs['n']} replicates over "
@@ -151,6 +178,16 @@ def results_markdown(s: Mapping[str, Any]) -> str:
               "difficulty estimation). `train wall (s)`: wall time of the row's own jobs (the shared SFT excluded; "
               "`-` when a job ran in an earlier invocation that did not record it).", "",
               "## Main results", "", *_table(main, labels), ""]
+    if seeds:
+        parts += ["## More seeds of the main rows", "", *_table(seeds, labels), ""]
+    paired = s.get("paired") or []
+    if paired:
+        parts += ["## Paired differences (same pairs, seeds pooled)", "",
+                  "Macro F1 of A minus Macro F1 of B on the same evaluation pairs; each replicate resamples query "
+                  "groups once for both arms. An arm pools its row with the row's seed repeats.", "",
+                  "| A - B | runs A | runs B | difference [95% CI] | share of replicates <= 0 |", "|---|---|---|---|---|"]
+        parts += [f"| {p['a']} - {p['b']} | {len(p['runs_a'])} | {len(p['runs_b'])} | {p['diff']:+.3f} "
+                  f"[{p['lo']:+.3f}, {p['hi']:+.3f}] | {p['p_le_0']:.3f} |" for p in paired] + [""]
     if abl:
         parts += ["## Ablations", "", *_table(abl, labels), ""]
     checked = {k: v["step_checks"] for k, v in rows.items() if v.get("step_checks")}
@@ -172,4 +209,4 @@ def results_markdown(s: Mapping[str, Any]) -> str:
     return "\n".join(parts)
 
 
-__all__ = ["plot_macro_f1_bars", "results_markdown", "row_metrics", "write_plots"]
+__all__ = ["paired_results", "plot_macro_f1_bars", "results_markdown", "row_metrics", "write_plots"]

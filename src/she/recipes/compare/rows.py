@@ -31,7 +31,7 @@ from she.recipes.compare.config import CE_FIXED, DPO_FIXED, build_section
 class Row:
     """One row of the table. ``run`` (the driver) is passed to the callables as their first argument."""
 
-    kind: str  # main | ablation
+    kind: str  # main | ablation | seed (another seed of a main row)
     description: str
     family: str  # majority | sft | job | rl | full (module docstring)
     config: Callable[[Any, Mapping[str, Any]], Any] | None = None  # (run, needs) -> the job's config
@@ -137,8 +137,10 @@ ROWS: dict[str, Row] = {
     "grpo": Row("main", "GRPO from SFT, outcome (label) reward only", "rl", rl={"step_rewards": False}, **_RL),
     "rm_grpo": Row("main", "GRPO whose reward is a scalar reward model trained on the same pass@N pairs", "rl",
                    rl={"step_rewards": False}, reward_model=True, charged=("rm",), **_RL),
-    "srpo": Row("main", "SRPO: GRPO plus per-step rewards from the examiner of the `rl:` section", "rl",
-                rl={"step_rewards": True}, **_RL),
+    "srpo": Row("main", "SRPO: GRPO plus per-step rewards from the examiner and estimator of the `rl:` section",
+                "rl", rl={"step_rewards": True}, **_RL),
+    "srpo_gated": Row("main", "SRPO with outcome-gated, penalty-only step credit (docs/srpo.md), the `rl:` examiner",
+                      "rl", rl={"step_rewards": True, "advantage": "srpo_gated"}, **_RL),
     "srpo_full": Row("main", "SRPO on a difficulty-banded, diverse prompt set, trained as a curriculum", "full",
                      rl={"step_rewards": True}),
     "cross_encoder": Row("main", "BERT-style cross-encoder classifier over [query, product] (non-generative anchor)",
@@ -152,6 +154,15 @@ ROWS: dict[str, Row] = {
     # cannot score (cut off by its max_length) -- rewards/hybrid.py has no pure judge mode
     "srpo_judge_only": Row("ablation", "SRPO with the judge as the step examiner (blend, judge_weight 1.0)", "rl",
                            rl={"step_rewards": True, "examiner": "blend", "judge_weight": 1.0}, **_RL),
+    "srpo_gated_verifier_only": Row("ablation", "srpo_gated with the offline verifier as the only step examiner",
+                                    "rl", rl={"step_rewards": True, "advantage": "srpo_gated", "examiner": "verifier"},
+                                    **_RL),
+    "srpo_gated_min": Row("ablation", "srpo_gated with PURE-style min-form credit over the penalties", "rl",
+                          rl={"step_rewards": True, "advantage": "srpo_gated_min"}, **_RL),
+    "srpo_centered": Row("ablation", "SRPO with group-centred step credit normalised per step type", "rl",
+                         rl={"step_rewards": True, "advantage": "srpo_centered"}, **_RL),
+    "srpo_centered_pooled": Row("ablation", "the first SRPO: centred step credit pooled over step types", "rl",
+                                rl={"step_rewards": True, "advantage": "srpo_centered_pooled"}, **_RL),
     "srpo_full_no_difficulty": Row("ablation", "srpo_full without the difficulty band (no pass-rate estimation)",
                                    "full", rl={"step_rewards": True}),
     "srpo_full_no_diverse": Row("ablation", "srpo_full with a random (not diverse) subset of the band", "full",
@@ -159,6 +170,21 @@ ROWS: dict[str, Row] = {
     "srpo_full_no_curriculum": Row("ablation", "srpo_full trained in one stage on the selected prompts", "full",
                                    rl={"step_rewards": True}),
 }
+
+# more seeds of the two rows the headline compares: `<row>_seed<k>` trains with seed k (the shared seed + k);
+# the report pools a row with its seeds (arm_of) for the paired intervals
+for _base in ("grpo", "srpo_gated"):
+    for _k in (1, 2):
+        _spec = ROWS[_base]
+        ROWS[f"{_base}_seed{_k}"] = Row("seed", f"{_base} with seed + {_k}", "rl", rl={**_spec.rl, "seed_offset": _k},
+                                        **_RL)
+
+
+def arm_of(row: str) -> str:
+    """The row a seed row repeats (``srpo_gated_seed2`` -> ``srpo_gated``); any other row is its own arm."""
+    base, sep, k = row.rpartition("_seed")
+    return base if sep and k.isdigit() and base in ROWS else row
+
 
 ALL_ROWS = tuple(ROWS)
 MAIN_ROWS = tuple(n for n, r in ROWS.items() if r.kind == "main")
@@ -169,5 +195,5 @@ RL_ROWS = tuple(n for n, r in ROWS.items() if r.family == "rl")
 FULL_ROWS = tuple(n for n, r in ROWS.items() if r.family == "full")
 ROW_INFO: dict[str, str] = {n: r.description for n, r in ROWS.items()}
 
-__all__ = ["ABLATION_ROWS", "ALL_ROWS", "FULL_ROWS", "MAIN_ROWS", "RL_ROWS", "ROWS", "ROW_INFO", "Row",
+__all__ = ["ABLATION_ROWS", "ALL_ROWS", "FULL_ROWS", "MAIN_ROWS", "RL_ROWS", "ROWS", "ROW_INFO", "Row", "arm_of",
            "majority_label"]

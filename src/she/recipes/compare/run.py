@@ -42,7 +42,7 @@ from she.recipes.compare.plan import (
     split_stage_steps,
     strict_rl_steps,
 )
-from she.recipes.compare.report import results_markdown, row_metrics, write_plots
+from she.recipes.compare.report import paired_results, results_markdown, row_metrics, write_plots
 from she.recipes.compare.rows import FULL_ROWS, RL_ROWS, ROWS
 
 log = logging.getLogger(__name__)
@@ -454,7 +454,8 @@ class CompareRun:
             self.save_state()
         return ev, _read_json(mpath)
 
-    def result(self, row: str, model: Path | None, jobs: list[str]) -> dict[str, Any]:
+    def predicted(self, row: str, model: Path | None) -> tuple[Path, dict[str, Any], dict[str, str | None]]:
+        """The row's evaluation folder, metrics and ``{record id: predicted label}`` (evaluating when needed)."""
         ev, m = self.predictions(row, model)
         preds: dict[str, str | None] = {}
         from she.data.validation import iter_jsonl
@@ -464,6 +465,10 @@ class CompareRun:
         if set(preds) != {r.id for r in self.evals}:
             raise ValueError(f"{ev}/predictions.jsonl covers other records than this evaluation set; delete {ev} "
                              "to evaluate again")
+        return ev, m, preds
+
+    def result(self, row: str, model: Path | None, jobs: list[str]) -> dict[str, Any]:
+        ev, m, preds = self.predicted(row, model)
         res = row_metrics(self.evals, preds, self.labels, n_boot=self.cfg.bootstrap.n, seed=self.cfg.bootstrap.seed,
                           alpha=self.cfg.bootstrap.alpha)
         sa = m.get("step_accuracy")
@@ -538,9 +543,11 @@ def run_compare(cfg: CompareConfig, *, command: str | None = None) -> dict[str, 
     _write_json(out / "compare_config.json", to_dict(cfg))
     ctx.save_state()
     results: dict[str, dict[str, Any]] = {}
+    preds: dict[str, dict[str, str | None]] = {}
     for row in rows:
         model, jobs = ctx.model_of(row)
         results[row] = ctx.result(row, model, jobs)
+        preds[row] = ctx.predicted(row, model)[2]
         ctx.state["rows"][row] = results[row]
         if row not in ctx.state["done"]:
             ctx.state["done"].append(row)
@@ -551,6 +558,8 @@ def run_compare(cfg: CompareConfig, *, command: str | None = None) -> dict[str, 
         "data": data_summary(ctx, splits), "bootstrap": dataclasses.asdict(cfg.bootstrap), "labels": ctx.labels,
         "order": rows, "rows": results, "jobs": ctx.state["jobs"],
     }
+    summary["paired"] = paired_results(ctx.evals, preds, cfg.paired, ctx.labels, n_boot=cfg.bootstrap.n,
+                                       seed=cfg.bootstrap.seed, alpha=cfg.bootstrap.alpha)
     if curves:
         summary["checkpoint_macro_f1"] = curves
     summary["plots"] = write_plots(ctx, results, curves)
