@@ -143,7 +143,10 @@ def rl_job_config(cfg: CompareConfig, row: str, *, model: str, output_dir: str, 
         kw["max_steps"] = max_steps
     if cfg.eval_checkpoints:  # the Macro-F1-over-training curve reads every checkpoint
         kw["save_total_limit"] = None
-    return dataclasses.replace(base, **kw)
+    job = dataclasses.replace(base, **kw)
+    if job.advantage is None:  # the trainer's default, spelled out: rows that run the same estimator share a job
+        job = dataclasses.replace(job, advantage="srpo_gated" if job.step_rewards else "grpo")
+    return job
 
 
 def _job_key(rl: RLJobConfig) -> str:
