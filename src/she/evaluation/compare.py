@@ -40,6 +40,7 @@ from typing import Any
 from she.config import (
     ConfigError,
     CrossEncoderJobConfig,
+    canonical_key,
     DataConfig,
     DPOJobConfig,
     PassAtNConfig,
@@ -178,7 +179,7 @@ class CompareConfig:
 def _build(cls: type, section: Mapping[str, Any] | None, where: str, fixed_keys: Sequence[str], **fixed: Any):
     """``cls`` from a config section plus the driver's own values; a section naming a driver key fails."""
     section = dict(section or {})
-    bad = sorted(set(section) & set(fixed_keys))
+    bad = sorted({canonical_key(cls, k, warn=False) for k in section} & set(fixed_keys), key=str)
     if bad:
         raise ConfigError(f"{where}: {bad} are set by she compare itself and cannot be given here")
     obj = from_dict(cls, section, where)
