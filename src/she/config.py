@@ -373,8 +373,13 @@ def _field_type(cls: type, parts: list[str], flag: str) -> tuple[Any, str]:
             log.warning("option %s: deprecated name, use --%s", flag, ".".join(names + [name]))
         hints = typing.get_type_hints(tp)
         if name not in {f.name for f in dataclasses.fields(tp)}:
-            keys = ", ".join(config_keys(tp))
-            raise ConfigError(f"unknown option {flag}: no config key {'.'.join(names + [part])!r}; keys: {keys}")
+            import difflib
+
+            keys = [".".join(names + [k]) for k in config_keys(tp)]
+            near = difflib.get_close_matches(".".join(names + [part]), keys, n=1)
+            hint = f"did you mean --{near[0]}? " if near else ""
+            raise ConfigError(f"unknown option {flag}: no config key {'.'.join(names + [part])!r}; {hint}"
+                              "(--help-keys lists every key)")
         names.append(name)
         tp = hints[name]
     return tp, ".".join(names)

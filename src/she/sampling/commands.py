@@ -42,7 +42,7 @@ def add_train_parser(t, add_data_args: Callable) -> None:
     tc = t.add_parser("curriculum", help="multi-stage RL: one SRPO/GRPO run per stage (docs/sampling.md)")
     tc.add_argument("--config", required=True, help="YAML with `rl:` and `curriculum:` sections")
     tc.add_argument("--model", default=None, help="start model of the first stage")
-    tc.add_argument("--output-dir", default=None)
+    tc.add_argument("--output-dir", "--out", default=None, help="output folder (one subfolder per stage)")
     tc.add_argument("--pass-rates", default=None, help="pass-rate cache from `she data filter`")
     add_data_args(tc)
 
