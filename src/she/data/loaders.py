@@ -85,7 +85,7 @@ def load_records(
     (default: keep each format's own scale). ``cuts`` only applies to Home Depot ratings. ``limit``
     stops after that many *accepted* records (handy for smoke runs).
     """
-    fmt = detect_format(path) if format == "auto" else format
+    fmt = detect_format(path, encoding) if format == "auto" else format
     common = dict(on_error=on_error, rejects_path=rejects_path, taxonomy=taxonomy, limit=limit, encoding=encoding)
     if fmt == "home-depot":
         return load_home_depot(path, cuts=cuts, **common)
@@ -135,7 +135,7 @@ def resolve_encoding(path: PathLike, encoding: str = "auto", *, fallback: str = 
     return "utf-8"
 
 
-def detect_format(path: PathLike) -> str:
+def detect_format(path: PathLike, encoding: str = "auto") -> str:
     """Guess the format of ``path``.
 
     * a directory holding WANDS' ``query.csv``, ``product.csv`` and ``label.csv`` -> ``wands``; one
@@ -166,7 +166,10 @@ def detect_format(path: PathLike) -> str:
         return "esci"
     with open(p, "rb") as f:
         raw = f.read(65536)
-    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+    if encoding != "auto":
+        enc = resolve_encoding(p, encoding)
+        head = (raw[: len(raw) // 4 * 4] if "16" in enc or "32" in enc else raw).decode(enc, "replace")
+    elif raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         head = raw[: len(raw) // 2 * 2].decode("utf-16", "replace")
     else:
         head = raw.decode("latin-1")
