@@ -133,9 +133,13 @@ def eval_records(cfg: DataConfig, split: str | None = None) -> tuple[list[Record
         return records, f"scoring all {len(records)} pairs of {src} (--split all: training pairs included)"
     splits, how = _split(cfg, records)
     n = sum(len(v) for v in splits.values())
+    seeded = how.startswith("query-disjoint")
     if split is None:
         split = "test" if splits["test"] or not splits["validation"] else "validation"
         if not splits[split] and splits["train"]:
+            if seeded:
+                raise ValueError(f"{src}: its held-out test split is empty (too few queries: {how}); pass --split all "
+                                 "to score every pair, training pairs included")
             raise ValueError(f"{src} holds only training pairs ({how}); pass --split train to score them anyway")
     chosen = _cap(cfg, splits)[split]
     if not chosen:
