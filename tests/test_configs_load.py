@@ -100,3 +100,12 @@ def test_header_parser_finds_commands(tmp_path):
                  "model: m\n# she train dpo --config configs/not-in-header.yaml\n")
     assert header_commands(p) == ["train sft --config configs/x.yaml --lora",
                                   "train srpo --config configs/rl.yaml"]
+
+
+def test_pyproject_package_data_exists():
+    import tomllib
+
+    meta = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    for pkg, globs in meta.get("tool", {}).get("setuptools", {}).get("package-data", {}).items():
+        for g in globs:
+            assert list((REPO / "src" / pkg.replace(".", "/")).glob(g)), f"package-data {pkg}: {g} matches nothing"

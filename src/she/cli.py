@@ -7,14 +7,17 @@
     she train sft [--config configs/sft.yaml] [--data FILE] ...
     she train dpo|rm|cross-encoder --config ...   (baselines, docs/baselines.md)
     she train curriculum --config configs/curriculum-demo.yaml
-    she eval --model DIR --data FILE --out DIR
+    she eval --model DIR --data FILE --output-dir DIR
     she predict --model DIR --data FILE --out preds.jsonl [--fast]
     she serve --model DIR [--host 127.0.0.1] [--port 8000]   (docs/serving.md)
     she demo
     she compare configs/compare-cpu.yaml [--output-dir DIR] [--rows a,b,c]   (docs/baselines.md)
 
-User errors (bad files, bad configs, unknown models) print one clear line and exit with status 2;
-``SHE_DEBUG=1`` shows the traceback.
+Precedence for every config-driven command: built-in defaults < the --config YAML < flags given; any config
+key is also a flag (``--learning_rate 1e-5``, ``--data.max_train 100``; :func:`she.config.parse_overrides`).
+
+Exit status: 0 done; 1 input rows were rejected (``--on-error skip``); 2 a user error (bad files, bad configs,
+unknown models, bad flags): one clear line on stderr. ``SHE_DEBUG=1`` shows the traceback.
 """
 
 from __future__ import annotations
