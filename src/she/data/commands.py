@@ -9,24 +9,24 @@ from __future__ import annotations
 import os
 import statistics
 from collections import Counter
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from she.data.labels import TAXONOMIES
 from she.data.loaders import load_records, save_jsonl
 from she.data.schema import Record, StepFacts
-from she.data.split import split_by_query
+from she.data.split import SPLIT_KEY, split_by_query
 from she.data.validation import LoadReport
 
 PathLike = str | os.PathLike
 
 
 def validate(path: PathLike, format: str = "auto", on_error: str = "fail",
-             rejects_path: PathLike | None = None) -> LoadReport:
+             rejects_path: PathLike | None = None, *, encoding: str = "auto") -> LoadReport:
     """Load ``path`` only to check it. In "fail" mode the first bad row raises ``DataError``; in
     "skip" mode every bad row lands in the rejects file and the report counts them."""
-    _records, report = load_records(path, format, on_error=on_error, rejects_path=rejects_path)
+    _records, report = load_records(path, format, on_error=on_error, rejects_path=rejects_path, encoding=encoding)
     return report
 
 
@@ -89,10 +89,25 @@ def format_stats(d: Mapping[str, Any]) -> str:
 
 def split(path: PathLike, format: str, out_dir: PathLike, fractions: Mapping[str, float] | None = None,
           seed: int = 0, *, on_error: str = "fail", rejects_path: PathLike | None = None,
-          taxonomy: str | None = None) -> dict[str, Path]:
+          taxonomy: str | None = None, encoding: str = "auto") -> dict[str, Path]:
     """Load ``path``, split it by query and write ``<out_dir>/<name>.jsonl`` per split (atomically).
-    Returns ``{name: path}``."""
-    records, _report = load_records(path, format, on_error=on_error, rejects_path=rejects_path, taxonomy=taxonomy)
+    Returns ``{name: path}``. See :func:`split_file`."""
+    paths, _report = split_file(path, format, out_dir, fractions, seed, on_error=on_error, rejects_path=rejects_path,
+                                taxonomy=taxonomy, encoding=encoding)
+    return paths
+
+
+def split_file(path: PathLike, format: str, out_dir: PathLike, fractions: Mapping[str, float] | None = None,
+               seed: int = 0, *, on_error: str = "fail", rejects_path: PathLike | None = None,
+               taxonomy: str | None = None, encoding: str = "auto") -> tuple[dict[str, Path], LoadReport]:
+    """:func:`split` that also returns the load report. Every written record carries its part in
+    ``query_meta["split"]``, so a job given one of the files (or several, concatenated) uses that split as
+    it is instead of splitting it again (:func:`she.data.sources.load_splits`)."""
+    records, report = load_records(path, format, on_error=on_error, rejects_path=rejects_path, taxonomy=taxonomy,
+                                   encoding=encoding)
     parts = split_by_query(records, fractions, seed)
     out = Path(out_dir)
-    return {name: save_jsonl(recs, out / f"{name}.jsonl") for name, recs in parts.items()}
+    paths = {name: save_jsonl((replace(r, query_meta={**r.query_meta, SPLIT_KEY: name}) for r in recs),
+                              out / f"{name}.jsonl")
+             for name, recs in parts.items()}
+    return paths, report

@@ -12,6 +12,7 @@ The format-specific mappings and the reasons behind them are documented in ``doc
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import math
@@ -74,16 +75,18 @@ def load_records(
     taxonomy: str | None = None,
     cuts: tuple[float, float] = (1.75, 2.5),
     limit: int | None = None,
+    encoding: str = "auto",
 ) -> tuple[list[Record], LoadReport]:
     """Load ``path`` in ``format`` (``"auto"`` detects it from the name, the directory content or
-    the header; see :func:`detect_format`).
+    the header; see :func:`detect_format`). ``encoding`` is the text encoding of CSV/JSONL input
+    (``"auto"``: see :func:`resolve_encoding`).
 
     ``taxonomy`` relabels every record into that taxonomy with :func:`~she.data.labels.map_label`
     (default: keep each format's own scale). ``cuts`` only applies to Home Depot ratings. ``limit``
     stops after that many *accepted* records (handy for smoke runs).
     """
-    fmt = detect_format(path) if format == "auto" else format
-    common = dict(on_error=on_error, rejects_path=rejects_path, taxonomy=taxonomy, limit=limit)
+    fmt = detect_format(path, encoding) if format == "auto" else format
+    common = dict(on_error=on_error, rejects_path=rejects_path, taxonomy=taxonomy, limit=limit, encoding=encoding)
     if fmt == "home-depot":
         return load_home_depot(path, cuts=cuts, **common)
     if fmt == "esci":
@@ -95,7 +98,44 @@ def load_records(
     raise ValueError(f"unknown format {format!r}; expected 'auto' or one of {list(FORMATS)}")
 
 
-def detect_format(path: PathLike) -> str:
+def resolve_encoding(path: PathLike, encoding: str = "auto", *, fallback: str = "utf-8") -> str:
+    """The text encoding to read ``path`` with.
+
+    An explicit ``encoding`` is used as it is (an unknown codec name is an error). ``"auto"``: a byte-order
+    mark decides (UTF-8 BOM -> utf-8, UTF-16 BOM -> utf-16); without one, ``fallback`` -- for Home Depot
+    ``"utf-8|latin-1"``: UTF-8 when the whole file decodes as UTF-8, else latin-1 (the Kaggle file's
+    encoding; every byte is valid there). UTF-16 without a BOM is not guessed: its header then holds NUL
+    bytes, and the loader says to pass the encoding."""
+    if encoding != "auto":
+        try:
+            codecs.lookup(encoding)
+        except LookupError:
+            raise ValueError(f"unknown encoding {encoding!r} (--encoding): give a Python codec name such as utf-8, "
+                             "latin-1, cp1252 or utf-16") from None
+        return encoding
+    p = Path(path)
+    if not p.is_file():
+        return fallback.split("|")[0]  # the loader reports the path itself
+    with open(p, "rb") as f:
+        head = f.read(4)
+        if head.startswith(codecs.BOM_UTF8):
+            return "utf-8"
+        if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+            return "utf-16"
+        if fallback != "utf-8|latin-1":
+            return fallback
+        f.seek(0)
+        dec = codecs.getincrementaldecoder("utf-8")()
+        try:
+            while chunk := f.read(1 << 20):
+                dec.decode(chunk)
+            dec.decode(b"", final=True)
+        except UnicodeDecodeError:
+            return "latin-1"
+    return "utf-8"
+
+
+def detect_format(path: PathLike, encoding: str = "auto") -> str:
     """Guess the format of ``path``.
 
     * a directory holding WANDS' ``query.csv``, ``product.csv`` and ``label.csv`` -> ``wands``; one
@@ -116,16 +156,23 @@ def detect_format(path: PathLike) -> str:
             return "esci"
         if "query.csv" in names:
             raise DataError("looks like a WANDS directory but product.csv and label.csv are missing "
-                            "(only the query table is there: use load_wands_queries for it)", path=p)
+                            "(only the query table is there; records need all three files)", path=p)
         raise DataError("cannot detect the format of this directory: expected WANDS query.csv/product.csv/"
-                        f"label.csv or ESCI {ESCI_EXAMPLES}; pass format=", path=p)
+                        f"label.csv or ESCI {ESCI_EXAMPLES}; give the format (--format)", path=p)
     suffix = p.suffix.lower()
     if suffix in (".jsonl", ".ndjson", ".json"):
         return "jsonl"
     if suffix == ".parquet":
         return "esci"
     with open(p, "rb") as f:
-        head = f.read(65536).decode("latin-1")
+        raw = f.read(65536)
+    if encoding != "auto":
+        enc = resolve_encoding(p, encoding)
+        head = (raw[: len(raw) // 4 * 4] if "16" in enc or "32" in enc else raw).decode(enc, "replace")
+    elif raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        head = raw[: len(raw) // 2 * 2].decode("utf-16", "replace")
+    else:
+        head = raw.decode("latin-1")
     # the first physical line: split on "\n" like the loaders (splitlines() would also cut at \x85, \x0c, ...)
     first = head.lstrip("\ufeff").lstrip("ï»¿").split("\n", 1)[0].rstrip("\r") if head.strip() else ""
     if first.lstrip().startswith("{"):
@@ -134,7 +181,7 @@ def detect_format(path: PathLike) -> str:
     try:
         cols = {_clean_header(c) for c in next(csv.reader([first], delimiter=delim), [])}
     except csv.Error as e:  # e.g. a bare carriage return inside the header line
-        raise DataError(f"cannot detect the format: the header is not valid CSV ({e}); pass format=",
+        raise DataError(f"cannot detect the format: the header is not valid CSV ({e}); give the format (--format)",
                         path=p, line=1) from None
     if {"search_term", "relevance", "product_title"} <= cols:
         return "home-depot"
@@ -143,10 +190,13 @@ def detect_format(path: PathLike) -> str:
     if {"id", "query_id", "product_id", "label"} <= cols:
         return "wands"
     if {"query_id", "query", "query_class"} <= cols:
-        raise DataError("this is a WANDS query table; pass the WANDS directory (with product.csv and "
-                        "label.csv) to load records, or use load_wands_queries", path=p, line=1)
+        raise DataError("this is a WANDS query table; give the WANDS folder (with product.csv and "
+                        "label.csv) to load records", path=p, line=1)
+    if any("\x00" in c for c in cols) or "\x00" in first:
+        raise DataError("the header holds NUL bytes: the file looks like UTF-16 without a byte-order mark; "
+                        "give the encoding (--encoding utf-16-le or utf-16-be)", path=p, line=1)
     raise DataError(f"cannot detect the format from the name or the header (columns: {sorted(cols)}); "
-                    f"pass format= one of {list(FORMATS)}", path=p, line=1)
+                    f"give the format (--format, one of {list(FORMATS)})", path=p, line=1)
 
 
 def save_jsonl(records: Iterable[Record], path: PathLike) -> Path:
@@ -166,12 +216,13 @@ def load_home_depot(
     taxonomy: str | None = None,
     cuts: tuple[float, float] = (1.75, 2.5),
     limit: int | None = None,
-    encoding: str = "latin-1",
+    encoding: str = "auto",
 ) -> tuple[list[Record], LoadReport]:
     """Kaggle Home Depot ``train.csv`` (id, product_uid, product_title, search_term, relevance).
 
-    The file is not UTF-8; the Kaggle copy decodes as latin-1 (every byte is valid there, so decoding
-    never fails, and the few non-ASCII bytes are symbols like the degree sign). ``relevance`` is the
+    The Kaggle copy is not UTF-8; it decodes as latin-1 (every byte is valid there, and the few non-ASCII
+    bytes are symbols like the degree sign). Re-saved copies are often UTF-8 (with or without a BOM) or
+    UTF-16, so ``encoding="auto"`` detects which (:func:`resolve_encoding`). ``relevance`` is the
     mean of >= 3 ratings on 1..3; it is kept in ``score`` and binned into an hd3 label with ``cuts``.
     ``query_id`` is the normalised search term: the same query typed twice is one group for splits.
     """
@@ -180,7 +231,7 @@ def load_home_depot(
     sink, report = _start(on_error, limit)
     records: list[Record] = []
     seen: dict[str, int] = {}
-    rows = _csv_rows(path, encoding=encoding)
+    rows = _csv_rows(path, encoding=resolve_encoding(path, encoding, fallback="utf-8|latin-1"))
     cols = _header(path, rows, required=("id", "product_title", "search_term", "relevance"))
     i_id, i_title, i_q, i_rel = (cols[c] for c in ("id", "product_title", "search_term", "relevance"))
     i_uid = cols.get("product_uid")
@@ -221,6 +272,7 @@ def load_esci(
     sources: PathLike | None | str = "auto",
     products: PathLike | None | str = "auto",
     locales: Sequence[str] | None = None,
+    encoding: str = "auto",
 ) -> tuple[list[Record], LoadReport]:
     """Amazon Shopping Queries (ESCI) with the official column names.
 
@@ -251,7 +303,7 @@ def load_esci(
     if p.suffix.lower() == ".parquet":
         rows, width = _parquet_rows(p, base_dir, products), None
     else:
-        csv_rows = _csv_rows(p, encoding="utf-8")
+        csv_rows = _csv_rows(p, encoding=resolve_encoding(p, encoding))
         cols = _header(p, csv_rows, required=("example_id", "query", "esci_label", "product_title"))
         rows = ((line, dict(zip(cols, row)), raw)
                 for line, row, raw in _data_rows(p, csv_rows, len(cols), sink, report))
@@ -346,7 +398,7 @@ def _parquet_rows(examples: Path, base_dir: Path, products: PathLike | None | st
         pp = base_dir / ESCI_PRODUCTS if isinstance(products, str) and products == "auto" else products
         if pp is None or not Path(pp).exists():
             raise DataError(f"examples have no product columns and the products table {ESCI_PRODUCTS} was "
-                            "not found beside them; pass products=", path=examples)
+                            "not found beside them; put it in the same folder", path=examples)
         prod = pq.read_table(pp)
         keys = [k for k in ("product_id", "product_locale") if k in ex.column_names and k in prod.column_names]
         if "product_id" not in keys:
@@ -392,8 +444,8 @@ def load_wands_queries(path: PathLike) -> list[dict[str, str | None]]:
     return [{"query_id": qid, "query": q, "query_class": qc} for qid, (q, qc, _line) in _wands_queries(p, sink).items()]
 
 
-def _wands_queries(p: Path, sink: ErrorSink) -> dict[str, tuple[str, str | None, int]]:
-    rows = _csv_rows(p, encoding="utf-8", delimiter="\t")
+def _wands_queries(p: Path, sink: ErrorSink, encoding: str = "auto") -> dict[str, tuple[str, str | None, int]]:
+    rows = _csv_rows(p, encoding=resolve_encoding(p, encoding), delimiter="\t")
     cols = _header(p, rows, required=("query_id", "query", "query_class"))
     out: dict[str, tuple[str, str | None, int]] = {}
     for line, row, raw in _data_rows(p, rows, len(cols), sink, LoadReport(), primary=False):
@@ -414,6 +466,7 @@ def load_wands(
     rejects_path: PathLike | None = None,
     taxonomy: str | None = None,
     limit: int | None = None,
+    encoding: str = "auto",
 ) -> tuple[list[Record], LoadReport]:
     """WANDS (Wayfair): a directory with tab-separated ``query.csv``, ``product.csv`` and ``label.csv``
     (or the path of ``label.csv`` with the other two beside it). One record per ``label.csv`` row;
@@ -432,10 +485,10 @@ def load_wands(
     for f in (d / "query.csv", d / "product.csv", label_path):
         if not f.exists():
             raise DataError("WANDS file missing (expected query.csv, product.csv and label.csv together)", path=f)
-    queries = _wands_queries(d / "query.csv", sink)
-    products = _wands_products(d / "product.csv", sink)
+    queries = _wands_queries(d / "query.csv", sink, encoding)
+    products = _wands_products(d / "product.csv", sink, encoding)
 
-    rows = _csv_rows(label_path, encoding="utf-8", delimiter="\t")
+    rows = _csv_rows(label_path, encoding=resolve_encoding(label_path, encoding), delimiter="\t")
     cols = _header(label_path, rows, required=("id", "query_id", "product_id", "label"))
     records: list[Record] = []
     seen: dict[str, int] = {}
@@ -469,8 +522,8 @@ def load_wands(
     return _finish(records, sink, path, rejects_path)
 
 
-def _wands_products(p: Path, sink: ErrorSink) -> dict[str, tuple[Product, str | None]]:
-    rows = _csv_rows(p, encoding="utf-8", delimiter="\t")
+def _wands_products(p: Path, sink: ErrorSink, encoding: str = "auto") -> dict[str, tuple[Product, str | None]]:
+    rows = _csv_rows(p, encoding=resolve_encoding(p, encoding), delimiter="\t")
     cols = _header(p, rows, required=("product_id", "product_name"))
     out: dict[str, tuple[Product, str | None]] = {}
     first: dict[str, int] = {}
@@ -510,6 +563,7 @@ def load_jsonl(
     rejects_path: PathLike | None = None,
     taxonomy: str | None = None,
     limit: int | None = None,
+    encoding: str = "auto",
 ) -> tuple[list[Record], LoadReport]:
     """One JSON object per line in the generic schema of :meth:`Record.from_dict` (docs/data.md).
     Blank lines are skipped and counted in ``report.n_blank``. If ``taxonomy`` is given, each labelled
@@ -521,7 +575,7 @@ def load_jsonl(
     seen: dict[str, int] = {}
     p = Path(path)
     bad: dict[int, str] = {}
-    for line, text in enumerate(_text_lines(p, "utf-8", bad), start=1):
+    for line, text in enumerate(_text_lines(p, resolve_encoding(p, encoding), bad), start=1):
         raw = text.rstrip("\r\n")
         if not raw.strip() and line not in bad:
             report.n_blank += 1
@@ -749,6 +803,9 @@ def _text_lines(p: Path, encoding: str, bad: dict[int, str] | None = None) -> It
         raise DataError("is a directory, expected a file", path=p) from None
     except OSError as e:  # permission denied, a device, ...
         raise DataError(f"cannot read ({e.strerror or e})", path=p) from None
+    if encoding.lower().replace("_", "-").startswith("utf-16"):
+        yield from _utf16_lines(f, p, encoding)
+        return
     with f:
         for n, b in enumerate(f, start=1):
             if n == 1 and b.startswith(b"\xef\xbb\xbf") and encoding.lower().replace("_", "-").startswith("utf-8"):
@@ -756,11 +813,29 @@ def _text_lines(p: Path, encoding: str, bad: dict[int, str] | None = None) -> It
             try:
                 yield b.decode(encoding)
             except UnicodeDecodeError as e:
-                reason = f"not valid {encoding} text ({e.reason} at byte {e.start} of the line)"
+                reason = (f"not valid {encoding} text ({e.reason} at byte {e.start} of the line); if the file has "
+                          "another encoding, give it (--encoding, e.g. latin-1)")
                 if bad is None:
                     raise DataError(reason, path=p, line=n) from None
                 bad[n] = reason
                 yield b.decode(encoding, "backslashreplace")
+
+
+def _utf16_lines(f: Any, p: Path, encoding: str) -> Iterator[str]:
+    """The lines of a UTF-16 file (a 2-byte code unit per ASCII character: it cannot be cut at b"\\n")."""
+    with f:
+        data = f.read()
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise DataError(f"not valid {encoding} text ({e.reason} at byte {e.start}); give the file's encoding "
+                        "(--encoding)", path=p) from None
+    parts = text.lstrip("\ufeff").split("\n")
+    for i, part in enumerate(parts):
+        if i < len(parts) - 1:
+            yield part + "\n"
+        elif part:
+            yield part
 
 
 def _csv_rows(path: PathLike, *, encoding: str, delimiter: str = ",") -> Iterator[_Row]:

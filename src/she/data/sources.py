@@ -2,13 +2,42 @@
 
 from __future__ import annotations
 
+import logging
 import random
 
-from she.config import DataConfig
+from she.config import ConfigError, DataConfig
 from she.data.schema import Record
+from she.data.split import SPLIT_KEY
+from she.data.validation import DataError
+
+log = logging.getLogger(__name__)
+
+
+PARTS = ("train", "validation", "test")
+
+
+def _files(cfg: DataConfig) -> dict[str, str]:
+    """The parts the config names as files of their own (``train_file`` / ``validation_file`` / ``test_file``)."""
+    files = {name: f for name, f in zip(PARTS, (cfg.train_file, cfg.validation_file, cfg.test_file)) if f}
+    if files and cfg.path is not None:
+        raise ConfigError("data: give either path (split by query here) or train_file / validation_file / test_file "
+                          "(each used as it is), not both")
+    return files
+
+
+def _load(cfg: DataConfig, path: str) -> list[Record]:
+    from she.data.loaders import load_records
+
+    records, _report = load_records(path, cfg.format, on_error=cfg.on_error, taxonomy=cfg.taxonomy,
+                                    cuts=tuple(cfg.cuts), encoding=cfg.encoding)
+    return records
 
 
 def load_data(cfg: DataConfig) -> list[Record]:
+    """Every record of the data: ``path``, else the named part files one after another, else the generator."""
+    files = _files(cfg)
+    if files:
+        return [r for f in files.values() for r in _load(cfg, f)]
     if cfg.path is None:
         from she.data.synthetic import generate
 
@@ -18,19 +47,43 @@ def load_data(cfg: DataConfig) -> list[Record]:
             seed=cfg.split_seed,
             taxonomy=cfg.taxonomy,
         )
-    from she.data.loaders import load_records
-
-    records, _report = load_records(
-        cfg.path, cfg.format, on_error=cfg.on_error, taxonomy=cfg.taxonomy, cuts=tuple(cfg.cuts)
-    )
-    return records
+    return _load(cfg, cfg.path)
 
 
-def load_splits(cfg: DataConfig) -> dict[str, list[Record]]:
-    """Load and split by query. ``max_train``/``max_eval`` subsample *after* the split (seeded)."""
+def presplit(records: list[Record], where: str = "data") -> dict[str, list[Record]] | None:
+    """The parts recorded by ``she data split`` (``query_meta["split"]``), or None when no record carries one.
+
+    A file mixing marked and unmarked records is an error: splitting it again would leak, using the marks
+    alone would drop the unmarked records."""
+    marked = [r for r in records if SPLIT_KEY in r.query_meta]
+    if not marked:
+        return None
+    if len(marked) != len(records):
+        raise DataError(f"{len(marked)} of {len(records)} records carry the split of `she data split` "
+                        f"(query_meta.{SPLIT_KEY}) and the others do not; use the split files as written",
+                        path=where)
+    bad = sorted({r.query_meta[SPLIT_KEY] for r in marked} - set(PARTS))
+    if bad:
+        raise DataError(f"query_meta.{SPLIT_KEY} {bad[0]!r}: expected one of {list(PARTS)}", path=where)
+    out: dict[str, list[Record]] = {name: [] for name in PARTS}
+    for r in records:
+        out[r.query_meta[SPLIT_KEY]].append(r)
+    return out
+
+
+def _split(cfg: DataConfig, records: list[Record]) -> tuple[dict[str, list[Record]], str]:
+    """(uncapped parts, how they were made)."""
     from she.data.split import split_by_query
 
-    records = load_data(cfg)
+    files = _files(cfg)
+    if files:
+        return ({name: _load(cfg, files[name]) if name in files else [] for name in PARTS},
+                "the files named as " + ", ".join(f"{k}_file" for k in files) + " (used as they are)")
+    where = cfg.path or "synthetic data"
+    marked = presplit(records, where)
+    if marked is not None:
+        log.info("%s: records carry the parts of `she data split`; using them, not splitting again", where)
+        return marked, "written by `she data split` (not split again)"
     train_frac = 1.0 - cfg.validation_fraction - cfg.test_fraction
     if train_frac <= 0:
         raise ValueError("validation_fraction + test_fraction must be < 1")
@@ -39,6 +92,11 @@ def load_splits(cfg: DataConfig) -> dict[str, list[Record]]:
         fractions={"train": train_frac, "validation": cfg.validation_fraction, "test": cfg.test_fraction},
         seed=cfg.split_seed,
     )
+    return splits, (f"query-disjoint split with split_seed {cfg.split_seed}, validation/test fractions "
+                    f"{cfg.validation_fraction:g}/{cfg.test_fraction:g}: the split the training commands make")
+
+
+def _cap(cfg: DataConfig, splits: dict[str, list[Record]]) -> dict[str, list[Record]]:
     caps = {"train": cfg.max_train, "validation": cfg.max_eval, "test": cfg.max_eval}
     for name, cap in caps.items():
         if cap is not None and len(splits.get(name, [])) > cap:
@@ -49,6 +107,45 @@ def load_splits(cfg: DataConfig) -> dict[str, list[Record]]:
             else:
                 splits[name] = rng.sample(splits[name], cap)
     return splits
+
+
+def load_splits(cfg: DataConfig) -> dict[str, list[Record]]:
+    """Load and split by query. ``max_train``/``max_eval`` subsample *after* the split (seeded).
+
+    Data that is already split is used as it is: the part files of ``train_file`` / ``validation_file`` /
+    ``test_file``, or records written by ``she data split`` (they carry their part), so training on
+    ``splits/train.jsonl`` uses every one of its rows."""
+    records = [] if _files(cfg) else load_data(cfg)
+    splits, _how = _split(cfg, records)
+    return _cap(cfg, splits)
+
+
+def eval_records(cfg: DataConfig, split: str | None = None) -> tuple[list[Record], str]:
+    """The records ``she eval`` scores, and a line saying which part that is.
+
+    ``split`` None: the test part (else validation) of data that is already split, the seeded test split of
+    any other data. Training pairs are scored only when asked (``split`` "train" or "all")."""
+    files = _files(cfg)
+    records = [] if files else load_data(cfg)
+    src = cfg.path or (", ".join(files.values()) if files else "the synthetic data")
+    if split == "all":
+        records = load_data(cfg) if files else records
+        return records, f"scoring all {len(records)} pairs of {src} (--split all: training pairs included)"
+    splits, how = _split(cfg, records)
+    n = sum(len(v) for v in splits.values())
+    seeded = how.startswith("query-disjoint")
+    if split is None:
+        split = "test" if splits["test"] or not splits["validation"] else "validation"
+        if not splits[split] and splits["train"]:
+            if seeded:
+                raise ValueError(f"{src}: its held-out test split is empty (too few queries: {how}); pass --split all "
+                                 "to score every pair, training pairs included")
+            raise ValueError(f"{src} holds only training pairs ({how}); pass --split train to score them anyway")
+    chosen = _cap(cfg, splits)[split]
+    if not chosen:
+        have = ", ".join(f"{k} {len(v)}" for k, v in splits.items() if v) or "none"
+        raise ValueError(f"{src} has no {split} pairs ({how}; it holds: {have})")
+    return chosen, f"scoring the {split} part of {src}: {len(chosen)} of {n} pairs ({how})"
 
 
 def label_balanced_sample(records: list[Record], n: int, rng: random.Random) -> list[Record]:

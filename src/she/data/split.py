@@ -23,6 +23,8 @@ from typing import Mapping, Sequence
 from she.data.schema import Record
 
 DEFAULT_FRACTIONS: dict[str, float] = {"train": 0.8, "validation": 0.1, "test": 0.1}
+# query_meta key of a record written by `she data split`: its part (train | validation | test)
+SPLIT_KEY = "split"
 
 
 def split_by_query(

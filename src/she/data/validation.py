@@ -160,7 +160,7 @@ def finish_rejects(report: LoadReport, input_path: str | os.PathLike, rejects_pa
         try:
             report.rejects_path = write_rejects(report.errors, target)
         except OSError as e:
-            raise DataError(f"cannot write rejects file ({e.strerror or e}); pass another rejects path",
+            raise DataError(f"cannot write rejects file ({e.strerror or e}); give another rejects file (--rejects)",
                             path=target) from None
 
 

@@ -15,24 +15,25 @@ def add_data_parsers(d, add_data_args: Callable) -> None:
     df.add_argument("--k", type=int, default=4, help="rollouts per prompt")
     df.add_argument("--cache", required=True, help="pass-rate cache JSONL (resumable; reused by the curriculum)")
     df.add_argument("--out", required=True, help="kept records as JSONL")
-    df.add_argument("--low", type=float, default=0.0)
-    df.add_argument("--high", type=float, default=1.0)
+    df.add_argument("--low", type=float, default=0.0, help="lower end of the pass-rate band (default 0)")
+    df.add_argument("--high", type=float, default=1.0, help="upper end of the pass-rate band (default 1)")
     df.add_argument("--inclusive", action="store_true", help="keep low <= p <= high (default: low < p < high)")
     df.add_argument("--batch-size", type=int, default=32, help="sequences per generate call")
-    df.add_argument("--temperature", type=float, default=1.0)
-    df.add_argument("--max-new-tokens", type=int, default=96)
+    df.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
+    df.add_argument("--max-new-tokens", type=int, default=96, help="longest rollout (default 96)")
     df.add_argument("--limit", type=int, default=None, help="only the first N records")
     df.add_argument("--report", default=None, help="histogram report JSON (default: <out>.report.json)")
     df.add_argument("--plot", default=None, help="also draw the histograms to this PNG")
     add_data_args(df, required=True)
 
     dd = d.add_parser("diverse", help="pick N diverse records: embeddings, k-means, near-duplicate removal, strata")
-    dd.add_argument("--n", type=int, required=True)
-    dd.add_argument("--out", required=True)
-    dd.add_argument("--embedder", default="auto", choices=["auto", "minilm", "hashing"])
+    dd.add_argument("--n", type=int, required=True, help="records to select")
+    dd.add_argument("--out", required=True, help="selected records as JSONL")
+    dd.add_argument("--embedder", default="auto", choices=["auto", "minilm", "hashing"],
+                    help="text embedder (auto: MiniLM when installed, else hashed TF-IDF)")
     dd.add_argument("--clusters", type=int, default=None, help="k-means clusters (default about sqrt(N))")
     dd.add_argument("--dup-threshold", type=float, default=0.95, help="cosine at or above which a pair is a near-duplicate")
-    dd.add_argument("--seed", type=int, default=0)
+    dd.add_argument("--seed", type=int, default=0, help="selection seed (default 0)")
     dd.add_argument("--report", default=None, help="report JSON (default: <out>.report.json)")
     add_data_args(dd, required=True)
 
@@ -41,25 +42,16 @@ def add_train_parser(t, add_data_args: Callable) -> None:
     tc = t.add_parser("curriculum", help="multi-stage RL: one SRPO/GRPO run per stage (docs/sampling.md)")
     tc.add_argument("--config", required=True, help="YAML with `rl:` and `curriculum:` sections")
     tc.add_argument("--model", default=None, help="start model of the first stage")
-    tc.add_argument("--output-dir", default=None)
+    tc.add_argument("--output-dir", "--out", default=None, help="output folder (one subfolder per stage)")
     tc.add_argument("--pass-rates", default=None, help="pass-rate cache from `she data filter`")
     add_data_args(tc)
 
 
-def _records(a):
-    from she.config import DataConfig, from_dict
-    from she.data.sources import load_data
-
-    over = {"path": a.data, "format": a.format, "taxonomy": a.taxonomy, "on_error": a.on_error}
-    cfg = from_dict(DataConfig, {k: v for k, v in over.items() if v is not None})
-    return load_data(cfg)
-
-
-def cmd_data(a) -> None:
+def cmd_data(a, records) -> None:
+    """``she data filter | diverse`` on ``records`` (loaded by the CLI from its data flags)."""
     from she.data.loaders import save_jsonl
     from she.data.validation import atomic_write_lines
 
-    records = _records(a)
     out = Path(a.out)
     report_path = Path(a.report) if a.report else out.with_name(out.name + ".report.json")
     if a.data_cmd == "filter":
@@ -84,10 +76,9 @@ def cmd_data(a) -> None:
     print(f"kept {len(kept)} of {len(records)} records -> {out}; report: {report_path}")
 
 
-def cmd_train_curriculum(a, data_overrides: dict) -> None:
-    from she.sampling.curriculum import load_curriculum_job, run_curriculum_job
+def cmd_train_curriculum(cfg) -> None:
+    """``she train curriculum`` with the config the CLI loaded (YAML plus flags)."""
+    from she.sampling.curriculum import run_curriculum_job
 
-    over = {"rl.model": a.model, "rl.output_dir": a.output_dir, "curriculum.pass_rates": a.pass_rates,
-            **{f"rl.{k}": v for k, v in data_overrides.items()}}
-    for final in run_curriculum_job(load_curriculum_job(a.config, over)):
+    for final in run_curriculum_job(cfg):
         print(f"saved {final}")

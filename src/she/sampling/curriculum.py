@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from she.config import ConfigError, RLJobConfig, from_dict, to_dict
+from she.config import ConfigError, RLJobConfig, canonical_key, from_dict, to_dict
 from she.data.schema import Record
 
 log = logging.getLogger(__name__)
@@ -246,7 +246,7 @@ def should_advance(stage: Stage, step_in_stage: int, metric_history: Sequence[fl
 def stage_config(rl_cfg: RLJobConfig, stage: Stage, index: int, model: str) -> RLJobConfig:
     """The RL config of stage ``index``: the base config, the stage's overrides, its folder and start model."""
     over = from_dict(RLJobConfig, stage.overrides, f"stage {stage.name}.overrides")
-    kw = {k: getattr(over, k) for k in stage.overrides}
+    kw = {canonical_key(RLJobConfig, k, warn=False): getattr(over, k) for k in stage.overrides}
     kw.update(model=str(model), output_dir=str(stage_dir(rl_cfg.output_dir, index, stage)),
               max_steps=stage_max_steps(stage, rl_cfg))
     return dataclasses.replace(rl_cfg, **kw)

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from she.config import ConfigError, DataConfig, from_dict
+from she.config import ConfigError, DataConfig, canonical_key, from_dict
 
 # keys of each section that the driver sets itself (a value in the config would be silently overridden)
 SFT_FIXED = ("model", "output_dir", "data", "target", "seed")
@@ -102,7 +102,7 @@ class CompareConfig:
 def build_section(cls: type, section: Mapping[str, Any] | None, where: str, fixed_keys: Sequence[str], **fixed: Any):
     """``cls`` from a config section plus the driver's own values; a section naming a driver key fails."""
     section = dict(section or {})
-    bad = sorted(set(section) & set(fixed_keys))
+    bad = sorted({canonical_key(cls, k, warn=False) for k in section} & set(fixed_keys), key=str)
     if bad:
         raise ConfigError(f"{where}: {bad} are set by she compare itself and cannot be given here")
     obj = from_dict(cls, section, where)
