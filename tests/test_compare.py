@@ -117,7 +117,11 @@ def test_config_errors_name_the_key(tmp_path):
     cfg = load("rows: [grpo, srpo, srpo_no_step_reward, srpo_verifier_only]\nrl: {examiner: verifier}\n")
     assert plan_same_as(cfg, compare.selected_rows(cfg)) == {"srpo_no_step_reward": "grpo", "srpo_verifier_only": "srpo"}
     tiny = load_compare_config(CONFIG)
-    assert plan_same_as(tiny, list(ALL_ROWS)) == {"srpo_no_step_reward": "grpo"}
+    # srpo runs the rl: section's estimator, srpo_gated by default: the same job as srpo_gated (and its verifier arm)
+    assert plan_same_as(tiny, list(ALL_ROWS)) == {"srpo_no_step_reward": "grpo", "srpo_gated": "srpo",
+                                                  "srpo_gated_verifier_only": "srpo_verifier_only"}
+    other = load("rows: [srpo, srpo_gated, srpo_centered, grpo, grpo_seed1]\nrl: {advantage: srpo_centered_pooled}\n")
+    assert plan_same_as(other, compare.selected_rows(other)) == {}  # a seed repeat is never the same job
 
 
 def test_rl_job_configs_differ_only_where_the_row_says():
@@ -329,11 +333,12 @@ def test_whole_table_on_the_tiny_model_then_a_rerun_runs_nothing(tmp_path, tiny_
 
     counts = _spy(monkeypatch)
     res = compare.run_compare(cfg, command="pytest")
-    # SFT + label-only SFT; 5 plain RL rows + 2 + 2 + 2 curriculum stages + 1 = 12 RL runs (no_step_reward reuses grpo)
-    assert counts["train_sft"] == 2 and counts["run_rl_job"] == 12 and counts["run_curriculum"] == 3
+    # SFT + label-only SFT; 5 plain RL rows + 2 + 2 + 2 curriculum stages + 1 = 12 RL runs (no_step_reward reuses
+    # grpo, srpo_gated srpo, srpo_gated_verifier_only srpo_verifier_only), + 3 estimator ablations + 4 seed repeats
+    assert counts["train_sft"] == 2 and counts["run_rl_job"] == 19 and counts["run_curriculum"] == 3
     assert counts["run_dpo_job"] == counts["run_reward_model_job"] == counts["run_cross_encoder_job"] == 1
     assert counts["estimate_pass_rates"] == 1 and "run_prm_job" not in counts  # judge given: no PRM job
-    assert counts["evaluate"] == 12  # every generative row but the reused one (majority/cross-encoder: no LM)
+    assert counts["evaluate"] == 19  # every generative row but the reused ones (majority/cross-encoder: no LM)
 
     rows = res["rows"]
     assert list(rows) == list(ALL_ROWS)
@@ -362,6 +367,12 @@ def test_whole_table_on_the_tiny_model_then_a_rerun_runs_nothing(tmp_path, tiny_
     for name in ALL_ROWS:
         assert f"| {name}" in md, name
     assert "Command: `pytest`" in md and "Seed: 0" in md and "## Ablations" in md
+    assert "## More seeds of the main rows" in md and "| srpo_gated - grpo | 3 | 3 |" in md
+    paired = {(p["a"], p["b"]): p for p in res["paired"]}
+    assert paired[("srpo_gated", "grpo")]["runs_a"] == ["srpo_gated", "srpo_gated_seed1", "srpo_gated_seed2"]
+    assert paired[("srpo_gated", "sft")]["runs_b"] == ["sft"]
+    for p in paired.values():
+        assert p["lo"] <= p["diff"] <= p["hi"]
     for plot in ("reward.png", "entropy.png", "macro_f1.png", "macro_f1_over_training.png"):
         assert (out / plot).stat().st_size > 1000, plot
     # the random model writes no parseable step, so no step reward was logged and no empty plot is drawn
