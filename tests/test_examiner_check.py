@@ -130,3 +130,12 @@ def test_judge_steps_filter_and_auc_floor(records, tmp_path):
     assert judge_steps_above_floor(str(tmp_path / "judge"), 0.6) == ["Attributes"]
     assert judge_steps_above_floor(str(tmp_path / "judge"), None) is None
     assert judge_steps_above_floor(str(tmp_path / "nowhere" / "judge"), 0.6) is None
+
+
+def test_resolved_advantage():
+    from she.config import RLJobConfig
+    from she.training.rl import resolved_advantage
+
+    assert resolved_advantage(RLJobConfig()) == "srpo_gated"
+    assert resolved_advantage(RLJobConfig(advantage="srpo_centered")) == "srpo_centered"
+    assert resolved_advantage(RLJobConfig(advantage="srpo_centered", step_rewards=False)) == "grpo"

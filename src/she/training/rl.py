@@ -106,6 +106,14 @@ def resolve_class_weights(cfg: RLJobConfig, train: list[Record]) -> dict[str, fl
     return {k: float(v) for k, v in cw.items()}
 
 
+def resolved_advantage(cfg: RLJobConfig) -> str:
+    """The estimator a job runs: ``grpo`` whenever step rewards are off (``she train grpo`` on an SRPO config),
+    else ``cfg.advantage`` or the default ``srpo_gated``."""
+    if not cfg.step_rewards:
+        return "grpo"
+    return cfg.advantage or "srpo_gated"
+
+
 def run_examiner_check(cfg: RLJobConfig, examiner, records: list[Record]) -> dict | None:
     """Score gold vs constant traces of up to ``cfg.examiner_check_records`` records (she.rewards.check);
     ``error`` refuses to train when a constant trace wins on a class, ``warn`` logs it, ``off`` skips.
@@ -118,7 +126,7 @@ def run_examiner_check(cfg: RLJobConfig, examiner, records: list[Record]) -> dic
 
     if cfg.examiner_check not in ("error", "warn", "off"):
         raise ValueError(f"examiner_check must be error, warn or off, got {cfg.examiner_check!r}")
-    advantage = cfg.advantage or ("srpo_gated" if cfg.step_rewards else "grpo")
+    advantage = resolved_advantage(cfg)
     if cfg.examiner_check == "off" or advantage == "grpo" or not records:
         return None
     sample = list(records)
@@ -203,7 +211,7 @@ def run_rl_job(cfg: RLJobConfig, train: list[Record], callbacks: list | None = N
     trainer = SRPOTrainer(
         model=model, args=args, train_dataset=make_prompt_dataset(train, cfg.prompt_style),
         processing_class=tok, records_by_id={r.id: r for r in train}, examiner=examiner,
-        step_rewards=cfg.step_rewards, advantage=cfg.advantage, alpha=cfg.alpha, credit_mode=cfg.credit_mode,
+        step_rewards=cfg.step_rewards, advantage=resolved_advantage(cfg), alpha=cfg.alpha, credit_mode=cfg.credit_mode,
         critical=cfg.critical, first_error_weight=cfg.first_error_weight, flawed_share=cfg.flawed_share,
         incorrect_below=cfg.incorrect_below, class_weights=class_weights,
         taxonomy=cfg.data.taxonomy, partial_credit=cfg.partial_credit, format_weight=cfg.format_weight,

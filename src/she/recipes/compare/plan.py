@@ -144,9 +144,11 @@ def rl_job_config(cfg: CompareConfig, row: str, *, model: str, output_dir: str, 
     if cfg.eval_checkpoints:  # the Macro-F1-over-training curve reads every checkpoint
         kw["save_total_limit"] = None
     job = dataclasses.replace(base, **kw)
-    if job.advantage is None:  # the trainer's default, spelled out: rows that run the same estimator share a job
-        job = dataclasses.replace(job, advantage="srpo_gated" if job.step_rewards else "grpo")
-    return job
+    # the estimator spelled out: rows that run the same estimator share a job, and grpo rows run grpo whatever
+    # the rl: section's advantage
+    from she.training.rl import resolved_advantage
+
+    return dataclasses.replace(job, advantage=resolved_advantage(job))
 
 
 def _job_key(rl: RLJobConfig) -> str:
