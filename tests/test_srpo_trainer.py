@@ -467,7 +467,8 @@ def test_setup_errors(tiny, records, tmp_path):
         SRPOTrainer(model, args, ds, records_by_id={r.id: r for r in records}, credit_mode="sum")
     batch_args = build_grpo_config(tmp_path, num_generations=G, scale_rewards="batch")
     with pytest.raises(ValueError, match="scale_rewards"):
-        SRPOTrainer(model, batch_args, ds, records_by_id={r.id: r for r in records}, processing_class=tok)
+        SRPOTrainer(model, batch_args, ds, records_by_id={r.id: r for r in records}, processing_class=tok,
+                    advantage="srpo_centered_pooled")
 
 
 # ------------------------------------------------------------------ issue 10: trace rules C, D and collapse logs
@@ -597,3 +598,22 @@ def test_class_weights_scale_grpo(tiny, records, tmp_path):
     weights = torch.tensor([w[r.gold] for r in t.last_batch.rollouts])
     want = t.last_batch.trl_advantages[:, None] * weights[:, None] * out["completion_mask"]
     assert torch.allclose(out["advantages"], want, atol=1e-5)
+
+
+def test_batch_scaled_outcome_matches_trls_formula(tiny, records, tmp_path):
+    """scale_rewards="batch": (r - group mean) / (std of the whole batch + 1e-4), as TRL computes it; the gated
+    estimator uses it as its outcome term."""
+    from she.algorithms.advantages import outcome_advantage
+
+    r = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0])
+    want = (r - r.view(-1, 4).mean(1).repeat_interleave(4)) / (r.std() + 1e-4)
+    assert torch.allclose(outcome_advantage(r, 4, batch_scale=True), want)
+    model, tok = tiny
+    args = build_grpo_config(tmp_path, num_generations=G, per_device_train_batch_size=2 * G, max_completion_length=48,
+                             max_steps=1, scale_rewards="batch")
+    t = SRPOTrainer(model, args, make_prompt_dataset(records), records_by_id={r.id: r for r in records},
+                    processing_class=tok, rollout_func=make_rollout_func(records), alpha=0.0)
+    t.model.train()
+    out = t._generate_and_score_completions(batch_rows(t, [0, 1]))  # alpha 0: the outcome term alone
+    trl = t.last_batch.trl_advantages  # TRL's own batch-scaled advantage
+    assert torch.allclose(out["advantages"], trl[:, None] * out["completion_mask"], atol=1e-5)

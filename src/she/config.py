@@ -543,6 +543,7 @@ class RLJobConfig(ConfigBase):
     # constant majority trace out-scores gold-consistent traces on a class) | warn | off
     examiner_check: str = "error"
     examiner_check_records: int = 60  # held-out (validation split) records the check scores
+    scale_rewards: str = "group"  # TRL's: group (GRPO) | batch (divide by the batch's reward std) | none (Dr. GRPO)
     partial_credit: bool = False  # ordinal partial credit in the outcome reward
     format_weight: float = 0.0
     prompt_style: str = "compact"

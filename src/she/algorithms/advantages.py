@@ -338,14 +338,22 @@ def srpo_advantages(
 
 def outcome_advantage(
     outcome_rewards: Tensor, group_size: int, outcome_weight: Tensor | None = None, eps: float = 1e-4,
-    scale: bool = True,
+    scale: bool = True, batch_scale: bool = False,
 ) -> Tensor:
     """GRPO's group-normalised outcome advantage [B], times ``outcome_weight`` [B] *after* normalisation.
 
     A weight per gold class applied to the rewards before normalisation would cancel (every rollout of a
     prompt shares the gold class); applied after, it scales how much a prompt of that class moves the policy.
+    ``batch_scale`` (TRL's ``scale_rewards="batch"``): centre per group, divide by the std of the *whole batch*
+    of rewards, so a prompt the policy is nearly sure about is not blown up by its tiny group std.
     """
-    adv = group_normalize(outcome_rewards, group_size, eps=eps, scale=scale)
+    if batch_scale:
+        centred = group_normalize(outcome_rewards, group_size, eps=eps, scale=False)
+        r = outcome_rewards.float()
+        std = r.std() if r.numel() > 1 else torch.zeros(())
+        adv = centred / (std + eps)
+    else:
+        adv = group_normalize(outcome_rewards, group_size, eps=eps, scale=scale)
     if outcome_weight is None:
         return adv
     w = outcome_weight.float()
@@ -446,6 +454,7 @@ class AdvantageOptions:
     critical: dict | None = None  # centred estimators: critical_step_weights keywords
     eps: float = 1e-4
     scale: bool = True
+    batch_scale: bool = False  # outcome term: divide by the batch's reward std (TRL scale_rewards="batch")
     first_error_weight: float = 2.0  # gated estimators
     flawed_share: float = 0.5
     incorrect_below: float = 0.5
@@ -479,7 +488,8 @@ def _correct(x: AdvantageInputs) -> Tensor:
 @register_estimator("grpo")
 def grpo_estimator(x: AdvantageInputs, o: AdvantageOptions) -> Tensor:
     """Outcome only (with the class-aware weight when given), broadcast over the completion tokens."""
-    adv = outcome_advantage(x.outcome_rewards, x.group_size, x.outcome_weight, eps=o.eps, scale=o.scale)
+    adv = outcome_advantage(x.outcome_rewards, x.group_size, x.outcome_weight, eps=o.eps, scale=o.scale,
+                            batch_scale=o.batch_scale)
     return adv[:, None] * x.completion_mask.float()
 
 
@@ -506,7 +516,8 @@ def srpo_centered_pooled_estimator(x: AdvantageInputs, o: AdvantageOptions) -> T
 
 
 def _gated(x: AdvantageInputs, o: AdvantageOptions, min_form: bool) -> Tensor:
-    adv = outcome_advantage(x.outcome_rewards, x.group_size, x.outcome_weight, eps=o.eps, scale=o.scale)
+    adv = outcome_advantage(x.outcome_rewards, x.group_size, x.outcome_weight, eps=o.eps, scale=o.scale,
+                            batch_scale=o.batch_scale)
     return gated_step_advantages(adv, _correct(x), x.step_rewards, x.step_mask, x.token_step, x.completion_mask,
                                  alpha=o.alpha, first_error_weight=o.first_error_weight, flawed_share=o.flawed_share,
                                  incorrect_below=o.incorrect_below, min_form=min_form)

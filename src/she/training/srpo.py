@@ -554,6 +554,7 @@ class SRPOTrainer(GRPOTrainer):
         super().__init__(model=model, reward_funcs=[reward], args=args, train_dataset=train_dataset, **grpo_kwargs)
         self._check_args(self.args)
         self.scale = self.args.scale_rewards != "none"
+        self.batch_scale = self.args.scale_rewards == "batch"
         if reward_model is not None and hasattr(reward_model, "to"):
             reward_model.to(self.accelerator.device)
 
@@ -562,11 +563,11 @@ class SRPOTrainer(GRPOTrainer):
     def _check_args(self, args: GRPOConfig) -> None:
         if not self.step_rewards:
             return
-        if args.scale_rewards not in ("group", "none"):
-            raise ValueError(
-                f"SRPO normalises rewards per group; scale_rewards={args.scale_rewards!r} is not supported "
-                "(use 'group' or 'none')"
-            )
+        if args.scale_rewards not in ("group", "none", "batch"):
+            raise ValueError(f"scale_rewards={args.scale_rewards!r}: use 'group', 'batch' or 'none'")
+        if args.scale_rewards == "batch" and self.advantage.startswith("srpo_centered"):
+            raise ValueError("scale_rewards='batch' is supported by the grpo and gated estimators only (the centred "
+                             "ones normalise step rewards per group)")
         if getattr(args, "off_policy_mask_threshold", None) is not None or args.loss_type == "vespo":
             raise ValueError(
                 "off_policy_mask_threshold and loss_type='vespo' use the advantage's sign per *sequence*; with "
@@ -873,7 +874,8 @@ class SRPOTrainer(GRPOTrainer):
             batch.outcome_rewards, batch.step_rewards, token_step_all, mask_all, correct_all, group_size,
             process_index=acc.process_index, local_shape=(b_local, t_local), estimator=self.advantage,
             options=AdvantageOptions(alpha=self.alpha, credit_mode=self.credit_mode, critical=self.critical,
-                                     scale=self.scale, first_error_weight=self.first_error_weight,
+                                     scale=self.scale, batch_scale=self.batch_scale,
+                                     first_error_weight=self.first_error_weight,
                                      flawed_share=self.flawed_share, incorrect_below=self.incorrect_below),
             step_types_all=[[keys.get(k, len(keys)) for k in row] for row in batch.step_keys],
             outcome_weight=class_weight_vector(batch.golds, self.class_weights),
@@ -923,8 +925,8 @@ def local_srpo_advantages(
     x = AdvantageInputs(outcome_all, step_values, step_mask, token_step_all, mask_all, group_size,
                         outcome_correct=correct_all.bool(), step_type=step_type, outcome_weight=outcome_weight)
     adv_all = compute_advantages(estimator, x, opts)
-    outcome_part = outcome_advantage(outcome_all, group_size, outcome_weight, eps=opts.eps,
-                                     scale=opts.scale)[:, None] * mask_all.float()
+    outcome_part = outcome_advantage(outcome_all, group_size, outcome_weight, eps=opts.eps, scale=opts.scale,
+                                     batch_scale=opts.batch_scale)[:, None] * mask_all.float()
     stats = advantage_metrics(adv_all, outcome_part, mask_all, correct_all)
     return adv_all[process_slice(process_index, b_local), :t_local], stats
 
