@@ -250,7 +250,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-bf16", action="store_true", help="fp32 instead of bf16 autocast")
     e.add_argument("--data-config", default=None,
                    help="YAML of any job (its `data:` section is used): the same seeded split and caps as that job")
+    e.add_argument("--no-calibration", action="store_true",
+                   help="ignore the model's label offsets from `she calibrate` (score the generated labels)")
     _add_data_args(e)
+
+    ca = sub.add_parser("calibrate", help="fit per-class verdict offsets on validation pairs; saved in the model's "
+                                          "she.json and used by eval, predict and serve (docs/reasoning-format.md)")
+    ca.add_argument("--model", required=True, help="save_pretrained folder (its she.json gets label_offsets)")
+    ca.add_argument("--split", default="validation", choices=["validation", "train"],
+                    help="pairs to fit on (default: validation; never the test pairs)")
+    ca.add_argument("--limit", type=int, default=300, help="fit on the first N pairs of that split (default 300)")
+    ca.add_argument("--batch-size", type=int, default=32, help="generation batch size (default 32)")
+    ca.add_argument("--max-new-tokens", type=int, default=96, help="longest judgement (default 96)")
+    ca.add_argument("--no-bf16", action="store_true", help="fp32 instead of bf16 autocast")
+    ca.add_argument("--data-config", default=None,
+                    help="YAML of any job (its `data:` section is used): the same seeded split as that job")
+    _add_data_args(ca)
 
     pr = sub.add_parser("predict", help="one JSON line per pair: label, class probabilities, reasoning")
     pr.add_argument("--model", required=True, help="registered name or save_pretrained folder")
@@ -530,10 +545,10 @@ def _cmd_train(a) -> None:
         print(f"saved {train_sft(cfg, load_splits(cfg.data)['train'])}")
 
 
-def _cmd_eval(a) -> None:
+def _eval_data(a):
+    """The pairs ``she eval`` / ``she calibrate`` score: ``--data``/``--data-config`` and ``--split``."""
     from she.config import read_yaml
     from she.data.sources import eval_records
-    from she.evaluation.evaluate import evaluate
 
     base, where = {}, "data"
     if a.data_config:
@@ -548,10 +563,26 @@ def _cmd_eval(a) -> None:
     print(note)
     if a.limit:
         records = records[: a.limit]
+    return records, dcfg
+
+
+def _cmd_eval(a) -> None:
+    from she.evaluation.evaluate import evaluate
+
+    records, dcfg = _eval_data(a)
     m = evaluate(a.model, records, a.out, taxonomy=dcfg.taxonomy, batch_size=a.batch_size,
-                 max_new_tokens=a.max_new_tokens, bf16=not a.no_bf16)
+                 max_new_tokens=a.max_new_tokens, bf16=not a.no_bf16, calibrated=not a.no_calibration)
     print(json.dumps({k: m[k] for k in ("macro_f1", "accuracy", "format_valid_rate", "n")}, indent=2))
     print(f"report: {os.path.join(a.out, 'report.md')}")
+
+
+def _cmd_calibrate(a) -> None:
+    from she.evaluation.evaluate import calibrate
+
+    records, dcfg = _eval_data(a)
+    rep = calibrate(a.model, records, taxonomy=dcfg.taxonomy, batch_size=a.batch_size,
+                    max_new_tokens=a.max_new_tokens, bf16=not a.no_bf16)
+    print(json.dumps(rep, indent=2))
 
 
 def _cmd_predict(a) -> None:
@@ -620,7 +651,7 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError:
         pass
     handlers = {"model": _cmd_model, "data": _cmd_data, "train": _cmd_train, "eval": _cmd_eval,
-                "predict": _cmd_predict, "serve": _cmd_serve, "demo": _cmd_demo, "compare": _cmd_compare,
+                "predict": _cmd_predict, "serve": _cmd_serve, "demo": _cmd_demo, "compare": _cmd_compare, "calibrate": _cmd_calibrate,
                 "annotate": _cmd_annotate}
     try:
         if getattr(a, "help_keys", False):

@@ -11,12 +11,14 @@ from she.data.labels import get_taxonomy
 from she.data.schema import Record
 from she.data.validation import atomic_write_lines
 from she.evaluation.generate import Judgement, generate_judgements
-from she.models.metadata import model_schema, prompt_style_of
+from she.models.metadata import label_offsets_of, model_schema, prompt_style_of
 from she.reasoning.schema import in_schema
 
 
 def judgement_json(j: Judgement, record: Record | None = None) -> dict:
     d = {"id": j.record_id, "label": j.label, "probs": j.probs, "format_ok": j.format_ok, "reasoning": j.text}
+    if j.raw_label != j.label and j.raw_label is not None:
+        d["raw_label"] = j.raw_label  # the generated label, before the model's calibration offsets
     if record is not None and record.label is not None:
         d["gold"] = record.label
     return d
@@ -31,6 +33,9 @@ def score(records: list[Record], judgements: list[Judgement], taxonomy: str) -> 
     y_true = [r.label for r in records]
     y_pred = [j.label for j in judgements]
     m = classification_report(y_true, y_pred, labels)
+    if any(j.raw_label is not None and j.raw_label != j.label for j in judgements):
+        raw = classification_report(y_true, [j.raw_label for j in judgements], labels)
+        m["uncalibrated"] = {k: raw[k] for k in ("macro_f1", "accuracy", "per_class", "confusion")}
     m["format_valid_rate"] = sum(j.format_ok for j in judgements) / max(1, len(judgements))
     verdicts = []
     for r, j in zip(records, judgements):
@@ -79,7 +84,10 @@ def evaluate(
     bf16: bool = True,
     title: str = "Evaluation",
     progress: bool = True,
+    calibrated: bool = True,
 ) -> dict:
+    """Generate, score and report. ``calibrated``: apply the model's ``label_offsets`` (she.json, from
+    ``she calibrate``) when it has them; the uncalibrated scores are then reported too."""
     from she.evaluation.report import write_report
     from she.models.registry import load_model_and_tokenizer
 
@@ -90,10 +98,11 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     model, tok = load_model_and_tokenizer(model_path)
     style = prompt_style_of(model_path)
+    offsets = label_offsets_of(model_path) if calibrated else None
     t0 = time.time()
     judgements = generate_judgements(
         model, tok, records, taxonomy=taxonomy, batch_size=batch_size, max_new_tokens=max_new_tokens, bf16=bf16,
-        progress=progress, prompt_style=style,
+        progress=progress, prompt_style=style, label_offsets=offsets,
     )
     elapsed = time.time() - t0
     m = score(records, judgements, taxonomy)
@@ -109,6 +118,45 @@ def evaluate(
 
 
 @in_schema(model_schema)
+def calibrate(model_path: str, records: list[Record], *, taxonomy: str = "hd3", batch_size: int = 32,
+              max_new_tokens: int = 96, bf16: bool = True, progress: bool = True) -> dict:
+    """Fit per-class verdict offsets on ``records`` (a validation split: never the test pairs) and write them
+    into the model's ``she.json`` (``label_offsets``) and ``calibration.json``. Returns the report: offsets,
+    Macro F1 and predicted-class shares before and after, on these pairs."""
+    from she.evaluation.calibration import apply_offsets, fit_label_offsets
+    from she.evaluation.metrics import classification_report
+    from she.models.metadata import load_she_meta
+    from she.models.registry import load_model_and_tokenizer, resolve_model
+
+    missing = [r.id for r in records if r.label is None]
+    if missing or not records:
+        raise ValueError(f"calibration needs labelled pairs ({len(missing)} unlabelled, {len(records)} given)")
+    folder = Path(resolve_model(model_path))
+    model, tok = load_model_and_tokenizer(model_path)
+    js = generate_judgements(model, tok, records, taxonomy=taxonomy, batch_size=batch_size,
+                             max_new_tokens=max_new_tokens, bf16=bf16, progress=progress,
+                             prompt_style=prompt_style_of(model_path))
+    labels = list(get_taxonomy(taxonomy).labels)
+    gold = [r.label for r in records]
+    raw = [j.raw_label for j in js]
+    offsets = fit_label_offsets([j.probs for j in js], raw, gold, labels)
+    cal = [apply_offsets(j.probs, j.raw_label, offsets) for j in js]
+
+    def summary(pred):
+        m = classification_report(gold, pred, labels)
+        return {"macro_f1": m["macro_f1"], "accuracy": m["accuracy"],
+                "pred_share": {lab: sum(p == lab for p in pred) / len(pred) for lab in labels}}
+
+    report = {"label_offsets": offsets, "n": len(records), "with_probs": sum(j.probs is not None for j in js),
+              "before": summary(raw), "after": summary(cal)}
+    meta = load_she_meta(folder)
+    meta["label_offsets"] = offsets
+    atomic_write_lines(folder / "she.json", [json.dumps(meta, indent=2)])
+    atomic_write_lines(folder / "calibration.json", [json.dumps(report, indent=2)])
+    return report
+
+
+@in_schema(model_schema)
 def predict(model_path: str, records: list[Record], out_file: str | os.PathLike, *, taxonomy: str = "hd3",
             batch_size: int = 16, max_new_tokens: int = 96, bf16: bool = True, progress: bool = True,
             fast: bool = False) -> int:
@@ -121,6 +169,7 @@ def predict(model_path: str, records: list[Record], out_file: str | os.PathLike,
 
     model, tok = load_model_and_tokenizer(model_path)
     style = prompt_style_of(model_path)
+    offsets = label_offsets_of(model_path)
     out = Path(out_file)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -138,7 +187,7 @@ def predict(model_path: str, records: list[Record], out_file: str | os.PathLike,
                 else:
                     judged = generate_judgements(model, tok, part, taxonomy=taxonomy, batch_size=batch_size,
                                                  max_new_tokens=max_new_tokens, bf16=bf16, progress=progress,
-                                                 prompt_style=style)
+                                                 prompt_style=style, label_offsets=offsets)
                 for r, j in zip(part, judged):
                     f.write(json.dumps(judgement_json(j, r), ensure_ascii=False) + "\n")
                     n += 1

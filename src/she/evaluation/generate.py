@@ -26,6 +26,7 @@ class Judgement:
     format_ok: bool
     parsed: object = field(repr=False, default=None)  # she.reasoning.parse.ParsedTrace
     n_new_tokens: int = 0
+    raw_label: str | None = None  # the generated label before calibration offsets (== label without them)
 
 
 def label_first_tokens(tokenizer, labels: list[str]) -> dict[bool, list[int]] | None:
@@ -60,9 +61,14 @@ def generate_judgements(
     progress: bool = True,
     schema=None,
     prompt_style: str = "full",
+    label_offsets: dict[str, float] | None = None,
 ) -> list[Judgement]:
+    """Greedy judgements of ``records``. ``label_offsets`` (she.json ``label_offsets``): the label is read from the
+    verdict-token probabilities with these per-class offsets (:mod:`she.evaluation.calibration`); the generated
+    label stays in ``raw_label``."""
     from tqdm.auto import tqdm
 
+    from she.evaluation.calibration import apply_offsets
     from she.reasoning.parse import parse_trace
     from she.reasoning.prompts import build_messages
     from she.reasoning.schema import default_schema
@@ -104,7 +110,9 @@ def generate_judgements(
                 if k is not None and k < len(out.scores):
                     s, e = offsets[k]
                     probs = _label_probs(out.scores[k][row], text[s:e], first_tokens, labels)
-            results[i] = Judgement(records[i].id, text, parsed.label, probs, parsed.format_ok, parsed, len(ids))
+            label = apply_offsets(probs, parsed.label, label_offsets)
+            results[i] = Judgement(records[i].id, text, label, probs, parsed.format_ok, parsed, len(ids),
+                                   raw_label=parsed.label)
         bar.update(len(idx))
     bar.close()
     return results  # type: ignore[return-value]

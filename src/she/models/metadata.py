@@ -68,6 +68,14 @@ def prompt_style_of(model_path) -> str:
     return load_she_meta(resolve_model(model_path)).get("prompt_style", "full")
 
 
+def label_offsets_of(model_path) -> dict[str, float] | None:
+    """The per-class verdict offsets fitted by ``she calibrate`` (``she.json`` ``label_offsets``), or None."""
+    from she.models.registry import resolve_model
+
+    offsets = load_she_meta(resolve_model(model_path)).get("label_offsets")
+    return {str(k): float(v) for k, v in offsets.items()} if isinstance(offsets, dict) and offsets else None
+
+
 def autocast(enabled: bool, device):
     """bf16 autocast on ``device`` (a ``torch.device``) when ``enabled``, else a no-op context."""
     if not enabled:
@@ -83,5 +91,5 @@ def use_cpu() -> bool:
     return not torch.cuda.is_available()
 
 
-__all__ = ["SHE_META", "autocast", "load_she_meta", "model_schema", "prompt_style_of", "save_she_meta", "schema_of",
+__all__ = ["SHE_META", "autocast", "label_offsets_of", "load_she_meta", "model_schema", "prompt_style_of", "save_she_meta", "schema_of",
            "use_cpu"]

@@ -58,7 +58,8 @@ class JudgeBackend:
 
     def __init__(self, model: Any, tokenizer: Any, *, name: str, taxonomy: str = "hd3", prompt_style: str = "full",
                  target: str | None = None, max_new_tokens: int = 96, bf16: bool = False,
-                 fast_prefix: str | None = None, schema: str = "default") -> None:
+                 fast_prefix: str | None = None, schema: str = "default",
+                 label_offsets: dict[str, float] | None = None) -> None:
         from she.evaluation.fast import fast_prefix as default_prefix
         from she.reasoning.schema import resolve_schema
 
@@ -72,6 +73,7 @@ class JudgeBackend:
         self.taxonomy = taxonomy
         self.labels = list(get_taxonomy(taxonomy).labels)
         self.prompt_style = prompt_style
+        self.label_offsets = label_offsets  # full mode reads the verdict with them (she calibrate)
         self.target = target
         self.max_new_tokens = max_new_tokens
         self.bf16 = bf16
@@ -109,7 +111,8 @@ class JudgeBackend:
         return cls(model, tok, name=str(model_dir), taxonomy=taxonomy or trained or "hd3",
                    prompt_style=meta.get("prompt_style", "full"), target=meta.get("target"),
                    max_new_tokens=max_new_tokens, bf16=(device != "cpu") if bf16 is None else bf16,
-                   fast_prefix=fast_prefix, schema=meta.get("schema", "default"))
+                   fast_prefix=fast_prefix, schema=meta.get("schema", "default"),
+                   label_offsets=meta.get("label_offsets") or None)
 
     # -- description ----------------------------------------------------------------------------
     @property
@@ -183,7 +186,8 @@ class JudgeBackend:
 
                 res = generate_judgements(self.model, self.tokenizer, good, taxonomy=self.taxonomy,
                                           batch_size=len(good), max_new_tokens=self.max_new_tokens, bf16=self.bf16,
-                                          progress=False, prompt_style=self.prompt_style)
+                                          progress=False, prompt_style=self.prompt_style,
+                                          label_offsets=self.label_offsets)
             for i, j in zip(ok, res):
                 out[i] = j
         return out

@@ -1,0 +1,106 @@
+"""Calibrated verdicts (issue 13, item 2): offsets fitted by hand-checkable cases, applied as documented."""
+
+import math
+
+import pytest
+
+from she.evaluation.calibration import apply_offsets, fit_label_offsets
+
+LABELS = ["Irrelevant", "Partial", "Exact"]
+
+
+def P(i, p, e):
+    return {"Irrelevant": i, "Partial": p, "Exact": e}
+
+
+def test_apply_offsets_by_hand():
+    probs = P(0.2, 0.3, 0.5)
+    assert apply_offsets(probs, "Exact", None) == "Exact"
+    assert apply_offsets(None, "Partial", {"Partial": 5.0}) == "Partial"  # no probabilities: the generated label
+    # log 0.3 + 0.6 = -0.604 > log 0.5 = -0.693 -> Partial
+    assert apply_offsets(probs, "Exact", {"Irrelevant": 0.0, "Partial": 0.6, "Exact": 0.0}) == "Partial"
+    assert apply_offsets(probs, "Exact", {"Irrelevant": 0.0, "Partial": 0.4, "Exact": 0.0}) == "Exact"
+
+
+def test_fit_recovers_a_prior_shift():
+    # an Exact bias on every pair (p_Exact 0.5) over a still-ranked gold class (p_gold 0.35, the third 0.15);
+    # on Exact pairs p_Exact = 0.7: offsets between log(0.5/0.35) and log(0.7/0.15) on the other two recover gold
+    gold, probs = [], []
+    for g in LABELS * 10:
+        p = {lab: 0.15 for lab in LABELS}
+        if g == "Exact":
+            p["Exact"] = 0.7
+        else:
+            p["Exact"], p[g] = 0.5, 0.35
+        gold.append(g)
+        probs.append(p)
+    raw = [max(p, key=p.get) for p in probs]
+    assert raw.count("Exact") == 30  # collapsed without offsets
+    b = fit_label_offsets(probs, raw, gold, LABELS)
+    assert b["Irrelevant"] == 0.0
+    calibrated = [apply_offsets(p, r, b) for p, r in zip(probs, raw)]
+    assert calibrated == gold  # the ranking was there; the offsets read it
+
+
+def test_fit_keeps_zero_when_nothing_helps_and_rows_without_probs_keep_their_label():
+    gold = ["Exact", "Partial", "Irrelevant"]
+    probs = [P(0.1, 0.1, 0.8), None, P(0.7, 0.2, 0.1)]
+    raw = ["Exact", "Partial", "Irrelevant"]
+    b = fit_label_offsets(probs, raw, gold, LABELS)
+    assert b == {"Irrelevant": 0.0, "Partial": 0.0, "Exact": 0.0}
+    assert apply_offsets(probs[1], raw[1], b) == "Partial"
+
+
+def test_fit_bad_input():
+    with pytest.raises(ValueError, match="differ in length"):
+        fit_label_offsets([None], ["Exact", "Exact"], ["Exact", "Exact"], LABELS)
+    with pytest.raises(ValueError, match="not among"):
+        fit_label_offsets([None], ["Exact"], ["Great"], LABELS)
+    with pytest.raises(ValueError, match="no pairs"):
+        fit_label_offsets([], [], [], LABELS)
+    assert math.isfinite(fit_label_offsets([P(0, 0, 1)], ["Exact"], ["Exact"], LABELS)["Exact"])
+
+
+def test_calibrate_writes_she_json_and_eval_uses_it(tmp_path, tiny_model_dir, monkeypatch):
+    """`she calibrate` fits on scripted verdict probabilities, writes she.json; `she eval` then passes the
+    offsets to generation and reports the uncalibrated scores too."""
+    import json
+    import shutil
+
+    import she.evaluation.evaluate as ev
+    from she.data.synthetic import generate
+    from she.evaluation.generate import Judgement
+    from she.reasoning.parse import parse_trace
+    from she.reasoning.schema import builtin_schema
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, model)
+    recs = [r for r in generate(n_queries=10, products_per_query=3, seed=2)][:24]
+    seen = []
+
+    def scripted(model_, tok, records, *, label_offsets=None, **kw):
+        seen.append(label_offsets)
+        out = []
+        for r in records:  # an Exact bias over a ranked gold class, as in test_fit_recovers_a_prior_shift
+            p = {lab: 0.15 for lab in LABELS}
+            if r.label == "Exact":
+                p["Exact"] = 0.7
+            else:
+                p["Exact"], p[r.label] = 0.5, 0.35
+            raw = "Exact"
+            parsed = parse_trace("Verdict: Exact", builtin_schema("hd3"))
+            out.append(Judgement(r.id, "Verdict: Exact", apply_offsets(p, raw, label_offsets), p, True, parsed, 3,
+                                 raw_label=raw))
+        return out
+
+    monkeypatch.setattr(ev, "generate_judgements", scripted)
+    rep = ev.calibrate(str(model), recs, progress=False)
+    assert rep["before"]["pred_share"]["Exact"] == 1.0 and rep["after"]["macro_f1"] == 1.0
+    meta = json.loads((model / "she.json").read_text())
+    assert meta["label_offsets"] == rep["label_offsets"] and (model / "calibration.json").exists()
+    m = ev.evaluate(str(model), recs, tmp_path / "eval", progress=False)
+    assert seen[-1] == rep["label_offsets"] and m["macro_f1"] == 1.0 and m["uncalibrated"]["macro_f1"] < 0.5
+    preds = [json.loads(x) for x in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert any(p.get("raw_label") == "Exact" and p["label"] != "Exact" for p in preds)
+    ev.evaluate(str(model), recs, tmp_path / "eval2", progress=False, calibrated=False)
+    assert seen[-1] is None
