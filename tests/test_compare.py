@@ -368,6 +368,9 @@ def test_whole_table_on_the_tiny_model_then_a_rerun_runs_nothing(tmp_path, tiny_
         assert f"| {name}" in md, name
     assert "Command: `pytest`" in md and "Seed: 0" in md and "## Ablations" in md
     assert "## More seeds of the main rows" in md and "| srpo_gated - grpo | 3 | 3 |" in md
+    assert "## Calibrated verdicts" in md and rows["grpo"]["calibrated"]["label_offsets"].keys() == set(labels)
+    assert "calibrated" not in rows["majority"] and "calibrated" not in rows["cross_encoder"]
+    assert (out / "grpo" / "eval" / "calibration.json").exists() and res["paired_calibrated"]
     paired = {(p["a"], p["b"]): p for p in res["paired"]}
     assert paired[("srpo_gated", "grpo")]["runs_a"] == ["srpo_gated", "srpo_gated_seed1", "srpo_gated_seed2"]
     assert paired[("srpo_gated", "sft")]["runs_b"] == ["sft"]

@@ -28,6 +28,10 @@ class CompareEvalConfig:
     batch_size: int = 16
     max_new_tokens: int = 96
     bf16: bool = True
+    # calibrated verdicts (docs/reasoning-format.md): per generative row, fit per-class offsets on the verdict
+    # log-probabilities on `calibration_max` validation pairs and report Macro F1 with them next to without
+    calibrate: bool = False
+    calibration_max: int = 300
 
 
 @dataclass

@@ -129,6 +129,10 @@ def paired_results(records: Sequence[Record], predictions: Mapping[str, Mapping[
     return out
 
 
+def _offsets(offsets: Mapping[str, float], labels: Sequence[str]) -> str:
+    return "/".join(f"{offsets.get(lab, 0.0):+.2f}" for lab in labels)
+
+
 def _table(rows: Mapping[str, Mapping[str, Any]], labels: Sequence[str]) -> list[str]:
     head = ("| row | Macro F1 [95% CI] | accuracy [95% CI] | " + " | ".join(f"F1 {lab}" for lab in labels)
             + f" | predicted ({'/'.join(lab[:3] for lab in labels)}) | step acc. | format valid | generations | "
@@ -190,6 +194,22 @@ def results_markdown(s: Mapping[str, Any]) -> str:
                   f"[{p['lo']:+.3f}, {p['hi']:+.3f}] | {p['p_le_0']:.3f} |" for p in paired] + [""]
     if abl:
         parts += ["## Ablations", "", *_table(abl, labels), ""]
+    cal = {k: v["calibrated"] for k, v in rows.items() if v.get("calibrated")}
+    if cal:
+        parts += ["## Calibrated verdicts", "",
+                  "The same generations, the label read from the verdict-token probabilities with per-class offsets "
+                  "fitted on validation pairs (never the test pairs; docs/reasoning-format.md).", "",
+                  f"| row | offsets ({'/'.join(lab[:3] for lab in labels)}) | Macro F1 raw | Macro F1 calibrated [95% CI] | "
+                  f"predicted ({'/'.join(lab[:3] for lab in labels)}) |", "|---|---|---|---|---|"]
+        parts += [f"| {k} | {_offsets(c['label_offsets'], labels)} | "
+                  f"{_f(rows[k]['macro_f1'])} | {_f(c['macro_f1'])} [{_f(c['macro_f1_ci'][0])}, {_f(c['macro_f1_ci'][1])}] | "
+                  + "/".join(_f(c["pred_share"].get(lab), 2) for lab in labels) + " |" for k, c in cal.items()] + [""]
+    pc = s.get("paired_calibrated") or []
+    if pc:
+        parts += ["Paired differences of the calibrated Macro F1:", "",
+                  "| A - B | difference [95% CI] | share of replicates <= 0 |", "|---|---|---|"]
+        parts += [f"| {p['a']} - {p['b']} | {p['diff']:+.3f} [{p['lo']:+.3f}, {p['hi']:+.3f}] | {p['p_le_0']:.3f} |"
+                  for p in pc] + [""]
     checked = {k: v["step_checks"] for k, v in rows.items() if v.get("step_checks")}
     if checked:
         keys = list(dict.fromkeys(key for c in checked.values() for key in c))

@@ -86,6 +86,7 @@ class CompareRun:
     command: str
     same_as: dict[str, str]
     memo: dict[str, Any] = field(default_factory=dict)
+    calib: list[Record] = field(default_factory=list)  # validation pairs the calibration offsets are fitted on
 
     # state ------------------------------------------------------------------------------------------
     def save_state(self) -> None:
@@ -443,7 +444,7 @@ class CompareRun:
 
                 evaluate(str(model), self.evals, ev, taxonomy=self.cfg.data.taxonomy, batch_size=ecfg.batch_size,
                          max_new_tokens=ecfg.max_new_tokens, bf16=ecfg.bf16, title=f"she compare: {row}",
-                         progress=False)
+                         progress=False, calibrated=False)  # the row's own labels; calibration is reported apart
                 preds = None
             if preds is not None:
                 m = classification_report([r.label for r in self.evals], [p["label"] for p in preds], self.labels)
@@ -454,14 +455,45 @@ class CompareRun:
             self.save_state()
         return ev, _read_json(mpath)
 
-    def predicted(self, row: str, model: Path | None) -> tuple[Path, dict[str, Any], dict[str, str | None]]:
+    def calibration(self, row: str, model: Path | None) -> dict[str, float] | None:
+        """Per-class verdict offsets of a generative row fitted on the validation pairs (``eval.calibrate``),
+        cached in ``<row>/eval/calibration.json``; None for rows that generate nothing or when off."""
+        from she.data.validation import atomic_write_lines
+
+        if not self.cfg.eval.calibrate or ROWS[row].predict is not None or model is None or not self.calib:
+            return None
+        if row in self.same_as:
+            return self.calibration(self.same_as[row], model)
+        path = self.out / row / "eval" / "calibration.json"
+        if not path.exists():
+            from she.evaluation.calibration import fit_label_offsets
+            from she.evaluation.generate import generate_judgements
+            from she.models.metadata import prompt_style_of
+            from she.models.registry import load_model_and_tokenizer
+
+            t = time.perf_counter()
+            ecfg = self.cfg.eval
+            lm, tok = load_model_and_tokenizer(str(model))
+            js = generate_judgements(lm, tok, self.calib, taxonomy=self.cfg.data.taxonomy, batch_size=ecfg.batch_size,
+                                     max_new_tokens=ecfg.max_new_tokens, bf16=ecfg.bf16, progress=False,
+                                     prompt_style=prompt_style_of(str(model)))
+            offsets = fit_label_offsets([j.probs for j in js], [j.raw_label for j in js],
+                                        [r.label for r in self.calib], self.labels)
+            atomic_write_lines(path, [json.dumps({"label_offsets": offsets, "n": len(self.calib),
+                                                  "seconds": round(time.perf_counter() - t, 2)}, indent=2)])
+        return _read_json(path)["label_offsets"]
+
+    def predicted(self, row: str, model: Path | None,
+                  offsets: dict[str, float] | None = None) -> tuple[Path, dict[str, Any], dict[str, str | None]]:
         """The row's evaluation folder, metrics and ``{record id: predicted label}`` (evaluating when needed)."""
         ev, m = self.predictions(row, model)
         preds: dict[str, str | None] = {}
         from she.data.validation import iter_jsonl
 
+        from she.evaluation.calibration import apply_offsets
+
         for _, d in iter_jsonl(ev / "predictions.jsonl"):
-            preds[str(d["id"])] = d.get("label")
+            preds[str(d["id"])] = apply_offsets(d.get("probs"), d.get("label"), offsets)
         if set(preds) != {r.id for r in self.evals}:
             raise ValueError(f"{ev}/predictions.jsonl covers other records than this evaluation set; delete {ev} "
                              "to evaluate again")
@@ -471,6 +503,11 @@ class CompareRun:
         ev, m, preds = self.predicted(row, model)
         res = row_metrics(self.evals, preds, self.labels, n_boot=self.cfg.bootstrap.n, seed=self.cfg.bootstrap.seed,
                           alpha=self.cfg.bootstrap.alpha)
+        offsets = self.calibration(row, model)
+        if offsets is not None:
+            cal = row_metrics(self.evals, self.predicted(row, model, offsets)[2], self.labels,
+                              n_boot=self.cfg.bootstrap.n, seed=self.cfg.bootstrap.seed, alpha=self.cfg.bootstrap.alpha)
+            res["calibrated"] = {"label_offsets": offsets, **cal}
         sa = m.get("step_accuracy")
         gens = self.generations(row)
         res.update({
@@ -538,16 +575,21 @@ def run_compare(cfg: CompareConfig, *, command: str | None = None) -> dict[str, 
         raise ValueError(f"the {cfg.eval.split} split is empty: nothing to evaluate on")
     ctx = CompareRun(cfg=cfg, out=out, rows=rows, train=splits["train"], evals=evals,
                labels=list(get_taxonomy(cfg.data.taxonomy).labels), state=_initial_state(out, cfg),
-               command=command or "run_compare(...) (Python API)", same_as=plan_same_as(cfg, rows))
+               command=command or "run_compare(...) (Python API)", same_as=plan_same_as(cfg, rows),
+               calib=seeded_subset(splits.get("validation") or [], cfg.eval.calibration_max,
+                                   f"{cfg.seed}:compare-calibration") if cfg.eval.calibrate else [])
     preflight(ctx)
     _write_json(out / "compare_config.json", to_dict(cfg))
     ctx.save_state()
     results: dict[str, dict[str, Any]] = {}
     preds: dict[str, dict[str, str | None]] = {}
+    preds_cal: dict[str, dict[str, str | None]] = {}
     for row in rows:
         model, jobs = ctx.model_of(row)
         results[row] = ctx.result(row, model, jobs)
         preds[row] = ctx.predicted(row, model)[2]
+        cal = results[row].get("calibrated")
+        preds_cal[row] = ctx.predicted(row, model, cal["label_offsets"])[2] if cal else preds[row]
         ctx.state["rows"][row] = results[row]
         if row not in ctx.state["done"]:
             ctx.state["done"].append(row)
@@ -560,6 +602,10 @@ def run_compare(cfg: CompareConfig, *, command: str | None = None) -> dict[str, 
     }
     summary["paired"] = paired_results(ctx.evals, preds, cfg.paired, ctx.labels, n_boot=cfg.bootstrap.n,
                                        seed=cfg.bootstrap.seed, alpha=cfg.bootstrap.alpha)
+    if cfg.eval.calibrate:
+        summary["paired_calibrated"] = paired_results(ctx.evals, preds_cal, cfg.paired, ctx.labels,
+                                                      n_boot=cfg.bootstrap.n, seed=cfg.bootstrap.seed,
+                                                      alpha=cfg.bootstrap.alpha)
     if curves:
         summary["checkpoint_macro_f1"] = curves
     summary["plots"] = write_plots(ctx, results, curves)
