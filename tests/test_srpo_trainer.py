@@ -256,23 +256,26 @@ def records() -> list[Record]:
     return out[:4]
 
 
-def make_rollout_func(records: list[Record]):
-    by_user_msg = {user_message(r): scripted_variants(r) for r in records}
-
+def rollout_of(texts_by_user_message: dict, eos: bool = True):
+    """A TRL ``rollout_func`` that answers each prompt with its scripted texts in turn (G per prompt)."""
     def rollout(prompts, trainer):
         tok = trainer.processing_class
         seen: dict[str, int] = defaultdict(int)
         prompt_ids, completion_ids = [], []
         for p in prompts:
             key = p[-1]["content"]
-            text = by_user_msg[key][seen[key] % G]
+            text = texts_by_user_message[key][seen[key] % G]
             seen[key] += 1
             ptext = tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
             prompt_ids.append(tok(ptext, add_special_tokens=False)["input_ids"])
-            completion_ids.append(tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+            completion_ids.append(tok(text, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if eos else []))
         return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": None}
 
     return rollout
+
+
+def make_rollout_func(records: list[Record]):
+    return rollout_of({user_message(r): scripted_variants(r) for r in records})
 
 
 @pytest.fixture(scope="module")
@@ -484,29 +487,12 @@ def test_credit_span_and_trace_rules_by_hand():
     assert apply_trace_rules(keys, scores, srcs, truncated=True) == ([0.0] * 3, ["cut"] * 3)
 
 
-def _rollout_of(texts_by_record: dict, eos: bool = True):
-    def rollout(prompts, trainer):
-        tok = trainer.processing_class
-        seen: dict[str, int] = defaultdict(int)
-        prompt_ids, completion_ids = [], []
-        for p in prompts:
-            key = p[-1]["content"]
-            text = texts_by_record[key][seen[key] % G]
-            seen[key] += 1
-            ptext = tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
-            prompt_ids.append(tok(ptext, add_special_tokens=False)["input_ids"])
-            completion_ids.append(tok(text, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if eos else []))
-        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": None}
-
-    return rollout
-
-
 def _trainer_with(tiny, records, tmp_path, texts, eos=True, **kwargs):
     model, tok = tiny
     args = build_grpo_config(tmp_path, num_generations=G, per_device_train_batch_size=G, max_completion_length=200,
                              max_steps=1, learning_rate=1e-3, seed=0)
     return SRPOTrainer(model, args, make_prompt_dataset(records), records_by_id={r.id: r for r in records},
-                       processing_class=tok, rollout_func=_rollout_of(texts, eos), **kwargs)
+                       processing_class=tok, rollout_func=rollout_of(texts, eos), **kwargs)
 
 
 def _duplicated(gold: str) -> str:

@@ -157,28 +157,35 @@ def bootstrap_ci(
     true_idx, pred_idx = _encode(y_true, y_pred, labels)
     k = len(list(labels))
     cell = true_idx * (k + 1) + pred_idx
-    if groups is None:
-        group_idx = np.arange(len(cell))
-        n_groups = len(cell)
-    else:
-        if len(groups) != len(cell):
-            raise ValueError(f"groups has {len(groups)} items but y_true has {len(cell)}")
-        ids: dict[Hashable, int] = {}
-        group_idx = np.array([ids.setdefault(g, len(ids)) for g in groups], dtype=np.int64)
-        n_groups = len(ids)
+    group_idx, n_groups = _group_index(groups, len(cell))
     per_group = np.zeros((n_groups, k * (k + 1)))
     np.add.at(per_group, (group_idx, cell), 1.0)
-
-    rng = np.random.default_rng(seed)
     values = np.empty(n_boot)
-    chunk = max(1, min(n_boot, 2_000_000 // max(n_groups, 1)))  # bound memory of the count matrix
-    for start in range(0, n_boot, chunk):
-        m = min(chunk, n_boot - start)
-        counts = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=m)
-        conf = (counts @ per_group).reshape(m, k, k + 1)
-        values[start : start + m] = _scores_from_confusion(conf)[metric]
+    for start, counts in _replicate_counts(n_groups, n_boot, seed):
+        conf = (counts @ per_group).reshape(len(counts), k, k + 1)
+        values[start : start + len(counts)] = _scores_from_confusion(conf)[metric]
     lo, hi = np.quantile(values, [alpha / 2, 1 - alpha / 2])
     return float(lo), float(hi)
+
+
+def _group_index(groups: Sequence[Hashable] | None, n: int) -> tuple[np.ndarray, int]:
+    """Row -> group number (each row its own group without ``groups``), and the number of groups."""
+    if groups is None:
+        return np.arange(n), n
+    if len(groups) != n:
+        raise ValueError(f"groups has {len(groups)} items but y_true has {n}")
+    ids: dict[Hashable, int] = {}
+    return np.array([ids.setdefault(g, len(ids)) for g in groups], dtype=np.int64), len(ids)
+
+
+def _replicate_counts(n_groups: int, n_boot: int, seed: int):
+    """Yield ``(first replicate, counts [m, n_groups])``: how often each group is drawn in each replicate,
+    in chunks that bound the memory of the count matrix."""
+    rng = np.random.default_rng(seed)
+    chunk = max(1, min(n_boot, 2_000_000 // max(n_groups, 1)))
+    for start in range(0, n_boot, chunk):
+        m = min(chunk, n_boot - start)
+        yield start, rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=m)
 
 
 def paired_bootstrap_diff(
@@ -209,15 +216,7 @@ def paired_bootstrap_diff(
         raise ValueError("each arm needs at least one prediction list")
     k = len(list(labels))
     n = len(y_true)
-    if groups is None:
-        group_idx = np.arange(n)
-        n_groups = n
-    else:
-        if len(groups) != n:
-            raise ValueError(f"groups has {len(groups)} items but y_true has {n}")
-        ids: dict[Hashable, int] = {}
-        group_idx = np.array([ids.setdefault(g, len(ids)) for g in groups], dtype=np.int64)
-        n_groups = len(ids)
+    group_idx, n_groups = _group_index(groups, n)
 
     def per_group(runs: Sequence[Sequence[str | None]]) -> np.ndarray:
         out = np.zeros((n_groups, k * (k + 1)))
@@ -231,12 +230,9 @@ def paired_bootstrap_diff(
     ga, gb = per_group(preds_a), per_group(preds_b)
     full = lambda g: float(_scores_from_confusion(g.sum(0).reshape(1, k, k + 1))[metric][0])  # noqa: E731
     diff = full(ga) - full(gb)
-    rng = np.random.default_rng(seed)
     values = np.empty(n_boot)
-    chunk = max(1, min(n_boot, 2_000_000 // max(n_groups, 1)))
-    for start in range(0, n_boot, chunk):
-        m = min(chunk, n_boot - start)
-        counts = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=m)
+    for start, counts in _replicate_counts(n_groups, n_boot, seed):
+        m = len(counts)
         va = _scores_from_confusion((counts @ ga).reshape(m, k, k + 1))[metric]
         vb = _scores_from_confusion((counts @ gb).reshape(m, k, k + 1))[metric]
         values[start : start + m] = va - vb
