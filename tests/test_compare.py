@@ -227,7 +227,8 @@ def test_wiring_with_fake_jobs(tmp_path, monkeypatch):
     assert dpo.rollouts == rm.rollouts and (rm.model, rm.policy) == (sft_dir, sft_dir)
     rl = {c.output_dir: c for k, (c, n) in [(k, v) for k, v in calls if k == "rl"]}
     grpo = rl[str(tmp_path / "c" / "grpo")]
-    assert (grpo.max_steps, grpo.model, grpo.judge, grpo.step_rewards) == (10, sft_dir, judge, False)
+    # GRPO's examiner only logs step metrics: the verifier, no judge loaded
+    assert (grpo.max_steps, grpo.model, grpo.judge, grpo.step_rewards) == (10, sft_dir, None, False)
     assert rl[str(tmp_path / "c" / "rm_grpo")].reward_model == str(tmp_path / "c" / "rm" / "final")
     # strict budget: 12 pool prompts x k=4 = 48 generations = 6 steps of 2 x 4 -> 4 RL steps, split 1 + 3;
     # stage 2 starts from stage 1

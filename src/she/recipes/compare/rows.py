@@ -134,7 +134,10 @@ ROWS: dict[str, Row] = {
     "sft": Row("main", "SFT on reasoning traces: the shared start of every generative row below", "sft"),
     "dpo": Row("main", "DPO on pass@N preference pairs sampled from the SFT policy", "job", config=_dpo_config,
                run=_run_dpo),
-    "grpo": Row("main", "GRPO from SFT, outcome (label) reward only", "rl", rl={"step_rewards": False}, **_RL),
+    # GRPO's examiner only feeds its step metrics: the verifier, so that the baseline never loads (or waits for)
+    # the judge
+    "grpo": Row("main", "GRPO from SFT, outcome (label) reward only", "rl",
+                rl={"step_rewards": False, "examiner": "verifier"}, **_RL),
     "rm_grpo": Row("main", "GRPO whose reward is a scalar reward model trained on the same pass@N pairs", "rl",
                    rl={"step_rewards": False}, reward_model=True, charged=("rm",), **_RL),
     "srpo": Row("main", "SRPO: GRPO plus per-step rewards from the examiner and estimator of the `rl:` section",
@@ -147,7 +150,7 @@ ROWS: dict[str, Row] = {
                          "job", config=_cross_encoder_config, run=_run_cross_encoder, from_sft=False,
                          predict=_predict_cross_encoder),
     "srpo_no_step_reward": Row("ablation", "SRPO with step rewards off (the same job as grpo, reused)", "rl",
-                               rl={"step_rewards": False}, **_RL),
+                               rl={"step_rewards": False, "examiner": "verifier"}, **_RL),
     "srpo_verifier_only": Row("ablation", "SRPO with the offline verifier as the only step examiner", "rl",
                               rl={"step_rewards": True, "examiner": "verifier"}, **_RL),
     # blend with weight 1: the judge's score wherever it has one; the verifier only fills the steps the judge
