@@ -603,3 +603,13 @@ def test_batch_scaled_outcome_matches_trls_formula(tiny, records, tmp_path):
     out = t._generate_and_score_completions(batch_rows(t, [0, 1]))  # alpha 0: the outcome term alone
     trl = t.last_batch.trl_advantages  # TRL's own batch-scaled advantage
     assert torch.allclose(out["advantages"], trl[:, None] * out["completion_mask"], atol=1e-5)
+
+
+def test_reward_steps_limits_which_steps_earn_a_step_reward(tiny, records, tmp_path):
+    t = make_trainer(tiny, records, tmp_path, reward_steps=["Attributes"])
+    t.model.train()
+    t._generate_and_score_completions(batch_rows(t, [0, 1]))
+    for r in t.last_batch.rollouts:
+        assert all(s is None for k, s in zip(r.step_keys, r.step_scores) if k != "Attributes")
+        assert r.reward_keys in ([], ["Attributes"])
+    assert any(r.reward_keys == ["Attributes"] for r in t.last_batch.rollouts)

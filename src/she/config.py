@@ -536,6 +536,7 @@ class RLJobConfig(ConfigBase):
     first_error_weight: float = 2.0  # gated: weight of the first flagged step of a rollout
     flawed_share: float = 0.5  # gated: share of a right verdict's positive advantage a flagged step keeps
     incorrect_below: float = 0.5  # gated: a step score below this is a (partial) flaw
+    reward_steps: list[str] | None = None  # step keys that may earn a step reward (null: all), e.g. [Missing]
     # class-aware outcome: weights on the normalised outcome advantage by gold class (every estimator, GRPO too):
     # null (none) | balanced (inverse frequency in the RL training records) | {Exact: 1.0, Partial: 1.5, ...}
     class_weights: str | dict[str, float] | None = None

@@ -460,6 +460,8 @@ class SRPOTrainer(GRPOTrainer):
     schema, taxonomy: the step schema the policy writes (default :func:`default_schema` of ``taxonomy``).
     partial_credit, format_weight: the outcome reward (:func:`rollout_outcome`).
     include_label_step: also give the verdict step a step reward (off: the outcome already covers it).
+    reward_steps: step keys that may earn a step reward (None: every examined step). E.g. ``["Missing"]``: only
+        the steps computed exactly from the strings, none of the label-derived Type/Attributes checks.
     reward_model: optional scalar reward model (:class:`she.training.reward_model.ScalarRewardModel`, or anything
         with ``score_records(records, completion_texts) -> list[float]``). When set, its score *replaces* the
         label outcome reward everywhere (TRL's reward function, hence GRPO's advantage, and SRPO's outcome
@@ -495,6 +497,7 @@ class SRPOTrainer(GRPOTrainer):
         partial_credit: bool = False,
         format_weight: float = 0.0,
         include_label_step: bool = False,
+        reward_steps: Sequence[str] | None = None,
         reward_model: Any | None = None,
         max_bad_steps: int = 5,
         dump_advantages_dir: str | Path | None = None,
@@ -529,6 +532,7 @@ class SRPOTrainer(GRPOTrainer):
         self.partial_credit = partial_credit
         self.format_weight = float(format_weight)
         self.include_label_step = include_label_step
+        self.reward_steps = None if reward_steps is None else frozenset(reward_steps)
         self.reward_model = reward_model
         if reward_model is not None and (partial_credit or self.format_weight):
             raise ValueError("with a reward_model the RM score is the only outcome reward; "
@@ -687,6 +691,8 @@ class SRPOTrainer(GRPOTrainer):
             truncated = not ids_rows[i] or ids_rows[i][-1] not in ends
             step_scores, sources = apply_trace_rules(keys, [sc.scores[k] for k in idx], [sc.sources[k] for k in idx],
                                                      truncated=truncated)
+            if self.reward_steps is not None:  # only these step types earn a step reward
+                step_scores = [s if key in self.reward_steps else None for key, s in zip(keys, step_scores)]
             token_step = None
             if with_token_steps:
                 spans = [credit_span(texts[i], p.steps[k].span) for k, s in zip(idx, step_scores) if s is not None]

@@ -160,6 +160,13 @@ ROWS: dict[str, Row] = {
     "srpo_gated_verifier_only": Row("ablation", "srpo_gated with the offline verifier as the only step examiner",
                                     "rl", rl={"step_rewards": True, "advantage": "srpo_gated", "examiner": "verifier"},
                                     **_RL),
+    "srpo_gated_min_verifier_only": Row("ablation", "srpo_gated_min with the offline verifier as the only examiner",
+                                        "rl", rl={"step_rewards": True, "advantage": "srpo_gated_min",
+                                                  "examiner": "verifier"}, **_RL),
+    "srpo_gated_computed_only": Row("ablation", "srpo_gated whose step reward covers only the steps computed exactly "
+                                    "from the strings (Missing), none of the label-derived checks", "rl",
+                                    rl={"step_rewards": True, "advantage": "srpo_gated", "examiner": "verifier",
+                                        "reward_steps": ["Missing"]}, **_RL),
     "srpo_gated_min": Row("ablation", "srpo_gated with PURE-style min-form credit over the penalties", "rl",
                           rl={"step_rewards": True, "advantage": "srpo_gated_min"}, **_RL),
     "srpo_centered": Row("ablation", "SRPO with group-centred step credit normalised per step type", "rl",
