@@ -452,7 +452,7 @@ def test_two_training_steps_use_token_level_advantages(tiny, records, tmp_path, 
     from she.evaluation.report import rl_curves
 
     written = rl_curves(t.state.log_history, tmp_path)
-    assert set(written) == {"reward", "step_reward", "policy", "collapse"}
+    assert set(written) == {"reward", "step_reward", "policy", "collapse", "advantage"}
     assert all(p.stat().st_size > 0 for p in written.values())
 
 
@@ -613,3 +613,11 @@ def test_reward_steps_limits_which_steps_earn_a_step_reward(tiny, records, tmp_p
         assert all(s is None for k, s in zip(r.step_keys, r.step_scores) if k != "Attributes")
         assert r.reward_keys in ([], ["Attributes"])
     assert any(r.reward_keys == ["Attributes"] for r in t.last_batch.rollouts)
+
+
+def test_moving_average_by_hand():
+    from she.evaluation.report import moving_average
+
+    pts = [(1, 1.0), (2, 3.0), (3, 5.0), (4, 7.0)]
+    assert moving_average(pts, 2) == [(1, 1.0), (2, 2.0), (3, 4.0), (4, 6.0)]
+    assert moving_average(pts, 1) == pts

@@ -28,7 +28,22 @@ def plot_confusion(confusion: list[list[int]], labels: list[str], path: Path, ti
     plt.close(fig)
 
 
-def plot_curves(series: dict[str, list[tuple[float, float]]], path: Path, title: str, xlabel: str = "step") -> None:
+def moving_average(pts: list[tuple[float, float]], window: int) -> list[tuple[float, float]]:
+    """Trailing mean of the last ``window`` values at each point (pure; ``window <= 1`` returns ``pts``)."""
+    if window <= 1:
+        return list(pts)
+    out, acc = [], []
+    for x, y in pts:
+        acc.append(y)
+        if len(acc) > window:
+            acc.pop(0)
+        out.append((x, sum(acc) / len(acc)))
+    return out
+
+
+def plot_curves(series: dict[str, list[tuple[float, float]]], path: Path, title: str, xlabel: str = "step",
+                smooth: int = 1) -> None:
+    """One line per series; ``smooth`` > 1 draws the trailing mean over that many points (noisy per-batch logs)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -37,11 +52,11 @@ def plot_curves(series: dict[str, list[tuple[float, float]]], path: Path, title:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name, pts in series.items():
         if pts:
-            xs, ys = zip(*pts)
+            xs, ys = zip(*moving_average(pts, smooth))
             ax.plot(xs, ys, label=name)
     ax.set_xlabel(xlabel)
-    ax.set_title(title)
-    ax.legend()
+    ax.set_title(title + (f" (mean of the last {smooth} steps)" if smooth > 1 else ""), fontsize=9)
+    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -119,17 +134,19 @@ def rl_curves(log_history: list[dict], out_dir: Path) -> dict[str, Path]:
         "step_reward": ("mean step reward by step type", [k for k in keys if k.startswith("srpo/step_reward/")]),
         "policy": ("policy entropy, KL, clip fraction, path diversity",
                    ["entropy", "kl", "clip_ratio/region_mean", "srpo/path_diversity"]),
-        "collapse": ("collapse signs: predicted-class shares, recall, advantage make-up",
-                     [k for k in keys if k.startswith(("srpo/pred_share/", "srpo/recall/"))]
-                     + ["srpo/train_macro_f1", "srpo/verdict_entropy", "srpo/zero_var_groups", "srpo/step_share",
-                        "srpo/pos_adv_mass_wrong", "srpo/truncated"]),
+        "collapse": ("predicted-class shares and Macro F1 of the training rollouts",
+                     [k for k in keys if k.startswith("srpo/pred_share/")] + ["srpo/train_macro_f1"]),
+        "advantage": ("advantage make-up and signal",
+                      ["srpo/step_share", "srpo/pos_adv_mass_wrong", "srpo/zero_var_groups", "srpo/verdict_entropy",
+                       "srpo/truncated"]),
     }
+    smooth = {"reward": 10, "step_reward": 10, "collapse": 10, "advantage": 10}  # per-batch values are noisy
     written: dict[str, Path] = {}
     for name, (title, ks) in groups.items():
         data = {k.split("/")[-1] if name == "step_reward" else k.removeprefix("srpo/"): series(k) for k in ks}
         data = {k: v for k, v in data.items() if v}
         if data:
             path = out_dir / f"{name}.png"
-            plot_curves(data, path, title)
+            plot_curves(data, path, title, smooth=smooth.get(name, 1))
             written[name] = path
     return written
