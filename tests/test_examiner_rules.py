@@ -65,3 +65,21 @@ def test_irrelevant_pair_with_the_exact_path():
 def test_unparsable_attributes_is_wrong_for_every_label():
     for label in ("Exact", "Partial", "Irrelevant"):
         assert verdicts(trace("same", "looks fine to me"), label)["Attributes"] == "incorrect", label
+
+
+def test_graded_missing_scores_word_overlap():
+    from she.reasoning.schema import coverage_schema
+    from she.rewards.hybrid import VerifierExaminer
+
+    schema = coverage_schema("hd3")
+    r = Record(id="r", query="cordless dewalt drill bits", product=Product(title="DeWalt 20V Drill"), label="Partial")
+    # true missing words: cordless, bits (stems); "cordless" alone: overlap 1/2; "none": 0; both: 1
+    scores = {}
+    for said in ("cordless", "none", "cordless, bits", "cordless, bits, red"):
+        parsed = parse_trace(f"Query: q\nProduct: p\nMissing: {said}\nType: same\nAttributes: brand=mismatch\n"
+                             "Verdict: Partial", schema)
+        exact = VerifierExaminer().score_steps(parsed, r)[2]
+        graded = VerifierExaminer(graded=True).score_steps(parsed, r)[2]
+        scores[said] = (exact, graded)
+    assert scores == {"cordless": (0.0, 0.5), "none": (0.0, 0.0), "cordless, bits": (1.0, 1.0),
+                      "cordless, bits, red": (0.0, 2 / 3)}

@@ -537,6 +537,7 @@ class RLJobConfig(ConfigBase):
     flawed_share: float = 0.5  # gated: share of a right verdict's positive advantage a flagged step keeps
     incorrect_below: float = 0.5  # gated: a step score below this is a (partial) flaw
     reward_steps: list[str] | None = None  # step keys that may earn a step reward (null: all), e.g. [Missing]
+    graded_sets: bool = False  # Missing scores the overlap of said and true words instead of exact 0/1 (docs/srpo.md)
     # class-aware outcome: weights on the normalised outcome advantage by gold class (every estimator, GRPO too):
     # null (none) | balanced (inverse frequency in the RL training records) | {Exact: 1.0, Partial: 1.5, ...}
     class_weights: str | dict[str, float] | None = None

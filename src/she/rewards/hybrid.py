@@ -96,9 +96,19 @@ def check_scores(scores: Sequence[float | None], n_steps: int, who: str) -> list
 
 
 class VerifierExaminer:
-    """The offline verifier as an examiner: correct -> 1.0, incorrect -> 0.0, unknown -> None."""
+    """The offline verifier as an examiner: correct -> 1.0, incorrect -> 0.0, unknown -> None.
+
+    ``graded=True``: a set-valued step the verifier checks exactly (the coverage schema's ``Missing``) scores
+    the Jaccard overlap of the words said and the true words instead of 0/1. Why: an exact check makes a long
+    list of missing words far riskier than ``Missing: none`` (one wrong word zeroes it), so a penalty-only step
+    reward pushes the policy to write ``none`` -- the path to *Exact* (measured, docs/results.md). Overlap
+    grades a mostly right list as mostly right and a wrong ``none`` (overlap 0) as fully wrong.
+    """
 
     _SCORE = {CORRECT: 1.0, INCORRECT: 0.0, UNKNOWN: None}
+
+    def __init__(self, graded: bool = False) -> None:
+        self.graded = graded
 
     def score_steps(self, parsed: Any, record: Any) -> list[float | None]:
         verdicts = verify_steps(parsed, record)
@@ -108,7 +118,7 @@ class VerifierExaminer:
         for v in verdicts:
             if v.verdict not in self._SCORE:
                 raise ValueError(f"verifier verdict {v.verdict!r} for step {v.step} is not correct/incorrect/unknown")
-            out.append(self._SCORE[v.verdict])
+            out.append(v.similarity if self.graded and v.similarity is not None else self._SCORE[v.verdict])
         return out
 
 

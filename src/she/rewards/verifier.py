@@ -44,6 +44,7 @@ class StepVerdict:
     step: str  # the step key, e.g. "Type"
     verdict: str  # correct | incorrect | unknown
     rule: str  # which rule decided, for logs and debugging
+    similarity: float | None = None  # set-valued steps (Missing): Jaccard overlap of said and true sets, in [0, 1]
 
 
 def verify_steps(parsed, record: Record) -> list[StepVerdict]:
@@ -89,10 +90,12 @@ def _verify_coverage(step, record: Record) -> StepVerdict:
     if said is None:
         return StepVerdict(step.key, INCORRECT, "coverage unparsed")
     truth = {_stem(w) for w in missing_query_words(record)}
+    union = said | truth
+    sim = len(said & truth) / len(union) if union else 1.0
     if said == truth:
-        return StepVerdict(step.key, CORRECT, f"{len(truth)} missing word(s) named")
+        return StepVerdict(step.key, CORRECT, f"{len(truth)} missing word(s) named", similarity=sim)
     wrong = sorted(said - truth) or sorted(truth - said)
-    return StepVerdict(step.key, INCORRECT, f"coverage differs at {wrong[0]!r}")
+    return StepVerdict(step.key, INCORRECT, f"coverage differs at {wrong[0]!r}", similarity=sim)
 
 
 def _verify_attributes(conclusion, facts) -> StepVerdict:

@@ -18,7 +18,7 @@ def build_examiner(cfg: RLJobConfig):
     from she.rewards.hybrid import HybridExaminer, VerifierExaminer
 
     if cfg.examiner == "verifier":
-        return VerifierExaminer()
+        return VerifierExaminer(graded=cfg.graded_sets)
     if cfg.examiner in ("hybrid", "blend"):
         if not cfg.judge:
             raise ValueError(f"examiner {cfg.examiner!r} needs a judge folder (`judge:` from `she train prm`)")
@@ -26,7 +26,7 @@ def build_examiner(cfg: RLJobConfig):
 
         judge = StepJudge.from_pretrained(cfg.judge)
         mode = "verifier_first" if cfg.examiner == "hybrid" else "blend"
-        return HybridExaminer(VerifierExaminer(), judge, mode=mode, weight=cfg.judge_weight,
+        return HybridExaminer(VerifierExaminer(graded=cfg.graded_sets), judge, mode=mode, weight=cfg.judge_weight,
                               judge_steps=judge_steps_above_floor(cfg.judge, cfg.judge_auc_floor))
     raise ValueError(f"unknown examiner {cfg.examiner!r}; use verifier, hybrid or blend")
 

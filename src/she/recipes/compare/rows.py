@@ -167,6 +167,10 @@ ROWS: dict[str, Row] = {
                                     "from the strings (Missing), none of the label-derived checks", "rl",
                                     rl={"step_rewards": True, "advantage": "srpo_gated", "examiner": "verifier",
                                         "reward_steps": ["Missing"]}, **_RL),
+    "srpo_gated_graded_missing": Row("ablation", "srpo_gated_computed_only with Missing graded by word overlap "
+                                     "(Jaccard) instead of exact 0/1", "rl",
+                                     rl={"step_rewards": True, "advantage": "srpo_gated", "examiner": "verifier",
+                                         "reward_steps": ["Missing"], "graded_sets": True}, **_RL),
     "srpo_gated_min": Row("ablation", "srpo_gated with PURE-style min-form credit over the penalties", "rl",
                           rl={"step_rewards": True, "advantage": "srpo_gated_min"}, **_RL),
     "srpo_centered": Row("ablation", "SRPO with group-centred step credit normalised per step type", "rl",
