@@ -806,6 +806,7 @@ def test_predict_failing_midway_removes_its_temporary_file(tmp_path, monkeypatch
 
     monkeypatch.setattr(registry, "load_model_and_tokenizer", lambda *a, **k: (None, None))
     monkeypatch.setattr(ev, "prompt_style_of", lambda *a, **k: "full")
+    monkeypatch.setattr(ev, "label_offsets_of", lambda *a, **k: None)  # no model folder to read she.json from
     recs, _ = load(files[0])
     out = tmp_path / "p.jsonl"
     for gen in (boom, one_then_boom):
