@@ -211,6 +211,7 @@ def test_demo_runs_sft_then_srpo_and_reports_both(tmp_path, tiny_model_dir):
         "eval_batch_size: 8\nmax_new_tokens: 12\n"
         "rl: {max_steps: 2, num_generations: 2, prompts_per_step: 1, max_completion_length: 12, bf16: false,\n"
         "     save_steps: 1, examiner_check: warn}\n"
+        "calibration_pairs: 4\n"
     )
     assert _run(["demo", "--config", str(cfg)]) == 0
     out = tmp_path / "demo"
@@ -221,3 +222,6 @@ def test_demo_runs_sft_then_srpo_and_reports_both(tmp_path, tiny_model_dir):
     assert "predicted (Irr/Par/Exa)" in report and "| SRPO (srpo_gated, 2 steps) |" in report
     assert (out / "srpo" / "final" / "she.json").exists() and (out / "srpo" / "examiner_check.json").exists()
     assert (out / "srpo" / "collapse.png").exists() and "srpo" in summary["timings"]
+    # the final model was calibrated on validation pairs before its evaluation
+    assert "label_offsets" in json.loads((out / "srpo" / "final" / "she.json").read_text())
+    assert "calibration" in summary["timings"] and (out / "srpo" / "final" / "calibration.json").exists()
