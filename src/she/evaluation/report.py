@@ -56,7 +56,8 @@ def plot_curves(series: dict[str, list[tuple[float, float]]], path: Path, title:
             ax.plot(xs, ys, label=name)
     ax.set_xlabel(xlabel)
     ax.set_title(title + (f" (mean of the last {smooth} steps)" if smooth > 1 else ""), fontsize=9)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
