@@ -581,8 +581,8 @@ class RLJobConfig(ConfigBase):
 def _demo_rl() -> RLJobConfig:
     """The demo's SRPO stage: a few gated SRPO steps, sized to keep ``make demo`` under 15 CPU minutes."""
     return RLJobConfig(examiner="verifier", advantage="srpo_gated", max_steps=8, num_generations=4,
-                       prompts_per_step=2, max_completion_length=64, learning_rate=1e-5, save_steps=4,
-                       report_to="none", examiner_check_records=40)
+                       prompts_per_step=2, max_completion_length=64, learning_rate=5e-6, beta=0.04, save_steps=4,
+                       report_to="none", examiner_check_records=40)  # lr/KL: the HD measurement (docs/results.md)
 
 
 # -- baselines (docs/baselines.md) ----------------------------------------------------------------------
