@@ -103,7 +103,7 @@ by name from :data:`ESTIMATORS` (as verl's ``core_algos``): ``grpo``, ``srpo_cen
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -458,7 +458,6 @@ class AdvantageOptions:
     first_error_weight: float = 2.0  # gated estimators
     flawed_share: float = 0.5
     incorrect_below: float = 0.5
-    extra: dict = field(default_factory=dict)
 
 
 Estimator = Callable[[AdvantageInputs, AdvantageOptions], Tensor]

@@ -34,12 +34,9 @@ def build_examiner(cfg: RLJobConfig):
 def judge_steps_above_floor(judge_dir: str, floor: float | None) -> list[str] | None:
     """Step keys whose held-out judge AUC (``metrics.json`` of ``she train prm``, next to the judge folder)
     is at least ``floor``; None = no filter (no floor, or no per-step metrics to read -- said in the log)."""
-    import logging
-
     if floor is None:
         return None
     path = Path(judge_dir).parent / "metrics.json"
-    log = logging.getLogger(__name__)
     try:
         by_step = (json.loads(path.read_text()).get("after") or {}).get("by_step") or {}
     except (OSError, ValueError):
@@ -118,7 +115,6 @@ def run_examiner_check(cfg: RLJobConfig, examiner, records: list[Record]) -> dic
     """Score gold vs constant traces of up to ``cfg.examiner_check_records`` records (she.rewards.check);
     ``error`` refuses to train when a constant trace wins on a class, ``warn`` logs it, ``off`` skips.
     Written to ``<output_dir>/examiner_check.json``."""
-    import logging
     import random
 
     from she.reasoning.schema import default_schema
@@ -138,12 +134,12 @@ def run_examiner_check(cfg: RLJobConfig, examiner, records: list[Record]) -> dic
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "examiner_check.json").write_text(json.dumps(report, indent=2))
-    logging.getLogger(__name__).info("%s", text)
+    log.info("%s", text)
     if not report["ok"]:
         if cfg.examiner_check == "error":
             raise ValueError(f"{text}\nThe step reward would pay a constant answer more than the truth, so SRPO would "
                              "drift there; fix the examiner (judge, facts) or set examiner_check: warn to train anyway")
-        logging.getLogger(__name__).warning("examiner check failed (examiner_check: warn): training anyway")
+        log.warning("examiner check failed (examiner_check: warn): training anyway")
     return report
 
 

@@ -487,17 +487,19 @@ class CompareRun:
                   offsets: dict[str, float] | None = None) -> tuple[Path, dict[str, Any], dict[str, str | None]]:
         """The row's evaluation folder, metrics and ``{record id: predicted label}`` (evaluating when needed)."""
         ev, m = self.predictions(row, model)
-        preds: dict[str, str | None] = {}
-        from she.data.validation import iter_jsonl
+        key = f"predicted:{ev}:{sorted((offsets or {}).items())}"
+        if key not in self.memo:  # result() and the paired intervals read the same file
+            from she.data.validation import iter_jsonl
+            from she.evaluation.calibration import apply_offsets
 
-        from she.evaluation.calibration import apply_offsets
-
-        for _, d in iter_jsonl(ev / "predictions.jsonl"):
-            preds[str(d["id"])] = apply_offsets(d.get("probs"), d.get("label"), offsets)
-        if set(preds) != {r.id for r in self.evals}:
-            raise ValueError(f"{ev}/predictions.jsonl covers other records than this evaluation set; delete {ev} "
-                             "to evaluate again")
-        return ev, m, preds
+            preds: dict[str, str | None] = {}
+            for _, d in iter_jsonl(ev / "predictions.jsonl"):
+                preds[str(d["id"])] = apply_offsets(d.get("probs"), d.get("label"), offsets)
+            if set(preds) != {r.id for r in self.evals}:
+                raise ValueError(f"{ev}/predictions.jsonl covers other records than this evaluation set; delete "
+                                 f"{ev} to evaluate again")
+            self.memo[key] = preds
+        return ev, m, self.memo[key]
 
     def result(self, row: str, model: Path | None, jobs: list[str]) -> dict[str, Any]:
         ev, m, preds = self.predicted(row, model)
