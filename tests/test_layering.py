@@ -14,7 +14,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "she"
 
 # lowest first; docs/design.md draws the same picture
 TIERS: list[tuple[str, ...]] = [
-    ("errors", "config", "algorithms", "data", "reasoning", "models"),  # core
+    ("errors", "runtime", "config", "algorithms", "data", "reasoning", "models"),  # core
     ("rewards", "evaluation"),
     ("training", "sampling"),
     ("recipes", "serving", "annotation", "cli"),

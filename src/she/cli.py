@@ -632,6 +632,9 @@ def _cmd_compare(a) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from she.runtime import tune_allocator
+
+    tune_allocator()  # before torch allocates anything: freed memory stays in the process (she/runtime.py)
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     a, extras = parser.parse_known_args(argv)

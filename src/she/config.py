@@ -149,6 +149,9 @@ class JobConfig(ConfigBase):
     per_device_train_batch_size: int = 8
     max_length: int = 512
     bf16: bool = True  # bf16 autocast: ~2x faster on this CPU, and standard on GPUs
+    # recompute activations in the backward pass (TRL's default is on): saves memory for large models at ~1/3
+    # more compute; a 135M model's activations fit easily, so off (docs/benchmarks.md, "Gradient checkpointing")
+    gradient_checkpointing: bool = False
     seed: int = 0
     logging_steps: int = 10
 
@@ -560,6 +563,7 @@ class RLJobConfig(ConfigBase):
     beta: float = 0.0
     temperature: float = 1.0
     bf16: bool = True
+    gradient_checkpointing: bool = False  # as JobConfig: TRL's default (on) costs ~1/3 more compute per step
     seed: int = 0
     logging_steps: int = 1
     save_steps: int = 25

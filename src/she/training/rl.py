@@ -190,7 +190,7 @@ def run_rl_job(cfg: RLJobConfig, train: list[Record], callbacks: list | None = N
         per_device_train_batch_size=cfg.per_device_batch_size or cfg.num_generations * cfg.prompts_per_step,
         max_completion_length=cfg.max_completion_length, max_steps=cfg.max_steps,
         learning_rate=cfg.learning_rate, beta=cfg.beta, temperature=cfg.temperature, bf16=cfg.bf16, seed=cfg.seed,
-        scale_rewards=cfg.scale_rewards,
+        gradient_checkpointing=cfg.gradient_checkpointing, scale_rewards=cfg.scale_rewards,
         logging_steps=cfg.logging_steps, report_to=cfg.report_to, save_strategy="steps",
         save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit, **rollout_settings(cfg),
     )

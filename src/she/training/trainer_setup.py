@@ -60,7 +60,7 @@ def common_training_args(cfg: Any, output_dir: str | Path) -> dict[str, Any]:
     """Keyword arguments shared by the ``TrainingArguments`` (or TRL subclass) of every fine-tuning job.
 
     ``cfg`` is a job config with ``epochs``, ``max_steps``, ``learning_rate``, ``lr_scheduler_type``,
-    ``batch_size``, ``bf16``, ``seed``, ``logging_steps``, ``save_steps``, ``save_total_limit`` and
+    ``batch_size``, ``bf16``, ``gradient_checkpointing``, ``seed``, ``logging_steps``, ``save_steps``, ``save_total_limit`` and
     ``report_to``. Warm-up is left to the caller: some jobs configure it in steps, others as a ratio.
     Device and precision: :func:`device_args`. ``dataloader_num_workers=0``: the data sets are small and in
     memory, so worker processes would only add start-up time.
@@ -73,6 +73,7 @@ def common_training_args(cfg: Any, output_dir: str | Path) -> dict[str, Any]:
         "lr_scheduler_type": cfg.lr_scheduler_type,
         "per_device_train_batch_size": cfg.batch_size,
         **device_args(cfg.bf16),
+        "gradient_checkpointing": cfg.gradient_checkpointing,
         "seed": cfg.seed,
         "logging_steps": cfg.logging_steps,
         "save_steps": cfg.save_steps,

@@ -187,7 +187,7 @@ ROWS: dict[str, Row] = {
 
 # more seeds of the two rows the headline compares: `<row>_seed<k>` trains with seed k (the shared seed + k);
 # the report pools a row with its seeds (arm_of) for the paired intervals
-for _base in ("grpo", "srpo_gated"):
+for _base in ("grpo", "srpo_gated", "srpo_gated_graded_missing"):
     for _k in (1, 2):
         _spec = ROWS[_base]
         ROWS[f"{_base}_seed{_k}"] = Row("seed", f"{_base} with seed + {_k}", "rl", rl={**_spec.rl, "seed_offset": _k},
