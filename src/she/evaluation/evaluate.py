@@ -10,6 +10,7 @@ from pathlib import Path
 from she.data.labels import get_taxonomy
 from she.data.schema import Record
 from she.data.validation import atomic_write_lines
+from she.errors import UserError
 from she.evaluation.generate import Judgement, generate_judgements
 from she.models.metadata import label_offsets_of, model_schema, prompt_style_of
 from she.reasoning.schema import in_schema
@@ -93,7 +94,7 @@ def evaluate(
 
     missing = [r.id for r in records if r.label is None]
     if missing:
-        raise ValueError(f"{len(missing)} record(s) have no label (first: {missing[0]}); use `she predict` instead")
+        raise UserError(f"{len(missing)} record(s) have no label (first: {missing[0]}); use `she predict` instead")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model, tok = load_model_and_tokenizer(model_path)
@@ -130,7 +131,7 @@ def calibrate(model_path: str, records: list[Record], *, taxonomy: str = "hd3", 
 
     missing = [r.id for r in records if r.label is None]
     if missing or not records:
-        raise ValueError(f"calibration needs labelled pairs ({len(missing)} unlabelled, {len(records)} given)")
+        raise UserError(f"calibration needs labelled pairs ({len(missing)} unlabelled, {len(records)} given)")
     folder = Path(resolve_model(model_path))
     model, tok = load_model_and_tokenizer(model_path)
     js = generate_judgements(model, tok, records, taxonomy=taxonomy, batch_size=batch_size,

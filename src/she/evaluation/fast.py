@@ -39,6 +39,7 @@ import torch
 
 from she.data.labels import get_taxonomy
 from she.data.schema import Record
+from she.errors import UserError
 from she.evaluation.generate import Judgement, _label_probs, label_first_tokens
 from she.models.metadata import autocast
 
@@ -81,20 +82,20 @@ def prefix_label_tokens(tokenizer, prefix: str, labels: Sequence[str]) -> tuple[
     where the model predicts the label, and the numbers would be silently wrong.
     """
     if not prefix:
-        raise ValueError("the fast-mode prefix must not be empty")
+        raise UserError("the fast-mode prefix must not be empty")
     sep = "" if prefix[-1].isspace() else " "
     first = label_first_tokens(tokenizer, list(labels))
     name = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
     if first is None:
-        raise ValueError(f"labels {list(labels)} share a first token in tokenizer {name}: label probabilities "
-                         "cannot be read from one token")
+        raise UserError(f"labels {list(labels)} share a first token in tokenizer {name}: label probabilities "
+                        "cannot be read from one token")
     ids = first[sep == " "]
     base = tokenizer.encode(prefix, add_special_tokens=False)
     for lab, tid in zip(labels, ids):
         full = tokenizer.encode(prefix + sep + lab, add_special_tokens=False)
         if full[: len(base)] != base or len(full) <= len(base) or full[len(base)] != tid:
-            raise ValueError(f"tokenizer {name}: {prefix + sep + lab!r} does not tokenize as {prefix!r} followed by "
-                             f"the first token of {sep + lab!r}; choose another fast-mode prefix")
+            raise UserError(f"tokenizer {name}: {prefix + sep + lab!r} does not tokenize as {prefix!r} followed by "
+                            f"the first token of {sep + lab!r}; choose another fast-mode prefix")
     return list(ids), sep
 
 
@@ -133,7 +134,7 @@ def score_labels_fast(
     from she.rewards.judge import selected_logits
 
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise UserError(f"batch_size must be >= 1, got {batch_size}")
     labels = list(get_taxonomy(taxonomy).labels)
     prefix = fast_prefix(taxonomy) if prefix is None else prefix
     prefixes = [prefix(r) for r in records] if callable(prefix) else [prefix] * len(records)
@@ -143,7 +144,7 @@ def score_labels_fast(
         if tail not in checked:
             checked[tail] = prefix_label_tokens(tokenizer, tail, labels)
     if len({(tuple(ids), sep) for ids, sep in checked.values()}) > 1:
-        raise ValueError("fast-mode prefixes must all put the label after the same separator")
+        raise UserError("fast-mode prefixes must all put the label after the same separator")
     label_ids, sep = next(iter(checked.values())) if checked else ([], " ")
     first_tokens = label_first_tokens(tokenizer, labels)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -17,6 +17,8 @@ import json
 import os
 from pathlib import Path
 
+from she.errors import UserError
+
 SHE_META = "she.json"
 
 
@@ -35,7 +37,15 @@ def save_she_meta(model_dir: str | os.PathLike, meta: dict) -> None:
 
 def load_she_meta(model_dir: str | os.PathLike) -> dict:
     p = Path(model_dir) / SHE_META
-    return json.loads(p.read_text()) if p.exists() else {}
+    if not p.exists():
+        return {}
+    try:
+        meta = json.loads(p.read_text())
+    except ValueError as e:  # invalid JSON or not UTF-8: a damaged model folder, not a bug
+        raise UserError(f"{p}: not a valid she.json ({e})") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{p}: expected a JSON object, got {type(meta).__name__}")
+    return meta
 
 
 def schema_of(model: str | os.PathLike) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from she.data.labels import get_taxonomy
 from she.data.schema import MATCH_VALUES, Product, Record
+from she.errors import UserError
 from she.reasoning.parse import _RULES
 from she.reasoning.render import one_line
 from she.reasoning.schema import StepSchema, StepSpec, default_schema
@@ -128,7 +129,7 @@ def build_messages(record: Record, *, system: str | None = None, schema: StepSch
     or any string to override. The record's label is never used.
     """
     if style not in PROMPT_STYLES:
-        raise ValueError(f"unknown prompt style {style!r}; use one of {PROMPT_STYLES}")
+        raise UserError(f"unknown prompt style {style!r}; use one of {PROMPT_STYLES}")
     if system is None:
         schema = schema or default_schema(record.taxonomy)
         system = system_prompt(schema) if style == "full" else compact_system_prompt(schema)

@@ -42,6 +42,7 @@ from typing import Any
 
 from she.data.labels import get_taxonomy
 from she.data.schema import ATTRIBUTES, MATCH_VALUES, TYPE_RELATIONS
+from she.errors import UserError
 
 STEP_KINDS = ("free", "choice", "attributes", "label")
 _KEY_RE = re.compile(r"^[^\W\d_][^\W_]*(?:[ _-][^\W_]+){0,3}$")
@@ -69,32 +70,32 @@ class StepSpec:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", self.name):
-            raise ValueError(f"step name must be lowercase identifier-like (e.g. 'type'), got {self.name!r}")
+            raise UserError(f"step name must be lowercase identifier-like (e.g. 'type'), got {self.name!r}")
         if not isinstance(self.key, str) or not _KEY_RE.match(self.key):
-            raise ValueError(
+            raise UserError(
                 f"step {self.name!r}: key must be 1-4 words of letters/digits starting with a letter, got {self.key!r}"
             )
         for a in self.aliases:
             if not isinstance(a, str) or not _KEY_RE.match(a):
-                raise ValueError(f"step {self.name!r}: bad alias {a!r}")
+                raise UserError(f"step {self.name!r}: bad alias {a!r}")
         if self.kind not in STEP_KINDS:
-            raise ValueError(f"step {self.name!r}: kind must be one of {STEP_KINDS}, got {self.kind!r}")
+            raise UserError(f"step {self.name!r}: kind must be one of {STEP_KINDS}, got {self.kind!r}")
         if self.kind == "choice":
             if not self.choices:
-                raise ValueError(f"step {self.name!r}: a choice step needs a non-empty 'choices' list")
+                raise UserError(f"step {self.name!r}: a choice step needs a non-empty 'choices' list")
         elif self.kind == "attributes":
             if self.choices is None:
                 object.__setattr__(self, "choices", ATTRIBUTES)
             bad = [c for c in self.choices if c not in ATTRIBUTES]
             if bad:
-                raise ValueError(f"step {self.name!r}: unknown attribute(s) {bad}; known: {list(ATTRIBUTES)}")
+                raise UserError(f"step {self.name!r}: unknown attribute(s) {bad}; known: {list(ATTRIBUTES)}")
         elif self.choices is not None:
-            raise ValueError(f"step {self.name!r}: 'choices' is only allowed for choice/attributes steps")
+            raise UserError(f"step {self.name!r}: 'choices' is only allowed for choice/attributes steps")
         if self.choices is not None:
             object.__setattr__(self, "choices", tuple(str(c) for c in self.choices))
             lowered = [c.lower() for c in self.choices]
             if len(set(lowered)) != len(lowered) or any(not c.strip() for c in self.choices):
-                raise ValueError(f"step {self.name!r}: choices must be distinct non-empty strings")
+                raise UserError(f"step {self.name!r}: choices must be distinct non-empty strings")
         object.__setattr__(self, "aliases", tuple(self.aliases))
 
     def to_dict(self) -> dict[str, Any]:
@@ -118,19 +119,19 @@ class StepSchema:
         get_taxonomy(self.taxonomy)  # raises on an unknown taxonomy
         self.steps = list(self.steps)
         if not self.steps:
-            raise ValueError("a step schema needs at least one step")
+            raise UserError("a step schema needs at least one step")
         names = [s.name for s in self.steps]
         if len(set(names)) != len(names):
-            raise ValueError(f"duplicate step names in schema: {names}")
+            raise UserError(f"duplicate step names in schema: {names}")
         label_steps = [i for i, s in enumerate(self.steps) if s.kind == "label"]
         if label_steps != [len(self.steps) - 1]:
-            raise ValueError("a step schema needs exactly one 'label' step and it must be the last one")
+            raise UserError("a step schema needs exactly one 'label' step and it must be the last one")
         self._by_key = {}
         for i, s in enumerate(self.steps):
             for k in (s.key, s.name, *s.aliases):
                 nk = normalize_key(k)
                 if nk in self._by_key and self._by_key[nk] != i:
-                    raise ValueError(f"key/alias {k!r} is used by two steps")
+                    raise UserError(f"key/alias {k!r} is used by two steps")
                 self._by_key[nk] = i
 
     # -- lookups ---------------------------------------------------------------------------
@@ -168,39 +169,39 @@ class StepSchema:
         elif isinstance(d, dict):
             unknown = set(d) - {"taxonomy", "steps"}
             if unknown:
-                raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}; expected 'taxonomy' and 'steps'")
+                raise UserError(f"{where}: unknown field(s) {sorted(unknown)}; expected 'taxonomy' and 'steps'")
             if "steps" not in d:
-                raise ValueError(f"{where}: missing field 'steps'")
+                raise UserError(f"{where}: missing field 'steps'")
             raw_steps, tax = d["steps"], taxonomy or d.get("taxonomy", "hd3")
         else:
-            raise ValueError(f"{where}: a step schema must be a list of steps or an object with 'steps'")
+            raise UserError(f"{where}: a step schema must be a list of steps or an object with 'steps'")
         if not isinstance(raw_steps, list):
-            raise ValueError(f"{where}: 'steps' must be a list")
+            raise UserError(f"{where}: 'steps' must be a list")
         steps = []
         for i, s in enumerate(raw_steps):
             if not isinstance(s, dict):
-                raise ValueError(f"{where}: steps[{i}] must be an object")
+                raise UserError(f"{where}: steps[{i}] must be an object")
             unknown = set(s) - {"name", "key", "kind", "choices", "aliases"}
             if unknown:
-                raise ValueError(f"{where}: steps[{i}]: unknown field(s) {sorted(unknown)}")
+                raise UserError(f"{where}: steps[{i}]: unknown field(s) {sorted(unknown)}")
             for req in ("name", "key", "kind"):
                 if req not in s:
-                    raise ValueError(f"{where}: steps[{i}]: missing field {req!r}")
+                    raise UserError(f"{where}: steps[{i}]: missing field {req!r}")
             choices = s.get("choices")
             if choices is not None and not isinstance(choices, (list, tuple)):
-                raise ValueError(f"{where}: steps[{i}].choices must be a list")
+                raise UserError(f"{where}: steps[{i}].choices must be a list")
             aliases = s.get("aliases") or ()
             if not isinstance(aliases, (list, tuple)):
-                raise ValueError(f"{where}: steps[{i}].aliases must be a list")
+                raise UserError(f"{where}: steps[{i}].aliases must be a list")
             try:
                 steps.append(StepSpec(str(s["name"]), str(s["key"]), str(s["kind"]),
                                       None if choices is None else tuple(choices), tuple(aliases)))
             except ValueError as e:
-                raise ValueError(f"{where}: steps[{i}]: {e}") from None
+                raise UserError(f"{where}: steps[{i}]: {e}") from None
         try:
             return cls(steps, str(tax))
         except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
+            raise UserError(f"{where}: {e}") from None
 
 
 def load_schema(path: str | Path, *, taxonomy: str | None = None) -> StepSchema:
@@ -211,7 +212,7 @@ def load_schema(path: str | Path, *, taxonomy: str | None = None) -> StepSchema:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{p}: line {e.lineno}: invalid JSON: {e.msg}") from None
+            raise UserError(f"{p}: line {e.lineno}: invalid JSON: {e.msg}") from None
     else:
         import yaml
 
@@ -220,7 +221,7 @@ def load_schema(path: str | Path, *, taxonomy: str | None = None) -> StepSchema:
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = f"line {mark.line + 1}: " if mark is not None else ""
-            raise ValueError(f"{p}: {line}invalid YAML: {e}") from None
+            raise UserError(f"{p}: {line}invalid YAML: {e}") from None
     return StepSchema.from_dict(data, taxonomy=taxonomy, where=str(p))
 
 
@@ -270,9 +271,9 @@ def _resolve(spec: str, taxonomy: str) -> StepSchema:
         return SCHEMAS[spec](taxonomy)
     if Path(spec).suffix.lower() in (".yaml", ".yml", ".json"):
         if not Path(spec).is_file():
-            raise ValueError(f"schema file {spec} does not exist")
+            raise UserError(f"schema file {spec} does not exist")
         return load_schema(spec, taxonomy=taxonomy)
-    raise ValueError(f"unknown schema {spec!r}: use one of {sorted(SCHEMAS)} or a .yaml/.json schema file")
+    raise UserError(f"unknown schema {spec!r}: use one of {sorted(SCHEMAS)} or a .yaml/.json schema file")
 
 
 def resolve_schema(spec: str | None, taxonomy: str = "hd3") -> StepSchema:

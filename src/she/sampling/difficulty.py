@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from she.data.schema import Record
+from she.errors import UserError
 from she.models.metadata import model_schema
 from she.reasoning.schema import in_schema
 
@@ -45,7 +46,7 @@ GenerateFn = Callable[[Sequence[Record], int], list[list[str]]]
 
 def _check_rate(rid: Any, p: Any) -> float:
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0.0 <= float(p) <= 1.0):
-        raise ValueError(f"pass rate of {rid!r} must be a number in [0, 1], got {p!r}")
+        raise UserError(f"pass rate of {rid!r} must be a number in [0, 1], got {p!r}")
     return float(p)
 
 
@@ -58,9 +59,9 @@ def pass_rate_band(pass_rates: Mapping[str, float], low: float = 0.0, high: floa
     ``inclusive=True`` keeps ``low <= p <= high``.
     """
     if not (0.0 <= low <= 1.0 and 0.0 <= high <= 1.0):
-        raise ValueError(f"band limits must lie in [0, 1], got low={low}, high={high}")
+        raise UserError(f"band limits must lie in [0, 1], got low={low}, high={high}")
     if low > high:
-        raise ValueError(f"band is empty: low={low} > high={high}")
+        raise UserError(f"band is empty: low={low} > high={high}")
     out = []
     for rid, p in pass_rates.items():
         p = _check_rate(rid, p)
@@ -76,7 +77,7 @@ def rollout_bin_edges(k: int) -> list[float]:
     these values, so the report uses these edges.
     """
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise UserError(f"k must be >= 1, got {k}")
     h = 0.5 / k
     return [-h + j / k for j in range(k + 1)] + [1.0 + h]
 
@@ -90,17 +91,17 @@ def histogram(pass_rates: Mapping[str, float], bins: int | Sequence[float] = 10)
     """
     if isinstance(bins, int):
         if bins < 1:
-            raise ValueError(f"bins must be >= 1, got {bins}")
+            raise UserError(f"bins must be >= 1, got {bins}")
         edges = [j / bins for j in range(bins + 1)]
     else:
         edges = [float(e) for e in bins]
         if len(edges) < 2 or any(b <= a for a, b in zip(edges, edges[1:])):
-            raise ValueError(f"bin edges must be at least two increasing numbers, got {list(bins)}")
+            raise UserError(f"bin edges must be at least two increasing numbers, got {list(bins)}")
     counts = [0] * (len(edges) - 1)
     for rid, p in pass_rates.items():
         p = _check_rate(rid, p)
         if p < edges[0] or p > edges[-1]:
-            raise ValueError(f"pass rate {p} of {rid!r} lies outside the bin edges [{edges[0]}, {edges[-1]}]")
+            raise UserError(f"pass rate {p} of {rid!r} lies outside the bin edges [{edges[0]}, {edges[-1]}]")
         j = next(i for i in range(len(counts)) if p < edges[i + 1] or i == len(counts) - 1)
         counts[j] += 1
     return {"edges": edges, "counts": counts, "n": len(pass_rates)}
@@ -116,7 +117,7 @@ def difficulty_report(pass_rates: Mapping[str, float], kept_ids: Sequence[str], 
     kept = set(kept_ids)
     missing = kept - set(pass_rates)
     if missing:
-        raise ValueError(f"{len(missing)} kept id(s) have no pass rate (first: {sorted(missing)[0]!r})")
+        raise UserError(f"{len(missing)} kept id(s) have no pass rate (first: {sorted(missing)[0]!r})")
     after = {rid: p for rid, p in pass_rates.items() if rid in kept}
     bins: int | list[float] = rollout_bin_edges(k) if k else 10
     n = max(len(pass_rates), 1)
@@ -191,12 +192,12 @@ def read_cache(cache_path: str | os.PathLike, *, repair: bool = False) -> dict[s
                     with open(p, "r+b") as f:
                         f.truncate(start)
                 break
-            raise ValueError(f"{p}:{n}: invalid JSON: {e}") from None
+            raise UserError(f"{p}:{n}: invalid JSON: {e}") from None
         for key in ("id", "k", "passes"):
             if key not in d:
-                raise ValueError(f"{p}:{n}: field {key!r} is missing")
+                raise UserError(f"{p}:{n}: field {key!r} is missing")
         if not isinstance(d["k"], int) or not isinstance(d["passes"], int) or not 0 <= d["passes"] <= d["k"]:
-            raise ValueError(f"{p}:{n}: field 'passes' must be an integer in [0, k], got {d['passes']!r} (k={d['k']!r})")
+            raise UserError(f"{p}:{n}: field 'passes' must be an integer in [0, k], got {d['passes']!r} (k={d['k']!r})")
         out[str(d["id"])] = d
     else:
         if repair and data and not data.endswith(b"\n"):  # a whole last entry that lost only its newline
@@ -290,7 +291,7 @@ def estimate_pass_rates(
     from she.reasoning.schema import default_schema
 
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise UserError(f"k must be >= 1, got {k}")
     check_labelled_unique(records, "pass rates need labelled records")
     cache = Path(cache_path)
     cached = read_cache(cache, repair=True)
@@ -299,11 +300,11 @@ def estimate_pass_rates(
         if d is None:
             continue
         if d["k"] != k:
-            raise ValueError(f"{cache}: record {r.id} was cached with k={d['k']}, this run asks for k={k}; "
-                             "use another cache file")
+            raise UserError(f"{cache}: record {r.id} was cached with k={d['k']}, this run asks for k={k}; "
+                            "use another cache file")
         if d.get("gold") is not None and d["gold"] != r.label:
-            raise ValueError(f"{cache}: record {r.id} was cached with gold label {d['gold']!r}, the data now says "
-                             f"{r.label!r}; use another cache file")
+            raise UserError(f"{cache}: record {r.id} was cached with gold label {d['gold']!r}, the data now says "
+                            f"{r.label!r}; use another cache file")
     todo = [r for r in records if r.id not in cached]
     if todo:
         if callable(model_dir_or_model) and not isinstance(model_dir_or_model, tuple) \
@@ -355,8 +356,8 @@ def filter_by_pass_rate(records: Sequence[Record], pass_rates: Mapping[str, floa
     """
     missing = [r.id for r in records if r.id not in pass_rates]
     if missing:
-        raise ValueError(f"{len(missing)} record(s) have no pass rate (first: {missing[0]!r}); "
-                         "estimate them first (`she data filter`)")
+        raise UserError(f"{len(missing)} record(s) have no pass rate (first: {missing[0]!r}); "
+                        "estimate them first (`she data filter`)")
     keep = set(pass_rate_band({r.id: pass_rates[r.id] for r in records}, low, high, inclusive))
     return [r for r in records if r.id in keep]
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from she.data.labels import get_taxonomy
 from she.data.schema import Record
+from she.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ class JudgeBackend:
         meta = load_she_meta(path)
         trained = meta.get("taxonomy")
         if taxonomy and trained and taxonomy != trained:
-            raise ValueError(f"{path} was trained with taxonomy {trained!r} (she.json), not {taxonomy!r}")
+            raise UserError(f"{path} was trained with taxonomy {trained!r} (she.json), not {taxonomy!r}")
         model, tok = load_model_and_tokenizer(path)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"

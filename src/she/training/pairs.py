@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from she.data.schema import Record
+from she.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def judge_rollout(text: str, record: Record, schema=None) -> Rollout:
     from she.reasoning.schema import default_schema
 
     if record.label is None:
-        raise ValueError(f"record {record.id}: no gold label; pass@N rollouts need labelled records")
+        raise UserError(f"record {record.id}: no gold label; pass@N rollouts need labelled records")
     parsed = parse_trace(text, schema or default_schema(record.taxonomy))
     return Rollout(text=text, label=parsed.label, correct=parsed.label == record.label, format_ok=parsed.format_ok)
 
@@ -129,7 +130,7 @@ def make_preference_pairs(
     ``no_incorrect`` (all right), ``fallback_prompts``, ``pairs``.
     """
     if max_pairs_per_prompt is not None and max_pairs_per_prompt < 1:
-        raise ValueError(f"max_pairs_per_prompt must be >= 1 or None, got {max_pairs_per_prompt}")
+        raise UserError(f"max_pairs_per_prompt must be >= 1 or None, got {max_pairs_per_prompt}")
     stats = {"prompts": 0, "prompts_with_pairs": 0, "no_correct": 0, "no_incorrect": 0, "fallback_prompts": 0,
              "pairs": 0}
     pairs: list[PreferencePair] = []
@@ -195,12 +196,12 @@ def pass_at_n_stats(rollouts_by_id: Mapping[str, RecordRollouts]) -> dict[str, f
 
 def _rollout_from_json(d: Any, where: str) -> Rollout:
     if not isinstance(d, dict):
-        raise ValueError(f"{where}: expected an object, got {type(d).__name__}")
+        raise UserError(f"{where}: expected an object, got {type(d).__name__}")
     for key, tp in (("text", str), ("correct", bool), ("format_ok", bool)):
         if not isinstance(d.get(key), tp):
-            raise ValueError(f"{where}: field {key!r} must be a {tp.__name__}, got {d.get(key)!r}")
+            raise UserError(f"{where}: field {key!r} must be a {tp.__name__}, got {d.get(key)!r}")
     if d.get("label") is not None and not isinstance(d["label"], str):
-        raise ValueError(f"{where}: field 'label' must be a string or null, got {d['label']!r}")
+        raise UserError(f"{where}: field 'label' must be a string or null, got {d['label']!r}")
     return Rollout(d["text"], d.get("label"), d["correct"], d["format_ok"])
 
 
@@ -214,21 +215,21 @@ def load_rollouts(path: str | os.PathLike, settings: Mapping[str, Any] | None = 
     for n, d in iter_jsonl(path):
         where = f"{path}:{n}"
         if not isinstance(d, dict):
-            raise ValueError(f"{where}: expected a JSON object")
+            raise UserError(f"{where}: expected a JSON object")
         for key in ("id", "gold"):
             if not isinstance(d.get(key), str):
-                raise ValueError(f"{where}: field {key!r} must be a string, got {d.get(key)!r}")
+                raise UserError(f"{where}: field {key!r} must be a string, got {d.get(key)!r}")
         if not isinstance(d.get("rollouts"), list):
-            raise ValueError(f"{where}: field 'rollouts' must be a list")
+            raise UserError(f"{where}: field 'rollouts' must be a list")
         if settings is not None:
             for key in CACHE_KEYS:
                 if key in settings and d.get(key) != settings[key]:
-                    raise ValueError(
+                    raise UserError(
                         f"{where}: field {key!r} is {d.get(key)!r} but this run uses {settings[key]!r}; "
                         "use another cache_file or the same sampling settings"
                     )
         if d["id"] in out:
-            raise ValueError(f"{where}: record id {d['id']!r} occurs twice")
+            raise UserError(f"{where}: record id {d['id']!r} occurs twice")
         rollouts = [_rollout_from_json(x, f"{where} rollouts[{i}]") for i, x in enumerate(d["rollouts"])]
         out[d["id"]] = RecordRollouts(d["id"], d["gold"], rollouts, {k: d[k] for k in CACHE_KEYS if k in d})
     return out
@@ -281,14 +282,14 @@ def sample_rollouts(
     from she.models.registry import resolve_model
 
     if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+        raise UserError(f"n must be >= 1, got {n}")
     policy_dir = resolve_model(policy)
     style = prompt_style or prompt_style_of(policy_dir)
     settings = rollout_settings(policy_dir, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                                 prompt_style=style)
     ids = [r.id for r in records]
     if len(set(ids)) != len(ids):
-        raise ValueError("sample_rollouts: record ids must be unique")
+        raise UserError("sample_rollouts: record ids must be unique")
     path = Path(cache_file)
     if path.exists():
         _drop_incomplete_tail(path)
@@ -320,7 +321,7 @@ def sample_rollouts(
     for r in records:
         rs = cached[r.id]
         if rs.gold != r.label:
-            raise ValueError(f"{path}: record {r.id!r} is cached with gold {rs.gold!r} but the data says {r.label!r}")
+            raise UserError(f"{path}: record {r.id!r} is cached with gold {rs.gold!r} but the data says {r.label!r}")
         out[r.id] = rs
     return out
 
@@ -345,7 +346,7 @@ def build_pairs_for_job(policy: str, records: Sequence[Record], rcfg, cache_file
 
     labelled = [r for r in records if r.label is not None]
     if len(labelled) != len(records):
-        raise ValueError(f"{len(records) - len(labelled)} training record(s) have no label; pass@N needs labels")
+        raise UserError(f"{len(records) - len(labelled)} training record(s) have no label; pass@N needs labels")
     chosen = subsample(labelled, rcfg.max_records, rcfg.seed)
     style = prompt_style or prompt_style_of(resolve_model(policy))
     rollouts = sample_rollouts(policy, chosen, cache_file, n=rcfg.n, temperature=rcfg.temperature, top_p=rcfg.top_p,
@@ -360,7 +361,7 @@ def build_pairs_for_job(policy: str, records: Sequence[Record], rcfg, cache_file
     stats = {**pass_at_n_stats(rollouts), **pstats, "generations": len(chosen) * rcfg.n,
              "cache_file": str(cache_file)}
     if not pairs:
-        raise ValueError(
+        raise UserError(
             f"pass@{rcfg.n} gave no preference pairs ({stats}); every prompt was all-right or all-wrong. "
             "Sample more rollouts (n), raise the temperature, or set fallback_rationale: true"
         )

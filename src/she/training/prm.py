@@ -43,6 +43,7 @@ from typing import Any
 
 from she.config import PRMJobConfig, to_dict
 from she.data.schema import Record
+from she.errors import UserError
 from she.reasoning.schema import in_schema
 from she.models.metadata import schema_of
 
@@ -88,9 +89,9 @@ class PolicySampler:
         from she.models.metadata import autocast
 
         if n < 1:
-            raise ValueError("n must be >= 1")
+            raise UserError("n must be >= 1")
         if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+            raise UserError(f"temperature must be >= 0, got {temperature}")
         prompts = [self.prompt(r) + prefix for r, prefix in requests]
         flat = [i for i in range(len(requests)) for _ in range(n)]
         order = sorted(range(len(flat)), key=lambda j: len(prompts[flat[j]]))
@@ -160,7 +161,7 @@ def fact_labels(parsed: Any, record: Record) -> list[float | None]:
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        raise UserError(f"{name} must be one of {allowed}, got {value!r}")
 
 
 def mc_needed(facts: Sequence[float | None], *, use_mc: bool = True, priority: str = "facts",
@@ -229,7 +230,7 @@ def mc_shares(items: Sequence[tuple[Record, str, Any, Sequence[bool]]], sampler:
     sources: list[list[str]] = []
     for i, (record, text, parsed, need) in enumerate(items):
         if record.label is None:
-            raise ValueError(f"record {record.id} has no label: Monte-Carlo labels need the human label")
+            raise UserError(f"record {record.id} has no label: Monte-Carlo labels need the human label")
         if len(need) != len(parsed.steps):
             raise ValueError(f"record {record.id}: need has {len(need)} entries for {len(parsed.steps)} steps")
         d = decided_at(parsed)
@@ -273,13 +274,13 @@ def build_prm_dataset(records: Sequence[Record], sampler: Sampler | None, *, rol
     _check_choice("label_mode", label_mode, LABEL_MODES)
     mc_needed([], use_mc=use_mc, priority=facts_priority, unknown=unknown_steps)  # validates the choices
     if use_mc and mc_continuations < 1:
-        raise ValueError("mc_continuations must be >= 1 when use_mc is true")
+        raise UserError("mc_continuations must be >= 1 when use_mc is true")
     if not use_mc and not use_facts:
-        raise ValueError("use_mc and use_facts are both false: there is nothing to label steps with")
+        raise UserError("use_mc and use_facts are both false: there is nothing to label steps with")
     if rollouts_per_record < 0 or (rollouts_per_record == 0 and not add_reference_traces):
-        raise ValueError("rollouts_per_record must be >= 1 (or 0 with add_reference_traces)")
+        raise UserError("rollouts_per_record must be >= 1 (or 0 with add_reference_traces)")
     if (rollouts_per_record > 0 or use_mc) and sampler is None:
-        raise ValueError("a policy sampler is needed for rollouts and Monte-Carlo labels")
+        raise UserError("a policy sampler is needed for rollouts and Monte-Carlo labels")
     stats: Counter = Counter()
     labelled = [r for r in records if r.label is not None]
     stats["records"] = len(records)
@@ -349,23 +350,23 @@ def save_prm_rows(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> Pa
 def check_prm_row(row: Any, where: str) -> dict[str, Any]:
     """Validate one row of the stepwise format; errors name ``where`` (file:line) and the field."""
     if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected a JSON object")
+        raise UserError(f"{where}: expected a JSON object")
     for name in ("prompt", "completions", "labels"):
         if name not in row:
-            raise ValueError(f"{where}: missing field {name!r}")
+            raise UserError(f"{where}: missing field {name!r}")
     if not isinstance(row["prompt"], str) or not row["prompt"].strip():
-        raise ValueError(f"{where}: field 'prompt' must be a non-empty string")
+        raise UserError(f"{where}: field 'prompt' must be a non-empty string")
     comps, labels = row["completions"], row["labels"]
     if not isinstance(comps, list) or not all(isinstance(c, str) for c in comps) or not comps:
-        raise ValueError(f"{where}: field 'completions' must be a non-empty list of strings")
+        raise UserError(f"{where}: field 'completions' must be a non-empty list of strings")
     if not isinstance(labels, list) or len(labels) != len(comps):
-        raise ValueError(f"{where}: field 'labels' must be a list with one entry per completion ({len(comps)})")
+        raise UserError(f"{where}: field 'labels' must be a list with one entry per completion ({len(comps)})")
     for k, lab in enumerate(labels):
         if lab is None or isinstance(lab, bool):
             continue
         if not isinstance(lab, (int, float)) or not math.isfinite(lab) or not 0 <= lab <= 1:
-            raise ValueError(f"{where}: field 'labels[{k}]' is {lab!r}; "
-                             "expected true/false, a number in [0, 1] or null")
+            raise UserError(f"{where}: field 'labels[{k}]' is {lab!r}; "
+                            "expected true/false, a number in [0, 1] or null")
     return row
 
 
@@ -383,7 +384,7 @@ def split_rows_by_group(rows: Sequence[dict[str, Any]], fraction: float, seed: i
     the first ``round(fraction * groups)`` are held out (at least one when fraction > 0 and there are
     two or more groups)."""
     if not 0 <= fraction < 1:
-        raise ValueError(f"eval_fraction must be in [0, 1), got {fraction}")
+        raise UserError(f"eval_fraction must be in [0, 1), got {fraction}")
 
     def group(row: dict[str, Any]) -> str:
         return str(row.get("query_id") or row.get("record_id") or row["prompt"])
@@ -559,7 +560,7 @@ def train_judge(judge: Any, rows: Sequence[dict[str, Any]], *, epochs: float = 1
 
     examples = encode_rows(judge, rows)
     if not examples:
-        raise ValueError("no training row has a labelled step that fits the judge's max_length")
+        raise UserError("no training row has a labelled step that fits the judge's max_length")
     with tempfile.TemporaryDirectory() as scratch:  # no output_dir: nothing is kept
         out = Path(output_dir) if output_dir is not None else Path(scratch)
         args = TrainingArguments(
@@ -589,7 +590,7 @@ def _records_for(cfg: PRMJobConfig) -> list[Record]:
     else:
         splits = load_splits(cfg.data)
         if cfg.split not in splits:
-            raise ValueError(f"split {cfg.split!r} does not exist; use one of {sorted(splits)} or 'all'")
+            raise UserError(f"split {cfg.split!r} does not exist; use one of {sorted(splits)} or 'all'")
         records = splits[cfg.split]
     if cfg.max_records is not None and len(records) > cfg.max_records:
         keep = sorted(random.Random(cfg.seed).sample(range(len(records)), cfg.max_records))
@@ -604,11 +605,11 @@ def check_prm_config(cfg: PRMJobConfig) -> None:
     _check_choice("facts_priority", cfg.facts_priority, PRIORITIES)
     _check_choice("unknown_steps", cfg.unknown_steps, UNKNOWN_POLICIES)
     if not 0 <= cfg.eval_fraction < 1:
-        raise ValueError(f"eval_fraction must be in [0, 1), got {cfg.eval_fraction}")
+        raise UserError(f"eval_fraction must be in [0, 1), got {cfg.eval_fraction}")
     if cfg.mc_continuations < 1 or cfg.rollouts_per_record < 0 or cfg.batch_size < 1:
-        raise ValueError("mc_continuations and batch_size must be >= 1, rollouts_per_record >= 0")
+        raise UserError("mc_continuations and batch_size must be >= 1, rollouts_per_record >= 0")
     if cfg.verdict_words is not None and len(cfg.verdict_words) != 2:
-        raise ValueError("verdict_words must be two words [good, bad] or null")
+        raise UserError("verdict_words must be two words [good, bad] or null")
 
 
 def load_judge_for_training(cfg: PRMJobConfig):
@@ -666,11 +667,11 @@ def run_prm_job(cfg: PRMJobConfig, progress: bool = True) -> dict[str, Any]:
         dataset_path = save_prm_rows(rows, out / "prm_dataset.jsonl")
     timings["labelling"] = round(time.time() - t, 2)
     if not rows:
-        raise ValueError(f"no labelled rows to train on (labelling statistics: {labelling}); "
-                         "a weak policy writes no parseable steps -- try add_reference_traces: true")
+        raise UserError(f"no labelled rows to train on (labelling statistics: {labelling}); "
+                        "a weak policy writes no parseable steps -- try add_reference_traces: true")
     train_rows, eval_rows = split_rows_by_group(rows, cfg.eval_fraction, cfg.seed)
     if not train_rows:
-        raise ValueError("every row was held out for evaluation: lower eval_fraction or label more records")
+        raise UserError("every row was held out for evaluation: lower eval_fraction or label more records")
 
     torch.manual_seed(cfg.seed)
     judge = load_judge_for_training(cfg)

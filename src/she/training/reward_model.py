@@ -28,6 +28,7 @@ from typing import Any
 
 from she.config import RewardModelJobConfig
 from she.data.schema import Record
+from she.errors import UserError
 from she.reasoning.schema import in_schema
 from she.models.metadata import schema_of
 
@@ -116,7 +117,7 @@ class ScalarRewardModel:
         self.batch_size = batch_size
         self.max_length = max_length
         if getattr(model.config, "num_labels", None) != 1:
-            raise ValueError(f"a scalar reward model needs num_labels=1, got {getattr(model.config, 'num_labels', None)}")
+            raise UserError(f"a scalar reward model needs num_labels=1, got {getattr(model.config, 'num_labels', None)}")
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         if model.config.pad_token_id is None:
@@ -136,7 +137,7 @@ class ScalarRewardModel:
             raise FileNotFoundError(f"{p}: not a reward model folder (no config.json); train one with `she train rm`")
         meta = load_she_meta(p)
         if meta.get("kind") not in (None, RM_KIND):
-            raise ValueError(f"{p}: she.json says kind={meta.get('kind')!r}, not a scalar reward model")
+            raise UserError(f"{p}: she.json says kind={meta.get('kind')!r}, not a scalar reward model")
         model = AutoModelForSequenceClassification.from_pretrained(p, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(p)
         kwargs.setdefault("prompt_style", meta.get("prompt_style", "compact"))

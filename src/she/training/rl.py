@@ -8,6 +8,7 @@ from pathlib import Path
 
 from she.config import RLJobConfig
 from she.data.schema import Record
+from she.errors import UserError
 from she.models.metadata import schema_of
 from she.reasoning.schema import in_schema
 
@@ -21,14 +22,14 @@ def build_examiner(cfg: RLJobConfig):
         return VerifierExaminer(graded=cfg.graded_sets)
     if cfg.examiner in ("hybrid", "blend"):
         if not cfg.judge:
-            raise ValueError(f"examiner {cfg.examiner!r} needs a judge folder (`judge:` from `she train prm`)")
+            raise UserError(f"examiner {cfg.examiner!r} needs a judge folder (`judge:` from `she train prm`)")
         from she.rewards.judge import StepJudge
 
         judge = StepJudge.from_pretrained(cfg.judge)
         mode = "verifier_first" if cfg.examiner == "hybrid" else "blend"
         return HybridExaminer(VerifierExaminer(graded=cfg.graded_sets), judge, mode=mode, weight=cfg.judge_weight,
                               judge_steps=judge_steps_above_floor(cfg.judge, cfg.judge_auc_floor))
-    raise ValueError(f"unknown examiner {cfg.examiner!r}; use verifier, hybrid or blend")
+    raise UserError(f"unknown examiner {cfg.examiner!r}; use verifier, hybrid or blend")
 
 
 def judge_steps_above_floor(judge_dir: str, floor: float | None) -> list[str] | None:
@@ -92,14 +93,14 @@ def resolve_class_weights(cfg: RLJobConfig, train: list[Record]) -> dict[str, fl
     if cw == "balanced":
         return balanced_class_weights([r.label for r in train], labels)
     if isinstance(cw, str):
-        raise ValueError(f"class_weights must be null, 'balanced' or a mapping label -> weight, got {cw!r}")
+        raise UserError(f"class_weights must be null, 'balanced' or a mapping label -> weight, got {cw!r}")
     missing = [lab for lab in labels if lab not in cw]
     unknown = [k for k in cw if k not in labels]
     if missing or unknown:
-        raise ValueError(f"class_weights: labels {missing} have no weight, {unknown} are not labels of {cfg.data.taxonomy}")
+        raise UserError(f"class_weights: labels {missing} have no weight, {unknown} are not labels of {cfg.data.taxonomy}")
     bad = {k: v for k, v in cw.items() if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0}
     if bad:
-        raise ValueError(f"class_weights: weights must be numbers >= 0, got {bad}")
+        raise UserError(f"class_weights: weights must be numbers >= 0, got {bad}")
     return {k: float(v) for k, v in cw.items()}
 
 
@@ -121,7 +122,7 @@ def run_examiner_check(cfg: RLJobConfig, examiner, records: list[Record]) -> dic
     from she.rewards.check import check_examiner, format_check
 
     if cfg.examiner_check not in ("error", "warn", "off"):
-        raise ValueError(f"examiner_check must be error, warn or off, got {cfg.examiner_check!r}")
+        raise UserError(f"examiner_check must be error, warn or off, got {cfg.examiner_check!r}")
     advantage = resolved_advantage(cfg)
     if cfg.examiner_check == "off" or advantage == "grpo" or not records:
         return None
@@ -137,8 +138,8 @@ def run_examiner_check(cfg: RLJobConfig, examiner, records: list[Record]) -> dic
     log.info("%s", text)
     if not report["ok"]:
         if cfg.examiner_check == "error":
-            raise ValueError(f"{text}\nThe step reward would pay a constant answer more than the truth, so SRPO would "
-                             "drift there; fix the examiner (judge, facts) or set examiner_check: warn to train anyway")
+            raise UserError(f"{text}\nThe step reward would pay a constant answer more than the truth, so SRPO would "
+                            "drift there; fix the examiner (judge, facts) or set examiner_check: warn to train anyway")
         log.warning("examiner check failed (examiner_check: warn): training anyway")
     return report
 
@@ -149,7 +150,7 @@ def rollout_settings(cfg: RLJobConfig) -> dict:
     Layout-invariant sampling hooks ``model.generate``, which vLLM never calls: the two cannot be combined.
     """
     if cfg.use_vllm and cfg.layout_invariant_sampling:
-        raise ValueError("layout_invariant_sampling works with transformers generation only; turn off use_vllm")
+        raise UserError("layout_invariant_sampling works with transformers generation only; turn off use_vllm")
     return {"use_vllm": cfg.use_vllm, "vllm_mode": cfg.vllm_mode,
             "vllm_gpu_memory_utilization": cfg.vllm_gpu_memory_utilization,
             "vllm_server_base_url": cfg.vllm_server_base_url}

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from she.config import SFTJobConfig
 from she.data.schema import Record
+from she.errors import UserError
 from she.reasoning.schema import in_schema
 
 log = logging.getLogger(__name__)
@@ -23,12 +24,12 @@ def completion_text(record: Record, target: str = "reasoning") -> str:
     from she.reasoning.rationale import write_rationale
 
     if record.label is None:
-        raise ValueError(f"record {record.id} has no label: SFT needs labelled data")
+        raise UserError(f"record {record.id} has no label: SFT needs labelled data")
     if target == "reasoning":
         return write_rationale(record)
     if target == "label":
         return f"Verdict: {record.label}"
-    raise ValueError(f"unknown SFT target {target!r}; use 'reasoning' or 'label'")
+    raise UserError(f"unknown SFT target {target!r}; use 'reasoning' or 'label'")
 
 
 def build_sft_dataset(records: list[Record], target: str = "reasoning", traces: dict[str, str] | None = None,
@@ -53,7 +54,7 @@ def load_traces(path: str | os.PathLike) -> dict[str, str]:
     out: dict[str, str] = {}
     for n, d in iter_jsonl(path):
         if not isinstance(d, dict) or "id" not in d or "trace" not in d:
-            raise ValueError(f"{path}:{n}: expected a JSON object with 'id' and 'trace'")
+            raise UserError(f"{path}:{n}: expected a JSON object with 'id' and 'trace'")
         out[str(d["id"])] = str(d["trace"])
     return out
 

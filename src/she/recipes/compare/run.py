@@ -16,6 +16,7 @@ from typing import Any
 
 from she.config import PassAtNConfig, PRMJobConfig, RewardModelJobConfig, RLJobConfig, SFTJobConfig, to_dict
 from she.data.schema import Record
+from she.errors import UserError
 from she.models.metadata import schema_of
 from she.reasoning.schema import in_schema
 from she.recipes.compare.config import (
@@ -65,7 +66,7 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON ({e.msg}); delete it to recompute") from None
+        raise UserError(f"{path}: invalid JSON ({e.msg}); delete it to recompute") from None
 
 
 # -- the driver ------------------------------------------------------------------------------------------
@@ -248,8 +249,8 @@ class CompareRun:
         self.job("difficulty", report_path.exists, run)
         rep = _read_json(report_path)
         if rep.get("k") != k or set(rep.get("pass_rates", {})) != {r.id for r in self.pool()}:
-            raise ValueError(f"{report_path} was computed for another pool or k; delete the difficulty folder "
-                             "or use another output_dir")
+            raise UserError(f"{report_path} was computed for another pool or k; delete the difficulty folder "
+                            "or use another output_dir")
         return {str(i): float(p) for i, p in rep["pass_rates"].items()}
 
     def selection(self, row: str) -> tuple[list[Record], dict[str, float] | None]:
@@ -265,15 +266,15 @@ class CompareRun:
             sel = _read_json(path)
             unknown = [i for i in sel.get("ids", []) if i not in by_id]
             if unknown or not sel.get("ids"):
-                raise ValueError(f"{path}: its ids are not training records of this data ({unknown[:3]}); delete it "
-                                 "to select again")
+                raise UserError(f"{path}: its ids are not training records of this data ({unknown[:3]}); delete it "
+                                "to select again")
             return [by_id[i] for i in sel["ids"]], rates
         d = self.cfg.difficulty
         pool = self.pool()
         cand = filter_by_pass_rate(pool, rates, d.low, d.high, d.inclusive) if rates is not None else pool
         if not cand:
-            raise ValueError(f"{row}: the difficulty band keeps none of the {len(pool)} pool prompts (every pass rate "
-                             f"is outside {d.low}..{d.high}); widen difficulty.low/high or enlarge the pool")
+            raise UserError(f"{row}: the difficulty band keeps none of the {len(pool)} pool prompts (every pass rate "
+                            f"is outside {d.low}..{d.high}); widen difficulty.low/high or enlarge the pool")
         n = self.cfg.diverse.n or self.full_steps(row) * rl.prompts_per_step
         report: dict[str, Any] = {"pool": len(pool), "after_band": len(cand), "n_wanted": n}
         if row == "srpo_full_no_diverse":
@@ -351,9 +352,9 @@ class CompareRun:
             (f"stage {st.name!r}", apply_stage_filter(records, st, rates, seed=self.cfg.seed)) for st in stages]
         for what, recs in parts:
             if len(recs) < need:
-                raise ValueError(f"{row}: {what} has {len(recs)} prompt(s) but every RL step needs "
-                                 f"prompts_per_step={need}; enlarge difficulty.max_records, widen the band or the "
-                                 "stage filters")
+                raise UserError(f"{row}: {what} has {len(recs)} prompt(s) but every RL step needs "
+                                f"prompts_per_step={need}; enlarge difficulty.max_records, widen the band or the "
+                                "stage filters")
 
     def full_row(self, row: str, sft: Path, judge: str | None) -> tuple[Path, list[str]]:
         from she.sampling.curriculum import CurriculumConfig, stage_dir
@@ -496,8 +497,8 @@ class CompareRun:
             for _, d in iter_jsonl(ev / "predictions.jsonl"):
                 preds[str(d["id"])] = apply_offsets(d.get("probs"), d.get("label"), offsets)
             if set(preds) != {r.id for r in self.evals}:
-                raise ValueError(f"{ev}/predictions.jsonl covers other records than this evaluation set; delete "
-                                 f"{ev} to evaluate again")
+                raise UserError(f"{ev}/predictions.jsonl covers other records than this evaluation set; delete "
+                                f"{ev} to evaluate again")
             self.memo[key] = preds
         return ev, m, self.memo[key]
 
@@ -540,7 +541,7 @@ def _initial_state(out: Path, cfg: CompareConfig) -> dict[str, Any]:
         return fresh
     state = _read_json(path)
     if not isinstance(state, dict) or not isinstance(state.get("jobs"), dict):
-        raise ValueError(f"{path}: not a compare state file (no 'jobs' mapping); delete it to start over")
+        raise UserError(f"{path}: not a compare state file (no 'jobs' mapping); delete it to start over")
     old = {k: v for k, v in (state.get("config") or {}).items() if k not in ("rows", "eval_checkpoints")}
     new = {k: v for k, v in now.items() if k not in ("rows", "eval_checkpoints")}
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
@@ -574,7 +575,7 @@ def run_compare(cfg: CompareConfig, *, command: str | None = None) -> dict[str, 
     splits = load_splits(cfg.data)
     evals = seeded_subset(splits[cfg.eval.split], cfg.eval.max_eval, f"{cfg.seed}:compare-eval")
     if not evals:
-        raise ValueError(f"the {cfg.eval.split} split is empty: nothing to evaluate on")
+        raise UserError(f"the {cfg.eval.split} split is empty: nothing to evaluate on")
     ctx = CompareRun(cfg=cfg, out=out, rows=rows, train=splits["train"], evals=evals,
                labels=list(get_taxonomy(cfg.data.taxonomy).labels), state=_initial_state(out, cfg),
                command=command or "run_compare(...) (Python API)", same_as=plan_same_as(cfg, rows),
@@ -629,7 +630,7 @@ def preflight(ctx: CompareRun) -> None:
         steps = ctx.full_steps(row)
         if steps < 1:
             rl = ctx.rl_base
-            raise ValueError(
+            raise UserError(
                 f"{row}: budget strict leaves {steps} RL steps: estimating {len(ctx.pool())} pool prompts x k="
                 f"{ctx.difficulty_k()} = {ctx.difficulty_generations()} generations costs more than "
                 f"{rl_generations(rl.max_steps, rl.prompts_per_step, rl.num_generations)}; lower "
@@ -638,7 +639,7 @@ def preflight(ctx: CompareRun) -> None:
             try:
                 ctx.stages(row)
             except ValueError as e:
-                raise ValueError(f"{row}: {e}") from None
+                raise UserError(f"{row}: {e}") from None
 
 
 def budget_summary(ctx: CompareRun) -> dict[str, Any]:
