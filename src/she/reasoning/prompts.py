@@ -124,9 +124,9 @@ def build_messages(record: Record, *, system: str | None = None, schema: StepSch
 
     ``style`` is ``full`` (the whole step format and label rule, for zero-shot use) or ``compact``.
 
-    ``system=None`` builds the instruction from ``schema`` (default: the default schema of the
-    record's taxonomy), so an esci4 record gets the esci4 label set; pass :data:`DEFAULT_SYSTEM`
-    or any string to override. The record's label is never used.
+    ``system=None`` builds the instruction from ``schema``, the step schema the model writes (None: the
+    built-in schema of the record's taxonomy, so an esci4 record gets the esci4 label set); pass
+    :data:`DEFAULT_SYSTEM` or any string to override. The record's label is never used.
     """
     if style not in PROMPT_STYLES:
         raise UserError(f"unknown prompt style {style!r}; use one of {PROMPT_STYLES}")

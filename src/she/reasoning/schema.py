@@ -33,9 +33,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,6 +151,11 @@ class StepSchema:
     def labels(self) -> tuple[str, ...]:
         return get_taxonomy(self.taxonomy).labels
 
+    def for_taxonomy(self, taxonomy: str) -> "StepSchema":
+        """The same steps with ``taxonomy``'s labels (``self`` when it already has them). Steps do not depend on
+        the taxonomy, so this equals ``resolve_schema(spec, taxonomy)`` for the spec ``self`` came from."""
+        return self if taxonomy == self.taxonomy else StepSchema(list(self.steps), taxonomy)
+
     # -- (de)serialisation -----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {"taxonomy": self.taxonomy, "steps": [s.to_dict() for s in self.steps]}
@@ -262,7 +265,6 @@ def coverage_schema(taxonomy: str = "hd3") -> StepSchema:
 
 
 SCHEMAS: dict[str, Callable[[str], StepSchema]] = {"default": builtin_schema, "coverage": coverage_schema}
-_ACTIVE: ContextVar[str | None] = ContextVar("she_schema", default=None)
 
 
 @functools.lru_cache(maxsize=64)
@@ -277,63 +279,34 @@ def _resolve(spec: str, taxonomy: str) -> StepSchema:
 
 
 def resolve_schema(spec: str | None, taxonomy: str = "hd3") -> StepSchema:
-    """The schema named ``spec`` (``default``, ``coverage``, or a YAML/JSON file) for ``taxonomy``."""
+    """The schema named ``spec`` (``default``, ``coverage``, or a YAML/JSON file) for ``taxonomy``.
+
+    The one way to turn a spec -- ``schema:`` of an SFT config, ``schema`` of a model's ``she.json`` -- into a
+    :class:`StepSchema`. There is no schema "in effect": entry points (``she train sft|srpo|grpo|dpo|rm|prm``,
+    ``she eval``/``predict``/``calibrate``, ``she data filter``, ``she compare``, the service) resolve the spec
+    of the config or of the model they read and pass the schema down as an argument to the prompts, the
+    rationale writer, the parser and whatever else reads traces."""
     return _resolve(str(spec or "default"), taxonomy)
 
 
-@contextmanager
-def schema_scope(spec: str | None) -> Iterator[None]:
-    """Within the block, :func:`default_schema` returns the ``spec`` schema.
-
-    Why a scope rather than a ``schema=`` argument on every function: the schema is a property of the
-    model being trained or read (like its prompt style), and some 17 call sites -- rationale writer,
-    prompts, parser, verifier, judge, pass@N, difficulty, diversity -- ask for "the schema of this
-    taxonomy". Entry points (``she train sft|rl|prm``, ``she eval``/``predict``, ``she compare``, the
-    service) open the scope from the config or the model's ``she.json``; everything below reads it.
-    A ``ContextVar``: threads start with the built-in schema, so a server thread opens its own scope.
-    """
-    resolve_schema(spec)  # fail early on a bad name or file
-    token = _ACTIVE.set(None if spec in (None, "default") else str(spec))
-    try:
-        yield
-    finally:
-        _ACTIVE.reset(token)
-
-
-def in_schema(spec_of: Callable[..., str | None]) -> Callable:
-    """Decorator: run the function inside ``schema_scope(spec_of(*args, **kwargs))``, e.g. the schema of
-    the model the function reads (``@in_schema(lambda model_path, *a, **k: schema_of(model_path))``)."""
-
-    def deco(fn: Callable) -> Callable:
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            with schema_scope(spec_of(*args, **kwargs)):
-                return fn(*args, **kwargs)
-
-        return wrapper
-
-    return deco
-
-
-def active_schema_name() -> str:
-    return _ACTIVE.get() or "default"
-
-
 def default_schema(taxonomy: str = "hd3") -> StepSchema:
-    """The schema in effect for ``taxonomy``: the built-in one unless a :func:`schema_scope` says otherwise."""
-    spec = _ACTIVE.get()
-    return builtin_schema(taxonomy) if spec is None else resolve_schema(spec, taxonomy)
+    """The built-in schema of ``taxonomy`` (spec ``default``): what a function uses when it is given no schema."""
+    return builtin_schema(taxonomy)
+
+
+def schema_for(schema: StepSchema | None, taxonomy: str) -> StepSchema:
+    """``schema`` with ``taxonomy``'s labels (:meth:`StepSchema.for_taxonomy`), or the built-in schema of
+    ``taxonomy`` when ``schema`` is None: the schema of one record, from the schema of its job."""
+    return default_schema(taxonomy) if schema is None else schema.for_taxonomy(taxonomy)
 
 
 __all__ = [
     "COVERAGE_STEP",
     "SCHEMAS",
-    "active_schema_name",
     "builtin_schema",
     "coverage_schema",
-    "in_schema",
     "resolve_schema",
-    "schema_scope",
+    "schema_for",
     "ATTRIBUTES",
     "MATCH_VALUES",
     "STEP_KINDS",

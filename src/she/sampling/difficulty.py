@@ -32,8 +32,7 @@ from typing import Any
 
 from she.data.schema import Record
 from she.errors import UserError
-from she.models.metadata import model_schema
-from she.reasoning.schema import in_schema
+from she.reasoning.schema import StepSchema
 
 log = logging.getLogger(__name__)
 
@@ -211,8 +210,9 @@ def load_pass_rates(cache_path: str | os.PathLike) -> dict[str, float]:
     return {rid: d["passes"] / d["k"] for rid, d in read_cache(cache_path).items()}
 
 
-def score_rollouts(record: Record, texts: Sequence[str], schema=None) -> dict[str, Any]:
-    """The cache entry of one prompt: parsed labels of its rollouts and how many equal the gold label."""
+def score_rollouts(record: Record, texts: Sequence[str], schema: StepSchema | None = None) -> dict[str, Any]:
+    """The cache entry of one prompt: parsed labels of its rollouts (in ``schema``; None = the built-in schema of
+    the record's taxonomy) and how many equal the gold label."""
     from she.reasoning.parse import parse_trace
     from she.reasoning.schema import default_schema
 
@@ -228,10 +228,11 @@ def score_rollouts(record: Record, texts: Sequence[str], schema=None) -> dict[st
 
 def model_generate_fn(model_dir_or_model: Any, *, batch_size: int = 32, temperature: float = 1.0,
                       max_new_tokens: int = 96, prompt_style: str | None = None, top_p: float = 1.0,
-                      bf16: bool = False, seed: int = 0) -> GenerateFn:
+                      bf16: bool = False, seed: int = 0, schema: StepSchema | None = None) -> GenerateFn:
     """A :data:`GenerateFn` sampling from a policy folder / registered name, or a ``(model, tokenizer)`` pair.
 
-    ``prompt_style`` defaults to the style the model was trained with (``she.json``), else ``full``.
+    ``prompt_style`` defaults to the style the model was trained with (``she.json``), else ``full``; ``schema``
+    is the step schema of the prompts (None = the built-in one).
     ``batch_size`` is the number of sequences per ``generate`` call (k rollouts of a prompt count k).
     """
     from she.training.prm import PolicySampler
@@ -249,7 +250,7 @@ def model_generate_fn(model_dir_or_model: Any, *, batch_size: int = 32, temperat
         raise TypeError("model_dir_or_model must be a model folder/name, a (model, tokenizer) pair or a "
                         f"generate function (records, k) -> texts; got {type(model_dir_or_model).__name__}")
     sampler = PolicySampler(model, tok, prompt_style=style, top_p=top_p, max_new_tokens=max_new_tokens,
-                            batch_size=batch_size, bf16=bf16, seed=seed)
+                            batch_size=batch_size, bf16=bf16, seed=seed, schema=schema)
 
     def generate(records: Sequence[Record], k: int) -> list[list[str]]:
         return sampler([(r, "") for r in records], k, temperature)
@@ -257,7 +258,6 @@ def model_generate_fn(model_dir_or_model: Any, *, batch_size: int = 32, temperat
     return generate
 
 
-@in_schema(model_schema)
 def estimate_pass_rates(
     model_dir_or_model: Any,
     records: Sequence[Record],
@@ -273,6 +273,7 @@ def estimate_pass_rates(
     bf16: bool = False,
     seed: int = 0,
     progress: bool = True,
+    schema: StepSchema | None = None,
 ) -> dict[str, float]:
     """Pass rate of every record under k sampled rollouts, cached and resumable.
 
@@ -281,14 +282,16 @@ def estimate_pass_rates(
     already in the cache are not sampled again; the others are sampled ``chunk_prompts`` prompts at a
     time (default ``max(1, batch_size // k)``, one generate batch) and each prompt's entry is appended
     and flushed as soon as its chunk is done. ``taxonomy`` overrides the records' own taxonomy for
-    parsing. A cached entry whose ``k`` or gold label differs from this call raises: mixing pass rates
-    measured under other settings would be silent corruption. Returns ``{id: pass rate}`` for
-    ``records`` (in their order).
+    parsing. ``schema`` is the step schema the policy writes (prompts and parsing); None = the model's own
+    (``she.json``; the built-in one for a ``(model, tokenizer)`` pair or a generate function). A cached entry
+    whose ``k`` or gold label differs from this call raises: mixing pass rates measured under other settings
+    would be silent corruption. Returns ``{id: pass rate}`` for ``records`` (in their order).
     """
     from tqdm.auto import tqdm
 
     from she.data.validation import check_labelled_unique
-    from she.reasoning.schema import default_schema
+    from she.models.metadata import model_step_schema
+    from she.reasoning.schema import schema_for
 
     if k < 1:
         raise UserError(f"k must be >= 1, got {k}")
@@ -307,13 +310,14 @@ def estimate_pass_rates(
                             f"{r.label!r}; use another cache file")
     todo = [r for r in records if r.id not in cached]
     if todo:
+        schema = schema or model_step_schema(model_dir_or_model, taxonomy or todo[0].taxonomy)
         if callable(model_dir_or_model) and not isinstance(model_dir_or_model, tuple) \
                 and not _is_module(model_dir_or_model):
             generate: GenerateFn = model_dir_or_model
         else:
             generate = model_generate_fn(model_dir_or_model, batch_size=batch_size, temperature=temperature,
                                          max_new_tokens=max_new_tokens, prompt_style=prompt_style, bf16=bf16,
-                                         seed=seed)
+                                         seed=seed, schema=schema)
         schemas: dict[str, Any] = {}
         chunk = chunk_prompts or max(1, batch_size // k)
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -328,8 +332,7 @@ def estimate_pass_rates(
                                      f"prompt(s); expected {k} each")
                 for r, ts in zip(part, texts):
                     tax = taxonomy or r.taxonomy
-                    schema = schemas.setdefault(tax, default_schema(tax))
-                    entry = score_rollouts(r, ts, schema)
+                    entry = score_rollouts(r, ts, schemas.setdefault(tax, schema_for(schema, tax)))
                     f.write(json.dumps(entry, ensure_ascii=False) + "\n")
                     cached[r.id] = entry
                 f.flush()

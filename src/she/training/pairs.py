@@ -37,6 +37,7 @@ from typing import Any
 
 from she.data.schema import Record
 from she.errors import UserError
+from she.reasoning.schema import StepSchema
 
 log = logging.getLogger(__name__)
 
@@ -86,14 +87,14 @@ class PreferencePair:
 # ------------------------------------------------------------------------------------ judging rollouts
 
 
-def judge_rollout(text: str, record: Record, schema=None) -> Rollout:
-    """Parse one completion and compare its label with the record's gold label."""
+def judge_rollout(text: str, record: Record, schema: StepSchema | None = None) -> Rollout:
+    """Parse one completion in ``schema`` (None = the built-in one) and compare its label with the gold label."""
     from she.reasoning.parse import parse_trace
-    from she.reasoning.schema import default_schema
+    from she.reasoning.schema import schema_for
 
     if record.label is None:
         raise UserError(f"record {record.id}: no gold label; pass@N rollouts need labelled records")
-    parsed = parse_trace(text, schema or default_schema(record.taxonomy))
+    parsed = parse_trace(text, schema_for(schema, record.taxonomy))
     return Rollout(text=text, label=parsed.label, correct=parsed.label == record.label, format_ok=parsed.format_ok)
 
 
@@ -159,18 +160,20 @@ def make_preference_pairs(
 
 
 def preference_rows(pairs: Sequence[PreferencePair], records_by_id: Mapping[str, Record],
-                    prompt_style: str = "compact") -> list[dict[str, Any]]:
+                    prompt_style: str = "compact", schema: StepSchema | None = None) -> list[dict[str, Any]]:
     """TRL's conversational preference format: ``prompt`` = the policy's chat messages (exactly what SFT
-    and GRPO put in front of the model, :func:`she.reasoning.prompts.build_messages`), ``chosen`` /
-    ``rejected`` = one assistant message each."""
+    and GRPO put in front of the model, :func:`she.reasoning.prompts.build_messages`, in the policy's
+    ``schema``; None = the built-in one), ``chosen`` / ``rejected`` = one assistant message each."""
     from she.reasoning.prompts import build_messages
+    from she.reasoning.schema import schema_for
 
     rows = []
     for p in pairs:
         if p.record_id not in records_by_id:
             raise ValueError(f"preference pair for record {p.record_id!r}, which is not among the records")
         rows.append({
-            "prompt": build_messages(records_by_id[p.record_id], style=prompt_style),
+            "prompt": build_messages(records_by_id[p.record_id], style=prompt_style,
+                                     schema=schema_for(schema, records_by_id[p.record_id].taxonomy)),
             "chosen": [{"role": "assistant", "content": p.chosen}],
             "rejected": [{"role": "assistant", "content": p.rejected}],
         })
@@ -269,22 +272,24 @@ def sample_rollouts(
     seed: int = 0,
     chunk_records: int = 64,
     progress: bool = False,
+    schema: StepSchema | None = None,
 ) -> dict[str, RecordRollouts]:
     """N sampled completions per record from ``policy`` (registry name or folder), cached and resumable.
 
     Records already in ``cache_file`` (same settings) are not sampled again; new ones are sampled in chunks
     of ``chunk_records`` and appended after each chunk, so a crash loses at most one chunk. Each chunk is
     seeded from ``seed`` and its first record id, so resuming reproduces the same samples on the same
-    hardware. ``prompt_style`` None = the policy's own (``she.json``), like ``she eval``. Returns the
-    rollouts of ``records`` (not of other records that may also be in the cache).
+    hardware. ``prompt_style`` and ``schema`` None = the policy's own (``she.json``), like ``she eval``. Returns
+    the rollouts of ``records`` (not of other records that may also be in the cache).
     """
-    from she.models.metadata import prompt_style_of
+    from she.models.metadata import model_step_schema, prompt_style_of
     from she.models.registry import resolve_model
 
     if n < 1:
         raise UserError(f"n must be >= 1, got {n}")
     policy_dir = resolve_model(policy)
     style = prompt_style or prompt_style_of(policy_dir)
+    schema = schema or model_step_schema(policy_dir, records[0].taxonomy if records else "hd3")
     settings = rollout_settings(policy_dir, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                                 prompt_style=style)
     ids = [r.id for r in records]
@@ -306,11 +311,12 @@ def sample_rollouts(
             chunk = todo[start : start + chunk_records]
             chunk_seed = seed + zlib.crc32(chunk[0].id.encode()) % (2**31)
             sampler = PolicySampler(model, tok, prompt_style=style, top_p=top_p, max_new_tokens=max_new_tokens,
-                                    batch_size=batch_size, bf16=bf16, seed=chunk_seed, progress=progress)
+                                    batch_size=batch_size, bf16=bf16, seed=chunk_seed, progress=progress,
+                                    schema=schema)
             texts = sampler([(r, "") for r in chunk], n, temperature)
             lines = []
             for r, group in zip(chunk, texts):
-                rs = RecordRollouts(r.id, r.label, [judge_rollout(t, r) for t in group], dict(settings))
+                rs = RecordRollouts(r.id, r.label, [judge_rollout(t, r, schema) for t in group], dict(settings))
                 cached[r.id] = rs
                 lines.append(rs.to_json() + "\n")
             with open(path, "a", encoding="utf-8") as f:  # append: earlier chunks stay intact
@@ -335,13 +341,14 @@ def subsample(records: Sequence[Record], max_records: int | None, seed: int) -> 
 
 
 def build_pairs_for_job(policy: str, records: Sequence[Record], rcfg, cache_file: str | os.PathLike, *,
-                        prompt_style: str | None = None, bf16: bool = False, progress: bool = False
-                        ) -> tuple[list[PreferencePair], dict[str, Any], str]:
+                        prompt_style: str | None = None, bf16: bool = False, progress: bool = False,
+                        schema: StepSchema | None = None) -> tuple[list[PreferencePair], dict[str, Any], str]:
     """The shared front half of the DPO and RM jobs: subsample, sample (or reuse) rollouts, make pairs.
 
-    ``rcfg`` is a :class:`she.config.PassAtNConfig`. Returns (pairs, statistics, prompt style used).
+    ``rcfg`` is a :class:`she.config.PassAtNConfig`; ``schema`` the policy's step schema (None = its she.json).
+    Returns (pairs, statistics, prompt style used).
     """
-    from she.models.metadata import prompt_style_of
+    from she.models.metadata import model_step_schema, prompt_style_of
     from she.models.registry import resolve_model
 
     labelled = [r for r in records if r.label is not None]
@@ -349,14 +356,16 @@ def build_pairs_for_job(policy: str, records: Sequence[Record], rcfg, cache_file
         raise UserError(f"{len(records) - len(labelled)} training record(s) have no label; pass@N needs labels")
     chosen = subsample(labelled, rcfg.max_records, rcfg.seed)
     style = prompt_style or prompt_style_of(resolve_model(policy))
+    schema = schema or model_step_schema(policy, chosen[0].taxonomy if chosen else "hd3")
     rollouts = sample_rollouts(policy, chosen, cache_file, n=rcfg.n, temperature=rcfg.temperature, top_p=rcfg.top_p,
                                max_new_tokens=rcfg.max_new_tokens, batch_size=rcfg.batch_size, prompt_style=style,
-                               bf16=bf16, seed=rcfg.seed, progress=progress)
+                               bf16=bf16, seed=rcfg.seed, progress=progress, schema=schema)
     references = None
     if rcfg.fallback_rationale:
         from she.reasoning.rationale import write_rationale
+        from she.reasoning.schema import schema_for
 
-        references = {r.id: write_rationale(r) for r in chosen}
+        references = {r.id: write_rationale(r, schema_for(schema, r.taxonomy)) for r in chosen}
     pairs, pstats = make_preference_pairs(rollouts, rcfg.max_pairs_per_prompt, rcfg.seed, references=references)
     stats = {**pass_at_n_stats(rollouts), **pstats, "generations": len(chosen) * rcfg.n,
              "cache_file": str(cache_file)}

@@ -44,8 +44,8 @@ from typing import Any
 from she.config import PRMJobConfig, to_dict
 from she.data.schema import Record
 from she.errors import UserError
-from she.reasoning.schema import in_schema
 from she.models.metadata import schema_of
+from she.reasoning.schema import StepSchema, resolve_schema, schema_for
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +63,15 @@ class PolicySampler:
     """Batched sampling of continuations from a policy: prompt (the policy's chat prompt) + prefix.
 
     Requests are repeated ``n`` times and sorted by length so batches waste little padding. Seeded per
-    call (``seed + call index``), so a labelling run is reproducible on the same hardware.
+    call (``seed + call index``), so a labelling run is reproducible on the same hardware. ``schema`` is the
+    step schema of the policy's prompt (None = the built-in one).
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, prompt_style: str = "full", top_p: float = 1.0,
                  max_new_tokens: int = 96, batch_size: int = 32, bf16: bool = False, seed: int = 0,
-                 progress: bool = False) -> None:
+                 progress: bool = False, schema: StepSchema | None = None) -> None:
         self.model, self.tokenizer = model, tokenizer
+        self.schema = schema
         self.prompt_style, self.top_p, self.max_new_tokens = prompt_style, top_p, max_new_tokens
         self.batch_size, self.bf16, self.seed, self.progress = batch_size, bf16, seed, progress
         self.generations = 0
@@ -80,8 +82,8 @@ class PolicySampler:
     def prompt(self, record: Record) -> str:
         from she.reasoning.prompts import build_messages
 
-        return self.tokenizer.apply_chat_template(build_messages(record, style=self.prompt_style), tokenize=False,
-                                                  add_generation_prompt=True)
+        messages = build_messages(record, style=self.prompt_style, schema=schema_for(self.schema, record.taxonomy))
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def __call__(self, requests: Sequence[tuple[Record, str]], n: int, temperature: float) -> list[list[str]]:
         import torch
@@ -214,15 +216,14 @@ def finalize_label(value: float | None, source: str | None, mode: str) -> bool |
 
 
 def mc_shares(items: Sequence[tuple[Record, str, Any, Sequence[bool]]], sampler: Sampler, m: int,
-              temperature: float) -> tuple[list[list[float | None]], list[list[str]]]:
+              temperature: float, schema: StepSchema | None = None) -> tuple[list[list[float | None]], list[list[str]]]:
     """Monte-Carlo share per needed step of each (record, rollout text, parsed, need) item.
 
     All continuations of all items go to the sampler in one call (one batched generation). Steps at or
     after :func:`decided_at` get the known outcome without sampling (source ``outcome``); steps not
-    needed get None.
+    needed get None. Continuations are parsed in ``schema`` (the policy's; None = the built-in one).
     """
     from she.reasoning.parse import parse_trace
-    from she.reasoning.schema import default_schema
 
     requests: list[tuple[Record, str]] = []
     where: list[tuple[int, int]] = []
@@ -253,8 +254,8 @@ def mc_shares(items: Sequence[tuple[Record, str, Any, Sequence[bool]]], sampler:
         if len(conts) != len(requests):
             raise RuntimeError(f"sampler returned {len(conts)} groups for {len(requests)} requests")
         for (i, k), (record, prefix), group in zip(where, requests, conts):
-            schema = default_schema(record.taxonomy)
-            hits = sum(parse_trace(prefix + c, schema).label == record.label for c in group)
+            sch = schema_for(schema, record.taxonomy)
+            hits = sum(parse_trace(prefix + c, sch).label == record.label for c in group)
             shares[i][k] = hits / len(group)
     return shares, sources
 
@@ -263,13 +264,13 @@ def build_prm_dataset(records: Sequence[Record], sampler: Sampler | None, *, rol
                       add_reference_traces: bool = False, mc_continuations: int = 4, rollout_temperature: float = 1.0,
                       mc_temperature: float = 1.0, label_mode: str = "hard", use_mc: bool = True,
                       use_facts: bool = True, facts_priority: str = "facts", unknown_steps: str = "mc",
-                      ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                      schema: StepSchema | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Sample rollouts, label every step, return (rows, statistics). Nothing is dropped silently:
     records without a human label, rollouts without steps and rows without any labelled step are
-    counted in the statistics."""
+    counted in the statistics. Rollouts and reference traces are in ``schema``, the policy's step schema
+    (None = the built-in one); the sampler prompts with its own."""
     from she.reasoning.parse import parse_trace
     from she.reasoning.prompts import user_message
-    from she.reasoning.schema import default_schema
 
     _check_choice("label_mode", label_mode, LABEL_MODES)
     mc_needed([], use_mc=use_mc, priority=facts_priority, unknown=unknown_steps)  # validates the choices
@@ -294,11 +295,11 @@ def build_prm_dataset(records: Sequence[Record], sampler: Sampler | None, *, rol
     if add_reference_traces:
         from she.reasoning.rationale import write_rationale
 
-        traces += [(r, write_rationale(r), "reference") for r in labelled]
+        traces += [(r, write_rationale(r, schema_for(schema, r.taxonomy)), "reference") for r in labelled]
         stats["reference_traces"] = len(labelled)
     items = []
     for r, text, rid in traces:
-        parsed = parse_trace(text, default_schema(r.taxonomy))
+        parsed = parse_trace(text, schema_for(schema, r.taxonomy))
         stats["rollouts"] += 1
         if not parsed.steps:
             stats["rollouts_without_steps"] += 1
@@ -306,7 +307,8 @@ def build_prm_dataset(records: Sequence[Record], sampler: Sampler | None, *, rol
         facts = fact_labels(parsed, r) if use_facts else [None] * len(parsed.steps)
         need = mc_needed(facts, use_mc=use_mc, priority=facts_priority, unknown=unknown_steps)
         items.append((r, text, parsed, need, facts, rid))
-    mc, mc_src = mc_shares([(r, t, p, n) for r, t, p, n, _, _ in items], sampler, mc_continuations, mc_temperature) \
+    mc, mc_src = mc_shares([(r, t, p, n) for r, t, p, n, _, _ in items], sampler, mc_continuations, mc_temperature,
+                           schema) \
         if use_mc else ([[None] * len(it[2].steps) for it in items], [[SRC_MC] * len(it[2].steps) for it in items])
     stats["generations_mc"] = sum(1 for row, srcs in zip(mc, mc_src) for v, s in zip(row, srcs)
                                   if v is not None and s == SRC_MC) * mc_continuations
@@ -626,9 +628,10 @@ def load_judge_for_training(cfg: PRMJobConfig):
     return StepJudge(model, tok, JudgeFormat(good=good, bad=bad, max_length=cfg.max_length), bf16=cfg.bf16)
 
 
-@in_schema(lambda cfg, *a, **k: schema_of(cfg.policy))
 def run_prm_job(cfg: PRMJobConfig, progress: bool = True) -> dict[str, Any]:
     """Label (or load) the stepwise dataset, fine-tune the judge, measure it on held-out queries.
+
+    The policy's rollouts are prompted, written and parsed in its own step schema (``cfg.policy``'s she.json).
 
     Writes to ``cfg.output_dir``: ``config.json``, ``prm_dataset.jsonl`` (when labelling),
     ``judge/`` (save_pretrained + ``she_judge.json``), ``log_history.json`` and ``metrics.json``.
@@ -651,17 +654,18 @@ def run_prm_job(cfg: PRMJobConfig, progress: bool = True) -> dict[str, Any]:
     else:
         from she.models.metadata import prompt_style_of
 
+        schema = resolve_schema(schema_of(cfg.policy), cfg.data.taxonomy)
         records = _records_for(cfg)
         policy, ptok = load_model_and_tokenizer(cfg.policy)
         sampler = PolicySampler(policy, ptok, prompt_style=prompt_style_of(cfg.policy), top_p=cfg.top_p,
                                 max_new_tokens=cfg.max_new_tokens, batch_size=cfg.generation_batch_size,
-                                bf16=cfg.bf16, seed=cfg.seed, progress=progress)
+                                bf16=cfg.bf16, seed=cfg.seed, progress=progress, schema=schema)
         rows, labelling = build_prm_dataset(
             records, sampler, rollouts_per_record=cfg.rollouts_per_record,
             add_reference_traces=cfg.add_reference_traces, mc_continuations=cfg.mc_continuations,
             rollout_temperature=cfg.rollout_temperature, mc_temperature=cfg.mc_temperature,
             label_mode=cfg.label_mode, use_mc=cfg.use_mc, use_facts=cfg.use_facts,
-            facts_priority=cfg.facts_priority, unknown_steps=cfg.unknown_steps)
+            facts_priority=cfg.facts_priority, unknown_steps=cfg.unknown_steps, schema=schema)
         labelling["generations_total"] = sampler.generations
         del policy, sampler
         dataset_path = save_prm_rows(rows, out / "prm_dataset.jsonl")

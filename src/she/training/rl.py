@@ -10,7 +10,7 @@ from she.config import RLJobConfig
 from she.data.schema import Record
 from she.errors import UserError
 from she.models.metadata import schema_of
-from she.reasoning.schema import in_schema
+from she.reasoning.schema import StepSchema, resolve_schema
 
 log = logging.getLogger(__name__)
 
@@ -112,13 +112,15 @@ def resolved_advantage(cfg: RLJobConfig) -> str:
     return cfg.advantage or "srpo_gated"
 
 
-def run_examiner_check(cfg: RLJobConfig, examiner, records: list[Record]) -> dict | None:
-    """Score gold vs constant traces of up to ``cfg.examiner_check_records`` records (she.rewards.check);
-    ``error`` refuses to train when a constant trace wins on a class, ``warn`` logs it, ``off`` skips.
-    Written to ``<output_dir>/examiner_check.json``."""
+def run_examiner_check(cfg: RLJobConfig, examiner, records: list[Record], schema: StepSchema | None = None
+                       ) -> dict | None:
+    """Score gold vs constant traces of up to ``cfg.examiner_check_records`` records (she.rewards.check), written
+    in ``schema`` (the policy's; None = the built-in one of the data's taxonomy); ``error`` refuses to train when
+    a constant trace wins on a class, ``warn`` logs it, ``off`` skips. Written to
+    ``<output_dir>/examiner_check.json``."""
     import random
 
-    from she.reasoning.schema import default_schema
+    from she.reasoning.schema import schema_for
     from she.rewards.check import check_examiner, format_check
 
     if cfg.examiner_check not in ("error", "warn", "off"):
@@ -129,7 +131,7 @@ def run_examiner_check(cfg: RLJobConfig, examiner, records: list[Record]) -> dic
     sample = list(records)
     random.Random(cfg.seed).shuffle(sample)
     criterion = "flaw" if advantage.startswith("srpo_gated") else "reward"
-    report = check_examiner(examiner, sample[: cfg.examiner_check_records], default_schema(cfg.data.taxonomy),
+    report = check_examiner(examiner, sample[: cfg.examiner_check_records], schema_for(schema, cfg.data.taxonomy),
                             criterion=criterion)
     text = format_check(report)
     out = Path(cfg.output_dir)
@@ -169,18 +171,20 @@ def trainer_rollout_kwargs(cfg: RLJobConfig) -> dict:
     return out
 
 
-@in_schema(lambda cfg, *a, **k: schema_of(cfg.model))
 def run_rl_job(cfg: RLJobConfig, train: list[Record], callbacks: list | None = None,
                check_records: list[Record] | None = None) -> Path:
     """``callbacks``: extra ``TrainerCallback``s (the curriculum's plateau stop, see she.sampling.curriculum).
     ``check_records``: held-out labelled records for the examiner check (default: the training records).
 
-    Rollouts are parsed and examined with the policy's own step schema (``she.json``)."""
+    Prompts are written, and rollouts parsed and examined, in the policy's own step schema (``cfg.model``'s
+    ``she.json``), which the saved model's ``she.json`` carries on."""
     from she.models.registry import load_model_and_tokenizer
     from she.training.checkpoints import ManifestCallback
     from she.training.srpo import SRPOTrainer, build_grpo_config, make_prompt_dataset
     from she.training.trainer_setup import save_final, train_resuming, write_job_config
 
+    spec = schema_of(cfg.model)
+    schema = resolve_schema(spec, cfg.data.taxonomy)
     train = with_store_facts(cfg, train)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -199,7 +203,7 @@ def run_rl_job(cfg: RLJobConfig, train: list[Record], callbacks: list | None = N
     examiner = _live(build_examiner(cfg), cfg)
     class_weights = resolve_class_weights(cfg, train)
     if args.process_index == 0:
-        run_examiner_check(cfg, examiner, check_records if check_records is not None else train)
+        run_examiner_check(cfg, examiner, check_records if check_records is not None else train, schema)
     model, tok = load_model_and_tokenizer(cfg.model)
     tok.padding_side = "left"
     if cfg.layout_invariant_sampling:
@@ -207,12 +211,12 @@ def run_rl_job(cfg: RLJobConfig, train: list[Record], callbacks: list | None = N
 
         install_layout_invariant_sampling(model, seed=cfg.seed)
     trainer = SRPOTrainer(
-        model=model, args=args, train_dataset=make_prompt_dataset(train, cfg.prompt_style),
+        model=model, args=args, train_dataset=make_prompt_dataset(train, cfg.prompt_style, schema=schema),
         processing_class=tok, records_by_id={r.id: r for r in train}, examiner=examiner,
         step_rewards=cfg.step_rewards, advantage=resolved_advantage(cfg), alpha=cfg.alpha, credit_mode=cfg.credit_mode,
         critical=cfg.critical, first_error_weight=cfg.first_error_weight, flawed_share=cfg.flawed_share,
         incorrect_below=cfg.incorrect_below, class_weights=class_weights, reward_steps=cfg.reward_steps,
-        taxonomy=cfg.data.taxonomy, partial_credit=cfg.partial_credit, format_weight=cfg.format_weight,
+        taxonomy=cfg.data.taxonomy, schema=schema, partial_credit=cfg.partial_credit, format_weight=cfg.format_weight,
         callbacks=[ManifestCallback(), *(callbacks or [])], max_bad_steps=cfg.max_bad_steps,
         **build_reward_model_kwargs(cfg), **trainer_rollout_kwargs(cfg),
     )
@@ -225,4 +229,4 @@ def run_rl_job(cfg: RLJobConfig, train: list[Record], callbacks: list | None = N
 
     # the tokenizer saved with the weights is trainer.processing_class, `tok` (left padding)
     return save_final(trainer, out, {"prompt_style": cfg.prompt_style, "target": "reasoning",
-                                     "taxonomy": cfg.data.taxonomy}, on_main=curves)
+                                     "taxonomy": cfg.data.taxonomy, "schema": spec}, on_main=curves)

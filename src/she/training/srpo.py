@@ -458,7 +458,7 @@ class SRPOTrainer(GRPOTrainer):
         (``group`` -> True, ``none`` -> False).
     class_weights: ``{label: weight}`` on the group-normalised outcome advantage of a prompt with that gold
         label (after normalisation, where it does not cancel); the same for every estimator, GRPO included.
-    schema, taxonomy: the step schema the policy writes (default :func:`default_schema` of ``taxonomy``).
+    schema, taxonomy: the step schema the policy writes (None: the built-in one of ``taxonomy``).
     partial_credit, format_weight: the outcome reward (:func:`rollout_outcome`).
     include_label_step: also give the verdict step a step reward (off: the outcome already covers it).
     reward_steps: step keys that may earn a step reward (None: every examined step). E.g. ``["Missing"]``: only

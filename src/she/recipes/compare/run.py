@@ -18,7 +18,7 @@ from she.config import PassAtNConfig, PRMJobConfig, RewardModelJobConfig, RLJobC
 from she.data.schema import Record
 from she.errors import UserError
 from she.models.metadata import schema_of
-from she.reasoning.schema import in_schema
+from she.reasoning.schema import StepSchema, resolve_schema
 from she.recipes.compare.config import (
     CURRICULUM_FIXED,
     PASSN_FIXED,
@@ -110,6 +110,12 @@ class CompareRun:
         return None if any(v is None for v in vals) else round(sum(vals), 2)
 
     # shared jobs -------------------------------------------------------------------------------------
+    @property
+    def schema(self) -> StepSchema:
+        """The step schema every generative row writes (:func:`compare_schema`). The jobs read it from their
+        start model's ``she.json``; the driver passes it where a folder has none (a Trainer checkpoint)."""
+        return resolve_schema(compare_schema(self.cfg), self.cfg.data.taxonomy)
+
     @property
     def rl_base(self) -> RLJobConfig:
         return build_section(RLJobConfig, self.cfg.rl, "rl", RL_FIXED)
@@ -469,7 +475,7 @@ class CompareRun:
         if not path.exists():
             from she.evaluation.calibration import fit_label_offsets
             from she.evaluation.generate import generate_judgements
-            from she.models.metadata import prompt_style_of
+            from she.models.metadata import model_step_schema, prompt_style_of
             from she.models.registry import load_model_and_tokenizer
 
             t = time.perf_counter()
@@ -477,7 +483,9 @@ class CompareRun:
             lm, tok = load_model_and_tokenizer(str(model))
             js = generate_judgements(lm, tok, self.calib, taxonomy=self.cfg.data.taxonomy, batch_size=ecfg.batch_size,
                                      max_new_tokens=ecfg.max_new_tokens, bf16=ecfg.bf16, progress=False,
-                                     prompt_style=prompt_style_of(str(model)))
+                                     prompt_style=prompt_style_of(str(model)),
+                                     schema=model_step_schema(str(model), self.cfg.data.taxonomy,
+                                                              compare_schema(self.cfg)))
             offsets = fit_label_offsets([j.probs for j in js], [j.raw_label for j in js],
                                         [r.label for r in self.calib], self.labels)
             atomic_write_lines(path, [json.dumps({"label_offsets": offsets, "n": len(self.calib),
@@ -555,20 +563,20 @@ def _initial_state(out: Path, cfg: CompareConfig) -> dict[str, Any]:
     return state
 
 
-def _compare_schema(cfg: CompareConfig, *args, **kwargs) -> str:
+def compare_schema(cfg: CompareConfig) -> str:
     """Every row writes the schema of the shared SFT start: ``sft_model``'s ``she.json``, else ``sft.schema``."""
     if cfg.sft_model:
         return schema_of(cfg.sft_model)
     return str(cfg.sft.get("schema", "default"))
 
 
-@in_schema(_compare_schema)
 def run_compare(cfg: CompareConfig, *, command: str | None = None) -> dict[str, Any]:
     """Run (or resume) the comparison; returns the results dict also written to ``<out>/results.json``."""
     from she.data.labels import get_taxonomy
     from she.data.sources import load_splits
 
     check_compare_config(cfg)
+    resolve_schema(compare_schema(cfg), cfg.data.taxonomy)  # a bad schema fails before any job runs
     rows = selected_rows(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -684,15 +692,17 @@ def data_summary(ctx: CompareRun, splits: Mapping[str, list[Record]]) -> dict[st
 
 
 def evaluate_checkpoint(model_dir: str | Path, records: Sequence[Record], *, taxonomy: str, prompt_style: str,
-                        batch_size: int, max_new_tokens: int, bf16: bool) -> float:
-    """Macro F1 of one checkpoint folder (a Trainer checkpoint has no she.json, so the prompt style is given)."""
+                        batch_size: int, max_new_tokens: int, bf16: bool, schema: StepSchema | None = None) -> float:
+    """Macro F1 of one checkpoint folder (a Trainer checkpoint has no she.json, so the prompt style and the step
+    schema are given; ``schema`` None = the built-in one)."""
     from she.evaluation.evaluate import score
     from she.evaluation.generate import generate_judgements
     from she.models.registry import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(str(model_dir))
     js = generate_judgements(model, tok, list(records), taxonomy=taxonomy, batch_size=batch_size,
-                             max_new_tokens=max_new_tokens, bf16=bf16, progress=False, prompt_style=prompt_style)
+                             max_new_tokens=max_new_tokens, bf16=bf16, progress=False, prompt_style=prompt_style,
+                             schema=schema)
     return float(score(list(records), js, taxonomy)["macro_f1"])
 
 
@@ -727,7 +737,7 @@ def checkpoint_curves(ctx: CompareRun) -> dict[str, list[list[float]]]:
     subset = ctx.evals[: cfg.checkpoint_eval_max]
     style = ctx.rl_base.prompt_style
     kw = dict(taxonomy=cfg.data.taxonomy, batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
-              bf16=cfg.eval.bf16)
+              bf16=cfg.eval.bf16, schema=ctx.schema)
     rl_rows = [r for r in ctx.rows if r in RL_ROWS + FULL_ROWS and r not in ctx.same_as]
     if not rl_rows:
         return {}
@@ -752,4 +762,4 @@ def checkpoint_curves(ctx: CompareRun) -> dict[str, list[list[float]]]:
     return curves
 
 
-__all__ = ["STATE_FILE", "CompareRun", "checkpoint_curves", "evaluate_checkpoint", "run_compare"]
+__all__ = ["STATE_FILE", "CompareRun", "checkpoint_curves", "compare_schema", "evaluate_checkpoint", "run_compare"]
