@@ -1,7 +1,6 @@
-"""The coverage step schema (``Missing``), schema scopes, and the schema a model carries in she.json."""
+"""The coverage step schema (``Missing``), schemas passed explicitly, and the schema a model carries in she.json."""
 
 import json
-import threading
 
 import pytest
 
@@ -9,14 +8,7 @@ from she.data.schema import Product, Record
 from she.reasoning.parse import parse_trace
 from she.reasoning.prompts import build_messages
 from she.reasoning.rationale import missing_query_words, parse_coverage, write_rationale
-from she.reasoning.schema import (
-    active_schema_name,
-    builtin_schema,
-    default_schema,
-    in_schema,
-    resolve_schema,
-    schema_scope,
-)
+from she.reasoning.schema import builtin_schema, default_schema, resolve_schema, schema_for
 from she.rewards.verifier import verify_steps
 
 
@@ -50,30 +42,22 @@ def test_parse_coverage():
     assert parse_coverage(None) is None
 
 
-def test_scope_switches_default_schema_and_restores():
+def test_resolve_schema_and_the_builtin_default():
     assert [s.name for s in default_schema().steps] == [s.name for s in builtin_schema().steps]
-    with schema_scope("coverage"):
-        names = [s.name for s in default_schema("hd3").steps]
-        assert names == ["query", "product", "coverage", "type", "attributes", "verdict"]
-        assert default_schema("esci4").taxonomy == "esci4" and default_schema("esci4").step("coverage")
-        assert active_schema_name() == "coverage"
-        with schema_scope("default"):
-            assert default_schema().step("coverage") is None
-        assert default_schema().step("coverage") is not None
-    assert default_schema().step("coverage") is None and active_schema_name() == "default"
-
-
-def test_scope_is_restored_after_an_error():
-    with pytest.raises(RuntimeError):
-        with schema_scope("coverage"):
-            raise RuntimeError("boom")
-    assert active_schema_name() == "default"
+    names = [s.name for s in resolve_schema("coverage", "hd3").steps]
+    assert names == ["query", "product", "coverage", "type", "attributes", "verdict"]
+    esci = resolve_schema("coverage", "esci4")
+    assert esci.taxonomy == "esci4" and esci.step("coverage")
+    assert resolve_schema("default", "hd3") == default_schema("hd3") and resolve_schema(None) == default_schema()
+    # schema_for: a job's schema for one record's taxonomy; None is the built-in one
+    cov = resolve_schema("coverage", "hd3")
+    assert schema_for(cov, "hd3") is cov and schema_for(cov, "esci4") == esci
+    assert schema_for(None, "esci4") == default_schema("esci4")
 
 
 def test_bad_schema_names_the_choices(tmp_path):
     with pytest.raises(ValueError, match="coverage"):
-        with schema_scope("nope"):
-            pass
+        resolve_schema("nope")
     with pytest.raises(ValueError, match="does not exist"):
         resolve_schema(str(tmp_path / "missing.yaml"))
 
@@ -81,64 +65,85 @@ def test_bad_schema_names_the_choices(tmp_path):
 def test_schema_file_spec(tmp_path):
     f = tmp_path / "s.yaml"
     f.write_text("steps:\n  - {name: query, key: Query, kind: free}\n  - {name: verdict, key: Verdict, kind: label}\n")
-    with schema_scope(str(f)):
-        assert [s.key for s in default_schema().steps] == ["Query", "Verdict"]
+    assert [s.key for s in resolve_schema(str(f)).steps] == ["Query", "Verdict"]
+    assert resolve_schema(str(f), "esci4").for_taxonomy("hd3") == resolve_schema(str(f), "hd3")
 
 
-def test_threads_start_with_the_builtin_schema():
-    seen = []
-    with schema_scope("coverage"):
-        t = threading.Thread(target=lambda: seen.append(default_schema().step("coverage")))
-        t.start()
-        t.join()
-    assert seen == [None]
+def test_two_schemas_side_by_side_in_one_thread():
+    """Each call gets the schema it is given: interleaved coverage and default traces of the same record parse,
+    verify, prompt and write as their own schema (nothing is left "in effect" by the previous call)."""
+    r = rec("cordless 20v dewalt drills", "DEWALT 18-Volt Drill/Driver Kit", label="Partial")
+    cov, dft = resolve_schema("coverage", "hd3"), default_schema("hd3")
+    cov_text, dft_text = write_rationale(r, cov), write_rationale(r, dft)
+    assert "Missing: cordless, 20" in cov_text.splitlines() and "Missing" not in dft_text
+    for _ in range(2):  # interleaved, twice: the order of the calls changes nothing
+        for schema, text, other in ((cov, cov_text, dft), (dft, dft_text, cov)):
+            parsed = parse_trace(text, schema)
+            assert parsed.format_ok and parsed.label == "Partial"
+            verdicts = {v.step: v.verdict for v in verify_steps(parsed, r)}
+            assert verdicts["Verdict"] == "correct"
+            assert ("Missing" in verdicts) == (schema is cov)
+            if schema is cov:
+                assert verdicts["Missing"] == "correct"
+            assert [s.key for s in parsed.steps] == [s.key for s in schema.steps]
+            misread = parse_trace(text, other)  # the other schema: a missing step, or a line it does not know
+            assert not misread.format_ok or misread.extra_lines
+            assert ("Missing" in build_messages(r, style="compact", schema=schema)[0]["content"]) == (schema is cov)
+    assert "Missing" not in write_rationale(r)  # no schema given: the built-in one
 
 
-def test_in_schema_decorator():
-    @in_schema(lambda spec: spec)
+def test_two_schemas_side_by_side_in_threads():
+    """What a context variable made fragile: threads (a server's worker) see only the schema they are given."""
+    import concurrent.futures
+
+    r = rec("cordless 20v dewalt drills", "DEWALT 18-Volt Drill/Driver Kit", label="Partial")
+
     def steps(spec):
-        return [s.name for s in default_schema().steps]
+        schema = resolve_schema(spec, "hd3")
+        return [s.key for s in parse_trace(write_rationale(r, schema), schema).steps]
 
-    assert "coverage" in steps("coverage") and "coverage" not in steps("default")
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(steps, ["coverage", "default"] * 8))
+    assert all(("Missing" in g) == (i % 2 == 0) for i, g in enumerate(got))
 
 
 def test_coverage_rationale_prompt_and_verifier():
     r = rec("cordless 20v dewalt drills", "DEWALT 18-Volt Drill/Driver Kit", label="Partial")
-    with schema_scope("coverage"):
-        text = write_rationale(r)
-        lines = text.splitlines()
-        assert lines[2] == "Missing: cordless, 20" and lines[1].startswith("Product:")
-        parsed = parse_trace(text, default_schema())
-        assert parsed.format_ok
-        v = {x.step: x.verdict for x in verify_steps(parsed, r)}
-        assert v["Missing"] == "correct" and v["Verdict"] == "correct"
-        for wrong in ("Missing: none", "Missing: cordless", "Missing: cordless, 20, drill"):
-            bad = parse_trace(text.replace("Missing: cordless, 20", wrong), default_schema())
-            assert {x.step: x.verdict for x in verify_steps(bad, r)}["Missing"] == "incorrect", wrong
-        reordered = parse_trace(text.replace("Missing: cordless, 20", "Missing: 20, Cordless."), default_schema())
-        assert {x.step: x.verdict for x in verify_steps(reordered, r)}["Missing"] == "correct"
-        assert "Missing" in build_messages(r, style="compact")[0]["content"]
-        assert "query words the product lacks" in build_messages(r, style="full")[0]["content"]
+    cov = resolve_schema("coverage", "hd3")
+    text = write_rationale(r, cov)
+    lines = text.splitlines()
+    assert lines[2] == "Missing: cordless, 20" and lines[1].startswith("Product:")
+    parsed = parse_trace(text, cov)
+    assert parsed.format_ok
+    v = {x.step: x.verdict for x in verify_steps(parsed, r)}
+    assert v["Missing"] == "correct" and v["Verdict"] == "correct"
+    for wrong in ("Missing: none", "Missing: cordless", "Missing: cordless, 20, drill"):
+        bad = parse_trace(text.replace("Missing: cordless, 20", wrong), cov)
+        assert {x.step: x.verdict for x in verify_steps(bad, r)}["Missing"] == "incorrect", wrong
+    reordered = parse_trace(text.replace("Missing: cordless, 20", "Missing: 20, Cordless."), cov)
+    assert {x.step: x.verdict for x in verify_steps(reordered, r)}["Missing"] == "correct"
+    assert "Missing" in build_messages(r, style="compact", schema=cov)[0]["content"]
+    assert "query words the product lacks" in build_messages(r, style="full", schema=cov)[0]["content"]
     assert "Missing" not in write_rationale(r)  # the built-in schema is untouched
 
 
 def test_she_json_records_the_schema(tmp_path):
-    from she.models.metadata import load_she_meta, save_she_meta, schema_of
+    from she.models.metadata import load_she_meta, model_step_schema, save_she_meta, schema_of
 
-    for name in ("a", "b"):
+    for name in ("a", "b", "d"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text("{}")
-    with schema_scope("coverage"):
-        save_she_meta(tmp_path / "a", {"prompt_style": "compact"})
+    save_she_meta(tmp_path / "a", {"prompt_style": "compact", "schema": "coverage"})
     save_she_meta(tmp_path / "b", {"prompt_style": "compact"})
+    save_she_meta(tmp_path / "d", {"prompt_style": "compact", "schema": "default"})
     assert load_she_meta(tmp_path / "a")["schema"] == "coverage"
-    assert "schema" not in load_she_meta(tmp_path / "b")
+    assert "schema" not in load_she_meta(tmp_path / "b") and "schema" not in load_she_meta(tmp_path / "d")
     assert schema_of(tmp_path / "a") == "coverage" and schema_of(tmp_path / "b") == "default"
-    (tmp_path / "c").mkdir()  # a folder without she.json (a Trainer checkpoint) keeps the scope in effect
+    assert model_step_schema(tmp_path / "a", "esci4") == resolve_schema("coverage", "esci4")
+    (tmp_path / "c").mkdir()  # a folder without she.json (a Trainer checkpoint) says nothing: the caller decides
     (tmp_path / "c" / "config.json").write_text("{}")
-    with schema_scope("coverage"):
-        assert schema_of(tmp_path / "c") == "coverage"
-    assert schema_of(tmp_path / "c") == "default"
+    assert schema_of(tmp_path / "c") == "default" and schema_of(tmp_path / "c", default="coverage") == "coverage"
+    assert schema_of(tmp_path / "a", default="default") == "coverage"  # what the folder says wins
 
 
 @pytest.mark.slow
@@ -157,14 +162,13 @@ def test_sft_with_coverage_schema_then_eval_reads_it(tmp_path, tiny_model_dir, m
     real = ev.generate_judgements
 
     def spy(*a, **k):
-        seen.append([s.key for s in default_schema().steps])
+        seen.append([s.key for s in k["schema"].steps])
         return real(*a, **k)
 
     monkeypatch.setattr(ev, "generate_judgements", spy)
     main(["eval", "--model", str(final), "--data", str(data), "--split", "test", "--out", str(tmp_path / "ev"),
           "--max-new-tokens", "8", "--no-bf16"])
     assert seen and "Missing" in seen[0]
-    assert active_schema_name() == "default"
 
 
 def test_step_checks_counts_label_and_string_checks_without_facts():
@@ -184,13 +188,12 @@ def test_step_checks_counts_label_and_string_checks_without_facts():
         "p": (partial, "Query: drill\nProduct: drill\nMissing: cordless, 20\nType: same\n"
                        "Attributes: function=mismatch\nVerdict: Partial"),
     }
-    with schema_scope("coverage"):
-        recs, js = [], []
-        for key, (r, t) in texts.items():
-            p = parse_trace(t, default_schema())
-            recs.append(r)
-            js.append(Judgement(r.id, t, p.label, None, p.format_ok, p))
-        m = score(recs, js, "hd3")
+    recs, js = [], []
+    for key, (r, t) in texts.items():
+        p = parse_trace(t, resolve_schema("coverage", "hd3"))
+        recs.append(r)
+        js.append(Judgement(r.id, t, p.label, None, p.format_ok, p))
+    m = score(recs, js, "hd3")
     c = m["step_checks"]
     assert c["Missing"] == {"correct": 2, "incorrect": 1, "accuracy": 2 / 3}
     assert c["Type"] == {"correct": 1, "incorrect": 1, "accuracy": 0.5}
@@ -203,5 +206,5 @@ def test_schema_of_a_name_that_is_no_model_says_nothing(tmp_path):
     from she.models.metadata import schema_of
 
     assert schema_of(tmp_path / "nothing-here") == "default"
-    with schema_scope("coverage"):
-        assert schema_of("not-a-registered-name") == "coverage"
+    assert schema_of("not-a-registered-name", default="coverage") == "coverage"
+    assert schema_of(("model", "tokenizer")) == "default"  # a loaded pair has no folder to read

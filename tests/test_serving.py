@@ -571,20 +571,24 @@ def test_cli_flags_and_missing_serve_extra(monkeypatch, capsys):
 
 
 def test_backend_serves_in_the_models_schema(tiny, monkeypatch):
-    """The service's worker thread starts with the built-in schema; the backend opens the model's own."""
+    """The backend passes the model's own schema to generation, whichever thread runs the batch."""
     import threading
 
-    from she.reasoning.schema import default_schema
+    import she.evaluation.generate as gen
     from she.serving.backend import JudgeBackend
 
     model, tok = tiny
     with pytest.raises(ValueError, match="unknown schema"):
         JudgeBackend(model, tok, name="t", schema="nope")
     backend = JudgeBackend(model, tok, name="t", schema="coverage")
-    assert backend.info()["schema"] == "coverage"
+    plain = JudgeBackend(model, tok, name="t")
+    assert backend.info()["schema"] == "coverage" and plain.info()["schema"] == "default"
     seen = []
-    monkeypatch.setattr(backend, "_relevance", lambda mode, items: seen.append([s.key for s in default_schema().steps]))
-    t = threading.Thread(target=backend.run, args=(("full",), []))
-    t.start()
-    t.join()
-    assert seen and "Missing" in seen[0]
+    monkeypatch.setattr(gen, "generate_judgements",
+                        lambda *a, schema=None, **k: seen.append([s.key for s in schema.steps]) or [None] * len(a[2]))
+    recs = [Record(id="1", query="drill", product=Product(title="Cordless Drill"))]
+    for b in (backend, plain, backend):  # two schemas side by side in the worker thread
+        t = threading.Thread(target=b.run, args=(("full",), recs))
+        t.start()
+        t.join()
+    assert ["Missing" in s for s in seen] == [True, False, True]

@@ -29,6 +29,8 @@ import logging
 import os
 import sys
 
+from she.errors import UserError
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: models are local folders
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -398,7 +400,7 @@ def _fractions(text: str) -> dict[str, float]:
     except ValueError:
         fr = []
     if len(fr) != 3:
-        raise ValueError(f"--fractions {text!r}: expected three numbers train,validation,test such as 0.8,0.1,0.1")
+        raise UserError(f"--fractions {text!r}: expected three numbers train,validation,test such as 0.8,0.1,0.1")
     return dict(zip(["train", "validation", "test"], fr))
 
 
@@ -430,7 +432,7 @@ def _cmd_data(a) -> None:
         fractions = _fractions(a.fractions)
         out = Path(a.out)
         if out.exists() and not out.is_dir():
-            raise ValueError(f"--output-dir {out}: is a file; give a folder for train.jsonl, validation.jsonl, test.jsonl")
+            raise UserError(f"--output-dir {out}: is a file; give a folder for train.jsonl, validation.jsonl, test.jsonl")
         paths, rep = commands.split_file(a.path, a.format, out, fractions, a.seed, on_error=a.on_error,
                                          rejects_path=a.rejects, encoding=a.encoding)
         for name, path in paths.items():
@@ -528,8 +530,8 @@ def _cmd_train(a) -> None:
         splits = load_splits(cfg.data)
         evals = splits[cfg.eval_split] if cfg.eval_split != "none" else None
         if evals is not None and not evals:
-            raise ValueError(f"eval_split {cfg.eval_split}: the data has no {cfg.eval_split} records; "
-                             "set eval_split: none or give that part")
+            raise UserError(f"eval_split {cfg.eval_split}: the data has no {cfg.eval_split} records; "
+                            "set eval_split: none or give that part")
         final = run_cross_encoder_job(cfg, splits["train"], evals)
         print(f"saved {final}")
         if evals:
@@ -554,11 +556,11 @@ def _eval_data(a):
     if a.data_config:
         raw = read_yaml(a.data_config)
         if not isinstance(raw.get("data"), dict):
-            raise ValueError(f"{a.data_config}: no `data:` section")
+            raise UserError(f"{a.data_config}: no `data:` section")
         base, where = raw["data"], f"{a.data_config}.data"
     dcfg = data_config(a, base, where)
     if not a.data_config and dcfg.path is None and not (dcfg.train_file or dcfg.validation_file or dcfg.test_file):
-        raise ValueError("she eval needs --data FILE (or --data-config JOB.yaml for a job's data, synthetic included)")
+        raise UserError("she eval needs --data FILE (or --data-config JOB.yaml for a job's data, synthetic included)")
     records, note = eval_records(dcfg, a.split)
     print(note)
     if a.limit:
@@ -643,16 +645,10 @@ def main(argv: list[str] | None = None) -> None:
     if extras and not takes_keys:
         parser.error(f"unrecognized arguments: {' '.join(extras)}")
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from she.config import ConfigError
-
-    # OSError: a bad path the user gave (an --out that is a file, a read-only folder, a directory as config)
-    user_errors: tuple[type[BaseException], ...] = (ConfigError, OSError, ValueError)
-    try:
-        from she.data.validation import DataError
-
-        user_errors = (DataError, *user_errors)
-    except ImportError:
-        pass
+    # Bad input the user can fix: UserError (ConfigError and DataError included) and OSError (a bad path the
+    # user gave: an --out that is a file, a read-only folder, a directory as config). Anything else -- a
+    # ValueError from a shape check, a KeyError -- is a bug and keeps its traceback.
+    user_errors: tuple[type[BaseException], ...] = (UserError, OSError)
     handlers = {"model": _cmd_model, "data": _cmd_data, "train": _cmd_train, "eval": _cmd_eval,
                 "predict": _cmd_predict, "serve": _cmd_serve, "demo": _cmd_demo, "compare": _cmd_compare, "calibrate": _cmd_calibrate,
                 "annotate": _cmd_annotate}

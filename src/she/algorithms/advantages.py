@@ -108,6 +108,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from she.errors import UserError
+
 CREDIT_MODES = ("broadcast", "cumsum", "min")
 
 
@@ -199,7 +201,7 @@ def step_advantages(
     the tokens through ``token_step``. Tokens with ``token_step == -1`` get 0.
     """
     if mode not in CREDIT_MODES:
-        raise ValueError(f"mode must be one of {CREDIT_MODES}, got {mode!r}")
+        raise UserError(f"mode must be one of {CREDIT_MODES}, got {mode!r}")
     _check_same_shape(norm_step_rewards, step_mask, "norm_step_rewards", "step_mask")
     mask = step_mask.bool()
     _check_token_step(token_step, mask)
@@ -330,7 +332,7 @@ def srpo_advantages(
             outcome_correct = outcome_rewards >= correct_at
         unknown = set(opts) - {"first_error_weight", "confident_correct_weight", "threshold", "incorrect_below"}
         if unknown:
-            raise ValueError(f"unknown keys in critical: {sorted(unknown)}")
+            raise UserError(f"unknown keys in critical: {sorted(unknown)}")
         norm = norm * critical_step_weights(step_rewards, step_mask, outcome_correct, norm_step_rewards=norm, **opts)
     step_adv = step_advantages(norm, step_mask, token_step, mode=mode)
     return adv + alpha * step_adv * mask
@@ -372,7 +374,7 @@ def step_flaws(step_rewards: Tensor, step_mask: Tensor, incorrect_below: float =
     """
     _check_same_shape(step_rewards, step_mask, "step_rewards", "step_mask")
     if not 0.0 < incorrect_below <= 1.0:
-        raise ValueError(f"incorrect_below must be in (0, 1], got {incorrect_below}")
+        raise UserError(f"incorrect_below must be in (0, 1], got {incorrect_below}")
     mask = step_mask.bool()
     q = torch.where(mask, step_rewards.float(), torch.ones_like(step_rewards, dtype=torch.float32))
     return ((incorrect_below - q) / incorrect_below).clamp(0.0, 1.0) * mask
@@ -397,9 +399,9 @@ def gated_step_advantages(
     the rollout's verdict is right. ``alpha == 0`` returns ``outcome_adv`` broadcast over the mask: GRPO.
     """
     if not 0.0 <= flawed_share <= 1.0:
-        raise ValueError(f"flawed_share must be in [0, 1], got {flawed_share}")
+        raise UserError(f"flawed_share must be in [0, 1], got {flawed_share}")
     if first_error_weight < 0:
-        raise ValueError(f"first_error_weight must be >= 0, got {first_error_weight}")
+        raise UserError(f"first_error_weight must be >= 0, got {first_error_weight}")
     mask = completion_mask.float()
     base = outcome_adv.float()[:, None] * mask
     if alpha == 0:
@@ -476,7 +478,7 @@ def register_estimator(name: str) -> Callable[[Estimator], Estimator]:
 
 def get_estimator(name: str) -> Estimator:
     if name not in ESTIMATORS:
-        raise ValueError(f"unknown advantage estimator {name!r}; known: {sorted(ESTIMATORS)}")
+        raise UserError(f"unknown advantage estimator {name!r}; known: {sorted(ESTIMATORS)}")
     return ESTIMATORS[name]
 
 

@@ -24,6 +24,8 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from she.errors import UserError
+
 DEFAULT_WEIGHTS: Mapping[str, float] = {"unsure": 1.0, "undecidable": 0.5, "disagree": 1.0}
 REASONS = {"unsure": "judge unsure", "undecidable": "verifier cannot decide", "disagree": "examiner vs gold"}
 QC_REASON = "quality control"
@@ -92,11 +94,11 @@ def rank_queue(candidates: Sequence[Candidate], *, qc_share: float = 0.1, seed: 
     """The whole queue, most valuable first, with ``round(qc_share * n)`` quality-control items placed by
     :func:`qc_positions`."""
     if not 0.0 <= qc_share <= 1.0:
-        raise ValueError(f"qc_share must be in [0, 1], got {qc_share}")
+        raise UserError(f"qc_share must be in [0, 1], got {qc_share}")
     ids = [c.item_id for c in candidates]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
-        raise ValueError(f"item id {dup!r} appears twice in the queue")
+        raise UserError(f"item id {dup!r} appears twice in the queue")
     n_qc = round(qc_share * len(candidates))
     qc_ids = set(random.Random(seed).sample(sorted(ids), n_qc))
     scored = [(c, *priority(c, weights)) for c in candidates if c.item_id not in qc_ids]

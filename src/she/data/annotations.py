@@ -36,6 +36,7 @@ from typing import Any
 from she.data.factstore import FACT_FIELDS, FORMAT_VERSION, PathLike
 from she.data.schema import StepFacts
 from she.data.validation import DataError
+from she.errors import UserError
 
 ANNOTATION_SCHEMA = "1"
 STEP_VALUES = ("right", "wrong")
@@ -53,8 +54,9 @@ _TABLES = (
 )
 
 
-class AnswerError(ValueError):
-    """An answer that does not fit the vocabulary or the item; ``field`` names the offending part."""
+class AnswerError(UserError):
+    """An answer that does not fit the vocabulary or the item; ``field`` names the offending part (a
+    :class:`~she.errors.UserError`, so also a ``ValueError``)."""
 
     def __init__(self, field: str, reason: str) -> None:
         super().__init__(f"{field}: {reason}")

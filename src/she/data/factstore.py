@@ -42,6 +42,7 @@ from typing import Any
 
 from she.data.schema import Record, StepFacts
 from she.data.validation import DataError, ErrorSink, LoadReport, check_on_error, finish_rejects
+from she.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +311,7 @@ class FactStore:
         check_on_error(on_error)
         paths = [Path(p) for p in ([jsonl_paths] if isinstance(jsonl_paths, (str, os.PathLike)) else jsonl_paths)]
         if not paths:
-            raise ValueError("no input file given")
+            raise UserError("no input file given")
         for p in paths:
             if not p.is_file():
                 raise DataError("no such file" if not p.exists() else "not a file", path=p)

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from she.data.schema import ATTRIBUTES, MATCH_VALUES, TYPE_RELATIONS, StepFacts
+from she.errors import UserError
 
 GUIDELINE_TAXONOMIES = ("hd3", "esci4")
 
@@ -35,7 +36,7 @@ def guideline_label(type_relation: str, attribute_results: Mapping[str, str], ta
     typo in a caller can never silently turn into an "Exact".
     """
     if taxonomy not in GUIDELINE_TAXONOMIES:
-        raise ValueError(f"no guideline rule for taxonomy {taxonomy!r}; known: {list(GUIDELINE_TAXONOMIES)}")
+        raise UserError(f"no guideline rule for taxonomy {taxonomy!r}; known: {list(GUIDELINE_TAXONOMIES)}")
     if type_relation not in TYPE_RELATIONS:
         raise ValueError(f"type_relation must be one of {TYPE_RELATIONS}, got {type_relation!r}")
     for name, value in attribute_results.items():
@@ -68,7 +69,7 @@ def label_from_facts(facts: StepFacts, taxonomy: str = "hd3") -> str:
     ``type_relation`` is an error because the rule cannot be applied without it.
     """
     if facts.type_relation is None:
-        raise ValueError("facts.type_relation is missing; the guideline label needs it")
+        raise UserError("facts.type_relation is missing; the guideline label needs it")
     results = {a: getattr(facts, a) for a in ATTRIBUTES if getattr(facts, a) is not None}
     return guideline_label(facts.type_relation, results, taxonomy)
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from she.errors import UserError
+
 
 @dataclass(frozen=True)
 class Taxonomy:
@@ -45,7 +47,7 @@ class Taxonomy:
         for alias, canonical in self.aliases:
             if alias.lower() == key:
                 return canonical
-        raise ValueError(f"unknown label {label!r} for taxonomy {self.name!r}; expected one of {list(self.labels)}")
+        raise UserError(f"unknown label {label!r} for taxonomy {self.name!r}; expected one of {list(self.labels)}")
 
     def is_valid(self, label: str) -> bool:
         try:
@@ -89,7 +91,7 @@ def get_taxonomy(name: str) -> Taxonomy:
     try:
         return TAXONOMIES[name]
     except KeyError:
-        raise ValueError(f"unknown taxonomy {name!r}; known: {sorted(TAXONOMIES)}") from None
+        raise UserError(f"unknown taxonomy {name!r}; known: {sorted(TAXONOMIES)}") from None
 
 
 def map_label(label: str, source: str, target: str) -> str:
@@ -101,7 +103,7 @@ def map_label(label: str, source: str, target: str) -> str:
     try:
         table = MAPPINGS[(source, target)]
     except KeyError:
-        raise ValueError(f"no label mapping from {source!r} to {target!r}") from None
+        raise UserError(f"no label mapping from {source!r} to {target!r}") from None
     return table[canonical]
 
 
@@ -109,7 +111,7 @@ def rating_to_label(rating: float, cuts: tuple[float, float] = (1.75, 2.5)) -> s
     """Home Depot mean rating (1..3) to an ``hd3`` label: Irrelevant < cuts[0] <= Partial < cuts[1] <= Exact."""
     lo, hi = cuts
     if not lo <= hi:
-        raise ValueError(f"rating cuts must be ascending, got {cuts}")
+        raise UserError(f"rating cuts must be ascending, got {cuts}")
     if rating < lo:
         return "Irrelevant"
     if rating < hi:

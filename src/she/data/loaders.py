@@ -32,6 +32,7 @@ from she.data.validation import (
     check_on_error,
     finish_rejects,
 )
+from she.errors import UserError
 
 FORMATS: tuple[str, ...] = ("home-depot", "esci", "wands", "jsonl")
 
@@ -95,7 +96,7 @@ def load_records(
         return load_wands(path, **common)
     if fmt == "jsonl":
         return load_jsonl(path, **common)
-    raise ValueError(f"unknown format {format!r}; expected 'auto' or one of {list(FORMATS)}")
+    raise UserError(f"unknown format {format!r}; expected 'auto' or one of {list(FORMATS)}")
 
 
 def resolve_encoding(path: PathLike, encoding: str = "auto", *, fallback: str = "utf-8") -> str:
@@ -110,8 +111,8 @@ def resolve_encoding(path: PathLike, encoding: str = "auto", *, fallback: str = 
         try:
             codecs.lookup(encoding)
         except LookupError:
-            raise ValueError(f"unknown encoding {encoding!r} (--encoding): give a Python codec name such as utf-8, "
-                             "latin-1, cp1252 or utf-16") from None
+            raise UserError(f"unknown encoding {encoding!r} (--encoding): give a Python codec name such as utf-8, "
+                            "latin-1, cp1252 or utf-16") from None
         return encoding
     p = Path(path)
     if not p.is_file():
@@ -674,7 +675,7 @@ def _field_of(message: str) -> str | None:
 def _start(on_error: str, limit: int | None) -> tuple[ErrorSink, LoadReport]:
     check_on_error(on_error)
     if limit is not None and (not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
+        raise UserError(f"limit must be a positive integer or None, got {limit!r}")
     report = LoadReport()
     return ErrorSink(on_error, report), report
 
@@ -701,7 +702,7 @@ def _label_mapper(native: str, target: str | None) -> Callable[[str], tuple[str,
         return lambda label: (label, native)
     get_taxonomy(target)
     if (native, target) not in MAPPINGS:
-        raise ValueError(f"no label mapping from {native!r} to {target!r}")
+        raise UserError(f"no label mapping from {native!r} to {target!r}")
     return lambda label: (map_label(label, native, target), target)
 
 
@@ -709,9 +710,9 @@ def _check_cuts(cuts: Sequence[float]) -> tuple[float, float]:
     try:
         lo, hi = (float(c) for c in cuts)
     except (TypeError, ValueError):
-        raise ValueError(f"cuts must be two numbers, got {cuts!r}") from None
+        raise UserError(f"cuts must be two numbers, got {cuts!r}") from None
     if not 1.0 <= lo <= hi <= 3.0:
-        raise ValueError(f"cuts must satisfy 1 <= low <= high <= 3, got {cuts!r}")
+        raise UserError(f"cuts must satisfy 1 <= low <= high <= 3, got {cuts!r}")
     return lo, hi
 
 

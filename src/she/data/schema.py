@@ -28,6 +28,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from she.errors import UserError
+
 TYPE_RELATIONS = ("same", "related", "accessory", "different")
 MATCH_VALUES = ("match", "mismatch", "unspecified")
 ATTRIBUTES = ("brand", "color", "material", "size", "function")
@@ -45,16 +47,16 @@ class Product:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Product":
         if not isinstance(d, dict):
-            raise ValueError("product must be an object")
+            raise UserError("product must be an object")
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
-            raise ValueError(f"unknown product field(s): {sorted(unknown)}")
+            raise UserError(f"unknown product field(s): {sorted(unknown)}")
         title = d.get("title")
         if not isinstance(title, str) or not title.strip():
-            raise ValueError("product.title must be a non-empty string")
+            raise UserError("product.title must be a non-empty string")
         attrs = d.get("attributes") or {}
         if not isinstance(attrs, dict):
-            raise ValueError("product.attributes must be an object of strings")
+            raise UserError("product.attributes must be an object of strings")
         return cls(
             title=title,
             brand=_opt_str(d.get("brand"), "product.brand"),
@@ -79,15 +81,15 @@ class StepFacts:
 
     def __post_init__(self) -> None:
         if self.type_relation is not None and self.type_relation not in TYPE_RELATIONS:
-            raise ValueError(f"facts.type_relation must be one of {TYPE_RELATIONS}, got {self.type_relation!r}")
+            raise UserError(f"facts.type_relation must be one of {TYPE_RELATIONS}, got {self.type_relation!r}")
         for a in ATTRIBUTES:
             v = getattr(self, a)
             if v is not None and v not in MATCH_VALUES:
-                raise ValueError(f"facts.{a} must be one of {MATCH_VALUES}, got {v!r}")
+                raise UserError(f"facts.{a} must be one of {MATCH_VALUES}, got {v!r}")
         for a in ("specs_met", "negation"):
             v = getattr(self, a)
             if v is not None and v not in YES_NO:
-                raise ValueError(f"facts.{a} must be one of {YES_NO}, got {v!r}")
+                raise UserError(f"facts.{a} must be one of {YES_NO}, got {v!r}")
 
     def known(self) -> dict[str, str]:
         """The facts that are set."""
@@ -101,10 +103,10 @@ class StepFacts:
         if d is None:
             return cls()
         if not isinstance(d, dict):
-            raise ValueError("facts must be an object")
+            raise UserError("facts must be an object")
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
-            raise ValueError(f"unknown fact(s): {sorted(unknown)}")
+            raise UserError(f"unknown fact(s): {sorted(unknown)}")
         return cls(**{k: (None if v is None else str(v)) for k, v in d.items()})
 
 
@@ -139,23 +141,23 @@ class Record:
     def from_dict(cls, d: dict[str, Any]) -> "Record":
         """Build a record from the generic JSONL schema (see docs/data.md). Raises ValueError naming the field."""
         if not isinstance(d, dict):
-            raise ValueError("a record must be a JSON object")
+            raise UserError("a record must be a JSON object")
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
-            raise ValueError(f"unknown field(s): {sorted(unknown)}")
+            raise UserError(f"unknown field(s): {sorted(unknown)}")
         for req in ("id", "query", "product"):
             if req not in d:
-                raise ValueError(f"missing field {req!r}")
+                raise UserError(f"missing field {req!r}")
         rid = d["id"]
         if isinstance(rid, bool) or not isinstance(rid, (str, int)) or str(rid) == "":
-            raise ValueError("field 'id' must be a non-empty string or integer")
+            raise UserError("field 'id' must be a non-empty string or integer")
         query = d["query"]
         if not isinstance(query, str) or not query.strip():
-            raise ValueError("field 'query' must be a non-empty string")
+            raise UserError("field 'query' must be a non-empty string")
         product = Product.from_dict(d["product"])
         taxonomy = d.get("taxonomy", "hd3")
         if not isinstance(taxonomy, str):
-            raise ValueError("field 'taxonomy' must be a string")
+            raise UserError("field 'taxonomy' must be a string")
         from she.data.labels import get_taxonomy
 
         tax = get_taxonomy(taxonomy)
@@ -165,20 +167,20 @@ class Record:
         score = d.get("score")
         if score is not None:
             if isinstance(score, bool) or not isinstance(score, (int, float)):
-                raise ValueError("field 'score' must be a number")
+                raise UserError("field 'score' must be a number")
             # JSON allows NaN/Infinity and huge integers; a non-finite score would poison every average
             try:
                 finite = math.isfinite(score)
             except OverflowError:  # an integer beyond the float range
                 finite = False
             if not finite:
-                raise ValueError("field 'score' must be a finite number")
+                raise UserError("field 'score' must be a finite number")
         meta = d.get("query_meta") or {}
         if not isinstance(meta, dict):
-            raise ValueError("field 'query_meta' must be an object")
+            raise UserError("field 'query_meta' must be an object")
         qid = d.get("query_id")
         if qid is not None and (isinstance(qid, bool) or not isinstance(qid, (str, int))):
-            raise ValueError("field 'query_id' must be a string or integer")
+            raise UserError("field 'query_id' must be a string or integer")
         return cls(
             id=str(rid),
             query=query,
@@ -201,5 +203,5 @@ def _opt_str(v: Any, name: str) -> str | None:
     if v is None:
         return None
     if not isinstance(v, str):
-        raise ValueError(f"{name} must be a string")
+        raise UserError(f"{name} must be a string")
     return v

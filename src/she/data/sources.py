@@ -9,6 +9,7 @@ from she.config import ConfigError, DataConfig
 from she.data.schema import Record
 from she.data.split import SPLIT_KEY
 from she.data.validation import DataError
+from she.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def _split(cfg: DataConfig, records: list[Record]) -> tuple[dict[str, list[Recor
         return marked, "written by `she data split` (not split again)"
     train_frac = 1.0 - cfg.validation_fraction - cfg.test_fraction
     if train_frac <= 0:
-        raise ValueError("validation_fraction + test_fraction must be < 1")
+        raise UserError("validation_fraction + test_fraction must be < 1")
     splits = split_by_query(
         records,
         fractions={"train": train_frac, "validation": cfg.validation_fraction, "test": cfg.test_fraction},
@@ -138,13 +139,13 @@ def eval_records(cfg: DataConfig, split: str | None = None) -> tuple[list[Record
         split = "test" if splits["test"] or not splits["validation"] else "validation"
         if not splits[split] and splits["train"]:
             if seeded:
-                raise ValueError(f"{src}: its held-out test split is empty (too few queries: {how}); pass --split all "
-                                 "to score every pair, training pairs included")
-            raise ValueError(f"{src} holds only training pairs ({how}); pass --split train to score them anyway")
+                raise UserError(f"{src}: its held-out test split is empty (too few queries: {how}); pass --split all "
+                                "to score every pair, training pairs included")
+            raise UserError(f"{src} holds only training pairs ({how}); pass --split train to score them anyway")
     chosen = _cap(cfg, splits)[split]
     if not chosen:
         have = ", ".join(f"{k} {len(v)}" for k, v in splits.items() if v) or "none"
-        raise ValueError(f"{src} has no {split} pairs ({how}; it holds: {have})")
+        raise UserError(f"{src} has no {split} pairs ({how}; it holds: {have})")
     return chosen, f"scoring the {split} part of {src}: {len(chosen)} of {n} pairs ({how})"
 
 

@@ -21,6 +21,7 @@ import math
 from typing import Mapping, Sequence
 
 from she.data.schema import Record
+from she.errors import UserError
 
 DEFAULT_FRACTIONS: dict[str, float] = {"train": 0.8, "validation": 0.1, "test": 0.1}
 # query_meta key of a record written by `she data split`: its part (train | validation | test)
@@ -59,13 +60,13 @@ def _group_key(group: str, seed: int) -> bytes:
 
 def _check_fractions(fr: Mapping[str, float]) -> None:
     if not fr:
-        raise ValueError("fractions must name at least one split")
+        raise UserError("fractions must name at least one split")
     for name, f in fr.items():
         if not isinstance(f, (int, float)) or math.isnan(f) or f < 0:
-            raise ValueError(f"fraction for {name!r} must be a number >= 0, got {f!r}")
+            raise UserError(f"fraction for {name!r} must be a number >= 0, got {f!r}")
     total = sum(fr.values())
     if abs(total - 1.0) > 1e-6:
-        raise ValueError(f"fractions must sum to 1, got {total:g} ({dict(fr)})")
+        raise UserError(f"fractions must sum to 1, got {total:g} ({dict(fr)})")
 
 
 def _block_sizes(n: int, fractions: list[float]) -> list[int]:

@@ -35,6 +35,7 @@ from pathlib import Path
 from she.data.guideline import label_from_facts
 from she.data.labels import get_taxonomy
 from she.data.schema import ATTRIBUTES, Product, Record, StepFacts, normalize_query
+from she.errors import UserError
 
 # --------------------------------------------------------------------------------------------------
 # Catalogue
@@ -949,11 +950,11 @@ def _check_mix(label_mix: Mapping[str, float] | None, taxonomy: str) -> dict[str
     for label, w in label_mix.items():
         canonical = tax.normalize(label)
         if not isinstance(w, (int, float)) or w < 0:
-            raise ValueError(f"label_mix[{label!r}] must be a non-negative number, got {w!r}")
+            raise UserError(f"label_mix[{label!r}] must be a non-negative number, got {w!r}")
         out[canonical] = float(w)
     total = sum(out.values())
     if total <= 0:
-        raise ValueError("label_mix weights must not all be zero")
+        raise UserError("label_mix weights must not all be zero")
     return {k: v / total for k, v in out.items()}
 
 
@@ -980,16 +981,16 @@ def generate(
     ``typo_rate`` and ``negation_rate`` are shares of queries (mutually exclusive).
     """
     if taxonomy not in _KINDS_FOR_LABEL:
-        raise ValueError(f"synthetic data supports taxonomies {list(_KINDS_FOR_LABEL)}, got {taxonomy!r}")
+        raise UserError(f"synthetic data supports taxonomies {list(_KINDS_FOR_LABEL)}, got {taxonomy!r}")
     if not isinstance(n_queries, int) or n_queries < 0:
-        raise ValueError(f"n_queries must be a non-negative integer, got {n_queries!r}")
+        raise UserError(f"n_queries must be a non-negative integer, got {n_queries!r}")
     if not isinstance(products_per_query, int) or products_per_query < 1:
-        raise ValueError(f"products_per_query must be a positive integer, got {products_per_query!r}")
+        raise UserError(f"products_per_query must be a positive integer, got {products_per_query!r}")
     for name, v in (("label_noise", label_noise), ("typo_rate", typo_rate), ("negation_rate", negation_rate)):
         if not 0.0 <= v <= 1.0:
-            raise ValueError(f"{name} must be in [0, 1], got {v!r}")
+            raise UserError(f"{name} must be in [0, 1], got {v!r}")
     if typo_rate + negation_rate > 1.0:
-        raise ValueError(f"typo_rate + negation_rate must be <= 1, got {typo_rate + negation_rate}")
+        raise UserError(f"typo_rate + negation_rate must be <= 1, got {typo_rate + negation_rate}")
     mix = _check_mix(label_mix, taxonomy)
     kinds = _KINDS_FOR_LABEL[taxonomy]
     labels = get_taxonomy(taxonomy).labels

@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
+from she.errors import UserError
+
 OnError = Literal["fail", "skip"]
 ON_ERROR_CHOICES: tuple[str, ...] = ("fail", "skip")
 
@@ -64,9 +66,11 @@ class RowError:
         return json.dumps(asdict(self), ensure_ascii=False, default=str)
 
 
-class DataError(Exception):
+class DataError(UserError):
     """Bad input data. ``str()`` is a single human-readable line such as
-    ``train.csv:17: field 'relevance': not a number: 'abc'`` so a CLI can print it as is."""
+    ``train.csv:17: field 'relevance': not a number: 'abc'`` so a CLI can print it as is.
+
+    A :class:`~she.errors.UserError` (so also a ``ValueError``): the CLI prints it and exits with status 2."""
 
     def __init__(self, reason: str, *, path: str | os.PathLike | None = None, line: int | None = None,
                  field: str | None = None) -> None:
@@ -138,7 +142,7 @@ class ErrorSink:
 
 def check_on_error(on_error: str) -> None:
     if on_error not in ON_ERROR_CHOICES:
-        raise ValueError(f"on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
+        raise UserError(f"on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
 
 
 def default_rejects_path(input_path: str | os.PathLike) -> Path:
@@ -199,9 +203,9 @@ def check_labelled_unique(records: Iterable[Any], purpose: str) -> None:
     seen: set[str] = set()
     for r in records:
         if r.label is None:
-            raise ValueError(f"record {r.id}: no gold label; {purpose}")
+            raise UserError(f"record {r.id}: no gold label; {purpose}")
         if r.id in seen:
-            raise ValueError(f"record id {r.id!r} occurs twice; record ids must be unique")
+            raise UserError(f"record id {r.id!r} occurs twice; record ids must be unique")
         seen.add(r.id)
 
 
@@ -218,4 +222,4 @@ def iter_jsonl(path: str | os.PathLike):
             try:
                 yield n, json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: invalid JSON: {e.msg}") from None
+                raise UserError(f"{path}:{n}: invalid JSON: {e.msg}") from None

@@ -21,6 +21,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from she.errors import UserError
+
 # wide: a reasoning judge's verdict follows from its own steps, so its label distribution is very peaked
 # (p ~ 0.9999 on the argmax after SFT on Home Depot); the ranking left is in the residual probabilities,
 # which offsets of several nats reach (measured: +-4 changed nothing, docs/results.md)
@@ -66,11 +68,11 @@ def fit_label_offsets(probs: Sequence[Mapping[str, float] | None], labels_out: S
     if len(probs) != len(gold) or len(labels_out) != len(gold):
         raise ValueError(f"probs ({len(probs)}), labels_out ({len(labels_out)}) and gold ({len(gold)}) differ in length")
     if not gold:
-        raise ValueError("no pairs to fit offsets on")
+        raise UserError("no pairs to fit offsets on")
     index = {lab: i for i, lab in enumerate(labels)}
     unknown = sorted({g for g in gold if g not in index})
     if unknown:
-        raise ValueError(f"gold labels {unknown} are not among {labels}")
+        raise UserError(f"gold labels {unknown} are not among {labels}")
     g = np.array([index[x] for x in gold])
     has = np.array([p is not None and all(lab in p for lab in labels) for p in probs])
     logp = np.zeros((len(gold), k))

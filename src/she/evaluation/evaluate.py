@@ -10,9 +10,10 @@ from pathlib import Path
 from she.data.labels import get_taxonomy
 from she.data.schema import Record
 from she.data.validation import atomic_write_lines
+from she.errors import UserError
 from she.evaluation.generate import Judgement, generate_judgements
-from she.models.metadata import label_offsets_of, model_schema, prompt_style_of
-from she.reasoning.schema import in_schema
+from she.models.metadata import label_offsets_of, model_step_schema, prompt_style_of
+from she.reasoning.schema import StepSchema
 
 
 def judgement_json(j: Judgement, record: Record | None = None) -> dict:
@@ -72,7 +73,6 @@ def step_checks(records: list[Record], judgements: list[Judgement]) -> dict[str,
     return out
 
 
-@in_schema(model_schema)
 def evaluate(
     model_path: str,
     records: list[Record],
@@ -85,24 +85,27 @@ def evaluate(
     title: str = "Evaluation",
     progress: bool = True,
     calibrated: bool = True,
+    schema: StepSchema | None = None,
 ) -> dict:
     """Generate, score and report. ``calibrated``: apply the model's ``label_offsets`` (she.json, from
-    ``she calibrate``) when it has them; the uncalibrated scores are then reported too."""
+    ``she calibrate``) when it has them; the uncalibrated scores are then reported too. ``schema``: the step
+    schema the model writes; None = its own (``she.json``, :func:`~she.models.metadata.model_step_schema`)."""
     from she.evaluation.report import write_report
     from she.models.registry import load_model_and_tokenizer
 
     missing = [r.id for r in records if r.label is None]
     if missing:
-        raise ValueError(f"{len(missing)} record(s) have no label (first: {missing[0]}); use `she predict` instead")
+        raise UserError(f"{len(missing)} record(s) have no label (first: {missing[0]}); use `she predict` instead")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    schema = schema or model_step_schema(model_path, taxonomy)
     model, tok = load_model_and_tokenizer(model_path)
     style = prompt_style_of(model_path)
     offsets = label_offsets_of(model_path) if calibrated else None
     t0 = time.time()
     judgements = generate_judgements(
         model, tok, records, taxonomy=taxonomy, batch_size=batch_size, max_new_tokens=max_new_tokens, bf16=bf16,
-        progress=progress, prompt_style=style, label_offsets=offsets,
+        progress=progress, prompt_style=style, label_offsets=offsets, schema=schema,
     )
     elapsed = time.time() - t0
     m = score(records, judgements, taxonomy)
@@ -117,12 +120,12 @@ def evaluate(
     return m
 
 
-@in_schema(model_schema)
 def calibrate(model_path: str, records: list[Record], *, taxonomy: str = "hd3", batch_size: int = 32,
-              max_new_tokens: int = 96, bf16: bool = True, progress: bool = True) -> dict:
+              max_new_tokens: int = 96, bf16: bool = True, progress: bool = True,
+              schema: StepSchema | None = None) -> dict:
     """Fit per-class verdict offsets on ``records`` (a validation split: never the test pairs) and write them
     into the model's ``she.json`` (``label_offsets``) and ``calibration.json``. Returns the report: offsets,
-    Macro F1 and predicted-class shares before and after, on these pairs."""
+    Macro F1 and predicted-class shares before and after, on these pairs. ``schema`` as in :func:`evaluate`."""
     from she.evaluation.calibration import apply_offsets, fit_label_offsets
     from she.evaluation.metrics import classification_report
     from she.models.metadata import load_she_meta
@@ -130,12 +133,13 @@ def calibrate(model_path: str, records: list[Record], *, taxonomy: str = "hd3", 
 
     missing = [r.id for r in records if r.label is None]
     if missing or not records:
-        raise ValueError(f"calibration needs labelled pairs ({len(missing)} unlabelled, {len(records)} given)")
+        raise UserError(f"calibration needs labelled pairs ({len(missing)} unlabelled, {len(records)} given)")
     folder = Path(resolve_model(model_path))
+    schema = schema or model_step_schema(model_path, taxonomy)
     model, tok = load_model_and_tokenizer(model_path)
     js = generate_judgements(model, tok, records, taxonomy=taxonomy, batch_size=batch_size,
                              max_new_tokens=max_new_tokens, bf16=bf16, progress=progress,
-                             prompt_style=prompt_style_of(model_path))
+                             prompt_style=prompt_style_of(model_path), schema=schema)
     labels = list(get_taxonomy(taxonomy).labels)
     gold = [r.label for r in records]
     raw = [j.raw_label for j in js]
@@ -156,17 +160,17 @@ def calibrate(model_path: str, records: list[Record], *, taxonomy: str = "hd3", 
     return report
 
 
-@in_schema(model_schema)
 def predict(model_path: str, records: list[Record], out_file: str | os.PathLike, *, taxonomy: str = "hd3",
             batch_size: int = 16, max_new_tokens: int = 96, bf16: bool = True, progress: bool = True,
-            fast: bool = False) -> int:
+            fast: bool = False, schema: StepSchema | None = None) -> int:
     """Write one JSON line per pair. Streams in chunks so huge inputs never sit in memory as judgements.
 
     ``fast=True`` scores the label in one forward pass without writing reasoning
     (:func:`she.evaluation.fast.score_labels_fast`; exact for label-target models, an approximation for
-    reasoning models); ``reasoning`` is then empty."""
+    reasoning models); ``reasoning`` is then empty. ``schema`` as in :func:`evaluate`."""
     from she.models.registry import load_model_and_tokenizer
 
+    schema = schema or model_step_schema(model_path, taxonomy)
     model, tok = load_model_and_tokenizer(model_path)
     style = prompt_style_of(model_path)
     offsets = label_offsets_of(model_path)
@@ -183,11 +187,11 @@ def predict(model_path: str, records: list[Record], out_file: str | os.PathLike,
                     from she.evaluation.fast import score_labels_fast
 
                     judged = score_labels_fast(model, tok, part, taxonomy=taxonomy, prompt_style=style,
-                                               batch_size=batch_size, bf16=bf16)
+                                               batch_size=batch_size, bf16=bf16, schema=schema)
                 else:
                     judged = generate_judgements(model, tok, part, taxonomy=taxonomy, batch_size=batch_size,
                                                  max_new_tokens=max_new_tokens, bf16=bf16, progress=progress,
-                                                 prompt_style=style, label_offsets=offsets)
+                                                 prompt_style=style, label_offsets=offsets, schema=schema)
                 for r, j in zip(part, judged):
                     f.write(json.dumps(judgement_json(j, r), ensure_ascii=False) + "\n")
                     n += 1

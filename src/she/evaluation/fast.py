@@ -39,8 +39,10 @@ import torch
 
 from she.data.labels import get_taxonomy
 from she.data.schema import Record
+from she.errors import UserError
 from she.evaluation.generate import Judgement, _label_probs, label_first_tokens
 from she.models.metadata import autocast
+from she.reasoning.schema import StepSchema, schema_for
 
 
 @dataclass
@@ -54,17 +56,14 @@ class FastJudgement(Judgement):
     label_mass: float | None = None
 
 
-def fast_prefix(taxonomy: str = "hd3", schema=None) -> str:
+def fast_prefix(taxonomy: str = "hd3", schema: StepSchema | None = None) -> str:
     """The forced text after the prompt: the label step's key and a colon (``"Verdict:"``).
 
     Why no skeleton of the earlier steps: their content (type relation, attribute checks) is what
     decides the label, so any text we forced there would decide the answer for the model; an empty
     step list is the least presumptuous prefix, and for label-target models it is the training format.
     """
-    from she.reasoning.schema import default_schema
-
-    schema = schema or default_schema(taxonomy)
-    return f"{schema.label_step.key}:"
+    return f"{schema_for(schema, taxonomy).label_step.key}:"
 
 
 def fast_mode_is_exact(target: str | None) -> bool:
@@ -81,20 +80,20 @@ def prefix_label_tokens(tokenizer, prefix: str, labels: Sequence[str]) -> tuple[
     where the model predicts the label, and the numbers would be silently wrong.
     """
     if not prefix:
-        raise ValueError("the fast-mode prefix must not be empty")
+        raise UserError("the fast-mode prefix must not be empty")
     sep = "" if prefix[-1].isspace() else " "
     first = label_first_tokens(tokenizer, list(labels))
     name = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
     if first is None:
-        raise ValueError(f"labels {list(labels)} share a first token in tokenizer {name}: label probabilities "
-                         "cannot be read from one token")
+        raise UserError(f"labels {list(labels)} share a first token in tokenizer {name}: label probabilities "
+                        "cannot be read from one token")
     ids = first[sep == " "]
     base = tokenizer.encode(prefix, add_special_tokens=False)
     for lab, tid in zip(labels, ids):
         full = tokenizer.encode(prefix + sep + lab, add_special_tokens=False)
         if full[: len(base)] != base or len(full) <= len(base) or full[len(base)] != tid:
-            raise ValueError(f"tokenizer {name}: {prefix + sep + lab!r} does not tokenize as {prefix!r} followed by "
-                             f"the first token of {sep + lab!r}; choose another fast-mode prefix")
+            raise UserError(f"tokenizer {name}: {prefix + sep + lab!r} does not tokenize as {prefix!r} followed by "
+                            f"the first token of {sep + lab!r}; choose another fast-mode prefix")
     return list(ids), sep
 
 
@@ -120,11 +119,13 @@ def score_labels_fast(
     prefix: str | Callable[[Record], str] | None = None,
     batch_size: int = 32,
     bf16: bool = False,
+    schema: StepSchema | None = None,
 ) -> list[FastJudgement]:
     """One forward pass per batch: P(label) at the forced label position, for every record.
 
-    ``prompt_style`` must be the one the model was trained with (``she.json``; see
-    :func:`she.models.metadata.prompt_style_of`). ``prefix`` defaults to :func:`fast_prefix`; it may
+    ``prompt_style`` and ``schema`` must be the ones the model was trained with (``she.json``; see
+    :func:`she.models.metadata.prompt_style_of` and :func:`~she.models.metadata.model_step_schema`; None = the
+    built-in schema). ``prefix`` defaults to :func:`fast_prefix` of that schema; it may
     be a function of the record (e.g. to force a short step list before the verdict), as long as every
     prefix's last line puts the label at a token boundary (checked, see :func:`prefix_label_tokens`).
     The label is the most probable one (the first, least relevant, on an exact tie).
@@ -133,9 +134,9 @@ def score_labels_fast(
     from she.rewards.judge import selected_logits
 
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise UserError(f"batch_size must be >= 1, got {batch_size}")
     labels = list(get_taxonomy(taxonomy).labels)
-    prefix = fast_prefix(taxonomy) if prefix is None else prefix
+    prefix = fast_prefix(taxonomy, schema) if prefix is None else prefix
     prefixes = [prefix(r) for r in records] if callable(prefix) else [prefix] * len(records)
     checked: dict[str, tuple[list[int], str]] = {}
     for p in prefixes:
@@ -143,12 +144,13 @@ def score_labels_fast(
         if tail not in checked:
             checked[tail] = prefix_label_tokens(tokenizer, tail, labels)
     if len({(tuple(ids), sep) for ids, sep in checked.values()}) > 1:
-        raise ValueError("fast-mode prefixes must all put the label after the same separator")
+        raise UserError("fast-mode prefixes must all put the label after the same separator")
     label_ids, sep = next(iter(checked.values())) if checked else ([], " ")
     first_tokens = label_first_tokens(tokenizer, labels)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    texts = [tokenizer.apply_chat_template(build_messages(r, style=prompt_style), tokenize=False,
-                                           add_generation_prompt=True) + p for r, p in zip(records, prefixes)]
+    texts = [tokenizer.apply_chat_template(build_messages(r, style=prompt_style, schema=schema_for(schema, r.taxonomy)),
+                                           tokenize=False, add_generation_prompt=True) + p
+             for r, p in zip(records, prefixes)]
     encoded = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
     order = sorted(range(len(records)), key=lambda i: len(encoded[i]))  # less padding per batch
     out: list[FastJudgement | None] = [None] * len(records)

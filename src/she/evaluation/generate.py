@@ -15,6 +15,7 @@ import torch
 from she.data.labels import get_taxonomy
 from she.data.schema import Record
 from she.models.metadata import autocast
+from she.reasoning.schema import StepSchema
 
 
 @dataclass
@@ -59,29 +60,33 @@ def generate_judgements(
     max_new_tokens: int = 96,
     bf16: bool = True,
     progress: bool = True,
-    schema=None,
+    schema: StepSchema | None = None,
     prompt_style: str = "full",
     label_offsets: dict[str, float] | None = None,
 ) -> list[Judgement]:
-    """Greedy judgements of ``records``. ``label_offsets`` (she.json ``label_offsets``): the label is read from the
-    verdict-token probabilities with these per-class offsets (:mod:`she.evaluation.calibration`); the generated
-    label stays in ``raw_label``."""
+    """Greedy judgements of ``records``. ``schema``: the step schema the model writes (prompts and parsing; None =
+    the built-in one, :func:`she.models.metadata.model_step_schema` gives a model's own). ``label_offsets``
+    (she.json ``label_offsets``): the label is read from the verdict-token probabilities with these per-class
+    offsets (:mod:`she.evaluation.calibration`); the generated label stays in ``raw_label``."""
     from tqdm.auto import tqdm
 
     from she.evaluation.calibration import apply_offsets
     from she.reasoning.parse import parse_trace
     from she.reasoning.prompts import build_messages
-    from she.reasoning.schema import default_schema
+    from she.reasoning.schema import schema_for
     from she.reasoning.segmentation import token_char_offsets
 
-    schema = schema or default_schema(taxonomy)
+    prompt_schemas = [schema_for(schema, r.taxonomy) for r in records]
+    schema = schema_for(schema, taxonomy)
     labels = list(get_taxonomy(taxonomy).labels)
     first_tokens = label_first_tokens(tokenizer, labels)
     tokenizer.padding_side = "left"
     model.eval()
     device = next(model.parameters()).device
     prompts = [
-        tokenizer.apply_chat_template(build_messages(r, style=prompt_style), tokenize=False, add_generation_prompt=True) for r in records
+        tokenizer.apply_chat_template(build_messages(r, style=prompt_style, schema=s), tokenize=False,
+                                      add_generation_prompt=True)
+        for r, s in zip(records, prompt_schemas)
     ]
     order = sorted(range(len(records)), key=lambda i: len(prompts[i]))  # less padding per batch
     results: list[Judgement | None] = [None] * len(records)

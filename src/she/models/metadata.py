@@ -16,6 +16,9 @@ import contextlib
 import json
 import os
 from pathlib import Path
+from typing import Any
+
+from she.errors import UserError
 
 SHE_META = "she.json"
 
@@ -23,42 +26,55 @@ SHE_META = "she.json"
 def save_she_meta(model_dir: str | os.PathLike, meta: dict) -> None:
     """How the model expects to be prompted, saved beside its weights (like generation_config.json).
 
-    The step schema in effect (:func:`she.reasoning.schema.schema_scope`) is recorded as ``schema`` unless
-    it is the built-in one, so every model trained on a schema variant carries it to eval, RL and serving."""
-    from she.reasoning.schema import active_schema_name
-
+    ``meta["schema"]`` is the step schema spec the model writes (:func:`she.reasoning.schema.resolve_schema`);
+    it is kept only when it is not the built-in one (``None``/``"default"`` are dropped), so a model trained on
+    a schema variant carries it to eval, RL and serving, and a default model's she.json stays as it was."""
     meta = dict(meta)
-    if "schema" not in meta and active_schema_name() != "default":
-        meta["schema"] = active_schema_name()
+    if meta.get("schema") in (None, "default"):
+        meta.pop("schema", None)
+    else:
+        meta["schema"] = str(meta["schema"])
     (Path(model_dir) / SHE_META).write_text(json.dumps(meta, indent=2))
 
 
 def load_she_meta(model_dir: str | os.PathLike) -> dict:
     p = Path(model_dir) / SHE_META
-    return json.loads(p.read_text()) if p.exists() else {}
+    if not p.exists():
+        return {}
+    try:
+        meta = json.loads(p.read_text())
+    except ValueError as e:  # invalid JSON or not UTF-8: a damaged model folder, not a bug
+        raise UserError(f"{p}: not a valid she.json ({e})") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{p}: expected a JSON object, got {type(meta).__name__}")
+    return meta
 
 
-def schema_of(model: str | os.PathLike) -> str:
-    """The step schema a model writes (``she.json``). A folder without one -- a base model, a Trainer
-    checkpoint, a registered model not prepared yet -- says nothing, so the schema already in effect is kept
-    (the built-in one at top level). A name that is no model at all also says nothing here: loading it fails
-    next, with the loader's own message."""
+def schema_of(model: Any, default: str = "default") -> str:
+    """The step schema spec a model writes (``she.json`` ``schema``), else ``default``.
+
+    A folder without one -- a base model, a Trainer checkpoint, a registered model not prepared yet -- says
+    nothing, and neither does a name that is no model at all (loading it fails next, with the loader's own
+    message) or an already loaded ``(model, tokenizer)`` pair: then ``default`` is returned, which a caller
+    that knows better (``she compare`` evaluating a checkpoint of its own run) sets itself."""
     from she.models.registry import resolve_model
-    from she.reasoning.schema import active_schema_name
 
-    if not isinstance(model, (str, os.PathLike)):  # None, or an already loaded (model, tokenizer) pair
-        return active_schema_name()
+    if not isinstance(model, (str, os.PathLike)):
+        return default
     try:
         folder = resolve_model(model, prepare_if_missing=False)
     except FileNotFoundError:
-        return active_schema_name()
-    return load_she_meta(folder).get("schema", active_schema_name())
+        return default
+    return str(load_she_meta(folder).get("schema", default))
 
 
-def model_schema(model_path, *args, **kwargs) -> str:
-    """The step schema of the model an entry point reads (its first argument), for
-    :func:`she.reasoning.schema.in_schema`: ``@in_schema(model_schema)``."""
-    return schema_of(model_path)
+def model_step_schema(model: Any, taxonomy: str = "hd3", default: str = "default"):
+    """The :class:`~she.reasoning.schema.StepSchema` a model writes, for ``taxonomy``: its ``she.json`` spec
+    (:func:`schema_of`) resolved by :func:`she.reasoning.schema.resolve_schema`. What ``she eval``, ``predict``,
+    RL, pass@N and the service pass down when the caller gives no schema."""
+    from she.reasoning.schema import resolve_schema
+
+    return resolve_schema(schema_of(model, default), taxonomy)
 
 
 def prompt_style_of(model_path) -> str:
@@ -91,5 +107,5 @@ def use_cpu() -> bool:
     return not torch.cuda.is_available()
 
 
-__all__ = ["SHE_META", "autocast", "label_offsets_of", "load_she_meta", "model_schema", "prompt_style_of", "save_she_meta", "schema_of",
+__all__ = ["SHE_META", "autocast", "label_offsets_of", "load_she_meta", "model_step_schema", "prompt_style_of", "save_she_meta", "schema_of",
            "use_cpu"]

@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from she.errors import UserError
+
 log = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -83,7 +85,7 @@ def prepare(name: str, *, force: bool = False, out_dir: Path | None = None) -> P
     elif name == "tiny":
         builder = _build_tiny
     else:
-        raise ValueError(f"unknown model name {name!r}; known: {', '.join(KNOWN)}")
+        raise UserError(f"unknown model name {name!r}; known: {', '.join(KNOWN)}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out.parent))
     try:

@@ -36,6 +36,7 @@ from typing import Any
 
 from she.data.labels import get_taxonomy
 from she.data.schema import MATCH_VALUES
+from she.errors import UserError
 from she.reasoning.schema import StepSchema, StepSpec
 
 MAX_ERRORS = 20  # errors beyond this are summarised, so a 100k-line garbage sample stays cheap
@@ -272,7 +273,7 @@ _RULES: dict[str, dict[str, str]] = {
 def _local_guideline_label(type_relation: str, attribute_results: Mapping[str, str], taxonomy: str) -> str:
     """Fallback implementation of the project's guideline rule (used if she.data.guideline is absent)."""
     if taxonomy not in _RULES:
-        raise ValueError(f"no guideline rule for taxonomy {taxonomy!r}; known: {sorted(_RULES)}")
+        raise UserError(f"no guideline rule for taxonomy {taxonomy!r}; known: {sorted(_RULES)}")
     if type_relation == "same":
         mismatch = any(v == "mismatch" for v in attribute_results.values())
         return _RULES[taxonomy]["same_mismatch" if mismatch else "same"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from she.data.labels import get_taxonomy
 from she.data.schema import MATCH_VALUES, Product, Record
+from she.errors import UserError
 from she.reasoning.parse import _RULES
 from she.reasoning.render import one_line
 from she.reasoning.schema import StepSchema, StepSpec, default_schema
@@ -123,12 +124,12 @@ def build_messages(record: Record, *, system: str | None = None, schema: StepSch
 
     ``style`` is ``full`` (the whole step format and label rule, for zero-shot use) or ``compact``.
 
-    ``system=None`` builds the instruction from ``schema`` (default: the default schema of the
-    record's taxonomy), so an esci4 record gets the esci4 label set; pass :data:`DEFAULT_SYSTEM`
-    or any string to override. The record's label is never used.
+    ``system=None`` builds the instruction from ``schema``, the step schema the model writes (None: the
+    built-in schema of the record's taxonomy, so an esci4 record gets the esci4 label set); pass
+    :data:`DEFAULT_SYSTEM` or any string to override. The record's label is never used.
     """
     if style not in PROMPT_STYLES:
-        raise ValueError(f"unknown prompt style {style!r}; use one of {PROMPT_STYLES}")
+        raise UserError(f"unknown prompt style {style!r}; use one of {PROMPT_STYLES}")
     if system is None:
         schema = schema or default_schema(record.taxonomy)
         system = system_prompt(schema) if style == "full" else compact_system_prompt(schema)

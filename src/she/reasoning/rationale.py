@@ -34,6 +34,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from she.data.schema import ATTRIBUTES, TYPE_RELATIONS, Record
+from she.errors import UserError
 from she.reasoning.parse import consistent_label, guideline_label, parse_trace
 from she.reasoning.render import one_line, render_trace
 from she.reasoning.schema import StepSchema, default_schema
@@ -483,7 +484,7 @@ def choose_conclusions(ev: Evidence, label: str, taxonomy: str, allowed: tuple[s
                     return t, attrs
         if not allowed:
             break
-    raise ValueError(f"no type/attribute conclusion implies label {label!r} in taxonomy {taxonomy!r}")
+    raise UserError(f"no type/attribute conclusion implies label {label!r} in taxonomy {taxonomy!r}")
 
 
 def _attr_text(attrs: Mapping[str, str], order: tuple[str, ...], include_unspecified: bool) -> dict[str, str]:
@@ -503,10 +504,10 @@ def rationale_steps(record: Record, schema: StepSchema | None = None, *, include
                     extra_writers: Mapping[str, StepWriter] | None = None) -> dict[str, object]:
     """The step values (``{step name: value}``) of the rationale for ``record``; see :func:`write_rationale`."""
     if record.label is None:
-        raise ValueError(f"record {record.id}: no label; the rationale writer explains a gold label")
+        raise UserError(f"record {record.id}: no label; the rationale writer explains a gold label")
     schema = schema or default_schema(record.taxonomy)
     if schema.taxonomy != record.taxonomy:
-        raise ValueError(f"record {record.id}: taxonomy {record.taxonomy!r} differs from the schema's {schema.taxonomy!r}")
+        raise UserError(f"record {record.id}: taxonomy {record.taxonomy!r} differs from the schema's {schema.taxonomy!r}")
     attr_step = next((s for s in schema.steps if s.kind == "attributes"), None)
     allowed = attr_step.choices if attr_step is not None else None
     ev = analyse(record)
@@ -539,10 +540,10 @@ def rationale_steps(record: Record, schema: StepSchema | None = None, *, include
             yes = ev.negation if s.name == "negation" else same_ok
             choice = "yes" if yes else "no"
             if choice not in (s.choices or ()):
-                raise ValueError(f"step {s.name!r}: choices must include 'yes' and 'no' for the rationale writer")
+                raise UserError(f"step {s.name!r}: choices must include 'yes' and 'no' for the rationale writer")
             steps[s.name] = choice
         else:
-            raise ValueError(
+            raise UserError(
                 f"rationale writer has no rule for step {s.name!r} (kind {s.kind}); pass extra_writers={{{s.name!r}: fn}}"
             )
     return steps

@@ -33,15 +33,14 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from she.data.labels import get_taxonomy
 from she.data.schema import ATTRIBUTES, MATCH_VALUES, TYPE_RELATIONS
+from she.errors import UserError
 
 STEP_KINDS = ("free", "choice", "attributes", "label")
 _KEY_RE = re.compile(r"^[^\W\d_][^\W_]*(?:[ _-][^\W_]+){0,3}$")
@@ -69,32 +68,32 @@ class StepSpec:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", self.name):
-            raise ValueError(f"step name must be lowercase identifier-like (e.g. 'type'), got {self.name!r}")
+            raise UserError(f"step name must be lowercase identifier-like (e.g. 'type'), got {self.name!r}")
         if not isinstance(self.key, str) or not _KEY_RE.match(self.key):
-            raise ValueError(
+            raise UserError(
                 f"step {self.name!r}: key must be 1-4 words of letters/digits starting with a letter, got {self.key!r}"
             )
         for a in self.aliases:
             if not isinstance(a, str) or not _KEY_RE.match(a):
-                raise ValueError(f"step {self.name!r}: bad alias {a!r}")
+                raise UserError(f"step {self.name!r}: bad alias {a!r}")
         if self.kind not in STEP_KINDS:
-            raise ValueError(f"step {self.name!r}: kind must be one of {STEP_KINDS}, got {self.kind!r}")
+            raise UserError(f"step {self.name!r}: kind must be one of {STEP_KINDS}, got {self.kind!r}")
         if self.kind == "choice":
             if not self.choices:
-                raise ValueError(f"step {self.name!r}: a choice step needs a non-empty 'choices' list")
+                raise UserError(f"step {self.name!r}: a choice step needs a non-empty 'choices' list")
         elif self.kind == "attributes":
             if self.choices is None:
                 object.__setattr__(self, "choices", ATTRIBUTES)
             bad = [c for c in self.choices if c not in ATTRIBUTES]
             if bad:
-                raise ValueError(f"step {self.name!r}: unknown attribute(s) {bad}; known: {list(ATTRIBUTES)}")
+                raise UserError(f"step {self.name!r}: unknown attribute(s) {bad}; known: {list(ATTRIBUTES)}")
         elif self.choices is not None:
-            raise ValueError(f"step {self.name!r}: 'choices' is only allowed for choice/attributes steps")
+            raise UserError(f"step {self.name!r}: 'choices' is only allowed for choice/attributes steps")
         if self.choices is not None:
             object.__setattr__(self, "choices", tuple(str(c) for c in self.choices))
             lowered = [c.lower() for c in self.choices]
             if len(set(lowered)) != len(lowered) or any(not c.strip() for c in self.choices):
-                raise ValueError(f"step {self.name!r}: choices must be distinct non-empty strings")
+                raise UserError(f"step {self.name!r}: choices must be distinct non-empty strings")
         object.__setattr__(self, "aliases", tuple(self.aliases))
 
     def to_dict(self) -> dict[str, Any]:
@@ -118,19 +117,19 @@ class StepSchema:
         get_taxonomy(self.taxonomy)  # raises on an unknown taxonomy
         self.steps = list(self.steps)
         if not self.steps:
-            raise ValueError("a step schema needs at least one step")
+            raise UserError("a step schema needs at least one step")
         names = [s.name for s in self.steps]
         if len(set(names)) != len(names):
-            raise ValueError(f"duplicate step names in schema: {names}")
+            raise UserError(f"duplicate step names in schema: {names}")
         label_steps = [i for i, s in enumerate(self.steps) if s.kind == "label"]
         if label_steps != [len(self.steps) - 1]:
-            raise ValueError("a step schema needs exactly one 'label' step and it must be the last one")
+            raise UserError("a step schema needs exactly one 'label' step and it must be the last one")
         self._by_key = {}
         for i, s in enumerate(self.steps):
             for k in (s.key, s.name, *s.aliases):
                 nk = normalize_key(k)
                 if nk in self._by_key and self._by_key[nk] != i:
-                    raise ValueError(f"key/alias {k!r} is used by two steps")
+                    raise UserError(f"key/alias {k!r} is used by two steps")
                 self._by_key[nk] = i
 
     # -- lookups ---------------------------------------------------------------------------
@@ -152,6 +151,11 @@ class StepSchema:
     def labels(self) -> tuple[str, ...]:
         return get_taxonomy(self.taxonomy).labels
 
+    def for_taxonomy(self, taxonomy: str) -> "StepSchema":
+        """The same steps with ``taxonomy``'s labels (``self`` when it already has them). Steps do not depend on
+        the taxonomy, so this equals ``resolve_schema(spec, taxonomy)`` for the spec ``self`` came from."""
+        return self if taxonomy == self.taxonomy else StepSchema(list(self.steps), taxonomy)
+
     # -- (de)serialisation -----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {"taxonomy": self.taxonomy, "steps": [s.to_dict() for s in self.steps]}
@@ -168,39 +172,39 @@ class StepSchema:
         elif isinstance(d, dict):
             unknown = set(d) - {"taxonomy", "steps"}
             if unknown:
-                raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}; expected 'taxonomy' and 'steps'")
+                raise UserError(f"{where}: unknown field(s) {sorted(unknown)}; expected 'taxonomy' and 'steps'")
             if "steps" not in d:
-                raise ValueError(f"{where}: missing field 'steps'")
+                raise UserError(f"{where}: missing field 'steps'")
             raw_steps, tax = d["steps"], taxonomy or d.get("taxonomy", "hd3")
         else:
-            raise ValueError(f"{where}: a step schema must be a list of steps or an object with 'steps'")
+            raise UserError(f"{where}: a step schema must be a list of steps or an object with 'steps'")
         if not isinstance(raw_steps, list):
-            raise ValueError(f"{where}: 'steps' must be a list")
+            raise UserError(f"{where}: 'steps' must be a list")
         steps = []
         for i, s in enumerate(raw_steps):
             if not isinstance(s, dict):
-                raise ValueError(f"{where}: steps[{i}] must be an object")
+                raise UserError(f"{where}: steps[{i}] must be an object")
             unknown = set(s) - {"name", "key", "kind", "choices", "aliases"}
             if unknown:
-                raise ValueError(f"{where}: steps[{i}]: unknown field(s) {sorted(unknown)}")
+                raise UserError(f"{where}: steps[{i}]: unknown field(s) {sorted(unknown)}")
             for req in ("name", "key", "kind"):
                 if req not in s:
-                    raise ValueError(f"{where}: steps[{i}]: missing field {req!r}")
+                    raise UserError(f"{where}: steps[{i}]: missing field {req!r}")
             choices = s.get("choices")
             if choices is not None and not isinstance(choices, (list, tuple)):
-                raise ValueError(f"{where}: steps[{i}].choices must be a list")
+                raise UserError(f"{where}: steps[{i}].choices must be a list")
             aliases = s.get("aliases") or ()
             if not isinstance(aliases, (list, tuple)):
-                raise ValueError(f"{where}: steps[{i}].aliases must be a list")
+                raise UserError(f"{where}: steps[{i}].aliases must be a list")
             try:
                 steps.append(StepSpec(str(s["name"]), str(s["key"]), str(s["kind"]),
                                       None if choices is None else tuple(choices), tuple(aliases)))
             except ValueError as e:
-                raise ValueError(f"{where}: steps[{i}]: {e}") from None
+                raise UserError(f"{where}: steps[{i}]: {e}") from None
         try:
             return cls(steps, str(tax))
         except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
+            raise UserError(f"{where}: {e}") from None
 
 
 def load_schema(path: str | Path, *, taxonomy: str | None = None) -> StepSchema:
@@ -211,7 +215,7 @@ def load_schema(path: str | Path, *, taxonomy: str | None = None) -> StepSchema:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{p}: line {e.lineno}: invalid JSON: {e.msg}") from None
+            raise UserError(f"{p}: line {e.lineno}: invalid JSON: {e.msg}") from None
     else:
         import yaml
 
@@ -220,7 +224,7 @@ def load_schema(path: str | Path, *, taxonomy: str | None = None) -> StepSchema:
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = f"line {mark.line + 1}: " if mark is not None else ""
-            raise ValueError(f"{p}: {line}invalid YAML: {e}") from None
+            raise UserError(f"{p}: {line}invalid YAML: {e}") from None
     return StepSchema.from_dict(data, taxonomy=taxonomy, where=str(p))
 
 
@@ -261,7 +265,6 @@ def coverage_schema(taxonomy: str = "hd3") -> StepSchema:
 
 
 SCHEMAS: dict[str, Callable[[str], StepSchema]] = {"default": builtin_schema, "coverage": coverage_schema}
-_ACTIVE: ContextVar[str | None] = ContextVar("she_schema", default=None)
 
 
 @functools.lru_cache(maxsize=64)
@@ -270,69 +273,40 @@ def _resolve(spec: str, taxonomy: str) -> StepSchema:
         return SCHEMAS[spec](taxonomy)
     if Path(spec).suffix.lower() in (".yaml", ".yml", ".json"):
         if not Path(spec).is_file():
-            raise ValueError(f"schema file {spec} does not exist")
+            raise UserError(f"schema file {spec} does not exist")
         return load_schema(spec, taxonomy=taxonomy)
-    raise ValueError(f"unknown schema {spec!r}: use one of {sorted(SCHEMAS)} or a .yaml/.json schema file")
+    raise UserError(f"unknown schema {spec!r}: use one of {sorted(SCHEMAS)} or a .yaml/.json schema file")
 
 
 def resolve_schema(spec: str | None, taxonomy: str = "hd3") -> StepSchema:
-    """The schema named ``spec`` (``default``, ``coverage``, or a YAML/JSON file) for ``taxonomy``."""
+    """The schema named ``spec`` (``default``, ``coverage``, or a YAML/JSON file) for ``taxonomy``.
+
+    The one way to turn a spec -- ``schema:`` of an SFT config, ``schema`` of a model's ``she.json`` -- into a
+    :class:`StepSchema`. There is no schema "in effect": entry points (``she train sft|srpo|grpo|dpo|rm|prm``,
+    ``she eval``/``predict``/``calibrate``, ``she data filter``, ``she compare``, the service) resolve the spec
+    of the config or of the model they read and pass the schema down as an argument to the prompts, the
+    rationale writer, the parser and whatever else reads traces."""
     return _resolve(str(spec or "default"), taxonomy)
 
 
-@contextmanager
-def schema_scope(spec: str | None) -> Iterator[None]:
-    """Within the block, :func:`default_schema` returns the ``spec`` schema.
-
-    Why a scope rather than a ``schema=`` argument on every function: the schema is a property of the
-    model being trained or read (like its prompt style), and some 17 call sites -- rationale writer,
-    prompts, parser, verifier, judge, pass@N, difficulty, diversity -- ask for "the schema of this
-    taxonomy". Entry points (``she train sft|rl|prm``, ``she eval``/``predict``, ``she compare``, the
-    service) open the scope from the config or the model's ``she.json``; everything below reads it.
-    A ``ContextVar``: threads start with the built-in schema, so a server thread opens its own scope.
-    """
-    resolve_schema(spec)  # fail early on a bad name or file
-    token = _ACTIVE.set(None if spec in (None, "default") else str(spec))
-    try:
-        yield
-    finally:
-        _ACTIVE.reset(token)
-
-
-def in_schema(spec_of: Callable[..., str | None]) -> Callable:
-    """Decorator: run the function inside ``schema_scope(spec_of(*args, **kwargs))``, e.g. the schema of
-    the model the function reads (``@in_schema(lambda model_path, *a, **k: schema_of(model_path))``)."""
-
-    def deco(fn: Callable) -> Callable:
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            with schema_scope(spec_of(*args, **kwargs)):
-                return fn(*args, **kwargs)
-
-        return wrapper
-
-    return deco
-
-
-def active_schema_name() -> str:
-    return _ACTIVE.get() or "default"
-
-
 def default_schema(taxonomy: str = "hd3") -> StepSchema:
-    """The schema in effect for ``taxonomy``: the built-in one unless a :func:`schema_scope` says otherwise."""
-    spec = _ACTIVE.get()
-    return builtin_schema(taxonomy) if spec is None else resolve_schema(spec, taxonomy)
+    """The built-in schema of ``taxonomy`` (spec ``default``): what a function uses when it is given no schema."""
+    return builtin_schema(taxonomy)
+
+
+def schema_for(schema: StepSchema | None, taxonomy: str) -> StepSchema:
+    """``schema`` with ``taxonomy``'s labels (:meth:`StepSchema.for_taxonomy`), or the built-in schema of
+    ``taxonomy`` when ``schema`` is None: the schema of one record, from the schema of its job."""
+    return default_schema(taxonomy) if schema is None else schema.for_taxonomy(taxonomy)
 
 
 __all__ = [
     "COVERAGE_STEP",
     "SCHEMAS",
-    "active_schema_name",
     "builtin_schema",
     "coverage_schema",
-    "in_schema",
     "resolve_schema",
-    "schema_scope",
+    "schema_for",
     "ATTRIBUTES",
     "MATCH_VALUES",
     "STEP_KINDS",

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from she.data.schema import Record
+from she.errors import UserError
 from she.reasoning.parse import ParsedTrace, consistent_label, parse_trace
 from she.reasoning.prompts import teacher_system_prompt, user_message
 from she.reasoning.render import render_trace
@@ -69,9 +70,9 @@ class TeacherClient:
 
     def __post_init__(self) -> None:
         if not self.base_url.startswith(("http://", "https://")):
-            raise ValueError(f"teacher base_url must start with http:// or https://, got {self.base_url!r}")
+            raise UserError(f"teacher base_url must start with http:// or https://, got {self.base_url!r}")
         if self.max_retries < 0:
-            raise ValueError("max_retries must be >= 0")
+            raise UserError("max_retries must be >= 0")
         self.base_url = self.base_url.rstrip("/")
 
     def chat(self, messages: list[dict[str, str]]) -> str:
@@ -184,7 +185,7 @@ def generate_traces(
     and not sent (there is nothing to check the answer against).
     """
     if n < 1:
-        raise ValueError("n must be >= 1")
+        raise UserError("n must be >= 1")
     stats = TeacherStats()
     accepted: list[tuple[Record, str]] = []
     for record in records:
@@ -194,7 +195,7 @@ def generate_traces(
             stats.reject(NO_LABEL, record.id)
             continue
         if sch.taxonomy != record.taxonomy:
-            raise ValueError(f"record {record.id}: taxonomy {record.taxonomy!r} differs from the schema's {sch.taxonomy!r}")
+            raise UserError(f"record {record.id}: taxonomy {record.taxonomy!r} differs from the schema's {sch.taxonomy!r}")
         messages = [
             {"role": "system", "content": system or teacher_system_prompt(sch)},
             {"role": "user", "content": user_message(record)},

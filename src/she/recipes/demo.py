@@ -115,10 +115,12 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     (out / "report.md").write_text("\n".join(report))
     sft_log = dict(next((h for h in reversed(history) if "train_runtime" in h), {}))
     from she.models.registry import load_model_and_tokenizer
+    from she.reasoning.schema import resolve_schema
     from she.training.sft import count_tokens
 
     tok = load_model_and_tokenizer(final)[1]
-    sft_log.update(count_tokens(splits["train"], tok, cfg.sft.target, cfg.sft.prompt_style))
+    sft_log.update(count_tokens(splits["train"], tok, cfg.sft.target, cfg.sft.prompt_style,
+                                resolve_schema(cfg.sft.schema, cfg.data.taxonomy)))
     if "train_runtime" in sft_log and sft_log["train_runtime"]:
         epochs = float(sft_log.get("epoch", 1.0))
         sft_log["train_tokens_per_s"] = sft_log["tokens"] * epochs / float(sft_log["train_runtime"])

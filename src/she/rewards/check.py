@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from she.data.schema import Record
+from she.errors import UserError
 from she.reasoning.parse import parse_trace
 from she.reasoning.rationale import write_rationale
 from she.reasoning.schema import StepSchema
@@ -58,10 +59,10 @@ def check_examiner(examiner: Any, records: Sequence[Record], schema: StepSchema,
     trace beats the gold trace by more than ``tolerance`` under ``criterion`` (higher reward / lower flaw).
     """
     if criterion not in CRITERIA:
-        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+        raise UserError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     labelled = [r for r in records if r.label is not None]
     if not labelled:
-        raise ValueError("the examiner check needs labelled records")
+        raise UserError("the examiner check needs labelled records")
     labels = schema.labels
     items, owners = [], []
     for r in labelled:

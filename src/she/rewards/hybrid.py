@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from she.data.labels import get_taxonomy
+from she.errors import UserError
 from she.rewards.verifier import CORRECT, INCORRECT, UNKNOWN, verify_steps
 
 # Which source decided a step's score (values of StepScores.sources).
@@ -142,11 +143,11 @@ def combine_step_scores(
     ``judge=None`` means no judge was consulted (every judge entry counts as no opinion).
     """
     if mode not in HYBRID_MODES:
-        raise ValueError(f"mode must be one of {HYBRID_MODES}, got {mode!r}")
+        raise UserError(f"mode must be one of {HYBRID_MODES}, got {mode!r}")
     if not 0.0 <= weight <= 1.0:
-        raise ValueError(f"weight must be in [0, 1], got {weight}")
+        raise UserError(f"weight must be in [0, 1], got {weight}")
     if neutral is not None and not 0.0 <= neutral <= 1.0:
-        raise ValueError(f"neutral must be in [0, 1] or None, got {neutral}")
+        raise UserError(f"neutral must be in [0, 1] or None, got {neutral}")
     j = list(judge) if judge is not None else [None] * len(verifier)
     if len(j) != len(verifier):
         raise ValueError(f"verifier has {len(verifier)} step scores but judge has {len(j)}")
@@ -277,7 +278,7 @@ def outcome_reward(pred_label: str | None, gold: str, taxonomy: str, ordinal_par
     """
     tax = get_taxonomy(taxonomy)
     if gold is None:
-        raise ValueError("outcome_reward needs a gold label (the record is unlabelled)")
+        raise UserError("outcome_reward needs a gold label (the record is unlabelled)")
     j = tax.index(gold)  # raises ValueError naming the taxonomy for a label outside it
     if pred_label is None:
         return 0.0

@@ -51,6 +51,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from she.errors import UserError
 from she.reasoning.prompts import user_message
 
 log = logging.getLogger(__name__)
@@ -99,11 +100,11 @@ class JudgeFormat:
 
     def __post_init__(self) -> None:
         if self.good == self.bad:
-            raise ValueError(f"the two verdict words must differ, got {self.good!r} twice")
+            raise UserError(f"the two verdict words must differ, got {self.good!r} twice")
         if self.max_step_tokens < 1 or self.max_length < 8:
-            raise ValueError("max_step_tokens must be >= 1 and max_length >= 8")
+            raise UserError("max_step_tokens must be >= 1 and max_length >= 8")
         if self.version != FORMAT_VERSION:
-            raise ValueError(f"judge format version {self.version} is not supported (this she reads {FORMAT_VERSION})")
+            raise UserError(f"judge format version {self.version} is not supported (this she reads {FORMAT_VERSION})")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -113,11 +114,11 @@ class JudgeFormat:
         known = {f for f in cls.__dataclass_fields__}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"{where}: unknown field(s) {unknown}; allowed: {sorted(known)}")
+            raise UserError(f"{where}: unknown field(s) {unknown}; allowed: {sorted(known)}")
         try:
             return cls(**d)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"{where}: {e}") from None
+            raise UserError(f"{where}: {e}") from None
 
 
 def verdict_token_ids(tokenizer: Any, good: str, bad: str) -> tuple[int, int]:
@@ -126,7 +127,7 @@ def verdict_token_ids(tokenizer: Any, good: str, bad: str) -> tuple[int, int]:
     for word in (good, bad):
         enc = tokenizer.encode(word, add_special_tokens=False)
         if len(enc) != 1:
-            raise ValueError(
+            raise UserError(
                 f"verdict word {word!r} is {len(enc)} tokens {enc} in the judge tokenizer "
                 f"({getattr(tokenizer, 'name_or_path', type(tokenizer).__name__)}), but the judge reads one "
                 f"token per verdict; choose single-token words (e.g. ' good'/' bad' for SmolLM2, '+'/'-' for "
@@ -134,7 +135,7 @@ def verdict_token_ids(tokenizer: Any, good: str, bad: str) -> tuple[int, int]:
             )
         ids.append(enc[0])
     if ids[0] == ids[1]:
-        raise ValueError(f"verdict words {good!r} and {bad!r} map to the same token {ids[0]}")
+        raise UserError(f"verdict words {good!r} and {bad!r} map to the same token {ids[0]}")
     return ids[0], ids[1]
 
 
@@ -146,8 +147,8 @@ def auto_verdicts(tokenizer: Any) -> tuple[str, str]:
         except ValueError:
             continue
         return good, bad
-    raise ValueError(f"none of the verdict pairs {VERDICT_CANDIDATES} are single distinct tokens in this tokenizer; "
-                     "set the verdict words explicitly")
+    raise UserError(f"none of the verdict pairs {VERDICT_CANDIDATES} are single distinct tokens in this tokenizer; "
+                    "set the verdict words explicitly")
 
 
 @dataclass
@@ -250,7 +251,7 @@ class StepJudge:
             tokenizer.pad_token = tokenizer.eos_token
         self._marker_ids = self._ids(fmt.marker)
         if not self._marker_ids:
-            raise ValueError("the verdict marker must not be empty")
+            raise UserError("the verdict marker must not be empty")
         limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         self.max_length = min(fmt.max_length, int(limit)) if limit else fmt.max_length
 
@@ -273,9 +274,9 @@ class StepJudge:
             judge = cls(model, tok, fmt, **kwargs)
             saved = meta.get("verdict_token_ids")
             if saved and list(saved) != [judge.good_id, judge.bad_id]:
-                raise ValueError(f"{meta_path}: verdict token ids {saved} differ from the tokenizer's "
-                                 f"{[judge.good_id, judge.bad_id]}: tokenizer and judge metadata do not "
-                                 "belong together")
+                raise UserError(f"{meta_path}: verdict token ids {saved} differ from the tokenizer's "
+                                f"{[judge.good_id, judge.bad_id]}: tokenizer and judge metadata do not "
+                                "belong together")
             return judge
         return cls(model, tok, fmt, **kwargs)
 
@@ -306,7 +307,7 @@ class StepJudge:
         ids = self._ids(self.prefix_text(prompt))
         positions: list[int] = []
         if len(ids) + len(self._marker_ids) + 2 > self.max_length:
-            raise ValueError(f"the judge prompt alone is {len(ids)} tokens, over max_length={self.max_length}")
+            raise UserError(f"the judge prompt alone is {len(ids)} tokens, over max_length={self.max_length}")
         for k, step in enumerate(steps):
             body = self._ids(("\n" if k else "") + " ".join(str(step).split()))[: self.fmt.max_step_tokens]
             seg = body + self._marker_ids
@@ -512,11 +513,11 @@ class RemoteJudge:
 
     def __post_init__(self) -> None:
         if not self.base_url.startswith(("http://", "https://")):
-            raise ValueError(f"remote judge base_url must start with http:// or https://, got {self.base_url!r}")
+            raise UserError(f"remote judge base_url must start with http:// or https://, got {self.base_url!r}")
         if self.max_retries < 0 or self.timeout <= 0 or self.backoff < 0 or self.max_backoff < 0:
-            raise ValueError(f"remote judge: need max_retries >= 0, timeout > 0, backoff >= 0 and max_backoff >= 0; "
-                             f"got max_retries={self.max_retries}, timeout={self.timeout}, backoff={self.backoff}, "
-                             f"max_backoff={self.max_backoff}")
+            raise UserError(f"remote judge: need max_retries >= 0, timeout > 0, backoff >= 0 and max_backoff >= 0; "
+                            f"got max_retries={self.max_retries}, timeout={self.timeout}, backoff={self.backoff}, "
+                            f"max_backoff={self.max_backoff}")
         self.base_url = self.base_url.rstrip("/")
         for k in FAULT_KINDS:
             self.fault_counts.setdefault(k, 0)

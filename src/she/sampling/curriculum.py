@@ -45,6 +45,7 @@ from typing import Any
 
 from she.config import ConfigError, RLJobConfig, canonical_key, from_dict, to_dict
 from she.data.schema import Record
+from she.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -180,20 +181,20 @@ def apply_stage_filter(records: Sequence[Record], stage: Stage, pass_rates: Mapp
     out = list(records)
     if f.pass_rate is not None:
         if pass_rates is None:
-            raise ValueError(f"stage {stage.name!r} filters on pass_rate but no pass rates were given "
-                             "(curriculum.pass_rates: the cache from `she data filter`)")
+            raise UserError(f"stage {stage.name!r} filters on pass_rate but no pass rates were given "
+                            "(curriculum.pass_rates: the cache from `she data filter`)")
         missing = [r.id for r in out if r.id not in pass_rates]
         if missing:
-            raise ValueError(f"stage {stage.name!r}: {len(missing)} record(s) have no pass rate "
-                             f"(first: {missing[0]!r}); estimate them with `she data filter`")
+            raise UserError(f"stage {stage.name!r}: {len(missing)} record(s) have no pass rate "
+                            f"(first: {missing[0]!r}); estimate them with `she data filter`")
         lo, hi = f.pass_rate
         out = [r for r in out if lo <= pass_rates[r.id] <= hi]
     if f.labels is not None:
         known = {lab for r in records for lab in get_taxonomy(r.taxonomy).labels}
         unknown = sorted(set(f.labels) - known)
         if unknown:
-            raise ValueError(f"stage {stage.name!r}: filter.labels {unknown} are not labels of the data "
-                             f"({sorted(known)})")
+            raise UserError(f"stage {stage.name!r}: filter.labels {unknown} are not labels of the data "
+                            f"({sorted(known)})")
         wanted = set(f.labels)
         out = [r for r in out if r.label in wanted]
     if f.query_types is not None:
@@ -202,8 +203,8 @@ def apply_stage_filter(records: Sequence[Record], stage: Stage, pass_rates: Mapp
     if f.max_records is not None and len(out) > f.max_records:
         out = stratified_sample(out, f.max_records, lambda r: (r.label, r.query_meta.get("query_type")), seed=seed)
     if not out:
-        raise ValueError(f"stage {stage.name!r}: the filter {dataclasses.asdict(f)} keeps no record "
-                         f"of {len(records)}")
+        raise UserError(f"stage {stage.name!r}: the filter {dataclasses.asdict(f)} keeps no record "
+                        f"of {len(records)}")
     return out
 
 
@@ -298,9 +299,9 @@ def _read_state(path: Path) -> dict[str, Any] | None:
     try:
         d = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON ({e.msg}); delete it to restart the curriculum") from None
+        raise UserError(f"{path}: invalid JSON ({e.msg}); delete it to restart the curriculum") from None
     if not isinstance(d, dict) or not isinstance(d.get("done"), list):
-        raise ValueError(f"{path}: field 'done' is missing or not a list; delete it to restart the curriculum")
+        raise UserError(f"{path}: field 'done' is missing or not a list; delete it to restart the curriculum")
     return d
 
 
@@ -339,8 +340,8 @@ def run_curriculum(rl_cfg: RLJobConfig, curriculum: CurriculumConfig, train_reco
     if state is not None:
         for j, name in enumerate(state["done"]):
             if j >= len(names) or names[j] != name:
-                raise ValueError(f"{state_path}: done stages {state['done']} do not match this curriculum's stages "
-                                 f"{names}; use another output_dir or delete the state file")
+                raise UserError(f"{state_path}: done stages {state['done']} do not match this curriculum's stages "
+                                f"{names}; use another output_dir or delete the state file")
     else:
         state = {"stages": names, "done": [], "current": 0, "history": []}
     state["stages"] = names

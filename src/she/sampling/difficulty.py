@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from she.data.schema import Record
-from she.models.metadata import model_schema
-from she.reasoning.schema import in_schema
+from she.errors import UserError
+from she.reasoning.schema import StepSchema
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ GenerateFn = Callable[[Sequence[Record], int], list[list[str]]]
 
 def _check_rate(rid: Any, p: Any) -> float:
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0.0 <= float(p) <= 1.0):
-        raise ValueError(f"pass rate of {rid!r} must be a number in [0, 1], got {p!r}")
+        raise UserError(f"pass rate of {rid!r} must be a number in [0, 1], got {p!r}")
     return float(p)
 
 
@@ -58,9 +58,9 @@ def pass_rate_band(pass_rates: Mapping[str, float], low: float = 0.0, high: floa
     ``inclusive=True`` keeps ``low <= p <= high``.
     """
     if not (0.0 <= low <= 1.0 and 0.0 <= high <= 1.0):
-        raise ValueError(f"band limits must lie in [0, 1], got low={low}, high={high}")
+        raise UserError(f"band limits must lie in [0, 1], got low={low}, high={high}")
     if low > high:
-        raise ValueError(f"band is empty: low={low} > high={high}")
+        raise UserError(f"band is empty: low={low} > high={high}")
     out = []
     for rid, p in pass_rates.items():
         p = _check_rate(rid, p)
@@ -76,7 +76,7 @@ def rollout_bin_edges(k: int) -> list[float]:
     these values, so the report uses these edges.
     """
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise UserError(f"k must be >= 1, got {k}")
     h = 0.5 / k
     return [-h + j / k for j in range(k + 1)] + [1.0 + h]
 
@@ -90,17 +90,17 @@ def histogram(pass_rates: Mapping[str, float], bins: int | Sequence[float] = 10)
     """
     if isinstance(bins, int):
         if bins < 1:
-            raise ValueError(f"bins must be >= 1, got {bins}")
+            raise UserError(f"bins must be >= 1, got {bins}")
         edges = [j / bins for j in range(bins + 1)]
     else:
         edges = [float(e) for e in bins]
         if len(edges) < 2 or any(b <= a for a, b in zip(edges, edges[1:])):
-            raise ValueError(f"bin edges must be at least two increasing numbers, got {list(bins)}")
+            raise UserError(f"bin edges must be at least two increasing numbers, got {list(bins)}")
     counts = [0] * (len(edges) - 1)
     for rid, p in pass_rates.items():
         p = _check_rate(rid, p)
         if p < edges[0] or p > edges[-1]:
-            raise ValueError(f"pass rate {p} of {rid!r} lies outside the bin edges [{edges[0]}, {edges[-1]}]")
+            raise UserError(f"pass rate {p} of {rid!r} lies outside the bin edges [{edges[0]}, {edges[-1]}]")
         j = next(i for i in range(len(counts)) if p < edges[i + 1] or i == len(counts) - 1)
         counts[j] += 1
     return {"edges": edges, "counts": counts, "n": len(pass_rates)}
@@ -116,7 +116,7 @@ def difficulty_report(pass_rates: Mapping[str, float], kept_ids: Sequence[str], 
     kept = set(kept_ids)
     missing = kept - set(pass_rates)
     if missing:
-        raise ValueError(f"{len(missing)} kept id(s) have no pass rate (first: {sorted(missing)[0]!r})")
+        raise UserError(f"{len(missing)} kept id(s) have no pass rate (first: {sorted(missing)[0]!r})")
     after = {rid: p for rid, p in pass_rates.items() if rid in kept}
     bins: int | list[float] = rollout_bin_edges(k) if k else 10
     n = max(len(pass_rates), 1)
@@ -191,12 +191,12 @@ def read_cache(cache_path: str | os.PathLike, *, repair: bool = False) -> dict[s
                     with open(p, "r+b") as f:
                         f.truncate(start)
                 break
-            raise ValueError(f"{p}:{n}: invalid JSON: {e}") from None
+            raise UserError(f"{p}:{n}: invalid JSON: {e}") from None
         for key in ("id", "k", "passes"):
             if key not in d:
-                raise ValueError(f"{p}:{n}: field {key!r} is missing")
+                raise UserError(f"{p}:{n}: field {key!r} is missing")
         if not isinstance(d["k"], int) or not isinstance(d["passes"], int) or not 0 <= d["passes"] <= d["k"]:
-            raise ValueError(f"{p}:{n}: field 'passes' must be an integer in [0, k], got {d['passes']!r} (k={d['k']!r})")
+            raise UserError(f"{p}:{n}: field 'passes' must be an integer in [0, k], got {d['passes']!r} (k={d['k']!r})")
         out[str(d["id"])] = d
     else:
         if repair and data and not data.endswith(b"\n"):  # a whole last entry that lost only its newline
@@ -210,8 +210,9 @@ def load_pass_rates(cache_path: str | os.PathLike) -> dict[str, float]:
     return {rid: d["passes"] / d["k"] for rid, d in read_cache(cache_path).items()}
 
 
-def score_rollouts(record: Record, texts: Sequence[str], schema=None) -> dict[str, Any]:
-    """The cache entry of one prompt: parsed labels of its rollouts and how many equal the gold label."""
+def score_rollouts(record: Record, texts: Sequence[str], schema: StepSchema | None = None) -> dict[str, Any]:
+    """The cache entry of one prompt: parsed labels of its rollouts (in ``schema``; None = the built-in schema of
+    the record's taxonomy) and how many equal the gold label."""
     from she.reasoning.parse import parse_trace
     from she.reasoning.schema import default_schema
 
@@ -227,10 +228,11 @@ def score_rollouts(record: Record, texts: Sequence[str], schema=None) -> dict[st
 
 def model_generate_fn(model_dir_or_model: Any, *, batch_size: int = 32, temperature: float = 1.0,
                       max_new_tokens: int = 96, prompt_style: str | None = None, top_p: float = 1.0,
-                      bf16: bool = False, seed: int = 0) -> GenerateFn:
+                      bf16: bool = False, seed: int = 0, schema: StepSchema | None = None) -> GenerateFn:
     """A :data:`GenerateFn` sampling from a policy folder / registered name, or a ``(model, tokenizer)`` pair.
 
-    ``prompt_style`` defaults to the style the model was trained with (``she.json``), else ``full``.
+    ``prompt_style`` defaults to the style the model was trained with (``she.json``), else ``full``; ``schema``
+    is the step schema of the prompts (None = the built-in one).
     ``batch_size`` is the number of sequences per ``generate`` call (k rollouts of a prompt count k).
     """
     from she.training.prm import PolicySampler
@@ -248,7 +250,7 @@ def model_generate_fn(model_dir_or_model: Any, *, batch_size: int = 32, temperat
         raise TypeError("model_dir_or_model must be a model folder/name, a (model, tokenizer) pair or a "
                         f"generate function (records, k) -> texts; got {type(model_dir_or_model).__name__}")
     sampler = PolicySampler(model, tok, prompt_style=style, top_p=top_p, max_new_tokens=max_new_tokens,
-                            batch_size=batch_size, bf16=bf16, seed=seed)
+                            batch_size=batch_size, bf16=bf16, seed=seed, schema=schema)
 
     def generate(records: Sequence[Record], k: int) -> list[list[str]]:
         return sampler([(r, "") for r in records], k, temperature)
@@ -256,7 +258,6 @@ def model_generate_fn(model_dir_or_model: Any, *, batch_size: int = 32, temperat
     return generate
 
 
-@in_schema(model_schema)
 def estimate_pass_rates(
     model_dir_or_model: Any,
     records: Sequence[Record],
@@ -272,6 +273,7 @@ def estimate_pass_rates(
     bf16: bool = False,
     seed: int = 0,
     progress: bool = True,
+    schema: StepSchema | None = None,
 ) -> dict[str, float]:
     """Pass rate of every record under k sampled rollouts, cached and resumable.
 
@@ -280,17 +282,19 @@ def estimate_pass_rates(
     already in the cache are not sampled again; the others are sampled ``chunk_prompts`` prompts at a
     time (default ``max(1, batch_size // k)``, one generate batch) and each prompt's entry is appended
     and flushed as soon as its chunk is done. ``taxonomy`` overrides the records' own taxonomy for
-    parsing. A cached entry whose ``k`` or gold label differs from this call raises: mixing pass rates
-    measured under other settings would be silent corruption. Returns ``{id: pass rate}`` for
-    ``records`` (in their order).
+    parsing. ``schema`` is the step schema the policy writes (prompts and parsing); None = the model's own
+    (``she.json``; the built-in one for a ``(model, tokenizer)`` pair or a generate function). A cached entry
+    whose ``k`` or gold label differs from this call raises: mixing pass rates measured under other settings
+    would be silent corruption. Returns ``{id: pass rate}`` for ``records`` (in their order).
     """
     from tqdm.auto import tqdm
 
     from she.data.validation import check_labelled_unique
-    from she.reasoning.schema import default_schema
+    from she.models.metadata import model_step_schema
+    from she.reasoning.schema import schema_for
 
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise UserError(f"k must be >= 1, got {k}")
     check_labelled_unique(records, "pass rates need labelled records")
     cache = Path(cache_path)
     cached = read_cache(cache, repair=True)
@@ -299,20 +303,21 @@ def estimate_pass_rates(
         if d is None:
             continue
         if d["k"] != k:
-            raise ValueError(f"{cache}: record {r.id} was cached with k={d['k']}, this run asks for k={k}; "
-                             "use another cache file")
+            raise UserError(f"{cache}: record {r.id} was cached with k={d['k']}, this run asks for k={k}; "
+                            "use another cache file")
         if d.get("gold") is not None and d["gold"] != r.label:
-            raise ValueError(f"{cache}: record {r.id} was cached with gold label {d['gold']!r}, the data now says "
-                             f"{r.label!r}; use another cache file")
+            raise UserError(f"{cache}: record {r.id} was cached with gold label {d['gold']!r}, the data now says "
+                            f"{r.label!r}; use another cache file")
     todo = [r for r in records if r.id not in cached]
     if todo:
+        schema = schema or model_step_schema(model_dir_or_model, taxonomy or todo[0].taxonomy)
         if callable(model_dir_or_model) and not isinstance(model_dir_or_model, tuple) \
                 and not _is_module(model_dir_or_model):
             generate: GenerateFn = model_dir_or_model
         else:
             generate = model_generate_fn(model_dir_or_model, batch_size=batch_size, temperature=temperature,
                                          max_new_tokens=max_new_tokens, prompt_style=prompt_style, bf16=bf16,
-                                         seed=seed)
+                                         seed=seed, schema=schema)
         schemas: dict[str, Any] = {}
         chunk = chunk_prompts or max(1, batch_size // k)
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -327,8 +332,7 @@ def estimate_pass_rates(
                                      f"prompt(s); expected {k} each")
                 for r, ts in zip(part, texts):
                     tax = taxonomy or r.taxonomy
-                    schema = schemas.setdefault(tax, default_schema(tax))
-                    entry = score_rollouts(r, ts, schema)
+                    entry = score_rollouts(r, ts, schemas.setdefault(tax, schema_for(schema, tax)))
                     f.write(json.dumps(entry, ensure_ascii=False) + "\n")
                     cached[r.id] = entry
                 f.flush()
@@ -355,8 +359,8 @@ def filter_by_pass_rate(records: Sequence[Record], pass_rates: Mapping[str, floa
     """
     missing = [r.id for r in records if r.id not in pass_rates]
     if missing:
-        raise ValueError(f"{len(missing)} record(s) have no pass rate (first: {missing[0]!r}); "
-                         "estimate them first (`she data filter`)")
+        raise UserError(f"{len(missing)} record(s) have no pass rate (first: {missing[0]!r}); "
+                        "estimate them first (`she data filter`)")
     keep = set(pass_rate_band({r.id: pass_rates[r.id] for r in records}, low, high, inclusive))
     return [r for r in records if r.id in keep]
 

@@ -48,6 +48,7 @@ import torch
 from torch import Tensor
 
 from she.data.schema import Record
+from she.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def minilm_model_dir() -> Path | None:
 
 def resolve_embedder(embedder: str) -> str:
     if embedder not in EMBEDDERS:
-        raise ValueError(f"unknown embedder {embedder!r}; use one of {EMBEDDERS}")
+        raise UserError(f"unknown embedder {embedder!r}; use one of {EMBEDDERS}")
     if embedder == "hashing":
         return embedder
     if minilm_model_dir() is None:
@@ -116,7 +117,7 @@ def hashing_embed(texts: Sequence[str], dim: int = 1024) -> Tensor:
     is computed over ``texts``, so embed everything that will be compared in one call.
     """
     if dim < 1:
-        raise ValueError(f"dim must be >= 1, got {dim}")
+        raise UserError(f"dim must be >= 1, got {dim}")
     feats = [Counter(_features(t)) for t in texts]
     df: Counter = Counter()
     for c in feats:
@@ -186,7 +187,7 @@ def kmeans(x: Tensor, k: int, seed: int = 0, iters: int = 50) -> tuple[Tensor, T
         raise ValueError(f"x must be [N, D], got shape {tuple(x.shape)}")
     n = x.shape[0]
     if not 1 <= k <= n:
-        raise ValueError(f"k must be in [1, N={n}], got {k}")
+        raise UserError(f"k must be in [1, N={n}], got {k}")
     x = x.float()
     g = torch.Generator().manual_seed(seed)
     centroids = torch.empty(k, x.shape[1])
@@ -266,7 +267,7 @@ def stratified_sample(items: Sequence[T], n: int, strata_keys: Sequence[Hashable
     than another unless it runs out. ``strata_keys`` is a key per item or a function of the item.
     """
     if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+        raise UserError(f"n must be >= 0, got {n}")
     keys = [strata_keys(it) for it in items] if callable(strata_keys) else list(strata_keys)
     if len(keys) != len(items):
         raise ValueError(f"strata_keys has {len(keys)} entries for {len(items)} items")
@@ -304,7 +305,7 @@ def diverse_select(records: Sequence[Record], n: int, *, embedder: str = "auto",
     ran, how many near-duplicates were dropped, the strata counts and the label mix before and after.
     """
     if not records:
-        raise ValueError("diverse_select: no records")
+        raise UserError("diverse_select: no records")
     if emb is None:
         which = resolve_embedder(embedder)
         emb = pair_embeddings(records, which, dim=dim)

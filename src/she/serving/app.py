@@ -22,6 +22,8 @@ import uuid
 from contextlib import asynccontextmanager
 from typing import Any
 
+from she.errors import UserError
+
 log = logging.getLogger(__name__)
 
 # endpoints whose latency is worth a percentile (health/metrics polls would only dilute it)
@@ -70,12 +72,12 @@ def create_app(
     )
 
     if max_request_pairs < 1 or max_batch_pairs < 1 or max_text_chars < 1:
-        raise ValueError("max_request_pairs, max_batch_pairs and max_text_chars must be >= 1")
+        raise UserError("max_request_pairs, max_batch_pairs and max_text_chars must be >= 1")
     if max_queue_pairs < max_request_pairs:
-        raise ValueError(f"max_queue_pairs ({max_queue_pairs}) must be >= max_request_pairs ({max_request_pairs})")
+        raise UserError(f"max_queue_pairs ({max_queue_pairs}) must be >= max_request_pairs ({max_request_pairs})")
     if backend is None:
         if model_dir is None:
-            raise ValueError("create_app needs a model folder (or a backend)")
+            raise UserError("create_app needs a model folder (or a backend)")
         backend = JudgeBackend.load(model_dir, taxonomy=taxonomy, device=device, bf16=bf16,
                                     max_new_tokens=max_new_tokens)
     batcher = DynamicBatcher(backend.run, max_batch=max_batch_pairs, max_wait_ms=batch_wait_ms,

@@ -22,6 +22,7 @@ from typing import Any
 
 from she.data.labels import get_taxonomy
 from she.data.schema import Record
+from she.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +62,11 @@ class JudgeBackend:
                  fast_prefix: str | None = None, schema: str = "default",
                  label_offsets: dict[str, float] | None = None) -> None:
         from she.evaluation.fast import fast_prefix as default_prefix
+        from she.evaluation.fast import prefix_label_tokens
         from she.reasoning.schema import resolve_schema
 
-        resolve_schema(schema, taxonomy)  # a bad schema fails at load, not on the first request
-        self.schema = schema
-        from she.evaluation.fast import prefix_label_tokens
+        self.schema = schema  # the spec (she.json "schema"), as /info reports it
+        self.step_schema = resolve_schema(schema, taxonomy)  # a bad schema fails at load, not on the first request
 
         self.model = model
         self.tokenizer = tokenizer
@@ -77,7 +78,7 @@ class JudgeBackend:
         self.target = target
         self.max_new_tokens = max_new_tokens
         self.bf16 = bf16
-        self.fast_prefix = default_prefix(taxonomy) if fast_prefix is None else fast_prefix
+        self.fast_prefix = default_prefix(taxonomy, self.step_schema) if fast_prefix is None else fast_prefix
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.fast_error: str | None = None
@@ -102,7 +103,7 @@ class JudgeBackend:
         meta = load_she_meta(path)
         trained = meta.get("taxonomy")
         if taxonomy and trained and taxonomy != trained:
-            raise ValueError(f"{path} was trained with taxonomy {trained!r} (she.json), not {taxonomy!r}")
+            raise UserError(f"{path} was trained with taxonomy {trained!r} (she.json), not {taxonomy!r}")
         model, tok = load_model_and_tokenizer(path)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -131,12 +132,7 @@ class JudgeBackend:
 
     # -- the batcher's scoring function ---------------------------------------------------------------
     def run(self, key: Hashable, items: list[Any]) -> list[Any]:
-        from she.reasoning.schema import schema_scope
-
-        with schema_scope(self.schema):  # the batcher's worker thread starts with the built-in schema
-            return self._run(key, items)
-
-    def _run(self, key: Hashable, items: list[Any]) -> list[Any]:
+        """Score one batch (any thread: the model's step schema is passed down, nothing is thread-local)."""
         kind = key[0] if isinstance(key, tuple) else key
         if kind in ("fast", "full"):
             return self._relevance(kind, items)
@@ -158,6 +154,7 @@ class JudgeBackend:
 
     def _relevance(self, mode: str, records: list[Record]) -> list[Any]:
         from she.reasoning.prompts import build_messages
+        from she.reasoning.schema import schema_for
 
         if mode == "fast" and self.fast_error:
             return [ItemError(f"fast mode is unavailable for this model: {self.fast_error}")] * len(records)
@@ -166,8 +163,8 @@ class JudgeBackend:
         out: list[Any] = [None] * len(records)
         ok: list[int] = []
         for i, r in enumerate(records):
-            n = len(self.tokenizer.encode(self._prompt(build_messages(r, style=self.prompt_style)),
-                                          add_special_tokens=False))
+            messages = build_messages(r, style=self.prompt_style, schema=schema_for(self.step_schema, r.taxonomy))
+            n = len(self.tokenizer.encode(self._prompt(messages), add_special_tokens=False))
             problem = self._too_long(n, reserve)
             if problem:
                 out[i] = ItemError(problem)
@@ -180,14 +177,14 @@ class JudgeBackend:
 
                 res = score_labels_fast(self.model, self.tokenizer, good, taxonomy=self.taxonomy,
                                         prompt_style=self.prompt_style, prefix=self.fast_prefix,
-                                        batch_size=len(good), bf16=self.bf16)
+                                        batch_size=len(good), bf16=self.bf16, schema=self.step_schema)
             else:
                 from she.evaluation.generate import generate_judgements
 
                 res = generate_judgements(self.model, self.tokenizer, good, taxonomy=self.taxonomy,
                                           batch_size=len(good), max_new_tokens=self.max_new_tokens, bf16=self.bf16,
                                           progress=False, prompt_style=self.prompt_style,
-                                          label_offsets=self.label_offsets)
+                                          label_offsets=self.label_offsets, schema=self.step_schema)
             for i, j in zip(ok, res):
                 out[i] = j
         return out

@@ -35,6 +35,8 @@ from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
 
+from she.errors import UserError
+
 
 class QueueFull(RuntimeError):
     """The batcher holds ``max_queue`` items already; try again later."""
@@ -87,11 +89,11 @@ class DynamicBatcher:
     def __init__(self, score_fn: ScoreFn, *, max_batch: int = 64, max_wait_ms: float = 5.0,
                  max_queue: int = 4096, name: str = "she-batcher") -> None:
         if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+            raise UserError(f"max_batch must be >= 1, got {max_batch}")
         if max_wait_ms < 0:
-            raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
+            raise UserError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
         if max_queue < 1:
-            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+            raise UserError(f"max_queue must be >= 1, got {max_queue}")
         self.score_fn = score_fn
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0

@@ -29,6 +29,7 @@ from typing import Any
 from she.config import CrossEncoderJobConfig
 from she.data.labels import get_taxonomy
 from she.data.schema import Record
+from she.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +74,9 @@ def label_ids(records: Sequence[Record], labels: Sequence[str], taxonomy: str) -
     out = []
     for r in records:
         if r.label is None:
-            raise ValueError(f"record {r.id}: no label; the cross-encoder trains on labelled pairs")
+            raise UserError(f"record {r.id}: no label; the cross-encoder trains on labelled pairs")
         if r.taxonomy != taxonomy or r.label not in index:
-            raise ValueError(f"record {r.id}: label {r.label!r} ({r.taxonomy}) is not in the {taxonomy} labels {list(labels)}")
+            raise UserError(f"record {r.id}: label {r.label!r} ({r.taxonomy}) is not in the {taxonomy} labels {list(labels)}")
         out.append(index[r.label])
     return out
 
@@ -104,7 +105,7 @@ class CrossEncoderJudge:
 
         meta = load_she_meta(path)
         if meta.get("kind") != CE_KIND:
-            raise ValueError(f"{path}: not a cross-encoder folder (she.json kind={meta.get('kind')!r})")
+            raise UserError(f"{path}: not a cross-encoder folder (she.json kind={meta.get('kind')!r})")
         model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
         model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         return cls(model, AutoTokenizer.from_pretrained(path), meta["labels"], max_length=meta.get("max_length", 128))
@@ -163,10 +164,10 @@ def run_cross_encoder_job(cfg: CrossEncoderJobConfig, train_records: list[Record
     from she.training.trainer_setup import save_final, train_resuming, write_job_config
 
     if not train_records:
-        raise ValueError("run_cross_encoder_job: no training records")
+        raise UserError("run_cross_encoder_job: no training records")
     unlabelled = [r.id for r in eval_records or [] if r.label is None]
     if unlabelled:
-        raise ValueError(f"{len(unlabelled)} evaluation record(s) have no label (first: {unlabelled[0]})")
+        raise UserError(f"{len(unlabelled)} evaluation record(s) have no label (first: {unlabelled[0]})")
     taxonomy = cfg.data.taxonomy
     labels = list(get_taxonomy(taxonomy).labels)
     out = Path(cfg.output_dir)

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from she.errors import UserError
+
 VLLM_MODES = ("colocate", "server")
 
 
@@ -60,7 +62,7 @@ class RowKeyedSampler:
 
     def __init__(self, seed: int, generation_round: int, temperature: float = 1.0, row_offset: int | None = None):
         if temperature <= 0:
-            raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
+            raise UserError(f"temperature must be > 0 for sampling, got {temperature}")
         self.seed = int(seed)
         self.generation_round = int(generation_round)
         self.temperature = float(temperature)
@@ -100,7 +102,7 @@ def install_layout_invariant_sampling(model: Any, seed: int) -> Any:
             return original(*args, **kwargs)
         top_k, top_p, min_p = getattr(gc, "top_k", None), getattr(gc, "top_p", None), getattr(gc, "min_p", None)
         if top_k not in (None, 0) or top_p not in (None, 1.0) or min_p not in (None, 0.0):
-            raise ValueError(
+            raise UserError(
                 f"layout_invariant_sampling samples from the full softmax; top_k={top_k}, top_p={top_p}, "
                 f"min_p={min_p} are not supported (leave them at TRL's defaults)"
             )
@@ -120,28 +122,28 @@ def check_vllm_settings(use_vllm: bool, vllm_mode: str, vllm_gpu_memory_utilizat
                         vllm_server_base_url: str | None) -> None:
     """Fail before any model is loaded when the vLLM settings cannot work (clear message, no traceback)."""
     if vllm_mode not in VLLM_MODES:
-        raise ValueError(f"vllm_mode must be one of {VLLM_MODES}, got {vllm_mode!r}")
+        raise UserError(f"vllm_mode must be one of {VLLM_MODES}, got {vllm_mode!r}")
     if not 0.0 < vllm_gpu_memory_utilization <= 1.0:
-        raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], got {vllm_gpu_memory_utilization}")
+        raise UserError(f"vllm_gpu_memory_utilization must be in (0, 1], got {vllm_gpu_memory_utilization}")
     if vllm_server_base_url is not None and not str(vllm_server_base_url).startswith(("http://", "https://")):
-        raise ValueError(f"vllm_server_base_url must start with http:// or https://, got {vllm_server_base_url!r}")
+        raise UserError(f"vllm_server_base_url must start with http:// or https://, got {vllm_server_base_url!r}")
     if use_vllm and not vllm_available():
-        raise ValueError("use_vllm: true, but vLLM is not installed: pip install 'she[vllm]'; needs a GPU")
+        raise UserError("use_vllm: true, but vLLM is not installed: pip install 'she[vllm]'; needs a GPU")
 
 
 def import_object(spec: str) -> Callable[..., Any]:
     """``"package.module:name"`` -> the object (how a YAML config names a Python function)."""
     module, sep, name = spec.partition(":")
     if not sep or not module or not name:
-        raise ValueError(f"expected 'module:function', got {spec!r}")
+        raise UserError(f"expected 'module:function', got {spec!r}")
     try:
         obj = getattr(importlib.import_module(module), name)
     except ModuleNotFoundError as e:
-        raise ValueError(f"{spec!r}: cannot import module {module!r} ({e})") from None
+        raise UserError(f"{spec!r}: cannot import module {module!r} ({e})") from None
     except AttributeError:
-        raise ValueError(f"{spec!r}: module {module!r} has no attribute {name!r}") from None
+        raise UserError(f"{spec!r}: module {module!r} has no attribute {name!r}") from None
     if not callable(obj):
-        raise ValueError(f"{spec!r} is not callable")
+        raise UserError(f"{spec!r} is not callable")
     return obj
 
 

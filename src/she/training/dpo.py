@@ -17,8 +17,8 @@ from pathlib import Path
 
 from she.config import DPOJobConfig
 from she.data.schema import Record
-from she.reasoning.schema import in_schema
 from she.models.metadata import schema_of
+from she.reasoning.schema import resolve_schema
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +40,10 @@ def build_dpo_config(cfg: DPOJobConfig, output_dir: str | Path):
     )
 
 
-@in_schema(lambda cfg, *a, **k: schema_of(cfg.model))
 def run_dpo_job(cfg: DPOJobConfig, train_records: list[Record], *, progress: bool = True) -> Path:
     """Sample (or reuse) pass@N rollouts, build pairs, run DPO, save ``<output_dir>/final``; returns it.
+
+    Prompts, rollouts and the saved ``she.json`` follow the policy's step schema (``cfg.model``'s she.json).
 
     Also writes ``she_config.json``, ``pairs_stats.json`` (pass@1/pass@N, pair counts, generations) and
     ``log_history.json`` in ``output_dir``. Resumes from the last checkpoint (``resume: true``), and the
@@ -55,16 +56,19 @@ def run_dpo_job(cfg: DPOJobConfig, train_records: list[Record], *, progress: boo
     from she.training.pairs import build_pairs_for_job, preference_rows
     from she.training.trainer_setup import save_final, train_resuming, write_job_config
 
+    spec = schema_of(cfg.model)
+    schema = resolve_schema(spec, cfg.data.taxonomy)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_job_config(out, cfg)
     cache = cfg.rollouts.cache_file or out / "rollouts.jsonl"
     pairs, stats, style = build_pairs_for_job(cfg.model, train_records, cfg.rollouts, cache,
-                                              prompt_style=cfg.prompt_style, bf16=cfg.bf16, progress=progress)
+                                              prompt_style=cfg.prompt_style, bf16=cfg.bf16, progress=progress,
+                                              schema=schema)
     (out / "pairs_stats.json").write_text(json.dumps(stats, indent=2))
     log.info("DPO on %d pairs from %d prompts (pass@1 %.3f)", stats["pairs"], stats["prompts"], stats["pass@1"])
     records_by_id = {r.id: r for r in train_records}
-    train_ds = Dataset.from_list(preference_rows(pairs, records_by_id, style))
+    train_ds = Dataset.from_list(preference_rows(pairs, records_by_id, style, schema))
 
     from she.training.checkpoints import ManifestCallback
 
@@ -74,7 +78,7 @@ def run_dpo_job(cfg: DPOJobConfig, train_records: list[Record], *, progress: boo
     train_resuming(trainer, out, cfg.resume, log)
     tok.padding_side = "left"  # the saved tokenizer is for generation
     return save_final(trainer, out, {"prompt_style": style, "target": "reasoning", "taxonomy": cfg.data.taxonomy,
-                                     "trained_by": "dpo"})
+                                     "trained_by": "dpo", "schema": spec})
 
 
 __all__ = ["build_dpo_config", "run_dpo_job"]

@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from she.data.schema import Record
+from she.errors import UserError
+from she.reasoning.schema import StepSchema
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +87,14 @@ class PreferencePair:
 # ------------------------------------------------------------------------------------ judging rollouts
 
 
-def judge_rollout(text: str, record: Record, schema=None) -> Rollout:
-    """Parse one completion and compare its label with the record's gold label."""
+def judge_rollout(text: str, record: Record, schema: StepSchema | None = None) -> Rollout:
+    """Parse one completion in ``schema`` (None = the built-in one) and compare its label with the gold label."""
     from she.reasoning.parse import parse_trace
-    from she.reasoning.schema import default_schema
+    from she.reasoning.schema import schema_for
 
     if record.label is None:
-        raise ValueError(f"record {record.id}: no gold label; pass@N rollouts need labelled records")
-    parsed = parse_trace(text, schema or default_schema(record.taxonomy))
+        raise UserError(f"record {record.id}: no gold label; pass@N rollouts need labelled records")
+    parsed = parse_trace(text, schema_for(schema, record.taxonomy))
     return Rollout(text=text, label=parsed.label, correct=parsed.label == record.label, format_ok=parsed.format_ok)
 
 
@@ -129,7 +131,7 @@ def make_preference_pairs(
     ``no_incorrect`` (all right), ``fallback_prompts``, ``pairs``.
     """
     if max_pairs_per_prompt is not None and max_pairs_per_prompt < 1:
-        raise ValueError(f"max_pairs_per_prompt must be >= 1 or None, got {max_pairs_per_prompt}")
+        raise UserError(f"max_pairs_per_prompt must be >= 1 or None, got {max_pairs_per_prompt}")
     stats = {"prompts": 0, "prompts_with_pairs": 0, "no_correct": 0, "no_incorrect": 0, "fallback_prompts": 0,
              "pairs": 0}
     pairs: list[PreferencePair] = []
@@ -158,18 +160,20 @@ def make_preference_pairs(
 
 
 def preference_rows(pairs: Sequence[PreferencePair], records_by_id: Mapping[str, Record],
-                    prompt_style: str = "compact") -> list[dict[str, Any]]:
+                    prompt_style: str = "compact", schema: StepSchema | None = None) -> list[dict[str, Any]]:
     """TRL's conversational preference format: ``prompt`` = the policy's chat messages (exactly what SFT
-    and GRPO put in front of the model, :func:`she.reasoning.prompts.build_messages`), ``chosen`` /
-    ``rejected`` = one assistant message each."""
+    and GRPO put in front of the model, :func:`she.reasoning.prompts.build_messages`, in the policy's
+    ``schema``; None = the built-in one), ``chosen`` / ``rejected`` = one assistant message each."""
     from she.reasoning.prompts import build_messages
+    from she.reasoning.schema import schema_for
 
     rows = []
     for p in pairs:
         if p.record_id not in records_by_id:
             raise ValueError(f"preference pair for record {p.record_id!r}, which is not among the records")
         rows.append({
-            "prompt": build_messages(records_by_id[p.record_id], style=prompt_style),
+            "prompt": build_messages(records_by_id[p.record_id], style=prompt_style,
+                                     schema=schema_for(schema, records_by_id[p.record_id].taxonomy)),
             "chosen": [{"role": "assistant", "content": p.chosen}],
             "rejected": [{"role": "assistant", "content": p.rejected}],
         })
@@ -195,12 +199,12 @@ def pass_at_n_stats(rollouts_by_id: Mapping[str, RecordRollouts]) -> dict[str, f
 
 def _rollout_from_json(d: Any, where: str) -> Rollout:
     if not isinstance(d, dict):
-        raise ValueError(f"{where}: expected an object, got {type(d).__name__}")
+        raise UserError(f"{where}: expected an object, got {type(d).__name__}")
     for key, tp in (("text", str), ("correct", bool), ("format_ok", bool)):
         if not isinstance(d.get(key), tp):
-            raise ValueError(f"{where}: field {key!r} must be a {tp.__name__}, got {d.get(key)!r}")
+            raise UserError(f"{where}: field {key!r} must be a {tp.__name__}, got {d.get(key)!r}")
     if d.get("label") is not None and not isinstance(d["label"], str):
-        raise ValueError(f"{where}: field 'label' must be a string or null, got {d['label']!r}")
+        raise UserError(f"{where}: field 'label' must be a string or null, got {d['label']!r}")
     return Rollout(d["text"], d.get("label"), d["correct"], d["format_ok"])
 
 
@@ -214,21 +218,21 @@ def load_rollouts(path: str | os.PathLike, settings: Mapping[str, Any] | None = 
     for n, d in iter_jsonl(path):
         where = f"{path}:{n}"
         if not isinstance(d, dict):
-            raise ValueError(f"{where}: expected a JSON object")
+            raise UserError(f"{where}: expected a JSON object")
         for key in ("id", "gold"):
             if not isinstance(d.get(key), str):
-                raise ValueError(f"{where}: field {key!r} must be a string, got {d.get(key)!r}")
+                raise UserError(f"{where}: field {key!r} must be a string, got {d.get(key)!r}")
         if not isinstance(d.get("rollouts"), list):
-            raise ValueError(f"{where}: field 'rollouts' must be a list")
+            raise UserError(f"{where}: field 'rollouts' must be a list")
         if settings is not None:
             for key in CACHE_KEYS:
                 if key in settings and d.get(key) != settings[key]:
-                    raise ValueError(
+                    raise UserError(
                         f"{where}: field {key!r} is {d.get(key)!r} but this run uses {settings[key]!r}; "
                         "use another cache_file or the same sampling settings"
                     )
         if d["id"] in out:
-            raise ValueError(f"{where}: record id {d['id']!r} occurs twice")
+            raise UserError(f"{where}: record id {d['id']!r} occurs twice")
         rollouts = [_rollout_from_json(x, f"{where} rollouts[{i}]") for i, x in enumerate(d["rollouts"])]
         out[d["id"]] = RecordRollouts(d["id"], d["gold"], rollouts, {k: d[k] for k in CACHE_KEYS if k in d})
     return out
@@ -268,27 +272,29 @@ def sample_rollouts(
     seed: int = 0,
     chunk_records: int = 64,
     progress: bool = False,
+    schema: StepSchema | None = None,
 ) -> dict[str, RecordRollouts]:
     """N sampled completions per record from ``policy`` (registry name or folder), cached and resumable.
 
     Records already in ``cache_file`` (same settings) are not sampled again; new ones are sampled in chunks
     of ``chunk_records`` and appended after each chunk, so a crash loses at most one chunk. Each chunk is
     seeded from ``seed`` and its first record id, so resuming reproduces the same samples on the same
-    hardware. ``prompt_style`` None = the policy's own (``she.json``), like ``she eval``. Returns the
-    rollouts of ``records`` (not of other records that may also be in the cache).
+    hardware. ``prompt_style`` and ``schema`` None = the policy's own (``she.json``), like ``she eval``. Returns
+    the rollouts of ``records`` (not of other records that may also be in the cache).
     """
-    from she.models.metadata import prompt_style_of
+    from she.models.metadata import model_step_schema, prompt_style_of
     from she.models.registry import resolve_model
 
     if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+        raise UserError(f"n must be >= 1, got {n}")
     policy_dir = resolve_model(policy)
     style = prompt_style or prompt_style_of(policy_dir)
+    schema = schema or model_step_schema(policy_dir, records[0].taxonomy if records else "hd3")
     settings = rollout_settings(policy_dir, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                                 prompt_style=style)
     ids = [r.id for r in records]
     if len(set(ids)) != len(ids):
-        raise ValueError("sample_rollouts: record ids must be unique")
+        raise UserError("sample_rollouts: record ids must be unique")
     path = Path(cache_file)
     if path.exists():
         _drop_incomplete_tail(path)
@@ -305,11 +311,12 @@ def sample_rollouts(
             chunk = todo[start : start + chunk_records]
             chunk_seed = seed + zlib.crc32(chunk[0].id.encode()) % (2**31)
             sampler = PolicySampler(model, tok, prompt_style=style, top_p=top_p, max_new_tokens=max_new_tokens,
-                                    batch_size=batch_size, bf16=bf16, seed=chunk_seed, progress=progress)
+                                    batch_size=batch_size, bf16=bf16, seed=chunk_seed, progress=progress,
+                                    schema=schema)
             texts = sampler([(r, "") for r in chunk], n, temperature)
             lines = []
             for r, group in zip(chunk, texts):
-                rs = RecordRollouts(r.id, r.label, [judge_rollout(t, r) for t in group], dict(settings))
+                rs = RecordRollouts(r.id, r.label, [judge_rollout(t, r, schema) for t in group], dict(settings))
                 cached[r.id] = rs
                 lines.append(rs.to_json() + "\n")
             with open(path, "a", encoding="utf-8") as f:  # append: earlier chunks stay intact
@@ -320,7 +327,7 @@ def sample_rollouts(
     for r in records:
         rs = cached[r.id]
         if rs.gold != r.label:
-            raise ValueError(f"{path}: record {r.id!r} is cached with gold {rs.gold!r} but the data says {r.label!r}")
+            raise UserError(f"{path}: record {r.id!r} is cached with gold {rs.gold!r} but the data says {r.label!r}")
         out[r.id] = rs
     return out
 
@@ -334,33 +341,36 @@ def subsample(records: Sequence[Record], max_records: int | None, seed: int) -> 
 
 
 def build_pairs_for_job(policy: str, records: Sequence[Record], rcfg, cache_file: str | os.PathLike, *,
-                        prompt_style: str | None = None, bf16: bool = False, progress: bool = False
-                        ) -> tuple[list[PreferencePair], dict[str, Any], str]:
+                        prompt_style: str | None = None, bf16: bool = False, progress: bool = False,
+                        schema: StepSchema | None = None) -> tuple[list[PreferencePair], dict[str, Any], str]:
     """The shared front half of the DPO and RM jobs: subsample, sample (or reuse) rollouts, make pairs.
 
-    ``rcfg`` is a :class:`she.config.PassAtNConfig`. Returns (pairs, statistics, prompt style used).
+    ``rcfg`` is a :class:`she.config.PassAtNConfig`; ``schema`` the policy's step schema (None = its she.json).
+    Returns (pairs, statistics, prompt style used).
     """
-    from she.models.metadata import prompt_style_of
+    from she.models.metadata import model_step_schema, prompt_style_of
     from she.models.registry import resolve_model
 
     labelled = [r for r in records if r.label is not None]
     if len(labelled) != len(records):
-        raise ValueError(f"{len(records) - len(labelled)} training record(s) have no label; pass@N needs labels")
+        raise UserError(f"{len(records) - len(labelled)} training record(s) have no label; pass@N needs labels")
     chosen = subsample(labelled, rcfg.max_records, rcfg.seed)
     style = prompt_style or prompt_style_of(resolve_model(policy))
+    schema = schema or model_step_schema(policy, chosen[0].taxonomy if chosen else "hd3")
     rollouts = sample_rollouts(policy, chosen, cache_file, n=rcfg.n, temperature=rcfg.temperature, top_p=rcfg.top_p,
                                max_new_tokens=rcfg.max_new_tokens, batch_size=rcfg.batch_size, prompt_style=style,
-                               bf16=bf16, seed=rcfg.seed, progress=progress)
+                               bf16=bf16, seed=rcfg.seed, progress=progress, schema=schema)
     references = None
     if rcfg.fallback_rationale:
         from she.reasoning.rationale import write_rationale
+        from she.reasoning.schema import schema_for
 
-        references = {r.id: write_rationale(r) for r in chosen}
+        references = {r.id: write_rationale(r, schema_for(schema, r.taxonomy)) for r in chosen}
     pairs, pstats = make_preference_pairs(rollouts, rcfg.max_pairs_per_prompt, rcfg.seed, references=references)
     stats = {**pass_at_n_stats(rollouts), **pstats, "generations": len(chosen) * rcfg.n,
              "cache_file": str(cache_file)}
     if not pairs:
-        raise ValueError(
+        raise UserError(
             f"pass@{rcfg.n} gave no preference pairs ({stats}); every prompt was all-right or all-wrong. "
             "Sample more rollouts (n), raise the temperature, or set fallback_rationale: true"
         )

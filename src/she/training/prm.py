@@ -43,8 +43,9 @@ from typing import Any
 
 from she.config import PRMJobConfig, to_dict
 from she.data.schema import Record
-from she.reasoning.schema import in_schema
+from she.errors import UserError
 from she.models.metadata import schema_of
+from she.reasoning.schema import StepSchema, resolve_schema, schema_for
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +63,15 @@ class PolicySampler:
     """Batched sampling of continuations from a policy: prompt (the policy's chat prompt) + prefix.
 
     Requests are repeated ``n`` times and sorted by length so batches waste little padding. Seeded per
-    call (``seed + call index``), so a labelling run is reproducible on the same hardware.
+    call (``seed + call index``), so a labelling run is reproducible on the same hardware. ``schema`` is the
+    step schema of the policy's prompt (None = the built-in one).
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, prompt_style: str = "full", top_p: float = 1.0,
                  max_new_tokens: int = 96, batch_size: int = 32, bf16: bool = False, seed: int = 0,
-                 progress: bool = False) -> None:
+                 progress: bool = False, schema: StepSchema | None = None) -> None:
         self.model, self.tokenizer = model, tokenizer
+        self.schema = schema
         self.prompt_style, self.top_p, self.max_new_tokens = prompt_style, top_p, max_new_tokens
         self.batch_size, self.bf16, self.seed, self.progress = batch_size, bf16, seed, progress
         self.generations = 0
@@ -79,8 +82,8 @@ class PolicySampler:
     def prompt(self, record: Record) -> str:
         from she.reasoning.prompts import build_messages
 
-        return self.tokenizer.apply_chat_template(build_messages(record, style=self.prompt_style), tokenize=False,
-                                                  add_generation_prompt=True)
+        messages = build_messages(record, style=self.prompt_style, schema=schema_for(self.schema, record.taxonomy))
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def __call__(self, requests: Sequence[tuple[Record, str]], n: int, temperature: float) -> list[list[str]]:
         import torch
@@ -88,9 +91,9 @@ class PolicySampler:
         from she.models.metadata import autocast
 
         if n < 1:
-            raise ValueError("n must be >= 1")
+            raise UserError("n must be >= 1")
         if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+            raise UserError(f"temperature must be >= 0, got {temperature}")
         prompts = [self.prompt(r) + prefix for r, prefix in requests]
         flat = [i for i in range(len(requests)) for _ in range(n)]
         order = sorted(range(len(flat)), key=lambda j: len(prompts[flat[j]]))
@@ -160,7 +163,7 @@ def fact_labels(parsed: Any, record: Record) -> list[float | None]:
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        raise UserError(f"{name} must be one of {allowed}, got {value!r}")
 
 
 def mc_needed(facts: Sequence[float | None], *, use_mc: bool = True, priority: str = "facts",
@@ -213,15 +216,14 @@ def finalize_label(value: float | None, source: str | None, mode: str) -> bool |
 
 
 def mc_shares(items: Sequence[tuple[Record, str, Any, Sequence[bool]]], sampler: Sampler, m: int,
-              temperature: float) -> tuple[list[list[float | None]], list[list[str]]]:
+              temperature: float, schema: StepSchema | None = None) -> tuple[list[list[float | None]], list[list[str]]]:
     """Monte-Carlo share per needed step of each (record, rollout text, parsed, need) item.
 
     All continuations of all items go to the sampler in one call (one batched generation). Steps at or
     after :func:`decided_at` get the known outcome without sampling (source ``outcome``); steps not
-    needed get None.
+    needed get None. Continuations are parsed in ``schema`` (the policy's; None = the built-in one).
     """
     from she.reasoning.parse import parse_trace
-    from she.reasoning.schema import default_schema
 
     requests: list[tuple[Record, str]] = []
     where: list[tuple[int, int]] = []
@@ -229,7 +231,7 @@ def mc_shares(items: Sequence[tuple[Record, str, Any, Sequence[bool]]], sampler:
     sources: list[list[str]] = []
     for i, (record, text, parsed, need) in enumerate(items):
         if record.label is None:
-            raise ValueError(f"record {record.id} has no label: Monte-Carlo labels need the human label")
+            raise UserError(f"record {record.id} has no label: Monte-Carlo labels need the human label")
         if len(need) != len(parsed.steps):
             raise ValueError(f"record {record.id}: need has {len(need)} entries for {len(parsed.steps)} steps")
         d = decided_at(parsed)
@@ -252,8 +254,8 @@ def mc_shares(items: Sequence[tuple[Record, str, Any, Sequence[bool]]], sampler:
         if len(conts) != len(requests):
             raise RuntimeError(f"sampler returned {len(conts)} groups for {len(requests)} requests")
         for (i, k), (record, prefix), group in zip(where, requests, conts):
-            schema = default_schema(record.taxonomy)
-            hits = sum(parse_trace(prefix + c, schema).label == record.label for c in group)
+            sch = schema_for(schema, record.taxonomy)
+            hits = sum(parse_trace(prefix + c, sch).label == record.label for c in group)
             shares[i][k] = hits / len(group)
     return shares, sources
 
@@ -262,24 +264,24 @@ def build_prm_dataset(records: Sequence[Record], sampler: Sampler | None, *, rol
                       add_reference_traces: bool = False, mc_continuations: int = 4, rollout_temperature: float = 1.0,
                       mc_temperature: float = 1.0, label_mode: str = "hard", use_mc: bool = True,
                       use_facts: bool = True, facts_priority: str = "facts", unknown_steps: str = "mc",
-                      ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                      schema: StepSchema | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Sample rollouts, label every step, return (rows, statistics). Nothing is dropped silently:
     records without a human label, rollouts without steps and rows without any labelled step are
-    counted in the statistics."""
+    counted in the statistics. Rollouts and reference traces are in ``schema``, the policy's step schema
+    (None = the built-in one); the sampler prompts with its own."""
     from she.reasoning.parse import parse_trace
     from she.reasoning.prompts import user_message
-    from she.reasoning.schema import default_schema
 
     _check_choice("label_mode", label_mode, LABEL_MODES)
     mc_needed([], use_mc=use_mc, priority=facts_priority, unknown=unknown_steps)  # validates the choices
     if use_mc and mc_continuations < 1:
-        raise ValueError("mc_continuations must be >= 1 when use_mc is true")
+        raise UserError("mc_continuations must be >= 1 when use_mc is true")
     if not use_mc and not use_facts:
-        raise ValueError("use_mc and use_facts are both false: there is nothing to label steps with")
+        raise UserError("use_mc and use_facts are both false: there is nothing to label steps with")
     if rollouts_per_record < 0 or (rollouts_per_record == 0 and not add_reference_traces):
-        raise ValueError("rollouts_per_record must be >= 1 (or 0 with add_reference_traces)")
+        raise UserError("rollouts_per_record must be >= 1 (or 0 with add_reference_traces)")
     if (rollouts_per_record > 0 or use_mc) and sampler is None:
-        raise ValueError("a policy sampler is needed for rollouts and Monte-Carlo labels")
+        raise UserError("a policy sampler is needed for rollouts and Monte-Carlo labels")
     stats: Counter = Counter()
     labelled = [r for r in records if r.label is not None]
     stats["records"] = len(records)
@@ -293,11 +295,11 @@ def build_prm_dataset(records: Sequence[Record], sampler: Sampler | None, *, rol
     if add_reference_traces:
         from she.reasoning.rationale import write_rationale
 
-        traces += [(r, write_rationale(r), "reference") for r in labelled]
+        traces += [(r, write_rationale(r, schema_for(schema, r.taxonomy)), "reference") for r in labelled]
         stats["reference_traces"] = len(labelled)
     items = []
     for r, text, rid in traces:
-        parsed = parse_trace(text, default_schema(r.taxonomy))
+        parsed = parse_trace(text, schema_for(schema, r.taxonomy))
         stats["rollouts"] += 1
         if not parsed.steps:
             stats["rollouts_without_steps"] += 1
@@ -305,7 +307,8 @@ def build_prm_dataset(records: Sequence[Record], sampler: Sampler | None, *, rol
         facts = fact_labels(parsed, r) if use_facts else [None] * len(parsed.steps)
         need = mc_needed(facts, use_mc=use_mc, priority=facts_priority, unknown=unknown_steps)
         items.append((r, text, parsed, need, facts, rid))
-    mc, mc_src = mc_shares([(r, t, p, n) for r, t, p, n, _, _ in items], sampler, mc_continuations, mc_temperature) \
+    mc, mc_src = mc_shares([(r, t, p, n) for r, t, p, n, _, _ in items], sampler, mc_continuations, mc_temperature,
+                           schema) \
         if use_mc else ([[None] * len(it[2].steps) for it in items], [[SRC_MC] * len(it[2].steps) for it in items])
     stats["generations_mc"] = sum(1 for row, srcs in zip(mc, mc_src) for v, s in zip(row, srcs)
                                   if v is not None and s == SRC_MC) * mc_continuations
@@ -349,23 +352,23 @@ def save_prm_rows(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> Pa
 def check_prm_row(row: Any, where: str) -> dict[str, Any]:
     """Validate one row of the stepwise format; errors name ``where`` (file:line) and the field."""
     if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected a JSON object")
+        raise UserError(f"{where}: expected a JSON object")
     for name in ("prompt", "completions", "labels"):
         if name not in row:
-            raise ValueError(f"{where}: missing field {name!r}")
+            raise UserError(f"{where}: missing field {name!r}")
     if not isinstance(row["prompt"], str) or not row["prompt"].strip():
-        raise ValueError(f"{where}: field 'prompt' must be a non-empty string")
+        raise UserError(f"{where}: field 'prompt' must be a non-empty string")
     comps, labels = row["completions"], row["labels"]
     if not isinstance(comps, list) or not all(isinstance(c, str) for c in comps) or not comps:
-        raise ValueError(f"{where}: field 'completions' must be a non-empty list of strings")
+        raise UserError(f"{where}: field 'completions' must be a non-empty list of strings")
     if not isinstance(labels, list) or len(labels) != len(comps):
-        raise ValueError(f"{where}: field 'labels' must be a list with one entry per completion ({len(comps)})")
+        raise UserError(f"{where}: field 'labels' must be a list with one entry per completion ({len(comps)})")
     for k, lab in enumerate(labels):
         if lab is None or isinstance(lab, bool):
             continue
         if not isinstance(lab, (int, float)) or not math.isfinite(lab) or not 0 <= lab <= 1:
-            raise ValueError(f"{where}: field 'labels[{k}]' is {lab!r}; "
-                             "expected true/false, a number in [0, 1] or null")
+            raise UserError(f"{where}: field 'labels[{k}]' is {lab!r}; "
+                            "expected true/false, a number in [0, 1] or null")
     return row
 
 
@@ -383,7 +386,7 @@ def split_rows_by_group(rows: Sequence[dict[str, Any]], fraction: float, seed: i
     the first ``round(fraction * groups)`` are held out (at least one when fraction > 0 and there are
     two or more groups)."""
     if not 0 <= fraction < 1:
-        raise ValueError(f"eval_fraction must be in [0, 1), got {fraction}")
+        raise UserError(f"eval_fraction must be in [0, 1), got {fraction}")
 
     def group(row: dict[str, Any]) -> str:
         return str(row.get("query_id") or row.get("record_id") or row["prompt"])
@@ -559,7 +562,7 @@ def train_judge(judge: Any, rows: Sequence[dict[str, Any]], *, epochs: float = 1
 
     examples = encode_rows(judge, rows)
     if not examples:
-        raise ValueError("no training row has a labelled step that fits the judge's max_length")
+        raise UserError("no training row has a labelled step that fits the judge's max_length")
     with tempfile.TemporaryDirectory() as scratch:  # no output_dir: nothing is kept
         out = Path(output_dir) if output_dir is not None else Path(scratch)
         args = TrainingArguments(
@@ -589,7 +592,7 @@ def _records_for(cfg: PRMJobConfig) -> list[Record]:
     else:
         splits = load_splits(cfg.data)
         if cfg.split not in splits:
-            raise ValueError(f"split {cfg.split!r} does not exist; use one of {sorted(splits)} or 'all'")
+            raise UserError(f"split {cfg.split!r} does not exist; use one of {sorted(splits)} or 'all'")
         records = splits[cfg.split]
     if cfg.max_records is not None and len(records) > cfg.max_records:
         keep = sorted(random.Random(cfg.seed).sample(range(len(records)), cfg.max_records))
@@ -604,11 +607,11 @@ def check_prm_config(cfg: PRMJobConfig) -> None:
     _check_choice("facts_priority", cfg.facts_priority, PRIORITIES)
     _check_choice("unknown_steps", cfg.unknown_steps, UNKNOWN_POLICIES)
     if not 0 <= cfg.eval_fraction < 1:
-        raise ValueError(f"eval_fraction must be in [0, 1), got {cfg.eval_fraction}")
+        raise UserError(f"eval_fraction must be in [0, 1), got {cfg.eval_fraction}")
     if cfg.mc_continuations < 1 or cfg.rollouts_per_record < 0 or cfg.batch_size < 1:
-        raise ValueError("mc_continuations and batch_size must be >= 1, rollouts_per_record >= 0")
+        raise UserError("mc_continuations and batch_size must be >= 1, rollouts_per_record >= 0")
     if cfg.verdict_words is not None and len(cfg.verdict_words) != 2:
-        raise ValueError("verdict_words must be two words [good, bad] or null")
+        raise UserError("verdict_words must be two words [good, bad] or null")
 
 
 def load_judge_for_training(cfg: PRMJobConfig):
@@ -625,9 +628,10 @@ def load_judge_for_training(cfg: PRMJobConfig):
     return StepJudge(model, tok, JudgeFormat(good=good, bad=bad, max_length=cfg.max_length), bf16=cfg.bf16)
 
 
-@in_schema(lambda cfg, *a, **k: schema_of(cfg.policy))
 def run_prm_job(cfg: PRMJobConfig, progress: bool = True) -> dict[str, Any]:
     """Label (or load) the stepwise dataset, fine-tune the judge, measure it on held-out queries.
+
+    The policy's rollouts are prompted, written and parsed in its own step schema (``cfg.policy``'s she.json).
 
     Writes to ``cfg.output_dir``: ``config.json``, ``prm_dataset.jsonl`` (when labelling),
     ``judge/`` (save_pretrained + ``she_judge.json``), ``log_history.json`` and ``metrics.json``.
@@ -650,27 +654,28 @@ def run_prm_job(cfg: PRMJobConfig, progress: bool = True) -> dict[str, Any]:
     else:
         from she.models.metadata import prompt_style_of
 
+        schema = resolve_schema(schema_of(cfg.policy), cfg.data.taxonomy)
         records = _records_for(cfg)
         policy, ptok = load_model_and_tokenizer(cfg.policy)
         sampler = PolicySampler(policy, ptok, prompt_style=prompt_style_of(cfg.policy), top_p=cfg.top_p,
                                 max_new_tokens=cfg.max_new_tokens, batch_size=cfg.generation_batch_size,
-                                bf16=cfg.bf16, seed=cfg.seed, progress=progress)
+                                bf16=cfg.bf16, seed=cfg.seed, progress=progress, schema=schema)
         rows, labelling = build_prm_dataset(
             records, sampler, rollouts_per_record=cfg.rollouts_per_record,
             add_reference_traces=cfg.add_reference_traces, mc_continuations=cfg.mc_continuations,
             rollout_temperature=cfg.rollout_temperature, mc_temperature=cfg.mc_temperature,
             label_mode=cfg.label_mode, use_mc=cfg.use_mc, use_facts=cfg.use_facts,
-            facts_priority=cfg.facts_priority, unknown_steps=cfg.unknown_steps)
+            facts_priority=cfg.facts_priority, unknown_steps=cfg.unknown_steps, schema=schema)
         labelling["generations_total"] = sampler.generations
         del policy, sampler
         dataset_path = save_prm_rows(rows, out / "prm_dataset.jsonl")
     timings["labelling"] = round(time.time() - t, 2)
     if not rows:
-        raise ValueError(f"no labelled rows to train on (labelling statistics: {labelling}); "
-                         "a weak policy writes no parseable steps -- try add_reference_traces: true")
+        raise UserError(f"no labelled rows to train on (labelling statistics: {labelling}); "
+                        "a weak policy writes no parseable steps -- try add_reference_traces: true")
     train_rows, eval_rows = split_rows_by_group(rows, cfg.eval_fraction, cfg.seed)
     if not train_rows:
-        raise ValueError("every row was held out for evaluation: lower eval_fraction or label more records")
+        raise UserError("every row was held out for evaluation: lower eval_fraction or label more records")
 
     torch.manual_seed(cfg.seed)
     judge = load_judge_for_training(cfg)

@@ -13,9 +13,9 @@
    group-normalised advantage is then computed from RM scores -- "scalar-RM GRPO", the RLHF recipe in
    the same harness as GRPO and SRPO.
 
-Why the RM sees the record rebuilt with *its own* prompt style (``she.json``) rather than whatever prompt
-the RL run uses: an RM is only calibrated on the input format it was trained on. Scoring by record keeps
-it on that format even when an RL config picks another prompt style for the policy.
+Why the RM sees the record rebuilt with *its own* prompt style and step schema (``she.json``) rather than
+whatever prompt the RL run uses: an RM is only calibrated on the input format it was trained on. Scoring by
+record keeps it on that format even when an RL config picks another prompt style for the policy.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ from typing import Any
 
 from she.config import RewardModelJobConfig
 from she.data.schema import Record
-from she.reasoning.schema import in_schema
+from she.errors import UserError
 from she.models.metadata import schema_of
+from she.reasoning.schema import StepSchema, resolve_schema
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +73,10 @@ def load_rm_base(name_or_dir: str, seed: int = 0):
     return model, tok
 
 
-@in_schema(lambda cfg, *a, **k: schema_of(cfg.policy or cfg.model))
 def run_reward_model_job(cfg: RewardModelJobConfig, train_records: list[Record], *, progress: bool = True) -> Path:
     """Sample (or reuse) pass@N rollouts of ``cfg.policy`` (default ``cfg.model``), train the RM, save
-    ``<output_dir>/final`` (weights, tokenizer, ``she.json`` with the prompt style); returns that folder."""
+    ``<output_dir>/final`` (weights, tokenizer, ``she.json`` with the prompt style and the policy's step schema,
+    in which the RM's prompts are written); returns that folder."""
     from datasets import Dataset
     from trl import RewardTrainer
 
@@ -86,11 +87,14 @@ def run_reward_model_job(cfg: RewardModelJobConfig, train_records: list[Record],
     out.mkdir(parents=True, exist_ok=True)
     write_job_config(out, cfg)
     policy = cfg.policy or cfg.model
+    spec = schema_of(policy)
+    schema = resolve_schema(spec, cfg.data.taxonomy)
     cache = cfg.rollouts.cache_file or out / "rollouts.jsonl"
     pairs, stats, style = build_pairs_for_job(policy, train_records, cfg.rollouts, cache,
-                                              prompt_style=cfg.prompt_style, bf16=cfg.bf16, progress=progress)
+                                              prompt_style=cfg.prompt_style, bf16=cfg.bf16, progress=progress,
+                                              schema=schema)
     (out / "pairs_stats.json").write_text(json.dumps(stats, indent=2))
-    train_ds = Dataset.from_list(preference_rows(pairs, {r.id: r for r in train_records}, style))
+    train_ds = Dataset.from_list(preference_rows(pairs, {r.id: r for r in train_records}, style, schema))
 
     model, tok = load_rm_base(cfg.model, cfg.seed)
     tok.padding_side = "right"
@@ -99,7 +103,8 @@ def run_reward_model_job(cfg: RewardModelJobConfig, train_records: list[Record],
     trainer = RewardTrainer(model=model, args=build_reward_config(cfg, out), train_dataset=train_ds,
                             processing_class=tok, callbacks=[ManifestCallback()])
     train_resuming(trainer, out, cfg.resume, log)
-    return save_final(trainer, out, {"prompt_style": style, "kind": RM_KIND, "taxonomy": cfg.data.taxonomy})
+    return save_final(trainer, out, {"prompt_style": style, "kind": RM_KIND, "taxonomy": cfg.data.taxonomy,
+                                     "schema": spec})
 
 
 class ScalarRewardModel:
@@ -110,13 +115,14 @@ class ScalarRewardModel:
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, prompt_style: str = "compact", batch_size: int = 16,
-                 max_length: int | None = None) -> None:
+                 max_length: int | None = None, schema: StepSchema | None = None) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.prompt_style = prompt_style
+        self.schema = schema  # the step schema of the RM's prompts (she.json); None = the built-in one
         self.batch_size = batch_size
         self.max_length = max_length
         if getattr(model.config, "num_labels", None) != 1:
-            raise ValueError(f"a scalar reward model needs num_labels=1, got {getattr(model.config, 'num_labels', None)}")
+            raise UserError(f"a scalar reward model needs num_labels=1, got {getattr(model.config, 'num_labels', None)}")
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         if model.config.pad_token_id is None:
@@ -136,10 +142,11 @@ class ScalarRewardModel:
             raise FileNotFoundError(f"{p}: not a reward model folder (no config.json); train one with `she train rm`")
         meta = load_she_meta(p)
         if meta.get("kind") not in (None, RM_KIND):
-            raise ValueError(f"{p}: she.json says kind={meta.get('kind')!r}, not a scalar reward model")
+            raise UserError(f"{p}: she.json says kind={meta.get('kind')!r}, not a scalar reward model")
         model = AutoModelForSequenceClassification.from_pretrained(p, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(p)
         kwargs.setdefault("prompt_style", meta.get("prompt_style", "compact"))
+        kwargs.setdefault("schema", resolve_schema(meta.get("schema"), meta.get("taxonomy") or "hd3"))
         rm = cls(model, tok, **kwargs)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -177,10 +184,12 @@ class ScalarRewardModel:
         return [found[t] for t in texts]
 
     def score_records(self, records: Sequence[Record], completions: Sequence[str]) -> list[float]:
-        """Score completions for records, with the prompt rebuilt in the RM's own prompt style."""
+        """Score completions for records, with the prompt rebuilt in the RM's own prompt style and schema."""
         from she.reasoning.prompts import build_messages
+        from she.reasoning.schema import schema_for
 
-        return self.score([build_messages(r, style=self.prompt_style) for r in records], completions)
+        return self.score([build_messages(r, style=self.prompt_style, schema=schema_for(self.schema, r.taxonomy))
+                           for r in records], completions)
 
     def reward_func(self):
         """A plain TRL reward function ``(prompts, completions, **kw) -> list[float]`` over the prompts TRL

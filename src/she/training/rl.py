@@ -8,8 +8,9 @@ from pathlib import Path
 
 from she.config import RLJobConfig
 from she.data.schema import Record
+from she.errors import UserError
 from she.models.metadata import schema_of
-from she.reasoning.schema import in_schema
+from she.reasoning.schema import StepSchema, resolve_schema
 
 log = logging.getLogger(__name__)
 
@@ -21,14 +22,14 @@ def build_examiner(cfg: RLJobConfig):
         return VerifierExaminer(graded=cfg.graded_sets)
     if cfg.examiner in ("hybrid", "blend"):
         if not cfg.judge:
-            raise ValueError(f"examiner {cfg.examiner!r} needs a judge folder (`judge:` from `she train prm`)")
+            raise UserError(f"examiner {cfg.examiner!r} needs a judge folder (`judge:` from `she train prm`)")
         from she.rewards.judge import StepJudge
 
         judge = StepJudge.from_pretrained(cfg.judge)
         mode = "verifier_first" if cfg.examiner == "hybrid" else "blend"
         return HybridExaminer(VerifierExaminer(graded=cfg.graded_sets), judge, mode=mode, weight=cfg.judge_weight,
                               judge_steps=judge_steps_above_floor(cfg.judge, cfg.judge_auc_floor))
-    raise ValueError(f"unknown examiner {cfg.examiner!r}; use verifier, hybrid or blend")
+    raise UserError(f"unknown examiner {cfg.examiner!r}; use verifier, hybrid or blend")
 
 
 def judge_steps_above_floor(judge_dir: str, floor: float | None) -> list[str] | None:
@@ -92,14 +93,14 @@ def resolve_class_weights(cfg: RLJobConfig, train: list[Record]) -> dict[str, fl
     if cw == "balanced":
         return balanced_class_weights([r.label for r in train], labels)
     if isinstance(cw, str):
-        raise ValueError(f"class_weights must be null, 'balanced' or a mapping label -> weight, got {cw!r}")
+        raise UserError(f"class_weights must be null, 'balanced' or a mapping label -> weight, got {cw!r}")
     missing = [lab for lab in labels if lab not in cw]
     unknown = [k for k in cw if k not in labels]
     if missing or unknown:
-        raise ValueError(f"class_weights: labels {missing} have no weight, {unknown} are not labels of {cfg.data.taxonomy}")
+        raise UserError(f"class_weights: labels {missing} have no weight, {unknown} are not labels of {cfg.data.taxonomy}")
     bad = {k: v for k, v in cw.items() if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0}
     if bad:
-        raise ValueError(f"class_weights: weights must be numbers >= 0, got {bad}")
+        raise UserError(f"class_weights: weights must be numbers >= 0, got {bad}")
     return {k: float(v) for k, v in cw.items()}
 
 
@@ -111,24 +112,26 @@ def resolved_advantage(cfg: RLJobConfig) -> str:
     return cfg.advantage or "srpo_gated"
 
 
-def run_examiner_check(cfg: RLJobConfig, examiner, records: list[Record]) -> dict | None:
-    """Score gold vs constant traces of up to ``cfg.examiner_check_records`` records (she.rewards.check);
-    ``error`` refuses to train when a constant trace wins on a class, ``warn`` logs it, ``off`` skips.
-    Written to ``<output_dir>/examiner_check.json``."""
+def run_examiner_check(cfg: RLJobConfig, examiner, records: list[Record], schema: StepSchema | None = None
+                       ) -> dict | None:
+    """Score gold vs constant traces of up to ``cfg.examiner_check_records`` records (she.rewards.check), written
+    in ``schema`` (the policy's; None = the built-in one of the data's taxonomy); ``error`` refuses to train when
+    a constant trace wins on a class, ``warn`` logs it, ``off`` skips. Written to
+    ``<output_dir>/examiner_check.json``."""
     import random
 
-    from she.reasoning.schema import default_schema
+    from she.reasoning.schema import schema_for
     from she.rewards.check import check_examiner, format_check
 
     if cfg.examiner_check not in ("error", "warn", "off"):
-        raise ValueError(f"examiner_check must be error, warn or off, got {cfg.examiner_check!r}")
+        raise UserError(f"examiner_check must be error, warn or off, got {cfg.examiner_check!r}")
     advantage = resolved_advantage(cfg)
     if cfg.examiner_check == "off" or advantage == "grpo" or not records:
         return None
     sample = list(records)
     random.Random(cfg.seed).shuffle(sample)
     criterion = "flaw" if advantage.startswith("srpo_gated") else "reward"
-    report = check_examiner(examiner, sample[: cfg.examiner_check_records], default_schema(cfg.data.taxonomy),
+    report = check_examiner(examiner, sample[: cfg.examiner_check_records], schema_for(schema, cfg.data.taxonomy),
                             criterion=criterion)
     text = format_check(report)
     out = Path(cfg.output_dir)
@@ -137,8 +140,8 @@ def run_examiner_check(cfg: RLJobConfig, examiner, records: list[Record]) -> dic
     log.info("%s", text)
     if not report["ok"]:
         if cfg.examiner_check == "error":
-            raise ValueError(f"{text}\nThe step reward would pay a constant answer more than the truth, so SRPO would "
-                             "drift there; fix the examiner (judge, facts) or set examiner_check: warn to train anyway")
+            raise UserError(f"{text}\nThe step reward would pay a constant answer more than the truth, so SRPO would "
+                            "drift there; fix the examiner (judge, facts) or set examiner_check: warn to train anyway")
         log.warning("examiner check failed (examiner_check: warn): training anyway")
     return report
 
@@ -149,7 +152,7 @@ def rollout_settings(cfg: RLJobConfig) -> dict:
     Layout-invariant sampling hooks ``model.generate``, which vLLM never calls: the two cannot be combined.
     """
     if cfg.use_vllm and cfg.layout_invariant_sampling:
-        raise ValueError("layout_invariant_sampling works with transformers generation only; turn off use_vllm")
+        raise UserError("layout_invariant_sampling works with transformers generation only; turn off use_vllm")
     return {"use_vllm": cfg.use_vllm, "vllm_mode": cfg.vllm_mode,
             "vllm_gpu_memory_utilization": cfg.vllm_gpu_memory_utilization,
             "vllm_server_base_url": cfg.vllm_server_base_url}
@@ -168,18 +171,20 @@ def trainer_rollout_kwargs(cfg: RLJobConfig) -> dict:
     return out
 
 
-@in_schema(lambda cfg, *a, **k: schema_of(cfg.model))
 def run_rl_job(cfg: RLJobConfig, train: list[Record], callbacks: list | None = None,
                check_records: list[Record] | None = None) -> Path:
     """``callbacks``: extra ``TrainerCallback``s (the curriculum's plateau stop, see she.sampling.curriculum).
     ``check_records``: held-out labelled records for the examiner check (default: the training records).
 
-    Rollouts are parsed and examined with the policy's own step schema (``she.json``)."""
+    Prompts are written, and rollouts parsed and examined, in the policy's own step schema (``cfg.model``'s
+    ``she.json``), which the saved model's ``she.json`` carries on."""
     from she.models.registry import load_model_and_tokenizer
     from she.training.checkpoints import ManifestCallback
     from she.training.srpo import SRPOTrainer, build_grpo_config, make_prompt_dataset
     from she.training.trainer_setup import save_final, train_resuming, write_job_config
 
+    spec = schema_of(cfg.model)
+    schema = resolve_schema(spec, cfg.data.taxonomy)
     train = with_store_facts(cfg, train)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -198,7 +203,7 @@ def run_rl_job(cfg: RLJobConfig, train: list[Record], callbacks: list | None = N
     examiner = _live(build_examiner(cfg), cfg)
     class_weights = resolve_class_weights(cfg, train)
     if args.process_index == 0:
-        run_examiner_check(cfg, examiner, check_records if check_records is not None else train)
+        run_examiner_check(cfg, examiner, check_records if check_records is not None else train, schema)
     model, tok = load_model_and_tokenizer(cfg.model)
     tok.padding_side = "left"
     if cfg.layout_invariant_sampling:
@@ -206,12 +211,12 @@ def run_rl_job(cfg: RLJobConfig, train: list[Record], callbacks: list | None = N
 
         install_layout_invariant_sampling(model, seed=cfg.seed)
     trainer = SRPOTrainer(
-        model=model, args=args, train_dataset=make_prompt_dataset(train, cfg.prompt_style),
+        model=model, args=args, train_dataset=make_prompt_dataset(train, cfg.prompt_style, schema=schema),
         processing_class=tok, records_by_id={r.id: r for r in train}, examiner=examiner,
         step_rewards=cfg.step_rewards, advantage=resolved_advantage(cfg), alpha=cfg.alpha, credit_mode=cfg.credit_mode,
         critical=cfg.critical, first_error_weight=cfg.first_error_weight, flawed_share=cfg.flawed_share,
         incorrect_below=cfg.incorrect_below, class_weights=class_weights, reward_steps=cfg.reward_steps,
-        taxonomy=cfg.data.taxonomy, partial_credit=cfg.partial_credit, format_weight=cfg.format_weight,
+        taxonomy=cfg.data.taxonomy, schema=schema, partial_credit=cfg.partial_credit, format_weight=cfg.format_weight,
         callbacks=[ManifestCallback(), *(callbacks or [])], max_bad_steps=cfg.max_bad_steps,
         **build_reward_model_kwargs(cfg), **trainer_rollout_kwargs(cfg),
     )
@@ -224,4 +229,4 @@ def run_rl_job(cfg: RLJobConfig, train: list[Record], callbacks: list | None = N
 
     # the tokenizer saved with the weights is trainer.processing_class, `tok` (left padding)
     return save_final(trainer, out, {"prompt_style": cfg.prompt_style, "target": "reasoning",
-                                     "taxonomy": cfg.data.taxonomy}, on_main=curves)
+                                     "taxonomy": cfg.data.taxonomy, "schema": spec}, on_main=curves)

@@ -14,35 +14,39 @@ from pathlib import Path
 
 from she.config import SFTJobConfig
 from she.data.schema import Record
-from she.reasoning.schema import in_schema
+from she.errors import UserError
+from she.reasoning.schema import StepSchema, resolve_schema, schema_for
 
 log = logging.getLogger(__name__)
 
 
-def completion_text(record: Record, target: str = "reasoning") -> str:
+def completion_text(record: Record, target: str = "reasoning", schema: StepSchema | None = None) -> str:
+    """The SFT target of ``record``: its rule-based rationale in ``schema`` (None = the built-in schema), or
+    ``Verdict: <label>`` for the label-only baseline."""
     from she.reasoning.rationale import write_rationale
 
     if record.label is None:
-        raise ValueError(f"record {record.id} has no label: SFT needs labelled data")
+        raise UserError(f"record {record.id} has no label: SFT needs labelled data")
     if target == "reasoning":
-        return write_rationale(record)
+        return write_rationale(record, schema_for(schema, record.taxonomy))
     if target == "label":
         return f"Verdict: {record.label}"
-    raise ValueError(f"unknown SFT target {target!r}; use 'reasoning' or 'label'")
+    raise UserError(f"unknown SFT target {target!r}; use 'reasoning' or 'label'")
 
 
 def build_sft_dataset(records: list[Record], target: str = "reasoning", traces: dict[str, str] | None = None,
-                      prompt_style: str = "compact"):
+                      prompt_style: str = "compact", schema: StepSchema | None = None):
     """Conversational prompt-completion dataset. ``traces`` (record id -> text) overrides the rule writer,
-    e.g. with accepted teacher traces."""
+    e.g. with accepted teacher traces. Prompts and rationales follow ``schema`` (None = the built-in one)."""
     from datasets import Dataset
 
     from she.reasoning.prompts import build_messages
 
     rows = []
     for r in records:
-        text = traces[r.id] if traces and r.id in traces else completion_text(r, target)
-        rows.append({"prompt": build_messages(r, style=prompt_style), "completion": [{"role": "assistant", "content": text}]})
+        text = traces[r.id] if traces and r.id in traces else completion_text(r, target, schema)
+        rows.append({"prompt": build_messages(r, style=prompt_style, schema=schema_for(schema, r.taxonomy)),
+                     "completion": [{"role": "assistant", "content": text}]})
     return Dataset.from_list(rows)
 
 
@@ -53,26 +57,27 @@ def load_traces(path: str | os.PathLike) -> dict[str, str]:
     out: dict[str, str] = {}
     for n, d in iter_jsonl(path):
         if not isinstance(d, dict) or "id" not in d or "trace" not in d:
-            raise ValueError(f"{path}:{n}: expected a JSON object with 'id' and 'trace'")
+            raise UserError(f"{path}:{n}: expected a JSON object with 'id' and 'trace'")
         out[str(d["id"])] = str(d["trace"])
     return out
 
 
-def count_tokens(records: list[Record], tokenizer, target: str = "reasoning", prompt_style: str = "compact") -> dict:
+def count_tokens(records: list[Record], tokenizer, target: str = "reasoning", prompt_style: str = "compact",
+                 schema: StepSchema | None = None) -> dict:
     """Tokens per training example (prompt + completion), for throughput figures."""
     from she.reasoning.prompts import build_messages
 
     total = completion = 0
     for r in records:
-        text = completion_text(r, target)
-        msgs = build_messages(r, style=prompt_style) + [{"role": "assistant", "content": text}]
+        text = completion_text(r, target, schema)
+        msgs = build_messages(r, style=prompt_style, schema=schema_for(schema, r.taxonomy)) + [
+            {"role": "assistant", "content": text}]
         total += len(tokenizer(tokenizer.apply_chat_template(msgs, tokenize=False), add_special_tokens=False)["input_ids"])
         completion += len(tokenizer(text, add_special_tokens=False)["input_ids"])
     n = max(1, len(records))
     return {"examples": len(records), "tokens": total, "mean_tokens": total / n, "mean_completion_tokens": completion / n}
 
 
-@in_schema(lambda cfg, *a, **k: cfg.schema)
 def train_sft(cfg: SFTJobConfig, train: list[Record], validation: list[Record] | None = None) -> Path:
     """Train and save the final model to ``cfg.output_dir/final``; returns that folder.
 
@@ -82,12 +87,14 @@ def train_sft(cfg: SFTJobConfig, train: list[Record], validation: list[Record] |
     from she.models.registry import load_model_and_tokenizer
     from she.training.trainer_setup import common_training_args, save_final, train_resuming, write_job_config
 
+    schema = resolve_schema(cfg.schema, cfg.data.taxonomy)  # a bad schema fails before the model loads
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     model, tok = load_model_and_tokenizer(cfg.model, for_training=True)
     traces = load_traces(cfg.traces_file) if cfg.traces_file else None
-    train_ds = build_sft_dataset(train, cfg.target, traces=traces, prompt_style=cfg.prompt_style)
-    eval_ds = build_sft_dataset(validation, cfg.target, prompt_style=cfg.prompt_style) if validation else None
+    train_ds = build_sft_dataset(train, cfg.target, traces=traces, prompt_style=cfg.prompt_style, schema=schema)
+    eval_ds = build_sft_dataset(validation, cfg.target, prompt_style=cfg.prompt_style, schema=schema) \
+        if validation else None
     peft_config = None
     if cfg.lora:
         from peft import LoraConfig
@@ -120,4 +127,4 @@ def train_sft(cfg: SFTJobConfig, train: list[Record], validation: list[Record] |
         tok.save_pretrained(final)
     # without LoRA every rank saves (FSDP/ZeRO-3 gather); no rank returns before final/ is complete
     return save_final(trainer, out, {"prompt_style": cfg.prompt_style, "target": cfg.target,
-                                     "taxonomy": cfg.data.taxonomy}, save_model=not cfg.lora)
+                                     "taxonomy": cfg.data.taxonomy, "schema": cfg.schema}, save_model=not cfg.lora)

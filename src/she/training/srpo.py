@@ -52,6 +52,7 @@ from she.algorithms.advantages import (
     pad_step_rewards,
 )
 from she.data.schema import Record
+from she.errors import UserError
 from she.reasoning.parse import ParsedTrace, parse_trace
 from she.reasoning.schema import StepSchema, default_schema
 from she.reasoning.segmentation import token_steps_for_completion
@@ -100,7 +101,7 @@ def make_prompt_dataset(records: Sequence[Record], style: str = "compact", *, sc
             row[RECORD_JSON_COLUMN] = r.to_json()
         rows.append(row)
     if not rows:
-        raise ValueError("make_prompt_dataset: no records")
+        raise UserError("make_prompt_dataset: no records")
     return Dataset.from_list(rows)
 
 
@@ -400,7 +401,7 @@ def class_weight_vector(golds: Sequence[str], class_weights: Mapping[str, float]
         return None
     missing = sorted({g for g in golds if g not in class_weights})
     if missing:
-        raise ValueError(f"class_weights has no weight for gold label(s) {missing} (it has {sorted(class_weights)})")
+        raise UserError(f"class_weights has no weight for gold label(s) {missing} (it has {sorted(class_weights)})")
     return torch.tensor([float(class_weights[g]) for g in golds], dtype=torch.float32)
 
 
@@ -409,7 +410,7 @@ def balanced_class_weights(labels: Sequence[str], classes: Sequence[str]) -> dic
     counts = {c: sum(1 for x in labels if x == c) for c in classes}
     present = {c: k for c, k in counts.items() if k}
     if not present:
-        raise ValueError("balanced class weights need at least one labelled record")
+        raise UserError("balanced class weights need at least one labelled record")
     n, k = sum(present.values()), len(present)
     return {c: n / (k * present.get(c, n / k)) for c in classes}
 
@@ -460,7 +461,7 @@ class SRPOTrainer(GRPOTrainer):
         (``group`` -> True, ``none`` -> False).
     class_weights: ``{label: weight}`` on the group-normalised outcome advantage of a prompt with that gold
         label (after normalisation, where it does not cancel); the same for every estimator, GRPO included.
-    schema, taxonomy: the step schema the policy writes (default :func:`default_schema` of ``taxonomy``).
+    schema, taxonomy: the step schema the policy writes (None: the built-in one of ``taxonomy``).
     partial_credit, format_weight: the outcome reward (:func:`rollout_outcome`).
     include_label_step: also give the verdict step a step reward (off: the outcome already covers it).
     reward_steps: step keys that may earn a step reward (None: every examined step). E.g. ``["Missing"]``: only
@@ -512,19 +513,19 @@ class SRPOTrainer(GRPOTrainer):
                 "GRPO's and SRPO's outcome term uses the same numbers); do not pass reward_funcs"
             )
         if credit_mode not in CREDIT_MODES:
-            raise ValueError(f"credit_mode must be one of {CREDIT_MODES}, got {credit_mode!r}")
+            raise UserError(f"credit_mode must be one of {CREDIT_MODES}, got {credit_mode!r}")
         self.schema = schema or default_schema(taxonomy)
         if schema is not None and schema.taxonomy != taxonomy:
-            raise ValueError(f"schema taxonomy {schema.taxonomy!r} differs from taxonomy={taxonomy!r}")
+            raise UserError(f"schema taxonomy {schema.taxonomy!r} differs from taxonomy={taxonomy!r}")
         self.taxonomy = taxonomy
         self.records_by_id = dict(records_by_id) if records_by_id is not None else None
         self.examiner = examiner if examiner is not None else VerifierExaminer()
         self.step_rewards = bool(step_rewards)
         self.advantage = advantage or ("srpo_gated" if self.step_rewards else "grpo")
         if self.advantage not in ESTIMATORS:
-            raise ValueError(f"advantage must be one of {sorted(ESTIMATORS)}, got {self.advantage!r}")
+            raise UserError(f"advantage must be one of {sorted(ESTIMATORS)}, got {self.advantage!r}")
         if not self.step_rewards and self.advantage != "grpo":
-            raise ValueError(f"step_rewards=False is vanilla GRPO; advantage={self.advantage!r} needs step rewards")
+            raise UserError(f"step_rewards=False is vanilla GRPO; advantage={self.advantage!r} needs step rewards")
         self.class_weights = dict(class_weights) if class_weights is not None else None
         self.first_error_weight = float(first_error_weight)
         self.flawed_share = float(flawed_share)
@@ -538,10 +539,10 @@ class SRPOTrainer(GRPOTrainer):
         self.reward_steps = None if reward_steps is None else frozenset(reward_steps)
         self.reward_model = reward_model
         if reward_model is not None and (partial_credit or self.format_weight):
-            raise ValueError("with a reward_model the RM score is the only outcome reward; "
-                             "partial_credit and format_weight do not apply (turn them off)")
+            raise UserError("with a reward_model the RM score is the only outcome reward; "
+                            "partial_credit and format_weight do not apply (turn them off)")
         if isinstance(max_bad_steps, bool) or not isinstance(max_bad_steps, int) or max_bad_steps < 1:
-            raise ValueError(f"max_bad_steps must be an integer >= 1, got {max_bad_steps!r}")
+            raise UserError(f"max_bad_steps must be an integer >= 1, got {max_bad_steps!r}")
         self.max_bad_steps = max_bad_steps
         self.nonfinite_steps = 0  # optimizer steps skipped because the loss was not finite (whole run)
         self.consecutive_nonfinite_steps = 0
@@ -571,12 +572,12 @@ class SRPOTrainer(GRPOTrainer):
         if not self.step_rewards:
             return
         if args.scale_rewards not in ("group", "none", "batch"):
-            raise ValueError(f"scale_rewards={args.scale_rewards!r}: use 'group', 'batch' or 'none'")
+            raise UserError(f"scale_rewards={args.scale_rewards!r}: use 'group', 'batch' or 'none'")
         if args.scale_rewards == "batch" and self.advantage.startswith("srpo_centered"):
-            raise ValueError("scale_rewards='batch' is supported by the grpo and gated estimators only (the centred "
-                             "ones normalise step rewards per group)")
+            raise UserError("scale_rewards='batch' is supported by the grpo and gated estimators only (the centred "
+                            "ones normalise step rewards per group)")
         if getattr(args, "off_policy_mask_threshold", None) is not None or args.loss_type == "vespo":
-            raise ValueError(
+            raise UserError(
                 "off_policy_mask_threshold and loss_type='vespo' use the advantage's sign per *sequence*; with "
                 "per-token SRPO advantages that is ill-defined. Use step_rewards=False or another loss."
             )
@@ -619,9 +620,9 @@ class SRPOTrainer(GRPOTrainer):
                 raise ValueError(f"record id {rid!r} is not in records_by_id")
             rec = self.records_by_id[rid]
         if rec.label is None:
-            raise ValueError(f"record {rec.id}: no gold label")
+            raise UserError(f"record {rec.id}: no gold label")
         if rec.taxonomy != self.taxonomy:
-            raise ValueError(f"record {rec.id}: taxonomy {rec.taxonomy!r}, but the trainer uses {self.taxonomy!r}")
+            raise UserError(f"record {rec.id}: taxonomy {rec.taxonomy!r}, but the trainer uses {self.taxonomy!r}")
         return rec
 
     def _make_reward_func(self) -> Callable[..., list[float]]:

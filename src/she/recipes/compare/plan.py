@@ -30,6 +30,7 @@ from she.config import (
     to_dict,
 )
 from she.data.schema import Record
+from she.errors import UserError
 from she.recipes.compare.config import (
     CE_FIXED,
     CURRICULUM_FIXED,
@@ -198,18 +199,18 @@ def split_stage_steps(fixed: Sequence[int | None], total: int) -> list[int]:
     (the remainder goes to the last of them). Raises when that is impossible: an RL row may not get
     more or fewer steps than its budget."""
     if total < 1:
-        raise ValueError(f"no RL step is left for the curriculum (budget {total} steps)")
+        raise UserError(f"no RL step is left for the curriculum (budget {total} steps)")
     fixed_sum = sum(s for s in fixed if s is not None)
     free = [i for i, s in enumerate(fixed) if s is None]
     rest = total - fixed_sum
     if not free:
         if rest != 0:
-            raise ValueError(f"the stages' advance.steps add up to {fixed_sum} but the budget is {total} steps; "
-                             "leave one stage's steps unset to take the rest")
+            raise UserError(f"the stages' advance.steps add up to {fixed_sum} but the budget is {total} steps; "
+                            "leave one stage's steps unset to take the rest")
         return list(fixed)  # type: ignore[arg-type]
     if rest < len(free):
-        raise ValueError(f"{total} budget steps cannot give each of the {len(fixed)} stages at least one step "
-                         f"(fixed stages take {fixed_sum})")
+        raise UserError(f"{total} budget steps cannot give each of the {len(fixed)} stages at least one step "
+                        f"(fixed stages take {fixed_sum})")
     share = rest // len(free)
     out = [s if s is not None else share for s in fixed]
     out[free[-1]] += rest - share * len(free)
@@ -221,7 +222,7 @@ def default_stages(total: int):
     from she.sampling.curriculum import AdvanceRule, Stage, StageFilter
 
     if total < 2:
-        raise ValueError(f"the default two-stage curriculum needs at least 2 RL steps, the budget leaves {total}")
+        raise UserError(f"the default two-stage curriculum needs at least 2 RL steps, the budget leaves {total}")
     easy = max(1, total // 4)
     return [Stage("easy", StageFilter(pass_rate=(0.5, 1.0)), {}, AdvanceRule(steps=easy)),
             Stage("main", StageFilter(), {}, AdvanceRule(steps=total - easy))]

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from she.config import CrossEncoderJobConfig, DPOJobConfig
+from she.errors import UserError
 from she.recipes.compare.config import CE_FIXED, DPO_FIXED, build_section
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ def majority_label(records, labels) -> str:
 
     counts = Counter(r.label for r in records)
     if not counts:
-        raise ValueError("majority baseline: no training records")
+        raise UserError("majority baseline: no training records")
     return max(labels, key=lambda lab: (counts.get(lab, 0), -list(labels).index(lab)))
 
 

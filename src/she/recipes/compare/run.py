@@ -16,8 +16,9 @@ from typing import Any
 
 from she.config import PassAtNConfig, PRMJobConfig, RewardModelJobConfig, RLJobConfig, SFTJobConfig, to_dict
 from she.data.schema import Record
+from she.errors import UserError
 from she.models.metadata import schema_of
-from she.reasoning.schema import in_schema
+from she.reasoning.schema import StepSchema, resolve_schema
 from she.recipes.compare.config import (
     CURRICULUM_FIXED,
     PASSN_FIXED,
@@ -65,7 +66,7 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON ({e.msg}); delete it to recompute") from None
+        raise UserError(f"{path}: invalid JSON ({e.msg}); delete it to recompute") from None
 
 
 # -- the driver ------------------------------------------------------------------------------------------
@@ -109,6 +110,12 @@ class CompareRun:
         return None if any(v is None for v in vals) else round(sum(vals), 2)
 
     # shared jobs -------------------------------------------------------------------------------------
+    @property
+    def schema(self) -> StepSchema:
+        """The step schema every generative row writes (:func:`compare_schema`). The jobs read it from their
+        start model's ``she.json``; the driver passes it where a folder has none (a Trainer checkpoint)."""
+        return resolve_schema(compare_schema(self.cfg), self.cfg.data.taxonomy)
+
     @property
     def rl_base(self) -> RLJobConfig:
         return build_section(RLJobConfig, self.cfg.rl, "rl", RL_FIXED)
@@ -248,8 +255,8 @@ class CompareRun:
         self.job("difficulty", report_path.exists, run)
         rep = _read_json(report_path)
         if rep.get("k") != k or set(rep.get("pass_rates", {})) != {r.id for r in self.pool()}:
-            raise ValueError(f"{report_path} was computed for another pool or k; delete the difficulty folder "
-                             "or use another output_dir")
+            raise UserError(f"{report_path} was computed for another pool or k; delete the difficulty folder "
+                            "or use another output_dir")
         return {str(i): float(p) for i, p in rep["pass_rates"].items()}
 
     def selection(self, row: str) -> tuple[list[Record], dict[str, float] | None]:
@@ -265,15 +272,15 @@ class CompareRun:
             sel = _read_json(path)
             unknown = [i for i in sel.get("ids", []) if i not in by_id]
             if unknown or not sel.get("ids"):
-                raise ValueError(f"{path}: its ids are not training records of this data ({unknown[:3]}); delete it "
-                                 "to select again")
+                raise UserError(f"{path}: its ids are not training records of this data ({unknown[:3]}); delete it "
+                                "to select again")
             return [by_id[i] for i in sel["ids"]], rates
         d = self.cfg.difficulty
         pool = self.pool()
         cand = filter_by_pass_rate(pool, rates, d.low, d.high, d.inclusive) if rates is not None else pool
         if not cand:
-            raise ValueError(f"{row}: the difficulty band keeps none of the {len(pool)} pool prompts (every pass rate "
-                             f"is outside {d.low}..{d.high}); widen difficulty.low/high or enlarge the pool")
+            raise UserError(f"{row}: the difficulty band keeps none of the {len(pool)} pool prompts (every pass rate "
+                            f"is outside {d.low}..{d.high}); widen difficulty.low/high or enlarge the pool")
         n = self.cfg.diverse.n or self.full_steps(row) * rl.prompts_per_step
         report: dict[str, Any] = {"pool": len(pool), "after_band": len(cand), "n_wanted": n}
         if row == "srpo_full_no_diverse":
@@ -351,9 +358,9 @@ class CompareRun:
             (f"stage {st.name!r}", apply_stage_filter(records, st, rates, seed=self.cfg.seed)) for st in stages]
         for what, recs in parts:
             if len(recs) < need:
-                raise ValueError(f"{row}: {what} has {len(recs)} prompt(s) but every RL step needs "
-                                 f"prompts_per_step={need}; enlarge difficulty.max_records, widen the band or the "
-                                 "stage filters")
+                raise UserError(f"{row}: {what} has {len(recs)} prompt(s) but every RL step needs "
+                                f"prompts_per_step={need}; enlarge difficulty.max_records, widen the band or the "
+                                "stage filters")
 
     def full_row(self, row: str, sft: Path, judge: str | None) -> tuple[Path, list[str]]:
         from she.sampling.curriculum import CurriculumConfig, stage_dir
@@ -468,7 +475,7 @@ class CompareRun:
         if not path.exists():
             from she.evaluation.calibration import fit_label_offsets
             from she.evaluation.generate import generate_judgements
-            from she.models.metadata import prompt_style_of
+            from she.models.metadata import model_step_schema, prompt_style_of
             from she.models.registry import load_model_and_tokenizer
 
             t = time.perf_counter()
@@ -476,7 +483,9 @@ class CompareRun:
             lm, tok = load_model_and_tokenizer(str(model))
             js = generate_judgements(lm, tok, self.calib, taxonomy=self.cfg.data.taxonomy, batch_size=ecfg.batch_size,
                                      max_new_tokens=ecfg.max_new_tokens, bf16=ecfg.bf16, progress=False,
-                                     prompt_style=prompt_style_of(str(model)))
+                                     prompt_style=prompt_style_of(str(model)),
+                                     schema=model_step_schema(str(model), self.cfg.data.taxonomy,
+                                                              compare_schema(self.cfg)))
             offsets = fit_label_offsets([j.probs for j in js], [j.raw_label for j in js],
                                         [r.label for r in self.calib], self.labels)
             atomic_write_lines(path, [json.dumps({"label_offsets": offsets, "n": len(self.calib),
@@ -496,8 +505,8 @@ class CompareRun:
             for _, d in iter_jsonl(ev / "predictions.jsonl"):
                 preds[str(d["id"])] = apply_offsets(d.get("probs"), d.get("label"), offsets)
             if set(preds) != {r.id for r in self.evals}:
-                raise ValueError(f"{ev}/predictions.jsonl covers other records than this evaluation set; delete "
-                                 f"{ev} to evaluate again")
+                raise UserError(f"{ev}/predictions.jsonl covers other records than this evaluation set; delete "
+                                f"{ev} to evaluate again")
             self.memo[key] = preds
         return ev, m, self.memo[key]
 
@@ -540,7 +549,7 @@ def _initial_state(out: Path, cfg: CompareConfig) -> dict[str, Any]:
         return fresh
     state = _read_json(path)
     if not isinstance(state, dict) or not isinstance(state.get("jobs"), dict):
-        raise ValueError(f"{path}: not a compare state file (no 'jobs' mapping); delete it to start over")
+        raise UserError(f"{path}: not a compare state file (no 'jobs' mapping); delete it to start over")
     old = {k: v for k, v in (state.get("config") or {}).items() if k not in ("rows", "eval_checkpoints")}
     new = {k: v for k, v in now.items() if k not in ("rows", "eval_checkpoints")}
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
@@ -554,27 +563,27 @@ def _initial_state(out: Path, cfg: CompareConfig) -> dict[str, Any]:
     return state
 
 
-def _compare_schema(cfg: CompareConfig, *args, **kwargs) -> str:
+def compare_schema(cfg: CompareConfig) -> str:
     """Every row writes the schema of the shared SFT start: ``sft_model``'s ``she.json``, else ``sft.schema``."""
     if cfg.sft_model:
         return schema_of(cfg.sft_model)
     return str(cfg.sft.get("schema", "default"))
 
 
-@in_schema(_compare_schema)
 def run_compare(cfg: CompareConfig, *, command: str | None = None) -> dict[str, Any]:
     """Run (or resume) the comparison; returns the results dict also written to ``<out>/results.json``."""
     from she.data.labels import get_taxonomy
     from she.data.sources import load_splits
 
     check_compare_config(cfg)
+    resolve_schema(compare_schema(cfg), cfg.data.taxonomy)  # a bad schema fails before any job runs
     rows = selected_rows(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     splits = load_splits(cfg.data)
     evals = seeded_subset(splits[cfg.eval.split], cfg.eval.max_eval, f"{cfg.seed}:compare-eval")
     if not evals:
-        raise ValueError(f"the {cfg.eval.split} split is empty: nothing to evaluate on")
+        raise UserError(f"the {cfg.eval.split} split is empty: nothing to evaluate on")
     ctx = CompareRun(cfg=cfg, out=out, rows=rows, train=splits["train"], evals=evals,
                labels=list(get_taxonomy(cfg.data.taxonomy).labels), state=_initial_state(out, cfg),
                command=command or "run_compare(...) (Python API)", same_as=plan_same_as(cfg, rows),
@@ -629,7 +638,7 @@ def preflight(ctx: CompareRun) -> None:
         steps = ctx.full_steps(row)
         if steps < 1:
             rl = ctx.rl_base
-            raise ValueError(
+            raise UserError(
                 f"{row}: budget strict leaves {steps} RL steps: estimating {len(ctx.pool())} pool prompts x k="
                 f"{ctx.difficulty_k()} = {ctx.difficulty_generations()} generations costs more than "
                 f"{rl_generations(rl.max_steps, rl.prompts_per_step, rl.num_generations)}; lower "
@@ -638,7 +647,7 @@ def preflight(ctx: CompareRun) -> None:
             try:
                 ctx.stages(row)
             except ValueError as e:
-                raise ValueError(f"{row}: {e}") from None
+                raise UserError(f"{row}: {e}") from None
 
 
 def budget_summary(ctx: CompareRun) -> dict[str, Any]:
@@ -683,15 +692,17 @@ def data_summary(ctx: CompareRun, splits: Mapping[str, list[Record]]) -> dict[st
 
 
 def evaluate_checkpoint(model_dir: str | Path, records: Sequence[Record], *, taxonomy: str, prompt_style: str,
-                        batch_size: int, max_new_tokens: int, bf16: bool) -> float:
-    """Macro F1 of one checkpoint folder (a Trainer checkpoint has no she.json, so the prompt style is given)."""
+                        batch_size: int, max_new_tokens: int, bf16: bool, schema: StepSchema | None = None) -> float:
+    """Macro F1 of one checkpoint folder (a Trainer checkpoint has no she.json, so the prompt style and the step
+    schema are given; ``schema`` None = the built-in one)."""
     from she.evaluation.evaluate import score
     from she.evaluation.generate import generate_judgements
     from she.models.registry import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(str(model_dir))
     js = generate_judgements(model, tok, list(records), taxonomy=taxonomy, batch_size=batch_size,
-                             max_new_tokens=max_new_tokens, bf16=bf16, progress=False, prompt_style=prompt_style)
+                             max_new_tokens=max_new_tokens, bf16=bf16, progress=False, prompt_style=prompt_style,
+                             schema=schema)
     return float(score(list(records), js, taxonomy)["macro_f1"])
 
 
@@ -726,7 +737,7 @@ def checkpoint_curves(ctx: CompareRun) -> dict[str, list[list[float]]]:
     subset = ctx.evals[: cfg.checkpoint_eval_max]
     style = ctx.rl_base.prompt_style
     kw = dict(taxonomy=cfg.data.taxonomy, batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
-              bf16=cfg.eval.bf16)
+              bf16=cfg.eval.bf16, schema=ctx.schema)
     rl_rows = [r for r in ctx.rows if r in RL_ROWS + FULL_ROWS and r not in ctx.same_as]
     if not rl_rows:
         return {}
@@ -751,4 +762,4 @@ def checkpoint_curves(ctx: CompareRun) -> dict[str, list[list[float]]]:
     return curves
 
 
-__all__ = ["STATE_FILE", "CompareRun", "checkpoint_curves", "evaluate_checkpoint", "run_compare"]
+__all__ = ["STATE_FILE", "CompareRun", "checkpoint_curves", "compare_schema", "evaluate_checkpoint", "run_compare"]
