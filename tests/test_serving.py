@@ -175,6 +175,7 @@ def test_batcher_skips_cancelled_requests():
         gate.set()
         assert kept.result(10) == [2]
         assert seen == [[0], [2]]  # the cancelled pair never reached the scorer
+        assert b.stats_dict()["cancelled_items"] == 1  # ... and is counted, not silently gone
     finally:
         b.close()
 
@@ -638,9 +639,11 @@ def test_client_deadline_passed_in_the_queue_is_a_504_and_its_pairs_are_never_sc
             gate.set()
             after = {"pairs": [{"query": "q", "title": "t", "id": "after"}], "mode": "fast"}
             assert c.post("/v1/relevance", json=after, headers={"X-Deadline-S": "30"}).status_code == 200
+            m = c.get("/metrics").json()
         finally:
             gate.set()
     assert [r.id for _, items in fake.batches for r in items] == ["busy", "after"]  # "late" never reached the model
+    assert m["batches"]["cancelled_items"] + m["batches"]["expired_items"] == 1  # its drop is counted
 
 
 @pytest.mark.parametrize("value", ["abc", "0", "-1", "nan", "inf", ""])

@@ -149,7 +149,6 @@ def create_app(
                         "max_text_chars": max_text_chars, "batch_wait_ms": batch_wait_ms,
                         "max_chat_tokens": max_chat_tokens, "max_queue_pairs": max_queue_pairs,
                         "request_timeout_s": request_timeout_s}
-    app.state.auth = key_digest is not None
 
     # -- errors: always JSON, always naming the field -------------------------------------------------
     @app.exception_handler(RequestValidationError)
@@ -221,7 +220,7 @@ def create_app(
         try:
             return await asyncio.wait_for(asyncio.wrap_future(fut), max(0.0, deadline - time.monotonic()))
         except DeadlineExceeded as e:
-            raise _ClientError(504, [(who, f"deadline of {allowed:g} s: {e}")], "timeout") from None
+            raise _ClientError(504, [(who, f"{e} (deadline {allowed:g} s)")], "timeout") from None
         except asyncio.TimeoutError:
             raise _ClientError(504, [(who, f"no answer within the deadline of {allowed:g} s; the request's pairs "
                                            "not yet scored were dropped")], "timeout") from None

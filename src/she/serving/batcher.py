@@ -86,12 +86,13 @@ class BatcherStats:
     items: int = 0
     failed_batches: int = 0
     expired_items: int = 0  # dropped unscored: their request's deadline had passed
+    cancelled_items: int = 0  # dropped unscored: their request's future was cancelled (the client stopped waiting)
     batch_sizes: dict[int, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         mean = self.items / self.batches if self.batches else 0.0
         return {"batches": self.batches, "items": self.items, "failed_batches": self.failed_batches,
-                "expired_items": self.expired_items,
+                "expired_items": self.expired_items, "cancelled_items": self.cancelled_items,
                 "mean_batch_size": mean, "max_batch_size": max(self.batch_sizes, default=0),
                 "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())}}
 
@@ -201,19 +202,23 @@ class DynamicBatcher:
                 self._cond.wait(left)
             batch: list[_Slot] = []
             expired: list[_Slot] = []
+            cancelled = 0
             now = time.monotonic()
             while q and len(batch) < self.max_batch:
                 slot = q.popleft()
                 self._pending -= 1
                 if slot.request.future.cancelled():  # the client went away: skip its work
-                    continue
-                if slot.request.deadline is not None and now >= slot.request.deadline:
+                    cancelled += 1
+                elif slot.request.deadline is not None and now >= slot.request.deadline:
                     expired.append(slot)
                 else:
                     batch.append(slot)
             if not q:
                 del self._queues[key]
-            return key, batch, expired
+        if cancelled:
+            with self._stats_lock:
+                self.stats.cancelled_items += cancelled
+        return key, batch, expired
 
     def _run(self) -> None:
         while True:

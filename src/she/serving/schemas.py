@@ -4,7 +4,8 @@ Pydantic checks types (strictly: ``"yes"`` is not a boolean, ``5`` is not a quer
 depend on how the server was started (pairs per request, characters per field) are checked by
 :func:`relevance_errors`. Both produce ``(param, message)`` pairs, which the app turns into one JSON
 error shape, the OpenAI one (``{"error": {"message", "type", "param", "code"}}``), so clients of
-the chat endpoint and of the relevance endpoint read errors the same way.
+the chat endpoint and of the relevance endpoint read errors the same way. The client deadline header,
+``X-Deadline-S``, is checked by :func:`parse_deadline_s`.
 """
 
 from __future__ import annotations
