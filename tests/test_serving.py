@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from she.data.schema import Product, Record  # noqa: E402
 from she.serving.backend import ChatResult, ItemError, apply_stop  # noqa: E402
-from she.serving.batcher import DynamicBatcher, QueueFull  # noqa: E402
+from she.serving.batcher import DeadlineExceeded, DynamicBatcher, QueueFull, retry_after_s  # noqa: E402
 from she.serving.metrics import percentile  # noqa: E402
 from she.serving.schemas import loc_to_param  # noqa: E402
 
@@ -175,6 +175,7 @@ def test_batcher_skips_cancelled_requests():
         gate.set()
         assert kept.result(10) == [2]
         assert seen == [[0], [2]]  # the cancelled pair never reached the scorer
+        assert b.stats_dict()["cancelled_items"] == 1  # ... and is counted, not silently gone
     finally:
         b.close()
 
@@ -186,8 +187,47 @@ def test_batcher_queue_limit():
         b.submit("k", [0])
         time.sleep(0.05)  # taken by the worker, no longer queued
         b.submit("k", [1, 2])
-        with pytest.raises(QueueFull, match="limit 2"):
+        with pytest.raises(QueueFull, match="limit 2") as e:
             b.submit("k", [3])
+        assert e.value.retry_after_s == 1  # no batch finished yet: nothing measured, the floor
+    finally:
+        gate.set()
+        b.close()
+
+
+def test_retry_after_is_the_queue_over_the_recent_rate_rounded_up():
+    assert retry_after_s(100, [(10, 1.0), (30, 1.0)]) == 5  # 40 items in 2 s: 20/s, 100 queued -> 5 s
+    assert retry_after_s(101, [(10, 1.0), (30, 1.0)]) == 6  # rounded up
+    assert retry_after_s(1, [(64, 0.5)]) == 1  # at least 1
+    assert retry_after_s(0, [(64, 0.5)]) == 1
+    assert retry_after_s(500, []) == 1  # nothing measured yet
+
+
+def test_batcher_drops_items_whose_deadline_passed_in_the_queue():
+    gate = threading.Event()
+    seen = []
+
+    def score(key, items):
+        if key == "gate":
+            gate.wait(10)
+        seen.append(list(items))
+        return list(items)
+
+    b = DynamicBatcher(score, max_batch=8, max_wait_ms=0)
+    try:
+        b.submit("gate", [0])
+        time.sleep(0.05)  # the worker is blocked inside the gate batch
+        late = b.submit("k", [1, 2], deadline=time.monotonic() - 1)  # already passed
+        soon = b.submit("k", [3], deadline=time.monotonic() + 0.05)  # passes while queued
+        kept = b.submit("k", [4], deadline=time.monotonic() + 60)
+        time.sleep(0.1)
+        gate.set()
+        assert kept.result(10) == [4]
+        for fut in (late, soon):
+            with pytest.raises(DeadlineExceeded, match="in the queue; the request's pairs not yet scored were dropped"):
+                fut.result(10)
+        assert seen == [[0], [4]]  # the expired items never reached the scorer
+        assert b.stats_dict()["expired_items"] == 3
     finally:
         gate.set()
         b.close()
@@ -264,7 +304,10 @@ def test_prefix_label_tokens_rejects_a_prefix_that_splits_the_label(tiny):
 def client(tiny_model_dir):
     from she.serving.app import create_app
 
-    app = create_app(tiny_model_dir, max_new_tokens=12, max_request_pairs=8, max_text_chars=100, batch_wait_ms=1)
+    # fp32 everywhere (bf16=False), so fast answers can be checked against an unbatched fp32 forward to 1e-5;
+    # the default precision is checked against `she predict --fast` below
+    app = create_app(tiny_model_dir, max_new_tokens=12, max_request_pairs=8, max_text_chars=100, batch_wait_ms=1,
+                     bf16=False)
     with TestClient(app) as c:
         yield c
 
@@ -404,8 +447,9 @@ class FakeBackend:
     labels = LABELS
     fast_exact = False
 
-    def __init__(self, chat_answer="1: good\n2: bad", delay=0.0, fail=False):
+    def __init__(self, chat_answer="1: good\n2: bad", delay=0.0, fail=False, gate=None):
         self.batches, self.chat_answer, self.delay, self.fail = [], chat_answer, delay, fail
+        self.gate = gate  # a threading.Event: each batch waits for it (a worker busy for as long as a test wants)
 
     def info(self):
         return {"model": self.name, "taxonomy": self.taxonomy, "labels": self.labels, "fast_mode": "approximate"}
@@ -416,6 +460,8 @@ class FakeBackend:
         self.batches.append((key, list(items)))
         if self.fail:
             raise RuntimeError("secret internal detail")
+        if self.gate is not None:
+            self.gate.wait(10)
         time.sleep(self.delay)
         if key[0] == "chat":
             return [ChatResult(self.chat_answer, 10, 4, "stop") for _ in items]
@@ -475,6 +521,143 @@ def test_scorer_crash_is_a_json_500_without_traceback():
     assert "Traceback" not in r.text and "secret internal detail" not in r.text
 
 
+# -- API key, Retry-After, the client's deadline ------------------------------------------------------
+KEY = "s3cret-key_1"
+FAST_BODY = {"pairs": [{"query": "q", "title": "t"}], "mode": "fast"}
+
+
+def _wait_for(cond, timeout=10.0):
+    t0 = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t0 < timeout, "condition not reached"
+        time.sleep(0.01)
+
+
+def test_api_key_guards_every_path_but_health():
+    from she.serving.app import create_app
+
+    fake = FakeBackend()
+    app = create_app(backend=fake, batch_wait_ms=0, api_key=KEY)
+    with TestClient(app) as c:
+        assert c.get("/health").status_code == 200  # open: a liveness probe carries no secret
+        refused = [({}, "Bearer", "missing"),
+                   ({"Authorization": "Bearer wrong-key"}, 'Bearer error="invalid_token"', "not this server's API key"),
+                   ({"Authorization": f"Bearer {KEY}x"}, 'Bearer error="invalid_token"', "not this server's API key"),
+                   ({"Authorization": KEY}, 'Bearer error="invalid_token"', "must be 'Bearer <API key>'"),
+                   ({"Authorization": f"Basic {KEY}"}, 'Bearer error="invalid_token"', "must be 'Bearer <API key>'")]
+        for headers, challenge, words in refused:
+            r = c.post("/v1/relevance", json=FAST_BODY, headers=headers)
+            assert r.status_code == 401, (headers, r.text)
+            assert r.headers["WWW-Authenticate"] == challenge
+            err = r.json()["error"]
+            assert err["param"] == "Authorization" and err["type"] == "authentication_error" and words in err["message"]
+            assert KEY not in r.text
+        for path in ("/metrics", "/v1/models", "/v1/nothing"):
+            assert c.get(path).status_code == 401, path
+        assert c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}).status_code == 401
+        ok = {"Authorization": f"Bearer {KEY}"}
+        assert c.post("/v1/relevance", json=FAST_BODY, headers=ok).status_code == 200
+        assert c.post("/v1/relevance", json=FAST_BODY, headers={"Authorization": f"bearer {KEY}"}).status_code == 200
+        assert c.get("/v1/models", headers=ok).status_code == 200
+        m = c.get("/metrics", headers=ok).json()
+    assert len(fake.batches) == 2  # refused requests never reached the model
+    assert m["errors"]["by_endpoint"]["relevance"]["client"] == len(refused)  # ... but are counted
+
+
+def test_api_key_flag_wins_over_the_environment_and_an_empty_key_is_an_error():
+    from she.errors import UserError
+    from she.serving.app import create_app, resolve_api_key
+
+    assert resolve_api_key(None, {}) == (None, None)
+    assert resolve_api_key(None, {"SHE_API_KEY": "env-key"}) == ("env-key", "SHE_API_KEY")
+    assert resolve_api_key("flag-key", {"SHE_API_KEY": "env-key"}) == ("flag-key", "--api-key")
+    with pytest.raises(UserError, match="SHE_API_KEY is empty"):
+        resolve_api_key(None, {"SHE_API_KEY": ""})  # set but empty: an error, not a silent open server
+    with pytest.raises(UserError, match="--api-key: .*without spaces"):
+        resolve_api_key("two words", {})
+    with pytest.raises(UserError, match="api_key is empty"):
+        create_app(backend=FakeBackend(), api_key="")
+
+
+def test_remote_judge_sends_its_api_key_over_real_http():
+    pytest.importorskip("uvicorn")
+    from she.rewards.judge import RemoteJudge
+    from she.serving.app import create_app
+    from she.serving.runner import BackgroundServer
+
+    fake = FakeBackend(chat_answer="1: good\n2: bad\n3: good\n4: bad\n5: good")
+    with BackgroundServer(create_app(backend=fake, batch_wait_ms=0, api_key=KEY)) as srv:
+        good = RemoteJudge(base_url=f"{srv.url}/v1", model="fake", timeout=10, max_retries=0, api_key=KEY)
+        bad = RemoteJudge(base_url=f"{srv.url}/v1", model="fake", timeout=10, max_retries=1, api_key="wrong")
+        assert good.score_steps(_parsed_trace(), _rec("r1")) == [1.0, 0.0, 1.0, 0.0, 1.0]
+        bad.score_steps(_parsed_trace(), _rec("r2"))
+    assert good.stats.failed_requests == 0
+    assert bad.stats.failed_requests == 1 and bad.fault_counts["http_4xx"] == 1
+    assert bad.fault_counts["retries"] == 0  # a 401 is not retried: the same key fails the same way
+    assert len(fake.batches) == 1
+
+
+def test_full_queue_answers_503_with_a_retry_after_estimate():
+    from she.serving.app import create_app
+
+    gate = threading.Event()
+    fake = FakeBackend(gate=gate)
+    app = create_app(backend=fake, batch_wait_ms=0, max_batch_pairs=1, max_request_pairs=2, max_queue_pairs=2)
+    batcher = app.state.batcher
+    with TestClient(app) as c:
+        try:
+            batcher.submit(("fast",), [_rec("busy")])
+            _wait_for(lambda: len(fake.batches) == 1)  # the worker holds it, inside the gate
+            batcher.submit(("fast",), [_rec(1), _rec(2)])  # the queue is full now
+            r = c.post("/v1/relevance", json=FAST_BODY)
+            assert r.status_code == 503 and r.headers["Retry-After"] == "1"  # nothing measured yet: the floor
+            err = r.json()["error"]
+            assert err["type"] == "server_busy" and "try again in about 1 s" in err["message"]
+            batcher._recent.append((1, 7.0))  # as if the last batch scored 1 pair in 7 s
+            r = c.post("/v1/relevance", json=FAST_BODY)
+            assert r.status_code == 503 and r.headers["Retry-After"] == "14"  # 2 queued pairs at 1/7 pair/s
+        finally:
+            gate.set()
+
+
+def test_client_deadline_passed_in_the_queue_is_a_504_and_its_pairs_are_never_scored():
+    from she.serving.app import create_app
+
+    gate = threading.Event()
+    fake = FakeBackend(gate=gate)
+    app = create_app(backend=fake, batch_wait_ms=0)
+    with TestClient(app) as c:
+        try:
+            app.state.batcher.submit(("fast",), [_rec("busy")])
+            _wait_for(lambda: len(fake.batches) == 1)  # the worker is busy for as long as the gate is shut
+            late = {"pairs": [{"query": "q", "title": "t", "id": "late"}], "mode": "fast"}
+            r = c.post("/v1/relevance", json=late, headers={"X-Deadline-S": "0.2"})
+            assert r.status_code == 504, r.text
+            err = r.json()["error"]
+            assert err["param"] == "X-Deadline-S" and err["type"] == "timeout"
+            assert "deadline of 0.2 s" in err["message"] and "dropped" in err["message"]
+            gate.set()
+            after = {"pairs": [{"query": "q", "title": "t", "id": "after"}], "mode": "fast"}
+            assert c.post("/v1/relevance", json=after, headers={"X-Deadline-S": "30"}).status_code == 200
+            m = c.get("/metrics").json()
+        finally:
+            gate.set()
+    assert [r.id for _, items in fake.batches for r in items] == ["busy", "after"]  # "late" never reached the model
+    assert m["batches"]["cancelled_items"] + m["batches"]["expired_items"] == 1  # its drop is counted
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-1", "nan", "inf", ""])
+def test_bad_deadline_header_names_the_header(value):
+    from she.serving.app import create_app
+
+    app = create_app(backend=FakeBackend(), batch_wait_ms=0)
+    with TestClient(app) as c:
+        r = c.post("/v1/relevance", json=FAST_BODY, headers={"X-Deadline-S": value})
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err["param"] == "X-Deadline-S" and "number of seconds > 0" in err["message"]
+
+
 def _parsed_trace():
     from she.reasoning.parse import parse_trace
     from she.reasoning.schema import default_schema
@@ -527,7 +710,7 @@ def test_label_target_model_fast_mode_is_exact_and_uses_its_prompt_style(tmp_pat
     d = tmp_path / "label-model"
     shutil.copytree(tiny_model_dir, d)
     save_she_meta(d, {"prompt_style": "compact", "target": "label", "taxonomy": "hd3"})
-    app = create_app(d, batch_wait_ms=0)
+    app = create_app(d, batch_wait_ms=0, bf16=False)
     with TestClient(app) as c:
         h = c.get("/health").json()
         body = c.post("/v1/relevance", json={"pairs": PAIRS[:1], "mode": "fast"}).json()
@@ -541,6 +724,38 @@ def test_label_target_model_fast_mode_is_exact_and_uses_its_prompt_style(tmp_pat
     assert any(abs(compact[k] - full[k]) > 1e-6 for k in LABELS)  # the style really mattered
     with pytest.raises(ValueError, match="trained with taxonomy 'hd3'"):
         JudgeBackend.load(d, taxonomy="esci4")
+
+
+def test_service_fast_mode_answers_exactly_as_she_predict_fast(tmp_path, tiny_model_dir, tiny):
+    """One path (FastScorer) with one set of defaults: bf16 autocast, length-sorted batches of 16. Before, the
+    service ran fast mode in fp32 in one unsorted batch (half she predict --fast's speed on the CPU)."""
+    from she.data.synthetic import generate
+    from she.evaluation.evaluate import predict
+    from she.evaluation.fast import FastScorer
+    from she.serving.app import create_app
+
+    pairs = [{"query": r.query, "title": r.product.title, "brand": r.product.brand, "color": r.product.color,
+              "description": r.product.description, "id": str(i)}
+             for i, r in enumerate(generate(n_queries=5, products_per_query=4, seed=3))]  # 20 pairs, mixed lengths
+    recs = [Record(id=p["id"], query=p["query"], product=Product(title=p["title"], brand=p["brand"], color=p["color"],
+                                                                 description=p["description"])) for p in pairs]
+    out = tmp_path / "fast.jsonl"
+    predict(str(tiny_model_dir), recs, out, fast=True, progress=False)  # she predict --fast's defaults
+    want = [json.loads(x) for x in out.read_text().splitlines()]
+    app = create_app(tiny_model_dir, batch_wait_ms=0, max_request_pairs=32)  # she serve's defaults
+    with TestClient(app) as c:
+        h = c.get("/health").json()
+        r = c.post("/v1/relevance", json={"pairs": pairs, "mode": "fast"})
+    assert r.status_code == 200, r.text
+    got = r.json()["results"]
+    assert h["fast_bf16"] is True and h["fast_batch_size"] == 16
+    assert [g["id"] for g in got] == [w["id"] for w in want]
+    assert [g["label"] for g in got] == [w["label"] for w in want]
+    assert [g["probs"] for g in got] == [w["probs"] for w in want]  # bit for bit: the same computation
+    # the comparison can tell precisions apart: fp32 (the service's old fast mode on CPU) reads other numbers
+    model, tok = tiny
+    fp32 = FastScorer(model, tok, bf16=False).score(recs)
+    assert max(abs(j.probs[lab] - w["probs"][lab]) for j, w in zip(fp32, want) for lab in LABELS) > 1e-4
 
 
 def test_predict_fast_writes_probabilities(tmp_path, tiny_model_dir, tiny):
@@ -563,6 +778,10 @@ def test_cli_flags_and_missing_serve_extra(monkeypatch, capsys):
     assert a.fast is True
     a = build_parser().parse_args(["serve", "--model", "m", "--port", "9001", "--max-batch", "8"])
     assert (a.host, a.port, a.max_batch, a.batch_wait_ms) == ("127.0.0.1", 9001, 8, 5)
+    assert (a.api_key, a.fast_batch_size, a.max_queue_pairs, a.request_timeout_s) == (None, None, 4096, 300)
+    a = build_parser().parse_args(["serve", "--model", "m", "--api-key", "k", "--fast-batch-size", "64",
+                                   "--max-queue-pairs", "512", "--request-timeout-s", "30"])
+    assert (a.api_key, a.fast_batch_size, a.max_queue_pairs, a.request_timeout_s) == ("k", 64, 512, 30)
     monkeypatch.setitem(sys.modules, "fastapi", None)  # makes `import fastapi` raise ImportError
     with pytest.raises(SystemExit) as e:
         main(["serve", "--model", "m"])

@@ -288,6 +288,16 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-text-chars", type=int, default=2000, help="longest query/product text accepted")
     sv.add_argument("--max-new-tokens", type=int, default=96, help="reasoning length in full mode")
     sv.add_argument("--taxonomy", default=None, choices=TAXONOMIES, help="default: the model's she.json, else hd3")
+    sv.add_argument("--max-queue-pairs", type=int, default=4096,
+                    help="pairs that may wait; beyond it requests get 503 with Retry-After (default 4096)")
+    sv.add_argument("--request-timeout-s", type=float, default=300,
+                    help="longest a request may take, queue included (504 after; a client's X-Deadline-S may be "
+                         "shorter; default 300)")
+    sv.add_argument("--fast-batch-size", type=int, default=None,
+                    help="pairs per forward pass in fast mode (default 16, as `she predict --batch-size`)")
+    sv.add_argument("--api-key", default=None,
+                    help="require 'Authorization: Bearer KEY' on every path but /health; default $SHE_API_KEY "
+                         "(this flag wins when both are set; the variable keeps the key out of `ps`)")
 
     dm = sub.add_parser("demo", help="the main job: data -> base eval -> SFT -> eval -> report", epilog=OVERRIDES_HELP)
     _add_job_args(dm, "demo", max_steps="sft.max_steps")
@@ -608,7 +618,8 @@ def _cmd_serve(a) -> None:
 
     serve(a.model, host=a.host, port=a.port, max_batch_pairs=a.max_batch, batch_wait_ms=a.batch_wait_ms,
           max_request_pairs=a.max_request_pairs, max_text_chars=a.max_text_chars, max_new_tokens=a.max_new_tokens,
-          taxonomy=a.taxonomy)
+          taxonomy=a.taxonomy, max_queue_pairs=a.max_queue_pairs, request_timeout_s=a.request_timeout_s,
+          fast_batch_size=a.fast_batch_size, api_key=a.api_key)
 
 
 def _cmd_annotate(a) -> None:

@@ -166,14 +166,20 @@ def predict(model_path: str, records: list[Record], out_file: str | os.PathLike,
     """Write one JSON line per pair. Streams in chunks so huge inputs never sit in memory as judgements.
 
     ``fast=True`` scores the label in one forward pass without writing reasoning
-    (:func:`she.evaluation.fast.score_labels_fast`; exact for label-target models, an approximation for
-    reasoning models); ``reasoning`` is then empty. ``schema`` as in :func:`evaluate`."""
+    (:class:`she.evaluation.fast.FastScorer`, the service's fast mode too; exact for label-target models, an
+    approximation for reasoning models); ``reasoning`` is then empty. ``schema`` as in :func:`evaluate`."""
     from she.models.registry import load_model_and_tokenizer
 
     schema = schema or model_step_schema(model_path, taxonomy)
     model, tok = load_model_and_tokenizer(model_path)
     style = prompt_style_of(model_path)
     offsets = label_offsets_of(model_path)
+    scorer = None
+    if fast:
+        from she.evaluation.fast import FastScorer
+
+        scorer = FastScorer(model, tok, taxonomy=taxonomy, prompt_style=style, schema=schema, batch_size=batch_size,
+                            bf16=bf16)
     out = Path(out_file)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -183,11 +189,8 @@ def predict(model_path: str, records: list[Record], out_file: str | os.PathLike,
         with open(tmp, "w", encoding="utf-8") as f:
             for start in range(0, len(records), chunk):
                 part = records[start : start + chunk]
-                if fast:
-                    from she.evaluation.fast import score_labels_fast
-
-                    judged = score_labels_fast(model, tok, part, taxonomy=taxonomy, prompt_style=style,
-                                               batch_size=batch_size, bf16=bf16, schema=schema)
+                if scorer is not None:
+                    judged = scorer.score(part)
                 else:
                     judged = generate_judgements(model, tok, part, taxonomy=taxonomy, batch_size=batch_size,
                                                  max_new_tokens=max_new_tokens, bf16=bf16, progress=progress,

@@ -28,12 +28,17 @@ Exact or approximate, depending on how the model was trained (``target`` in ``sh
 Batches are **right-padded** and the logit is read at each row's last real token: every real token
 keeps the position id it has when the row is alone, so a pair's score does not depend on which
 other pairs share its batch (a plain forward on a left-padded batch would shift position ids).
+
+:class:`FastScorer` is the one configured path: ``she predict --fast`` and the service's fast mode both
+score through it, so precision and batching (bf16 autocast, length-sorted batches) are decided once,
+here, and the two give the same numbers for the same pairs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -97,6 +102,19 @@ def prefix_label_tokens(tokenizer, prefix: str, labels: Sequence[str]) -> tuple[
     return list(ids), sep
 
 
+def check_prefixes(tokenizer, prefixes: Sequence[str], labels: Sequence[str]) -> tuple[list[int], str]:
+    """:func:`prefix_label_tokens` for every distinct prefix (its last line decides the token boundary before
+    the label); all must read the same label tokens after the same separator. ``([], " ")`` for none."""
+    checked: dict[str, tuple[list[int], str]] = {}
+    for p in prefixes:
+        tail = p.rsplit("\n", 1)[-1] or p  # what decides the token boundary before the label
+        if tail not in checked:
+            checked[tail] = prefix_label_tokens(tokenizer, tail, labels)
+    if len({(tuple(ids), sep) for ids, sep in checked.values()}) > 1:
+        raise UserError("fast-mode prefixes must all put the label after the same separator")
+    return next(iter(checked.values())) if checked else ([], " ")
+
+
 def _right_pad(batch: Sequence[Sequence[int]], pad_id: int):
     width = max(len(x) for x in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -138,14 +156,7 @@ def score_labels_fast(
     labels = list(get_taxonomy(taxonomy).labels)
     prefix = fast_prefix(taxonomy, schema) if prefix is None else prefix
     prefixes = [prefix(r) for r in records] if callable(prefix) else [prefix] * len(records)
-    checked: dict[str, tuple[list[int], str]] = {}
-    for p in prefixes:
-        tail = p.rsplit("\n", 1)[-1] or p  # what decides the token boundary before the label
-        if tail not in checked:
-            checked[tail] = prefix_label_tokens(tokenizer, tail, labels)
-    if len({(tuple(ids), sep) for ids, sep in checked.values()}) > 1:
-        raise UserError("fast-mode prefixes must all put the label after the same separator")
-    label_ids, sep = next(iter(checked.values())) if checked else ([], " ")
+    label_ids, sep = check_prefixes(tokenizer, prefixes, labels)
     first_tokens = label_first_tokens(tokenizer, labels)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     texts = [tokenizer.apply_chat_template(build_messages(r, style=prompt_style, schema=schema_for(schema, r.taxonomy)),
@@ -175,4 +186,42 @@ def score_labels_fast(
     return out  # type: ignore[return-value]
 
 
-__all__ = ["FastJudgement", "fast_mode_is_exact", "fast_prefix", "prefix_label_tokens", "score_labels_fast"]
+# The settings of fast scoring wherever it runs (she predict --fast, the service's fast mode). bf16 autocast on
+# CPU too: about 2x fp32 on this project's CPU (docs/design.md), and what she predict and she eval use.
+# 16 pairs a batch is `she predict --batch-size`'s default; batches are length-sorted, so smaller ones carry
+# less padding.
+FAST_BF16 = True
+FAST_BATCH_SIZE = 16
+
+
+class FastScorer:
+    """Fast scoring of one loaded model, set up once: the single path behind ``she predict --fast`` and the
+    service's ``mode: "fast"`` (:class:`she.serving.backend.JudgeBackend`).
+
+    It binds :func:`score_labels_fast` to the model's own prompt style, step schema and taxonomy and to the
+    speed settings above, so no caller picks its own precision or batch size by accident (the service once ran
+    fast mode in fp32 at half ``she predict --fast``'s speed). The prefix is checked against the tokenizer
+    now: a model whose labels cannot be read at the forced position fails here (``UserError``), not on its
+    first pairs.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, *, taxonomy: str = "hd3", prompt_style: str = "full",
+                 schema: StepSchema | None = None, prefix: str | None = None, batch_size: int = FAST_BATCH_SIZE,
+                 bf16: bool = FAST_BF16) -> None:
+        if batch_size < 1:
+            raise UserError(f"fast-mode batch_size must be >= 1, got {batch_size}")
+        self.model, self.tokenizer = model, tokenizer
+        self.taxonomy, self.prompt_style, self.schema = taxonomy, prompt_style, schema
+        self.prefix = fast_prefix(taxonomy, schema) if prefix is None else prefix
+        self.batch_size, self.bf16 = batch_size, bf16
+        check_prefixes(tokenizer, [self.prefix], list(get_taxonomy(taxonomy).labels))
+
+    def score(self, records: list[Record]) -> list[FastJudgement]:
+        """P(label) for every record, in order (length-sorted batches of ``batch_size`` inside)."""
+        return score_labels_fast(self.model, self.tokenizer, records, taxonomy=self.taxonomy,
+                                 prompt_style=self.prompt_style, prefix=self.prefix, batch_size=self.batch_size,
+                                 bf16=self.bf16, schema=self.schema)
+
+
+__all__ = ["FAST_BATCH_SIZE", "FAST_BF16", "FastJudgement", "FastScorer", "check_prefixes", "fast_mode_is_exact",
+           "fast_prefix", "prefix_label_tokens", "score_labels_fast"]

@@ -2,7 +2,8 @@
 
 :meth:`JudgeBackend.run` is the batcher's scoring function. Its keys:
 
-``("fast",)``                  records -> :class:`~she.evaluation.fast.FastJudgement` (one forward pass)
+``("fast",)``                  records -> :class:`~she.evaluation.fast.FastJudgement` (one forward pass, through
+                               :class:`~she.evaluation.fast.FastScorer`, exactly as ``she predict --fast``)
 ``("full",)``                  records -> :class:`~she.evaluation.generate.Judgement` (greedy generation)
 ``("chat", max_tokens, temperature, top_p)``   :class:`ChatItem` -> :class:`ChatResult`
 
@@ -60,9 +61,13 @@ class JudgeBackend:
     def __init__(self, model: Any, tokenizer: Any, *, name: str, taxonomy: str = "hd3", prompt_style: str = "full",
                  target: str | None = None, max_new_tokens: int = 96, bf16: bool = False,
                  fast_prefix: str | None = None, schema: str = "default",
-                 label_offsets: dict[str, float] | None = None) -> None:
+                 label_offsets: dict[str, float] | None = None, fast_bf16: bool | None = None,
+                 fast_batch_size: int | None = None) -> None:
+        """``bf16`` is the precision of full mode and chat. Fast mode runs as :class:`~she.evaluation.fast.FastScorer`
+        runs it for ``she predict --fast`` (bf16 autocast, length-sorted batches of ``FAST_BATCH_SIZE``) unless
+        ``fast_bf16`` / ``fast_batch_size`` say otherwise."""
+        from she.evaluation.fast import FAST_BATCH_SIZE, FAST_BF16, FastScorer, check_prefixes
         from she.evaluation.fast import fast_prefix as default_prefix
-        from she.evaluation.fast import prefix_label_tokens
         from she.reasoning.schema import resolve_schema
 
         self.schema = schema  # the spec (she.json "schema"), as /info reports it
@@ -81,19 +86,29 @@ class JudgeBackend:
         self.fast_prefix = default_prefix(taxonomy, self.step_schema) if fast_prefix is None else fast_prefix
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
+        self.fast: FastScorer | None = None
         self.fast_error: str | None = None
         try:
-            prefix_label_tokens(tokenizer, self.fast_prefix, self.labels)
+            check_prefixes(tokenizer, [self.fast_prefix], self.labels)
         except ValueError as e:  # the service still answers full-mode and chat requests
             self.fast_error = str(e)
             log.warning("fast mode unavailable: %s", e)
+        else:
+            self.fast = FastScorer(model, tokenizer, taxonomy=taxonomy, prompt_style=prompt_style,
+                                   schema=self.step_schema, prefix=self.fast_prefix,
+                                   batch_size=FAST_BATCH_SIZE if fast_batch_size is None else fast_batch_size,
+                                   bf16=FAST_BF16 if fast_bf16 is None else fast_bf16)
         limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         self.context = int(limit) if limit else None
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike, *, taxonomy: str | None = None, device: str = "auto",
-             bf16: bool | None = None, max_new_tokens: int = 96, fast_prefix: str | None = None) -> "JudgeBackend":
-        """Load a registered name or ``save_pretrained`` folder; prompt style/target/taxonomy from ``she.json``."""
+             bf16: bool | None = None, max_new_tokens: int = 96, fast_prefix: str | None = None,
+             fast_batch_size: int | None = None) -> "JudgeBackend":
+        """Load a registered name or ``save_pretrained`` folder; prompt style/target/taxonomy from ``she.json``.
+
+        ``bf16=None``: full mode and chat in bf16 autocast on CUDA and fp32 on CPU; fast mode as ``she predict
+        --fast`` (bf16 autocast on both). ``True``/``False`` sets all three."""
         import torch
 
         from she.models.registry import load_model_and_tokenizer, resolve_model
@@ -113,7 +128,7 @@ class JudgeBackend:
                    prompt_style=meta.get("prompt_style", "full"), target=meta.get("target"),
                    max_new_tokens=max_new_tokens, bf16=(device != "cpu") if bf16 is None else bf16,
                    fast_prefix=fast_prefix, schema=meta.get("schema", "default"),
-                   label_offsets=meta.get("label_offsets") or None)
+                   label_offsets=meta.get("label_offsets") or None, fast_bf16=bf16, fast_batch_size=fast_batch_size)
 
     # -- description ----------------------------------------------------------------------------
     @property
@@ -127,6 +142,8 @@ class JudgeBackend:
         return {"model": self.name, "taxonomy": self.taxonomy, "labels": self.labels,
                 "prompt_style": self.prompt_style, "schema": self.schema, "target": self.target, "fast_mode": fast,
                 "fast_prefix": self.fast_prefix, "fast_error": self.fast_error,
+                "fast_bf16": self.fast.bf16 if self.fast else None,
+                "fast_batch_size": self.fast.batch_size if self.fast else None, "bf16": self.bf16,
                 "max_new_tokens": self.max_new_tokens, "context": self.context,
                 "device": str(next(self.model.parameters()).device)}
 
@@ -156,7 +173,7 @@ class JudgeBackend:
         from she.reasoning.prompts import build_messages
         from she.reasoning.schema import schema_for
 
-        if mode == "fast" and self.fast_error:
+        if mode == "fast" and self.fast is None:
             return [ItemError(f"fast mode is unavailable for this model: {self.fast_error}")] * len(records)
         reserve = len(self.tokenizer.encode(self.fast_prefix, add_special_tokens=False)) + 1 if mode == "fast" \
             else self.max_new_tokens
@@ -173,11 +190,7 @@ class JudgeBackend:
         if ok:
             good = [records[i] for i in ok]
             if mode == "fast":
-                from she.evaluation.fast import score_labels_fast
-
-                res = score_labels_fast(self.model, self.tokenizer, good, taxonomy=self.taxonomy,
-                                        prompt_style=self.prompt_style, prefix=self.fast_prefix,
-                                        batch_size=len(good), bf16=self.bf16, schema=self.step_schema)
+                res = self.fast.score(good)  # type: ignore[union-attr]  # None was answered above
             else:
                 from she.evaluation.generate import generate_judgements
 

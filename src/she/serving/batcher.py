@@ -18,7 +18,11 @@ Design:
   when idle, a lone request pays at most ``max_wait_ms`` of extra latency.
 * Items are served oldest-key first, so one busy mode cannot starve another.
 * A bounded queue (``max_queue``) rejects new work with :class:`QueueFull` instead of letting
-  latency grow without limit; the server turns that into HTTP 503.
+  latency grow without limit; the server turns that into HTTP 503. ``QueueFull.retry_after_s`` estimates
+  when to try again: the queued items divided by the recent throughput (items per second of scoring over the
+  last batches), rounded up, at least 1 second.
+* A request may carry a **deadline** (``time.monotonic()`` clock). Items whose deadline has passed when
+  the worker takes them are dropped, never scored, and their request fails with :class:`DeadlineExceeded`.
 * If the scoring function raises or returns the wrong number of results, every request in that
   batch gets the exception; the worker keeps running.
 
@@ -27,6 +31,7 @@ Everything here is model-free and testable with a fake scoring function.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -39,7 +44,18 @@ from she.errors import UserError
 
 
 class QueueFull(RuntimeError):
-    """The batcher holds ``max_queue`` items already; try again later."""
+    """The batcher holds ``max_queue`` items already; try again in about ``retry_after_s`` seconds."""
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(RuntimeError):
+    """A request's deadline passed while its items were queued; they were dropped before scoring.
+
+    Not a ``TimeoutError``: the server awaits results under ``asyncio.wait_for``, whose own timeout is one,
+    and the two must stay apart."""
 
 
 class BatcherClosed(RuntimeError):
@@ -51,6 +67,7 @@ class _Request:
     future: Future
     results: list[Any]
     remaining: int
+    deadline: float | None = None  # time.monotonic(); None = no deadline
 
 
 @dataclass
@@ -68,11 +85,14 @@ class BatcherStats:
     batches: int = 0
     items: int = 0
     failed_batches: int = 0
+    expired_items: int = 0  # dropped unscored: their request's deadline had passed
+    cancelled_items: int = 0  # dropped unscored: their request's future was cancelled (the client stopped waiting)
     batch_sizes: dict[int, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         mean = self.items / self.batches if self.batches else 0.0
         return {"batches": self.batches, "items": self.items, "failed_batches": self.failed_batches,
+                "expired_items": self.expired_items, "cancelled_items": self.cancelled_items,
                 "mean_batch_size": mean, "max_batch_size": max(self.batch_sizes, default=0),
                 "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())}}
 
@@ -80,11 +100,23 @@ class BatcherStats:
 ScoreFn = Callable[[Hashable, list[Any]], Sequence[Any]]
 
 
+def retry_after_s(queued: int, recent: Sequence[tuple[int, float]]) -> int:
+    """Seconds until ``queued`` items are scored at the recent rate: ``recent`` holds (items, seconds) of the
+    last batches. Rounded up, at least 1; 1 when nothing has been measured yet."""
+    items = sum(n for n, _ in recent)
+    seconds = sum(t for _, t in recent)
+    if items <= 0 or seconds <= 0:
+        return 1
+    return max(1, math.ceil(queued * seconds / items))
+
+
 class DynamicBatcher:
     """Queue items from many threads/requests; run ``score_fn(key, items)`` on batches in one worker.
 
     ``score_fn`` must return one result per item, in order.
     """
+
+    RECENT_BATCHES = 32  # how many batches the throughput behind ``QueueFull.retry_after_s`` averages over
 
     def __init__(self, score_fn: ScoreFn, *, max_batch: int = 64, max_wait_ms: float = 5.0,
                  max_queue: int = 4096, name: str = "she-batcher") -> None:
@@ -99,6 +131,7 @@ class DynamicBatcher:
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self.stats = BatcherStats()
+        self._recent: deque[tuple[int, float]] = deque(maxlen=self.RECENT_BATCHES)  # (items, seconds) per batch
         self._queues: dict[Hashable, deque[_Slot]] = {}
         self._pending = 0
         self._closed = False
@@ -108,19 +141,25 @@ class DynamicBatcher:
         self._thread.start()
 
     # -- client side -----------------------------------------------------------------------------
-    def submit(self, key: Hashable, items: Sequence[Any]) -> Future:
-        """Queue ``items``; the future resolves to their results (a list, same order)."""
+    def submit(self, key: Hashable, items: Sequence[Any], deadline: float | None = None) -> Future:
+        """Queue ``items``; the future resolves to their results (a list, same order).
+
+        ``deadline`` (``time.monotonic()`` clock): items still queued when it has passed are dropped and the
+        future fails with :class:`DeadlineExceeded`."""
         fut: Future = Future()
         if not items:
             fut.set_result([])
             return fut
-        req = _Request(fut, [None] * len(items), len(items))
+        req = _Request(fut, [None] * len(items), len(items), deadline)
         now = time.monotonic()
         with self._cond:
             if self._closed:
                 raise BatcherClosed("the batcher is closed")
             if self._pending + len(items) > self.max_queue:
-                raise QueueFull(f"{self._pending} items are queued (limit {self.max_queue}); try again later")
+                with self._stats_lock:
+                    wait = retry_after_s(self._pending, self._recent)
+                raise QueueFull(f"{self._pending} items are queued (limit {self.max_queue}); try again in about "
+                                f"{wait} s", wait)
             q = self._queues.setdefault(key, deque())
             q.extend(_Slot(req, i, it, now) for i, it in enumerate(items))
             self._pending += len(items)
@@ -146,7 +185,8 @@ class DynamicBatcher:
                 best, best_t = k, q[0].enqueued
         return best
 
-    def _next_batch(self) -> tuple[Hashable, list[_Slot]] | None:
+    def _next_batch(self) -> tuple[Hashable, list[_Slot], list[_Slot]] | None:
+        """(key, the batch, the slots dropped because their deadline passed); None once closed and empty."""
         with self._cond:
             while self._pending == 0:
                 if self._closed:
@@ -161,25 +201,38 @@ class DynamicBatcher:
                     break
                 self._cond.wait(left)
             batch: list[_Slot] = []
+            expired: list[_Slot] = []
+            cancelled = 0
+            now = time.monotonic()
             while q and len(batch) < self.max_batch:
                 slot = q.popleft()
                 self._pending -= 1
-                if not slot.request.future.cancelled():  # the client went away: skip its work
+                if slot.request.future.cancelled():  # the client went away: skip its work
+                    cancelled += 1
+                elif slot.request.deadline is not None and now >= slot.request.deadline:
+                    expired.append(slot)
+                else:
                     batch.append(slot)
             if not q:
                 del self._queues[key]
-            return key, batch
+        if cancelled:
+            with self._stats_lock:
+                self.stats.cancelled_items += cancelled
+        return key, batch, expired
 
     def _run(self) -> None:
         while True:
             nxt = self._next_batch()
             if nxt is None:
                 return
-            key, batch = nxt
+            key, batch, expired = nxt
+            if expired:
+                self._expire(expired)
             if not batch:
                 continue
             error: BaseException | None = None
             results: Sequence[Any] = ()
+            t0 = time.monotonic()
             try:
                 results = self.score_fn(key, [s.item for s in batch])
                 if len(results) != len(batch):
@@ -187,12 +240,29 @@ class DynamicBatcher:
             except BaseException as e:  # noqa: BLE001 -- handed to every waiting request, worker survives
                 error = e
             with self._stats_lock:
+                self._recent.append((len(batch), time.monotonic() - t0))
                 self.stats.batches += 1
                 self.stats.items += len(batch)
                 self.stats.batch_sizes[len(batch)] = self.stats.batch_sizes.get(len(batch), 0) + 1
                 if error is not None:
                     self.stats.failed_batches += 1
             self._deliver(batch, results, error)
+
+    def _expire(self, slots: list[_Slot]) -> None:
+        """Fail the requests of items whose deadline passed in the queue (each request once)."""
+        now = time.monotonic()
+        with self._stats_lock:
+            self.stats.expired_items += len(slots)
+        for slot in slots:
+            fut = slot.request.future
+            if fut.done():
+                continue
+            try:
+                fut.set_exception(DeadlineExceeded(
+                    f"the deadline passed after {now - slot.enqueued:.3f} s in the queue; the request's pairs not "
+                    "yet scored were dropped"))
+            except InvalidStateError:  # cancelled between the check and now
+                pass
 
     @staticmethod
     def _deliver(batch: list[_Slot], results: Sequence[Any], error: BaseException | None) -> None:
@@ -218,4 +288,4 @@ class DynamicBatcher:
         return d
 
 
-__all__ = ["BatcherClosed", "BatcherStats", "DynamicBatcher", "QueueFull"]
+__all__ = ["BatcherClosed", "BatcherStats", "DeadlineExceeded", "DynamicBatcher", "QueueFull", "retry_after_s"]

@@ -4,11 +4,13 @@ Pydantic checks types (strictly: ``"yes"`` is not a boolean, ``5`` is not a quer
 depend on how the server was started (pairs per request, characters per field) are checked by
 :func:`relevance_errors`. Both produce ``(param, message)`` pairs, which the app turns into one JSON
 error shape, the OpenAI one (``{"error": {"message", "type", "param", "code"}}``), so clients of
-the chat endpoint and of the relevance endpoint read errors the same way.
+the chat endpoint and of the relevance endpoint read errors the same way. The client deadline header,
+``X-Deadline-S``, is checked by :func:`parse_deadline_s`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
@@ -151,6 +153,23 @@ def chat_errors(req: ChatRequest, *, max_chat_tokens: int, max_chat_chars: int) 
     return errs
 
 
+DEADLINE_HEADER = "X-Deadline-S"
+
+
+def parse_deadline_s(value: str | None) -> float | None:
+    """The ``X-Deadline-S`` header: seconds the client gives the request, counted from when the server received
+    it; None when absent. Raises ``ValueError`` naming the header for anything but a finite number > 0."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"{DEADLINE_HEADER}: must be a number of seconds > 0 (e.g. 2.5), got {value!r}")
+    return seconds
+
+
 def error_body(errors: Sequence[tuple[str, str]], kind: str = "invalid_request_error") -> dict[str, Any]:
     """OpenAI-style error JSON: the first problem in ``message``/``param``, all of them in ``errors``."""
     shown = "; ".join(f"{p}: {m}" for p, m in errors[:5]) + (f"; and {len(errors) - 5} more" if len(errors) > 5 else "")
@@ -159,6 +178,7 @@ def error_body(errors: Sequence[tuple[str, str]], kind: str = "invalid_request_e
 
 
 __all__ = [
+    "DEADLINE_HEADER",
     "ChatMessage",
     "ChatRequest",
     "PairIn",
@@ -167,6 +187,7 @@ __all__ = [
     "error_body",
     "loc_to_param",
     "message_text",
+    "parse_deadline_s",
     "pydantic_errors",
     "relevance_errors",
 ]
