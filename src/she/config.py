@@ -184,6 +184,9 @@ class SFTJobConfig(TrainerJobConfig):
     per_device_train_batch_size: int = 8
     gradient_accumulation_steps: int = 1
     weight_decay: float = 0.0
+    # transformers' batch order: random | group_by_length (batches of similar lengths: less padding to compute,
+    # docs/benchmarks.md "SFT throughput")
+    train_sampling_strategy: Literal["random", "group_by_length"] = "random"
     lora: bool = False
     lora_r: int = 16
     lora_alpha: int = 32

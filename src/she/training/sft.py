@@ -112,6 +112,7 @@ def train_sft(cfg: SFTJobConfig, train: list[Record], validation: list[Record] |
         weight_decay=cfg.weight_decay,
         eval_strategy="epoch" if eval_ds is not None else "no",
         completion_only_loss=True,
+        train_sampling_strategy=cfg.train_sampling_strategy,
     )
     write_job_config(out, cfg, args.process_index)  # under `accelerate launch` only rank 0 writes run files
     from she.training.checkpoints import ManifestCallback
