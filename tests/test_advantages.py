@@ -408,7 +408,7 @@ def test_gated_matches_loop(seed, min_form):
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("name", ["srpo_gated", "srpo_gated_min"])
+@pytest.mark.parametrize("name", ["srpo_gated", "srpo_gated_min", "srpo_gated_balanced"])
 def test_gated_properties(seed, name):
     outcome, sr, sm, ts, cm, g = random_batch(seed)
     outcome = (outcome >= 0.5).float()  # binary outcome: right label = 1
@@ -465,6 +465,66 @@ def test_all_wrong_group_learns_only_through_flagged_steps():
     assert torch.equal(got, want)
 
 
+# -- srpo_gated_balanced (section 7): the gated penalties paid back per group and step type
+
+from she.algorithms.advantages import balancing_bonus, step_penalties  # noqa: E402
+
+
+def ref_bonus(pen, flaw, step_mask, correct, g, step_type):
+    """Loop reference of balancing_bonus."""
+    b, s = len(pen), len(pen[0]) if pen else 0
+    out = [[0.0] * s for _ in range(b)]
+    for p in range(b // g):
+        rows = range(p * g, (p + 1) * g)
+        kinds = {step_type[i][j] for i in rows for j in range(s) if step_mask[i][j]}
+        for k in kinds:
+            total = sum(pen[i][j] for i in rows for j in range(s) if step_mask[i][j] and step_type[i][j] == k)
+            elig = [(i, j) for i in rows for j in range(s)
+                    if step_mask[i][j] and step_type[i][j] == k and correct[i] and flaw[i][j] == 0]
+            for i, j in elig:
+                out[i][j] = total / len(elig)
+    return out
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_balancing_bonus_matches_loop_and_is_zero_sum(seed):
+    outcome, sr, sm, ts, cm, g = random_batch(seed)
+    rng = random.Random(seed)
+    correct = torch.tensor([rng.random() < 0.5 for _ in range(len(outcome))])
+    stype = torch.tensor([[rng.randrange(3) for _ in range(sr.shape[1])] for _ in range(sr.shape[0])])
+    flaw, pen = step_penalties(sr, sm)
+    got = balancing_bonus(pen, flaw, sm, correct, g, stype)
+    _close(got, ref_bonus(pen.tolist(), flaw.tolist(), sm.tolist(), correct.tolist(), g, stype.tolist()))
+    assert (got >= 0).all() and (got[~correct] == 0).all()  # never positive credit in a wrong-verdict rollout
+    for p in range(len(outcome) // g):  # zero-sum wherever an eligible step exists
+        rows = slice(p * g, (p + 1) * g)
+        for k in range(3):
+            of_k = sm[rows] & (stype[rows] == k)
+            if (of_k & (flaw[rows] == 0) & correct[rows][:, None]).any():
+                assert abs(float(got[rows][of_k].sum() - pen[rows][of_k].sum())) < 1e-5
+
+
+def test_balanced_hand():
+    # One prompt, G = 2, scale=False, one step type: outcome [1, 0] -> A_out [0.5, -0.5].
+    # r0 (right): steps q [1, 0.25]; r1 (wrong): q [0, 0]. pens: r0 [0, 1.0], r1 [2, 1] -> P = 4.
+    # Eligible (unflagged, right verdict): r0 s0 only -> bonus 4 on it.
+    #   r0 tokens [s0, s1, label]: 0.5 + 4 = 4.5 ; -0.625 (as srpo_gated) ; 0.5 ; r1 as srpo_gated.
+    sr = torch.tensor([[1.0, 0.25], [0.0, 0.0]])
+    sm = torch.ones(2, 2, dtype=torch.bool)
+    ts = torch.tensor([[0, 1, -1], [0, 1, -1]])
+    cm = torch.ones(2, 3)
+    x = AdvantageInputs(torch.tensor([1.0, 0.0]), sr, sm, ts, cm, 2)
+    got = compute_advantages("srpo_gated_balanced", x, AdvantageOptions(alpha=1.0, scale=False))
+    _close(got, [[4.5, -0.625, 0.5], [-2.5, -1.5, -0.5]], tol=1e-6)
+    # two step types (s0: type 0, s1: type 1): type 0 P = 2 -> r0 s0 +2; type 1 P = 2 has no eligible step
+    x2 = AdvantageInputs(torch.tensor([1.0, 0.0]), sr, sm, ts, cm, 2, step_type=torch.tensor([[0, 1], [0, 1]]))
+    got = compute_advantages("srpo_gated_balanced", x2, AdvantageOptions(alpha=1.0, scale=False))
+    _close(got, [[2.5, -0.625, 0.5], [-2.5, -1.5, -0.5]], tol=1e-6)
+    # alpha = 0 is GRPO
+    assert torch.equal(compute_advantages("srpo_gated_balanced", x, AdvantageOptions(alpha=0.0)),
+                       compute_advantages("grpo", x))
+
+
 def test_per_type_normalisation_gives_zero_to_a_step_every_rollout_gets_right():
     # Issue 10 B: four rollouts all say Type `same` (right: 1), Missing right in 2 of 4.
     # Pooled: pool {1,1,1,1,1,0,1,0} -> mean 0.75 -> every Type step gets +0.25 / std > 0.
@@ -506,7 +566,7 @@ def test_class_weights_apply_after_normalisation():
 
 
 def test_registry_names_and_unknown():
-    assert {"grpo", "srpo_centered", "srpo_centered_pooled", "srpo_gated", "srpo_gated_min"} <= set(ESTIMATORS)
+    assert {"grpo", "srpo_centered", "srpo_centered_pooled", "srpo_gated", "srpo_gated_min", "srpo_gated_balanced"} <= set(ESTIMATORS)
     x = AdvantageInputs(torch.tensor([1.0, 0.0]), torch.zeros(2, 0), torch.zeros(2, 0, dtype=torch.bool),
                         torch.full((2, 2), -1), torch.ones(2, 2), 2)
     with pytest.raises(ValueError, match="unknown advantage estimator 'nope'"):

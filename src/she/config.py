@@ -535,7 +535,7 @@ class RLJobConfig(ConfigBase):
     facts_store: str | None = None  # fact store from `she data facts build`: facts for the verifier, by record id
     reward_model: str | None = None  # scalar RM folder (`she train rm`): its score replaces the label outcome reward
     # the advantage estimator (docs/srpo.md): srpo_gated (outcome-gated, penalty-only step credit) |
-    # srpo_gated_min (the same, PURE min-form) | srpo_centered (group-centred per step type) |
+    # srpo_gated_min (the same, PURE min-form) | srpo_gated_balanced (penalties paid back: zero-sum) | srpo_centered (group-centred per step type) |
     # srpo_centered_pooled (centred over all step types: the first SRPO) | grpo. None: srpo_gated, or grpo
     # when step_rewards is false.
     advantage: str | None = None

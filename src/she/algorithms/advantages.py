@@ -97,7 +97,20 @@ alpha = 0 both are GRPO exactly.
 advantage *after* normalisation (before it, a constant weight per prompt would cancel). Every estimator
 has the signature ``fn(inputs: AdvantageInputs, opts: AdvantageOptions) -> Tensor [B, T]`` and is picked
 by name from :data:`ESTIMATORS` (as verl's ``core_algos``): ``grpo``, ``srpo_centered``,
-``srpo_centered_pooled``, ``srpo_gated``, ``srpo_gated_min``.
+``srpo_centered_pooled``, ``srpo_gated``, ``srpo_gated_min``, ``srpo_gated_balanced``.
+
+7. Zero-sum gated credit (``srpo_gated_balanced``)
+-------------------------------------------------
+Penalty-only credit adds net *negative* advantage to every group with a flagged step. Pushing down sampled
+tokens moves probability to whatever the policy already prefers, which after a reasoning SFT is the modal
+(Exact) path -- the drift measured in docs/results.md. The balanced form keeps the outcome gate and pays the
+same mass back inside the group and step type: with ``P_gk`` the penalties of the steps of type k in group g
+and ``E_gk`` its unflagged steps of type k in right-verdict rollouts,
+
+    A_{i,t} = gated A_{i,t} + alpha * P_gk / |E_gk|      for t in a step of E_gk
+
+(no bonus, and the penalty unbalanced, where E_gk is empty). Still no positive step credit in a wrong-verdict
+rollout; alpha = 0 is GRPO.
 """
 
 from __future__ import annotations
@@ -380,6 +393,41 @@ def step_flaws(step_rewards: Tensor, step_mask: Tensor, incorrect_below: float =
     return ((incorrect_below - q) / incorrect_below).clamp(0.0, 1.0) * mask
 
 
+def step_penalties(step_rewards: Tensor, step_mask: Tensor, incorrect_below: float = 0.5,
+                   first_error_weight: float = 2.0) -> tuple[Tensor, Tensor]:
+    """(flaw, pen) [B, S]: :func:`step_flaws`, and the penalty ``first_error_weight * flaw`` on the first
+    flagged step of each rollout, ``flaw`` on later ones (section 5)."""
+    flaw = step_flaws(step_rewards, step_mask, incorrect_below)
+    flagged = flaw > 0
+    first = flagged & ((flagged.long().cumsum(-1) - flagged.long()) == 0)
+    return flaw, flaw * torch.where(first, torch.full_like(flaw, first_error_weight), torch.ones_like(flaw))
+
+
+def balancing_bonus(pen: Tensor, flaw: Tensor, step_mask: Tensor, outcome_correct: Tensor, group_size: int,
+                    step_type: Tensor | None = None) -> Tensor:
+    """The positive step credit that makes the gated penalties zero-sum per group and step type, [B, S].
+
+    For a group g and step type k, the penalties ``P_gk = sum pen`` of its steps of type k are shared equally
+    among the *unflagged* steps of type k in the group's *right-verdict* rollouts (each step counted once,
+    whatever its length); where there is no such step the penalty stays unbalanced. ``step_type`` None
+    treats every step as one type. (Section 7.)
+    """
+    _check_same_shape(pen, step_mask, "pen", "step_mask")
+    b, s = pen.shape
+    groups = _groups(pen, group_size, "pen").shape[0]
+    smask = step_mask.bool()
+    types = torch.zeros_like(pen, dtype=torch.long) if step_type is None else step_type.long().clamp(min=0)
+    if s == 0:
+        return torch.zeros_like(pen, dtype=torch.float32)
+    k = int(types.max()) + 1  # padding may carry any type: the one-hot is masked below
+    onehot = torch.nn.functional.one_hot(types, k).float() * smask[..., None]  # [B, S, K]
+    total = (pen.float()[..., None] * onehot).view(groups, group_size, s, k).sum((1, 2))  # [n, K]
+    eligible = (outcome_correct.bool()[:, None] & smask & (flaw == 0)).float()[..., None] * onehot  # [B, S, K]
+    count = eligible.view(groups, group_size, s, k).sum((1, 2))  # [n, K]
+    share = torch.where(count > 0, total / count.clamp(min=1.0), torch.zeros_like(total))
+    return (eligible.view(groups, group_size, s, k) * share[:, None, None, :]).sum(-1).view(b, s)
+
+
 def gated_step_advantages(
     outcome_adv: Tensor,
     outcome_correct: Tensor,
@@ -392,8 +440,13 @@ def gated_step_advantages(
     flawed_share: float = 0.5,
     incorrect_below: float = 0.5,
     min_form: bool = False,
+    balance_group_size: int | None = None,
+    step_type: Tensor | None = None,
 ) -> Tensor:
     """Outcome-gated, penalty-only SRPO advantage [B, T] (module docstring, section 5).
+
+    ``balance_group_size`` (the group size G) adds :func:`balancing_bonus` (``alpha`` times it) to the unflagged
+    steps of right-verdict rollouts, so the step term is zero-sum per group and step type (section 7).
 
     ``outcome_adv`` [B] is the (weighted) group-normalised outcome advantage; ``outcome_correct`` [B] whether
     the rollout's verdict is right. ``alpha == 0`` returns ``outcome_adv`` broadcast over the mask: GRPO.
@@ -410,12 +463,11 @@ def gated_step_advantages(
         raise ValueError(f"outcome_correct must have shape {tuple(outcome_adv.shape)}, got {tuple(outcome_correct.shape)}")
     smask = step_mask.bool()
     _check_token_step(token_step, smask)
-    flaw = step_flaws(step_rewards, smask, incorrect_below)  # [B, S]
-    flagged = flaw > 0
-    first = flagged & ((flagged.long().cumsum(-1) - flagged.long()) == 0)
-    pen = flaw * torch.where(first, torch.full_like(flaw, first_error_weight), torch.ones_like(flaw))
+    flaw, pen = step_penalties(step_rewards, smask, incorrect_below, first_error_weight)  # [B, S] each
     if min_form:  # a token answers for the worst penalty at or after its step (suffix max; padding is 0)
         pen = pen.flip(-1).cummax(-1).values.flip(-1) * smask
+    if balance_group_size is not None:  # the bonus goes on unflagged steps, where pen is 0: subtracting -bonus adds it
+        pen = pen - balancing_bonus(pen, flaw, smask, outcome_correct, balance_group_size, step_type)
     in_step = token_step >= 0
     if flaw.shape[1] == 0:
         flaw_t = pen_t = torch.zeros_like(mask)
@@ -516,12 +568,13 @@ def srpo_centered_pooled_estimator(x: AdvantageInputs, o: AdvantageOptions) -> T
     return _centered(x, o, None)
 
 
-def _gated(x: AdvantageInputs, o: AdvantageOptions, min_form: bool) -> Tensor:
+def _gated(x: AdvantageInputs, o: AdvantageOptions, min_form: bool, balance: bool = False) -> Tensor:
     adv = outcome_advantage(x.outcome_rewards, x.group_size, x.outcome_weight, eps=o.eps, scale=o.scale,
                             batch_scale=o.batch_scale)
     return gated_step_advantages(adv, _correct(x), x.step_rewards, x.step_mask, x.token_step, x.completion_mask,
                                  alpha=o.alpha, first_error_weight=o.first_error_weight, flawed_share=o.flawed_share,
-                                 incorrect_below=o.incorrect_below, min_form=min_form)
+                                 incorrect_below=o.incorrect_below, min_form=min_form,
+                                 balance_group_size=x.group_size if balance else None, step_type=x.step_type)
 
 
 @register_estimator("srpo_gated")
@@ -534,6 +587,13 @@ def srpo_gated_estimator(x: AdvantageInputs, o: AdvantageOptions) -> Tensor:
 def srpo_gated_min_estimator(x: AdvantageInputs, o: AdvantageOptions) -> Tensor:
     """Outcome-gated penalties with PURE-style min-form credit (section 5)."""
     return _gated(x, o, min_form=True)
+
+
+@register_estimator("srpo_gated_balanced")
+def srpo_gated_balanced_estimator(x: AdvantageInputs, o: AdvantageOptions) -> Tensor:
+    """``srpo_gated`` whose penalties are paid back, per group and step type, to the unflagged steps of
+    right-verdict rollouts: a zero-sum step term (section 7)."""
+    return _gated(x, o, min_form=False, balance=True)
 
 
 def compute_advantages(name: str, inputs: AdvantageInputs, options: AdvantageOptions | None = None) -> Tensor:

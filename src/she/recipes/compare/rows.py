@@ -172,6 +172,11 @@ ROWS: dict[str, Row] = {
                                      "(Jaccard) instead of exact 0/1", "rl",
                                      rl={"step_rewards": True, "advantage": "srpo_gated", "examiner": "verifier",
                                          "reward_steps": ["Missing"], "graded_sets": True}, **_RL),
+    "srpo_gated_balanced_graded_missing": Row("ablation", "srpo_gated_graded_missing with zero-sum step credit: "
+                                              "penalties paid back to unflagged steps of right verdicts", "rl",
+                                              rl={"step_rewards": True, "advantage": "srpo_gated_balanced",
+                                                  "examiner": "verifier", "reward_steps": ["Missing"],
+                                                  "graded_sets": True}, **_RL),
     "srpo_gated_min": Row("ablation", "srpo_gated with PURE-style min-form credit over the penalties", "rl",
                           rl={"step_rewards": True, "advantage": "srpo_gated_min"}, **_RL),
     "srpo_centered": Row("ablation", "SRPO with group-centred step credit normalised per step type", "rl",
