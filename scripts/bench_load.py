@@ -167,6 +167,8 @@ def _post(url: str, body: bytes, headers: dict[str, str], timeout: float, pairs:
 
 
 def _pairs(args) -> list[dict]:
+    from she.serving.schemas import pair_payload
+
     if args.data:
         from she.data.loaders import load_records
 
@@ -175,15 +177,7 @@ def _pairs(args) -> list[dict]:
         from she.data.synthetic import generate
 
         records = generate(n_queries=max(8, args.requests * args.pairs // 8 + 1), seed=0)
-    out = []
-    for r in records:
-        d = {"query": r.query, "title": r.product.title, "id": r.id}
-        for f in ("brand", "color", "description"):
-            v = getattr(r.product, f)
-            if v:
-                d[f] = v[:2000]  # she serve's default --max-text-chars
-        out.append(d)
-    return out
+    return [pair_payload(r, 2000) for r in records]
 
 
 def _free_port() -> int:

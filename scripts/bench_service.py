@@ -43,6 +43,8 @@ def _get(url: str) -> dict:
 
 
 def _pairs(args) -> list[dict]:
+    from she.serving.schemas import pair_payload
+
     if args.data:
         from she.data.loaders import load_records
 
@@ -51,15 +53,7 @@ def _pairs(args) -> list[dict]:
         from she.data.synthetic import generate
 
         records = generate(n_queries=max(8, args.requests * args.pairs_per_request // 4 + 1), seed=0)
-    out = []
-    for r in records:
-        d = {"query": r.query, "title": r.product.title, "id": r.id}
-        for f in ("brand", "color", "description"):
-            v = getattr(r.product, f)
-            if v:
-                d[f] = v[: args.max_text_chars]
-        out.append(d)
-    return out
+    return [pair_payload(r, args.max_text_chars) for r in records]
 
 
 def run_mode(base: str, mode: str, pairs: list[dict], args) -> dict:

@@ -156,7 +156,9 @@ def test_batcher_errors_reach_the_request_and_the_worker_survives():
         b.close()
 
 
-def test_batcher_skips_cancelled_requests():
+def _gated_scorer():
+    """(gate, seen, score): ``score`` echoes its items and records each batch in ``seen``; a batch of key
+    "gate" blocks until ``gate`` is set, so a test can queue requests behind it."""
     gate = threading.Event()
     seen = []
 
@@ -166,6 +168,11 @@ def test_batcher_skips_cancelled_requests():
         seen.append(list(items))
         return list(items)
 
+    return gate, seen, score
+
+
+def test_batcher_skips_cancelled_requests():
+    gate, seen, score = _gated_scorer()
     b = DynamicBatcher(score, max_batch=8, max_wait_ms=0)
     try:
         b.submit("gate", [0])
@@ -204,15 +211,7 @@ def test_retry_after_is_the_queue_over_the_recent_rate_rounded_up():
 
 
 def test_batcher_drops_items_whose_deadline_passed_in_the_queue():
-    gate = threading.Event()
-    seen = []
-
-    def score(key, items):
-        if key == "gate":
-            gate.wait(10)
-        seen.append(list(items))
-        return list(items)
-
+    gate, seen, score = _gated_scorer()
     b = DynamicBatcher(score, max_batch=8, max_wait_ms=0)
     try:
         b.submit("gate", [0])

@@ -33,6 +33,17 @@ class PairIn(BaseModel):
     id: Any = None
 
 
+def pair_payload(record: Any, max_text_chars: int = 2000) -> dict[str, Any]:
+    """A data record as one ``pairs[i]`` entry of a relevance request: query, title and the optional text
+    fields it has, each cut to ``max_text_chars`` (the server's default limit), ``id`` echoed back."""
+    d: dict[str, Any] = {"query": record.query, "title": record.product.title, "id": record.id}
+    for f in ("brand", "color", "description"):
+        v = getattr(record.product, f)
+        if v:
+            d[f] = v[:max_text_chars]
+    return d
+
+
 class RelevanceRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
