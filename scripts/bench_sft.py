@@ -1,0 +1,68 @@
+"""SFT throughput before and after the CPU levers, same config and data, one variant after the other.
+
+Variants (each a fresh `she train sft` run of ``--steps`` optimiser steps into ``<out>/<variant>``):
+  before          glibc's default allocator (SHE_MALLOC=system) and TRL's gradient checkpointing (on)
+  tuned           she's allocator settings (she/runtime.py), no gradient checkpointing (the defaults now)
+  tuned+grouped   the same with length-grouped batches (train_sampling_strategy: group_by_length)
+
+For each: trained tokens/s (TRL's ``num_tokens`` over ``train_runtime``, model load excluded), the logged
+losses (same data and seed: the curves should agree within noise; grouping changes the batch order), and
+MFU against ``--peak-gflops`` (bf16 peak at the model's shapes from scripts/bench_peak.py) when given.
+
+Usage:
+  python scripts/bench_sft.py --config CONFIG.yaml --steps 20 --peak-gflops 2500 --out runs/bench-sft
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+VARIANTS = {
+    "before": ({"SHE_MALLOC": "system"}, ["--gradient_checkpointing", "true"]),
+    "tuned": ({}, []),
+    "tuned+grouped": ({}, ["--train_sampling_strategy", "group_by_length"]),
+}
+PARAMS = 134_515_008  # SmolLM2-135M
+
+
+def summarise(folder: Path, peak_gflops: float | None) -> dict:
+    hist = json.loads((folder / "log_history.json").read_text())
+    runtime = next(h["train_runtime"] for h in hist if "train_runtime" in h)
+    tokens = max(float(h.get("num_tokens", 0)) for h in hist)
+    out = {"train_runtime_s": round(runtime, 1), "tokens": int(tokens), "tokens_per_s": round(tokens / runtime, 1),
+           "losses": [round(float(h["loss"]), 4) for h in hist if "loss" in h]}
+    if peak_gflops:
+        out["mfu"] = round(6 * PARAMS * tokens / runtime / (peak_gflops * 1e9), 4)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="a `she train sft` config")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--out", default="runs/bench-sft")
+    p.add_argument("--peak-gflops", type=float, default=None)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    a = p.parse_args()
+    res = {}
+    for name in a.variants.split(","):
+        env_extra, flags = VARIANTS[name]
+        folder = Path(a.out) / name.replace("+", "_")
+        cmd = [sys.executable, "-m", "she.cli", "train", "sft", "--config", a.config, "--output-dir", str(folder),
+               "--max_steps", str(a.steps), "--resume", "false", "--report_to", "none", "--save_steps", "100000",
+               *flags]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, env={**os.environ, **env_extra}, check=True, stdout=subprocess.DEVNULL)
+        res[name] = {"wall_s": round(time.perf_counter() - t0, 1), **summarise(folder, a.peak_gflops)}
+        print(name, json.dumps(res[name]), flush=True)
+    print(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
