@@ -8,6 +8,7 @@ rollout per record, and pass rates chosen so that the difficulty band keeps exac
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -139,6 +140,60 @@ def test_rl_job_configs_differ_only_where_the_row_says():
     assert rl_job_config(curve, "srpo", **kw).save_total_limit is None  # the F1-over-training curve reads them all
 
 
+def test_label_only_section_errors_name_the_key(tmp_path):
+    """label_only: may change the row's training sample (max_train, balance_train) and its SFT recipe; a data key
+    that would move the split or the evaluation pairs, a key the driver sets, or a typo fails naming the key."""
+    def load(text: str):
+        p = tmp_path / "c.yaml"
+        p.write_text(text)
+        return load_compare_config(p)
+
+    cfg = load("rows: [label_only_sft]\n"
+               "label_only: {max_train: 50, balance_train: false, learning_rate: 3.0e-4, batch_size: 4}\n")
+    assert cfg.label_only["max_train"] == 50
+    for text, msg in [
+        ("label_only: {max_eval: 10}", r"c.yaml.label_only.max_eval: a `data` key the label-only row cannot change"),
+        ("label_only: {split_seed: 1}", r"c.yaml.label_only.split_seed: a `data` key"),
+        ("label_only: {data: {max_train: 10}}", r"c.yaml.label_only.data: give max_train / balance_train directly"),
+        ("label_only: {target: reasoning}", r"c.yaml.label_only: \['target'\] are set by she compare"),
+        ("label_only: {output_dir: x}", r"c.yaml.label_only: \['output_dir'\] are set by she compare"),
+        ("label_only: {traces_file: t.jsonl}", r"c.yaml.label_only.traces_file: the label-only target is"),
+        ("label_only: {max_train: 0}", r"c.yaml.label_only.max_train: must be >= 1"),
+        ("label_only: {max_train: many}", r"c.yaml.label_only.max_train: expected an integer"),
+        ("label_only: {balance_train: maybe}", r"c.yaml.label_only.balance_train: expected true/false"),
+        ("label_only: {learnin_rate: 0.1}", r"c.yaml.label_only: unknown key\(s\) \['learnin_rate'\]"),
+        ("label_only: {learning_rate: fast}", r"c.yaml.label_only.learning_rate: expected a number"),
+    ]:
+        with pytest.raises(ConfigError, match=msg):
+            load("rows: [label_only_sft]\n" + text + "\n")
+
+
+def test_label_only_job_config_differs_only_where_the_section_says(tmp_path):
+    """The label-only SFT job: the sft: section with label_only:'s keys on top (an alias in one and the field name in
+    the other are one key), label_only's training-split keys in its data; the reasoning SFT job is untouched."""
+    data = DataConfig(max_train=20, balance_train=True, max_eval=7)
+    sft = {"epochs": 3, "learning_rate": 1e-4, "traces_file": "teacher.jsonl", "max_steps": 5}
+    label_only = {"num_train_epochs": 1, "per_device_train_batch_size": 4, "max_train": 50, "balance_train": False}
+
+    def run_of(lo):
+        cfg = CompareConfig(model="BASE", data=data, sft=sft, label_only=lo, seed=2)
+        return compare.CompareRun(cfg=cfg, out=tmp_path, rows=[], train=[], evals=[], labels=[], state={},
+                                  command="", same_as={})
+
+    plain, given = run_of({}), run_of(label_only)
+    assert given.sft_config("reasoning", tmp_path / "sft") == plain.sft_config("reasoning", tmp_path / "sft")
+    reasoning = given.sft_config("reasoning", tmp_path / "sft")
+    assert (reasoning.num_train_epochs, reasoning.traces_file, reasoning.data) == (3, "teacher.jsonl", data)
+    lab = given.sft_config("label", tmp_path / "lo")
+    assert (lab.target, lab.model, lab.seed, lab.traces_file) == ("label", "BASE", 2, None)
+    assert (lab.num_train_epochs, lab.per_device_train_batch_size, lab.learning_rate, lab.max_steps) == (1, 4, 1e-4, 5)
+    assert (lab.data.max_train, lab.data.balance_train) == (50, False)
+    assert dataclasses.replace(lab.data, max_train=20, balance_train=True) == data  # nothing else of data moved
+    # without the section the label-only job is today's: the sft: recipe on the shared sample
+    old = plain.sft_config("label", tmp_path / "lo")
+    assert (old.num_train_epochs, old.per_device_train_batch_size, old.data) == (3, 8, data)
+
+
 # ------------------------------------------------------------------------------- wiring with fake jobs
 
 
@@ -251,6 +306,92 @@ def test_wiring_with_fake_jobs(tmp_path, monkeypatch):
     assert sel["after_band"] == 10 and sel["n_wanted"] == 8 and len(sel["ids"]) == 8
     assert set(res["plots"]) == {"reward", "step_reward", "entropy", "macro_f1"}
     assert all((tmp_path / "c" / f).stat().st_size > 1000 for f in res["plots"].values())
+
+
+def test_label_only_row_trains_on_its_own_sample_of_the_training_queries(tmp_path, monkeypatch):
+    """With a label_only: section the label-only job gets its own, larger sample of the training split -- only
+    training queries, none evaluated or used for calibration -- while every other row (its jobs and the pairs it
+    is scored on) is the same as without the section; the report gives the row's pairs next to its result."""
+    import she.evaluation.evaluate as ev_mod
+    import she.training.sft as sft_mod
+    from she.data.sources import load_splits
+    from she.recipes.compare.plan import group_of
+
+    calls: dict[str, list] = {}
+
+    def fake_sft(cfg, train, validation=None):
+        key = f"{Path(cfg.output_dir).parent.name}/{Path(cfg.output_dir).name}"
+        calls.setdefault(key, []).append((cfg, [r.id for r in train], {group_of(r) for r in train}))
+        final = Path(cfg.output_dir) / "final"
+        final.mkdir(parents=True, exist_ok=True)
+        (final / "config.json").write_text("{}")
+        return final
+
+    evaluated: dict[str, list[str]] = {}
+
+    def fake_eval(model, records, out, **kw):
+        evaluated[str(out)] = [r.id for r in records]
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "predictions.jsonl").write_text("".join(json.dumps({"id": r.id, "label": "Exact"}) + "\n"
+                                                             for r in records))
+        (Path(out) / "metrics.json").write_text(json.dumps({"format_valid_rate": 1.0}))
+        return {}
+
+    monkeypatch.setattr(sft_mod, "train_sft", fake_sft)
+    monkeypatch.setattr(ev_mod, "evaluate", fake_eval)
+    data = DataConfig(synthetic_queries=60, max_train=20, balance_train=True, max_eval=30)
+    kw = dict(model="BASE", rows=["majority", "sft", "label_only_sft"], data=data, sft={"max_steps": 5},
+              eval=compare.CompareEvalConfig(max_eval=25), bootstrap=compare.BootstrapConfig(n=20))
+    base = compare.run_compare(CompareConfig(output_dir=str(tmp_path / "a"), **kw))
+    res = compare.run_compare(CompareConfig(output_dir=str(tmp_path / "b"), label_only={
+        "max_train": 100, "balance_train": False, "learning_rate": 3e-4}, **kw))
+
+    splits = load_splits(data)
+    whole_train = load_splits(dataclasses.replace(data, max_train=None))["train"]
+    held_out = {group_of(r) for part in ("validation", "test") for r in splits[part]}
+    lo_cfg, lo_ids, lo_groups = calls["b/label_only_sft"][0]
+    assert len(lo_ids) == 100 > len(splits["train"]) == 20  # more pairs than the shared sample
+    assert set(lo_ids) <= {r.id for r in whole_train} and not lo_groups & held_out  # training queries only
+    assert (lo_cfg.target, lo_cfg.learning_rate, lo_cfg.max_steps) == ("label", 3e-4, 5)
+    assert (lo_cfg.data.max_train, lo_cfg.data.balance_train) == (100, False)
+    # the other rows are unchanged: the reasoning SFT job and its sample, and every row's evaluation pairs
+    (sft_a, ids_a, _), (sft_b, ids_b, _) = calls["a/sft"][0], calls["b/sft"][0]
+    assert ids_a == ids_b == [r.id for r in splits["train"]]
+    assert dataclasses.replace(sft_a, output_dir="x") == dataclasses.replace(sft_b, output_dir="x")
+    assert calls["a/label_only_sft"][0][1] == ids_a  # without the section: the shared sample, as before
+    eval_ids = [r.id for r in seeded_subset(splits["test"], 25, "0:compare-eval")]
+    assert len(evaluated) == 4 and all(ids == eval_ids for ids in evaluated.values())
+    for row in ("majority", "sft"):
+        assert res["rows"][row]["macro_f1"] == base["rows"][row]["macro_f1"]
+    # the budget next to the result: training pairs and wall time of the row, in results.json and results.md
+    r = res["rows"]
+    assert [r[row]["train_pairs"] for row in ("label_only_sft", "sft", "majority")] == [100, 20, None]
+    assert r["label_only_sft"]["wall_time_s"] is not None and base["rows"]["label_only_sft"]["train_pairs"] == 20
+    lo = res["data"]["label_only"]
+    assert (lo["train_n"], lo["max_train"], lo["balance_train"]) == (100, 100, False)
+    assert sum(lo["train_labels"].values()) == 100
+    assert base["data"]["label_only"] is None
+    md = (tmp_path / "b" / "results.md").read_text()
+    line = next(ln for ln in md.splitlines() if ln.startswith("| label_only_sft |"))
+    assert line.split("|")[-3].strip() == "100"  # the train pairs column, next to the train wall time
+    assert "label_only_sft (Macro F1" in md and "trains on its own sample of the same training queries: 100 pairs" in md
+    assert "trains on its own sample" not in (tmp_path / "a" / "results.md").read_text()
+
+
+def test_resuming_a_run_from_before_a_new_config_key_does_not_call_the_config_changed(tmp_path, caplog):
+    from she.config import to_dict
+    from she.recipes.compare.run import STATE_FILE, _initial_state
+
+    cfg = CompareConfig(output_dir=str(tmp_path))
+    old = json.loads(json.dumps(to_dict(cfg), default=str))
+    del old["label_only"]  # a state file written before the label_only section existed
+    (tmp_path / STATE_FILE).write_text(json.dumps({"config": old, "jobs": {"sft": {"seconds": 1.0}}}))
+    with caplog.at_level("WARNING"):
+        assert _initial_state(tmp_path, cfg)["jobs"] == {"sft": {"seconds": 1.0}}
+    assert "config changed" not in caplog.text
+    with caplog.at_level("WARNING"):
+        _initial_state(tmp_path, dataclasses.replace(cfg, label_only={"max_train": 9}))
+    assert "the config changed in ['label_only']" in caplog.text
 
 
 def test_strict_budget_with_too_large_pool_fails_before_training(tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from she.config import ConfigError, DataConfig, canonical_key, from_dict
+from she.config import ConfigError, DataConfig, SFTJobConfig, canonical_key, from_dict
 
 # keys of each section that the driver sets itself (a value in the config would be silently overridden)
 SFT_FIXED = ("model", "output_dir", "data", "target", "seed")
@@ -18,7 +18,9 @@ RM_FIXED = ("model", "policy", "output_dir", "data", "rollouts", "seed")
 CE_FIXED = ("output_dir", "data", "eval_split", "seed")
 PRM_FIXED = ("policy", "output_dir", "data", "seed")
 CURRICULUM_FIXED = ("pass_rates",)
-
+# the `data` keys the label_only section may change: they shape the label-only row's training sample only (the
+# split is by query and untouched, and the evaluation pairs are every row's)
+LABEL_ONLY_DATA = ("max_train", "balance_train")
 
 
 @dataclass
@@ -71,7 +73,8 @@ class CompareConfig:
 
     Job sections (``sft``, ``rl``, ``passn``, ``dpo``, ``rm``, ``cross_encoder``, ``prm``, ``curriculum``)
     are mappings of the fields of the job's own config; the fields the driver sets itself (start model,
-    output folder, data, seed, ...) are refused with the key named.
+    output folder, data, seed, ...) are refused with the key named. ``label_only`` holds the label-only row's
+    SFT fields over ``sft`` plus its training sample (``max_train``, ``balance_train``; :func:`label_only_parts`).
     """
 
     model: str = "smollm2-135m"  # base model: SFT and label-only SFT start here
@@ -79,6 +82,9 @@ class CompareConfig:
     data: DataConfig = field(default_factory=DataConfig)
     seed: int = 0  # every job's seed
     sft: dict[str, Any] = field(default_factory=dict)  # SFTJobConfig fields (also used by label_only_sft)
+    # label_only_sft's own recipe (label_only_parts): SFTJobConfig fields that replace the `sft:` section's for that
+    # row only, and max_train / balance_train for its training sample (drawn from the same training queries)
+    label_only: dict[str, Any] = field(default_factory=dict)
     sft_model: str | None = None  # reuse an existing SFT folder instead of training <out>/sft
     judge: str | None = None  # judge folder (`she train prm`); None = train one from `prm:` when a row needs it
     rl: dict[str, Any] = field(default_factory=dict)  # RLJobConfig fields shared by every RL row
@@ -113,6 +119,64 @@ def build_section(cls: type, section: Mapping[str, Any] | None, where: str, fixe
     return dataclasses.replace(obj, **fixed) if fixed else obj
 
 
-__all__ = ["CE_FIXED", "CURRICULUM_FIXED", "DPO_FIXED", "PASSN_FIXED", "PRM_FIXED", "RL_FIXED", "RM_FIXED", "SFT_FIXED",
-           "BootstrapConfig", "CompareConfig", "CompareEvalConfig", "DifficultyConfig", "DiverseConfig",
-           "build_section"]
+def _split_label_only(section: Mapping[str, Any] | None, where: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(data keys, SFT keys)`` of a ``label_only:`` section; a key that belongs to neither fails, named."""
+    sft_names = {f.name for f in dataclasses.fields(SFTJobConfig)}
+    data_names = {f.name for f in dataclasses.fields(DataConfig)}
+    data: dict[str, Any] = {}
+    sft: dict[str, Any] = {}
+    unknown = []
+    for key, value in dict(section or {}).items():
+        name = canonical_key(SFTJobConfig, key, where, warn=False)
+        if key == "data":
+            raise ConfigError(f"{where}.data: give {' / '.join(LABEL_ONLY_DATA)} directly under label_only "
+                              "(the rest of `data` is every row's)")
+        if key in LABEL_ONLY_DATA:
+            data[key] = value
+        elif key in data_names and name not in sft_names:
+            raise ConfigError(f"{where}.{key}: a `data` key the label-only row cannot change (it would change the "
+                              f"split or the evaluation pairs every row shares); only {list(LABEL_ONLY_DATA)} "
+                              "(its training sample) may differ")
+        elif name == "traces_file":
+            raise ConfigError(f"{where}.{key}: the label-only target is `Verdict: <label>`; teacher traces do not "
+                              "apply to it")
+        elif name in sft_names:
+            sft[key] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown, key=str)}; allowed: {list(LABEL_ONLY_DATA)} "
+                          "and the fields of the sft job")
+    return data, sft
+
+
+def label_only_parts(section: Mapping[str, Any] | None,
+                     where: str = "label_only") -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a ``label_only:`` section into ``(data overrides, SFT overrides)``, checking every key and value.
+
+    The data overrides (:data:`LABEL_ONLY_DATA`) apply to the training split only: the label-only row may train on
+    more (or differently balanced) pairs of the same training queries, never on other evaluation pairs. Any other
+    ``data`` key would change the split or the pairs every row is scored on, so it is refused by name; so are the
+    keys the driver sets (``SFT_FIXED``) and ``traces_file`` (the label-only target is ``Verdict: <label>``)."""
+    data, sft = _split_label_only(section, where)
+    build_section(SFTJobConfig, sft, where, SFT_FIXED)  # types, and the keys the driver sets, named
+    checked = from_dict(DataConfig, data, where)
+    if checked.max_train is not None and checked.max_train < 1:
+        raise ConfigError(f"{where}.max_train: must be >= 1 or null (all training pairs), got {checked.max_train}")
+    return {k: getattr(checked, k) for k in data}, sft
+
+
+def label_only_section(sft: Mapping[str, Any] | None, label_only: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The SFT section of the label-only job: the ``sft:`` section with the ``label_only:`` SFT keys on top
+    (keys compared by their canonical names, so ``epochs`` in one and ``num_train_epochs`` in the other is one key)."""
+    _, over = _split_label_only(label_only, "label_only")
+
+    def canon(d: Mapping[str, Any]) -> dict[str, Any]:
+        return {canonical_key(SFTJobConfig, k, warn=False): v for k, v in d.items()}
+
+    return {**canon(sft or {}), **canon(over)}
+
+
+__all__ = ["CE_FIXED", "CURRICULUM_FIXED", "DPO_FIXED", "LABEL_ONLY_DATA", "PASSN_FIXED", "PRM_FIXED", "RL_FIXED",
+           "RM_FIXED", "SFT_FIXED", "BootstrapConfig", "CompareConfig", "CompareEvalConfig", "DifficultyConfig",
+           "DiverseConfig", "build_section", "label_only_parts", "label_only_section"]

@@ -42,6 +42,8 @@ from she.recipes.compare.config import (
     SFT_FIXED,
     CompareConfig,
     build_section,
+    label_only_parts,
+    label_only_section,
 )
 from she.recipes.compare.rows import ALL_ROWS, RL_ROWS, ROWS
 
@@ -86,6 +88,8 @@ def check_compare_config(cfg: CompareConfig, where: str = "config") -> None:
     if cfg.checkpoint_eval_max < 1:
         raise ConfigError(f"{where}.checkpoint_eval_max: must be >= 1")
     build_section(SFTJobConfig, cfg.sft, f"{where}.sft", SFT_FIXED)
+    label_only_parts(cfg.label_only, f"{where}.label_only")
+    build_section(SFTJobConfig, label_only_section(cfg.sft, cfg.label_only), f"{where}.sft + label_only", SFT_FIXED)
     rl = build_section(RLJobConfig, cfg.rl, f"{where}.rl", RL_FIXED)
     if rl.max_steps < 1 or rl.prompts_per_step < 1 or rl.num_generations < 1:
         raise ConfigError(f"{where}.rl: max_steps, prompts_per_step and num_generations must be >= 1 "

@@ -136,8 +136,8 @@ def _offsets(offsets: Mapping[str, float], labels: Sequence[str]) -> str:
 def _table(rows: Mapping[str, Mapping[str, Any]], labels: Sequence[str]) -> list[str]:
     head = ("| row | Macro F1 [95% CI] | accuracy [95% CI] | " + " | ".join(f"F1 {lab}" for lab in labels)
             + f" | predicted ({'/'.join(lab[:3] for lab in labels)}) | step acc. | format valid | generations | "
-            "train wall (s) |")
-    lines = [head, "|" + "---|" * (8 + len(labels))]
+            "train pairs | train wall (s) |")
+    lines = [head, "|" + "---|" * (9 + len(labels))]
     for name, r in rows.items():
         name_cell = f"{name} (= {r['same_as']})" if r.get("same_as") else name
         lines.append(
@@ -146,8 +146,24 @@ def _table(rows: Mapping[str, Mapping[str, Any]], labels: Sequence[str]) -> list
             + " | ".join(_f(r["per_class_f1"].get(lab)) for lab in labels)
             + " | " + ("/".join(_f(r["pred_share"].get(lab), 2) for lab in labels) if r.get("pred_share") else "-")
             + f" | {_f(r.get('step_accuracy'))} | {_f(r.get('format_valid_rate'))} | {r.get('generations', 0):,} | "
-            f"{_f(r.get('wall_time_s'), 0)} |")
+            + ("-" if r.get("train_pairs") is None else f"{r['train_pairs']:,}")
+            + f" | {_f(r.get('wall_time_s'), 0)} |")
     return lines
+
+
+def _label_only_line(d: Mapping[str, Any], rows: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The label-only row's own training sample and its cost, when the ``label_only:`` section gave it one."""
+    lo = d.get("label_only")
+    if not lo:
+        return []
+    r = rows.get("label_only_sft", {})
+    cost = "" if r.get("wall_time_s") is None else f", trained in {r['wall_time_s']:,.0f} s"
+    score = "" if r.get("macro_f1") is None else f" (Macro F1 {r['macro_f1']:.3f}{cost})"
+    shared = "" if d.get("train_n") is None else f" (the shared training sample holds {d['train_n']:,})"
+    return [f"label_only_sft{score} trains on its own sample of the same training queries: {lo['train_n']:,} pairs "
+            f"from {lo['train_query_groups']:,} queries{shared}, max_train {lo['max_train']}, balance_train "
+            f"{lo['balance_train']}, labels {lo['train_labels']}; it is scored on the same evaluation pairs as "
+            "every row.", ""]
 
 
 def results_markdown(s: Mapping[str, Any]) -> str:
@@ -166,6 +182,7 @@ def results_markdown(s: Mapping[str, Any]) -> str:
              f"Data: {d['source']}, taxonomy {d['taxonomy']}, split seed {d['split_seed']}, balance_train "
              f"{d['balance_train']}; split sizes {d['split_sizes']}; evaluated on {d['eval_n']} {d['eval_split']} "
              f"pairs from {d['eval_query_groups']} queries, labels {d['eval_labels']}.", "",
+             *_label_only_line(d, rows),
              f"Budget ({b['mode']}): every RL row gets {b['rl']['max_steps']} steps x {b['rl']['prompts_per_step']} "
              f"prompts x {b['rl']['num_generations']} generations = {b['rl_generations_per_row']:,} policy rollouts."]
     if "passn" in b:
@@ -179,8 +196,10 @@ def results_markdown(s: Mapping[str, Any]) -> str:
         parts.append(f"The judge's training labels cost {b['judge_labelling_generations']:,} policy generations "
                      "(shared by every row that uses the judge; not in the per-row column).")
     parts += ["", "`generations`: policy samples the method spent before evaluation (RL rollouts, pass@N, "
-              "difficulty estimation). `train wall (s)`: wall time of the row's own jobs (the shared SFT excluded; "
-              "`-` when a job ran in an earlier invocation that did not record it).", "",
+              "difficulty estimation). `train pairs`: labelled pairs the row's own supervised job trained on (`-` "
+              "for rows whose budget is their generations, and for an SFT start trained elsewhere). `train wall "
+              "(s)`: wall time of the row's own jobs (the shared SFT excluded; `-` when a job ran in an earlier "
+              "invocation that did not record it).", "",
               "## Main results", "", *_table(main, labels), ""]
     if seeds:
         parts += ["## More seeds of the main rows", "", *_table(seeds, labels), ""]

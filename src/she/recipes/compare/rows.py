@@ -47,14 +47,14 @@ class Row:
 # -- the jobs ----------------------------------------------------------------------------------------------
 
 
-def _train_sft(run: Any, cfg: Any) -> None:
-    from she.training.sft import train_sft
-
-    train_sft(cfg, run.train)
-
-
 def _label_only_config(run: Any, needs: Mapping[str, Any]) -> Any:
     return run.sft_config("label", run.out / "label_only_sft")
+
+
+def _train_label_only(run: Any, cfg: Any) -> None:
+    from she.training.sft import train_sft
+
+    train_sft(cfg, run.label_only_train())  # the label_only: section's sample of the training queries
 
 
 def _dpo_config(run: Any, needs: Mapping[str, Any]) -> DPOJobConfig:
@@ -130,8 +130,9 @@ _RL = dict(config=_rl_config, run=_run_rl)
 ROWS: dict[str, Row] = {
     "majority": Row("main", "predicts the most frequent label of the training split (before any balancing) for "
                     "every pair", "majority", from_sft=False, predict=_predict_majority),
-    "label_only_sft": Row("main", "SFT from the base model on `Verdict: <label>` only (no reasoning)", "job",
-                          config=_label_only_config, run=_train_sft, from_sft=False),
+    "label_only_sft": Row("main", "SFT from the base model on `Verdict: <label>` only (no reasoning); its training "
+                          "pairs may be more than the shared split's (the `label_only:` section)", "job",
+                          config=_label_only_config, run=_train_label_only, from_sft=False),
     "sft": Row("main", "SFT on reasoning traces: the shared start of every generative row below", "sft"),
     "dpo": Row("main", "DPO on pass@N preference pairs sampled from the SFT policy", "job", config=_dpo_config,
                run=_run_dpo),

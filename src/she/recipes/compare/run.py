@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from she.config import PassAtNConfig, PRMJobConfig, RewardModelJobConfig, RLJobConfig, SFTJobConfig, to_dict
+from she.config import DataConfig, PassAtNConfig, PRMJobConfig, RewardModelJobConfig, RLJobConfig, SFTJobConfig, to_dict
 from she.data.schema import Record
 from she.errors import UserError
 from she.models.metadata import schema_of
@@ -28,6 +28,8 @@ from she.recipes.compare.config import (
     SFT_FIXED,
     CompareConfig,
     build_section,
+    label_only_parts,
+    label_only_section,
 )
 from she.recipes.compare.plan import (
     check_compare_config,
@@ -137,11 +139,50 @@ class CompareRun:
         return final
 
     def sft_config(self, target: str, output_dir: Path) -> SFTJobConfig:
-        cfg = build_section(SFTJobConfig, self.cfg.sft, "sft", SFT_FIXED, model=self.cfg.model, output_dir=str(output_dir),
-                     data=self.cfg.data, target=target, seed=self.cfg.seed)
-        if target == "label":  # teacher traces would replace the `Verdict: <label>` targets
-            cfg = dataclasses.replace(cfg, traces_file=None)
-        return cfg
+        """The SFT job of the shared start (``reasoning``) or of the label-only row (``label``: the ``sft:`` section
+        with the ``label_only:`` section on top, and the data of :meth:`label_only_data`)."""
+        if target != "label":
+            return build_section(SFTJobConfig, self.cfg.sft, "sft", SFT_FIXED, model=self.cfg.model,
+                                 output_dir=str(output_dir), data=self.cfg.data, target=target, seed=self.cfg.seed)
+        cfg = build_section(SFTJobConfig, label_only_section(self.cfg.sft, self.cfg.label_only), "sft + label_only",
+                            SFT_FIXED, model=self.cfg.model, output_dir=str(output_dir), data=self.label_only_data(),
+                            target=target, seed=self.cfg.seed)
+        return dataclasses.replace(cfg, traces_file=None)  # teacher traces would replace the `Verdict: <label>` targets
+
+    def label_only_data(self) -> DataConfig:
+        """``data`` with the label_only section's training-split keys (max_train, balance_train) applied."""
+        over, _ = label_only_parts(self.cfg.label_only)
+        return dataclasses.replace(self.cfg.data, **over)
+
+    def label_only_train(self) -> list[Record]:
+        """The training pairs of the label-only row: the shared training split unless the ``label_only:`` section
+        changes its sample. The split is the same (by query, ``split_seed``) and only its train part is drawn
+        again, so every pair comes from a training query; the evaluation and calibration pairs are untouched."""
+        over, _ = label_only_parts(self.cfg.label_only)
+        if not over:
+            return self.train
+        if "label_only_train" not in self.memo:
+            from she.data.sources import load_splits
+
+            recs = load_splits(self.label_only_data())["train"]
+            held = {group_of(r) for r in self.calib}
+            if self.cfg.eval.split != "train":
+                held |= {group_of(r) for r in self.evals}
+            leaked = [r.id for r in recs if group_of(r) in held]
+            if leaked:  # cannot happen with a query-disjoint split; refuse rather than score a leak
+                raise UserError(f"label_only: {len(leaked)} training pair(s) share a query with the evaluation or "
+                                f"calibration pairs (first: {leaked[0]!r}); the split must be by query")
+            self.memo["label_only_train"] = recs
+        return self.memo["label_only_train"]
+
+    def train_pairs(self, row: str) -> int | None:
+        """Labelled pairs the row's own supervised job trained on (SFT, label-only SFT, cross-encoder); None for
+        rows whose budget is their generations, for majority, and for an SFT start trained elsewhere."""
+        if row == "label_only_sft":
+            return len(self.label_only_train())
+        if (row == "sft" and not self.cfg.sft_model) or row == "cross_encoder":
+            return len(self.train)
+        return None
 
     def judge_dir(self) -> str:
         if self.cfg.judge:
@@ -535,6 +576,7 @@ class CompareRun:
             "generations_by_source": gens,
             # majority trains nothing; a reused sft_model was trained elsewhere (unknown: None)
             "wall_time_s": self.seconds(*jobs) if jobs else (0.0 if row == "majority" else None),
+            "train_pairs": self.train_pairs(row),
             "jobs": jobs,
             "eval_seconds": self.state["evals"].get(self.same_as.get(row, row), {}).get("seconds"),
         })
@@ -552,7 +594,10 @@ def _initial_state(out: Path, cfg: CompareConfig) -> dict[str, Any]:
         raise UserError(f"{path}: not a compare state file (no 'jobs' mapping); delete it to start over")
     old = {k: v for k, v in (state.get("config") or {}).items() if k not in ("rows", "eval_checkpoints")}
     new = {k: v for k, v in now.items() if k not in ("rows", "eval_checkpoints")}
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    # a key added to the config since that run (e.g. label_only) left at its default changes nothing
+    default = json.loads(json.dumps(to_dict(CompareConfig()), default=str))
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)
+                     and not (k not in old and new.get(k) == default.get(k)))
     if changed:
         log.warning("%s: the config changed in %s since the last run; finished jobs are reused as they are "
                     "(use another output_dir for a clean comparison)", path, changed)
@@ -685,7 +730,21 @@ def data_summary(ctx: CompareRun, splits: Mapping[str, list[Record]]) -> dict[st
         "eval_query_groups": len({group_of(r) for r in ctx.evals}),
         "eval_labels": dict(Counter(r.label for r in ctx.evals).most_common()),
         "train_labels": dict(Counter(r.label for r in ctx.train).most_common()),
+        "train_n": len(ctx.train),
+        "label_only": label_only_summary(ctx),
     }
+
+
+def label_only_summary(ctx: CompareRun) -> dict[str, Any] | None:
+    """The label-only row's own training sample (None when it trains on the shared split or is not run)."""
+    over, _ = label_only_parts(ctx.cfg.label_only)
+    if not over or "label_only_sft" not in ctx.rows:
+        return None
+    recs = ctx.label_only_train()
+    lo = ctx.label_only_data()
+    return {"max_train": lo.max_train, "balance_train": lo.balance_train, "train_n": len(recs),
+            "train_query_groups": len({group_of(r) for r in recs}),
+            "train_labels": dict(Counter(r.label for r in recs).most_common())}
 
 
 # -- checkpoints over training ------------------------------------------------------------------------
