@@ -198,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--traces", dest=_key("traces_file"), default=GIVEN,
                     help="teacher traces JSONL from `she data teach` (else rule-based)")
     ts.add_argument("--schema", dest=_key("schema"), default=GIVEN,
-                    help="step schema: default | coverage (adds a Missing step) | a YAML/JSON schema file")
+                    help="step schema: default | coverage (adds a Missing step) | grounded (Missing, Numbers, "
+                         "Head) | a YAML/JSON schema file")
     _add_data_args(ts)
 
     for algo, helptext in (("srpo", "SRPO: stepwise hybrid-examined RL (TRL GRPOTrainer + per-token step advantages)"),

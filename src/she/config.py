@@ -176,7 +176,7 @@ class SFTJobConfig(TrainerJobConfig):
     target: Literal["reasoning", "label"] = "reasoning"  # label = label-only baseline
     traces_file: str | None = None  # teacher traces JSONL ({id, trace}) from `she data teach`; else rule-based
     prompt_style: PromptStyle = "compact"  # see she.reasoning.prompts; saved with the model
-    schema: str = "default"  # step schema: default | coverage | a YAML/JSON file (she.reasoning.schema); saved with the model
+    schema: str = "default"  # step schema: default | coverage | grounded | a YAML/JSON file (she.reasoning.schema); saved with the model
     num_train_epochs: float = 1.0
     learning_rate: float = 1e-4
     lr_scheduler_type: str = "cosine"
@@ -545,8 +545,8 @@ class RLJobConfig(ConfigBase):
     first_error_weight: float = 2.0  # gated: weight of the first flagged step of a rollout
     flawed_share: float = 0.5  # gated: share of a right verdict's positive advantage a flagged step keeps
     incorrect_below: float = 0.5  # gated: a step score below this is a (partial) flaw
-    reward_steps: list[str] | None = None  # step keys that may earn a step reward (null: all), e.g. [Missing]
-    graded_sets: bool = False  # Missing scores the overlap of said and true words instead of exact 0/1 (docs/srpo.md)
+    reward_steps: list[str] | None = None  # step keys that may earn a step reward (null: all), e.g. [Missing, Numbers, Head]
+    graded_sets: bool = False  # Missing/Numbers score the overlap of said and true items instead of exact 0/1 (docs/srpo.md)
     # class-aware outcome: weights on the normalised outcome advantage by gold class (every estimator, GRPO too):
     # null (none) | balanced (inverse frequency in the RL training records) | {Exact: 1.0, Partial: 1.5, ...}
     class_weights: str | dict[str, float] | None = None

@@ -21,6 +21,8 @@ _FREE_HINTS = {
     "query": "<searched type; constraints>",
     "product": "<product type; brand=..; color=..; size=..>",
     "coverage": "<query words the product lacks, comma-separated, or none>",
+    "numbers": "<each query number with unit =match|mismatch|missing in the product, ;-separated, or none>",
+    "head": "<query head noun> found|absent in the title",
 }
 _OUTCOME_TEXT = {
     "different": "different type",

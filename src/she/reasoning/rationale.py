@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from she.data.schema import ATTRIBUTES, TYPE_RELATIONS, Record
 from she.errors import UserError
 from she.reasoning.parse import consistent_label, guideline_label, parse_trace
+from she.reasoning.quantities import Quantity, compare_quantities, normalize_text, numbers_text, strip_quantities
 from she.reasoning.render import one_line, render_trace
 from she.reasoning.schema import StepSchema, default_schema
 
@@ -336,6 +337,93 @@ def parse_coverage(text: str | None) -> set[str] | None:
     return {_stem(w) for w in re.split(r"[,;]\s*|\s+", t.lower()) if w.strip("'’.")}
 
 
+# ---------------------------------------------------------------------------------------------
+# the grounded schema's computed steps (docs/reasoning-format.md, "The grounded schema"): label-free and exact
+# ---------------------------------------------------------------------------------------------
+# attribute values that identify a product rather than describe it: no quantities in them
+_ID_ATTRIBUTES = frozenset({"product_uid", "product_id", "product_locale", "uid", "id", "asin", "sku", "locale"})
+
+
+def _numbers_product_text(record: Record) -> str:
+    """The product text the ``Numbers`` step reads: title, brand, colour and attribute values, identifiers
+    (``product_uid``, ``product_id``, ``*_id``) left out -- a Home Depot uid is not a size."""
+    p = record.product
+    values = [one_line(v) for k, v in p.attributes.items()
+              if one_line(v) and str(k).lower() not in _ID_ATTRIBUTES and not str(k).lower().endswith("_id")]
+    title = html.unescape(one_line(p.title))
+    return " ".join(x for x in (title, p.brand or "", p.color or "", " ".join(values)) if x)
+
+
+def number_checks(record: Record) -> list[tuple[Quantity, str]]:
+    """``[(query quantity, match|mismatch|missing)]``: the ``Numbers`` step of the grounded schema
+    (:func:`she.reasoning.quantities.compare_quantities` on the query and the product text). Label-free and exact:
+    written by :func:`rationale_steps`, checked by the verifier."""
+    return compare_quantities(html.unescape(one_line(record.query)), _numbers_product_text(record))
+
+
+def query_head(record: Record) -> str | None:
+    """The query's head noun, as a stem: the last *noun-like* content word before the first preposition that
+    follows one (``cover for grill`` -> cover, ``microwave over stove`` -> microwave), after dropping quantities
+    (``3/4 in``, ``20v``), stopwords, bare units, known brands (``drill dewalt`` -> drill) and one-letter words;
+    colour and function adjectives (``white``, ``cordless``, ``led``) are skipped too (``door white`` -> door)
+    unless nothing else is left (``white`` -> white). None when the query has no word left (``3/4``)."""
+    toks = _tokens(strip_quantities(html.unescape(one_line(record.query))).lower())
+    b = _find_brand(toks)
+    in_brand = set(range(b[0], b[1])) if b is not None else set()
+    nouns: list[str] = []
+    words: list[str] = []
+    for i, t in enumerate(toks):
+        if t in _PREPOSITIONS and nouns:
+            break
+        if t in STOPWORDS or t in _UNITS or _NUMBER.fullmatch(t) or i in in_brand or (len(t) < 2 and t.isascii()):
+            continue
+        words.append(t)
+        s = _stem(t)
+        if s not in _STEMMED["color"] and s not in _STEMMED["function"]:
+            nouns.append(t)
+    pick = nouns or words
+    return _stem(pick[-1]) if pick else None
+
+
+def head_check(record: Record) -> tuple[str, str]:
+    """``(head stem, "found"|"absent")``, or ``("", "none")`` when the query has no head: the ``Head`` step.
+    Found means the stem is a word (or hyphen part) of the product *title* (plural-stripped like the head);
+    a head in a script without spaces (CJK) also counts as found when it occurs inside the title."""
+    head = query_head(record)
+    if head is None:
+        return "", "none"
+    title = normalize_text(html.unescape(one_line(record.product.title)))
+    found = head in _stems(title) or (not head.isascii() and head in title.lower())
+    return head, "found" if found else "absent"
+
+
+def head_text(check: tuple[str, str]) -> str:
+    """The ``Head`` line's content: ``drill found``, ``drill absent`` or ``none``."""
+    word, state = check
+    return "none" if state == "none" else f"{word} {state}"
+
+
+_HEAD_STATES = {"found": "found", "present": "found", "in title": "found", "absent": "absent", "missing": "absent",
+                "not found": "absent", "not in title": "absent"}
+_HEAD_LINE = re.compile(r"[\"'`*]*(?P<w>\S+?)[\"'`*]*(?:\s*[=:]\s*|\s+)(?P<s>not found|not in title|in title|found|"
+                        r"present|absent|missing)", re.I)
+
+
+def parse_head(text: str | None) -> tuple[str, str] | None:
+    """What a ``Head`` line states, in :func:`head_check`'s form (the word stemmed); None when unreadable."""
+    if text is None:
+        return None
+    t = " ".join(text.split()).strip(" .")
+    if not t:
+        return None
+    if t.lower() in ("none", "nothing", "-", "n/a"):
+        return "", "none"
+    m = _HEAD_LINE.fullmatch(t)
+    if m is None:
+        return None
+    return _stem(normalize_text(m.group("w")).lower()), _HEAD_STATES[m.group("s").lower()]
+
+
 def analyse(record: Record) -> Evidence:
     """Collect facts + lexical evidence for ``record`` (label not used)."""
     query = html.unescape(one_line(record.query))
@@ -530,6 +618,10 @@ def rationale_steps(record: Record, schema: StepSchema | None = None, *, include
                                            "unclear product")
         elif s.name == "coverage" and s.kind == "free":
             steps[s.name] = coverage_text(missing_query_words(record))
+        elif s.name == "numbers" and s.kind == "free":
+            steps[s.name] = numbers_text(number_checks(record))
+        elif s.name == "head" and s.kind == "free":
+            steps[s.name] = head_text(head_check(record))
         elif s.name == "type" and s.kind == "choice":
             steps[s.name] = type_rel
         elif s.kind == "attributes":

@@ -264,7 +264,28 @@ def coverage_schema(taxonomy: str = "hd3") -> StepSchema:
     return StepSchema(steps, taxonomy)
 
 
-SCHEMAS: dict[str, Callable[[str], StepSchema]] = {"default": builtin_schema, "coverage": coverage_schema}
+NUMBERS_STEP = StepSpec("numbers", "Numbers", "free", aliases=("Quantities",))
+HEAD_STEP = StepSpec("head", "Head", "free", aliases=("Head noun",))
+
+
+def grounded_schema(taxonomy: str = "hd3") -> StepSchema:
+    """The coverage schema plus ``Numbers`` and ``Head`` after ``Missing``, before the Type/label conclusions.
+
+    Every evidence step between ``Product`` and ``Type`` is computed from the pair's strings, label-free, and
+    checked exactly by the verifier (docs/reasoning-format.md, "The grounded schema"): ``Missing`` (query words
+    the product lacks), ``Numbers`` (each query quantity: match/mismatch/missing in the product,
+    :func:`she.reasoning.rationale.number_checks`) and ``Head`` (the query's head noun found in the title or not,
+    :func:`she.reasoning.rationale.head_check`). Why: the Type line is derived from the gold label and the policy
+    cannot check it; computed evidence it can, and the verifier can reward it on every rollout.
+    """
+    steps = list(coverage_schema(taxonomy).steps)
+    at = next(i + 1 for i, s in enumerate(steps) if s.name == "coverage")
+    steps[at:at] = [NUMBERS_STEP, HEAD_STEP]
+    return StepSchema(steps, taxonomy)
+
+
+SCHEMAS: dict[str, Callable[[str], StepSchema]] = {"default": builtin_schema, "coverage": coverage_schema,
+                                                   "grounded": grounded_schema}
 
 
 @functools.lru_cache(maxsize=64)
@@ -279,7 +300,7 @@ def _resolve(spec: str, taxonomy: str) -> StepSchema:
 
 
 def resolve_schema(spec: str | None, taxonomy: str = "hd3") -> StepSchema:
-    """The schema named ``spec`` (``default``, ``coverage``, or a YAML/JSON file) for ``taxonomy``.
+    """The schema named ``spec`` (``default``, ``coverage``, ``grounded``, or a YAML/JSON file) for ``taxonomy``.
 
     The one way to turn a spec -- ``schema:`` of an SFT config, ``schema`` of a model's ``she.json`` -- into a
     :class:`StepSchema`. There is no schema "in effect": entry points (``she train sft|srpo|grpo|dpo|rm|prm``,
@@ -302,9 +323,12 @@ def schema_for(schema: StepSchema | None, taxonomy: str) -> StepSchema:
 
 __all__ = [
     "COVERAGE_STEP",
+    "HEAD_STEP",
+    "NUMBERS_STEP",
     "SCHEMAS",
     "builtin_schema",
     "coverage_schema",
+    "grounded_schema",
     "resolve_schema",
     "schema_for",
     "ATTRIBUTES",

@@ -99,11 +99,12 @@ def check_scores(scores: Sequence[float | None], n_steps: int, who: str) -> list
 class VerifierExaminer:
     """The offline verifier as an examiner: correct -> 1.0, incorrect -> 0.0, unknown -> None.
 
-    ``graded=True``: a set-valued step the verifier checks exactly (the coverage schema's ``Missing``) scores
-    the Jaccard overlap of the words said and the true words instead of 0/1. Why: an exact check makes a long
-    list of missing words far riskier than ``Missing: none`` (one wrong word zeroes it), so a penalty-only step
-    reward pushes the policy to write ``none`` -- the path to *Exact* (measured, docs/results.md). Overlap
-    grades a mostly right list as mostly right and a wrong ``none`` (overlap 0) as fully wrong.
+    ``graded=True``: a set-valued step the verifier checks exactly (the coverage schema's ``Missing``, the grounded
+    schema's ``Numbers``) scores the Jaccard overlap of the items said and the true items instead of 0/1. Why: an
+    exact check makes a long list of missing words far riskier than ``Missing: none`` (one wrong word zeroes it),
+    so a penalty-only step reward pushes the policy to write ``none`` -- the path to *Exact* (measured,
+    docs/results.md). Overlap grades a mostly right list as mostly right and a wrong ``none`` (overlap 0) as
+    fully wrong.
     """
 
     _SCORE = {CORRECT: 1.0, INCORRECT: 0.0, UNKNOWN: None}

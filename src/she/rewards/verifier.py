@@ -22,6 +22,13 @@ Rules (default schema):
 * ``Missing``     -- (coverage schema) the query words the product text lacks, computed exactly from the
   strings (:func:`she.reasoning.rationale.missing_query_words`): a rule, not a human fact, but exact, so it
   is checked for every record; any other set of words is incorrect.
+* ``Numbers``     -- (grounded schema) each query quantity and whether the product matches, contradicts or
+  lacks it, computed exactly from the strings (:func:`she.reasoning.rationale.number_checks`); the line is
+  read by meaning (``0.5"`` == ``1/2 in``, any order, :func:`she.reasoning.quantities.parse_numbers`), and
+  any other set of quantity states is incorrect. Set-valued like ``Missing``: ``similarity`` is the Jaccard
+  overlap of the said and true (quantity, state) pairs.
+* ``Head``        -- (grounded schema) the query's head noun and whether the title has it
+  (:func:`she.reasoning.rationale.head_check`): correct iff word (by stem) and found/absent agree.
 * ``Query``       -- only checkable for negation: if ``facts.negation == "yes"`` the query analysis must
   mention the exclusion (``without``/``no``/``non``/``not``/``except``/``free``), else incorrect.
 * anything else   -- unknown.
@@ -44,7 +51,7 @@ class StepVerdict:
     step: str  # the step key, e.g. "Type"
     verdict: str  # correct | incorrect | unknown
     rule: str  # which rule decided, for logs and debugging
-    similarity: float | None = None  # set-valued steps (Missing): Jaccard overlap of said and true sets, in [0, 1]
+    similarity: float | None = None  # set-valued steps (Missing, Numbers): Jaccard overlap of said and true sets, in [0, 1]
 
 
 def verify_steps(parsed, record: Record) -> list[StepVerdict]:
@@ -74,6 +81,10 @@ def verify_steps(parsed, record: Record) -> list[StepVerdict]:
                 out.append(StepVerdict(key, CORRECT if ok else INCORRECT, "gold label"))
         elif step.name == "coverage":
             out.append(_verify_coverage(step, record))
+        elif step.name == "numbers":
+            out.append(_verify_numbers(step, record))
+        elif step.name == "head":
+            out.append(_verify_head(step, record))
         elif key == "Query" and facts.negation == "yes":
             ok = bool(_NEGATION.search(step.text or ""))
             out.append(StepVerdict(key, CORRECT if ok else INCORRECT, "negation mentioned"))
@@ -96,6 +107,41 @@ def _verify_coverage(step, record: Record) -> StepVerdict:
         return StepVerdict(step.key, CORRECT, f"{len(truth)} missing word(s) named", similarity=sim)
     wrong = sorted(said - truth) or sorted(truth - said)
     return StepVerdict(step.key, INCORRECT, f"coverage differs at {wrong[0]!r}", similarity=sim)
+
+
+def _verify_numbers(step, record: Record) -> StepVerdict:
+    """``Numbers``: the stated (quantity, state) pairs must be exactly the computed ones (by meaning, any order)."""
+    from she.reasoning.quantities import parse_numbers
+    from she.reasoning.rationale import number_checks
+
+    said = parse_numbers(step.conclusion if isinstance(step.conclusion, str) else None)
+    if said is None:
+        return StepVerdict(step.key, INCORRECT, "numbers unparsed")
+    truth = dict(number_checks(record))
+    s_items, t_items = set(said.items()), set(truth.items())
+    union = s_items | t_items
+    sim = len(s_items & t_items) / len(union) if union else 1.0
+    if said == truth:
+        return StepVerdict(step.key, CORRECT, f"{len(truth)} quantit{'y' if len(truth) == 1 else 'ies'} checked",
+                           similarity=sim)
+    diff = sorted(s_items ^ t_items, key=lambda x: (x[0], x[1]))
+    q, state = diff[0]
+    what = f"said {q}={state}" if (q, state) in s_items else f"missed {q}={state}"
+    return StepVerdict(step.key, INCORRECT, f"numbers differ: {what}", similarity=sim)
+
+
+def _verify_head(step, record: Record) -> StepVerdict:
+    """``Head``: the stated head word (by stem) and found/absent must equal the computed ones."""
+    from she.reasoning.rationale import head_check, parse_head
+
+    said = parse_head(step.conclusion if isinstance(step.conclusion, str) else None)
+    if said is None:
+        return StepVerdict(step.key, INCORRECT, "head unparsed")
+    truth = head_check(record)
+    if said == truth:
+        return StepVerdict(step.key, CORRECT, f"head {truth[0]} {truth[1]}" if truth[0] else "no head in the query")
+    return StepVerdict(step.key, INCORRECT, f"head: said {' '.join(x for x in said if x)}, "
+                                            f"computed {' '.join(x for x in truth if x)}")
 
 
 def _verify_attributes(conclusion, facts) -> StepVerdict:
