@@ -113,15 +113,15 @@ def test_scores_do_not_depend_on_batching_or_padding(judge, records):
     items = [(long_parsed, records[0])] + items
     alone = [judge.score_steps(p, r) for p, r in items]
     judge.batch_size = 8
-    together = judge.score_batch(items)
+    together = judge.score_steps_batch(items)
     judge.batch_size = 3
-    reversed_ = judge.score_batch(items[::-1])[::-1]
+    reversed_ = judge.score_steps_batch(items[::-1])[::-1]
     for a, b, c in zip(alone, together, reversed_):
         assert len(a) == len(b) == len(c)
         assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)
         assert torch.allclose(torch.tensor(a), torch.tensor(c), atol=1e-5)
     assert alone[0] != alone[1]  # the long query really is a different input
-    assert judge.score_batch([]) == []
+    assert judge.score_steps_batch([]) == []
 
 
 def test_steps_beyond_max_length_get_no_score(judge, records):
@@ -297,7 +297,7 @@ def test_save_and_load_keeps_format_and_scores(judge, records, tmp_path):
     again = StepJudge.from_pretrained(str(d))
     items = _items(records[:2])
     assert again.fmt == judge.fmt
-    assert torch.allclose(torch.tensor(again.score_batch(items)), torch.tensor(judge.score_batch(items)), atol=1e-6)
+    assert torch.allclose(torch.tensor(again.score_steps_batch(items)), torch.tensor(judge.score_steps_batch(items)), atol=1e-6)
 
 
 def test_run_prm_job_on_tiny(tiny_model_dir, tmp_path):
@@ -385,7 +385,7 @@ def test_remote_judge_against_a_local_server(server):
     assert judge.score_steps(*_trace_for("good")) == [1.0, 0.0, 1.0]
     assert judge.score_steps(*_trace_for("partial")) == [1.0, 0.5, 0.0]
     assert judge.score_steps(*_trace_for("garbage")) == [0.5, 0.5, 0.5]
-    assert judge.score_batch([_trace_for("error500"), _trace_for("bare")]) == [[0.5, 0.5, 0.5], [1.0, 0.0, 1.0]]
+    assert judge.score_steps_batch([_trace_for("error500"), _trace_for("bare")]) == [[0.5, 0.5, 0.5], [1.0, 0.0, 1.0]]
     s = judge.stats
     assert (s.requests, s.failed_requests, s.unparseable_answers, s.steps, s.neutral_steps) == (5, 1, 2, 15, 7)
     assert any("HTTP 500" in e for e in s.errors)

@@ -154,7 +154,7 @@ def test_connection_refused_is_retried_then_neutral():
     port = s.getsockname()[1]
     s.close()  # nothing listens there now
     judge, sleeps = _judge(f"http://127.0.0.1:{port}/v1", max_retries=1)
-    assert judge.score_batch([_trace(), _trace(1, "r2")]) == [[NEUTRAL, NEUTRAL], [NEUTRAL]]
+    assert judge.score_steps_batch([_trace(), _trace(1, "r2")]) == [[NEUTRAL, NEUTRAL], [NEUTRAL]]
     _faults(judge, connection=4, retries=2, neutral_scores=3)
     assert len(sleeps) == 2
 

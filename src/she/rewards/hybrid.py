@@ -61,6 +61,17 @@ class StepExaminer(Protocol):
     def score_steps(self, parsed: Any, record: Any) -> list[float | None]: ...
 
 
+@runtime_checkable
+class BatchStepExaminer(Protocol):
+    """A :class:`StepExaminer` that also scores many traces in one call (an LM judge wants batched generation);
+    :class:`HybridExaminer` calls ``score_steps_batch`` once per batch for the traces that still need a judge.
+    Both judges of :mod:`she.rewards.judge` implement it."""
+
+    def score_steps(self, parsed: Any, record: Any) -> list[float | None]: ...
+
+    def score_steps_batch(self, items: Sequence[tuple[Any, Any]]) -> list[list[float | None]]: ...
+
+
 @dataclass(frozen=True)
 class StepScores:
     """Per-step scores of one trace and, for logging, which source decided each one.
@@ -212,9 +223,8 @@ class HybridExaminer:
         need = [i for i, v in enumerate(v_scores) if self._needs_judge(v) and v]
         j_scores: dict[int, list[float | None]] = {}
         if need:
-            batch_fn = getattr(self.judge, "score_steps_batch", None)
-            if callable(batch_fn):
-                answers = list(batch_fn([items[i] for i in need]))
+            if isinstance(self.judge, BatchStepExaminer):
+                answers = list(self.judge.score_steps_batch([items[i] for i in need]))
                 if len(answers) != len(need):
                     raise ValueError(f"judge.score_steps_batch returned {len(answers)} answers for {len(need)} traces")
             else:
@@ -236,13 +246,20 @@ class HybridExaminer:
         return self.examine(parsed, record).scores
 
 
+@runtime_checkable
+class SourcedExaminer(Protocol):
+    """An examiner that says which source decided each step (:class:`HybridExaminer`): :func:`examine_batch`
+    takes its ``examine_batch`` as is."""
+
+    def examine_batch(self, items: Sequence[tuple[Any, Any]]) -> list[StepScores]: ...
+
+
 def examine_batch(examiner: StepExaminer, items: Sequence[tuple[Any, Any]]) -> list[StepScores]:
     """Scores and sources for any examiner: uses its ``examine_batch`` when it has one (a
     :class:`HybridExaminer` knows its sources), else ``score_steps`` per trace with source
     ``verifier`` for :class:`VerifierExaminer`, ``examiner`` for anything else, ``none`` for None."""
-    fn = getattr(examiner, "examine_batch", None)
-    if callable(fn):
-        out = list(fn(items))
+    if isinstance(examiner, SourcedExaminer):
+        out = list(examiner.examine_batch(items))
         if len(out) != len(items):
             raise ValueError(f"examine_batch returned {len(out)} results for {len(items)} traces")
         return out
@@ -306,7 +323,9 @@ def format_reward(parsed: Any) -> float:
 __all__ = [
     "HYBRID_MODES",
     "SOURCES",
+    "BatchStepExaminer",
     "HybridExaminer",
+    "SourcedExaminer",
     "StepExaminer",
     "StepScores",
     "VerifierExaminer",

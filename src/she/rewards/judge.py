@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from she.errors import UserError
+from she.rewards.hybrid import BatchStepExaminer  # noqa: F401  (the protocol both judges implement)
 from she.reasoning.prompts import user_message
 
 log = logging.getLogger(__name__)
@@ -69,18 +70,6 @@ NEUTRAL = 0.5
 
 
 # -- format ------------------------------------------------------------------------------------------
-@runtime_checkable
-class BatchStepExaminer(Protocol):
-    """A step examiner (:class:`she.rewards.hybrid.StepExaminer`) that also scores many traces in one call.
-
-    :class:`she.rewards.hybrid.HybridExaminer` calls ``score_steps_batch`` once per batch, for the traces that
-    still need a judge (an LM judge wants batched generation); both judges here implement it."""
-
-    def score_steps(self, parsed: Any, record: Any) -> list[float | None]: ...
-
-    def score_steps_batch(self, items: Sequence[tuple[Any, Any]]) -> list[list[float | None]]: ...
-
-
 @dataclass(frozen=True)
 class JudgeFormat:
     """How judge inputs are laid out; saved with a trained judge (``she_judge.json``).
@@ -232,7 +221,7 @@ class StepJudge:
     """A causal LM scoring every parsed step of a rollout in one forward pass.
 
     Satisfies :class:`she.rewards.hybrid.StepExaminer` (``score_steps``) and offers batched
-    ``score_batch`` / ``score_steps_batch`` for many rollouts at once.
+    ``score_steps_batch`` for many rollouts at once (:class:`she.rewards.hybrid.BatchStepExaminer`).
     """
 
     def __init__(self, model: Any, tokenizer: Any, fmt: JudgeFormat | None = None, *, batch_size: int = 16,
@@ -370,14 +359,13 @@ class StepJudge:
         probs = self.probabilities(encoded)
         return [list(p) + [None] * (e.n_steps - len(p)) for p, e in zip(probs, encoded)]
 
-    def score_batch(self, items: Sequence[tuple[Any, Any]]) -> list[list[float | None]]:
+    def score_steps_batch(self, items: Sequence[tuple[Any, Any]]) -> list[list[float | None]]:
         """``[(parsed trace, record), ...]`` -> per-step P(correct), one list per item."""
         return self.score_texts([user_message(r) for _, r in items], [[s.text for s in p.steps] for p, _ in items])
 
-    score_steps_batch = score_batch  # BatchStepExaminer: what she.rewards.hybrid.HybridExaminer calls
 
     def score_steps(self, parsed: Any, record: Any) -> list[float | None]:
-        return self.score_batch([(parsed, record)])[0]
+        return self.score_steps_batch([(parsed, record)])[0]
 
 
 # -- the remote judge ----------------------------------------------------------------------------------
@@ -610,10 +598,9 @@ class RemoteJudge:
             self._error(f"{who}: unreadable answer {answer[:80]!r}")
         return [NEUTRAL if v is None else v for v in verdicts]
 
-    def score_batch(self, items: Sequence[tuple[Any, Any]]) -> list[list[float | None]]:
+    def score_steps_batch(self, items: Sequence[tuple[Any, Any]]) -> list[list[float | None]]:
         return [self.score_steps(p, r) for p, r in items]
 
-    score_steps_batch = score_batch
 
 
 __all__ = [
