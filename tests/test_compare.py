@@ -197,6 +197,14 @@ def test_label_only_job_config_differs_only_where_the_section_says(tmp_path):
 # ------------------------------------------------------------------------------- wiring with fake jobs
 
 
+def _write_fake_eval(out, records) -> None:
+    """What a fake ``evaluate`` leaves behind: every pair predicted Exact, a format-valid rate of 1."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "predictions.jsonl").write_text("".join(json.dumps({"id": r.id, "label": "Exact"}) + "\n"
+                                                         for r in records))
+    (Path(out) / "metrics.json").write_text(json.dumps({"format_valid_rate": 1.0}))
+
+
 def test_wiring_with_fake_jobs(tmp_path, monkeypatch):
     """Every job replaced by a fake that records its config: the budgets, the shared SFT start, the judge
     trained by the prm section, and the curriculum stages are what the rules say."""
@@ -247,10 +255,7 @@ def test_wiring_with_fake_jobs(tmp_path, monkeypatch):
         return {r.id: 1.0 if i < 2 else 0.5 for i, r in enumerate(records)}  # the first two always solved
 
     def fake_eval(model, records, out, **kw):
-        Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "predictions.jsonl").write_text("".join(json.dumps({"id": r.id, "label": "Exact"}) + "\n"
-                                                             for r in records))
-        (Path(out) / "metrics.json").write_text(json.dumps({"format_valid_rate": 1.0}))
+        _write_fake_eval(out, records)
         return {}
 
     monkeypatch.setattr(sft_mod, "train_sft", fake_sft)
@@ -331,10 +336,7 @@ def test_label_only_row_trains_on_its_own_sample_of_the_training_queries(tmp_pat
 
     def fake_eval(model, records, out, **kw):
         evaluated[str(out)] = [r.id for r in records]
-        Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "predictions.jsonl").write_text("".join(json.dumps({"id": r.id, "label": "Exact"}) + "\n"
-                                                             for r in records))
-        (Path(out) / "metrics.json").write_text(json.dumps({"format_valid_rate": 1.0}))
+        _write_fake_eval(out, records)
         return {}
 
     monkeypatch.setattr(sft_mod, "train_sft", fake_sft)
