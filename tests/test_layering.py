@@ -23,7 +23,7 @@ TIERS: list[tuple[str, ...]] = [
 # is refused
 SAME_TIER = {
     ("config", "errors"), ("data", "errors"), ("data", "config"), ("reasoning", "errors"), ("reasoning", "data"),
-    ("models", "errors"), ("models", "data"), ("models", "reasoning"), ("algorithms", "errors"),
+    ("runtime", "errors"), ("models", "errors"), ("models", "data"), ("models", "reasoning"), ("algorithms", "errors"),
     ("evaluation", "rewards"),
     ("sampling", "training"),
     ("cli", "recipes"), ("cli", "serving"), ("cli", "annotation"),

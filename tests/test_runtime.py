@@ -28,13 +28,21 @@ def test_switched_off_by_environment():
     assert _run({"SHE_MALLOC": "system"}) == ["False", "False"]
 
 
-@pytest.mark.skipif(_glibc() is None, reason="mallopt is glibc's; this C library is another one")
-def test_cli_applies_it_before_parsing(monkeypatch):
+def test_bad_mode_is_a_user_error():
+    env = {k: v for k, v in os.environ.items() if k != "SHE_MALLOC"} | {"SHE_MALLOC": "fast"}
+    res = subprocess.run([sys.executable, "-c", CODE], env=env, capture_output=True, text=True)
+    assert res.returncode != 0 and "SHE_MALLOC='fast'" in res.stderr
+
+
+@pytest.mark.parametrize("argv, default", [(["data", "validate", "/nonexistent.jsonl"], "tuned"),
+                                           (["compare", "/nonexistent.yaml"], "system"),
+                                           (["demo", "--config", "/nonexistent.yaml"], "system")])
+def test_cli_tunes_single_jobs_and_leaves_multi_job_commands_alone(monkeypatch, argv, default):
     import she.cli
     import she.runtime
 
     calls = []
-    monkeypatch.setattr(she.runtime, "tune_allocator", lambda: calls.append(1) or True)
+    monkeypatch.setattr(she.runtime, "tune_allocator", lambda default="tuned": calls.append(default) or True)
     with pytest.raises(SystemExit):
-        she.cli.main(["--version"])
-    assert calls == [1]
+        she.cli.main(argv)
+    assert calls == [default]

@@ -8,9 +8,12 @@ an RL step of SmolLM2-135M went from 10.2 s to 7.1 s on the same rollouts (same 
 
 ``tune_allocator()`` sets that with ``mallopt`` at run time (no re-exec, no preloaded library): no ``mmap``
 for large blocks (they come from the heap and are reused) and no trimming of the heap's top. The cost is
-that a process keeps its peak memory until it exits, which is what a training job does anyway.
-``SHE_MALLOC=system`` leaves the allocator as it is; on a C library other than glibc (macOS, musl) it is a
-no-op.
+that a process keeps its peak memory until it exits, which is what a training job does anyway -- but a
+process that runs *many* jobs of different shapes one after another fragments that heap: a `she compare` run
+(SFT eval, GRPO, eval, calibration, then SRPO at 32 rollouts a step) grew to 24 GB and was killed by the OOM
+killer. So the CLI tunes single-job commands (``she train``, ``eval``, ``predict``, ``calibrate``, ``serve``)
+and leaves ``she compare`` and ``she demo`` on glibc's defaults. ``SHE_MALLOC=tuned|system`` overrides
+either; on a C library other than glibc (macOS, musl) it is a no-op.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+
+from she.errors import UserError
 
 # glibc's mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD = -1
@@ -28,16 +33,19 @@ _INT_MAX = 2**31 - 1
 _state: dict[str, object] = {}
 
 
-def tune_allocator() -> bool:
+def tune_allocator(default: str = "tuned") -> bool:
     """Keep freed memory in the process (glibc only); return whether the settings were applied.
 
-    Idempotent; ``SHE_MALLOC=system`` turns it off. Call it as early as possible in a process: blocks already
-    mapped stay mapped, only later allocations follow the new rules.
+    ``SHE_MALLOC`` (``tuned`` | ``system``) overrides ``default``. Idempotent. Call it as early as possible in a
+    process: blocks already mapped stay mapped, only later allocations follow the new rules.
     """
     if "applied" in _state:
         return bool(_state["applied"])
+    mode = os.environ.get("SHE_MALLOC", default).lower()
+    if mode not in ("tuned", "system"):
+        raise UserError(f"SHE_MALLOC={mode!r}: use tuned or system")
     applied = False
-    if os.environ.get("SHE_MALLOC", "tuned").lower() != "system":
+    if mode == "tuned":
         libc = _glibc()
         if libc is not None:
             applied = all([
