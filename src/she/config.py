@@ -550,6 +550,10 @@ class RLJobConfig(ConfigBase):
     # class-aware outcome: weights on the normalised outcome advantage by gold class (every estimator, GRPO too):
     # null (none) | balanced (inverse frequency in the RL training records) | {Exact: 1.0, Partial: 1.5, ...}
     class_weights: str | dict[str, float] | None = None
+    # the outcome reward (docs/srpo.md): label (1 for the gold label) | gold_prob (the policy's own P(gold label)
+    # after its reasoning, read at the verdict position: graded, so same-verdict groups still rank their rollouts;
+    # pair it with scale_rewards: batch, so a group's tiny spread is not blown up to unit variance)
+    outcome: Literal["label", "gold_prob"] = "label"
     # check the examiner before paying it (docs/srpo.md, "Check the examiner"): error (refuse to start when a
     # constant majority trace out-scores gold-consistent traces on a class) | warn | off
     examiner_check: str = "error"

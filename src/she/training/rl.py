@@ -216,6 +216,7 @@ def run_rl_job(cfg: RLJobConfig, train: list[Record], callbacks: list | None = N
         step_rewards=cfg.step_rewards, advantage=resolved_advantage(cfg), alpha=cfg.alpha, credit_mode=cfg.credit_mode,
         critical=cfg.critical, first_error_weight=cfg.first_error_weight, flawed_share=cfg.flawed_share,
         incorrect_below=cfg.incorrect_below, class_weights=class_weights, reward_steps=cfg.reward_steps,
+        outcome=cfg.outcome,
         taxonomy=cfg.data.taxonomy, schema=schema, partial_credit=cfg.partial_credit, format_weight=cfg.format_weight,
         callbacks=[ManifestCallback(), *(callbacks or [])], max_bad_steps=cfg.max_bad_steps,
         **build_reward_model_kwargs(cfg), **trainer_rollout_kwargs(cfg),

@@ -56,6 +56,7 @@ from she.errors import UserError
 from she.reasoning.parse import ParsedTrace, parse_trace
 from she.reasoning.schema import StepSchema, default_schema
 from she.reasoning.segmentation import token_steps_for_completion
+from she.training.gold_prob import GoldLabelProbability
 from she.rewards.hybrid import (
     SOURCE_CUT,
     SOURCE_DUPLICATE,
@@ -74,6 +75,7 @@ log = logging.getLogger(__name__)
 RECORD_ID_COLUMN = "record_id"
 RECORD_JSON_COLUMN = "record"
 OUTCOME_REWARD_NAME = "outcome"
+OUTCOMES = ("label", "gold_prob")  # the outcome reward (SRPOTrainer ``outcome``)
 
 
 # ------------------------------------------------------------------------------------------- datasets
@@ -466,6 +468,10 @@ class SRPOTrainer(GRPOTrainer):
     include_label_step: also give the verdict step a step reward (off: the outcome already covers it).
     reward_steps: step keys that may earn a step reward (None: every examined step). E.g. ``["Missing"]``: only
         the steps computed exactly from the strings, none of the label-derived Type/Attributes checks.
+    outcome: the outcome reward: ``label`` (1 for the gold label, partial_credit/format_weight as set) or
+        ``gold_prob`` (the policy's own P(gold label | prompt, its reasoning) at the verdict position,
+        :mod:`she.training.gold_prob`: a graded outcome that separates rollouts with the same verdict). The
+        same number feeds TRL's reward function and SRPO's outcome term, so GRPO and SRPO see one outcome.
     reward_model: optional scalar reward model (:class:`she.training.reward_model.ScalarRewardModel`, or anything
         with ``score_records(records, completion_texts) -> list[float]``). When set, its score *replaces* the
         label outcome reward everywhere (TRL's reward function, hence GRPO's advantage, and SRPO's outcome
@@ -502,6 +508,7 @@ class SRPOTrainer(GRPOTrainer):
         format_weight: float = 0.0,
         include_label_step: bool = False,
         reward_steps: Sequence[str] | None = None,
+        outcome: str = "label",
         reward_model: Any | None = None,
         max_bad_steps: int = 5,
         dump_advantages_dir: str | Path | None = None,
@@ -541,6 +548,13 @@ class SRPOTrainer(GRPOTrainer):
         if reward_model is not None and (partial_credit or self.format_weight):
             raise UserError("with a reward_model the RM score is the only outcome reward; "
                             "partial_credit and format_weight do not apply (turn them off)")
+        if outcome not in OUTCOMES:
+            raise UserError(f"outcome must be one of {OUTCOMES}, got {outcome!r}")
+        if outcome == "gold_prob" and (reward_model is not None or partial_credit or self.format_weight):
+            raise UserError("outcome='gold_prob' is the only outcome reward: reward_model, partial_credit and "
+                            "format_weight do not apply (turn them off)")
+        self.outcome = outcome
+        self.gold_prob: GoldLabelProbability | None = None  # built after TRL's init (needs the policy)
         if isinstance(max_bad_steps, bool) or not isinstance(max_bad_steps, int) or max_bad_steps < 1:
             raise UserError(f"max_bad_steps must be an integer >= 1, got {max_bad_steps!r}")
         self.max_bad_steps = max_bad_steps
@@ -565,6 +579,9 @@ class SRPOTrainer(GRPOTrainer):
         self.batch_scale = self.args.scale_rewards == "batch"
         if reward_model is not None and hasattr(reward_model, "to"):
             reward_model.to(self.accelerator.device)
+        if outcome == "gold_prob":
+            self.gold_prob = GoldLabelProbability(lambda: self.accelerator.unwrap_model(self.model),
+                                                  self._tokenizer_for_decoding(), self.schema, bf16=bool(self.args.bf16))
 
     # -- setup checks ------------------------------------------------------------------------------
 
@@ -630,6 +647,8 @@ class SRPOTrainer(GRPOTrainer):
         or the reward model's score (logged as ``rewards/reward_model``) when one is set."""
         if self.reward_model is not None:
             return self._make_rm_reward_func()
+        if self.outcome == "gold_prob":
+            return self._make_gold_prob_reward_func()
 
         def outcome(prompts: list, completions: list, **kwargs: Any) -> list[float]:
             columns = [k for k in (RECORD_JSON_COLUMN, RECORD_ID_COLUMN) if k in kwargs]
@@ -656,6 +675,17 @@ class SRPOTrainer(GRPOTrainer):
             return [float(x) for x in self.reward_model.score_records(records, texts)]
 
         return reward_model
+
+    def _make_gold_prob_reward_func(self) -> Callable[..., list[float]]:
+        def gold_prob(prompts: list, completions: list, **kwargs: Any) -> list[float]:
+            columns = [k for k in (RECORD_JSON_COLUMN, RECORD_ID_COLUMN) if k in kwargs]
+            if not columns:
+                raise ValueError(f"reward function: no {RECORD_ID_COLUMN!r}/{RECORD_JSON_COLUMN!r} column in {sorted(kwargs)}")
+            records = [self.resolve_record({k: kwargs[k][i] for k in columns}) for i in range(len(completions))]
+            texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+            return self.gold_prob.score(prompts, texts, records)
+
+        return gold_prob
 
     # -- scoring -----------------------------------------------------------------------------------
 
@@ -686,6 +716,8 @@ class SRPOTrainer(GRPOTrainer):
             outcomes.append(reward)
         if self.reward_model is not None:  # the RM score is the outcome (same call as TRL's: memoised)
             outcomes = [float(x) for x in self.reward_model.score_records(records, texts)]
+        elif self.gold_prob is not None:  # P(gold): the same call as TRL's reward function (memoised)
+            outcomes = self.gold_prob.score([x["prompt"] for x in inputs], texts, records)
         examined = [examined_step_indices(p, self.include_label_step) for p in parsed_rows]
         scores: list[StepScores] = examine_batch(self.examiner, list(zip(parsed_rows, records)))
         ends = {*getattr(self, "eos_token_ids", [tok.eos_token_id]), tok.pad_token_id} - {None}

@@ -178,6 +178,16 @@ ROWS: dict[str, Row] = {
                                               rl={"step_rewards": True, "advantage": "srpo_gated_balanced",
                                                   "examiner": "verifier", "reward_steps": ["Missing"],
                                                   "graded_sets": True}, **_RL),
+    # the gold-probability outcome (she.training.gold_prob): P(gold label) after the rollout's own reasoning instead
+    # of 0/1, divided by the batch's reward std (a group's tiny spread is not blown up); the same outcome for both
+    "grpo_gold_prob": Row("ablation", "grpo with the outcome P(gold label | reasoning) (batch-scaled)", "rl",
+                          rl={"step_rewards": False, "outcome": "gold_prob", "scale_rewards": "batch"}, **_RL),
+    "srpo_gated_graded_missing_gold_prob": Row("ablation", "srpo_gated_graded_missing with the outcome "
+                                               "P(gold label | reasoning) (batch-scaled)", "rl",
+                                               rl={"step_rewards": True, "advantage": "srpo_gated",
+                                                   "examiner": "verifier", "reward_steps": ["Missing"],
+                                                   "graded_sets": True, "outcome": "gold_prob",
+                                                   "scale_rewards": "batch"}, **_RL),
     "srpo_gated_min": Row("ablation", "srpo_gated with PURE-style min-form credit over the penalties", "rl",
                           rl={"step_rewards": True, "advantage": "srpo_gated_min"}, **_RL),
     "srpo_centered": Row("ablation", "SRPO with group-centred step credit normalised per step type", "rl",

@@ -1,0 +1,120 @@
+"""A likelihood outcome reward: the policy's own probability of the gold label after its reasoning.
+
+Why (docs/srpo.md, "The gold-probability outcome"): with a 0/1 label reward, a group whose rollouts all
+give the same verdict has zero outcome variance and teaches nothing; at 8 rollouts a prompt about half the
+groups are like that (``srpo/zero_var_groups``). Scoring a rollout by P(gold label | prompt, its reasoning),
+read from the policy's logits at the verdict position (teacher-forced: the reasoning as written, up to the
+label), ranks the rollouts of every group by how much their reasoning supports the truth, whichever verdict
+was sampled. This is the reward of VeriFree / RLPR ("the policy's probability of the reference answer"),
+made exact for a closed label set: the softmax runs over the first tokens of the taxonomy's labels only.
+A per-prompt baseline (RLPR's "debiasing") is not needed: group centring removes any per-prompt constant.
+
+A trace with no parseable verdict scores 0, as under the label reward. The verdict's right/wrong (the
+gated estimators' gate, label accuracy) stays the sampled label's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from she.data.schema import Record
+from she.evaluation.generate import label_first_tokens
+from she.models.metadata import autocast
+from she.reasoning.parse import parse_trace
+from she.reasoning.schema import StepSchema
+
+
+def verdict_prefix(text: str, label_start: int) -> tuple[str, bool]:
+    """The reasoning up to the verdict label, and whether the label's first token carries a leading space.
+
+    ``label_start``: the label's first character in ``text`` (``ParsedTrace.label_span[0]``). A space right
+    before the label belongs to the label's token in byte-level BPE (``" Exact"``), so it is cut with it.
+    """
+    if not 0 <= label_start <= len(text):
+        raise ValueError(f"label_start {label_start} outside a text of {len(text)} characters")
+    spaced = label_start > 0 and text[label_start - 1] == " "
+    return text[: label_start - 1 if spaced else label_start], spaced
+
+
+def gold_probabilities(last_logits: torch.Tensor, label_ids: torch.Tensor, gold_index: torch.Tensor) -> torch.Tensor:
+    """P(gold) [B] from next-token logits [B, V]: softmax over each row's label token ids [B, K], at ``gold_index`` [B]."""
+    z = last_logits.float().gather(1, label_ids)
+    return torch.softmax(z, dim=-1).gather(1, gold_index[:, None]).squeeze(1)
+
+
+class GoldLabelProbability:
+    """Outcome reward = P(gold label | prompt, reasoning) under the current policy (no gradient).
+
+    ``model_getter`` returns the policy (unwrapped) at call time, so the reward follows the weights as they
+    train. :meth:`score` is memoised on its last call: TRL's reward function and SRPO's own outcome term
+    score the same completions in one step, and pay for one forward pass.
+    """
+
+    def __init__(self, model_getter: Callable[[], Any], tokenizer: Any, schema: StepSchema, *, bf16: bool = True,
+                 batch_size: int = 16) -> None:
+        self.model_getter = model_getter
+        self.tokenizer = tokenizer
+        self.schema = schema
+        self.bf16 = bf16
+        self.batch_size = batch_size
+        self.labels = list(schema.labels)
+        first = label_first_tokens(tokenizer, self.labels)
+        if first is None:
+            raise ValueError(f"two labels of {self.labels} share their first token: P(label) cannot be read")
+        self.first_tokens = first
+        self._memo: dict[tuple[str, str], float] = {}
+
+    def score(self, prompts: Sequence[Any], texts: Sequence[str], records: Sequence[Record]) -> list[float]:
+        """P(gold) of each completion; ``prompts``: the chat messages (or text) the policy was given."""
+        if not len(prompts) == len(texts) == len(records):
+            raise ValueError(f"{len(prompts)} prompts, {len(texts)} texts, {len(records)} records")
+        keys = [(r.id, t) for r, t in zip(records, texts)]
+        if all(k in self._memo for k in keys):
+            return [self._memo[k] for k in keys]
+        out = [0.0] * len(texts)
+        todo: list[tuple[int, list[int], bool, int]] = []  # row, input ids, spaced, gold index
+        for i, (prompt, text, rec) in enumerate(zip(prompts, texts, records)):
+            parsed = parse_trace(text, self.schema)
+            if parsed.label is None or parsed.label_span is None:
+                continue  # no verdict: 0, as under the label reward
+            prefix, spaced = verdict_prefix(text, parsed.label_span[0])
+            todo.append((i, self._prompt_ids(prompt) + self.tokenizer.encode(prefix, add_special_tokens=False),
+                         spaced, self.labels.index(rec.label)))
+        for start in range(0, len(todo), self.batch_size):
+            chunk = todo[start : start + self.batch_size]
+            for (i, *_), p in zip(chunk, self._forward(chunk)):
+                out[i] = p
+        self._memo = dict(zip(keys, out))
+        return out
+
+    def _prompt_ids(self, prompt: Any) -> list[int]:
+        text = prompt if isinstance(prompt, str) else self.tokenizer.apply_chat_template(
+            list(prompt), tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    @torch.no_grad()
+    def _forward(self, chunk: list[tuple[int, list[int], bool, int]]) -> list[float]:
+        model = self.model_getter()
+        device = next(model.parameters()).device
+        width = max(len(ids) for _, ids, _, _ in chunk)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for _, ids, _, _ in chunk], device=device)
+        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for _, ids, _, _ in chunk], device=device)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)  # left padding: positions as generate() gives them
+        label_ids = torch.tensor([self.first_tokens[spaced] for _, _, spaced, _ in chunk], device=device)
+        gold = torch.tensor([g for *_, g in chunk], device=device)
+        was_training = model.training
+        model.eval()
+        try:
+            with autocast(self.bf16, device):
+                logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                               logits_to_keep=1).logits[:, -1, :]
+        finally:
+            model.train(was_training)
+        return gold_probabilities(logits, label_ids, gold).tolist()
+
+
+__all__ = ["GoldLabelProbability", "gold_probabilities", "verdict_prefix"]
