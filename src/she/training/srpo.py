@@ -642,50 +642,36 @@ class SRPOTrainer(GRPOTrainer):
             raise UserError(f"record {rec.id}: taxonomy {rec.taxonomy!r}, but the trainer uses {self.taxonomy!r}")
         return rec
 
+    def _reward_inputs(self, completions: list, kwargs: Mapping[str, Any]) -> tuple[list[Record], list[str]]:
+        """The records and completion texts behind one call of a TRL reward function."""
+        columns = [k for k in (RECORD_JSON_COLUMN, RECORD_ID_COLUMN) if k in kwargs]
+        if not columns:
+            raise ValueError(f"reward function: no {RECORD_ID_COLUMN!r}/{RECORD_JSON_COLUMN!r} column in {sorted(kwargs)}")
+        records = [self.resolve_record({k: kwargs[k][i] for k in columns}) for i in range(len(completions))]
+        return records, [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+
     def _make_reward_func(self) -> Callable[..., list[float]]:
-        """TRL reward function: the outcome reward of each completion (TRL logs it as ``rewards/outcome``),
-        or the reward model's score (logged as ``rewards/reward_model``) when one is set."""
-        if self.reward_model is not None:
-            return self._make_rm_reward_func()
-        if self.outcome == "gold_prob":
-            return self._make_gold_prob_reward_func()
+        """TRL reward function: the outcome reward of each completion, logged by TRL under its name:
+        ``rewards/outcome`` (the label reward), ``rewards/gold_prob`` (``outcome="gold_prob"``) or
+        ``rewards/reward_model`` (a reward model's score)."""
 
         def outcome(prompts: list, completions: list, **kwargs: Any) -> list[float]:
-            columns = [k for k in (RECORD_JSON_COLUMN, RECORD_ID_COLUMN) if k in kwargs]
-            if not columns:
-                raise ValueError(f"reward function: no {RECORD_ID_COLUMN!r}/{RECORD_JSON_COLUMN!r} column in {sorted(kwargs)}")
-            out = []
-            for i, c in enumerate(completions):
-                text = c[-1]["content"] if isinstance(c, list) else c
-                rec = self.resolve_record({k: kwargs[k][i] for k in columns})
-                out.append(rollout_outcome(text, rec, self.schema, partial_credit=self.partial_credit,
-                                           format_weight=self.format_weight)[0])
-            return out
+            records, texts = self._reward_inputs(completions, kwargs)
+            return [rollout_outcome(text, rec, self.schema, partial_credit=self.partial_credit,
+                                    format_weight=self.format_weight)[0] for text, rec in zip(texts, records)]
 
-        outcome.__name__ = OUTCOME_REWARD_NAME
-        return outcome
-
-    def _make_rm_reward_func(self) -> Callable[..., list[float]]:
-        def reward_model(prompts: list, completions: list, **kwargs: Any) -> list[float]:
-            columns = [k for k in (RECORD_JSON_COLUMN, RECORD_ID_COLUMN) if k in kwargs]
-            if not columns:
-                raise ValueError(f"reward function: no {RECORD_ID_COLUMN!r}/{RECORD_JSON_COLUMN!r} column in {sorted(kwargs)}")
-            records = [self.resolve_record({k: kwargs[k][i] for k in columns}) for i in range(len(completions))]
-            texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-            return [float(x) for x in self.reward_model.score_records(records, texts)]
-
-        return reward_model
-
-    def _make_gold_prob_reward_func(self) -> Callable[..., list[float]]:
         def gold_prob(prompts: list, completions: list, **kwargs: Any) -> list[float]:
-            columns = [k for k in (RECORD_JSON_COLUMN, RECORD_ID_COLUMN) if k in kwargs]
-            if not columns:
-                raise ValueError(f"reward function: no {RECORD_ID_COLUMN!r}/{RECORD_JSON_COLUMN!r} column in {sorted(kwargs)}")
-            records = [self.resolve_record({k: kwargs[k][i] for k in columns}) for i in range(len(completions))]
-            texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+            records, texts = self._reward_inputs(completions, kwargs)
             return self.gold_prob.score(prompts, texts, records)
 
-        return gold_prob
+        def reward_model(prompts: list, completions: list, **kwargs: Any) -> list[float]:
+            records, texts = self._reward_inputs(completions, kwargs)
+            return [float(x) for x in self.reward_model.score_records(records, texts)]
+
+        outcome.__name__ = OUTCOME_REWARD_NAME
+        if self.reward_model is not None:
+            return reward_model
+        return gold_prob if self.outcome == "gold_prob" else outcome
 
     # -- scoring -----------------------------------------------------------------------------------
 

@@ -1,0 +1,77 @@
+"""Paired bootstrap of Macro F1 between two (or more) evaluations of the same pairs, raw and calibrated.
+
+Each arm is one or more ``predictions.jsonl`` files (``she eval``, ``she demo``'s ``eval_*``, or a
+``she compare`` row's ``eval/``); several files in one arm are seeds, pooled. The calibrated label of a
+prediction is ``label`` when the model was calibrated before its evaluation (``raw_label`` then holds the
+generated one), or, with ``PRED@OFFSETS`` (a ``calibration.json`` of a compare row, or any JSON with
+``label_offsets``), the raw label re-read from ``probs`` with those offsets. Query groups for the bootstrap
+come from the data config's split (the same seeded split the evaluations used).
+
+    python scripts/paired_eval.py --data-config configs/best-cpu.yaml \
+      --a runs/best-cpu/eval_srpo/predictions.jsonl \
+      --b runs/compare-hd-srpo-b32/sft/eval/predictions.jsonl@runs/compare-hd-srpo-b32/sft/eval/calibration.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from she.config import DemoConfig, load_config
+from she.data.labels import get_taxonomy
+from she.data.sources import load_splits
+from she.evaluation.calibration import apply_offsets
+from she.evaluation.metrics import classification_report, paired_bootstrap_diff
+
+
+def read_arm(specs: list[str]) -> list[dict[str, dict[str, str | None]]]:
+    """Per file: ``{id: {"gold", "raw", "calibrated"}}``."""
+    runs = []
+    for spec in specs:
+        path, _, off_path = spec.partition("@")
+        offsets = json.loads(Path(off_path).read_text())["label_offsets"] if off_path else None
+        rows = {}
+        for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+            d = json.loads(line)
+            raw = d.get("raw_label", d["label"])
+            cal = apply_offsets(d.get("probs"), raw, offsets) if offsets else d["label"]
+            rows[str(d["id"])] = {"gold": d["gold"], "raw": raw, "calibrated": cal}
+        runs.append(rows)
+    return runs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data-config", required=True, help="YAML whose data: section made the evaluated split")
+    ap.add_argument("--a", nargs="+", required=True, metavar="PRED[@OFFSETS]")
+    ap.add_argument("--b", nargs="+", required=True, metavar="PRED[@OFFSETS]")
+    ap.add_argument("--n-boot", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    cfg = load_config(DemoConfig, args.data_config)
+    query = {r.id: r.query for part in load_splits(cfg.data).values() for r in part}
+    labels = list(get_taxonomy(cfg.data.taxonomy).labels)
+    a, b = read_arm(args.a), read_arm(args.b)
+    ids = sorted(set.intersection(*(set(r) for r in a + b)))
+    if not ids:
+        raise SystemExit("the arms share no pair id")
+    unknown = [i for i in ids if i not in query]
+    if unknown:
+        raise SystemExit(f"{len(unknown)} pair ids are not in the data config's split, e.g. {unknown[:3]}")
+    gold = [a[0][i]["gold"] for i in ids]
+    print(f"{len(ids)} shared pairs, {len({query[i] for i in ids})} queries; arm A {len(a)} run(s), arm B {len(b)}")
+    for kind in ("raw", "calibrated"):
+        pa = [[r[i][kind] for i in ids] for r in a]
+        pb = [[r[i][kind] for i in ids] for r in b]
+        fa = [classification_report(gold, p, labels)["macro_f1"] for p in pa]
+        fb = [classification_report(gold, p, labels)["macro_f1"] for p in pb]
+        d = paired_bootstrap_diff(gold, pa, pb, labels, n_boot=args.n_boot, seed=args.seed,
+                                  groups=[query[i] for i in ids])
+        print(f"{kind:>10}: A {' '.join(f'{x:.3f}' for x in fa)} | B {' '.join(f'{x:.3f}' for x in fb)} | "
+              f"A - B {d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}], share <= 0: {d['p_le_0']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
