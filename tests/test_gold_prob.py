@@ -17,7 +17,12 @@ from she.reasoning.parse import parse_trace  # noqa: E402
 from she.reasoning.prompts import build_messages  # noqa: E402
 from she.reasoning.rationale import write_rationale  # noqa: E402
 from she.reasoning.schema import default_schema  # noqa: E402
-from she.training.gold_prob import GoldLabelProbability, gold_probabilities, verdict_prefix  # noqa: E402
+from she.training.gold_prob import (  # noqa: E402
+    GoldLabelProbability,
+    gold_log_probabilities,
+    log_floor_reward,
+    verdict_prefix,
+)
 
 SCHEMA = default_schema("hd3")
 
@@ -37,8 +42,13 @@ def test_gold_probabilities_by_hand():
     logits[0, 3] = math.log(3.0)  # labels at ids 1, 3, 5: softmax [1, 3, 1] / 5
     logits[1, 0] = 100.0  # not a label id: ignored
     label_ids = torch.tensor([[1, 3, 5], [1, 3, 5]])
-    p = gold_probabilities(logits, label_ids, torch.tensor([1, 2]))
-    assert p.tolist() == pytest.approx([0.6, 1 / 3])
+    log_p = gold_log_probabilities(logits, label_ids, torch.tensor([1, 2]))
+    assert log_p.exp().tolist() == pytest.approx([0.6, 1 / 3])
+    # 1 + max(log p, -floor) / floor: log 0.6 = -0.511 -> 1 - 0.0511 at floor 10; the floor clamps at 0
+    assert log_floor_reward(log_p, 10.0).tolist() == pytest.approx([1 + math.log(0.6) / 10, 1 + math.log(1 / 3) / 10])
+    assert log_floor_reward(torch.tensor([0.0, -5.0, -30.0]), 20.0).tolist() == pytest.approx([1.0, 0.75, 0.0])
+    with pytest.raises(ValueError, match="floor"):
+        log_floor_reward(log_p, 0.0)
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +94,9 @@ def test_batched_scorer_matches_one_by_one_and_memoises(tiny_model_dir, records)
     assert len(calls) > n  # a new batch is scored afresh
     with pytest.raises(ValueError, match="2 prompts, 3 texts"):
         scorer.score(prompts[:2], texts[:3], records[:3])
+    logs = GoldLabelProbability(lambda: model, tok, SCHEMA, bf16=False, log_floor=20.0).score(prompts, texts, records)
+    want_log = [0.0 if w == 0.0 else 1 + max(math.log(w), -20.0) / 20.0 for w in want]
+    assert logs == pytest.approx(want_log, abs=1e-5)
 
 
 def test_srpo_trainer_gold_prob_outcome(tiny_model_dir, records, tmp_path):
@@ -115,6 +128,12 @@ def test_srpo_trainer_gold_prob_outcome(tiny_model_dir, records, tmp_path):
     t.train()  # TRL's reward function is the same scorer: one real step, logged under its name
     logs = [h for h in t.state.log_history if "loss" in h]
     assert len(logs) == 1 and math.isfinite(logs[0]["loss"]) and "rewards/gold_prob/mean" in logs[0]
+
+    t2 = SRPOTrainer(model, args, ds, processing_class=tok, records_by_id=by_id, outcome="gold_logprob")
+    scored2 = t2.score_rollouts(rows, completion_ids, mask)
+    want2 = [_one_by_one(t2.model, tok, by_id[row["record_id"]], x) for row, x in zip(rows, texts)]  # after t's step
+    assert [r.outcome for r in scored2] == pytest.approx([1 + max(math.log(w), -20.0) / 20.0 for w in want2], abs=1e-5)
+    assert t2._make_reward_func().__name__ == "gold_logprob"
 
     with pytest.raises(UserError, match="outcome must be one of"):
         SRPOTrainer(model, args, ds, processing_class=tok, records_by_id=by_id, outcome="soft")

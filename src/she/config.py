@@ -553,7 +553,8 @@ class RLJobConfig(ConfigBase):
     # the outcome reward (docs/srpo.md): label (1 for the gold label) | gold_prob (the policy's own P(gold label)
     # after its reasoning, read at the verdict position: graded, so same-verdict groups still rank their rollouts;
     # pair it with scale_rewards: batch, so a group's tiny spread is not blown up to unit variance)
-    outcome: Literal["label", "gold_prob"] = "label"
+    # gold_logprob: 1 + max(log P(gold), -20) / 20 (P(gold) after this SFT is ~0/1; its log ranks wrong rollouts)
+    outcome: Literal["label", "gold_prob", "gold_logprob"] = "label"
     # check the examiner before paying it (docs/srpo.md, "Check the examiner"): error (refuse to start when a
     # constant majority trace out-scores gold-consistent traces on a class) | warn | off
     examiner_check: str = "error"

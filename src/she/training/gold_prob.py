@@ -9,6 +9,12 @@ was sampled. This is the reward of VeriFree / RLPR ("the policy's probability of
 made exact for a closed label set: the softmax runs over the first tokens of the taxonomy's labels only.
 A per-prompt baseline (RLPR's "debiasing") is not needed: group centring removes any per-prompt constant.
 
+Measured (docs/results.md): after the coverage SFT the verdict is a near-deterministic function of the
+steps written (P ~ 0.9999 at the verdict token), so P(gold) is the 0/1 label reward to three decimals. The
+information calibration exploits sits in the *log* of the small probabilities (offsets of +9 to +11 nats),
+hence ``gold_logprob``: ``1 + max(log P(gold), -floor) / floor``, linear in log P(gold) between e^-floor
+(0) and 1 (1), which ranks wrong rollouts by how wrong their reasoning leaves the verdict.
+
 A trace with no parseable verdict scores 0, as under the label reward. The verdict's right/wrong (the
 gated estimators' gate, label accuracy) stays the sampled label's.
 """
@@ -39,14 +45,23 @@ def verdict_prefix(text: str, label_start: int) -> tuple[str, bool]:
     return text[: label_start - 1 if spaced else label_start], spaced
 
 
-def gold_probabilities(last_logits: torch.Tensor, label_ids: torch.Tensor, gold_index: torch.Tensor) -> torch.Tensor:
-    """P(gold) [B] from next-token logits [B, V]: softmax over each row's label token ids [B, K], at ``gold_index`` [B]."""
+def gold_log_probabilities(last_logits: torch.Tensor, label_ids: torch.Tensor, gold_index: torch.Tensor) -> torch.Tensor:
+    """log P(gold) [B] from next-token logits [B, V]: log-softmax over each row's label token ids [B, K], at
+    ``gold_index`` [B]."""
     z = last_logits.float().gather(1, label_ids)
-    return torch.softmax(z, dim=-1).gather(1, gold_index[:, None]).squeeze(1)
+    return torch.log_softmax(z, dim=-1).gather(1, gold_index[:, None]).squeeze(1)
+
+
+def log_floor_reward(log_p: torch.Tensor, floor: float) -> torch.Tensor:
+    """``1 + max(log p, -floor) / floor``: 1 at P(gold) = 1, 0 at P(gold) <= e^-floor, linear in log P between."""
+    if floor <= 0:
+        raise ValueError(f"floor must be > 0, got {floor}")
+    return 1.0 + log_p.clamp(min=-floor) / floor
 
 
 class GoldLabelProbability:
-    """Outcome reward = P(gold label | prompt, reasoning) under the current policy (no gradient).
+    """Outcome reward = P(gold label | prompt, reasoning) under the current policy (no gradient); with
+    ``log_floor``, :func:`log_floor_reward` of log P(gold) instead (``outcome: gold_logprob``).
 
     ``model_getter`` returns the policy (unwrapped) at call time, so the reward follows the weights as they
     train. :meth:`score` is memoised on its last call: TRL's reward function and SRPO's own outcome term
@@ -54,7 +69,10 @@ class GoldLabelProbability:
     """
 
     def __init__(self, model_getter: Callable[[], Any], tokenizer: Any, schema: StepSchema, *, bf16: bool = True,
-                 batch_size: int = 16) -> None:
+                 batch_size: int = 16, log_floor: float | None = None) -> None:
+        if log_floor is not None and log_floor <= 0:
+            raise ValueError(f"log_floor must be > 0, got {log_floor}")
+        self.log_floor = log_floor
         self.model_getter = model_getter
         self.tokenizer = tokenizer
         self.schema = schema
@@ -114,7 +132,8 @@ class GoldLabelProbability:
                                logits_to_keep=1).logits[:, -1, :]
         finally:
             model.train(was_training)
-        return gold_probabilities(logits, label_ids, gold).tolist()
+        log_p = gold_log_probabilities(logits, label_ids, gold)
+        return (log_p.exp() if self.log_floor is None else log_floor_reward(log_p, self.log_floor)).tolist()
 
 
-__all__ = ["GoldLabelProbability", "gold_probabilities", "verdict_prefix"]
+__all__ = ["GoldLabelProbability", "gold_log_probabilities", "log_floor_reward", "verdict_prefix"]

@@ -75,7 +75,8 @@ log = logging.getLogger(__name__)
 RECORD_ID_COLUMN = "record_id"
 RECORD_JSON_COLUMN = "record"
 OUTCOME_REWARD_NAME = "outcome"
-OUTCOMES = ("label", "gold_prob")  # the outcome reward (SRPOTrainer ``outcome``)
+OUTCOMES = ("label", "gold_prob", "gold_logprob")  # the outcome reward (SRPOTrainer ``outcome``)
+GOLD_LOG_FLOOR = 20.0  # gold_logprob: log P(gold) at or below -20 (P ~ 2e-9) scores 0
 
 
 # ------------------------------------------------------------------------------------------- datasets
@@ -470,7 +471,8 @@ class SRPOTrainer(GRPOTrainer):
         the steps computed exactly from the strings, none of the label-derived Type/Attributes checks.
     outcome: the outcome reward: ``label`` (1 for the gold label, partial_credit/format_weight as set) or
         ``gold_prob`` (the policy's own P(gold label | prompt, its reasoning) at the verdict position,
-        :mod:`she.training.gold_prob`: a graded outcome that separates rollouts with the same verdict). The
+        :mod:`she.training.gold_prob`: a graded outcome that separates rollouts with the same verdict), or
+        ``gold_logprob`` (the same, linear in log P(gold) above a floor of -20 nats). The
         same number feeds TRL's reward function and SRPO's outcome term, so GRPO and SRPO see one outcome.
     reward_model: optional scalar reward model (:class:`she.training.reward_model.ScalarRewardModel`, or anything
         with ``score_records(records, completion_texts) -> list[float]``). When set, its score *replaces* the
@@ -550,8 +552,8 @@ class SRPOTrainer(GRPOTrainer):
                             "partial_credit and format_weight do not apply (turn them off)")
         if outcome not in OUTCOMES:
             raise UserError(f"outcome must be one of {OUTCOMES}, got {outcome!r}")
-        if outcome == "gold_prob" and (reward_model is not None or partial_credit or self.format_weight):
-            raise UserError("outcome='gold_prob' is the only outcome reward: reward_model, partial_credit and "
+        if outcome != "label" and (reward_model is not None or partial_credit or self.format_weight):
+            raise UserError(f"outcome={outcome!r} is the only outcome reward: reward_model, partial_credit and "
                             "format_weight do not apply (turn them off)")
         self.outcome = outcome
         self.gold_prob: GoldLabelProbability | None = None  # built after TRL's init (needs the policy)
@@ -579,9 +581,10 @@ class SRPOTrainer(GRPOTrainer):
         self.batch_scale = self.args.scale_rewards == "batch"
         if reward_model is not None and hasattr(reward_model, "to"):
             reward_model.to(self.accelerator.device)
-        if outcome == "gold_prob":
+        if outcome != "label":
             self.gold_prob = GoldLabelProbability(lambda: self.accelerator.unwrap_model(self.model),
-                                                  self._tokenizer_for_decoding(), self.schema, bf16=bool(self.args.bf16))
+                                                  self._tokenizer_for_decoding(), self.schema, bf16=bool(self.args.bf16),
+                                                  log_floor=GOLD_LOG_FLOOR if outcome == "gold_logprob" else None)
 
     # -- setup checks ------------------------------------------------------------------------------
 
@@ -671,7 +674,8 @@ class SRPOTrainer(GRPOTrainer):
         outcome.__name__ = OUTCOME_REWARD_NAME
         if self.reward_model is not None:
             return reward_model
-        return gold_prob if self.outcome == "gold_prob" else outcome
+        gold_prob.__name__ = self.outcome  # rewards/gold_prob or rewards/gold_logprob
+        return outcome if self.outcome == "label" else gold_prob
 
     # -- scoring -----------------------------------------------------------------------------------
 

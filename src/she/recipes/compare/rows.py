@@ -188,6 +188,15 @@ ROWS: dict[str, Row] = {
                                                    "examiner": "verifier", "reward_steps": ["Missing"],
                                                    "graded_sets": True, "outcome": "gold_prob",
                                                    "scale_rewards": "batch"}, **_RL),
+    "grpo_gold_logprob": Row("ablation", "grpo with the outcome 1 + max(log P(gold | reasoning), -20) / 20 "
+                             "(batch-scaled)", "rl",
+                             rl={"step_rewards": False, "outcome": "gold_logprob", "scale_rewards": "batch"}, **_RL),
+    "srpo_gated_graded_missing_gold_logprob": Row("ablation", "srpo_gated_graded_missing with the outcome "
+                                                  "1 + max(log P(gold | reasoning), -20) / 20 (batch-scaled)", "rl",
+                                                  rl={"step_rewards": True, "advantage": "srpo_gated",
+                                                      "examiner": "verifier", "reward_steps": ["Missing"],
+                                                      "graded_sets": True, "outcome": "gold_logprob",
+                                                      "scale_rewards": "batch"}, **_RL),
     "srpo_gated_min": Row("ablation", "srpo_gated with PURE-style min-form credit over the penalties", "rl",
                           rl={"step_rewards": True, "advantage": "srpo_gated_min"}, **_RL),
     "srpo_centered": Row("ablation", "SRPO with group-centred step credit normalised per step type", "rl",
