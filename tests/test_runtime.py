@@ -46,3 +46,24 @@ def test_cli_tunes_single_jobs_and_leaves_multi_job_commands_alone(monkeypatch, 
     with pytest.raises(SystemExit):
         she.cli.main(argv)
     assert calls == [default]
+
+
+RELEASE = """
+from she.runtime import release_memory, resident_bytes, tune_allocator
+tune_allocator()  # freed memory stays in the heap ...
+blocks = [bytearray(64 << 20) for _ in range(8)]  # 512 MiB touched
+for b in blocks:
+    b[::4096] = b"x" * len(b[::4096])
+del blocks
+before, after = release_memory()  # ... until it is handed back
+print(before, after, resident_bytes())
+"""
+
+
+@pytest.mark.skipif(_glibc() is None or not os.path.exists("/proc/self/statm"), reason="glibc and procfs only")
+def test_release_memory_returns_a_tuned_heap_to_the_os():
+    env = {k: v for k, v in os.environ.items() if k != "SHE_MALLOC"}
+    before, after, now = map(int, subprocess.run([sys.executable, "-c", RELEASE], env=env, capture_output=True,
+                                                 text=True, check=True).stdout.split())
+    assert before - after > 400 << 20  # the 512 MiB freed into the tuned heap went back to the OS
+    assert abs(now - after) < 64 << 20

@@ -47,6 +47,7 @@ from she.recipes.compare.plan import (
 )
 from she.recipes.compare.report import paired_results, results_markdown, row_metrics, write_plots
 from she.recipes.compare.rows import FULL_ROWS, RL_ROWS, ROWS
+from she.runtime import release_memory
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,14 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: invalid JSON ({e.msg}); delete it to recompute") from None
+
+
+def _release(after: str) -> None:
+    """Between jobs of different shapes: hand the finished one's free heap back to the OS and log what that did
+    (a compare process otherwise keeps every job's peak, docs/benchmarks.md "Allocator")."""
+    before, now = release_memory()
+    if before is not None and now is not None:
+        log.info("compare: after %s, resident memory %.2f -> %.2f GB", after, before / 1e9, now / 1e9)
 
 
 # -- the driver ------------------------------------------------------------------------------------------
@@ -106,6 +115,7 @@ class CompareRun:
         run()
         self.state["jobs"][name] = {"seconds": round(time.perf_counter() - t, 2)}
         self.save_state()
+        _release(name)
 
     def seconds(self, *jobs: str) -> float | None:
         vals = [self.state["jobs"].get(j, {}).get("seconds") for j in jobs]
@@ -501,6 +511,7 @@ class CompareRun:
                 atomic_write_lines(mpath, [json.dumps(m, indent=2)])
             self.state["evals"][row] = {"seconds": round(time.perf_counter() - t, 2)}
             self.save_state()
+            _release(f"{row} evaluation")
         return ev, _read_json(mpath)
 
     def calibration(self, row: str, model: Path | None) -> dict[str, float] | None:
