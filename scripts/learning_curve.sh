@@ -7,13 +7,13 @@
 #
 #   scripts/learning_curve.sh runs/compare-hd-label-only/label_only_sft configs/compare-cpu-label-only.yaml 8 16
 #
-# args: RUN (holds final/ and checkpoint-*/), DATA_CONFIG, BATCH (per-device batch size of the run, for the
-# pairs-seen column), MAX_NEW_TOKENS (16 for a label-only model, 80 for reasoning)
+# args: RUN (holds final/ and checkpoint-*/), DATA_CONFIG, BATCH (pairs per optimizer step of the run: per-device
+# batch x gradient accumulation x processes, for the pairs-seen column), MAX_NEW_TOKENS (16 for a label-only model, 80 for reasoning)
 set -euo pipefail
 run=$1 data_config=$2 batch=$3 max_new=$4
 out="$run/learning_curve.tsv"
 printf "step\tpairs\tmacro_f1\tmacro_f1_calibrated\n" > "$out"
-for ckpt in $(ls -d "$run"/checkpoint-* | sort -t- -k2 -n); do
+for ckpt in $(printf '%s\n' "$run"/checkpoint-* | sort -V); do
   step=${ckpt##*-}
   cp "$run/final/she.json" "$ckpt/she.json"
   she calibrate --model "$ckpt" --data-config "$data_config" --batch-size 32 --max-new-tokens "$max_new" > "$ckpt/calibrate.log" 2>&1

@@ -4,7 +4,8 @@ Each arm is one or more ``predictions.jsonl`` files (``she eval``, ``she demo``'
 ``she compare`` row's ``eval/``); several files in one arm are seeds, pooled. The calibrated label of a
 prediction is ``label`` when the model was calibrated before its evaluation (``raw_label`` then holds the
 generated one), or, with ``PRED@OFFSETS`` (a ``calibration.json`` of a compare row, or any JSON with
-``label_offsets``), the raw label re-read from ``probs`` with those offsets. Query groups for the bootstrap
+``label_offsets``), the raw label re-read from ``probs`` with those offsets; a file with neither reports its
+raw labels as "calibrated" too. Query groups for the bootstrap
 come from the data config's split (the same seeded split the evaluations used).
 
     python scripts/paired_eval.py --data-config configs/best-cpu.yaml \
@@ -18,7 +19,7 @@ import argparse
 import json
 from pathlib import Path
 
-from she.config import DemoConfig, load_config
+from she.config import DataConfig, from_dict, read_yaml
 from she.data.labels import get_taxonomy
 from she.data.sources import load_splits
 from she.evaluation.calibration import apply_offsets
@@ -50,9 +51,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    cfg = load_config(DemoConfig, args.data_config)
-    query = {r.id: r.query for part in load_splits(cfg.data).values() for r in part}
-    labels = list(get_taxonomy(cfg.data.taxonomy).labels)
+    raw = read_yaml(args.data_config)
+    if not isinstance(raw.get("data"), dict):
+        raise SystemExit(f"{args.data_config}: no `data:` section")
+    data = from_dict(DataConfig, raw["data"], f"{args.data_config}.data")  # any job's or compare's config
+    query = {r.id: r.query for part in load_splits(data).values() for r in part}
+    labels = list(get_taxonomy(data.taxonomy).labels)
     a, b = read_arm(args.a), read_arm(args.b)
     ids = sorted(set.intersection(*(set(r) for r in a + b)))
     if not ids:
@@ -61,6 +65,8 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"{len(unknown)} pair ids are not in the data config's split, e.g. {unknown[:3]}")
     gold = [a[0][i]["gold"] for i in ids]
+    if any(r[i]["gold"] != g for r in a + b for i, g in zip(ids, gold)):
+        raise SystemExit("the arms disagree on a pair's gold label: they were not evaluated on the same data")
     print(f"{len(ids)} shared pairs, {len({query[i] for i in ids})} queries; arm A {len(a)} run(s), arm B {len(b)}")
     for kind in ("raw", "calibrated"):
         pa = [[r[i][kind] for i in ids] for r in a]

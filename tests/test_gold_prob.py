@@ -97,6 +97,17 @@ def test_batched_scorer_matches_one_by_one_and_memoises(tiny_model_dir, records)
     logs = GoldLabelProbability(lambda: model, tok, SCHEMA, bf16=False, log_floor=20.0).score(prompts, texts, records)
     want_log = [0.0 if w == 0.0 else 1 + max(math.log(w), -20.0) / 20.0 for w in want]
     assert logs == pytest.approx(want_log, abs=1e-5)
+    n = len(calls)
+    scorer.score(prompts, texts, records)
+    scorer.forget()
+    with torch.no_grad():  # the weights move: after forget() the same batch is scored with the new ones
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    assert scorer.score(prompts, texts, records) != got and len(calls) > n + 1
+    model.train()
+    scorer.forget()
+    scorer.score(prompts, texts, records)
+    assert model.training  # scored in eval mode, the caller's mode restored
 
 
 def test_srpo_trainer_gold_prob_outcome(tiny_model_dir, records, tmp_path):
@@ -120,6 +131,8 @@ def test_srpo_trainer_gold_prob_outcome(tiny_model_dir, records, tmp_path):
     width = max(map(len, ids))
     completion_ids = torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x in ids])
     mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
+    # the prompt ids P(gold) is read after are TRL's own (the ids generation started from)
+    assert t.gold_prob.tokenize_prompts([rows[0]["prompt"]]) == [list(t._tokenize_prompts([rows[0]["prompt"]])[0][0])]
     scored = t.score_rollouts(rows, completion_ids, mask)
     want = [_one_by_one(t.model, tok, by_id[row["record_id"]], x) for row, x in zip(rows, texts)]
     assert [r.outcome for r in scored] == pytest.approx(want, abs=1e-5)

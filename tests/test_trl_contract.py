@@ -36,6 +36,14 @@ def test_hook_exists_with_expected_signature():
     assert "self._generate_and_score_completions(generation_batch)" in inspect.getsource(GRPOTrainer._prepare_inputs)
 
 
+def test_prompt_tokenizer_we_reuse_for_the_gold_probability_outcome():
+    # she.training.gold_prob scores P(gold) on exactly the prompt ids TRL generated from
+    fn = getattr(GRPOTrainer, "_tokenize_prompts", None)
+    assert callable(fn) and list(inspect.signature(fn).parameters) == ["self", "prompts"]
+    assert "prompt_ids, images, multimodal_fields = self._tokenize_prompts(prompts)" in inspect.getsource(
+        GRPOTrainer._generate)
+
+
 def test_trl_slices_the_gathered_batch_by_process_index():
     """SRPO gathers, computes on the global batch and slices exactly like TRL; TRL's slice must not move."""
     src = inspect.getsource(GRPOTrainer._generate_and_score_completions)

@@ -65,14 +65,17 @@ class GoldLabelProbability:
 
     ``model_getter`` returns the policy (unwrapped) at call time, so the reward follows the weights as they
     train. :meth:`score` is memoised on its last call: TRL's reward function and SRPO's own outcome term
-    score the same completions in one step, and pay for one forward pass.
+    score the same completions in one step, and pay for one forward pass; the trainer calls :meth:`forget`
+    after that step's scoring, so a later batch with the same texts is scored with the new weights.
     """
 
     def __init__(self, model_getter: Callable[[], Any], tokenizer: Any, schema: StepSchema, *, bf16: bool = True,
-                 batch_size: int = 16, log_floor: float | None = None) -> None:
+                 batch_size: int = 16, log_floor: float | None = None,
+                 tokenize_prompts: Callable[[list], list[list[int]]] | None = None) -> None:
         if log_floor is not None and log_floor <= 0:
             raise ValueError(f"log_floor must be > 0, got {log_floor}")
         self.log_floor = log_floor
+        self.tokenize_prompts = tokenize_prompts or self._chat_prompt_ids  # SRPOTrainer passes TRL's own
         self.model_getter = model_getter
         self.tokenizer = tokenizer
         self.schema = schema
@@ -92,44 +95,59 @@ class GoldLabelProbability:
         keys = [(r.id, t) for r, t in zip(records, texts)]
         if all(k in self._memo for k in keys):
             return [self._memo[k] for k in keys]
-        out = [0.0] * len(texts)
-        todo: list[tuple[int, list[int], bool, int]] = []  # row, input ids, spaced, gold index
-        for i, (prompt, text, rec) in enumerate(zip(prompts, texts, records)):
+        todo: list[tuple[list[int], bool, int]] = []  # input ids, spaced, gold index
+        verdict: list[bool] = []
+        for ids, text, rec in zip(self.tokenize_prompts(list(prompts)), texts, records):
+            ids = list(ids)
             parsed = parse_trace(text, self.schema)
-            if parsed.label is None or parsed.label_span is None:
-                continue  # no verdict: 0, as under the label reward
+            if parsed.label is None or parsed.label_span is None:  # no verdict: 0, as under the label reward; the
+                todo.append((ids, True, 0))  # prompt is still run, so every rank runs as many forward passes
+                verdict.append(False)        # (sharded weights, FSDP / ZeRO-3, are gathered in each one)
+                continue
             prefix, spaced = verdict_prefix(text, parsed.label_span[0])
-            todo.append((i, self._prompt_ids(prompt) + self.tokenizer.encode(prefix, add_special_tokens=False),
-                         spaced, self.labels.index(rec.label)))
+            todo.append((ids + self.tokenizer.encode(prefix, add_special_tokens=False), spaced,
+                         self.labels.index(rec.label)))
+            verdict.append(True)
+        scores: list[float] = []
         for start in range(0, len(todo), self.batch_size):
-            chunk = todo[start : start + self.batch_size]
-            for (i, *_), p in zip(chunk, self._forward(chunk)):
-                out[i] = p
+            scores += self._forward(todo[start : start + self.batch_size])
+        out = [p if ok else 0.0 for p, ok in zip(scores, verdict)]
         self._memo = dict(zip(keys, out))
         return out
 
-    def _prompt_ids(self, prompt: Any) -> list[int]:
-        text = prompt if isinstance(prompt, str) else self.tokenizer.apply_chat_template(
-            list(prompt), tokenize=False, add_generation_prompt=True)
-        return self.tokenizer.encode(text, add_special_tokens=False)
+    def forget(self) -> None:
+        """Drop the memo: call it once the batch is scored, before the weights change."""
+        self._memo = {}
+
+    def _chat_prompt_ids(self, prompts: list) -> list[list[int]]:
+        """Chat messages through the tokenizer's template (as TRL renders conversational prompts); plain text
+        prompts as TRL tokenizes them (the tokenizer's special tokens included)."""
+        out = []
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                out.append(self.tokenizer(prompt)["input_ids"])
+            else:
+                text = self.tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+                out.append(self.tokenizer.encode(text, add_special_tokens=False))
+        return out
 
     @torch.no_grad()
-    def _forward(self, chunk: list[tuple[int, list[int], bool, int]]) -> list[float]:
+    def _forward(self, chunk: list[tuple[list[int], bool, int]]) -> list[float]:
         model = self.model_getter()
         device = next(model.parameters()).device
-        width = max(len(ids) for _, ids, _, _ in chunk)
+        width = max(len(ids) for ids, _, _ in chunk)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for _, ids, _, _ in chunk], device=device)
-        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for _, ids, _, _ in chunk], device=device)
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids, _, _ in chunk], device=device)
+        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _, _ in chunk], device=device)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)  # left padding: positions as generate() gives them
-        label_ids = torch.tensor([self.first_tokens[spaced] for _, _, spaced, _ in chunk], device=device)
-        gold = torch.tensor([g for *_, g in chunk], device=device)
+        label_ids = torch.tensor([self.first_tokens[spaced] for _, spaced, _ in chunk], device=device)
+        gold = torch.tensor([g for _, _, g in chunk], device=device)
         was_training = model.training
         model.eval()
         try:
             with autocast(self.bf16, device):
                 logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                               logits_to_keep=1).logits[:, -1, :]
+                               logits_to_keep=1, use_cache=False).logits[:, -1, :]
         finally:
             model.train(was_training)
         log_p = gold_log_probabilities(logits, label_ids, gold)

@@ -339,8 +339,9 @@ def collapse_metrics(rows: Sequence[RolloutScore], labels: Sequence[str], group_
     ``srpo/recall/<label>``: per gold class, the share of its rollouts that give it (classes present only);
     ``srpo/train_macro_f1``: Macro F1 of the rollouts' labels over the classes present in gold or predictions;
     ``srpo/verdict_entropy``: mean entropy (nats) of the label distribution inside each rollout group (0 when
-    every rollout of a prompt says the same thing); ``srpo/zero_var_groups``: share of groups whose outcome
-    rewards are all equal (GRPO learns nothing from them).
+    every rollout of a prompt says the same thing); ``srpo/zero_var_groups``: share of groups whose verdicts are
+    all right or all wrong (the 0/1 label reward has no variance there, so GRPO learns nothing from them; a
+    graded outcome such as ``gold_logprob`` may still separate them, which is the point of it).
     """
     import math
 
@@ -369,7 +370,7 @@ def collapse_metrics(rows: Sequence[RolloutScore], labels: Sequence[str], group_
             for r in grp:
                 counts[r.label] += 1
             ents.append(-sum(c / group_size * math.log(c / group_size) for c in counts.values()))
-            zero_var += len({r.outcome for r in grp}) == 1
+            zero_var += len({r.correct for r in grp}) == 1
         out["srpo/verdict_entropy"] = sum(ents) / len(ents)
         out["srpo/zero_var_groups"] = zero_var / (n // group_size)
     return out
@@ -584,7 +585,8 @@ class SRPOTrainer(GRPOTrainer):
         if outcome != "label":
             self.gold_prob = GoldLabelProbability(lambda: self.accelerator.unwrap_model(self.model),
                                                   self._tokenizer_for_decoding(), self.schema, bf16=bool(self.args.bf16),
-                                                  log_floor=GOLD_LOG_FLOOR if outcome == "gold_logprob" else None)
+                                                  log_floor=GOLD_LOG_FLOOR if outcome == "gold_logprob" else None,
+                                                  tokenize_prompts=lambda prompts: self._tokenize_prompts(prompts)[0])
 
     # -- setup checks ------------------------------------------------------------------------------
 
@@ -745,6 +747,8 @@ class SRPOTrainer(GRPOTrainer):
             )
         own = self.advantage != "grpo" or self.class_weights is not None
         rows = self.score_rollouts(inputs, output["completion_ids"], mask, with_token_steps=self.advantage != "grpo")
+        if self.gold_prob is not None:
+            self.gold_prob.forget()  # the memo served TRL's reward call and score_rollouts; the weights move next
         batch = self._gather_rows(rows, mode)
         batch.trl_advantages = trl_adv.detach().clone()
         if own:

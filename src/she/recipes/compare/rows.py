@@ -181,7 +181,8 @@ ROWS: dict[str, Row] = {
     # the gold-probability outcome (she.training.gold_prob): P(gold label) after the rollout's own reasoning instead
     # of 0/1, divided by the batch's reward std (a group's tiny spread is not blown up); the same outcome for both
     "grpo_gold_prob": Row("ablation", "grpo with the outcome P(gold label | reasoning) (batch-scaled)", "rl",
-                          rl={"step_rewards": False, "outcome": "gold_prob", "scale_rewards": "batch"}, **_RL),
+                          rl={"step_rewards": False, "examiner": "verifier", "outcome": "gold_prob",
+                              "scale_rewards": "batch"}, **_RL),
     "srpo_gated_graded_missing_gold_prob": Row("ablation", "srpo_gated_graded_missing with the outcome "
                                                "P(gold label | reasoning) (batch-scaled)", "rl",
                                                rl={"step_rewards": True, "advantage": "srpo_gated",
@@ -190,7 +191,8 @@ ROWS: dict[str, Row] = {
                                                    "scale_rewards": "batch"}, **_RL),
     "grpo_gold_logprob": Row("ablation", "grpo with the outcome 1 + max(log P(gold | reasoning), -20) / 20 "
                              "(batch-scaled)", "rl",
-                             rl={"step_rewards": False, "outcome": "gold_logprob", "scale_rewards": "batch"}, **_RL),
+                             rl={"step_rewards": False, "examiner": "verifier", "outcome": "gold_logprob",
+                                 "scale_rewards": "batch"}, **_RL),
     "srpo_gated_graded_missing_gold_logprob": Row("ablation", "srpo_gated_graded_missing with the outcome "
                                                   "1 + max(log P(gold | reasoning), -20) / 20 (batch-scaled)", "rl",
                                                   rl={"step_rewards": True, "advantage": "srpo_gated",
