@@ -608,3 +608,24 @@ def test_no_diverse_row_with_the_same_prompts_as_srpo_full_is_flagged(tmp_path):
     md = compare.results_markdown(s)
     assert "| row | Missing | Type |" in md
     assert "| srpo_full | 0.500 | 0.250 |" in md and "| srpo_full_no_diverse | - | 1.000 |" in md
+
+
+def test_majority_of_a_balanced_sample_is_the_split_prior(tmp_path):
+    """A label-balanced training sample has no majority (its tie-break would say Irrelevant); the majority
+    baseline of `she compare` and `she demo` reads the split's own prior instead (issue 13)."""
+    from she.config import DataConfig
+    from she.data.sources import load_splits, majority_label, prior_train
+
+    labels = ["Irrelevant", "Partial", "Exact"]
+    shares = ["Exact"] * 12 + ["Partial"] * 5 + ["Irrelevant"] * 3
+    rows = [{"id": str(i), "query": f"query {i}", "product": {"title": f"title {i}"}, "label": lab}
+            for i, lab in enumerate(shares * 5)]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = DataConfig(path=str(path), format="jsonl", balance_train=True, max_train=9)
+    train = load_splits(cfg)["train"]
+    assert sorted(r.label for r in train) == sorted(labels * 3)  # equal thirds: the tie goes to Irrelevant
+    assert majority_label(train, labels) == "Irrelevant"
+    assert majority_label(prior_train(cfg, train), labels) == "Exact"
+    unbalanced = DataConfig(path=str(path), format="jsonl", max_train=9)
+    assert prior_train(unbalanced, train) is train

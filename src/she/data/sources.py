@@ -179,3 +179,23 @@ def label_balanced_sample(records: list[Record], n: int, rng: random.Random) -> 
     out = [r for k, pool in pools.items() for r in pool[: take[k]]]
     rng.shuffle(out)
     return out
+
+def prior_train(cfg: DataConfig, train: list[Record]) -> list[Record]:
+    """The training records whose label shares are the split's prior: ``train`` itself, or, when it is a
+    label-balanced sample (``balance_train``), the whole training part of the same split (a balanced sample
+    has no majority, and its tie-break would name an arbitrary class)."""
+    import dataclasses
+
+    if not cfg.balance_train:
+        return train
+    return load_splits(dataclasses.replace(cfg, balance_train=False, max_train=None))["train"]
+
+
+def majority_label(records: list[Record], labels) -> str:
+    """The most frequent label; ties go to the label that comes first in the taxonomy."""
+    from collections import Counter
+
+    counts = Counter(r.label for r in records)
+    if not counts:
+        raise UserError("majority baseline: no training records")
+    return max(labels, key=lambda lab: (counts.get(lab, 0), -list(labels).index(lab)))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from she.config import DemoConfig, to_dict
 from she.data.labels import get_taxonomy
+from she.data.sources import majority_label, prior_train
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
 
     history = json.loads((out / "sft" / "log_history.json").read_text())
     plot_curves({"train loss": _loss_curve(history)}, out / "sft_loss.png", "SFT training loss")
-    majority = max(labels, key=lambda l: sum(r.label == l for r in splits["train"]))
+    majority = majority_label(prior_train(cfg.data, splits["train"]), labels)  # the split's prior, not the sample's
     from she.evaluation.metrics import classification_report
 
     rows[f"majority class ({majority})"] = classification_report([r.label for r in test], [majority] * len(test), labels)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from she.config import CrossEncoderJobConfig, DPOJobConfig
+from she.data.sources import majority_label, prior_train
 from she.errors import UserError
 from she.recipes.compare.config import CE_FIXED, DPO_FIXED, build_section
 
@@ -95,25 +96,8 @@ def _run_rl(run: Any, cfg: Any) -> None:
 # -- predictions of the rows that generate nothing ---------------------------------------------------------
 
 
-def majority_label(records, labels) -> str:
-    """The most frequent label; ties go to the label that comes first in the taxonomy."""
-    from collections import Counter
-
-    counts = Counter(r.label for r in records)
-    if not counts:
-        raise UserError("majority baseline: no training records")
-    return max(labels, key=lambda lab: (counts.get(lab, 0), -list(labels).index(lab)))
-
-
 def _predict_majority(run: Any, model: Any) -> list[dict[str, Any]]:
-    import dataclasses
-
-    src = run.train
-    if run.cfg.data.balance_train:  # a label-balanced sample has no majority: use the split's prior
-        from she.data.sources import load_splits
-
-        src = load_splits(dataclasses.replace(run.cfg.data, balance_train=False, max_train=None))["train"]
-    lab = majority_label(src, run.labels)
+    lab = majority_label(prior_train(run.cfg.data, run.train), run.labels)
     return [{"id": r.id, "label": lab, "gold": r.label} for r in run.evals]
 
 
