@@ -162,27 +162,6 @@ ROWS: dict[str, Row] = {
                                               rl={"step_rewards": True, "advantage": "srpo_gated_balanced",
                                                   "examiner": "verifier", "reward_steps": ["Missing"],
                                                   "graded_sets": True}, **_RL),
-    # the gold-probability outcome (she.training.gold_prob): P(gold label) after the rollout's own reasoning instead
-    # of 0/1, divided by the batch's reward std (a group's tiny spread is not blown up); the same outcome for both
-    "grpo_gold_prob": Row("ablation", "grpo with the outcome P(gold label | reasoning) (batch-scaled)", "rl",
-                          rl={"step_rewards": False, "examiner": "verifier", "outcome": "gold_prob",
-                              "scale_rewards": "batch"}, **_RL),
-    "srpo_gated_graded_missing_gold_prob": Row("ablation", "srpo_gated_graded_missing with the outcome "
-                                               "P(gold label | reasoning) (batch-scaled)", "rl",
-                                               rl={"step_rewards": True, "advantage": "srpo_gated",
-                                                   "examiner": "verifier", "reward_steps": ["Missing"],
-                                                   "graded_sets": True, "outcome": "gold_prob",
-                                                   "scale_rewards": "batch"}, **_RL),
-    "grpo_gold_logprob": Row("ablation", "grpo with the outcome 1 + max(log P(gold | reasoning), -20) / 20 "
-                             "(batch-scaled)", "rl",
-                             rl={"step_rewards": False, "examiner": "verifier", "outcome": "gold_logprob",
-                                 "scale_rewards": "batch"}, **_RL),
-    "srpo_gated_graded_missing_gold_logprob": Row("ablation", "srpo_gated_graded_missing with the outcome "
-                                                  "1 + max(log P(gold | reasoning), -20) / 20 (batch-scaled)", "rl",
-                                                  rl={"step_rewards": True, "advantage": "srpo_gated",
-                                                      "examiner": "verifier", "reward_steps": ["Missing"],
-                                                      "graded_sets": True, "outcome": "gold_logprob",
-                                                      "scale_rewards": "batch"}, **_RL),
     "srpo_gated_min": Row("ablation", "srpo_gated with PURE-style min-form credit over the penalties", "rl",
                           rl={"step_rewards": True, "advantage": "srpo_gated_min"}, **_RL),
     "srpo_centered": Row("ablation", "SRPO with group-centred step credit normalised per step type", "rl",
@@ -196,6 +175,14 @@ ROWS: dict[str, Row] = {
     "srpo_full_no_curriculum": Row("ablation", "srpo_full trained in one stage on the selected prompts", "full",
                                    rl={"step_rewards": True}),
 }
+
+# the likelihood outcomes (she.training.gold_prob), each for GRPO and for the best 8-rollout SRPO variant: the same
+# outcome for both arms, divided by the batch's reward std (a group's tiny spread is not blown up)
+for _outcome, _what in (("gold_prob", "P(gold label | reasoning)"),
+                        ("gold_logprob", "1 + max(log P(gold label | reasoning), -20) / 20")):
+    for _base in ("grpo", "srpo_gated_graded_missing"):
+        ROWS[f"{_base}_{_outcome}"] = Row("ablation", f"{_base} with the outcome {_what} (batch-scaled)", "rl",
+                                          rl={**ROWS[_base].rl, "outcome": _outcome, "scale_rewards": "batch"}, **_RL)
 
 # more seeds of the two rows the headline compares: `<row>_seed<k>` trains with seed k (the shared seed + k);
 # the report pools a row with its seeds (arm_of) for the paired intervals
