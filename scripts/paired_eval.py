@@ -23,7 +23,7 @@ from she.config import DataConfig, from_dict, read_yaml
 from she.data.labels import get_taxonomy
 from she.data.sources import load_splits
 from she.evaluation.calibration import apply_offsets
-from she.evaluation.metrics import classification_report, paired_bootstrap_diff
+from she.evaluation.metrics import bootstrap_ci, classification_report, paired_bootstrap_diff
 
 
 def read_arm(specs: list[str]) -> list[dict[str, dict[str, str | None]]]:
@@ -71,11 +71,17 @@ def main() -> None:
     for kind in ("raw", "calibrated"):
         pa = [[r[i][kind] for i in ids] for r in a]
         pb = [[r[i][kind] for i in ids] for r in b]
-        fa = [classification_report(gold, p, labels)["macro_f1"] for p in pa]
-        fb = [classification_report(gold, p, labels)["macro_f1"] for p in pb]
-        d = paired_bootstrap_diff(gold, pa, pb, labels, n_boot=args.n_boot, seed=args.seed,
-                                  groups=[query[i] for i in ids])
-        print(f"{kind:>10}: A {' '.join(f'{x:.3f}' for x in fa)} | B {' '.join(f'{x:.3f}' for x in fb)} | "
+        groups = [query[i] for i in ids]
+
+        def runs(preds: list[list[str | None]]) -> str:  # each run's Macro F1 with its query-bootstrap interval
+            out = []
+            for p in preds:
+                lo, hi = bootstrap_ci(gold, p, labels, n_boot=args.n_boot, seed=args.seed, groups=groups)
+                out.append(f"{classification_report(gold, p, labels)['macro_f1']:.3f} [{lo:.3f}, {hi:.3f}]")
+            return " ".join(out)
+
+        d = paired_bootstrap_diff(gold, pa, pb, labels, n_boot=args.n_boot, seed=args.seed, groups=groups)
+        print(f"{kind:>10}: A {runs(pa)} | B {runs(pb)} | "
               f"A - B {d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}], share <= 0: {d['p_le_0']:.3f}")
 
 

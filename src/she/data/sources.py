@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
+from collections import Counter
 
 from she.config import ConfigError, DataConfig
 from she.data.schema import Record
@@ -180,12 +182,11 @@ def label_balanced_sample(records: list[Record], n: int, rng: random.Random) -> 
     rng.shuffle(out)
     return out
 
+
 def prior_train(cfg: DataConfig, train: list[Record]) -> list[Record]:
     """The training records whose label shares are the split's prior: ``train`` itself, or, when it is a
     label-balanced sample (``balance_train``), the whole training part of the same split (a balanced sample
     has no majority, and its tie-break would name an arbitrary class)."""
-    import dataclasses
-
     if not cfg.balance_train:
         return train
     return load_splits(dataclasses.replace(cfg, balance_train=False, max_train=None))["train"]
@@ -193,8 +194,6 @@ def prior_train(cfg: DataConfig, train: list[Record]) -> list[Record]:
 
 def majority_label(records: list[Record], labels) -> str:
     """The most frequent label; ties go to the label that comes first in the taxonomy."""
-    from collections import Counter
-
     counts = Counter(r.label for r in records)
     if not counts:
         raise UserError("majority baseline: no training records")

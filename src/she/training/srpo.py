@@ -56,7 +56,6 @@ from she.errors import UserError
 from she.reasoning.parse import ParsedTrace, parse_trace
 from she.reasoning.schema import StepSchema, default_schema
 from she.reasoning.segmentation import token_steps_for_completion
-from she.training.gold_prob import GoldLabelProbability
 from she.rewards.hybrid import (
     SOURCE_CUT,
     SOURCE_DUPLICATE,
@@ -69,6 +68,7 @@ from she.rewards.hybrid import (
     format_reward,
     outcome_reward,
 )
+from she.training.gold_prob import GoldLabelProbability
 
 log = logging.getLogger(__name__)
 
