@@ -42,6 +42,20 @@ def test_fit_recovers_a_prior_shift():
     assert calibrated == gold  # the ranking was there; the offsets read it
 
 
+def test_fit_finds_a_fine_offset_for_a_soft_judge():
+    # a soft verdict distribution (the evidence schema's): Partial and Exact a few hundredths of a nat apart.
+    # Pair 1 needs b_P - b_E > log(0.42/0.40) = 0.049, pair 2 needs it < log(0.44/0.38) = 0.147: only an offset
+    # inside (0.049, 0.147) gets both right -- the 0.5-nat steps of a wide grid jump over the whole window
+    gold = ["Partial", "Exact", "Irrelevant"]
+    probs = [P(0.18, 0.40, 0.42), P(0.18, 0.38, 0.44), P(0.6, 0.2, 0.2)]
+    raw = [max(p, key=p.get) for p in probs]
+    b = fit_label_offsets(probs, raw, gold, LABELS)
+    assert math.log(0.42 / 0.40) < b["Partial"] - b["Exact"] < math.log(0.44 / 0.38)
+    assert [apply_offsets(p, r, b) for p, r in zip(probs, raw)] == gold
+    coarse = fit_label_offsets(probs, raw, gold, LABELS, grid=[x / 2 for x in range(-24, 25)])
+    assert [apply_offsets(p, r, coarse) for p, r in zip(probs, raw)] != gold
+
+
 def test_fit_keeps_zero_when_nothing_helps_and_rows_without_probs_keep_their_label():
     gold = ["Exact", "Partial", "Irrelevant"]
     probs = [P(0.1, 0.1, 0.8), None, P(0.7, 0.2, 0.1)]

@@ -409,3 +409,47 @@ def test_real_home_depot_rows_if_present():
     for i, row in enumerate(rows):
         _all_computed_correct(Record(id=str(i), query=row["search_term"], product=Product(title=row["product_title"]),
                                      label=rating_to_label(float(row["relevance"])), source="home-depot"))
+
+
+# -- the evidence schema: the grounded evidence, no label-derived conclusions ----------------------------------
+def test_evidence_schema_is_grounded_without_type_and_attributes():
+    assert "evidence" in SCHEMAS
+    e = resolve_schema("evidence", "hd3")
+    assert [s.key for s in e.steps] == ["Query", "Product", "Missing", "Numbers", "Head", "Verdict"]
+    g = resolve_schema("grounded", "hd3")
+    assert e.steps == [s for s in g.steps if s.key not in ("Type", "Attributes")]
+    assert resolve_schema("evidence", "esci4").labels == resolve_schema("grounded", "esci4").labels
+
+
+def test_evidence_rationale_states_only_label_free_steps_then_the_label():
+    e = resolve_schema("evidence", "hd3")
+    texts = {label: write_rationale(rec(*DRILL, label=label), e) for label in ("Exact", "Partial", "Irrelevant")}
+    for label, text in texts.items():
+        lines = text.splitlines()
+        assert lines[2:5] == ["Missing: cordless, 20", "Numbers: 20 v=mismatch", "Head: drill found"]
+        assert lines[-1] == f"Verdict: {label}" and len(lines) == 6
+        p = parse_trace(text, e)
+        assert p.format_ok and p.label == label and p.step("type") is None
+    # every line but the verdict is the same whatever the gold label: nothing in the trace is derived from it
+    assert len({t.rsplit("\n", 1)[0] for t in texts.values()}) == 1
+
+
+def test_evidence_schema_verifier_checks_the_computed_steps_and_the_verdict():
+    e = resolve_schema("evidence", "hd3")
+    r = rec(*NUM_PAIR, label="Partial")
+    text = write_rationale(r, e)
+    v = {x.step: x for x in verify_steps(parse_trace(text, e), r)}
+    assert set(v) == {"Query", "Product", "Missing", "Numbers", "Head", "Verdict"}
+    assert [v[k].verdict for k in ("Missing", "Numbers", "Head", "Verdict")] == ["correct"] * 4
+    wrong = text.replace(NUM_LINE, "Numbers: 20 v=match; 1/2 in=match").replace("Verdict: Partial", "Verdict: Exact")
+    v = {x.step: x for x in verify_steps(parse_trace(wrong, e), r)}
+    assert v["Numbers"].verdict == "incorrect" and v["Verdict"].verdict == "incorrect"
+    assert v["Missing"].verdict == "correct"
+
+
+def test_the_evidence_config_resolves():
+    from she.config import DemoConfig, load_config
+
+    cfg = load_config(DemoConfig, Path(__file__).resolve().parents[1] / "configs" / "home-depot-sft-evidence.yaml")
+    assert cfg.sft.schema == "evidence"
+    assert [s.key for s in resolve_schema(cfg.sft.schema, cfg.data.taxonomy).steps][-2:] == ["Head", "Verdict"]

@@ -23,10 +23,13 @@ import numpy as np
 
 from she.errors import UserError
 
-# wide: a reasoning judge's verdict follows from its own steps, so its label distribution is very peaked
-# (p ~ 0.9999 on the argmax after SFT on Home Depot); the ranking left is in the residual probabilities,
-# which offsets of several nats reach (measured: +-4 changed nothing, docs/results.md)
-DEFAULT_GRID = tuple(round(x, 2) for x in np.linspace(-12.0, 12.0, 49))
+# wide and fine: a reasoning judge whose verdict follows from a label-derived step is very peaked (p ~ 0.9999 on
+# the argmax after SFT on Home Depot); the ranking left is in the residual probabilities, which offsets of
+# several nats reach (measured: +-4 changed nothing, docs/results.md) -- steps of 0.5 from -12 to 12. A judge
+# that reads its verdict off computed evidence (schema: evidence) is soft (max p ~0.44), and there 0.5 nat
+# moves a third of the pairs at once -- steps of 0.05 from -2 to 2.
+DEFAULT_GRID = tuple(sorted({round(float(x), 2) for x in np.linspace(-12.0, 12.0, 49)}
+                            | {round(float(x), 2) for x in np.linspace(-2.0, 2.0, 81)}))
 
 
 def apply_offsets(probs: Mapping[str, float] | None, label: str | None,

@@ -148,8 +148,8 @@ def score_labels_fast(
     prefix's last line puts the label at a token boundary (checked, see :func:`prefix_label_tokens`).
     The label is the most probable one (the first, least relevant, on an exact tie).
     """
+    from she.models.heads import selected_logits
     from she.reasoning.prompts import build_messages
-    from she.rewards.judge import selected_logits
 
     if batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
@@ -174,7 +174,8 @@ def score_labels_fast(
             ids, mask, last = _right_pad([encoded[i] for i in idx], pad_id)
             rows = torch.arange(len(idx))
             with autocast(bf16, device):
-                logits = selected_logits(model, ids.to(device), mask.to(device), rows.to(device), last.to(device))
+                logits = selected_logits(model, ids.to(device), mask.to(device), rows.to(device), last.to(device),
+                                         head_fp32=True)
             full = torch.softmax(logits.float(), dim=-1)
             mass = full[:, label_ids].sum(dim=-1).tolist()
             for row, i in enumerate(idx):

@@ -4,6 +4,9 @@ Class probabilities are read from the logits of the **label token** the model ge
 generation step that emits the first token of the verdict label, the softmax over the first tokens of
 all label names gives P(label | query, product, reasoning). No second forward pass is needed, and the
 probabilities are conditioned on the model's own reasoning, which is what the judge's label means.
+Those logits are the output head re-read in float32 on the hidden state of that step
+(:mod:`she.models.heads`): decoding runs in bf16, whose logits would quantise a soft verdict distribution
+into steps of 1/16 nat and tie one pair in ten.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import torch
 
 from she.data.labels import get_taxonomy
 from she.data.schema import Record
+from she.models.heads import capture_head_inputs, head_logits_fp32, plain_head
 from she.models.metadata import autocast
 from she.reasoning.schema import StepSchema
 
@@ -80,6 +84,7 @@ def generate_judgements(
     schema = schema_for(schema, taxonomy)
     labels = list(get_taxonomy(taxonomy).labels)
     first_tokens = label_first_tokens(tokenizer, labels)
+    head = plain_head(model)
     tokenizer.padding_side = "left"
     model.eval()
     device = next(model.parameters()).device
@@ -96,11 +101,13 @@ def generate_judgements(
         idx = order[start : start + batch_size]
         enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
         enc = {k: v.to(device) for k, v in enc.items()}
-        with autocast(bf16, device):
+        with autocast(bf16, device), capture_head_inputs(model) as hidden:
             out = model.generate(
                 **enc, max_new_tokens=max_new_tokens, do_sample=False, output_scores=True,
                 return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
             )
+        if hidden is not None and len(hidden) != len(out.scores):
+            raise RuntimeError(f"the output head ran {len(hidden)} times for {len(out.scores)} generated tokens")
         gen = out.sequences[:, enc["input_ids"].shape[1] :]
         for row, i in enumerate(idx):
             ids = gen[row].tolist()
@@ -114,7 +121,8 @@ def generate_judgements(
                 k = next((j for j, (s, e) in enumerate(offsets) if e > parsed.label_span[0]), None)
                 if k is not None and k < len(out.scores):
                     s, e = offsets[k]
-                    probs = _label_probs(out.scores[k][row], text[s:e], first_tokens, labels)
+                    step = out.scores[k][row] if hidden is None else head_logits_fp32(head, hidden[k][row : row + 1])[0]
+                    probs = _label_probs(step, text[s:e], first_tokens, labels)
             label = apply_offsets(probs, parsed.label, label_offsets)
             results[i] = Judgement(records[i].id, text, label, probs, parsed.format_ok, parsed, len(ids),
                                    raw_label=parsed.label)

@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from she.errors import UserError
+from she.models.heads import selected_logits
 from she.rewards.hybrid import BatchStepExaminer  # noqa: F401  (the protocol both judges implement)
 from she.reasoning.prompts import user_message
 
@@ -174,26 +175,6 @@ def collate(batch: Sequence[EncodedJudge], pad_id: int):
         rows += [b] * len(e.positions)
         cols += [p - 1 for p in e.positions]
     return ids, mask, torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
-
-
-def _uses_plain_head(model: Any) -> bool:
-    cfg = getattr(model, "config", None)
-    return not any(getattr(cfg, k, None) for k in ("final_logit_softcapping", "logit_scale"))
-
-
-def selected_logits(model: Any, input_ids, attention_mask, rows, cols):
-    """Full-vocabulary logits [N, V] at the (rows, cols) positions, as float32.
-
-    Runs the decoder once and applies the output head only at the N verdict-predicting positions
-    (for SmolLM2 the 49k-word head is ~20 % of a forward's cost at every position). Models whose
-    logits are more than ``lm_head(hidden)`` (soft-capping, logit scaling) take the full forward.
-    """
-    if _uses_plain_head(model) and getattr(model, "base_model", None) is not None \
-            and model.base_model is not model and model.get_output_embeddings() is not None:
-        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return model.get_output_embeddings()(hidden[rows, cols]).float()
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    return logits[rows, cols].float()
 
 
 def verdict_loss_terms(logits, good_id: int, bad_id: int, targets):
@@ -336,7 +317,7 @@ class StepJudge:
                     ids, mask, rows, cols = collate([encoded[i] for i in idx], self.tokenizer.pad_token_id)
                     with autocast(self.bf16, device):
                         logits = selected_logits(self.model, ids.to(device), mask.to(device), rows.to(device),
-                                                 cols.to(device))
+                                                 cols.to(device), head_fp32=True)
                     probs = p_good(logits, self.good_id, self.bad_id).tolist()
                     k = 0
                     for i in idx:

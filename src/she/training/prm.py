@@ -488,7 +488,8 @@ def batch_verdict_loss(judge: Any, batch: Sequence[tuple[Any, list[float | None]
     judge's model as the trainer wraps it (DDP), default ``judge.model``."""
     import torch
 
-    from she.rewards.judge import collate, selected_logits, verdict_loss_terms
+    from she.models.heads import selected_logits
+    from she.rewards.judge import collate, verdict_loss_terms
 
     model = judge.model if model is None else model
     device = next(model.parameters()).device

@@ -1,0 +1,142 @@
+#!/usr/bin/env python
+"""How much Macro F1 the grounded evidence steps can carry: a gradient-boosting classifier on them, no LLM.
+
+    python scripts/evidence_ceiling.py --data-config configs/home-depot-sft-evidence.yaml \
+        [--predictions runs/hd-sft-evidence/eval_sft/predictions.jsonl]
+
+The evidence of a pair is what the ``Missing``, ``Numbers`` and ``Head`` steps state (docs/reasoning-format.md):
+the number of query content words, how many of them the product lacks (and that share), how many query
+quantities match / mismatch / are missing in the product, and whether the query's head noun is in the title.
+A ``HistGradientBoostingClassifier`` is fitted on it for ``--train`` label-balanced pairs of the training queries
+(the reasoning SFT's own sample size: 1,500), per-class log-offsets on the validation pairs (as ``she calibrate``
+does for a model), and scored on the held-out test pairs of the data config's split -- the same pairs the
+``she demo`` evaluations of that config use (``data.max_eval``). It answers two questions:
+
+1. *Exact evidence*: the steps computed by the rationale writer -- what a judge that wrote every step right and
+   read it well could reach;
+2. with ``--predictions`` (a ``predictions.jsonl`` of a grounded- or evidence-schema model): the same classifier
+   on the evidence the model *generated* (its ``Missing`` / ``Numbers`` / ``Head`` lines parsed), next to the
+   model's own verdicts: how much the step errors cost, and how much the model's reading of its own steps does.
+
+Macro F1 with 1,000-replicate query-group bootstrap intervals. Needs scikit-learn (``pip install -e .[test]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+
+from she.config import DataConfig, from_dict, read_yaml
+from she.data.labels import get_taxonomy
+from she.data.schema import Record
+from she.data.sources import label_balanced_sample, load_splits
+from she.evaluation.calibration import fit_label_offsets
+from she.evaluation.metrics import bootstrap_ci, classification_report
+from she.reasoning.quantities import parse_numbers
+from she.reasoning.rationale import (
+    _content, _tokens, head_check, missing_query_words, number_checks, one_line, parse_coverage, parse_head,
+)
+
+HEAD_CODE = {"absent": 0, "found": 1, "none": 2}
+FEATURES = ("query words", "missing", "missing share", "numbers match", "numbers mismatch", "numbers missing",
+            "head (0 absent, 1 found, 2 none)")
+
+
+def _vector(n_query: int, n_missing: int, states: list[str], head: str) -> list[float]:
+    return [n_query, n_missing, n_missing / max(1, n_query), states.count("match"), states.count("mismatch"),
+            states.count("missing"), HEAD_CODE[head]]
+
+
+def query_words(record: Record) -> int:
+    return len(_content(_tokens(html.unescape(one_line(record.query)))))
+
+
+def exact_evidence(record: Record) -> list[float]:
+    """The evidence vector of ``record`` as the rationale writer computes it (label-free)."""
+    return _vector(query_words(record), len(missing_query_words(record)), [s for _, s in number_checks(record)],
+                   head_check(record)[1])
+
+
+def generated_evidence(record: Record, reasoning: str) -> list[float]:
+    """The evidence vector a generated trace states (first line of each key; unreadable lines count as none)."""
+    lines: dict[str, str] = {}
+    for line in reasoning.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            lines.setdefault(key.strip(), value.strip())
+    missing = parse_coverage(lines.get("Missing")) or set()
+    numbers = parse_numbers(lines.get("Numbers")) or {}
+    head = parse_head(lines.get("Head")) or ("", "none")
+    return _vector(query_words(record), len(missing), list(numbers.values()), head[1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data-config", required=True, help="YAML whose data: section makes the split (e.g. a demo config)")
+    ap.add_argument("--train", type=int, default=1500, help="label-balanced training pairs for the classifier")
+    ap.add_argument("--predictions", help="predictions.jsonl of a grounded/evidence-schema model on the test pairs")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    raw = read_yaml(args.data_config)
+    data = from_dict(DataConfig, raw["data"], f"{args.data_config}.data")
+    splits = load_splits(data)
+    labels = list(get_taxonomy(data.taxonomy).labels)
+    full = from_dict(DataConfig, {**raw["data"], "max_train": None, "balance_train": False}, "data")
+    train = label_balanced_sample(load_splits(full)["train"], args.train, random.Random(args.seed))
+    test, val = splits["test"], splits["validation"]
+    y = [labels.index(r.label) for r in train]
+    clf = HistGradientBoostingClassifier(max_iter=100, learning_rate=0.05, random_state=args.seed)
+    clf.fit(np.array([exact_evidence(r) for r in train]), y)
+
+    def probs(vectors: list[list[float]]) -> list[dict[str, float]]:
+        return [dict(zip(labels, map(float, p))) for p in clf.predict_proba(np.array(vectors))]
+
+    pv = probs([exact_evidence(r) for r in val])
+    offsets = fit_label_offsets(pv, [max(p, key=p.get) for p in pv], [r.label for r in val], labels)
+    gold, groups = [r.label for r in test], [r.query for r in test]
+
+    def report(name: str, pred: list[str | None]) -> None:
+        lo, hi = bootstrap_ci(gold, pred, labels, n_boot=1000, seed=0, groups=groups)
+        rep = classification_report(gold, pred, labels)
+        shares = "/".join(f"{pred.count(c) / len(pred):.2f}" for c in labels)
+        print(f"{name:<58} {rep['macro_f1']:.3f} [{lo:.3f}, {hi:.3f}]  predicted {shares}")
+
+    def read(vectors: list[list[float]]) -> tuple[list[str], list[str]]:
+        ps = probs(vectors)
+        cal = [max(p, key=lambda c: np.log(max(p[c], 1e-12)) + offsets[c]) for p in ps]
+        return [max(p, key=p.get) for p in ps], cal
+
+    print(f"{len(train)} training pairs (label-balanced), {len(val)} validation, {len(test)} test pairs "
+          f"({len(set(groups))} queries); features: {', '.join(FEATURES)}; offsets {offsets}")
+    exact_raw, exact_cal = read([exact_evidence(r) for r in test])
+    report("classifier on the exact evidence, raw", exact_raw)
+    report("classifier on the exact evidence, calibrated", exact_cal)
+    if args.predictions:
+        preds = {}
+        for line in Path(args.predictions).read_text().splitlines():
+            d = json.loads(line)
+            preds[str(d["id"])] = d
+        missing = [r.id for r in test if r.id not in preds]
+        if missing:
+            raise SystemExit(f"{args.predictions}: {len(missing)} test pairs have no prediction, e.g. {missing[:3]}")
+        gen = [generated_evidence(r, preds[r.id].get("reasoning") or "") for r in test]
+        exact = [exact_evidence(r) for r in test]
+        agree = (np.array(gen) == np.array(exact)).mean(0)
+        print("generated evidence equal to the exact one, per feature: "
+              + ", ".join(f"{f} {a:.2f}" for f, a in zip(FEATURES, agree)))
+        gen_raw, gen_cal = read(gen)
+        report("classifier on the model's generated evidence, raw", gen_raw)
+        report("classifier on the model's generated evidence, calibrated", gen_cal)
+        report("the model's own verdict (raw_label)", [preds[r.id].get("raw_label", preds[r.id]["label"]) for r in test])
+        report("the model's own verdict (label: calibrated if it was)", [preds[r.id]["label"] for r in test])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""she.models.heads: label logits re-read in float32 under bf16 autocast, and the generate-time capture that
+lines each generated token's hidden state up with its scores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from she.models.heads import capture_head_inputs, head_logits_fp32, plain_head, selected_logits
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from she.models.registry import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(str(tiny_model_dir))
+    model.eval()
+    return model, tok
+
+
+def _batch(tok, texts):
+    tok.padding_side = "left"
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def test_head_logits_fp32_is_the_linear_map_by_hand():
+    head = torch.nn.Linear(3, 2, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, 2.0, 3.0], [-1.0, 0.5, 0.0]]))
+        head.bias.copy_(torch.tensor([0.25, -0.5]))
+    h = torch.tensor([[1.0, 1.0, 1.0], [2.0, 0.0, -1.0]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = head_logits_fp32(head, h)
+    assert out.dtype == torch.float32
+    assert out.tolist() == [[6.25, -1.0], [-0.75, -2.5]]
+
+
+def test_plain_head_refuses_scaled_logits(tiny):
+    model, _ = tiny
+    assert plain_head(model) is model.get_output_embeddings()
+
+    class Scaled:
+        config = type("C", (), {"logit_scale": 0.5})()
+
+        def get_output_embeddings(self):
+            return model.get_output_embeddings()
+
+    assert plain_head(Scaled()) is None
+
+
+def test_selected_logits_fp32_under_bf16_autocast(tiny):
+    model, tok = tiny
+    ids, mask = _batch(tok, ["a red drill", "blue hose for garden"])
+    rows, cols = torch.tensor([0, 1, 1]), torch.tensor([ids.shape[1] - 1, ids.shape[1] - 1, ids.shape[1] - 2])
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = selected_logits(model, ids, mask, rows, cols)
+            high = selected_logits(model, ids, mask, rows, cols, head_fp32=True)
+            hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state[rows, cols]
+        want = torch.nn.functional.linear(hidden.float(), model.get_output_embeddings().weight.float())
+    assert torch.equal(low, low.bfloat16().float())  # the ambient head: every logit a bf16 value
+    assert not torch.equal(high, high.bfloat16().float())  # the fp32 head keeps the bits bf16 drops
+    assert torch.allclose(high, want, atol=1e-5)
+    assert torch.allclose(low, high, atol=0.1 * high.abs().max().item())  # the same logits, to bf16 precision
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_capture_lines_up_with_generate_scores(tiny, bf16):
+    model, tok = tiny
+    ids, mask = _batch(tok, ["a red drill", "blue hose for the garden"])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), \
+            capture_head_inputs(model) as hidden:
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True, pad_token_id=tok.pad_token_id)
+    assert hidden is not None and len(hidden) == len(out.logits) == out.sequences.shape[1] - ids.shape[1]
+    head = plain_head(model)
+    for k, logits in enumerate(out.logits):
+        mine = head_logits_fp32(head, hidden[k])
+        assert mine.shape == logits.shape
+        if bf16:  # the generated logits are the bf16 rounding of the fp32 re-read
+            assert torch.allclose(mine, logits.float(), atol=0.02 * mine.abs().max().item() + 1e-3)
+        else:
+            assert torch.allclose(mine, logits.float(), atol=1e-5)
+            assert torch.equal(mine.argmax(-1), out.sequences[:, ids.shape[1] + k])
+    with capture_head_inputs(model) as again:
+        pass
+    assert again == [] and not model.get_output_embeddings()._forward_pre_hooks  # the hook is removed
