@@ -94,6 +94,9 @@ def test_batched_scorer_matches_one_by_one_and_memoises(tiny_model_dir, records)
     assert len(calls) > n  # a new batch is scored afresh
     with pytest.raises(ValueError, match="2 prompts, 3 texts"):
         scorer.score(prompts[:2], texts[:3], records[:3])
+    # under bf16 autocast the decoder runs in bf16 and the label logits are re-read in float32: close to fp32
+    bf = GoldLabelProbability(lambda: model, tok, SCHEMA, bf16=True, batch_size=4).score(prompts, texts, records)
+    assert bf[2] == 0.0 and bf == pytest.approx(want, abs=0.02)
     logs = GoldLabelProbability(lambda: model, tok, SCHEMA, bf16=False, log_floor=20.0).score(prompts, texts, records)
     want_log = [0.0 if w == 0.0 else 1 + max(math.log(w), -20.0) / 20.0 for w in want]
     assert logs == pytest.approx(want_log, abs=1e-5)

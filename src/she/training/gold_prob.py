@@ -28,6 +28,7 @@ import torch
 
 from she.data.schema import Record
 from she.evaluation.generate import label_first_tokens
+from she.models.heads import capture_head_inputs, head_logits_fp32, plain_head
 from she.models.metadata import autocast
 from she.reasoning.parse import parse_trace
 from she.reasoning.schema import StepSchema
@@ -145,9 +146,11 @@ class GoldLabelProbability:
         was_training = model.training
         model.eval()
         try:
-            with autocast(self.bf16, device):
+            with autocast(self.bf16, device), capture_head_inputs(model) as hidden:
                 logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
                                logits_to_keep=1, use_cache=False).logits[:, -1, :]
+            if hidden:  # the label logits in float32 (she.models.heads: bf16 rounds them to 1/16 nat)
+                logits = head_logits_fp32(plain_head(model), hidden[-1])
         finally:
             model.train(was_training)
         log_p = gold_log_probabilities(logits, label_ids, gold)
