@@ -1,0 +1,46 @@
+"""scripts/evidence_ceiling.py, its pure parts: the evidence vector of a pair as the rationale writer computes it,
+and as a generated trace states it. The classifier run itself is an analysis, run by hand (docs/results.md)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from she.data.schema import Product, Record
+from she.reasoning.rationale import write_rationale
+from she.reasoning.schema import resolve_schema
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "evidence_ceiling.py"
+
+
+@pytest.fixture(scope="module")
+def ec():
+    spec = importlib.util.spec_from_file_location("evidence_ceiling", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["evidence_ceiling"] = mod
+    try:
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        sys.modules.pop("evidence_ceiling", None)
+
+
+DRILL = Record(id="d", query="cordless 20v dewalt drills", product=Product(title="DEWALT 18-Volt Drill/Driver Kit"),
+               label="Partial")
+
+
+def test_exact_evidence_by_hand(ec):
+    # content tokens cordless, 20, v, dewalt, drills (5: the query-length feature counts tokens); the writer's
+    # Missing is "cordless, 20" (2 of them), Numbers "20 v=mismatch", Head "drill found"
+    assert ec.exact_evidence(DRILL) == [5, 2, 0.4, 0, 1, 0, 1]
+
+
+def test_generated_evidence_reads_the_lines_a_trace_states(ec):
+    text = write_rationale(DRILL, resolve_schema("evidence"))
+    assert ec.generated_evidence(DRILL, text) == ec.exact_evidence(DRILL)  # the writer's own trace: the same
+    wrong = (text.replace("Missing: cordless, 20", "Missing: none").replace("20 v=mismatch", "20 v=match")
+             .replace("drill found", "drill absent"))
+    assert ec.generated_evidence(DRILL, wrong) == [5, 0, 0.0, 1, 0, 0, 0]
+    # unreadable or absent lines count as stating nothing
+    assert ec.generated_evidence(DRILL, "Verdict: Exact") == [5, 0, 0.0, 0, 0, 0, 2]
