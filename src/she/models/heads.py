@@ -4,7 +4,7 @@ Why float32: under bf16 autocast the output head's logits carry 8 bits of mantis
 magnitudes (8-16) two label logits differ in steps of 1/16 nat. A verdict distribution that is soft (the
 evidence schema's: max probability ~0.44 on Home Depot) then collapses onto a few dozen values, one pair in
 ten has two labels exactly tied, and the per-class offsets of calibrated verdicts (she.evaluation.calibration)
-move whole blocks of pairs at once (measured: docs/results.md, "The evidence schema"). The head is one matmul;
+move whole blocks of pairs at once (measured: docs/results.md, "Session 7", "Label logits in float32"). The head is one matmul;
 re-reading it in float32 at the positions where a label is read costs ``N x vocab x hidden`` multiply-adds --
 nothing next to the forward pass -- while the decoder itself keeps running in bf16.
 
