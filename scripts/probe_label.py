@@ -1,0 +1,147 @@
+#!/usr/bin/env python
+"""Is the relevance label in the frozen model's features? A linear probe, no fine-tuning (issue 13).
+
+    python scripts/probe_label.py --model smollm2-135m --data-config configs/compare-cpu-label-only.yaml \
+        [--train 3000] [--layers -1,-6]
+
+The label-only SFT row of ``she compare`` learned the label prior and nothing else (docs/results.md): every pair
+got the same label probabilities. This script separates the two possible reasons. It runs the *frozen* model
+over the label-only prompt of each pair (``--prompt-style``, the chat template up to the assistant turn: exactly
+what the label-only SFT conditions on), takes hidden states at ``--layers`` -- the last prompt token and the
+mean over the prompt -- and fits a multinomial logistic regression on ``--train`` label-balanced pairs of the
+training queries. The regularisation strength and per-class log-offsets are chosen on the validation pairs (as
+``she calibrate`` does for a model); the test pairs of the data config's split (``data.max_eval``) are scored
+once, with 1,000-replicate query-group bootstrap intervals. If the probe is well above the prior, the features
+carry the signal and the fine-tune's failure is one of optimisation; if it is not, the backbone does not see it.
+
+Needs scikit-learn (``pip install -e .[test]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+import numpy as np
+
+from she.config import DataConfig, from_dict, read_yaml
+from she.data.labels import get_taxonomy
+from she.data.schema import Record
+from she.data.sources import label_balanced_sample, load_splits
+from she.evaluation.calibration import fit_label_offsets
+from she.evaluation.metrics import bootstrap_ci, classification_report
+from she.reasoning.prompts import build_messages
+from she.reasoning.schema import resolve_schema
+
+C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+
+
+def prompt_texts(records: list[Record], tokenizer, prompt_style: str = "compact") -> list[str]:
+    """The chat-templated prompt of each record, up to the start of the assistant turn (what the model reads
+    before it writes ``Verdict:``)."""
+    out = []
+    for r in records:
+        schema = resolve_schema(None, r.taxonomy)
+        msgs = build_messages(r, style=prompt_style, schema=schema)
+        out.append(tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+    return out
+
+
+def pooled_features(hidden, mask):
+    """``hidden`` [B, T, H] and right-padded ``mask`` [B, T] -> [B, 2H]: the last real token's state, then the
+    mean over the real tokens. Pure tensor code (float32 out)."""
+    import torch
+
+    mask = mask.to(hidden.dtype)
+    last = mask.sum(1).long() - 1
+    rows = torch.arange(hidden.shape[0])
+    mean = (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
+    return torch.cat([hidden[rows, last], mean], dim=-1).float()
+
+
+def extract(model, tokenizer, texts: list[str], layers: list[int], batch_size: int = 32) -> np.ndarray:
+    """Features of every text: :func:`pooled_features` of each hidden layer in ``layers``, concatenated. Texts
+    are processed length-sorted (less padding) and returned in their input order."""
+    import torch
+
+    tokenizer.padding_side = "right"
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    feats: list[np.ndarray | None] = [None] * len(texts)
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+            out = model(**enc, output_hidden_states=True)
+            f = torch.cat([pooled_features(out.hidden_states[layer], enc["attention_mask"]) for layer in layers], -1)
+            for i, row in zip(idx, f.numpy()):
+                feats[i] = row
+    return np.stack(feats)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m", help="a registered model name or a save_pretrained folder")
+    ap.add_argument("--data-config", required=True, help="YAML whose data: section makes the split")
+    ap.add_argument("--train", type=int, default=3000, help="label-balanced training pairs for the probe")
+    ap.add_argument("--layers", default="-1,-6", help="hidden-state layers (0 = embeddings, -1 = last)")
+    ap.add_argument("--prompt-style", default="compact")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    import torch
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from she.models.registry import load_model_and_tokenizer
+
+    raw = read_yaml(args.data_config)
+    data = from_dict(DataConfig, raw["data"], f"{args.data_config}.data")
+    splits = load_splits(data)
+    labels = list(get_taxonomy(data.taxonomy).labels)
+    full = from_dict(DataConfig, {**raw["data"], "max_train": None, "balance_train": False}, "data")
+    train = label_balanced_sample(load_splits(full)["train"], args.train, random.Random(args.seed))
+    test, val = splits["test"], splits["validation"]
+    layers = [int(x) for x in args.layers.split(",")]
+
+    model, tok = load_model_and_tokenizer(args.model, dtype=torch.bfloat16)
+    model.eval()
+    t0 = time.perf_counter()
+    xs = {name: extract(model, tok, prompt_texts(rs, tok, args.prompt_style), layers, args.batch_size)
+          for name, rs in (("train", train), ("validation", val), ("test", test))}
+    seconds = time.perf_counter() - t0
+    scaler = StandardScaler().fit(xs["train"])
+    xs = {k: scaler.transform(v) for k, v in xs.items()}
+    y = [labels.index(r.label) for r in train]
+
+    def fit(c: float):
+        return LogisticRegression(C=c, max_iter=2000).fit(xs["train"], y)
+
+    def probs(clf, x) -> list[dict[str, float]]:
+        return [dict(zip(labels, map(float, p))) for p in clf.predict_proba(x)]
+
+    val_gold = [r.label for r in val]
+    scores = {}
+    for c in C_GRID:
+        pv = probs(fit(c), xs["validation"])
+        scores[c] = classification_report(val_gold, [max(p, key=p.get) for p in pv], labels)["macro_f1"]
+    best = max(C_GRID, key=lambda c: scores[c])
+    clf = fit(best)
+    pv = probs(clf, xs["validation"])
+    offsets = fit_label_offsets(pv, [max(p, key=p.get) for p in pv], val_gold, labels)
+    pt = probs(clf, xs["test"])
+    gold, groups = [r.label for r in test], [r.query for r in test]
+    print(f"{args.model}: layers {layers}, {len(train)} training pairs (label-balanced), {len(val)} validation, "
+          f"{len(test)} test pairs ({len(set(groups))} queries); features {xs['train'].shape[1]} in {seconds:.0f} s; "
+          f"C by validation Macro F1 {', '.join(f'{c}: {s:.3f}' for c, s in scores.items())} -> {best}; "
+          f"offsets {offsets}")
+    for name, pred in (("probe, raw", [max(p, key=p.get) for p in pt]),
+                       ("probe, calibrated", [max(p, key=lambda c: np.log(max(p[c], 1e-12)) + offsets[c]) for p in pt])):
+        lo, hi = bootstrap_ci(gold, pred, labels, n_boot=1000, seed=0, groups=groups)
+        rep = classification_report(gold, pred, labels)
+        shares = "/".join(f"{pred.count(c) / len(pred):.2f}" for c in labels)
+        print(f"{name:<20} Macro F1 {rep['macro_f1']:.3f} [{lo:.3f}, {hi:.3f}]  predicted {shares}")
+
+
+if __name__ == "__main__":
+    main()
