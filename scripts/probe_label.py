@@ -14,6 +14,13 @@ training queries. The regularisation strength and per-class log-offsets are chos
 once, with 1,000-replicate query-group bootstrap intervals. If the probe is well above the prior, the features
 carry the signal and the fine-tune's failure is one of optimisation; if it is not, the backbone does not see it.
 
+``--at verdict`` (a reasoning model, e.g. ``runs/hd-sft-evidence/sft/final``): the model first writes its steps
+greedily (``she eval``'s generation, its own prompt style and schema), and the probe reads the hidden state at
+the position where it generated the verdict label -- the state its label-token probabilities come from, having
+attended to the pair *and* the steps. The probe is then a linear verdict head fitted in place of the three
+label-token rows of the output head plus offsets (``she calibrate``): how much better the same state can be
+read. Pairs whose trace has no verdict keep the model's own (invalid) answer.
+
 Needs scikit-learn (``pip install -e .[test]``).
 """
 
@@ -79,6 +86,23 @@ def extract(model, tokenizer, texts: list[str], layers: list[int], batch_size: i
     return np.stack(feats)
 
 
+def verdict_features(model, tokenizer, records: list[Record], model_path: str, batch_size: int = 32,
+                     max_new_tokens: int = 96) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+    """(features [N, H], has-verdict mask [N], the model's own labels) at the verdict positions of its greedy
+    traces; rows without a verdict are zeros."""
+    from she.evaluation.generate import generate_judgements
+    from she.models.metadata import model_step_schema, prompt_style_of
+
+    taxonomy = records[0].taxonomy
+    js = generate_judgements(model, tokenizer, records, taxonomy=taxonomy, batch_size=batch_size,
+                             max_new_tokens=max_new_tokens, schema=model_step_schema(model_path, taxonomy),
+                             prompt_style=prompt_style_of(model_path), keep_hidden=True, progress=False)
+    width = next((len(j.verdict_hidden) for j in js if j.verdict_hidden is not None), 0)
+    ok = np.array([j.verdict_hidden is not None for j in js])
+    x = np.array([j.verdict_hidden if j.verdict_hidden is not None else [0.0] * width for j in js], dtype=np.float32)
+    return x, ok, [j.label for j in js]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m", help="a registered model name or a save_pretrained folder")
@@ -88,6 +112,9 @@ def main() -> None:
     ap.add_argument("--prompt-style", default="compact")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--at", choices=("prompt", "verdict"), default="prompt",
+                    help="prompt: the frozen prompt's states (--layers); verdict: a reasoning model's verdict position")
+    ap.add_argument("--max-new-tokens", type=int, default=96, help="--at verdict: the trace's token budget")
     args = ap.parse_args()
     import torch
     from sklearn.linear_model import LogisticRegression
@@ -104,39 +131,62 @@ def main() -> None:
     test, val = splits["test"], splits["validation"]
     layers = [int(x) for x in args.layers.split(",")]
 
-    model, tok = load_model_and_tokenizer(args.model, dtype=torch.bfloat16)
-    model.eval()
+    parts = (("train", train), ("validation", val), ("test", test))
     t0 = time.perf_counter()
-    xs = {name: extract(model, tok, prompt_texts(rs, tok, args.prompt_style), layers, args.batch_size)
-          for name, rs in (("train", train), ("validation", val), ("test", test))}
+    if args.at == "prompt":
+        model, tok = load_model_and_tokenizer(args.model, dtype=torch.bfloat16)
+        model.eval()
+        xs = {name: extract(model, tok, prompt_texts(rs, tok, args.prompt_style), layers, args.batch_size)
+              for name, rs in parts}
+        ok = {name: np.ones(len(rs), dtype=bool) for name, rs in parts}
+        own: dict[str, list[str | None]] = {}
+    else:  # generation runs in bf16 autocast on float32 weights, as she eval does
+        model, tok = load_model_and_tokenizer(args.model)
+        xs, ok, own = {}, {}, {}
+        for name, rs in parts:
+            xs[name], ok[name], own[name] = verdict_features(model, tok, rs, args.model, args.batch_size,
+                                                             args.max_new_tokens)
+        layers = ["verdict"]
     seconds = time.perf_counter() - t0
-    scaler = StandardScaler().fit(xs["train"])
+    scaler = StandardScaler().fit(xs["train"][ok["train"]])
     xs = {k: scaler.transform(v) for k, v in xs.items()}
-    y = [labels.index(r.label) for r in train]
+    y = [labels.index(r.label) for r, good in zip(train, ok["train"]) if good]
 
     def fit(c: float):
-        return LogisticRegression(C=c, max_iter=2000).fit(xs["train"], y)
+        return LogisticRegression(C=c, max_iter=2000).fit(xs["train"][ok["train"]], y)
 
-    def probs(clf, x) -> list[dict[str, float]]:
-        return [dict(zip(labels, map(float, p))) for p in clf.predict_proba(x)]
+    def probs(clf, x, good) -> list[dict[str, float] | None]:
+        return [dict(zip(labels, map(float, p))) if g else None for p, g in zip(clf.predict_proba(x), good)]
+
+    def argmax(ps, name: str, offsets: dict[str, float] | None = None) -> list[str | None]:
+        """The probe's label; a pair without a verdict keeps the model's own answer."""
+        off = offsets or {c: 0.0 for c in labels}
+        return [max(p, key=lambda c: np.log(max(p[c], 1e-12)) + off[c]) if p is not None else own[name][i]
+                for i, p in enumerate(ps)]
 
     val_gold = [r.label for r in val]
     scores = {}
     for c in C_GRID:
-        pv = probs(fit(c), xs["validation"])
-        scores[c] = classification_report(val_gold, [max(p, key=p.get) for p in pv], labels)["macro_f1"]
+        scores[c] = classification_report(val_gold, argmax(probs(fit(c), xs["validation"], ok["validation"]),
+                                                           "validation"), labels)["macro_f1"]
     best = max(C_GRID, key=lambda c: scores[c])
     clf = fit(best)
-    pv = probs(clf, xs["validation"])
-    offsets = fit_label_offsets(pv, [max(p, key=p.get) for p in pv], val_gold, labels)
-    pt = probs(clf, xs["test"])
+    pv = probs(clf, xs["validation"], ok["validation"])
+    keep = [i for i, p in enumerate(pv) if p is not None]
+    offsets = fit_label_offsets([pv[i] for i in keep], [argmax(pv, "validation")[i] for i in keep],
+                                [val_gold[i] for i in keep], labels)
+    pt = probs(clf, xs["test"], ok["test"])
     gold, groups = [r.label for r in test], [r.query for r in test]
-    print(f"{args.model}: layers {layers}, {len(train)} training pairs (label-balanced), {len(val)} validation, "
-          f"{len(test)} test pairs ({len(set(groups))} queries); features {xs['train'].shape[1]} in {seconds:.0f} s; "
+    print(f"{args.model}: at {args.at}, layers {layers}, {len(train)} training pairs (label-balanced), {len(val)} "
+          f"validation, {len(test)} test pairs ({len(set(groups))} queries); features {xs['train'].shape[1]} in "
+          f"{seconds:.0f} s; without a verdict (train/validation/test): "
+          f"{'/'.join(str(int((~v).sum())) for v in ok.values())}; "
           f"C by validation Macro F1 {', '.join(f'{c}: {s:.3f}' for c, s in scores.items())} -> {best}; "
           f"offsets {offsets}")
-    for name, pred in (("probe, raw", [max(p, key=p.get) for p in pt]),
-                       ("probe, calibrated", [max(p, key=lambda c: np.log(max(p[c], 1e-12)) + offsets[c]) for p in pt])):
+    rows = [("probe, raw", argmax(pt, "test")), ("probe, calibrated", argmax(pt, "test", offsets))]
+    if own:
+        rows.append(("the model's own generated label", own["test"]))
+    for name, pred in rows:
         lo, hi = bootstrap_ci(gold, pred, labels, n_boot=1000, seed=0, groups=groups)
         rep = classification_report(gold, pred, labels)
         shares = "/".join(f"{pred.count(c) / len(pred):.2f}" for c in labels)

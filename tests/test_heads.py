@@ -86,3 +86,41 @@ def test_capture_lines_up_with_generate_scores(tiny, bf16):
     with capture_head_inputs(model) as again:
         pass
     assert again == [] and not model.get_output_embeddings()._forward_pre_hooks  # the hook is removed
+
+
+def test_generate_judgements_keeps_the_verdict_hidden_state(tiny):
+    """``keep_hidden``: the state kept is the one the verdict probabilities were read from (re-applying the head
+    to it gives them back), one per judged pair; without the flag nothing is kept."""
+    from she.data.schema import Product, Record
+    from she.evaluation.generate import generate_judgements, label_first_tokens
+    from she.reasoning.schema import resolve_schema
+
+    model, tok = tiny
+    schema = resolve_schema("default", "hd3")
+    labels = ["Irrelevant", "Partial", "Exact"]
+    script = tok.encode("Verdict: Exact", add_special_tokens=False) + [tok.eos_token_id]
+    recs = [Record(id=str(i), query=q, product=Product(title=t), label="Exact")
+            for i, (q, t) in enumerate([("red drill", "red cordless drill"), ("garden hose", "blue hose 50 ft")])]
+    real = model.generate
+
+    def scripted(**kw):  # force the scripted trace; the head still runs at every step
+        start = kw["input_ids"].shape[1]
+        return real(**kw, prefix_allowed_tokens_fn=lambda b, ids: [script[min(len(ids) - start, len(script) - 1)]])
+
+    model.generate = scripted
+    try:
+        kept = generate_judgements(model, tok, recs, taxonomy="hd3", max_new_tokens=len(script) + 1, bf16=False,
+                                   progress=False, schema=schema, prompt_style="compact", keep_hidden=True)
+        plain = generate_judgements(model, tok, recs, taxonomy="hd3", max_new_tokens=len(script) + 1, bf16=False,
+                                    progress=False, schema=schema, prompt_style="compact")
+    finally:
+        del model.generate
+    ids = label_first_tokens(tok, labels)[True]
+    for j, p in zip(kept, plain):
+        assert j.raw_label == "Exact" and j.probs is not None and j.verdict_hidden is not None
+        assert len(j.verdict_hidden) == model.config.hidden_size
+        logits = head_logits_fp32(plain_head(model), torch.tensor([j.verdict_hidden]))[0]
+        again = torch.softmax(logits[ids], -1).tolist()
+        assert again == pytest.approx([j.probs[c] for c in labels], abs=1e-5)
+        assert p.verdict_hidden is None and p.probs == pytest.approx(j.probs)
+    assert kept[0].verdict_hidden != kept[1].verdict_hidden  # each pair its own state

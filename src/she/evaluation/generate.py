@@ -32,6 +32,8 @@ class Judgement:
     parsed: object = field(repr=False, default=None)  # she.reasoning.parse.ParsedTrace
     n_new_tokens: int = 0
     raw_label: str | None = None  # the generated label before calibration offsets (== label without them)
+    # the decoder's last hidden state where the verdict label's first token was generated (``keep_hidden``)
+    verdict_hidden: list[float] | None = field(repr=False, default=None)
 
 
 def label_first_tokens(tokenizer, labels: list[str]) -> dict[bool, list[int]] | None:
@@ -67,11 +69,14 @@ def generate_judgements(
     schema: StepSchema | None = None,
     prompt_style: str = "full",
     label_offsets: dict[str, float] | None = None,
+    keep_hidden: bool = False,
 ) -> list[Judgement]:
     """Greedy judgements of ``records``. ``schema``: the step schema the model writes (prompts and parsing; None =
     the built-in one, :func:`she.models.metadata.model_step_schema` gives a model's own). ``label_offsets``
     (she.json ``label_offsets``): the label is read from the verdict-token probabilities with these per-class
-    offsets (:mod:`she.evaluation.calibration`); the generated label stays in ``raw_label``."""
+    offsets (:mod:`she.evaluation.calibration`); the generated label stays in ``raw_label``. ``keep_hidden``: each
+    judgement also keeps the hidden state its verdict was read from (``verdict_hidden``, float32; None where no
+    label was generated or the model has no plain output head), for probes of what the verdict could read."""
     from tqdm.auto import tqdm
 
     from she.evaluation.calibration import apply_offsets
@@ -116,16 +121,18 @@ def generate_judgements(
             ids = [t for t in ids if t != tokenizer.pad_token_id]
             text, offsets = token_char_offsets(tokenizer, ids)
             parsed = parse_trace(text, schema)
-            probs = None
+            probs = verdict_hidden = None
             if parsed.label is not None and parsed.label_span is not None:
                 k = next((j for j, (s, e) in enumerate(offsets) if e > parsed.label_span[0]), None)
                 if k is not None and k < len(out.scores):
                     s, e = offsets[k]
                     step = out.scores[k][row] if hidden is None else head_logits_fp32(head, hidden[k][row : row + 1])[0]
                     probs = _label_probs(step, text[s:e], first_tokens, labels)
+                    if keep_hidden and hidden is not None:
+                        verdict_hidden = hidden[k][row].float().tolist()
             label = apply_offsets(probs, parsed.label, label_offsets)
             results[i] = Judgement(records[i].id, text, label, probs, parsed.format_ok, parsed, len(ids),
-                                   raw_label=parsed.label)
+                                   raw_label=parsed.label, verdict_hidden=verdict_hidden)
         bar.update(len(idx))
     bar.close()
     return results  # type: ignore[return-value]
