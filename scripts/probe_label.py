@@ -87,9 +87,9 @@ def extract(model, tokenizer, texts: list[str], layers: list[int], batch_size: i
 
 
 def verdict_features(model, tokenizer, records: list[Record], model_path: str, batch_size: int = 32,
-                     max_new_tokens: int = 96) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
-    """(features [N, H], has-verdict mask [N], the model's own labels) at the verdict positions of its greedy
-    traces; rows without a verdict are zeros."""
+                     max_new_tokens: int = 96) -> tuple[np.ndarray, np.ndarray, list[str | None], list[dict | None]]:
+    """(features [N, H], has-verdict mask [N], the model's own labels, its label-token probabilities) at the
+    verdict positions of its greedy traces; rows without a verdict are zeros."""
     from she.evaluation.generate import generate_judgements
     from she.models.metadata import model_step_schema, prompt_style_of
 
@@ -100,7 +100,7 @@ def verdict_features(model, tokenizer, records: list[Record], model_path: str, b
     width = next((len(j.verdict_hidden) for j in js if j.verdict_hidden is not None), 0)
     ok = np.array([j.verdict_hidden is not None for j in js])
     x = np.array([j.verdict_hidden if j.verdict_hidden is not None else [0.0] * width for j in js], dtype=np.float32)
-    return x, ok, [j.label for j in js]
+    return x, ok, [j.label for j in js], [j.probs for j in js]
 
 
 def main() -> None:
@@ -142,10 +142,10 @@ def main() -> None:
         own: dict[str, list[str | None]] = {}
     else:  # generation runs in bf16 autocast on float32 weights, as she eval does
         model, tok = load_model_and_tokenizer(args.model)
-        xs, ok, own = {}, {}, {}
+        xs, ok, own, own_probs = {}, {}, {}, {}
         for name, rs in parts:
-            xs[name], ok[name], own[name] = verdict_features(model, tok, rs, args.model, args.batch_size,
-                                                             args.max_new_tokens)
+            xs[name], ok[name], own[name], own_probs[name] = verdict_features(model, tok, rs, args.model,
+                                                                              args.batch_size, args.max_new_tokens)
         layers = ["verdict"]
     seconds = time.perf_counter() - t0
     scaler = StandardScaler().fit(xs["train"][ok["train"]])
@@ -184,8 +184,15 @@ def main() -> None:
           f"C by validation Macro F1 {', '.join(f'{c}: {s:.3f}' for c, s in scores.items())} -> {best}; "
           f"offsets {offsets}")
     rows = [("probe, raw", argmax(pt, "test")), ("probe, calibrated", argmax(pt, "test", offsets))]
-    if own:
+    if own:  # the same run's baseline: the model's label, raw and with offsets fitted on the same validation pairs
+        from she.evaluation.calibration import apply_offsets
+
+        vi = [i for i, p in enumerate(own_probs["validation"]) if p is not None]
+        own_off = fit_label_offsets([own_probs["validation"][i] for i in vi], [own["validation"][i] for i in vi],
+                                    [val_gold[i] for i in vi], labels)
         rows.append(("the model's own generated label", own["test"]))
+        rows.append((f"the model's label, offsets {own_off}",
+                     [apply_offsets(p, lab, own_off) for p, lab in zip(own_probs["test"], own["test"])]))
     for name, pred in rows:
         lo, hi = bootstrap_ci(gold, pred, labels, n_boot=1000, seed=0, groups=groups)
         rep = classification_report(gold, pred, labels)
