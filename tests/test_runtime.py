@@ -36,8 +36,11 @@ def test_bad_mode_is_a_user_error():
 
 @pytest.mark.parametrize("argv, default", [(["data", "validate", "/nonexistent.jsonl"], "tuned"),
                                            (["compare", "/nonexistent.yaml"], "system"),
-                                           (["demo", "--config", "/nonexistent.yaml"], "system")])
-def test_cli_tunes_single_jobs_and_leaves_multi_job_commands_alone(monkeypatch, argv, default):
+                                           (["demo", "--config", "/nonexistent.yaml"], "system"),
+                                           (["train", "srpo", "--config", "/nonexistent.yaml"], "system"),
+                                           (["train", "grpo", "--config", "/nonexistent.yaml"], "system"),
+                                           (["train", "sft", "--config", "/nonexistent.yaml"], "tuned")])
+def test_cli_tunes_fixed_shape_jobs_and_leaves_multi_job_and_rl_commands_alone(monkeypatch, argv, default):
     import she.cli
     import she.runtime
 

@@ -648,14 +648,14 @@ def _cmd_compare(a) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from she.runtime import tune_allocator
+    from she.runtime import allocator_default, tune_allocator
 
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     a, extras = parser.parse_known_args(argv)
-    # before torch allocates anything: freed memory stays in the process, except in the multi-job commands,
-    # whose heap would fragment (she/runtime.py)
-    tune_allocator(default="system" if a.cmd in ("compare", "demo") else "tuned")
+    # before torch allocates anything: freed memory stays in the process, except in the multi-job commands and
+    # RL training, whose heaps fragment (she/runtime.py)
+    tune_allocator(default=allocator_default(a.cmd, getattr(a, "train_cmd", None)))
     a.argv, a.extras = argv, extras
     takes_keys = a.cmd in ("train", "demo", "compare") or (a.cmd == "eval")
     if extras and not takes_keys:

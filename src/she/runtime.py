@@ -11,9 +11,12 @@ for large blocks (they come from the heap and are reused) and no trimming of the
 that a process keeps its peak memory until it exits, which is what a training job does anyway -- but a
 process that runs *many* jobs of different shapes one after another fragments that heap: a `she compare` run
 (SFT eval, GRPO, eval, calibration, then SRPO at 32 rollouts a step) grew to 24 GB and was killed by the OOM
-killer. So the CLI tunes single-job commands (``she train``, ``eval``, ``predict``, ``calibrate``, ``serve``)
-and leaves ``she compare`` and ``she demo`` on glibc's defaults. ``SHE_MALLOC=tuned|system`` overrides
-either; on a C library other than glibc (macOS, musl) it is a no-op.
+killer. So does one RL job on its own: a 60-step, 32-rollout RL row (rollouts of a different length every step,
+so differently sized buffers) reached 24.4 GB resident and was OOM-killed 54 steps in (docs/benchmarks.md,
+session 8). So the CLI tunes the commands whose buffers keep their shapes (``she train sft|prm|rm|dpo|...``,
+``eval``, ``predict``, ``calibrate``, ``serve``; :func:`allocator_default`) and leaves ``she compare``,
+``she demo`` and RL training (``she train srpo|grpo``) on glibc's defaults. ``SHE_MALLOC=tuned|system``
+overrides either; on a C library other than glibc (macOS, musl) it is a no-op.
 """
 
 from __future__ import annotations
@@ -31,6 +34,14 @@ M_MMAP_MAX = -4
 
 _INT_MAX = 2**31 - 1
 _state: dict[str, object] = {}
+
+
+def allocator_default(cmd: str | None, train_cmd: str | None = None) -> str:
+    """The allocator mode a CLI command gets when ``SHE_MALLOC`` is not set: ``system`` for the multi-job
+    commands and for RL training (their heaps fragment without trimming), ``tuned`` for everything else."""
+    if cmd in ("compare", "demo") or (cmd == "train" and train_cmd in ("srpo", "grpo")):
+        return "system"
+    return "tuned"
 
 
 def tune_allocator(default: str = "tuned") -> bool:
@@ -96,4 +107,4 @@ def _glibc():
     return libc
 
 
-__all__ = ["release_memory", "resident_bytes", "tune_allocator"]
+__all__ = ["allocator_default", "release_memory", "resident_bytes", "tune_allocator"]
