@@ -41,7 +41,7 @@ from she.evaluation.metrics import bootstrap_ci, classification_report
 from she.reasoning.prompts import build_messages
 from she.reasoning.schema import resolve_schema
 
-C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 
 
 def prompt_texts(records: list[Record], tokenizer, prompt_style: str = "compact") -> list[str]:
@@ -115,6 +115,8 @@ def main() -> None:
     ap.add_argument("--at", choices=("prompt", "verdict"), default="prompt",
                     help="prompt: the frozen prompt's states (--layers); verdict: a reasoning model's verdict position")
     ap.add_argument("--max-new-tokens", type=int, default=96, help="--at verdict: the trace's token budget")
+    ap.add_argument("--out", help="write the probe's test predictions here (predictions.jsonl: id, gold, label = "
+                                  "the calibrated probe, raw_label = the raw probe, probs), for scripts/paired_eval.py")
     args = ap.parse_args()
     import torch
     from sklearn.linear_model import LogisticRegression
@@ -193,6 +195,15 @@ def main() -> None:
         rows.append(("the model's own generated label", own["test"]))
         rows.append((f"the model's label, offsets {own_off}",
                      [apply_offsets(p, lab, own_off) for p, lab in zip(own_probs["test"], own["test"])]))
+    if args.out:
+        import json
+        from pathlib import Path
+
+        cal, raw = rows[1][1], rows[0][1]
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "w") as f:
+            for r, p, lab, rl in zip(test, pt, cal, raw):
+                f.write(json.dumps({"id": r.id, "gold": r.label, "label": lab, "raw_label": rl, "probs": p}) + "\n")
     for name, pred in rows:
         lo, hi = bootstrap_ci(gold, pred, labels, n_boot=1000, seed=0, groups=groups)
         rep = classification_report(gold, pred, labels)
