@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import html
 import json
-import random
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,7 @@ import numpy as np
 from she.config import DataConfig, from_dict, read_yaml
 from she.data.labels import get_taxonomy
 from she.data.schema import Record
-from she.data.sources import label_balanced_sample, load_splits
+from she.data.sources import with_train_draw
 from she.evaluation.calibration import fit_label_offsets
 from she.evaluation.metrics import bootstrap_ci, classification_report
 from she.reasoning.quantities import parse_numbers
@@ -84,13 +83,10 @@ def main() -> None:
     args = ap.parse_args()
     from sklearn.ensemble import HistGradientBoostingClassifier
 
-    raw = read_yaml(args.data_config)
-    data = from_dict(DataConfig, raw["data"], f"{args.data_config}.data")
-    splits = load_splits(data)
+    data = from_dict(DataConfig, read_yaml(args.data_config)["data"], f"{args.data_config}.data")
+    splits = with_train_draw(data, args.train, args.seed)
     labels = list(get_taxonomy(data.taxonomy).labels)
-    full = from_dict(DataConfig, {**raw["data"], "max_train": None, "balance_train": False}, "data")
-    train = label_balanced_sample(load_splits(full)["train"], args.train, random.Random(args.seed))
-    test, val = splits["test"], splits["validation"]
+    train, val, test = splits["train"], splits["validation"], splits["test"]
     y = [labels.index(r.label) for r in train]
     clf = HistGradientBoostingClassifier(max_iter=100, learning_rate=0.05, random_state=args.seed)
     clf.fit(np.array([exact_evidence(r) for r in train]), y)

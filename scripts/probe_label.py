@@ -27,7 +27,6 @@ Needs scikit-learn (``pip install -e .[test]``).
 from __future__ import annotations
 
 import argparse
-import random
 import time
 
 import numpy as np
@@ -35,7 +34,7 @@ import numpy as np
 from she.config import DataConfig, from_dict, read_yaml
 from she.data.labels import get_taxonomy
 from she.data.schema import Record
-from she.data.sources import label_balanced_sample, load_splits
+from she.data.sources import with_train_draw
 from she.evaluation.calibration import fit_label_offsets
 from she.evaluation.metrics import bootstrap_ci, classification_report
 from she.reasoning.prompts import build_messages
@@ -124,13 +123,10 @@ def main() -> None:
 
     from she.models.registry import load_model_and_tokenizer
 
-    raw = read_yaml(args.data_config)
-    data = from_dict(DataConfig, raw["data"], f"{args.data_config}.data")
-    splits = load_splits(data)
+    data = from_dict(DataConfig, read_yaml(args.data_config)["data"], f"{args.data_config}.data")
+    splits = with_train_draw(data, args.train, args.seed)
     labels = list(get_taxonomy(data.taxonomy).labels)
-    full = from_dict(DataConfig, {**raw["data"], "max_train": None, "balance_train": False}, "data")
-    train = label_balanced_sample(load_splits(full)["train"], args.train, random.Random(args.seed))
-    test, val = splits["test"], splits["validation"]
+    train, val, test = splits["train"], splits["validation"], splits["test"]
     layers = [int(x) for x in args.layers.split(",")]
 
     parts = (("train", train), ("validation", val), ("test", test))

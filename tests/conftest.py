@@ -53,3 +53,31 @@ def tiny_bert_factory():
     """``make(path, records, *, hidden_size=32, intermediate_size=64, max_position_embeddings=128)``: builds
     a tiny BERT base for cross-encoder tests (see ``_build_tiny_bert``)."""
     return _build_tiny_bert
+
+
+@pytest.fixture(scope="session")
+def load_script():
+    """``load(name)``: import ``scripts/<name>.py`` as module ``name`` (registered in ``sys.modules`` while the
+    session lasts: dataclasses look their module up while a class is built) -- for tests of a script's pure parts."""
+    import importlib.util
+    import sys
+
+    loaded: list[str] = []
+
+    def load(name: str):
+        if name in sys.modules:
+            return sys.modules[name]
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        loaded.append(name)
+        try:
+            spec.loader.exec_module(mod)
+        except BaseException:
+            sys.modules.pop(name, None)
+            raise
+        return mod
+
+    yield load
+    for name in loaded:
+        sys.modules.pop(name, None)

@@ -1,25 +1,12 @@
 """scripts/bench_load.py, its pure parts only: the loopback check, the summary (shares, percentiles) and the
 /proc memory reading. The load test itself is a benchmark, run by hand (docs/serving.md), never here."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_load.py"
 
 
 @pytest.fixture(scope="module")
-def bl():
-    spec = importlib.util.spec_from_file_location("bench_load", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_load"] = mod  # dataclasses look their module up while the class is built
-    try:
-        spec.loader.exec_module(mod)
-        yield mod
-    finally:
-        sys.modules.pop("bench_load", None)
+def bl(load_script):
+    return load_script("bench_load")
 
 
 @pytest.mark.parametrize("host,ok", [

@@ -1,29 +1,16 @@
 """scripts/evidence_ceiling.py, its pure parts: the evidence vector of a pair as the rationale writer computes it,
 and as a generated trace states it. The classifier run itself is an analysis, run by hand (docs/results.md)."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
 from she.data.schema import Product, Record
 from she.reasoning.rationale import write_rationale
 from she.reasoning.schema import resolve_schema
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "evidence_ceiling.py"
-
 
 @pytest.fixture(scope="module")
-def ec():
-    spec = importlib.util.spec_from_file_location("evidence_ceiling", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["evidence_ceiling"] = mod
-    try:
-        spec.loader.exec_module(mod)
-        yield mod
-    finally:
-        sys.modules.pop("evidence_ceiling", None)
+def ec(load_script):
+    return load_script("evidence_ceiling")
 
 
 DRILL = Record(id="d", query="cordless 20v dewalt drills", product=Product(title="DEWALT 18-Volt Drill/Driver Kit"),

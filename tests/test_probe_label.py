@@ -1,27 +1,14 @@
 """scripts/probe_label.py: the pooled features by hand, batched extraction equal to one pair at a time (padding
 and length-sorting change nothing), and prompts that end where the label-only SFT's completion starts."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
 from she.data.schema import Product, Record
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "probe_label.py"
-
 
 @pytest.fixture(scope="module")
-def probe():
-    spec = importlib.util.spec_from_file_location("probe_label", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["probe_label"] = mod
-    try:
-        spec.loader.exec_module(mod)
-        yield mod
-    finally:
-        sys.modules.pop("probe_label", None)
+def probe(load_script):
+    return load_script("probe_label")
 
 
 def test_pooled_features_by_hand(probe):

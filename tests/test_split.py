@@ -80,3 +80,24 @@ def test_bad_fractions():
     with pytest.raises(ValueError, match="at least one"):
         split_by_query(make(3), {})
     assert split_by_query([], seed=0) == {"train": [], "validation": [], "test": []}
+
+
+def test_with_train_draw_keeps_the_held_out_pairs_and_redraws_training():
+    """The classifiers' split: the config's own validation and test pairs, and a label-balanced draw of n pairs
+    from every training query (the config's max_train / balance_train ignored)."""
+    from collections import Counter
+
+    from she.config import DataConfig
+    from she.data.sources import label_balanced_sample, load_splits, with_train_draw
+
+    cfg = DataConfig(max_train=20, balance_train=True, max_eval=30)
+    own = load_splits(cfg)
+    got = with_train_draw(cfg, 60, seed=3)
+    for part in ("validation", "test"):
+        assert [r.id for r in got[part]] == [r.id for r in own[part]]
+    every_train = load_splits(DataConfig(max_train=None, balance_train=False, max_eval=30))["train"]
+    assert len(every_train) > 60
+    assert [r.id for r in got["train"]] == [r.id for r in label_balanced_sample(every_train, 60, random.Random(3))]
+    assert max(Counter(r.label for r in got["train"]).values()) - min(Counter(r.label for r in got["train"]).values()) <= 1
+    held = {r.query for part in ("validation", "test") for r in got[part]}
+    assert not held & {r.query for r in got["train"]}

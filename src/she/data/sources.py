@@ -183,6 +183,16 @@ def label_balanced_sample(records: list[Record], n: int, rng: random.Random) -> 
     return out
 
 
+def with_train_draw(cfg: DataConfig, n: int, seed: int = 0) -> dict[str, list[Record]]:
+    """``cfg``'s split with its training sample replaced by a label-balanced draw of ``n`` pairs from *all* its
+    training queries (``random.Random(seed)``); the validation and test pairs are :func:`load_splits`'s (each
+    split has its own seeded cap, so the training cap never moves them). One load of the data. For classifiers
+    fitted beside a model on the same held-out pairs (``scripts/evidence_ceiling.py``, ``scripts/probe_label.py``)."""
+    splits = load_splits(dataclasses.replace(cfg, max_train=None, balance_train=False))
+    splits["train"] = label_balanced_sample(splits["train"], n, random.Random(seed))
+    return splits
+
+
 def prior_train(cfg: DataConfig, train: list[Record]) -> list[Record]:
     """The training records whose label shares are the split's prior: ``train`` itself, or, when it is a
     label-balanced sample (``balance_train``), the whole training part of the same split (a balanced sample
