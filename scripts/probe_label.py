@@ -35,7 +35,7 @@ from she.config import DataConfig, from_dict, read_yaml
 from she.data.labels import get_taxonomy
 from she.data.schema import Record
 from she.data.sources import with_train_draw
-from she.evaluation.calibration import fit_label_offsets
+from she.evaluation.calibration import apply_offsets, fit_label_offsets
 from she.evaluation.metrics import bootstrap_ci, classification_report
 from she.reasoning.prompts import build_messages
 from she.reasoning.schema import resolve_schema
@@ -157,10 +157,8 @@ def main() -> None:
         return [dict(zip(labels, map(float, p))) if g else None for p, g in zip(clf.predict_proba(x), good)]
 
     def argmax(ps, name: str, offsets: dict[str, float] | None = None) -> list[str | None]:
-        """The probe's label; a pair without a verdict keeps the model's own answer."""
-        off = offsets or {c: 0.0 for c in labels}
-        return [max(p, key=lambda c: np.log(max(p[c], 1e-12)) + off[c]) if p is not None else own[name][i]
-                for i, p in enumerate(ps)]
+        """The probe's label (with ``offsets``: calibrated); a pair without a verdict keeps the model's own answer."""
+        return [own[name][i] if p is None else apply_offsets(p, max(p, key=p.get), offsets) for i, p in enumerate(ps)]
 
     val_gold = [r.label for r in val]
     scores = {}
@@ -171,8 +169,8 @@ def main() -> None:
     clf = fit(best)
     pv = probs(clf, xs["validation"], ok["validation"])
     keep = [i for i, p in enumerate(pv) if p is not None]
-    offsets = fit_label_offsets([pv[i] for i in keep], [argmax(pv, "validation")[i] for i in keep],
-                                [val_gold[i] for i in keep], labels)
+    val_raw = argmax(pv, "validation")
+    offsets = fit_label_offsets([pv[i] for i in keep], [val_raw[i] for i in keep], [val_gold[i] for i in keep], labels)
     pt = probs(clf, xs["test"], ok["test"])
     gold, groups = [r.label for r in test], [r.query for r in test]
     print(f"{args.model}: at {args.at}, layers {layers}, {len(train)} training pairs (label-balanced), {len(val)} "
@@ -183,8 +181,6 @@ def main() -> None:
           f"offsets {offsets}")
     rows = [("probe, raw", argmax(pt, "test")), ("probe, calibrated", argmax(pt, "test", offsets))]
     if own:  # the same run's baseline: the model's label, raw and with offsets fitted on the same validation pairs
-        from she.evaluation.calibration import apply_offsets
-
         vi = [i for i, p in enumerate(own_probs["validation"]) if p is not None]
         own_off = fit_label_offsets([own_probs["validation"][i] for i in vi], [own["validation"][i] for i in vi],
                                     [val_gold[i] for i in vi], labels)

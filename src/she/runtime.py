@@ -13,7 +13,7 @@ process that runs *many* jobs of different shapes one after another fragments th
 (SFT eval, GRPO, eval, calibration, then SRPO at 32 rollouts a step) grew to 24 GB and was killed by the OOM
 killer. So does one RL job on its own: a 60-step, 32-rollout RL row (rollouts of a different length every step,
 so differently sized buffers) reached 24.4 GB resident and was OOM-killed 54 steps in (docs/benchmarks.md,
-session 8). So the CLI tunes the commands whose buffers keep their shapes (``she train sft|prm|rm|dpo|...``,
+session 8). So the CLI tunes the other single-job commands (``she train sft|prm|rm|dpo|cross-encoder``,
 ``eval``, ``predict``, ``calibrate``, ``serve``; :func:`allocator_default`) and leaves ``she compare``,
 ``she demo`` and RL training (``she train srpo|grpo``) on glibc's defaults. ``SHE_MALLOC=tuned|system``
 overrides either; on a C library other than glibc (macOS, musl) it is a no-op.
