@@ -70,3 +70,24 @@ def test_release_memory_returns_a_tuned_heap_to_the_os():
                                                  text=True, check=True).stdout.split())
     assert before - after > 400 << 20  # the 512 MiB freed into the tuned heap went back to the OS
     assert abs(now - after) < 64 << 20
+
+
+def test_heap_trim_callback_trims_every_n_steps_and_logs_rss(monkeypatch):
+    from types import SimpleNamespace
+
+    import she.runtime
+    from she.training.trainer_setup import heap_trim_callback
+
+    assert heap_trim_callback(0) is None
+    calls = []
+    monkeypatch.setattr(she.runtime, "release_memory", lambda: calls.append(1) or (5 << 30, 3 << 29))
+    cb = heap_trim_callback(2)
+    state = SimpleNamespace(global_step=0, log_history=[])
+    for step in (1, 2, 3):
+        state.global_step = step
+        cb.on_step_end(None, state, None)
+    assert len(calls) == 1  # step 2 only
+    state.log_history.append({"loss": 1.0, "step": 3})
+    logs = {"loss": 1.0}
+    cb.on_log(None, state, None, logs=logs)
+    assert logs["rss_gb"] == 1.5 and state.log_history[-1]["rss_gb"] == 1.5

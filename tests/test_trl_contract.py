@@ -54,6 +54,17 @@ def test_trl_slices_the_gathered_batch_by_process_index():
     assert "rewards_per_func = gather(rewards_per_func)" in inspect.getsource(GRPOTrainer._calculate_rewards)
 
 
+def test_sft_loss_is_the_sum_of_the_fused_heads_log_probs():
+    """she.training.sft weights the verdict token by scaling ``outputs.log_probs`` in a forward hook: TRL must
+    reduce exactly those (default loss path) and call the model with ``fused_lm_head=True``."""
+    from trl import SFTTrainer
+
+    src = inspect.getsource(SFTTrainer.compute_loss)
+    assert "outputs = model(**inputs, fused_lm_head=True)" in src
+    assert "per_token_loss = -outputs.log_probs" in src
+    assert "loss = per_token_loss.sum() / torch.as_tensor(num_tokens).clamp(min=1)" in src
+
+
 def test_loss_accepts_token_level_advantages_by_source():
     src = inspect.getsource(GRPOTrainer._compute_loss)
     assert 'advantages = inputs["advantages"]' in src

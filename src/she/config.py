@@ -178,6 +178,9 @@ class SFTJobConfig(TrainerJobConfig):
     prompt_style: PromptStyle = "compact"  # see she.reasoning.prompts; saved with the model
     schema: str = "default"  # step schema: default | coverage | grounded | a YAML/JSON file (she.reasoning.schema); saved with the model
     num_train_epochs: float = 1.0
+    # the verdict's label token counts this many times in the loss (1 = TRL's plain mean over completion
+    # tokens; she.algorithms.sft_loss); its loss and accuracy are logged as verdict_nll / verdict_accuracy
+    verdict_weight: float = 1.0
     learning_rate: float = 1e-4
     lr_scheduler_type: str = "cosine"
     warmup_ratio: float = 0.03
@@ -579,6 +582,9 @@ class RLJobConfig(ConfigBase):
     resume: bool = True
     report_to: str = "tensorboard"
     max_bad_steps: int = 5  # NaN/inf-loss steps are skipped; this many in a row stop the run (docs/design.md)
+    # give the C heap's free pages back every this many steps and log rss_gb (0 = never; she.runtime,
+    # docs/benchmarks.md "Allocator"): bounds the heap's growth when rollouts change length every step
+    heap_trim_steps: int = 1
     # -- distributed / rollouts (docs/distributed.md) --
     per_device_batch_size: int | None = None  # completions per process per step; None = num_generations * prompts_per_step
     layout_invariant_sampling: bool = False  # rollouts independent of the process count (equivalence tests)

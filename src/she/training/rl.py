@@ -181,7 +181,7 @@ def run_rl_job(cfg: RLJobConfig, train: list[Record], callbacks: list | None = N
     from she.models.registry import load_model_and_tokenizer
     from she.training.checkpoints import ManifestCallback
     from she.training.srpo import SRPOTrainer, build_grpo_config, make_prompt_dataset
-    from she.training.trainer_setup import save_final, train_resuming, write_job_config
+    from she.training.trainer_setup import heap_trim_callback, save_final, train_resuming, write_job_config
 
     spec = schema_of(cfg.model)
     schema = resolve_schema(spec, cfg.data.taxonomy)
@@ -218,7 +218,9 @@ def run_rl_job(cfg: RLJobConfig, train: list[Record], callbacks: list | None = N
         incorrect_below=cfg.incorrect_below, class_weights=class_weights, reward_steps=cfg.reward_steps,
         outcome=cfg.outcome,
         taxonomy=cfg.data.taxonomy, schema=schema, partial_credit=cfg.partial_credit, format_weight=cfg.format_weight,
-        callbacks=[ManifestCallback(), *(callbacks or [])], max_bad_steps=cfg.max_bad_steps,
+        callbacks=[ManifestCallback(), *(callbacks or []),
+                   *([t] if (t := heap_trim_callback(cfg.heap_trim_steps)) is not None else [])],
+        max_bad_steps=cfg.max_bad_steps,
         **build_reward_model_kwargs(cfg), **trainer_rollout_kwargs(cfg),
     )
     train_resuming(trainer, out, cfg.resume, log)

@@ -78,16 +78,72 @@ def count_tokens(records: list[Record], tokenizer, target: str = "reasoning", pr
     return {"examples": len(records), "tokens": total, "mean_tokens": total / n, "mean_completion_tokens": completion / n}
 
 
+def _verdict_sft_trainer():
+    """``SFTTrainer`` that logs the verdict token's loss and accuracy and can weight it (she.algorithms.sft_loss).
+
+    TRL's loss is ``-sum(outputs.log_probs) / N`` over the fused LM head's per-token log-probabilities; a forward
+    hook multiplies those by the token weights before TRL reduces them, so the forward pass, the normalisation and
+    TRL's own metrics stay TRL's (tests/test_trl_contract.py pins that line). Defined in a function so that TRL
+    is imported only when SFT runs."""
+    import torch
+    from trl import SFTTrainer
+
+    from she.algorithms.sft_loss import last_label_token_mask
+
+    class VerdictSFTTrainer(SFTTrainer):
+        def __init__(self, *args, verdict_ids: list[int], verdict_weight: float = 1.0, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.verdict_ids = list(verdict_ids)
+            self.verdict_weight = float(verdict_weight)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs.get("labels")
+            if labels is None or labels.dim() != 2 or "attention_mask" not in inputs:  # padding-free: not ours
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            mask = last_label_token_mask(labels[:, 1:], self.verdict_ids)
+            seen: dict = {}
+
+            def hook(module, args, kwargs, output):
+                if not kwargs.get("fused_lm_head") or output.log_probs is None:
+                    return None
+                seen["log_probs"], seen["is_top1"] = output.log_probs.detach(), output.is_top1
+                if self.verdict_weight != 1.0:
+                    w = torch.where(mask, self.verdict_weight, 1.0).to(output.log_probs.dtype)
+                    output.log_probs = output.log_probs * w  # zero stays zero on untrained positions
+                return output
+
+            handle = model.register_forward_hook(hook, with_kwargs=True)
+            try:
+                loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            finally:
+                handle.remove()
+            if "log_probs" in seen:
+                mode = "train" if self.model.training else "eval"
+                gather = self.accelerator.gather_for_metrics
+                n = gather(mask.sum()).sum()
+                if n > 0:
+                    nll = gather(-(seen["log_probs"] * mask).sum()).sum()
+                    self._metrics[mode]["verdict_nll"].append((nll / n).item())
+                    if seen["is_top1"] is not None:
+                        top1 = gather((seen["is_top1"].bool() & mask).sum()).sum()
+                        self._metrics[mode]["verdict_accuracy"].append((top1 / n).item())
+            return loss
+
+    return VerdictSFTTrainer
+
+
 def train_sft(cfg: SFTJobConfig, train: list[Record], validation: list[Record] | None = None) -> Path:
     """Train and save the final model to ``cfg.output_dir/final``; returns that folder.
 
     The traces, prompts and ``she.json`` follow ``cfg.schema`` (the step schema variant)."""
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     from she.models.registry import load_model_and_tokenizer
     from she.training.trainer_setup import common_training_args, save_final, train_resuming, write_job_config
 
     schema = resolve_schema(cfg.schema, cfg.data.taxonomy)  # a bad schema fails before the model loads
+    if cfg.verdict_weight < 0:
+        raise UserError(f"sft.verdict_weight must be >= 0, got {cfg.verdict_weight}")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     model, tok = load_model_and_tokenizer(cfg.model, for_training=True)
@@ -117,8 +173,13 @@ def train_sft(cfg: SFTJobConfig, train: list[Record], validation: list[Record] |
     write_job_config(out, cfg, args.process_index)  # under `accelerate launch` only rank 0 writes run files
     from she.training.checkpoints import ManifestCallback
 
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tok, peft_config=peft_config, callbacks=[ManifestCallback()])
+    VerdictSFTTrainer = _verdict_sft_trainer()
+    from she.evaluation.fast import fast_prefix, prefix_label_tokens
+
+    verdict_ids, _ = prefix_label_tokens(tok, fast_prefix(cfg.data.taxonomy, schema), list(schema.labels))
+    trainer = VerdictSFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                                processing_class=tok, peft_config=peft_config, callbacks=[ManifestCallback()],
+                                verdict_ids=verdict_ids, verdict_weight=cfg.verdict_weight)
     train_resuming(trainer, out, cfg.resume, log)
     tok.padding_side = "left"
     if cfg.lora and trainer.accelerator.is_main_process:

@@ -134,3 +134,34 @@ def save_final(trainer: Any, output_dir: str | Path, meta: dict[str, Any], *, sa
 
 __all__ = ["common_training_args", "device_args", "is_main_process", "last_checkpoint", "report_to_list", "save_final",
            "train_resuming", "write_job_config"]
+
+
+def heap_trim_callback(every: int):
+    """A ``TrainerCallback`` that gives the C heap's free pages back to the OS every ``every`` optimizer steps
+    (she.runtime.release_memory) and logs the resident memory after it as ``rss_gb``.
+
+    Why: an RL job's rollouts change length every step, so its buffers change size; under the tuned allocator
+    (no trimming) the heap then fragments and grew to 24.4 GB in 54 steps (docs/benchmarks.md, session 8).
+    One trim a step bounds that, and keeps the tuned allocator's per-allocation saving (no mmap/munmap and page
+    faults on every large tensor) inside the step. ``every`` <= 0: None (no callback)."""
+    if every <= 0:
+        return None
+    from transformers import TrainerCallback
+
+    from she.runtime import release_memory
+
+    class HeapTrim(TrainerCallback):
+        rss: int | None = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step % every == 0:
+                self.rss = release_memory()[1]
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs is not None and self.rss is not None:  # the Trainer appended this record before on_log
+                logs["rss_gb"] = round(self.rss / 2**30, 3)
+                if state.log_history and state.log_history[-1].get("step") == state.global_step:
+                    state.log_history[-1]["rss_gb"] = logs["rss_gb"]
+
+    return HeapTrim()
+
