@@ -85,10 +85,9 @@ def _verdict_sft_trainer():
     hook multiplies those by the token weights before TRL reduces them, so the forward pass, the normalisation and
     TRL's own metrics stay TRL's (tests/test_trl_contract.py pins that line). Defined in a function so that TRL
     is imported only when SFT runs."""
-    import torch
     from trl import SFTTrainer
 
-    from she.algorithms.sft_loss import last_label_token_mask
+    from she.algorithms.sft_loss import last_label_token_mask, verdict_token_weights
 
     class VerdictSFTTrainer(SFTTrainer):
         def __init__(self, *args, verdict_ids: list[int], verdict_weight: float = 1.0, **kwargs):
@@ -100,7 +99,9 @@ def _verdict_sft_trainer():
             labels = inputs.get("labels")
             if labels is None or labels.dim() != 2 or "attention_mask" not in inputs:  # padding-free: not ours
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            mask = last_label_token_mask(labels[:, 1:], self.verdict_ids)
+            target = labels[:, 1:]  # the fused head scores position t against the token at t + 1
+            mask = last_label_token_mask(target, self.verdict_ids)
+            weights = verdict_token_weights(target, self.verdict_ids, self.verdict_weight)
             seen: dict = {}
 
             def hook(module, args, kwargs, output):
@@ -108,8 +109,7 @@ def _verdict_sft_trainer():
                     return None
                 seen["log_probs"], seen["is_top1"] = output.log_probs.detach(), output.is_top1
                 if self.verdict_weight != 1.0:
-                    w = torch.where(mask, self.verdict_weight, 1.0).to(output.log_probs.dtype)
-                    output.log_probs = output.log_probs * w  # zero stays zero on untrained positions
+                    output.log_probs = output.log_probs * weights.to(output.log_probs.device, output.log_probs.dtype)
                 return output
 
             handle = model.register_forward_hook(hook, with_kwargs=True)
