@@ -37,7 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 ACC = ROOT / "configs" / "accelerate"
 CPU_CFG = ACC / "cpu-ddp-2proc.yaml"
-TIMING_KEYS = {"step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second"}
+# per-process measurements, not results: timings, and the resident memory after the heap trim (rss_gb)
+TIMING_KEYS = {"step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second", "rss_gb"}
 G = 4
 
 
