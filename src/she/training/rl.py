@@ -218,8 +218,7 @@ def run_rl_job(cfg: RLJobConfig, train: list[Record], callbacks: list | None = N
         incorrect_below=cfg.incorrect_below, class_weights=class_weights, reward_steps=cfg.reward_steps,
         outcome=cfg.outcome,
         taxonomy=cfg.data.taxonomy, schema=schema, partial_credit=cfg.partial_credit, format_weight=cfg.format_weight,
-        callbacks=[ManifestCallback(), *(callbacks or []),
-                   *([t] if (t := heap_trim_callback(cfg.heap_trim_steps)) is not None else [])],
+        callbacks=[ManifestCallback(), *(callbacks or []), *filter(None, [heap_trim_callback(cfg.heap_trim_steps)])],
         max_bad_steps=cfg.max_bad_steps,
         **build_reward_model_kwargs(cfg), **trainer_rollout_kwargs(cfg),
     )

@@ -101,14 +101,15 @@ def _verdict_sft_trainer():
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             target = labels[:, 1:]  # the fused head scores position t against the token at t + 1
             mask = last_label_token_mask(target, self.verdict_ids)
-            weights = verdict_token_weights(target, self.verdict_ids, self.verdict_weight)
+            weights = verdict_token_weights(target, self.verdict_ids, self.verdict_weight) \
+                if self.verdict_weight != 1.0 else None
             seen: dict = {}
 
             def hook(module, args, kwargs, output):
                 if not kwargs.get("fused_lm_head") or output.log_probs is None:
                     return None
                 seen["log_probs"], seen["is_top1"] = output.log_probs.detach(), output.is_top1
-                if self.verdict_weight != 1.0:
+                if weights is not None:
                     output.log_probs = output.log_probs * weights.to(output.log_probs.device, output.log_probs.dtype)
                 return output
 

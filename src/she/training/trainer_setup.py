@@ -132,8 +132,6 @@ def save_final(trainer: Any, output_dir: str | Path, meta: dict[str, Any], *, sa
     return final
 
 
-__all__ = ["common_training_args", "device_args", "is_main_process", "last_checkpoint", "report_to_list", "save_final",
-           "train_resuming", "write_job_config"]
 
 
 def heap_trim_callback(every: int):
@@ -165,3 +163,6 @@ def heap_trim_callback(every: int):
 
     return HeapTrim()
 
+
+__all__ = ["common_training_args", "device_args", "heap_trim_callback", "is_main_process", "last_checkpoint",
+           "report_to_list", "save_final", "train_resuming", "write_job_config"]
