@@ -170,3 +170,21 @@ def test_callback_drops_a_stale_manifest_before_a_save_and_writes_one_after(tmp_
     assert verify_checkpoint(d) == (True, "ok")
     assert json.loads((d / MANIFEST).read_text())["files"]["model.safetensors"]["size"] == len(b"new weights")
     assert invalidate_manifest(d) and not invalidate_manifest(d)
+
+
+def test_remove_checkpoints_takes_every_trainer_checkpoint_and_nothing_else(tmp_path):
+    from she.training.checkpoints import remove_checkpoints
+
+    made = [tmp_path / "checkpoint-3", tmp_path / "stage-0-easy" / "checkpoint-10",
+            tmp_path / "stage-1-main" / "checkpoint-2"]
+    for d in made:
+        (d / "inner").mkdir(parents=True)
+        (d / "inner" / "w.bin").write_bytes(b"w")
+    keep = [tmp_path / "final", tmp_path / "checkpoint-last", tmp_path / "stage-1-main" / "final",
+            tmp_path / "stage-0-easy" / "old-checkpoint-4"]
+    for d in keep:
+        d.mkdir(parents=True)
+    removed = remove_checkpoints(tmp_path)
+    assert sorted(removed) == sorted(made)
+    assert not any(d.exists() for d in made) and all(d.is_dir() for d in keep)
+    assert remove_checkpoints(tmp_path) == [] and remove_checkpoints(tmp_path / "absent") == []

@@ -629,3 +629,44 @@ def test_majority_of_a_balanced_sample_is_the_split_prior(tmp_path):
     assert majority_label(prior_train(cfg, train), labels) == "Exact"
     unbalanced = DataConfig(path=str(path), format="jsonl", max_train=9)
     assert prior_train(unbalanced, train) is train
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_finished_jobs_lose_their_checkpoints_unless_kept(tmp_path, monkeypatch, keep):
+    """A finished job's checkpoint-N folders (resume points only) are deleted and its final folder kept, unless
+    keep_checkpoints is set; a job that has not finished is never touched (its checkpoints are how it resumes)."""
+    import she.evaluation.evaluate as ev_mod
+    import she.training.rl as rl_mod
+    import she.training.sft as sft_mod
+
+    def fake_job(cfg, *args, **kwargs):
+        out = Path(cfg.output_dir)
+        for n in (10, 20):
+            (out / f"checkpoint-{n}").mkdir(parents=True)
+            (out / f"checkpoint-{n}" / "optimizer.pt").write_bytes(b"x" * 64)
+        (out / "checkpoint-notes").mkdir()  # not a Trainer checkpoint: kept
+        (out / "final").mkdir()
+        (out / "final" / "config.json").write_text("{}")
+        return out / "final"
+
+    def fake_eval(model, records, out, **kw):
+        _write_fake_eval(out, records)
+        return {}
+
+    monkeypatch.setattr(sft_mod, "train_sft", fake_job)
+    monkeypatch.setattr(rl_mod, "run_rl_job", fake_job)
+    monkeypatch.setattr(ev_mod, "evaluate", fake_eval)
+    out = tmp_path / "c"
+    unfinished = out / "grpo_seed1" / "checkpoint-5"  # a row not in this run, killed midway
+    unfinished.mkdir(parents=True)
+    cfg = CompareConfig(model="BASE", output_dir=str(out), rows=["sft", "grpo"], keep_checkpoints=keep,
+                        rl={"max_steps": 2, "prompts_per_step": 2, "num_generations": 2},
+                        data=DataConfig(synthetic_queries=30), eval=compare.CompareEvalConfig(max_eval=10),
+                        bootstrap=compare.BootstrapConfig(n=20))
+    compare.run_compare(cfg)
+    for job in ("sft", "grpo"):
+        left = sorted(p.name for p in (out / job).iterdir() if p.is_dir() and p.name != "eval")
+        assert left == (["checkpoint-10", "checkpoint-20", "checkpoint-notes", "final"] if keep
+                        else ["checkpoint-notes", "final"])
+        assert (out / job / "final" / "config.json").exists()
+    assert unfinished.is_dir()

@@ -197,6 +197,21 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found, key=lambda t: t[0], reverse=True)]
 
 
+def remove_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Delete every ``checkpoint-N`` folder at any depth under ``root`` (a finished job's resume points: its
+    ``final`` folder holds the weights); returns the folders removed, shallowest first."""
+    import shutil
+
+    removed: list[Path] = []
+    for dirpath, dirnames, _ in os.walk(root):
+        hits = sorted(d for d in dirnames if _CHECKPOINT_RE.match(d))
+        for d in hits:
+            shutil.rmtree(Path(dirpath) / d)
+            removed.append(Path(dirpath) / d)
+        dirnames[:] = [d for d in dirnames if d not in hits]
+    return removed
+
+
 def mark_run(output_dir: str | os.PathLike) -> Path:
     """Write the run marker (see the module docstring); idempotent."""
     path = Path(output_dir) / RUN_MARKER
@@ -304,6 +319,7 @@ __all__ = [
     "last_good_checkpoint",
     "list_checkpoints",
     "mark_run",
+    "remove_checkpoints",
     "verify_checkpoint",
     "write_manifest",
 ]

@@ -107,6 +107,9 @@ class CompareConfig:
                                                              ["srpo_gated", "srpo_centered_pooled"]])
     eval_checkpoints: bool = False  # also score intermediate RL checkpoints (costly)
     checkpoint_eval_max: int = 50  # eval pairs per checkpoint
+    # a finished job's checkpoint-N folders are deleted (its final/ folder stays); true keeps them (e.g. to score
+    # an SFT's epoch checkpoints afterwards). eval_checkpoints: true keeps them too.
+    keep_checkpoints: bool = False
 
 
 def build_section(cls: type, section: Mapping[str, Any] | None, where: str, fixed_keys: Sequence[str], **fixed: Any):

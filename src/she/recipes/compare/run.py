@@ -115,7 +115,19 @@ class CompareRun:
         run()
         self.state["jobs"][name] = {"seconds": round(time.perf_counter() - t, 2)}
         self.save_state()
+        if not (self.cfg.keep_checkpoints or self.cfg.eval_checkpoints):
+            self.drop_checkpoints(name)
         _release(name)
+
+    def drop_checkpoints(self, name: str) -> None:
+        """A finished job resumes from nothing: its ``checkpoint-N`` folders (weights + AdamW state, ~1.6 GB each
+        for a 135M model) go, its ``final`` folder stays. Kept with ``keep_checkpoints`` or ``eval_checkpoints``."""
+        from she.training.checkpoints import remove_checkpoints
+
+        removed = remove_checkpoints(self.out / name)
+        if removed:
+            log.info("compare: %s finished; removed its %d checkpoint folder(s) (keep_checkpoints: true keeps them)",
+                     name, len(removed))
 
     def seconds(self, *jobs: str) -> float | None:
         vals = [self.state["jobs"].get(j, {}).get("seconds") for j in jobs]
@@ -594,6 +606,10 @@ class CompareRun:
         return res
 
 
+# config keys that change what is run or kept, not what a finished job computed
+_NOT_RESULTS = ("rows", "eval_checkpoints", "keep_checkpoints")
+
+
 def _initial_state(out: Path, cfg: CompareConfig) -> dict[str, Any]:
     path = out / STATE_FILE
     now = json.loads(json.dumps(to_dict(cfg), default=str))  # as it reads back from JSON (tuples are lists)
@@ -603,8 +619,8 @@ def _initial_state(out: Path, cfg: CompareConfig) -> dict[str, Any]:
     state = _read_json(path)
     if not isinstance(state, dict) or not isinstance(state.get("jobs"), dict):
         raise UserError(f"{path}: not a compare state file (no 'jobs' mapping); delete it to start over")
-    old = {k: v for k, v in (state.get("config") or {}).items() if k not in ("rows", "eval_checkpoints")}
-    new = {k: v for k, v in now.items() if k not in ("rows", "eval_checkpoints")}
+    old = {k: v for k, v in (state.get("config") or {}).items() if k not in _NOT_RESULTS}
+    new = {k: v for k, v in now.items() if k not in _NOT_RESULTS}
     # a key added to the config since that run (e.g. label_only) left at its default changes nothing
     default = json.loads(json.dumps(to_dict(CompareConfig()), default=str))
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)
