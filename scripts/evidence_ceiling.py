@@ -85,8 +85,8 @@ def similarities(records: list[Record]) -> np.ndarray:
     """Cosine between the MiniLM embeddings of each pair's query and product text (both L2-normalised)."""
     from she.sampling.diverse import embed_texts, product_text, query_text
 
-    q = embed_texts([query_text(r) for r in records], "minilm")
-    p = embed_texts([product_text(r) for r in records], "minilm")
+    q = embed_texts([html.unescape(query_text(r)) for r in records], "minilm")  # as the evidence reads them
+    p = embed_texts([html.unescape(product_text(r)) for r in records], "minilm")
     return (q * p).sum(1).numpy()
 
 
@@ -154,8 +154,10 @@ def main() -> None:
         for name, extra in (("cosine", {k: v[:, None] for k, v in sim.items()}), ("similarity bucket", bucket)):
             for with_ev in (False, True):
                 x = {k: np.hstack([ev[k], extra[k]]) if with_ev else extra[k] for k in ev}
-                r_raw, r_cal = fit(x["train"], x["val"])[0](x["test"])
+                reader, offs = fit(x["train"], x["val"])
+                r_raw, r_cal = reader(x["test"])
                 what = f"exact evidence + {name}" if with_ev else f"{name} alone"
+                print(f"  {what}: offsets " + ", ".join(f"{c} {v:+.2f}" for c, v in offs.items()))
                 report(f"classifier on {what}, raw", r_raw)
                 report(f"classifier on {what}, calibrated", r_cal)
     if args.predictions:

@@ -188,3 +188,15 @@ def test_remove_checkpoints_takes_every_trainer_checkpoint_and_nothing_else(tmp_
     assert sorted(removed) == sorted(made)
     assert not any(d.exists() for d in made) and all(d.is_dir() for d in keep)
     assert remove_checkpoints(tmp_path) == [] and remove_checkpoints(tmp_path / "absent") == []
+
+
+def test_remove_checkpoints_unlinks_a_linked_checkpoint_and_keeps_its_target(tmp_path):
+    from she.training.checkpoints import remove_checkpoints
+
+    kept = tmp_path / "elsewhere" / "weights"
+    kept.mkdir(parents=True)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint-7").symlink_to(kept.parent, target_is_directory=True)
+    assert remove_checkpoints(run) == [run / "checkpoint-7"]
+    assert not (run / "checkpoint-7").exists() and kept.is_dir()

@@ -664,6 +664,9 @@ def test_finished_jobs_lose_their_checkpoints_unless_kept(tmp_path, monkeypatch,
                         data=DataConfig(synthetic_queries=30), eval=compare.CompareEvalConfig(max_eval=10),
                         bootstrap=compare.BootstrapConfig(n=20))
     compare.run_compare(cfg)
+    if not keep:  # a job finished in an earlier run (before the clean-up existed) is cleaned on the rerun
+        (out / "grpo" / "checkpoint-30").mkdir()
+        compare.run_compare(cfg)
     for job in ("sft", "grpo"):
         left = sorted(p.name for p in (out / job).iterdir() if p.is_dir() and p.name != "eval")
         assert left == (["checkpoint-10", "checkpoint-20", "checkpoint-notes", "final"] if keep

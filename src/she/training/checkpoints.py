@@ -206,8 +206,12 @@ def remove_checkpoints(root: str | os.PathLike) -> list[Path]:
     for dirpath, dirnames, _ in os.walk(root):
         hits = sorted(d for d in dirnames if _CHECKPOINT_RE.match(d))
         for d in hits:
-            shutil.rmtree(Path(dirpath) / d)
-            removed.append(Path(dirpath) / d)
+            path = Path(dirpath) / d
+            if path.is_symlink():  # a link to a checkpoint kept elsewhere: the link goes, not what it points to
+                path.unlink()
+            else:
+                shutil.rmtree(path)
+            removed.append(path)
         dirnames[:] = [d for d in dirnames if d not in hits]
     return removed
 

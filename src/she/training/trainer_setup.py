@@ -132,8 +132,6 @@ def save_final(trainer: Any, output_dir: str | Path, meta: dict[str, Any], *, sa
     return final
 
 
-
-
 def heap_trim_callback(every: int):
     """A ``TrainerCallback`` that gives the C heap's free pages back to the OS every ``every`` optimizer steps
     (she.runtime.release_memory) and logs the resident memory after it as ``rss_gb``.
@@ -141,7 +139,11 @@ def heap_trim_callback(every: int):
     Why: an RL job's rollouts change length every step, so its buffers change size; under the tuned allocator
     (no trimming) the heap then fragments and grew to 24.4 GB in 54 steps (docs/benchmarks.md, session 8).
     One trim a step bounds that, and keeps the tuned allocator's per-allocation saving (no mmap/munmap and page
-    faults on every large tensor) inside the step. ``every`` <= 0: None (no callback)."""
+    faults on every large tensor) inside the step. ``every`` <= 0: None (no callback).
+
+    release_memory runs a full ``gc.collect()`` before the trim (tens of ms here). ``rss_gb`` is added in
+    ``on_log``, after the ``report_to`` integrations have sent the record: it reaches the console and
+    ``log_history`` (so the run's plots), not TensorBoard or W&B."""
     if every <= 0:
         return None
     from transformers import TrainerCallback

@@ -109,6 +109,8 @@ class CompareRun:
         """Run a job unless its output exists; record its wall time in the state file."""
         if done():
             log.info("compare: %s already done", name)
+            if not (self.cfg.keep_checkpoints or self.cfg.eval_checkpoints):
+                self.drop_checkpoints(name)  # a run killed before its clean-up, or one from before it existed
             return
         log.info("compare: running %s", name)
         t = time.perf_counter()
@@ -809,6 +811,9 @@ def _checkpoints(ctx: CompareRun, row: str) -> list[tuple[int, Path]]:
         offset += last_step(_read_json(p)) if p.exists() else 0
         if _done(f / "final"):  # the end of every stage (and of the run)
             points.append((offset, f / "final"))
+    if not any(ck.name.startswith("checkpoint-") for _, ck in points):
+        log.warning("compare: %s has no intermediate checkpoint (a job that finished without eval_checkpoints or "
+                    "keep_checkpoints lost them): its curve has the start and the end only", row)
     # a checkpoint at the last step and the final folder hold the same weights: keep the final folder
     by_step: dict[int, Path] = {}
     for s, p in points:
