@@ -82,17 +82,19 @@ def generated_evidence(record: Record, reasoning: str) -> list[float]:
 
 
 def similarities(records: list[Record]) -> np.ndarray:
-    """Cosine between the MiniLM embeddings of each pair's query and product text (both L2-normalised)."""
-    from she.sampling.diverse import embed_texts, product_text, query_text
+    """Cosine between the MiniLM embeddings of each pair's query and product text: the ``Similarity`` step's number
+    (:func:`she.reasoning.similarity.pair_similarities`)."""
+    from she.reasoning.similarity import pair_similarities
 
-    q = embed_texts([html.unescape(query_text(r)) for r in records], "minilm")  # as the evidence reads them
-    p = embed_texts([html.unescape(product_text(r)) for r in records], "minilm")
-    return (q * p).sum(1).numpy()
+    return np.array(pair_similarities(records))
 
 
 def buckets(values: np.ndarray, cuts: np.ndarray) -> np.ndarray:
-    """0 / 1 / 2 for low / medium / high: ``values`` against the two ``cuts`` (a value on a cut goes up)."""
-    return np.searchsorted(cuts, values, side="right").astype(float)
+    """0 / 1 / 2 for low / medium / high: ``values`` against the two ``cuts`` (a value on a cut goes up), as the
+    step buckets them (:func:`she.reasoning.similarity.bucket_of`)."""
+    from she.reasoning.similarity import BUCKETS, bucket_of
+
+    return np.array([BUCKETS.index(bucket_of(float(v), tuple(cuts))) for v in values], dtype=float)
 
 
 def main() -> None:

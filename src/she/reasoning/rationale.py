@@ -622,6 +622,10 @@ def rationale_steps(record: Record, schema: StepSchema | None = None, *, include
             steps[s.name] = numbers_text(number_checks(record))
         elif s.name == "head" and s.kind == "free":
             steps[s.name] = head_text(head_check(record))
+        elif s.name == "similarity" and s.kind == "choice":
+            from she.reasoning.similarity import similarity_bucket  # loads MiniLM: only for schemas that have it
+
+            steps[s.name] = similarity_bucket(record)
         elif s.name == "type" and s.kind == "choice":
             steps[s.name] = type_rel
         elif s.kind == "attributes":

@@ -299,8 +299,28 @@ def evidence_schema(taxonomy: str = "hd3") -> StepSchema:
     return StepSchema([s for s in grounded_schema(taxonomy).steps if s.name not in ("type", "attributes")], taxonomy)
 
 
+SIMILARITY_STEP = StepSpec("similarity", "Similarity", "choice", choices=("low", "medium", "high"))
+
+
+def semantic_schema(taxonomy: str = "hd3") -> StepSchema:
+    """The evidence schema plus ``Similarity`` (``low`` / ``medium`` / ``high``) after ``Head``: the bucket of the
+    MiniLM cosine between query and product (:mod:`she.reasoning.similarity`), computed label-free and checked
+    exactly by the verifier like the lexical evidence.
+
+    Why (docs/reasoning-format.md, "The semantic schema"): on the evidence schema all steps right are worth ~2.5
+    points to the verdict -- the lexical evidence carries little the policy does not read from the pair itself, so
+    a step reward there cannot beat the outcome reward by much. A semantic step is one the policy cannot copy from
+    the strings and that carries what the label needs: the hypothesis for a step with head-room.
+    """
+    steps = list(evidence_schema(taxonomy).steps)
+    at = next(i + 1 for i, s in enumerate(steps) if s.name == "head")
+    steps.insert(at, SIMILARITY_STEP)
+    return StepSchema(steps, taxonomy)
+
+
 SCHEMAS: dict[str, Callable[[str], StepSchema]] = {"default": builtin_schema, "coverage": coverage_schema,
-                                                   "grounded": grounded_schema, "evidence": evidence_schema}
+                                                   "grounded": grounded_schema, "evidence": evidence_schema,
+                                                   "semantic": semantic_schema}
 
 
 @functools.lru_cache(maxsize=64)
@@ -340,11 +360,13 @@ __all__ = [
     "COVERAGE_STEP",
     "HEAD_STEP",
     "NUMBERS_STEP",
+    "SIMILARITY_STEP",
     "SCHEMAS",
     "builtin_schema",
     "coverage_schema",
     "grounded_schema",
     "evidence_schema",
+    "semantic_schema",
     "resolve_schema",
     "schema_for",
     "ATTRIBUTES",

@@ -29,6 +29,9 @@ Rules (default schema):
   overlap of the said and true (quantity, state) pairs.
 * ``Head``        -- (grounded schema) the query's head noun and whether the title has it
   (:func:`she.reasoning.rationale.head_check`): correct iff word (by stem) and found/absent agree.
+* ``Similarity``  -- (semantic schema) the bucket of the MiniLM query-product cosine
+  (:func:`she.reasoning.similarity.similarity_bucket`), computed exactly: correct iff the stated bucket is the
+  computed one; ``similarity`` is 1 - (buckets apart) / 2.
 * ``Query``       -- only checkable for negation: if ``facts.negation == "yes"`` the query analysis must
   mention the exclusion (``without``/``no``/``non``/``not``/``except``/``free``), else incorrect.
 * anything else   -- unknown.
@@ -85,12 +88,29 @@ def verify_steps(parsed, record: Record) -> list[StepVerdict]:
             out.append(_verify_numbers(step, record))
         elif step.name == "head":
             out.append(_verify_head(step, record))
+        elif step.name == "similarity":
+            out.append(_verify_similarity(step, record))
         elif key == "Query" and facts.negation == "yes":
             ok = bool(_NEGATION.search(step.text or ""))
             out.append(StepVerdict(key, CORRECT if ok else INCORRECT, "negation mentioned"))
         else:
             out.append(StepVerdict(key, UNKNOWN, "no rule"))
     return out
+
+
+def _verify_similarity(step, record: Record) -> StepVerdict:
+    """``Similarity``: the stated bucket must be the computed one; ``similarity`` grades the distance (one bucket
+    off: 0.5, two: 0)."""
+    from she.reasoning.similarity import BUCKETS, bucket_distance, similarity_bucket
+
+    said = step.conclusion if isinstance(step.conclusion, str) else None
+    if said not in BUCKETS:
+        return StepVerdict(step.key, INCORRECT, "similarity unparsed", similarity=0.0)
+    truth = similarity_bucket(record)
+    if said == truth:
+        return StepVerdict(step.key, CORRECT, f"similarity {truth}", similarity=1.0)
+    return StepVerdict(step.key, INCORRECT, f"similarity: said {said}, computed {truth}",
+                       similarity=1.0 - bucket_distance(said, truth) / 2)
 
 
 def _verify_coverage(step, record: Record) -> StepVerdict:

