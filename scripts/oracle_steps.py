@@ -12,8 +12,8 @@ pair, `she predict --fast`'s path with a per-pair prefix). Offsets are fitted on
 the test pairs are scored once, with query-group bootstrap intervals. Compare with the model's own evaluation
 (generated steps) by `scripts/paired_eval.py` on `--out`: the difference is the head-room of the step term.
 
-Only schemas whose written steps are label-free measure a head-room (the evidence schema); for schemas whose
-`Type`/`Attributes` lines are derived from the gold label the forced trace leaks the label (refused).
+Only schemas whose written steps are label-free measure a head-room (the evidence and semantic schemas); for
+schemas whose `Type`/`Attributes` lines are derived from the gold label the forced trace leaks the label (refused).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from she.reasoning.rationale import write_rationale
 from she.reasoning.schema import StepSchema, schema_for
 from she.training.gold_prob import verdict_prefix
 
-LABEL_FREE = ("evidence",)  # schemas whose written steps do not depend on the gold label
+LABEL_FREE = ("evidence", "semantic")  # schemas whose written steps do not depend on the gold label
 
 
 def exact_prefix(record: Record, schema: StepSchema) -> str:
