@@ -5,7 +5,7 @@ import pytest
 from she.data.synthetic import generate
 from she.reasoning.parse import parse_trace
 from she.reasoning.schema import builtin_schema, coverage_schema
-from she.rewards.check import check_examiner, constant_trace, format_check, trace_totals
+from she.rewards.check import check_examiner, choice_hedges, constant_trace, format_check, trace_totals, with_step
 from she.rewards.hybrid import VerifierExaminer
 
 SCHEMA = builtin_schema("hd3")
@@ -139,3 +139,36 @@ def test_resolved_advantage():
     assert resolved_advantage(RLJobConfig()) == "srpo_gated"
     assert resolved_advantage(RLJobConfig(advantage="srpo_centered")) == "srpo_centered"
     assert resolved_advantage(RLJobConfig(advantage="srpo_centered", step_rewards=False)) == "grpo"
+
+
+def test_with_step_rewrites_one_line():
+    text = "Query: a\nType: same\nVerdict: Exact"
+    assert with_step(text, "Type", "related") == "Query: a\nType: related\nVerdict: Exact"
+    assert with_step(text, "Similarity", "low") == text  # no such line: unchanged
+    assert with_step("Types: x\nType: same", "Type", "accessory") == "Types: x\nType: accessory"
+
+
+class HedgeFriendlyJudge:
+    """Scores ``Type`` 1 where it matches the truthful trace, else 0 -- but 0.5 for ``related`` (a "near miss"
+    everywhere, as a distance-graded bucket's middle value is): under the gated flaw threshold 0.5 it is free."""
+
+    def __init__(self, truth):
+        self.truth = truth
+
+    def score_steps(self, parsed, record):
+        t = self.truth[record.id]
+        return [(1.0 if s.conclusion == t else 0.5 if s.conclusion == "related" else 0.0) if s.key == "Type"
+                else None for s in parsed.steps]
+
+
+def test_a_free_hedge_fails_the_check_under_the_gated_criterion_only(records):
+    truth = {r.id: parse_trace(constant_trace(r, r.label, SCHEMA), SCHEMA).step("type").conclusion for r in records}
+    judge = HedgeFriendlyJudge(truth)
+    rows = {h["value"]: h for h in choice_hedges(judge, records, SCHEMA, criterion="flaw")}
+    assert rows["related"]["hedge"] and rows["related"]["flaw"] == 0.0 and rows["related"]["reward"] == 0.5
+    assert not rows["same"]["hedge"] and rows["same"]["flaw"] == 1.0
+    assert rows["related"]["n"] == sum(t != "related" for t in truth.values())
+    rep = check_examiner(judge, records, SCHEMA, criterion="flaw")
+    assert not rep["ok"] and "'Type: related' where it is wrong" in format_check(rep)
+    # a centred (reward) estimator pays it 0.5 against the truth's 1.0: worse, so no hedge there
+    assert not any(h["hedge"] for h in choice_hedges(judge, records, SCHEMA, criterion="reward"))

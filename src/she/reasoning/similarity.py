@@ -95,11 +95,6 @@ def bucket_of(value: float, cuts: Sequence[float] = SIMILARITY_CUTS) -> str:
     return BUCKETS[sum(value >= c for c in cuts)]
 
 
-def bucket_distance(a: str, b: str) -> int:
-    """How many buckets apart two stated buckets are (0, 1 or 2)."""
-    return abs(BUCKETS.index(a) - BUCKETS.index(b))
-
-
 _COSINE_CACHE: dict[tuple[str, str], float] = {}
 _CACHE_MAX = 200_000
 
@@ -124,5 +119,5 @@ def similarity_bucket(record: Record) -> str:
     return bucket_of(pair_similarities([record])[0])
 
 
-__all__ = ["BUCKETS", "MINILM_PACKAGE", "SIMILARITY_CUTS", "bucket_distance", "bucket_of", "minilm_embed",
+__all__ = ["BUCKETS", "MINILM_PACKAGE", "SIMILARITY_CUTS", "bucket_of", "minilm_embed",
            "minilm_model_dir", "pair_similarities", "product_text", "query_text", "similarity_bucket"]

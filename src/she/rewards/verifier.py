@@ -99,9 +99,15 @@ def verify_steps(parsed, record: Record) -> list[StepVerdict]:
 
 
 def _verify_similarity(step, record: Record) -> StepVerdict:
-    """``Similarity``: the stated bucket must be the computed one; ``similarity`` grades the distance (one bucket
-    off: 0.5, two: 0)."""
-    from she.reasoning.similarity import BUCKETS, bucket_distance, similarity_bucket
+    """``Similarity``: the stated bucket must be the computed one, scored exactly (1 or 0) also under
+    ``graded_sets``.
+
+    Why not graded by bucket distance: a score of 1 - distance / 2 makes the middle bucket the answer that
+    minimises the expected penalty of an uncertain policy (it is never more than one bucket off), and under the
+    gated estimator's flaw threshold of 0.5 it is never charged at all. SRPO found that hedge in 60 steps: it
+    said ``medium`` on 999 of 1,000 test pairs (docs/results.md, session 11). Scored exactly, the penalty-minimising
+    answer is the most likely bucket, and a constant answer is charged on the two thirds of pairs it misses."""
+    from she.reasoning.similarity import BUCKETS, similarity_bucket
 
     said = step.conclusion if isinstance(step.conclusion, str) else None
     if said not in BUCKETS:
@@ -109,8 +115,7 @@ def _verify_similarity(step, record: Record) -> StepVerdict:
     truth = similarity_bucket(record)
     if said == truth:
         return StepVerdict(step.key, CORRECT, f"similarity {truth}", similarity=1.0)
-    return StepVerdict(step.key, INCORRECT, f"similarity: said {said}, computed {truth}",
-                       similarity=1.0 - bucket_distance(said, truth) / 2)
+    return StepVerdict(step.key, INCORRECT, f"similarity: said {said}, computed {truth}", similarity=0.0)
 
 
 def _verify_coverage(step, record: Record) -> StepVerdict:
