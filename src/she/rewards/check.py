@@ -23,8 +23,8 @@ trace above cannot see this: it changes the verdict path, not one evidence line.
 from __future__ import annotations
 
 import dataclasses
-from collections import defaultdict
 import re
+from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
