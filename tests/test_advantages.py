@@ -566,10 +566,94 @@ def test_class_weights_apply_after_normalisation():
 
 
 def test_registry_names_and_unknown():
-    assert {"grpo", "srpo_centered", "srpo_centered_pooled", "srpo_gated", "srpo_gated_min", "srpo_gated_balanced"} <= set(ESTIMATORS)
+    assert {"grpo", "srpo_centered", "srpo_centered_pooled", "srpo_gated", "srpo_gated_min", "srpo_gated_balanced",
+            "srpo_decoupled"} <= set(ESTIMATORS)
     x = AdvantageInputs(torch.tensor([1.0, 0.0]), torch.zeros(2, 0), torch.zeros(2, 0, dtype=torch.bool),
                         torch.full((2, 2), -1), torch.ones(2, 2), 2)
     with pytest.raises(ValueError, match="unknown advantage estimator 'nope'"):
         compute_advantages("nope", x)
     for name in ESTIMATORS:  # no steps anywhere: every estimator is the outcome advantage
         assert torch.equal(compute_advantages(name, x), compute_advantages("grpo", x)), name
+
+
+# -- srpo_decoupled (section 8): step tokens by their step only, every other token by the outcome only
+
+from she.algorithms.advantages import decoupled_advantages  # noqa: E402
+
+
+def ref_decoupled(outcome_adv, step_rewards, step_mask, step_type, token_step, cmask, g, alpha, scale):
+    """Loop reference of section 8: per-type centred step reward on step tokens, outcome elsewhere."""
+    b, s = len(step_rewards), len(step_rewards[0])
+    q = [[0.0] * s for _ in range(b)]
+    for i in range(b):
+        lo = (i // g) * g
+        for k in range(s):
+            if step_mask[i][k]:
+                pool = [step_rewards[j][m] for j in range(lo, lo + g) for m in range(s)
+                        if step_mask[j][m] and step_type[j][m] == step_type[i][k]]
+                q[i][k] = _norm(step_rewards[i][k], pool, 1e-4, scale)
+    return [[(alpha * q[i][st] if st >= 0 else outcome_adv[i]) * cmask[i][t] for t, st in enumerate(token_step[i])]
+            for i in range(b)]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_decoupled_matches_loop(seed):
+    outcome, sr, sm, ts, cm, g = random_batch(seed)
+    rng = random.Random(seed)
+    types = torch.tensor([[rng.randrange(3) for _ in range(sr.shape[1])] for _ in range(sr.shape[0])])
+    clean = torch.where(sm, sr, torch.zeros_like(sr))
+    for alpha, scale in ((1.0, True), (0.5, False), (0.0, True)):
+        adv = group_normalize(outcome, g, scale=scale)
+        got = decoupled_advantages(adv, sr, sm, ts, cm, g, alpha=alpha, scale=scale, step_type=types)
+        want = ref_decoupled(adv.tolist(), clean.tolist(), sm.tolist(), types.tolist(), ts.tolist(),
+                             cm.float().tolist(), g, alpha, scale)
+        _close(got, want)
+
+
+def test_decoupled_hand():
+    # One prompt, G = 2, scale=False: outcome [1, 0] -> A_out [0.5, -0.5].
+    # steps q: r0 [1, 0.25], r1 [0, 0]; s0 is type 0, s1 type 1.
+    #   type 0 pool {1, 0}: mean 0.5 -> r0 +0.5, r1 -0.5 ; type 1 pool {0.25, 0}: mean 0.125 -> +0.125, -0.125
+    # tokens [s0, s1, label], alpha 2: r0 [1.0, 0.25, 0.5] ; r1 [-1.0, -0.25, -0.5]
+    # (the wrong-verdict r1 keeps no outcome term on its steps; a right step there would be paid)
+    sr = torch.tensor([[1.0, 0.25], [0.0, 0.0]])
+    sm = torch.ones(2, 2, dtype=torch.bool)
+    ts = torch.tensor([[0, 1, -1], [0, 1, -1]])
+    x = AdvantageInputs(torch.tensor([1.0, 0.0]), sr, sm, ts, torch.ones(2, 3), 2,
+                        step_type=torch.tensor([[0, 1], [0, 1]]))
+    got = compute_advantages("srpo_decoupled", x, AdvantageOptions(alpha=2.0, scale=False))
+    _close(got, [[1.0, 0.25, 0.5], [-1.0, -0.25, -0.5]], tol=1e-6)
+    # a wrong verdict after a right step: the step is paid, the verdict pushed down
+    sr2 = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
+    x2 = AdvantageInputs(torch.tensor([1.0, 0.0]), sr2, sm, ts, torch.ones(2, 3), 2,
+                         step_type=torch.tensor([[0, 1], [0, 1]]))
+    got = compute_advantages("srpo_decoupled", x2, AdvantageOptions(alpha=1.0, scale=False))
+    _close(got, [[-0.5, 0.0, 0.5], [0.5, 0.0, -0.5]], tol=1e-6)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_decoupled_properties(seed):
+    outcome, sr, sm, ts, cm, g = random_batch(seed)
+    rng = random.Random(seed)
+    types = torch.tensor([[rng.randrange(3) for _ in range(sr.shape[1])] for _ in range(sr.shape[0])])
+    x = AdvantageInputs(outcome, sr, sm, ts, cm, g, step_type=types)
+    adv = compute_advantages("srpo_decoupled", x, AdvantageOptions(alpha=1.0, scale=False))
+    grpo = compute_advantages("grpo", x, AdvantageOptions(scale=False))
+    off = ts < 0
+    # 1. every token outside a scored step carries GRPO's advantage exactly
+    assert torch.equal(adv[off], grpo[off])
+    # 2. step tokens do not depend on the outcome at all
+    flipped = AdvantageInputs(1.0 - outcome, sr, sm, ts, cm, g, step_type=types)
+    again = compute_advantages("srpo_decoupled", flipped, AdvantageOptions(alpha=1.0, scale=False))
+    assert torch.equal(adv[~off], again[~off])
+    # 3. the step term is zero-sum per group and step type (one value per step, read off its first token)
+    value = torch.zeros(sr.shape)
+    for i in range(ts.shape[0]):
+        for t in range(ts.shape[1]):
+            if ts[i, t] >= 0 and cm[i, t]:
+                value[i, ts[i, t]] = adv[i, t]
+    for p in range(len(outcome) // g):
+        rows = slice(p * g, (p + 1) * g)
+        for k in range(3):
+            of_k = sm[rows] & (types[rows] == k)
+            assert abs(float(value[rows][of_k].sum())) < 1e-5

@@ -539,7 +539,8 @@ class RLJobConfig(ConfigBase):
     reward_model: str | None = None  # scalar RM folder (`she train rm`): its score replaces the label outcome reward
     # the advantage estimator (docs/srpo.md): srpo_gated (outcome-gated, penalty-only step credit) |
     # srpo_gated_min (the same, PURE min-form) | srpo_gated_balanced (penalties paid back: zero-sum) | srpo_centered (group-centred per step type) |
-    # srpo_centered_pooled (centred over all step types: the first SRPO) | grpo. None: srpo_gated, or grpo
+    # srpo_centered_pooled (centred over all step types: the first SRPO) | srpo_decoupled (step tokens get only their
+    # step's centred reward, the other tokens only the outcome) | grpo. None: srpo_gated, or grpo
     # when step_rewards is false.
     advantage: str | None = None
     alpha: float = 1.0  # weight of the step advantage next to the outcome advantage

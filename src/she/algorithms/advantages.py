@@ -97,7 +97,7 @@ alpha = 0 both are GRPO exactly.
 advantage *after* normalisation (before it, a constant weight per prompt would cancel). Every estimator
 has the signature ``fn(inputs: AdvantageInputs, opts: AdvantageOptions) -> Tensor [B, T]`` and is picked
 by name from :data:`ESTIMATORS` (as verl's ``core_algos``): ``grpo``, ``srpo_centered``,
-``srpo_centered_pooled``, ``srpo_gated``, ``srpo_gated_min``, ``srpo_gated_balanced``.
+``srpo_centered_pooled``, ``srpo_gated``, ``srpo_gated_min``, ``srpo_gated_balanced``, ``srpo_decoupled``.
 
 7. Zero-sum gated credit (``srpo_gated_balanced``)
 -------------------------------------------------
@@ -111,6 +111,24 @@ and ``E_gk`` its unflagged steps of type k in right-verdict rollouts,
 
 (no bonus, and the penalty unbalanced, where E_gk is empty). Still no positive step credit in a wrong-verdict
 rollout; alpha = 0 is GRPO.
+
+8. Decoupled credit (``srpo_decoupled``)
+---------------------------------------
+Every estimator above adds the outcome advantage to the step tokens too: a rollout with a rewarded verdict
+reinforces the evidence it wrote, right or wrong. When an evidence value travels with a verdict (``Similarity:
+high`` with Exact), the outcome term teaches the value that goes with the rewarded verdict, not the true one, and
+a step term of the same size only partly undoes it (docs/results.md, session 11: the ``Similarity`` step fell in
+both RL arms). The decoupled estimator gives each token one signal, by what it is:
+
+    t in a scored step s:   A_{i,t} = alpha * q~_{i,s}      (q~: group-centred per step type, section 2)
+    any other token:        A_{i,t} = A^out_i              (the verdict, separators: GRPO's advantage)
+
+A step is paid for being right against the same step of the other rollouts of its prompt, whatever the verdict;
+the verdict only for being right. Both terms are zero-sum within a group (the step term per step type), so no
+mass drifts towards the modal path, and a step every rollout gets right has advantage 0. Nothing can be farmed
+through the verdict: a step's credit never reaches another token. (This breaks the gated rule "no positive token
+in a wrong-verdict rollout" on purpose: the evidence steps are label-free facts of the pair, right or wrong
+whatever the verdict.) With alpha = 0 the step tokens get 0: the verdict is trained by GRPO alone.
 """
 
 from __future__ import annotations
@@ -481,6 +499,29 @@ def gated_step_advantages(
     return adv * mask
 
 
+def decoupled_advantages(
+    outcome_adv: Tensor,
+    step_rewards: Tensor,
+    step_mask: Tensor,
+    token_step: Tensor,
+    completion_mask: Tensor,
+    group_size: int,
+    alpha: float = 1.0,
+    eps: float = 1e-4,
+    scale: bool = True,
+    step_type: Tensor | None = None,
+) -> Tensor:
+    """Decoupled SRPO advantage [B, T] (module docstring, section 8): step tokens get only ``alpha`` times their
+    step's group-centred reward (per ``step_type``), every other completion token only ``outcome_adv`` [B]."""
+    if token_step.shape != completion_mask.shape or token_step.shape[0] != outcome_adv.shape[0]:
+        raise ValueError(f"token_step {tuple(token_step.shape)} and completion_mask {tuple(completion_mask.shape)} "
+                         f"must both be [B={outcome_adv.shape[0]}, T]")
+    norm = normalize_step_rewards(step_rewards, step_mask, group_size, eps=eps, scale=scale, step_type=step_type)
+    step_adv = step_advantages(norm, step_mask, token_step, mode="broadcast")
+    out = outcome_adv.float()[:, None].expand_as(step_adv)
+    return torch.where(token_step >= 0, alpha * step_adv, out) * completion_mask.float()
+
+
 # ---------------------------------------------------------------- the estimator registry
 
 
@@ -594,6 +635,15 @@ def srpo_gated_balanced_estimator(x: AdvantageInputs, o: AdvantageOptions) -> Te
     """``srpo_gated`` whose penalties are paid back, per group and step type, to the unflagged steps of
     right-verdict rollouts: a zero-sum step term (section 7)."""
     return _gated(x, o, min_form=False, balance=True)
+
+
+@register_estimator("srpo_decoupled")
+def srpo_decoupled_estimator(x: AdvantageInputs, o: AdvantageOptions) -> Tensor:
+    """Step tokens credited by their own step only, the other tokens by the outcome only (section 8)."""
+    adv = outcome_advantage(x.outcome_rewards, x.group_size, x.outcome_weight, eps=o.eps, scale=o.scale,
+                            batch_scale=o.batch_scale)
+    return decoupled_advantages(adv, x.step_rewards, x.step_mask, x.token_step, x.completion_mask, x.group_size,
+                                alpha=o.alpha, eps=o.eps, scale=o.scale, step_type=x.step_type)
 
 
 def compute_advantages(name: str, inputs: AdvantageInputs, options: AdvantageOptions | None = None) -> Tensor:
