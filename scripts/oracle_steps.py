@@ -8,7 +8,7 @@ A step reward can at best make every step right. This script measures what that 
 verdict: instead of letting the model write its steps, it forces the exact trace the rationale writer computes
 from the pair (the SFT target: for the evidence schema, `Missing`, `Numbers` and `Head` computed from the
 strings, no label involved) up to `Verdict:`, and reads the label-token probabilities there (one forward pass a
-pair, `she predict --fast`'s path with a per-pair prefix). Offsets are fitted on the split's validation pairs and
+pair, `she predict --fast`'s path with a per-pair prefix; the same reading as `she eval --evidence computed`). Offsets are fitted on the split's validation pairs and
 the test pairs are scored once, with query-group bootstrap intervals. Compare with the model's own evaluation
 (generated steps) by `scripts/paired_eval.py` on `--out`: the difference is the head-room of the step term.
 
@@ -25,25 +25,12 @@ from pathlib import Path
 
 from she.config import DataConfig, from_dict, read_yaml
 from she.data.labels import get_taxonomy
-from she.data.schema import Record
 from she.data.sources import load_splits
 from she.evaluation.calibration import apply_offsets, fit_label_offsets
 from she.evaluation.metrics import bootstrap_ci, classification_report
-from she.reasoning.parse import parse_trace
-from she.reasoning.rationale import write_rationale
-from she.reasoning.schema import StepSchema, schema_for
-from she.training.gold_prob import verdict_prefix
+from she.reasoning.rationale import computed_evidence
 
 LABEL_FREE = ("evidence", "semantic")  # schemas whose written steps do not depend on the gold label
-
-
-def exact_prefix(record: Record, schema: StepSchema) -> str:
-    """The rationale writer's trace for ``record`` up to the verdict label (``...\\nVerdict:``)."""
-    trace = write_rationale(record, schema_for(schema, record.taxonomy))
-    parsed = parse_trace(trace, schema)
-    if parsed.label_span is None:
-        raise ValueError(f"record {record.id}: the written trace has no verdict: {trace!r}")
-    return verdict_prefix(trace, parsed.label_span[0])[0]
 
 
 def main() -> None:
@@ -67,7 +54,7 @@ def main() -> None:
     labels = list(get_taxonomy(data.taxonomy).labels)
     schema = model_step_schema(args.model, data.taxonomy)
     model, tok = load_model_and_tokenizer(args.model)
-    prefixes = {r.id: exact_prefix(r, schema) for name in ("validation", "test") for r in splits[name]}
+    prefixes = {r.id: computed_evidence(r, schema) for name in ("validation", "test") for r in splits[name]}
     t0 = time.perf_counter()
     scored = {name: score_labels_fast(model, tok, splits[name], taxonomy=data.taxonomy,
                                       prompt_style=prompt_style_of(args.model),

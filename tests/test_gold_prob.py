@@ -13,7 +13,7 @@ pytest.importorskip("trl")
 from she.data.synthetic import generate  # noqa: E402
 from she.errors import UserError  # noqa: E402
 from she.evaluation.generate import label_first_tokens  # noqa: E402
-from she.reasoning.parse import parse_trace  # noqa: E402
+from she.reasoning.parse import parse_trace, verdict_prefix  # noqa: E402
 from she.reasoning.prompts import build_messages  # noqa: E402
 from she.reasoning.rationale import write_rationale  # noqa: E402
 from she.reasoning.schema import default_schema  # noqa: E402
@@ -21,7 +21,6 @@ from she.training.gold_prob import (  # noqa: E402
     GoldLabelProbability,
     gold_log_probabilities,
     log_floor_reward,
-    verdict_prefix,
 )
 
 SCHEMA = default_schema("hd3")

@@ -110,6 +110,13 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+def _add_evidence_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--evidence", default="generated", choices=["generated", "computed"],
+                   help="generated: the model writes its steps (default); computed: the steps are computed from the "
+                        "pair and forced, the model gives the verdict (label-free schemas only: evidence, semantic; "
+                        "docs/reasoning-format.md)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="she", description="Stepwise Hybrid Examination: LLM relevance judges",
                 epilog="Exit status: 0 done; 1 some input rows were rejected (--on-error skip; the rejects file "
@@ -255,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="YAML of any job (its `data:` section is used): the same seeded split and caps as that job")
     e.add_argument("--no-calibration", action="store_true",
                    help="ignore the model's label offsets from `she calibrate` (score the generated labels)")
+    _add_evidence_arg(e)
     _add_data_args(e)
 
     ca = sub.add_parser("calibrate", help="fit per-class verdict offsets on validation pairs; saved in the model's "
@@ -268,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--batch-size", type=int, default=32, help="generation batch size (default 32)")
     ca.add_argument("--max-new-tokens", type=int, default=96, help="longest judgement (default 96)")
     ca.add_argument("--no-bf16", action="store_true", help="fp32 instead of bf16 autocast")
+    _add_evidence_arg(ca)
     ca.add_argument("--data-config", default=None,
                     help="YAML of any job (its `data:` section is used): the same seeded split as that job")
     _add_data_args(ca)
@@ -279,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--max-new-tokens", type=int, default=96, help="longest judgement (default 96)")
     pr.add_argument("--fast", action="store_true",
                     help="label only, one forward pass, no reasoning (approximate for reasoning models; docs/serving.md)")
+    _add_evidence_arg(pr)
     _add_data_args(pr, required=True)
 
     sv = sub.add_parser("serve", help="HTTP relevance service + OpenAI-compatible chat endpoint (docs/serving.md)")
@@ -586,7 +596,8 @@ def _cmd_eval(a) -> None:
 
     records, dcfg = _eval_data(a)
     m = evaluate(a.model, records, a.out, taxonomy=dcfg.taxonomy, batch_size=a.batch_size,
-                 max_new_tokens=a.max_new_tokens, bf16=not a.no_bf16, calibrated=not a.no_calibration)
+                 max_new_tokens=a.max_new_tokens, bf16=not a.no_bf16, calibrated=not a.no_calibration,
+                 evidence=a.evidence)
     print(json.dumps({k: m[k] for k in ("macro_f1", "accuracy", "format_valid_rate", "n")}, indent=2))
     print(f"report: {os.path.join(a.out, 'report.md')}")
 
@@ -596,7 +607,7 @@ def _cmd_calibrate(a) -> None:
 
     records, dcfg = _eval_data(a)
     rep = calibrate(a.model, records, taxonomy=dcfg.taxonomy, batch_size=a.batch_size,
-                    max_new_tokens=a.max_new_tokens, bf16=not a.no_bf16)
+                    max_new_tokens=a.max_new_tokens, bf16=not a.no_bf16, evidence=a.evidence)
     print(json.dumps(rep, indent=2))
 
 
@@ -606,7 +617,7 @@ def _cmd_predict(a) -> None:
 
     dcfg = data_config(a)
     n = predict(a.model, load_data(dcfg), a.out, taxonomy=dcfg.taxonomy, batch_size=a.batch_size,
-                max_new_tokens=a.max_new_tokens, fast=a.fast)
+                max_new_tokens=a.max_new_tokens, fast=a.fast, evidence=a.evidence)
     print(f"wrote {n} predictions to {a.out}")
 
 

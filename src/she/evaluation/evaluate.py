@@ -12,7 +12,7 @@ from she.data.schema import Record
 from she.data.validation import atomic_write_lines
 from she.errors import UserError
 from she.evaluation.generate import Judgement, generate_judgements
-from she.models.metadata import label_offsets_of, model_step_schema, prompt_style_of
+from she.models.metadata import label_offsets_of, model_step_schema, offsets_key, prompt_style_of
 from she.reasoning.schema import StepSchema
 
 
@@ -73,6 +73,24 @@ def step_checks(records: list[Record], judgements: list[Judgement]) -> dict[str,
     return out
 
 
+def judge_records(model, tokenizer, records: list[Record], *, evidence: str = "generated", taxonomy: str = "hd3",
+                  batch_size: int = 16, max_new_tokens: int = 96, bf16: bool = True, progress: bool = True,
+                  prompt_style: str = "full", label_offsets: dict[str, float] | None = None,
+                  schema: StepSchema | None = None) -> list[Judgement]:
+    """Judgements of ``records`` with the steps ``generated`` by the model (:func:`generate_judgements`) or
+    ``computed`` from the pair and forced (:func:`she.evaluation.fast.computed_evidence_judgements`)."""
+    offsets_key(evidence)  # a clear error for an unknown mode
+    if evidence == "computed":
+        from she.evaluation.fast import computed_evidence_judgements
+
+        return computed_evidence_judgements(model, tokenizer, records, taxonomy=taxonomy, prompt_style=prompt_style,
+                                            schema=schema, batch_size=batch_size, bf16=bf16,
+                                            label_offsets=label_offsets)
+    return generate_judgements(model, tokenizer, records, taxonomy=taxonomy, batch_size=batch_size,
+                               max_new_tokens=max_new_tokens, bf16=bf16, progress=progress, prompt_style=prompt_style,
+                               label_offsets=label_offsets, schema=schema)
+
+
 def evaluate(
     model_path: str,
     records: list[Record],
@@ -86,10 +104,13 @@ def evaluate(
     progress: bool = True,
     calibrated: bool = True,
     schema: StepSchema | None = None,
+    evidence: str = "generated",
 ) -> dict:
     """Generate, score and report. ``calibrated``: apply the model's ``label_offsets`` (she.json, from
     ``she calibrate``) when it has them; the uncalibrated scores are then reported too. ``schema``: the step
-    schema the model writes; None = its own (``she.json``, :func:`~she.models.metadata.model_step_schema`)."""
+    schema the model writes; None = its own (``she.json``, :func:`~she.models.metadata.model_step_schema`).
+    ``evidence``: ``generated`` (the model writes its steps) or ``computed`` (:func:`judge_records`), whose
+    offsets are fitted separately (``she calibrate --evidence computed``)."""
     from she.evaluation.report import write_report
     from she.models.registry import load_model_and_tokenizer
 
@@ -101,18 +122,18 @@ def evaluate(
     schema = schema or model_step_schema(model_path, taxonomy)
     model, tok = load_model_and_tokenizer(model_path)
     style = prompt_style_of(model_path)
-    offsets = label_offsets_of(model_path) if calibrated else None
+    offsets = label_offsets_of(model_path, evidence) if calibrated else None
     t0 = time.time()
-    judgements = generate_judgements(
-        model, tok, records, taxonomy=taxonomy, batch_size=batch_size, max_new_tokens=max_new_tokens, bf16=bf16,
-        progress=progress, prompt_style=style, label_offsets=offsets, schema=schema,
-    )
+    judgements = judge_records(model, tok, records, evidence=evidence, taxonomy=taxonomy, batch_size=batch_size,
+                               max_new_tokens=max_new_tokens, bf16=bf16, progress=progress, prompt_style=style,
+                               label_offsets=offsets, schema=schema)
     elapsed = time.time() - t0
     m = score(records, judgements, taxonomy)
     n_tokens = sum(j.n_new_tokens for j in judgements)
     m["generation"] = {"seconds": elapsed, "new_tokens": n_tokens, "tokens_per_s": n_tokens / max(elapsed, 1e-9),
                        "pairs_per_s": len(records) / max(elapsed, 1e-9)}
     m["model"] = str(model_path)
+    m["evidence"] = evidence
     atomic_write_lines(out / "metrics.json", [json.dumps(m, indent=2)])
     atomic_write_lines(out / "predictions.jsonl",
                        (json.dumps(judgement_json(j, r), ensure_ascii=False) + "\n" for r, j in zip(records, judgements)))
@@ -122,10 +143,11 @@ def evaluate(
 
 def calibrate(model_path: str, records: list[Record], *, taxonomy: str = "hd3", batch_size: int = 32,
               max_new_tokens: int = 96, bf16: bool = True, progress: bool = True,
-              schema: StepSchema | None = None) -> dict:
+              schema: StepSchema | None = None, evidence: str = "generated") -> dict:
     """Fit per-class verdict offsets on ``records`` (a validation split: never the test pairs) and write them
-    into the model's ``she.json`` (``label_offsets``) and ``calibration.json``. Returns the report: offsets,
-    Macro F1 and predicted-class shares before and after, on these pairs. ``schema`` as in :func:`evaluate`."""
+    into the model's ``she.json`` (``label_offsets``; ``label_offsets_computed`` for ``evidence="computed"``) and
+    ``calibration.json`` (``calibration_computed.json``). Returns the report: offsets, Macro F1 and
+    predicted-class shares before and after, on these pairs. ``schema`` and ``evidence`` as in :func:`evaluate`."""
     from she.evaluation.calibration import apply_offsets, fit_label_offsets
     from she.evaluation.metrics import classification_report
     from she.models.metadata import load_she_meta
@@ -137,9 +159,10 @@ def calibrate(model_path: str, records: list[Record], *, taxonomy: str = "hd3", 
     folder = Path(resolve_model(model_path))
     schema = schema or model_step_schema(model_path, taxonomy)
     model, tok = load_model_and_tokenizer(model_path)
-    js = generate_judgements(model, tok, records, taxonomy=taxonomy, batch_size=batch_size,
-                             max_new_tokens=max_new_tokens, bf16=bf16, progress=progress,
-                             prompt_style=prompt_style_of(model_path), schema=schema)
+    key = offsets_key(evidence)
+    js = judge_records(model, tok, records, evidence=evidence, taxonomy=taxonomy, batch_size=batch_size,
+                       max_new_tokens=max_new_tokens, bf16=bf16, progress=progress,
+                       prompt_style=prompt_style_of(model_path), schema=schema)
     labels = list(get_taxonomy(taxonomy).labels)
     gold = [r.label for r in records]
     raw = [j.raw_label for j in js]
@@ -151,29 +174,34 @@ def calibrate(model_path: str, records: list[Record], *, taxonomy: str = "hd3", 
         return {"macro_f1": m["macro_f1"], "accuracy": m["accuracy"],
                 "pred_share": {lab: sum(p == lab for p in pred) / len(pred) for lab in labels}}
 
-    report = {"label_offsets": offsets, "n": len(records), "with_probs": sum(j.probs is not None for j in js),
-              "before": summary(raw), "after": summary(cal)}
+    report = {"label_offsets": offsets, "evidence": evidence, "n": len(records),
+              "with_probs": sum(j.probs is not None for j in js), "before": summary(raw), "after": summary(cal)}
     meta = load_she_meta(folder)
-    meta["label_offsets"] = offsets
+    meta[key] = offsets
     atomic_write_lines(folder / "she.json", [json.dumps(meta, indent=2)])
-    atomic_write_lines(folder / "calibration.json", [json.dumps(report, indent=2)])
+    name = "calibration.json" if evidence == "generated" else f"calibration_{evidence}.json"
+    atomic_write_lines(folder / name, [json.dumps(report, indent=2)])
     return report
 
 
 def predict(model_path: str, records: list[Record], out_file: str | os.PathLike, *, taxonomy: str = "hd3",
             batch_size: int = 16, max_new_tokens: int = 96, bf16: bool = True, progress: bool = True,
-            fast: bool = False, schema: StepSchema | None = None) -> int:
+            fast: bool = False, schema: StepSchema | None = None, evidence: str = "generated") -> int:
     """Write one JSON line per pair. Streams in chunks so huge inputs never sit in memory as judgements.
 
     ``fast=True`` scores the label in one forward pass without writing reasoning
     (:class:`she.evaluation.fast.FastScorer`, the service's fast mode too; exact for label-target models, an
-    approximation for reasoning models); ``reasoning`` is then empty. ``schema`` as in :func:`evaluate`."""
+    approximation for reasoning models); ``reasoning`` is then empty. ``schema`` and ``evidence`` as in
+    :func:`evaluate` (``computed``: ``reasoning`` holds the computed steps; not with ``fast``)."""
     from she.models.registry import load_model_and_tokenizer
 
     schema = schema or model_step_schema(model_path, taxonomy)
     model, tok = load_model_and_tokenizer(model_path)
     style = prompt_style_of(model_path)
-    offsets = label_offsets_of(model_path)
+    if fast and evidence != "generated":
+        raise UserError("fast mode reads the label without steps; evidence: computed forces the computed ones -- "
+                        "pick one")
+    offsets = label_offsets_of(model_path, evidence)
     scorer = None
     if fast:
         from she.evaluation.fast import FastScorer
@@ -192,9 +220,9 @@ def predict(model_path: str, records: list[Record], out_file: str | os.PathLike,
                 if scorer is not None:
                     judged = scorer.score(part)
                 else:
-                    judged = generate_judgements(model, tok, part, taxonomy=taxonomy, batch_size=batch_size,
-                                                 max_new_tokens=max_new_tokens, bf16=bf16, progress=progress,
-                                                 prompt_style=style, label_offsets=offsets, schema=schema)
+                    judged = judge_records(model, tok, part, evidence=evidence, taxonomy=taxonomy,
+                                           batch_size=batch_size, max_new_tokens=max_new_tokens, bf16=bf16,
+                                           progress=progress, prompt_style=style, label_offsets=offsets, schema=schema)
                 for r, j in zip(part, judged):
                     f.write(json.dumps(judgement_json(j, r), ensure_ascii=False) + "\n")
                     n += 1

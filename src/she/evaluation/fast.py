@@ -187,6 +187,43 @@ def score_labels_fast(
     return out  # type: ignore[return-value]
 
 
+def computed_evidence_judgements(
+    model,
+    tokenizer,
+    records: list[Record],
+    *,
+    taxonomy: str = "hd3",
+    prompt_style: str = "full",
+    schema: StepSchema | None = None,
+    batch_size: int = 16,
+    bf16: bool = True,
+    label_offsets: dict[str, float] | None = None,
+) -> list[Judgement]:
+    """Verdicts after the **computed evidence** (``evidence: computed``): for a schema whose steps are label-free
+    functions of the pair, the steps are written by the rationale writer (:func:`she.reasoning.rationale.
+    computed_evidence`: every step right) and forced, and the label is read from the label-token probabilities
+    at the verdict position, one forward pass a pair, with ``label_offsets`` (fitted in this mode) applied.
+
+    ``text`` is the forced steps and the label, parsed like a generated trace (its steps are right by
+    construction); ``raw_label`` is the label before the offsets. A schema with a label-derived step is refused.
+    """
+    from she.evaluation.calibration import apply_offsets
+    from she.reasoning.parse import parse_trace
+    from she.reasoning.rationale import computed_evidence
+
+    prefixes = [computed_evidence(r, schema_for(schema, r.taxonomy)) for r in records]
+    by_record = {id(r): p for r, p in zip(records, prefixes)}
+    scored = score_labels_fast(model, tokenizer, records, taxonomy=taxonomy, prompt_style=prompt_style,
+                               prefix=lambda r: by_record[id(r)], batch_size=batch_size, bf16=bf16, schema=schema)
+    out = []
+    for r, p, j in zip(records, prefixes, scored):
+        label = apply_offsets(j.probs, j.label, label_offsets)
+        text = f"{p} {label}"
+        out.append(Judgement(j.record_id, text, label, j.probs, True, parse_trace(text, schema_for(schema, r.taxonomy)),
+                             0, raw_label=j.label))
+    return out
+
+
 # The settings of fast scoring wherever it runs (she predict --fast, the service's fast mode). bf16 autocast on
 # CPU too: about 2x fp32 on this project's CPU (docs/design.md), and what she predict and she eval use.
 # 16 pairs a batch is `she predict --batch-size`'s default; batches are length-sorted, so smaller ones carry
@@ -224,5 +261,6 @@ class FastScorer:
                                  bf16=self.bf16, schema=self.schema)
 
 
-__all__ = ["FAST_BATCH_SIZE", "FAST_BF16", "FastJudgement", "FastScorer", "check_prefixes", "fast_mode_is_exact",
+__all__ = ["FAST_BATCH_SIZE", "FAST_BF16", "FastJudgement", "FastScorer", "check_prefixes", "computed_evidence_judgements",
+           "fast_mode_is_exact",
            "fast_prefix", "prefix_label_tokens", "score_labels_fast"]

@@ -84,11 +84,23 @@ def prompt_style_of(model_path) -> str:
     return load_she_meta(resolve_model(model_path)).get("prompt_style", "full")
 
 
-def label_offsets_of(model_path) -> dict[str, float] | None:
-    """The per-class verdict offsets fitted by ``she calibrate`` (``she.json`` ``label_offsets``), or None."""
+EVIDENCE_MODES = ("generated", "computed")
+
+
+def offsets_key(evidence: str = "generated") -> str:
+    """The ``she.json`` key of the verdict offsets fitted for an evidence mode: the verdict after generated steps
+    and after computed ones are different readings, each calibrated on its own (``label_offsets`` and
+    ``label_offsets_computed``)."""
+    if evidence not in EVIDENCE_MODES:
+        raise UserError(f"evidence must be one of {EVIDENCE_MODES}, got {evidence!r}")
+    return "label_offsets" if evidence == "generated" else f"label_offsets_{evidence}"
+
+
+def label_offsets_of(model_path, evidence: str = "generated") -> dict[str, float] | None:
+    """The per-class verdict offsets fitted by ``she calibrate`` for ``evidence`` (``she.json``), or None."""
     from she.models.registry import resolve_model
 
-    offsets = load_she_meta(resolve_model(model_path)).get("label_offsets")
+    offsets = load_she_meta(resolve_model(model_path)).get(offsets_key(evidence))
     return {str(k): float(v) for k, v in offsets.items()} if isinstance(offsets, dict) and offsets else None
 
 
@@ -107,5 +119,5 @@ def use_cpu() -> bool:
     return not torch.cuda.is_available()
 
 
-__all__ = ["SHE_META", "autocast", "label_offsets_of", "load_she_meta", "model_step_schema", "prompt_style_of", "save_she_meta", "schema_of",
+__all__ = ["EVIDENCE_MODES", "SHE_META", "autocast", "label_offsets_of", "offsets_key", "load_she_meta", "model_step_schema", "prompt_style_of", "save_she_meta", "schema_of",
            "use_cpu"]

@@ -322,6 +322,18 @@ def consistent_label(parsed: ParsedTrace, taxonomy: str) -> str | None:
         return None
 
 
+def verdict_prefix(text: str, label_start: int) -> tuple[str, bool]:
+    """The reasoning up to the verdict label, and whether the label's first token carries a leading space.
+
+    ``label_start``: the label's first character in ``text`` (``ParsedTrace.label_span[0]``). A space right
+    before the label belongs to the label's token in byte-level BPE (``" Exact"``), so it is cut with it.
+    """
+    if not 0 <= label_start <= len(text):
+        raise ValueError(f"label_start {label_start} outside a text of {len(text)} characters")
+    spaced = label_start > 0 and text[label_start - 1] == " "
+    return text[: label_start - 1 if spaced else label_start], spaced
+
+
 __all__ = [
     "ParsedStep",
     "ParsedTrace",
@@ -331,4 +343,5 @@ __all__ = [
     "parse_choice",
     "parse_label",
     "parse_trace",
+    "verdict_prefix",
 ]

@@ -31,11 +31,13 @@ import html
 import json
 import re
 from collections.abc import Callable, Mapping
+import dataclasses
 from dataclasses import dataclass, field
 
+from she.data.labels import get_taxonomy
 from she.data.schema import ATTRIBUTES, TYPE_RELATIONS, Record
 from she.errors import UserError
-from she.reasoning.parse import consistent_label, guideline_label, parse_trace
+from she.reasoning.parse import consistent_label, guideline_label, parse_trace, verdict_prefix
 from she.reasoning.quantities import Quantity, compare_quantities, normalize_text, numbers_text, strip_quantities
 from she.reasoning.render import one_line, render_trace
 from she.reasoning.schema import StepSchema, default_schema
@@ -671,4 +673,25 @@ def write_rationale(record: Record, schema: StepSchema | None = None, *, include
     return text
 
 
-__all__ = ["Evidence", "analyse", "choose_conclusions", "rationale_steps", "write_rationale"]
+def computed_evidence(record: Record, schema: StepSchema | None = None) -> str:
+    """The reasoning the rationale writer computes from the pair alone, up to the verdict key (``...\nVerdict:``).
+
+    For a schema whose steps are label-free functions of the strings (``evidence``, ``semantic``) this is the
+    trace with every step right, written without looking at a label: the judge then only has to give the
+    verdict (``evidence: computed`` in ``she eval`` / ``she predict``; docs/reasoning-format.md). The trace is
+    written once per label of the taxonomy and must come out the same every time; a schema with a
+    label-derived step (``Type``, ``Attributes``) is refused (``UserError``), so no label can leak in.
+    """
+    schema = schema or default_schema(record.taxonomy)
+    prefixes = set()
+    for label in get_taxonomy(schema.taxonomy).labels:
+        text = write_rationale(dataclasses.replace(record, label=label, taxonomy=schema.taxonomy), schema)
+        prefixes.add(verdict_prefix(text, parse_trace(text, schema).label_span[0])[0])
+    if len(prefixes) != 1:
+        keys = ", ".join(s.key for s in schema.steps if s.kind != "label")
+        raise UserError(f"record {record.id}: the steps of this schema ({keys}) depend on the label, so they cannot be "
+                        "computed from the pair; computed evidence needs a label-free schema (evidence, semantic)")
+    return prefixes.pop()
+
+
+__all__ = ["Evidence", "analyse", "choose_conclusions", "computed_evidence", "rationale_steps", "write_rationale"]

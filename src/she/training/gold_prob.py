@@ -30,20 +30,8 @@ from she.data.schema import Record
 from she.evaluation.generate import label_first_tokens
 from she.models.heads import capture_head_inputs, head_logits_fp32, plain_head
 from she.models.metadata import autocast
-from she.reasoning.parse import parse_trace
+from she.reasoning.parse import parse_trace, verdict_prefix
 from she.reasoning.schema import StepSchema
-
-
-def verdict_prefix(text: str, label_start: int) -> tuple[str, bool]:
-    """The reasoning up to the verdict label, and whether the label's first token carries a leading space.
-
-    ``label_start``: the label's first character in ``text`` (``ParsedTrace.label_span[0]``). A space right
-    before the label belongs to the label's token in byte-level BPE (``" Exact"``), so it is cut with it.
-    """
-    if not 0 <= label_start <= len(text):
-        raise ValueError(f"label_start {label_start} outside a text of {len(text)} characters")
-    spaced = label_start > 0 and text[label_start - 1] == " "
-    return text[: label_start - 1 if spaced else label_start], spaced
 
 
 def gold_log_probabilities(last_logits: torch.Tensor, label_ids: torch.Tensor, gold_index: torch.Tensor) -> torch.Tensor:
@@ -157,4 +145,4 @@ class GoldLabelProbability:
         return (log_p.exp() if self.log_floor is None else log_floor_reward(log_p, self.log_floor)).tolist()
 
 
-__all__ = ["GoldLabelProbability", "gold_log_probabilities", "log_floor_reward", "verdict_prefix"]
+__all__ = ["GoldLabelProbability", "gold_log_probabilities", "log_floor_reward"]

@@ -1,0 +1,113 @@
+"""`evidence: computed`: the label-free steps written from the pair and forced, the model giving the verdict."""
+
+import json
+import shutil
+
+import pytest
+
+from she.data.schema import Product, Record
+from she.errors import UserError
+from she.evaluation.calibration import apply_offsets
+from she.reasoning.parse import parse_trace
+from she.reasoning.rationale import computed_evidence, write_rationale
+from she.reasoning.schema import default_schema, resolve_schema
+
+LABELS = ["Irrelevant", "Partial", "Exact"]
+PAIR = dict(query="cordless 20v dewalt drills", product=Product(title="DEWALT 18-Volt Drill/Driver Kit"))
+
+
+def test_computed_evidence_is_the_written_trace_up_to_the_verdict_for_every_label():
+    schema = resolve_schema("evidence")
+    prefix = computed_evidence(Record(id="u", **PAIR), schema)  # no label needed
+    assert prefix.endswith("\nVerdict:") and "Missing: cordless, 20" in prefix and "Head: drill found" in prefix
+    for label in LABELS:
+        assert write_rationale(Record(id="u", label=label, **PAIR), schema) == f"{prefix} {label}"
+
+
+def test_a_schema_with_label_derived_steps_is_refused():
+    with pytest.raises(UserError, match="depend on the label"):
+        computed_evidence(Record(id="u", **PAIR), default_schema("hd3"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from she.models.registry import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(str(tiny_model_dir))
+
+
+def _records():
+    return [Record(id=f"r{i}", query=q, product=Product(title=t), label=lab) for i, (q, t, lab) in enumerate([
+        ("cordless 20v dewalt drills", "DEWALT 18-Volt Drill/Driver Kit", "Partial"),
+        ("white kitchen faucet", "Moen Chrome Kitchen Faucet", "Partial"),
+        ("2x4 lumber 8 ft", "2 in. x 4 in. x 8 ft. Stud", "Exact"),
+        ("garden hose", "Ceiling Fan with Light", "Irrelevant"),
+        ("hammer", "16 oz. Claw Hammer", "Exact"),
+    ])]
+
+
+def test_judgements_force_the_computed_steps_and_read_the_verdict_there(tiny):
+    from she.evaluation.fast import computed_evidence_judgements, score_labels_fast
+
+    model, tok = tiny
+    schema = resolve_schema("evidence")
+    recs = _records()
+    js = computed_evidence_judgements(model, tok, recs, schema=schema, batch_size=2, bf16=False)
+    # the same reading as the fast scorer with the computed prefix, pair by pair
+    ref = score_labels_fast(model, tok, recs, prefix=lambda r: computed_evidence(r, schema), batch_size=3, bf16=False,
+                            schema=schema)
+    for r, j, f in zip(recs, js, ref):
+        assert j.record_id == r.id and j.text == f"{computed_evidence(r, schema)} {j.label}"
+        assert j.raw_label == j.label == f.label and j.probs == pytest.approx(f.probs, abs=1e-5)
+        assert j.format_ok and j.parsed.format_ok and j.parsed.label == j.label
+    # offsets fitted in this mode move the label, never the raw reading
+    big = {"Irrelevant": 0.0, "Partial": 50.0, "Exact": 0.0}
+    shifted = computed_evidence_judgements(model, tok, recs, schema=schema, bf16=False, label_offsets=big)
+    assert [j.label for j in shifted] == ["Partial"] * len(recs)
+    assert [j.raw_label for j in shifted] == [j.raw_label for j in js]
+
+
+def test_calibrate_and_eval_keep_the_computed_offsets_apart(tmp_path, tiny_model_dir, monkeypatch):
+    import she.evaluation.fast as fast
+    import she.evaluation.evaluate as ev
+    from she.evaluation.generate import Judgement
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, model)
+    from she.models.metadata import load_she_meta, save_she_meta
+
+    meta = load_she_meta(model)
+    meta.update(schema="evidence", label_offsets={"Irrelevant": 0.0, "Partial": 1.0, "Exact": 0.0})
+    save_she_meta(model, meta)
+    recs = _records()
+    seen = []
+
+    def scripted(model_, tok, records, *, label_offsets=None, **kw):
+        seen.append(label_offsets)
+        out = []
+        for r in records:  # an Exact bias over the gold class: offsets can undo it
+            p = {lab: 0.15 for lab in LABELS}
+            p["Exact"], p[r.label] = (0.7, 0.7) if r.label == "Exact" else (0.5, 0.35)
+            text = "Verdict: Exact"
+            out.append(Judgement(r.id, text, apply_offsets(p, "Exact", label_offsets), p, True,
+                                 parse_trace(text, default_schema("hd3")), 0, raw_label="Exact"))
+        return out
+
+    monkeypatch.setattr(fast, "computed_evidence_judgements", scripted)
+    rep = ev.calibrate(str(model), recs, progress=False, evidence="computed")
+    meta = json.loads((model / "she.json").read_text())
+    assert meta["label_offsets_computed"] == rep["label_offsets"] and rep["after"]["macro_f1"] == 1.0
+    assert meta["label_offsets"] == {"Irrelevant": 0.0, "Partial": 1.0, "Exact": 0.0}  # the generated mode's, kept
+    assert (model / "calibration_computed.json").exists() and not (model / "calibration.json").exists()
+    m = ev.evaluate(str(model), recs, tmp_path / "eval", progress=False, evidence="computed")
+    assert seen[-1] == rep["label_offsets"] and m["evidence"] == "computed" and m["macro_f1"] == 1.0
+
+
+def test_bad_evidence_modes(tiny_model_dir, tmp_path):
+    from she.evaluation.evaluate import predict
+    from she.models.metadata import offsets_key
+
+    with pytest.raises(UserError, match="evidence must be one of"):
+        offsets_key("oracle")
+    with pytest.raises(UserError, match="pick one"):
+        predict(str(tiny_model_dir), _records(), tmp_path / "p.jsonl", fast=True, evidence="computed")
