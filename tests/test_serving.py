@@ -366,10 +366,10 @@ def test_relevance_full_generates_the_same_reasoning_as_generate_judgements(clie
     ({"pairs": [{"query": "q", "title": "t", "description": "d" * 500}]}, 422, "pairs[0].description", "500"),
     ({"pairs": [{"query": "q", "title": "t", "titel": "x"}]}, 422, "pairs[0].titel", "Extra inputs"),
     ({"pairs": [{"query": "q", "title": "t", "id": 1.5}]}, 422, "pairs[0].id", "string or an integer"),
-    ({"pairs": [{"query": "q", "title": "t"}], "mode": "slow"}, 422, "mode", "'fast' or 'full'"),
+    ({"pairs": [{"query": "q", "title": "t"}], "mode": "slow"}, 422, "mode", "'fast', 'full' or 'computed'"),
     ({"pairs": [{"query": "q", "title": "t"}], "return_reasoning": "yes"}, 422, "return_reasoning", "boolean"),
     ({"pairs": [{"query": "q", "title": "t"}], "mode": "fast", "return_reasoning": True}, 422, "return_reasoning",
-     "only generated in mode 'full'"),
+     "fast mode scores the label without writing reasoning"),
     ({"pairs": "q"}, 422, "pairs", "valid list"),
     ([1, 2], 422, "body", "dictionary"),
 ])
@@ -810,3 +810,39 @@ def test_backend_serves_in_the_models_schema(tiny, monkeypatch):
         t.start()
         t.join()
     assert ["Missing" in s for s in seen] == [True, False, True]
+
+
+def test_computed_mode_answers_as_she_predict_evidence_computed(tmp_path, tiny_model_dir):
+    """Mode `computed`: the label-free steps computed from the pair and forced, with the model's computed-mode
+    offsets; the same answers as `she predict --evidence computed`. A schema with label-derived steps is a 422."""
+    import shutil
+
+    from she.evaluation.evaluate import predict
+    from she.models.metadata import load_she_meta, save_she_meta
+    from she.serving.app import create_app
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, model)
+    meta = load_she_meta(model)
+    meta.update(schema="evidence", label_offsets_computed={"Irrelevant": 0.0, "Partial": 0.3, "Exact": 0.0})
+    save_she_meta(model, meta)
+    pairs = [{"query": "cordless 20v dewalt drills", "title": "DEWALT 18-Volt Drill/Driver Kit", "id": "a"},
+             {"query": "white paint", "title": "Behr white flat paint", "brand": "Behr", "id": "b"}]
+    recs = [Record(id=p["id"], query=p["query"], product=Product(title=p["title"], brand=p.get("brand")))
+            for p in pairs]
+    out = tmp_path / "p.jsonl"
+    predict(str(model), recs, out, evidence="computed", progress=False)
+    want = [json.loads(x) for x in out.read_text().splitlines()]
+    app = create_app(model, batch_wait_ms=0)
+    with TestClient(app) as c:
+        r = c.post("/v1/relevance", json={"pairs": pairs, "mode": "computed", "return_reasoning": True})
+    assert r.status_code == 200, r.text
+    got = r.json()["results"]
+    assert [g["label"] for g in got] == [w["label"] for w in want]
+    assert [g["probs"] for g in got] == [w["probs"] for w in want]
+    assert [g["reasoning"] for g in got] == [w["reasoning"] for w in want]
+    assert "\nMissing: cordless, 20\n" in got[0]["reasoning"] and "\nVerdict: " in got[0]["reasoning"]
+    # the default schema's Type/Attributes come from the label: nothing to compute
+    with TestClient(create_app(tiny_model_dir, batch_wait_ms=0)) as c:
+        r = c.post("/v1/relevance", json={"pairs": pairs[:1], "mode": "computed"})
+    assert r.status_code == 422 and "depend on the label" in r.text

@@ -62,10 +62,12 @@ class JudgeBackend:
                  target: str | None = None, max_new_tokens: int = 96, bf16: bool = False,
                  fast_prefix: str | None = None, schema: str = "default",
                  label_offsets: dict[str, float] | None = None, fast_bf16: bool | None = None,
-                 fast_batch_size: int | None = None) -> None:
+                 fast_batch_size: int | None = None, label_offsets_computed: dict[str, float] | None = None) -> None:
         """``bf16`` is the precision of full mode and chat. Fast mode runs as :class:`~she.evaluation.fast.FastScorer`
         runs it for ``she predict --fast`` (bf16 autocast, length-sorted batches of ``FAST_BATCH_SIZE``) unless
-        ``fast_bf16`` / ``fast_batch_size`` say otherwise."""
+        ``fast_bf16`` / ``fast_batch_size`` say otherwise. Mode ``computed`` (the label-free steps computed from the
+        pair and forced, :func:`she.evaluation.fast.computed_evidence_judgements`) runs with the fast settings and
+        ``label_offsets_computed``; a schema with label-derived steps answers it with an item error."""
         from she.evaluation.fast import FAST_BATCH_SIZE, FAST_BF16, FastScorer, check_prefixes
         from she.evaluation.fast import fast_prefix as default_prefix
         from she.reasoning.schema import resolve_schema
@@ -80,6 +82,7 @@ class JudgeBackend:
         self.labels = list(get_taxonomy(taxonomy).labels)
         self.prompt_style = prompt_style
         self.label_offsets = label_offsets  # full mode reads the verdict with them (she calibrate)
+        self.label_offsets_computed = label_offsets_computed  # computed mode's (she calibrate --evidence computed)
         self.target = target
         self.max_new_tokens = max_new_tokens
         self.bf16 = bf16
@@ -128,7 +131,8 @@ class JudgeBackend:
                    prompt_style=meta.get("prompt_style", "full"), target=meta.get("target"),
                    max_new_tokens=max_new_tokens, bf16=(device != "cpu") if bf16 is None else bf16,
                    fast_prefix=fast_prefix, schema=meta.get("schema", "default"),
-                   label_offsets=meta.get("label_offsets") or None, fast_bf16=bf16, fast_batch_size=fast_batch_size)
+                   label_offsets=meta.get("label_offsets") or None, fast_bf16=bf16, fast_batch_size=fast_batch_size,
+                   label_offsets_computed=meta.get("label_offsets_computed") or None)
 
     # -- description ----------------------------------------------------------------------------
     @property
@@ -151,7 +155,7 @@ class JudgeBackend:
     def run(self, key: Hashable, items: list[Any]) -> list[Any]:
         """Score one batch (any thread: the model's step schema is passed down, nothing is thread-local)."""
         kind = key[0] if isinstance(key, tuple) else key
-        if kind in ("fast", "full"):
+        if kind in ("fast", "full", "computed"):
             return self._relevance(kind, items)
         if kind == "chat":
             _, max_tokens, temperature, top_p = key
@@ -191,6 +195,17 @@ class JudgeBackend:
             good = [records[i] for i in ok]
             if mode == "fast":
                 res = self.fast.score(good)  # type: ignore[union-attr]  # None was answered above
+            elif mode == "computed":
+                from she.evaluation.fast import computed_evidence_judgements
+
+                try:
+                    res = computed_evidence_judgements(self.model, self.tokenizer, good, taxonomy=self.taxonomy,
+                                                       prompt_style=self.prompt_style, schema=self.step_schema,
+                                                       batch_size=self.fast.batch_size if self.fast else len(good),
+                                                       bf16=self.fast.bf16 if self.fast else self.bf16,
+                                                       label_offsets=self.label_offsets_computed)
+                except UserError as e:  # a schema with label-derived steps: nothing can be computed
+                    return [ItemError(f"computed mode is unavailable for this model: {e}")] * len(records)
             else:
                 from she.evaluation.generate import generate_judgements
 
