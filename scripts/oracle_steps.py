@@ -8,8 +8,9 @@ A step reward can at best make every step right. This script measures what that 
 verdict: instead of letting the model write its steps, it forces the exact trace the rationale writer computes
 from the pair (the SFT target: for the evidence schema, `Missing`, `Numbers` and `Head` computed from the
 strings, no label involved) up to `Verdict:`, and reads the label-token probabilities there (one forward pass a
-pair, `she predict --fast`'s path with a per-pair prefix; the same reading as `she eval --evidence computed`). Offsets are fitted on the split's validation pairs and
-the test pairs are scored once, with query-group bootstrap intervals. Compare with the model's own evaluation
+pair, `she predict --fast`'s path with a per-pair prefix; the same reading as `she eval --evidence computed`).
+Offsets are fitted on the split's validation pairs and the test pairs are scored once, with query-group
+bootstrap intervals. Compare with the model's own evaluation
 (generated steps) by `scripts/paired_eval.py` on `--out`: the difference is the head-room of the step term.
 
 Only schemas whose written steps are label-free measure a head-room (the evidence and semantic schemas); for

@@ -211,16 +211,15 @@ def computed_evidence_judgements(
     from she.reasoning.parse import parse_trace
     from she.reasoning.rationale import computed_evidence
 
-    prefixes = [computed_evidence(r, schema_for(schema, r.taxonomy)) for r in records]
-    by_record = {id(r): p for r, p in zip(records, prefixes)}
+    schemas = [schema_for(schema, r.taxonomy) for r in records]
+    prefix_of = {id(r): computed_evidence(r, s) for r, s in zip(records, schemas)}  # written once a record
     scored = score_labels_fast(model, tokenizer, records, taxonomy=taxonomy, prompt_style=prompt_style,
-                               prefix=lambda r: by_record[id(r)], batch_size=batch_size, bf16=bf16, schema=schema)
+                               prefix=lambda r: prefix_of[id(r)], batch_size=batch_size, bf16=bf16, schema=schema)
     out = []
-    for r, p, j in zip(records, prefixes, scored):
+    for r, s, j in zip(records, schemas, scored):
         label = apply_offsets(j.probs, j.label, label_offsets)
-        text = f"{p} {label}"
-        out.append(Judgement(j.record_id, text, label, j.probs, True, parse_trace(text, schema_for(schema, r.taxonomy)),
-                             0, raw_label=j.label))
+        text = f"{prefix_of[id(r)]} {label}"
+        out.append(Judgement(j.record_id, text, label, j.probs, True, parse_trace(text, s), 0, raw_label=j.label))
     return out
 
 
@@ -262,5 +261,4 @@ class FastScorer:
 
 
 __all__ = ["FAST_BATCH_SIZE", "FAST_BF16", "FastJudgement", "FastScorer", "check_prefixes", "computed_evidence_judgements",
-           "fast_mode_is_exact",
-           "fast_prefix", "prefix_label_tokens", "score_labels_fast"]
+           "fast_mode_is_exact", "fast_prefix", "prefix_label_tokens", "score_labels_fast"]

@@ -119,5 +119,5 @@ def use_cpu() -> bool:
     return not torch.cuda.is_available()
 
 
-__all__ = ["EVIDENCE_MODES", "SHE_META", "autocast", "label_offsets_of", "offsets_key", "load_she_meta", "model_step_schema", "prompt_style_of", "save_she_meta", "schema_of",
-           "use_cpu"]
+__all__ = ["EVIDENCE_MODES", "SHE_META", "autocast", "label_offsets_of", "load_she_meta", "model_step_schema", "offsets_key",
+           "prompt_style_of", "save_she_meta", "schema_of", "use_cpu"]

@@ -27,11 +27,11 @@ to the word lists. The step verifier only rewards steps against human facts, nev
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 import re
 from collections.abc import Callable, Mapping
-import dataclasses
 from dataclasses import dataclass, field
 
 from she.data.labels import get_taxonomy
