@@ -6,7 +6,9 @@ prediction is ``label`` when the model was calibrated before its evaluation (``r
 generated one), or, with ``PRED@OFFSETS`` (a ``calibration.json`` of a compare row, or any JSON with
 ``label_offsets``), the raw label re-read from ``probs`` with those offsets; a file with neither reports its
 raw labels as "calibrated" too. Query groups for the bootstrap
-come from the data config's split (the same seeded split the evaluations used).
+come from the data config's split (the same seeded split the evaluations used). With as many files in A as
+in B, the k-th of each is taken as the k-th seed and the per-seed differences are summarised with seeds as
+the unit (``seed_differences``: mean, spread, t-interval, and about how many seeds detect the mean).
 
     python scripts/paired_eval.py --data-config configs/best-cpu.yaml \
       --a runs/best-cpu/eval_srpo/predictions.jsonl \
@@ -23,7 +25,7 @@ from she.config import DataConfig, from_dict, read_yaml
 from she.data.labels import get_taxonomy
 from she.data.sources import load_splits
 from she.evaluation.calibration import apply_offsets
-from she.evaluation.metrics import bootstrap_ci, classification_report, paired_bootstrap_diff
+from she.evaluation.metrics import bootstrap_ci, classification_report, paired_bootstrap_diff, seed_differences
 
 
 def read_arm(specs: list[str]) -> list[dict[str, dict[str, str | None]]]:
@@ -83,6 +85,13 @@ def main() -> None:
         d = paired_bootstrap_diff(gold, pa, pb, labels, n_boot=args.n_boot, seed=args.seed, groups=groups)
         print(f"{kind:>10}: A {runs(pa)} | B {runs(pb)} | "
               f"A - B {d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}], share <= 0: {d['p_le_0']:.3f}")
+        if len(pa) == len(pb) > 1:  # the k-th file of each arm is the k-th seed: seeds as the unit
+            per_seed = [classification_report(gold, x, labels)["macro_f1"] - classification_report(gold, y, labels)
+                        ["macro_f1"] for x, y in zip(pa, pb)]
+            s = seed_differences(per_seed)
+            print(f"{'':>10}  per seed A - B {' '.join(f'{v:+.3f}' for v in per_seed)}: mean {s['mean']:+.3f}, "
+                  f"sd {s['sd']:.3f}, t-interval [{s['lo']:+.3f}, {s['hi']:+.3f}], seeds to detect the mean at "
+                  f"80 % power: {s['seeds_needed'] if s['seeds_needed'] is not None else '-'}")
 
 
 if __name__ == "__main__":

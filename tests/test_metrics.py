@@ -271,3 +271,48 @@ def test_paired_bootstrap_bad_input():
         paired_bootstrap_diff(["a", "b"], [["a"]], [["a", "b"]], ["a", "b"])
     with pytest.raises(ValueError, match="at least one"):
         paired_bootstrap_diff(["a"], [], [["a"]], ["a"])
+
+
+# -- seeds as the unit of a comparison ------------------------------------------------------------------------
+
+from she.evaluation.metrics import seed_differences, t_cdf, t_quantile  # noqa: E402
+
+
+@pytest.mark.parametrize("p,df,expected", [(0.975, 1, 12.706204736174698), (0.975, 2, 4.302652729749464),
+                                           (0.975, 4, 2.7764451051977934), (0.9, 10, 1.3721836411103356),
+                                           (0.025, 3, -3.182446305284263), (0.5, 7, 0.0)])
+def test_t_quantile_matches_the_tables(p, df, expected):
+    """Printed t tables (Student's t, two-sided 95 % at 1, 2 and 4 degrees of freedom; 90 % one-sided at 10)."""
+    assert t_quantile(p, df) == pytest.approx(expected, abs=1e-7)
+    assert t_cdf(t_quantile(p, df), df) == pytest.approx(p, abs=1e-9)
+
+
+def test_t_cdf_matches_scipy_on_a_grid():
+    stats = pytest.importorskip("scipy.stats")
+    for df in (1, 2, 3, 5, 12.5, 40):
+        for t in (-30.0, -4.0, -1.0, -0.1, 0.0, 0.3, 2.0, 9.0):
+            assert t_cdf(t, df) == pytest.approx(stats.t.cdf(t, df), abs=1e-10)
+
+
+def test_seed_differences_by_hand():
+    """Two seeds, +0.01 and +0.03: mean 0.02, sd sqrt(2) * 0.01, half-width t(0.975, 1) * sd / sqrt(2) =
+    12.7062 * 0.01; seeds needed ((1.95996 + 0.84162) * 0.0141421 / 0.02)^2 = 3.92 -> 4."""
+    r = seed_differences([0.01, 0.03])
+    assert r["n"] == 2 and r["mean"] == pytest.approx(0.02)
+    assert r["sd"] == pytest.approx(0.01 * np.sqrt(2))
+    assert r["lo"] == pytest.approx(0.02 - 0.127062047, abs=1e-8)
+    assert r["hi"] == pytest.approx(0.02 + 0.127062047, abs=1e-8)
+    assert r["seeds_needed"] == 4
+
+
+def test_seed_differences_one_seed_and_bad_input():
+    r = seed_differences([-0.012])
+    assert r["n"] == 1 and r["mean"] == pytest.approx(-0.012)
+    assert r["sd"] is None and r["lo"] is None and r["hi"] is None and r["seeds_needed"] is None
+    assert seed_differences([0.01, -0.01])["seeds_needed"] is None  # mean 0: no effect to detect
+    with pytest.raises(ValueError, match="one or more finite"):
+        seed_differences([])
+    with pytest.raises(ValueError, match="one or more finite"):
+        seed_differences([0.1, float("nan")])
+    with pytest.raises(ValueError, match="0 < power < 1"):
+        seed_differences([0.1, 0.2], power=1.0)

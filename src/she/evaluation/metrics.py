@@ -23,6 +23,7 @@ are correlated, as they are in every search-relevance set.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Sequence
 
 import numpy as np
@@ -240,6 +241,94 @@ def paired_bootstrap_diff(
     return {"diff": diff, "lo": float(lo), "hi": float(hi), "p_le_0": float((values <= 0).mean())}
 
 
+# -- seeds as the unit: the spread of a paired difference from training run to training run --------------------
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the regularised incomplete beta function (modified Lentz)."""
+    tiny, qab, qap, qam = 1e-300, a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 300):
+        m2 = 2 * m
+        for num in (m * (b - m) * x / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return h
+
+
+def _beta_inc(a: float, b: float, x: float, y: float) -> float:
+    """Regularised incomplete beta I_x(a, b), with ``y = 1 - x`` passed in exactly (no cancellation near 1)."""
+    if x <= 0.0 or y <= 0.0:
+        return 0.0 if x <= 0.0 else 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log(y))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, y) / b
+
+
+def t_cdf(t: float, df: float) -> float:
+    """Student's t cumulative distribution function."""
+    tail = 0.5 * _beta_inc(df / 2.0, 0.5, df / (df + t * t), t * t / (df + t * t))
+    return 1.0 - tail if t >= 0 else tail
+
+
+def t_quantile(p: float, df: float) -> float:
+    """The ``p`` quantile of Student's t with ``df`` degrees of freedom (bisection on :func:`t_cdf`)."""
+    if not 0.0 < p < 1.0 or df <= 0:
+        raise ValueError(f"need 0 < p < 1 and df > 0, got p={p}, df={df}")
+    lo, hi = -1.0, 1.0
+    while t_cdf(lo, df) > p:
+        lo *= 2.0
+    while t_cdf(hi, df) < p:
+        hi *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
+        if hi - lo < 1e-12:
+            break
+    return 0.5 * (lo + hi)
+
+
+def seed_differences(diffs: Sequence[float], alpha: float = 0.05, power: float = 0.8) -> dict[str, float | int | None]:
+    """Training runs (seeds) as the unit of a comparison: ``diffs[k]`` is A - B on the same evaluation pairs
+    for the k-th seed of both arms (A and B trained with that seed).
+
+    The paired query bootstrap (:func:`paired_bootstrap_diff`) sees only which test pairs were drawn; a second
+    training run of the same arm moves its score too. Here the seed-to-seed spread is the noise: the mean
+    difference, its standard deviation over seeds (``ddof=1``), the Student-t interval of the mean
+    (``n - 1`` degrees of freedom), and ``seeds_needed``: about how many seeds a two-sided test at ``alpha``
+    needs to detect the observed mean with probability ``power`` at that spread (the normal-approximation
+    formula ``((z_{1-alpha/2} + z_power) sd / mean)^2``, rounded up; ``None`` when the mean is 0).
+    With one seed there is no spread: ``sd``, the interval and ``seeds_needed`` are ``None``.
+    """
+    from statistics import NormalDist
+
+    d = np.asarray(list(diffs), dtype=float)
+    if d.size == 0 or not np.isfinite(d).all():
+        raise ValueError(f"need one or more finite differences, got {list(diffs)}")
+    if not 0.0 < alpha < 1.0 or not 0.0 < power < 1.0:
+        raise ValueError(f"need 0 < alpha < 1 and 0 < power < 1, got alpha={alpha}, power={power}")
+    n, mean = int(d.size), float(d.mean())
+    out: dict[str, float | int | None] = {"n": n, "mean": mean, "sd": None, "lo": None, "hi": None,
+                                          "seeds_needed": None}
+    if n < 2:
+        return out
+    sd = float(d.std(ddof=1))
+    half = t_quantile(1.0 - alpha / 2.0, n - 1) * sd / np.sqrt(n)
+    out.update(sd=sd, lo=mean - half, hi=mean + half)
+    if mean != 0.0:
+        z = NormalDist().inv_cdf(1.0 - alpha / 2.0) + NormalDist().inv_cdf(power)
+        out["seeds_needed"] = int(np.ceil((z * sd / abs(mean)) ** 2))
+    return out
+
+
 def step_accuracy(verdicts: Sequence[Sequence[str]]) -> dict:
     """Summarise step-level verdicts (one list per rollout, each "correct" / "incorrect" / "unknown").
 
@@ -276,4 +365,5 @@ def step_accuracy(verdicts: Sequence[Sequence[str]]) -> dict:
     }
 
 
-__all__ = ["classification_report", "bootstrap_ci", "paired_bootstrap_diff", "step_accuracy", "INVALID", "STEP_VERDICTS"]
+__all__ = ["classification_report", "bootstrap_ci", "paired_bootstrap_diff", "seed_differences", "step_accuracy",
+           "t_cdf", "t_quantile", "INVALID", "STEP_VERDICTS"]
