@@ -222,6 +222,9 @@ def test_demo_runs_sft_then_srpo_and_reports_both(tmp_path, tiny_model_dir):
     assert "predicted (Irr/Par/Exa)" in report and "| SRPO (srpo_gated, 2 steps) |" in report
     assert (out / "srpo" / "final" / "she.json").exists() and (out / "srpo" / "examiner_check.json").exists()
     assert (out / "srpo" / "collapse.png").exists() and "srpo" in summary["timings"]
-    # the final model was calibrated on validation pairs before its evaluation
-    assert "label_offsets" in json.loads((out / "srpo" / "final" / "she.json").read_text())
-    assert "calibration" in summary["timings"] and (out / "srpo" / "final" / "calibration.json").exists()
+    # both models were calibrated on validation pairs before their evaluations (both rows read alike), and the
+    # SFT's offsets did not travel into the SRPO folder: its own calibration wrote them
+    for stage, key in (("sft", "calibration_sft"), ("srpo", "calibration")):
+        meta = json.loads((out / stage / "final" / "she.json").read_text())
+        cal = json.loads((out / stage / "final" / "calibration.json").read_text())
+        assert key in summary["timings"] and meta["label_offsets"] == cal["label_offsets"], stage

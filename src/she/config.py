@@ -222,8 +222,8 @@ class DemoConfig(ConfigBase):
     # the SRPO stage after SFT (null: stop after SFT). model/output_dir/data are set by the demo: the SFT
     # checkpoint, <output_dir>/srpo, the demo's data; the RL prompts are the SFT training records.
     rl: RLJobConfig | None = field(default_factory=lambda: _demo_rl())
-    # fit per-class verdict offsets of the final model (SRPO's, else SFT's) on up to this many validation pairs
-    # before its evaluation (she calibrate; 0 = off)
+    # fit per-class verdict offsets of the SFT model and of SRPO's on up to this many validation pairs before
+    # their evaluations (she calibrate; both rows read alike; 0 = off)
     calibration_pairs: int = 0
 
 
