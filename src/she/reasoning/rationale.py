@@ -630,6 +630,8 @@ def rationale_steps(record: Record, schema: StepSchema | None = None, *, include
             steps[s.name] = similarity_bucket(record)
         elif s.name == "type" and s.kind == "choice":
             steps[s.name] = type_rel
+        elif s.name == "relevant" and s.kind == "choice":
+            steps[s.name] = relevant_choice(record.label, record.taxonomy)
         elif s.kind == "attributes":
             steps[s.name] = shown
         elif s.kind == "label":
@@ -645,6 +647,12 @@ def rationale_steps(record: Record, schema: StepSchema | None = None, *, include
                 f"rationale writer has no rule for step {s.name!r} (kind {s.kind}); pass extra_writers={{{s.name!r}: fn}}"
             )
     return steps
+
+
+def relevant_choice(label: str, taxonomy: str) -> str:
+    """The ``Relevant`` step of a gold label: ``no`` for the taxonomy's least relevant label, else ``yes``."""
+    tax = get_taxonomy(taxonomy)
+    return "no" if tax.normalize(label) == tax.labels[0] else "yes"
 
 
 def _trim_words(text: str, n: int) -> str:
@@ -694,4 +702,5 @@ def computed_evidence(record: Record, schema: StepSchema | None = None) -> str:
     return prefixes.pop()
 
 
-__all__ = ["Evidence", "analyse", "choose_conclusions", "computed_evidence", "rationale_steps", "write_rationale"]
+__all__ = ["Evidence", "analyse", "choose_conclusions", "computed_evidence", "rationale_steps", "relevant_choice",
+           "write_rationale"]

@@ -318,9 +318,31 @@ def semantic_schema(taxonomy: str = "hd3") -> StepSchema:
     return StepSchema(steps, taxonomy)
 
 
+RELEVANT_STEP = StepSpec("relevant", "Relevant", "choice", choices=("yes", "no"))
+
+
+def decision_schema(taxonomy: str = "hd3") -> StepSchema:
+    """The semantic schema plus ``Relevant`` (``yes`` / ``no``) before ``Verdict``: the first decision of the label
+    hierarchy (any relevance at all), stated as its own step; the verdict then places a relevant pair on the rest of
+    the scale (Partial or Exact on hd3).
+
+    Why (docs/srpo.md, "A decision step"): every step of the semantic schema is computed from the pair, and the
+    judge's errors are in the verdict it reads from right evidence (the same SFT reading exactly right steps gains
+    only ~4 points), so a step reward on the evidence has less head-room than the seed noise. ``Relevant`` is a
+    step whose truth is the human label's (the offline verifier checks it exactly: ``no`` iff the gold label is the
+    taxonomy's least relevant one), which the pair does not show, and which fixes a third of the verdict. A
+    rollout that says ``Relevant: yes`` on a Partial pair and then ``Exact`` made one right decision and one wrong
+    one; the outcome reward blames both, a step reward can tell them apart. It is label-derived, so the schema has
+    no computed-evidence mode.
+    """
+    steps = list(semantic_schema(taxonomy).steps)
+    steps.insert(len(steps) - 1, RELEVANT_STEP)
+    return StepSchema(steps, taxonomy)
+
+
 SCHEMAS: dict[str, Callable[[str], StepSchema]] = {"default": builtin_schema, "coverage": coverage_schema,
                                                    "grounded": grounded_schema, "evidence": evidence_schema,
-                                                   "semantic": semantic_schema}
+                                                   "semantic": semantic_schema, "decision": decision_schema}
 
 
 @functools.lru_cache(maxsize=64)
@@ -335,7 +357,7 @@ def _resolve(spec: str, taxonomy: str) -> StepSchema:
 
 
 def resolve_schema(spec: str | None, taxonomy: str = "hd3") -> StepSchema:
-    """The schema named ``spec`` (``default``, ``coverage``, ``grounded``, or a YAML/JSON file) for ``taxonomy``.
+    """The schema named ``spec`` (a key of :data:`SCHEMAS`, or a YAML/JSON file) for ``taxonomy``.
 
     The one way to turn a spec -- ``schema:`` of an SFT config, ``schema`` of a model's ``she.json`` -- into a
     :class:`StepSchema`. There is no schema "in effect": entry points (``she train sft|srpo|grpo|dpo|rm|prm``,
@@ -360,6 +382,7 @@ __all__ = [
     "COVERAGE_STEP",
     "HEAD_STEP",
     "NUMBERS_STEP",
+    "RELEVANT_STEP",
     "SIMILARITY_STEP",
     "SCHEMAS",
     "builtin_schema",
@@ -367,6 +390,7 @@ __all__ = [
     "grounded_schema",
     "evidence_schema",
     "semantic_schema",
+    "decision_schema",
     "resolve_schema",
     "schema_for",
     "ATTRIBUTES",

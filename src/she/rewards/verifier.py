@@ -31,7 +31,9 @@ Rules (default schema):
   (:func:`she.reasoning.rationale.head_check`): correct iff word (by stem) and found/absent agree.
 * ``Similarity``  -- (semantic schema) the bucket of the MiniLM query-product cosine
   (:func:`she.reasoning.similarity.similarity_bucket`), computed exactly: correct iff the stated bucket is the
-  computed one; ``similarity`` is 1 - (buckets apart) / 2.
+  computed one, scored 1 or 0 also under ``graded_sets`` (a graded bucket made ``medium`` a free hedge).
+* ``Relevant``    -- (decision schema) ``yes`` / ``no`` against the gold label, the human fact: ``no`` iff the
+  label is the taxonomy's least relevant one.
 * ``Query``       -- only checkable for negation: if ``facts.negation == "yes"`` the query analysis must
   mention the exclusion (``without``/``no``/``non``/``not``/``except``/``free``), else incorrect.
 * anything else   -- unknown.
@@ -90,6 +92,8 @@ def verify_steps(parsed, record: Record) -> list[StepVerdict]:
             out.append(_verify_head(step, record))
         elif step.name == "similarity":
             out.append(_verify_similarity(step, record))
+        elif step.name == "relevant":
+            out.append(_verify_relevant(step, record))
         elif key == "Query" and facts.negation == "yes":
             ok = bool(_NEGATION.search(step.text or ""))
             out.append(StepVerdict(key, CORRECT if ok else INCORRECT, "negation mentioned"))
@@ -116,6 +120,21 @@ def _verify_similarity(step, record: Record) -> StepVerdict:
     if said == truth:
         return StepVerdict(step.key, CORRECT, f"similarity {truth}", similarity=1.0)
     return StepVerdict(step.key, INCORRECT, f"similarity: said {said}, computed {truth}", similarity=0.0)
+
+
+def _verify_relevant(step, record: Record) -> StepVerdict:
+    """``Relevant`` (decision schema): the first decision of the label hierarchy against the gold label, the human
+    fact -- ``no`` iff the label is the taxonomy's least relevant one (:func:`she.reasoning.rationale.relevant_choice`).
+    Exact, not a guess: every gold label decides it. Unknown without a gold label; unreadable is incorrect."""
+    if record.label is None:
+        return StepVerdict(step.key, UNKNOWN, "no gold label")
+    from she.reasoning.rationale import relevant_choice
+
+    truth = relevant_choice(record.label, record.taxonomy)
+    said = step.conclusion if isinstance(step.conclusion, str) else None
+    if said not in ("yes", "no"):
+        return StepVerdict(step.key, INCORRECT, "relevant unparsed")
+    return StepVerdict(step.key, CORRECT if said == truth else INCORRECT, f"label {record.label}: relevant {truth}")
 
 
 def _verify_coverage(step, record: Record) -> StepVerdict:
