@@ -206,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="teacher traces JSONL from `she data teach` (else rule-based)")
     ts.add_argument("--schema", dest=_key("schema"), default=GIVEN,
                     help="step schema: default | coverage (adds a Missing step) | grounded (Missing, Numbers, "
-                         "Head) | a YAML/JSON schema file")
+                         "Head) | evidence (the computed steps only) | semantic (+ Similarity) | decision "
+                         "(+ Relevant yes|no, from the gold label) | a YAML/JSON schema file")
     _add_data_args(ts)
 
     for algo, helptext in (("srpo", "SRPO: stepwise hybrid-examined RL (TRL GRPOTrainer + per-token step advantages)"),
