@@ -176,7 +176,9 @@ class SFTJobConfig(TrainerJobConfig):
     target: Literal["reasoning", "label"] = "reasoning"  # label = label-only baseline
     traces_file: str | None = None  # teacher traces JSONL ({id, trace}) from `she data teach`; else rule-based
     prompt_style: PromptStyle = "compact"  # see she.reasoning.prompts; saved with the model
-    schema: str = "default"  # step schema: default | coverage | grounded | a YAML/JSON file (she.reasoning.schema); saved with the model
+    # step schema: default | coverage | grounded | evidence | semantic | decision | a YAML/JSON file
+    # (she.reasoning.schema.SCHEMAS); saved with the model
+    schema: str = "default"
     num_train_epochs: float = 1.0
     # the verdict's label token counts this many times in the loss (1 = TRL's plain mean over completion
     # tokens; she.algorithms.sft_loss); its loss and accuracy are logged as verdict_nll / verdict_accuracy
