@@ -303,6 +303,7 @@ def test_seed_differences_by_hand():
     assert r["lo"] == pytest.approx(0.02 - 0.127062047, abs=1e-8)
     assert r["hi"] == pytest.approx(0.02 + 0.127062047, abs=1e-8)
     assert r["seeds_needed"] == 4
+    assert all(type(v) in (int, float) for v in r.values())  # plain numbers: the summary goes into JSON as it is
 
 
 def test_seed_differences_one_seed_and_bad_input():

@@ -321,7 +321,7 @@ def seed_differences(diffs: Sequence[float], alpha: float = 0.05, power: float =
     if n < 2:
         return out
     sd = float(d.std(ddof=1))
-    half = t_quantile(1.0 - alpha / 2.0, n - 1) * sd / np.sqrt(n)
+    half = t_quantile(1.0 - alpha / 2.0, n - 1) * sd / math.sqrt(n)
     out.update(sd=sd, lo=mean - half, hi=mean + half)
     if mean != 0.0:
         z = NormalDist().inv_cdf(1.0 - alpha / 2.0) + NormalDist().inv_cdf(power)
