@@ -192,6 +192,10 @@ class SFTJobConfig(TrainerJobConfig):
     # transformers' batch order: random | group_by_length (batches of similar lengths: less padding to compute,
     # docs/benchmarks.md "SFT throughput")
     train_sampling_strategy: Literal["random", "group_by_length"] = "random"
+    # transformers' torch_compile (TorchInductor) on the model: a one-off compile per new batch shape, then
+    # faster steps; pad_to_multiple_of bounds the number of shapes (docs/benchmarks.md, "torch.compile in SFT")
+    torch_compile: bool = False
+    pad_to_multiple_of: int | None = None
     lora: bool = False
     lora_r: int = 16
     lora_alpha: int = 32

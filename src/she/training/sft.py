@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 from she.config import SFTJobConfig
@@ -94,6 +95,14 @@ def _verdict_sft_trainer():
             super().__init__(*args, **kwargs)
             self.verdict_ids = list(verdict_ids)
             self.verdict_weight = float(verdict_weight)
+            self._built_at = time.perf_counter()
+
+        def log(self, logs, start_time=None):
+            # seconds since the trainer was built, on each training log: the steady-state throughput after a
+            # compile or a warm-up is a difference of two entries (scripts/bench_sft.py --marginal-from)
+            if "loss" in logs:
+                logs["wall_s"] = round(time.perf_counter() - self._built_at, 3)
+            super().log(logs, start_time)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             labels = inputs.get("labels")
@@ -170,6 +179,8 @@ def train_sft(cfg: SFTJobConfig, train: list[Record], validation: list[Record] |
         eval_strategy="epoch" if eval_ds is not None else "no",
         completion_only_loss=True,
         train_sampling_strategy=cfg.train_sampling_strategy,
+        torch_compile=cfg.torch_compile,
+        pad_to_multiple_of=cfg.pad_to_multiple_of,
     )
     write_job_config(out, cfg, args.process_index)  # under `accelerate launch` only rank 0 writes run files
     from she.training.checkpoints import ManifestCallback
