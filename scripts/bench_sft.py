@@ -38,6 +38,11 @@ VARIANTS = {
 PARAMS = 134_515_008  # SmolLM2-135M
 
 
+def mfu(tokens_per_s: float, peak_gflops: float) -> float:
+    """Model FLOP/s (6 N per trained token) as a share of the measured bf16 peak."""
+    return round(6 * PARAMS * tokens_per_s / (peak_gflops * 1e9), 4)
+
+
 def marginal_rate(hist: list[dict], from_step: int) -> tuple[float, int] | None:
     """(tokens/s, steps) between the first training log at or after ``from_step`` and the last one, from the
     logged ``num_tokens`` and ``wall_s``; None when fewer than two such entries exist."""
@@ -56,11 +61,11 @@ def summarise(folder: Path, peak_gflops: float | None, marginal_from: int | None
     out = {"train_runtime_s": round(runtime, 1), "tokens": int(tokens), "tokens_per_s": round(tokens / runtime, 1),
            "losses": [round(float(h["loss"]), 4) for h in hist if "loss" in h]}
     if peak_gflops:
-        out["mfu"] = round(6 * PARAMS * tokens / runtime / (peak_gflops * 1e9), 4)
+        out["mfu"] = mfu(tokens / runtime, peak_gflops)
     if marginal_from is not None and (m := marginal_rate(hist, marginal_from)) is not None:
         out["marginal_tokens_per_s"], out["marginal_steps"] = round(m[0], 1), m[1]
         if peak_gflops:
-            out["marginal_mfu"] = round(6 * PARAMS * m[0] / (peak_gflops * 1e9), 4)
+            out["marginal_mfu"] = mfu(m[0], peak_gflops)
     return out
 
 
