@@ -366,7 +366,7 @@ def test_relevance_full_generates_the_same_reasoning_as_generate_judgements(clie
     ({"pairs": [{"query": "q", "title": "t", "description": "d" * 500}]}, 422, "pairs[0].description", "500"),
     ({"pairs": [{"query": "q", "title": "t", "titel": "x"}]}, 422, "pairs[0].titel", "Extra inputs"),
     ({"pairs": [{"query": "q", "title": "t", "id": 1.5}]}, 422, "pairs[0].id", "string or an integer"),
-    ({"pairs": [{"query": "q", "title": "t"}], "mode": "slow"}, 422, "mode", "'fast', 'full' or 'computed'"),
+    ({"pairs": [{"query": "q", "title": "t"}], "mode": "slow"}, 422, "mode", "'fast', 'full', 'computed' or 'marginal'"),
     ({"pairs": [{"query": "q", "title": "t"}], "return_reasoning": "yes"}, 422, "return_reasoning", "boolean"),
     ({"pairs": [{"query": "q", "title": "t"}], "mode": "fast", "return_reasoning": True}, 422, "return_reasoning",
      "fast mode scores the label without writing reasoning"),
@@ -846,3 +846,37 @@ def test_computed_mode_answers_as_she_predict_evidence_computed(tmp_path, tiny_m
     with TestClient(create_app(tiny_model_dir, batch_wait_ms=0)) as c:
         r = c.post("/v1/relevance", json={"pairs": pairs[:1], "mode": "computed"})
     assert r.status_code == 422 and "depend on the label" in r.text
+
+
+def test_marginal_mode_answers_as_she_predict_evidence_marginal(tmp_path, tiny_model_dir):
+    """Mode `marginal`: full generation, the verdict averaged over the step before it, with the model's marginal-mode
+    offsets; the same answers as `she predict --evidence marginal`. A schema without a choice step there is a 422."""
+    import shutil
+
+    from she.evaluation.evaluate import predict
+    from she.models.metadata import load_she_meta, save_she_meta
+    from she.serving.app import create_app
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, model)
+    meta = load_she_meta(model)
+    meta.update(schema="decision", label_offsets_marginal={"Irrelevant": 0.0, "Partial": 0.3, "Exact": 0.0})
+    save_she_meta(model, meta)
+    pairs = [{"query": "cordless 20v dewalt drills", "title": "DEWALT 18-Volt Drill/Driver Kit", "id": "a"},
+             {"query": "white paint", "title": "Behr white flat paint", "brand": "Behr", "id": "b"}]
+    recs = [Record(id=p["id"], query=p["query"], product=Product(title=p["title"], brand=p.get("brand")))
+            for p in pairs]
+    out = tmp_path / "p.jsonl"
+    predict(str(model), recs, out, evidence="marginal", progress=False, max_new_tokens=24)
+    want = [json.loads(x) for x in out.read_text().splitlines()]
+    app = create_app(model, batch_wait_ms=0, max_new_tokens=24)
+    with TestClient(app) as c:
+        r = c.post("/v1/relevance", json={"pairs": pairs, "mode": "marginal", "return_reasoning": True})
+    assert r.status_code == 200, r.text
+    got = r.json()["results"]
+    assert [g["label"] for g in got] == [w["label"] for w in want]
+    assert [g["reasoning"] for g in got] == [w["reasoning"] for w in want]
+    # the default schema ends on Attributes: nothing to marginalise over
+    with TestClient(create_app(tiny_model_dir, batch_wait_ms=0, max_new_tokens=24)) as c:
+        r = c.post("/v1/relevance", json={"pairs": pairs[:1], "mode": "marginal"})
+    assert r.status_code == 422 and "choice step right before" in r.text

@@ -111,10 +111,11 @@ def _version() -> str:
 
 
 def _add_evidence_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--evidence", default="generated", choices=["generated", "computed"],
+    p.add_argument("--evidence", default="generated", choices=["generated", "computed", "marginal"],
                    help="generated: the model writes its steps (default); computed: the steps are computed from the "
-                        "pair and forced, the model gives the verdict (label-free schemas only: evidence, semantic; "
-                        "docs/reasoning-format.md)")
+                        "pair and forced, the model gives the verdict (label-free schemas only: evidence, semantic); "
+                        "marginal: the model writes its steps and the verdict is averaged over the values of the step "
+                        "before it, weighted by their probabilities (decision, semantic; docs/reasoning-format.md)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -103,4 +103,23 @@ def fit_label_offsets(probs: Sequence[Mapping[str, float] | None], labels_out: S
     return {lab: float(b[i]) for i, lab in enumerate(labels)}
 
 
-__all__ = ["DEFAULT_GRID", "apply_offsets", "fit_label_offsets"]
+def marginalise(step_probs: Mapping[str, float], branch_probs: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """The verdict distribution with one step read as a probability, not a token (``evidence: marginal``):
+
+        P(label) = sum_v P(step = v) * P(label | step = v)
+
+    ``step_probs``: ``{v: P(step = v)}`` over the step's choices (sums to 1); ``branch_probs``: ``{v: {label:
+    P(label | v)}}``, one verdict distribution per choice, all over the same labels (in the first branch's order).
+    Pure; raises ``ValueError`` on a choice without a branch or branches over different labels."""
+    if not step_probs:
+        raise ValueError("no step probabilities to marginalise over")
+    missing = [v for v in step_probs if v not in branch_probs]
+    if missing:
+        raise ValueError(f"no verdict distribution for step value(s) {missing}")
+    labels = list(branch_probs[next(iter(step_probs))])
+    if any(set(branch_probs[v]) != set(labels) for v in step_probs):
+        raise ValueError("the branches' verdict distributions are over different labels")
+    return {lab: float(sum(float(pv) * float(branch_probs[v][lab]) for v, pv in step_probs.items())) for lab in labels}
+
+
+__all__ = ["DEFAULT_GRID", "apply_offsets", "fit_label_offsets", "marginalise"]

@@ -20,6 +20,8 @@ def judgement_json(j: Judgement, record: Record | None = None) -> dict:
     d = {"id": j.record_id, "label": j.label, "probs": j.probs, "format_ok": j.format_ok, "reasoning": j.text}
     if j.raw_label != j.label and j.raw_label is not None:
         d["raw_label"] = j.raw_label  # the generated label, before the model's calibration offsets
+    if j.step_probs is not None:
+        d["step_probs"] = j.step_probs  # evidence: marginal -- the marginalised step's value probabilities
     if record is not None and record.label is not None:
         d["gold"] = record.label
     return d
@@ -77,9 +79,16 @@ def judge_records(model, tokenizer, records: list[Record], *, evidence: str = "g
                   batch_size: int = 16, max_new_tokens: int = 96, bf16: bool = True, progress: bool = True,
                   prompt_style: str = "full", label_offsets: dict[str, float] | None = None,
                   schema: StepSchema | None = None) -> list[Judgement]:
-    """Judgements of ``records`` with the steps ``generated`` by the model (:func:`generate_judgements`) or
-    ``computed`` from the pair and forced (:func:`she.evaluation.fast.computed_evidence_judgements`)."""
+    """Judgements of ``records`` with the steps ``generated`` by the model (:func:`generate_judgements`),
+    ``computed`` from the pair and forced (:func:`she.evaluation.fast.computed_evidence_judgements`), or generated
+    with the verdict ``marginal``-ised over the last step's values (:func:`she.evaluation.fast.marginal_judgements`)."""
     offsets_key(evidence)  # a clear error for an unknown mode
+    if evidence == "marginal":
+        from she.evaluation.fast import marginal_judgements
+
+        return marginal_judgements(model, tokenizer, records, taxonomy=taxonomy, prompt_style=prompt_style,
+                                   schema=schema, batch_size=batch_size, max_new_tokens=max_new_tokens, bf16=bf16,
+                                   progress=progress, label_offsets=label_offsets)
     if evidence == "computed":
         from she.evaluation.fast import computed_evidence_judgements
 

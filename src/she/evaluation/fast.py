@@ -37,7 +37,7 @@ here, and the two give the same numbers for the same pairs.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -45,7 +45,7 @@ import torch
 from she.data.labels import get_taxonomy
 from she.data.schema import Record
 from she.errors import UserError
-from she.evaluation.generate import Judgement, _label_probs, label_first_tokens
+from she.evaluation.generate import Judgement, label_first_tokens
 from she.models.metadata import autocast
 from she.reasoning.schema import StepSchema, schema_for
 
@@ -148,7 +148,6 @@ def score_labels_fast(
     prefix's last line puts the label at a token boundary (checked, see :func:`prefix_label_tokens`).
     The label is the most probable one (the first, least relevant, on an exact tie).
     """
-    from she.models.heads import selected_logits
     from she.reasoning.prompts import build_messages
 
     if batch_size < 1:
@@ -156,15 +155,35 @@ def score_labels_fast(
     labels = list(get_taxonomy(taxonomy).labels)
     prefix = fast_prefix(taxonomy, schema) if prefix is None else prefix
     prefixes = [prefix(r) for r in records] if callable(prefix) else [prefix] * len(records)
-    label_ids, sep = check_prefixes(tokenizer, prefixes, labels)
-    first_tokens = label_first_tokens(tokenizer, labels)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    label_ids, _ = check_prefixes(tokenizer, prefixes, labels)
     texts = [tokenizer.apply_chat_template(build_messages(r, style=prompt_style, schema=schema_for(schema, r.taxonomy)),
                                            tokenize=False, add_generation_prompt=True) + p
              for r, p in zip(records, prefixes)]
+    out = []
+    for r, (p, mass) in zip(records, forced_choice_probs(model, tokenizer, texts, label_ids, batch_size=batch_size,
+                                                         bf16=bf16)):
+        probs = dict(zip(labels, p))
+        label = max(labels, key=lambda lab: probs[lab])  # first max wins on a tie
+        out.append(FastJudgement(r.id, "", label, probs, True, None, 0, label_mass=mass))
+    return out
+
+
+@torch.no_grad()
+def forced_choice_probs(model, tokenizer, texts: Sequence[str], choice_ids: Sequence[int], *, batch_size: int = 32,
+                        bf16: bool = False) -> list[tuple[list[float], float]]:
+    """For each full text (prompt and forced prefix), the softmax over ``choice_ids`` (first tokens of the choices,
+    in order) of the next-token logits after its last token, and the full-vocabulary mass of those tokens. One
+    forward pass per length-sorted, right-padded batch (a row's score does not depend on its batch); the output head
+    in float32. The caller checks that the choices start at a token boundary (:func:`check_prefixes`)."""
+    from she.models.heads import selected_logits
+
+    if batch_size < 1:
+        raise UserError(f"batch_size must be >= 1, got {batch_size}")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoded = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
-    order = sorted(range(len(records)), key=lambda i: len(encoded[i]))  # less padding per batch
-    out: list[FastJudgement | None] = [None] * len(records)
+    order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))  # less padding per batch
+    out: list[tuple[list[float], float] | None] = [None] * len(texts)
+    ids_t = torch.tensor(list(choice_ids), dtype=torch.long)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -176,12 +195,11 @@ def score_labels_fast(
             with autocast(bf16, device):
                 logits = selected_logits(model, ids.to(device), mask.to(device), rows.to(device), last.to(device),
                                          head_fp32=True)
-            full = torch.softmax(logits.float(), dim=-1)
-            mass = full[:, label_ids].sum(dim=-1).tolist()
+            picked = logits.float()[:, ids_t.to(logits.device)]
+            mass = torch.softmax(logits.float(), dim=-1)[:, ids_t.to(logits.device)].sum(dim=-1).tolist()
+            probs = torch.softmax(picked, dim=-1).tolist()
             for row, i in enumerate(idx):
-                probs = _label_probs(logits[row], sep + labels[0], first_tokens, labels)
-                label = max(labels, key=lambda lab: probs[lab])  # first max wins on a tie
-                out[i] = FastJudgement(records[i].id, "", label, probs, True, None, 0, label_mass=float(mass[row]))
+                out[i] = (probs[row], float(mass[row]))
     finally:
         model.train(was_training)
     return out  # type: ignore[return-value]
@@ -223,6 +241,91 @@ def computed_evidence_judgements(
     return out
 
 
+def marginal_step(schema: StepSchema):
+    """The step ``evidence: marginal`` reads as a probability: the choice step right before the verdict (``Relevant``
+    of the decision schema, ``Similarity`` of the semantic one). ``UserError`` when the schema has none."""
+    steps = schema.steps
+    if len(steps) < 2 or steps[-2].kind != "choice":
+        last = steps[-2].key if len(steps) > 1 else None
+        raise UserError(f"evidence: marginal reads the verdict over the values of the choice step right before it; "
+                        f"this schema has {last!r} there ({'a ' + steps[-2].kind + ' step' if last else 'no step'})")
+    return steps[-2]
+
+
+def marginal_judgements(
+    model,
+    tokenizer,
+    records: list[Record],
+    *,
+    taxonomy: str = "hd3",
+    prompt_style: str = "full",
+    schema: StepSchema | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int = 96,
+    bf16: bool = True,
+    progress: bool = True,
+    label_offsets: dict[str, float] | None = None,
+    judgements: list[Judgement] | None = None,
+) -> list[Judgement]:
+    """Verdicts with the last step before them read as a probability (``evidence: marginal``, docs/reasoning-format.md).
+
+    The model writes its steps greedily (:func:`she.evaluation.generate.generate_judgements`, or ``judgements``
+    already generated for ``records``). For each trace, with ``S`` the choice step right before the verdict
+    (:func:`marginal_step`) and ``E`` the steps before it: ``P(S = v | E)`` is read at ``"S:"`` and, for every
+    value ``v``, ``P(label | E, S = v)`` at ``"S: v\nVerdict:"`` (forced, one forward pass a value), and
+
+        P(label) = sum_v P(S = v | E) P(label | E, S = v)          (:func:`she.evaluation.calibration.marginalise`)
+
+    Why: a greedy step decides the verdict by the argmax of a near-even probability; after RL the decision schema's
+    ``Relevant`` sits there on many pairs (docs/results.md, session 14), and its verdict then follows the token
+    deterministically, out of the offsets' reach. ``raw_label`` is the argmax of the marginal, ``label`` that with
+    ``label_offsets`` (fitted in this mode); ``step_probs`` keeps ``P(S = v | E)``. A trace without a readable ``S``
+    line keeps its generated verdict distribution and label (``step_probs`` None)."""
+    from she.evaluation.calibration import apply_offsets, marginalise
+    from she.evaluation.generate import generate_judgements
+    from she.reasoning.prompts import build_messages
+
+    job_schema = schema_for(schema, taxonomy)
+    step, verdict_key = marginal_step(job_schema), job_schema.label_step.key
+    labels = list(get_taxonomy(taxonomy).labels)
+    choices = list(step.choices)
+    step_ids, _ = check_prefixes(tokenizer, [f"{step.key}:"], choices)
+    label_ids, _ = check_prefixes(tokenizer, [f"{verdict_key}:"], labels)
+    if judgements is None:
+        judgements = generate_judgements(model, tokenizer, records, taxonomy=taxonomy, batch_size=batch_size,
+                                         max_new_tokens=max_new_tokens, bf16=bf16, progress=progress,
+                                         schema=schema, prompt_style=prompt_style)
+    if len(judgements) != len(records):
+        raise ValueError(f"{len(judgements)} judgements for {len(records)} records")
+    todo, texts = [], []  # the traces with an S line; prompt + steps up to and including "S:"
+    for i, (r, j) in enumerate(zip(records, judgements)):
+        line = j.parsed.step(step.name) if j.parsed is not None else None
+        if line is None:
+            continue
+        prompt = tokenizer.apply_chat_template(build_messages(r, style=prompt_style, schema=schema_for(schema, r.taxonomy)),
+                                               tokenize=False, add_generation_prompt=True)
+        todo.append(i)
+        texts.append(prompt + j.text[: line.span[0]] + f"{step.key}:")
+    read = forced_choice_probs(model, tokenizer, texts, step_ids, batch_size=batch_size, bf16=bf16)
+    decision = {i: dict(zip(choices, p)) for i, (p, _) in zip(todo, read)}
+    branches: dict[int, dict[str, dict[str, float]]] = {i: {} for i in todo}
+    for v in choices:
+        read = forced_choice_probs(model, tokenizer, [f"{t} {v}\n{verdict_key}:" for t in texts], label_ids,
+                                   batch_size=batch_size, bf16=bf16)
+        for i, (p, _) in zip(todo, read):
+            branches[i][v] = dict(zip(labels, p))
+    out = []
+    for i, j in enumerate(judgements):
+        if i not in decision:
+            out.append(replace(j, label=apply_offsets(j.probs, j.raw_label, label_offsets)))
+            continue
+        probs = marginalise(decision[i], branches[i])
+        raw = max(probs, key=lambda lab: probs[lab])  # first max wins on a tie
+        out.append(replace(j, label=apply_offsets(probs, raw, label_offsets), probs=probs, raw_label=raw,
+                           step_probs=decision[i]))
+    return out
+
+
 # The settings of fast scoring wherever it runs (she predict --fast, the service's fast mode). bf16 autocast on
 # CPU too: about 2x fp32 on this project's CPU (docs/design.md), and what she predict and she eval use.
 # 16 pairs a batch is `she predict --batch-size`'s default; batches are length-sorted, so smaller ones carry
@@ -261,4 +364,4 @@ class FastScorer:
 
 
 __all__ = ["FAST_BATCH_SIZE", "FAST_BF16", "FastJudgement", "FastScorer", "check_prefixes", "computed_evidence_judgements",
-           "fast_mode_is_exact", "fast_prefix", "prefix_label_tokens", "score_labels_fast"]
+           "fast_mode_is_exact", "fast_prefix", "forced_choice_probs", "marginal_judgements", "marginal_step", "prefix_label_tokens", "score_labels_fast"]

@@ -34,6 +34,8 @@ class Judgement:
     raw_label: str | None = None  # the generated label before calibration offsets (== label without them)
     # the decoder's last hidden state where the verdict label's first token was generated (``keep_hidden``)
     verdict_hidden: list[float] | None = field(repr=False, default=None)
+    # ``evidence: marginal``: P(value) of the step the verdict was marginalised over (None: not marginalised)
+    step_probs: dict[str, float] | None = None
 
 
 def label_first_tokens(tokenizer, labels: list[str]) -> dict[bool, list[int]] | None:

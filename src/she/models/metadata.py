@@ -84,7 +84,7 @@ def prompt_style_of(model_path) -> str:
     return load_she_meta(resolve_model(model_path)).get("prompt_style", "full")
 
 
-EVIDENCE_MODES = ("generated", "computed")
+EVIDENCE_MODES = ("generated", "computed", "marginal")
 
 
 def offsets_key(evidence: str = "generated") -> str:

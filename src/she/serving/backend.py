@@ -62,12 +62,16 @@ class JudgeBackend:
                  target: str | None = None, max_new_tokens: int = 96, bf16: bool = False,
                  fast_prefix: str | None = None, schema: str = "default",
                  label_offsets: dict[str, float] | None = None, fast_bf16: bool | None = None,
-                 fast_batch_size: int | None = None, label_offsets_computed: dict[str, float] | None = None) -> None:
+                 fast_batch_size: int | None = None, label_offsets_computed: dict[str, float] | None = None,
+                 label_offsets_marginal: dict[str, float] | None = None) -> None:
         """``bf16`` is the precision of full mode and chat. Fast mode runs as :class:`~she.evaluation.fast.FastScorer`
         runs it for ``she predict --fast`` (bf16 autocast, length-sorted batches of ``FAST_BATCH_SIZE``) unless
         ``fast_bf16`` / ``fast_batch_size`` say otherwise. Mode ``computed`` (the label-free steps computed from the
         pair and forced, :func:`she.evaluation.fast.computed_evidence_judgements`) runs with the fast settings and
-        ``label_offsets_computed``; a schema with label-derived steps answers it with an item error."""
+        ``label_offsets_computed``; a schema with label-derived steps answers it with an item error. Mode ``marginal``
+        (full generation, the verdict averaged over the last step's values, :func:`she.evaluation.fast.
+        marginal_judgements`) runs with full mode's settings and ``label_offsets_marginal``; a schema without a choice
+        step before the verdict answers it with an item error."""
         from she.evaluation.fast import FAST_BATCH_SIZE, FAST_BF16, FastScorer, check_prefixes
         from she.evaluation.fast import fast_prefix as default_prefix
         from she.reasoning.schema import resolve_schema
@@ -83,6 +87,7 @@ class JudgeBackend:
         self.prompt_style = prompt_style
         self.label_offsets = label_offsets  # full mode reads the verdict with them (she calibrate)
         self.label_offsets_computed = label_offsets_computed  # computed mode's (she calibrate --evidence computed)
+        self.label_offsets_marginal = label_offsets_marginal  # marginal mode's (she calibrate --evidence marginal)
         self.target = target
         self.max_new_tokens = max_new_tokens
         self.bf16 = bf16
@@ -132,7 +137,8 @@ class JudgeBackend:
                    max_new_tokens=max_new_tokens, bf16=(device != "cpu") if bf16 is None else bf16,
                    fast_prefix=fast_prefix, schema=meta.get("schema", "default"),
                    label_offsets=meta.get("label_offsets") or None, fast_bf16=bf16, fast_batch_size=fast_batch_size,
-                   label_offsets_computed=meta.get("label_offsets_computed") or None)
+                   label_offsets_computed=meta.get("label_offsets_computed") or None,
+                   label_offsets_marginal=meta.get("label_offsets_marginal") or None)
 
     # -- description ----------------------------------------------------------------------------
     @property
@@ -155,7 +161,7 @@ class JudgeBackend:
     def run(self, key: Hashable, items: list[Any]) -> list[Any]:
         """Score one batch (any thread: the model's step schema is passed down, nothing is thread-local)."""
         kind = key[0] if isinstance(key, tuple) else key
-        if kind in ("fast", "full", "computed"):
+        if kind in ("fast", "full", "computed", "marginal"):
             return self._relevance(kind, items)
         if kind == "chat":
             _, max_tokens, temperature, top_p = key
@@ -206,6 +212,16 @@ class JudgeBackend:
                                                        label_offsets=self.label_offsets_computed)
                 except UserError as e:  # a schema with label-derived steps: nothing can be computed
                     return [ItemError(f"computed mode is unavailable for this model: {e}")] * len(records)
+            elif mode == "marginal":
+                from she.evaluation.fast import marginal_judgements
+
+                try:
+                    res = marginal_judgements(self.model, self.tokenizer, good, taxonomy=self.taxonomy,
+                                              prompt_style=self.prompt_style, schema=self.step_schema,
+                                              batch_size=len(good), max_new_tokens=self.max_new_tokens, bf16=self.bf16,
+                                              progress=False, label_offsets=self.label_offsets_marginal)
+                except UserError as e:  # no choice step before the verdict
+                    return [ItemError(f"marginal mode is unavailable for this model: {e}")] * len(records)
             else:
                 from she.evaluation.generate import generate_judgements
 

@@ -48,7 +48,7 @@ class RelevanceRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     pairs: list[PairIn]
-    mode: Literal["fast", "full", "computed"] = "full"
+    mode: Literal["fast", "full", "computed", "marginal"] = "full"
     return_reasoning: bool = False
 
 
@@ -113,7 +113,7 @@ def relevance_errors(req: RelevanceRequest, *, max_request_pairs: int, max_text_
         errs.append(("pairs", f"{n} pairs, over the limit of {max_request_pairs} per request; split the request"))
     if req.return_reasoning and req.mode == "fast":
         errs.append(("return_reasoning", "fast mode scores the label without writing reasoning; reasoning comes "
-                                         "with mode 'full' (generated) or 'computed'"))
+                                         "with mode 'full' (generated), 'computed' or 'marginal'"))
     for i, p in enumerate(req.pairs[: max_request_pairs]):
         for f in TEXT_FIELDS:
             v = getattr(p, f)
