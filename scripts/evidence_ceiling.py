@@ -42,7 +42,7 @@ from she.data.labels import get_taxonomy
 from she.data.schema import Record
 from she.data.sources import with_train_draw
 from she.evaluation.calibration import fit_label_offsets
-from she.evaluation.metrics import bootstrap_ci, classification_report
+from she.evaluation.metrics import f1_summary
 from she.reasoning.quantities import parse_numbers
 from she.reasoning.rationale import (
     _content, _tokens, head_check, missing_query_words, number_checks, one_line, parse_coverage, parse_head,
@@ -133,10 +133,7 @@ def main() -> None:
         return read, offsets
 
     def report(name: str, pred: list[str | None]) -> None:
-        lo, hi = bootstrap_ci(gold, pred, labels, n_boot=1000, seed=0, groups=groups)
-        rep = classification_report(gold, pred, labels)
-        shares = "/".join(f"{pred.count(c) / len(pred):.2f}" for c in labels)
-        print(f"{name:<58} {rep['macro_f1']:.3f} [{lo:.3f}, {hi:.3f}]  predicted {shares}")
+        print(f"{name:<58} {f1_summary(gold, pred, labels, groups)}")
 
     ev = {name: np.array([exact_evidence(r) for r in part], dtype=float)
           for name, part in (("train", train), ("val", val), ("test", test))}

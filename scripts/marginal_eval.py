@@ -26,7 +26,7 @@ from she.data.labels import get_taxonomy
 from she.data.sources import eval_records
 from she.evaluation.evaluate import judgement_json, score
 from she.evaluation.generate import Judgement
-from she.evaluation.metrics import bootstrap_ci, classification_report
+from she.evaluation.metrics import f1_summary
 from she.reasoning.parse import parse_trace
 
 
@@ -87,10 +87,7 @@ def main() -> None:
     print(f"{args.model}: {len(records)} pairs ({len(set(groups))} queries), {m['marginalised']} marginalised, "
           f"{seconds:.0f} s; offsets {offsets}")
     for name, pred in (("raw", [j.raw_label for j in out]), ("calibrated", [j.label for j in out])):
-        lo, hi = bootstrap_ci(gold, pred, labels, n_boot=1000, seed=0, groups=groups)
-        rep = classification_report(gold, pred, labels)
-        shares = "/".join(f"{sum(p == lab for p in pred) / len(pred):.2f}" for lab in labels)
-        print(f"  {name}: Macro F1 {rep['macro_f1']:.3f} [{lo:.3f}, {hi:.3f}], predicted {shares}")
+        print(f"  {name}: {f1_summary(gold, pred, labels, groups)}")
 
 
 if __name__ == "__main__":

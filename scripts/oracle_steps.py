@@ -28,7 +28,7 @@ from she.config import DataConfig, from_dict, read_yaml
 from she.data.labels import get_taxonomy
 from she.data.sources import load_splits
 from she.evaluation.calibration import apply_offsets, fit_label_offsets
-from she.evaluation.metrics import bootstrap_ci, classification_report
+from she.evaluation.metrics import f1_summary
 from she.reasoning.rationale import computed_evidence
 
 LABEL_FREE = ("evidence", "semantic")  # schemas whose written steps do not depend on the gold label
@@ -72,10 +72,7 @@ def main() -> None:
     print(f"{args.model}: verdict after the exact {spec} steps; {len(val)} validation, {len(test)} test pairs "
           f"({len(set(groups))} queries), {seconds:.0f} s; offsets {offsets}")
     for name, pred in (("raw", raw), ("calibrated", cal)):
-        lo, hi = bootstrap_ci(gold, pred, labels, n_boot=1000, seed=0, groups=groups)
-        rep = classification_report(gold, pred, labels)
-        shares = "/".join(f"{sum(p == lab for p in pred) / len(pred):.2f}" for lab in labels)
-        print(f"  {name}: Macro F1 {rep['macro_f1']:.3f} [{lo:.3f}, {hi:.3f}], predicted {shares}")
+        print(f"  {name}: {f1_summary(gold, pred, labels, groups)}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w") as f:

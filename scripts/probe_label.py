@@ -36,7 +36,7 @@ from she.data.labels import get_taxonomy
 from she.data.schema import Record
 from she.data.sources import with_train_draw
 from she.evaluation.calibration import apply_offsets, fit_label_offsets
-from she.evaluation.metrics import bootstrap_ci, classification_report
+from she.evaluation.metrics import classification_report, f1_summary
 from she.reasoning.prompts import build_messages
 from she.reasoning.schema import resolve_schema
 
@@ -197,10 +197,7 @@ def main() -> None:
             for r, p, lab, rl in zip(test, pt, cal, raw):
                 f.write(json.dumps({"id": r.id, "gold": r.label, "label": lab, "raw_label": rl, "probs": p}) + "\n")
     for name, pred in rows:
-        lo, hi = bootstrap_ci(gold, pred, labels, n_boot=1000, seed=0, groups=groups)
-        rep = classification_report(gold, pred, labels)
-        shares = "/".join(f"{pred.count(c) / len(pred):.2f}" for c in labels)
-        print(f"{name:<20} Macro F1 {rep['macro_f1']:.3f} [{lo:.3f}, {hi:.3f}]  predicted {shares}")
+        print(f"{name:<20} {f1_summary(gold, pred, labels, groups)}")
 
 
 if __name__ == "__main__":

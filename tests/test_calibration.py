@@ -118,3 +118,51 @@ def test_calibrate_writes_she_json_and_eval_uses_it(tmp_path, tiny_model_dir, mo
     assert any(p.get("raw_label") == "Exact" and p["label"] != "Exact" for p in preds)
     ev.evaluate(str(model), recs, tmp_path / "eval2", progress=False, calibrated=False)
     assert seen[-1] is None
+
+
+@pytest.mark.parametrize("evidence, reader, schema", [("computed", "computed_evidence_judgements", "evidence"),
+                                                      ("marginal", "marginal_judgements", "decision")])
+def test_calibrate_and_eval_keep_each_evidence_modes_offsets_apart(evidence, reader, schema, tmp_path, tiny_model_dir,
+                                                                   monkeypatch):
+    """``she calibrate/eval --evidence computed|marginal`` fit and read their own offsets (``label_offsets_<mode>``,
+    ``calibration_<mode>.json``) and leave the generated mode's alone; the reader is scripted."""
+    import json
+    import shutil
+
+    import she.evaluation.evaluate as ev
+    import she.evaluation.fast as fast
+    from she.data.schema import Product, Record
+    from she.evaluation.generate import Judgement
+    from she.models.metadata import load_she_meta, save_she_meta
+    from she.reasoning.parse import parse_trace
+    from she.reasoning.schema import default_schema
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, model)
+    meta = load_she_meta(model)
+    meta.update(schema=schema, label_offsets={"Irrelevant": 0.0, "Partial": 1.0, "Exact": 0.0})
+    save_she_meta(model, meta)
+    recs = [Record(id=f"r{i}", query=q, product=Product(title=q), label=lab)
+            for i, (q, lab) in enumerate([("drill", "Partial"), ("faucet", "Partial"), ("lumber", "Exact"),
+                                          ("hose", "Irrelevant"), ("hammer", "Exact")])]
+    seen = []
+
+    def scripted(model_, tok, records, *, label_offsets=None, **kw):
+        seen.append(label_offsets)
+        out = []
+        for r in records:  # an Exact bias over the gold class: offsets can undo it
+            p = P(0.15, 0.15, 0.15)
+            p["Exact"], p[r.label] = (0.7, 0.7) if r.label == "Exact" else (0.5, 0.35)
+            text = "Verdict: Exact"
+            out.append(Judgement(r.id, text, apply_offsets(p, "Exact", label_offsets), p, True,
+                                 parse_trace(text, default_schema("hd3")), 0, raw_label="Exact"))
+        return out
+
+    monkeypatch.setattr(fast, reader, scripted)
+    rep = ev.calibrate(str(model), recs, progress=False, evidence=evidence)
+    meta = json.loads((model / "she.json").read_text())
+    assert meta[f"label_offsets_{evidence}"] == rep["label_offsets"] and rep["after"]["macro_f1"] == 1.0
+    assert meta["label_offsets"] == {"Irrelevant": 0.0, "Partial": 1.0, "Exact": 0.0}  # the generated mode's, kept
+    assert (model / f"calibration_{evidence}.json").exists() and not (model / "calibration.json").exists()
+    m = ev.evaluate(str(model), recs, tmp_path / "eval", progress=False, evidence=evidence)
+    assert seen[-1] == rep["label_offsets"] and m["evidence"] == evidence and m["macro_f1"] == 1.0

@@ -1,14 +1,9 @@
 """`evidence: computed`: the label-free steps written from the pair and forced, the model giving the verdict."""
 
-import json
-import shutil
-
 import pytest
 
 from she.data.schema import Product, Record
 from she.errors import UserError
-from she.evaluation.calibration import apply_offsets
-from she.reasoning.parse import parse_trace
 from she.reasoning.rationale import computed_evidence, write_rationale
 from she.reasoning.schema import default_schema, resolve_schema
 
@@ -65,42 +60,6 @@ def test_judgements_force_the_computed_steps_and_read_the_verdict_there(tiny):
     shifted = computed_evidence_judgements(model, tok, recs, schema=schema, bf16=False, label_offsets=big)
     assert [j.label for j in shifted] == ["Partial"] * len(recs)
     assert [j.raw_label for j in shifted] == [j.raw_label for j in js]
-
-
-def test_calibrate_and_eval_keep_the_computed_offsets_apart(tmp_path, tiny_model_dir, monkeypatch):
-    import she.evaluation.fast as fast
-    import she.evaluation.evaluate as ev
-    from she.evaluation.generate import Judgement
-
-    model = tmp_path / "m"
-    shutil.copytree(tiny_model_dir, model)
-    from she.models.metadata import load_she_meta, save_she_meta
-
-    meta = load_she_meta(model)
-    meta.update(schema="evidence", label_offsets={"Irrelevant": 0.0, "Partial": 1.0, "Exact": 0.0})
-    save_she_meta(model, meta)
-    recs = _records()
-    seen = []
-
-    def scripted(model_, tok, records, *, label_offsets=None, **kw):
-        seen.append(label_offsets)
-        out = []
-        for r in records:  # an Exact bias over the gold class: offsets can undo it
-            p = {lab: 0.15 for lab in LABELS}
-            p["Exact"], p[r.label] = (0.7, 0.7) if r.label == "Exact" else (0.5, 0.35)
-            text = "Verdict: Exact"
-            out.append(Judgement(r.id, text, apply_offsets(p, "Exact", label_offsets), p, True,
-                                 parse_trace(text, default_schema("hd3")), 0, raw_label="Exact"))
-        return out
-
-    monkeypatch.setattr(fast, "computed_evidence_judgements", scripted)
-    rep = ev.calibrate(str(model), recs, progress=False, evidence="computed")
-    meta = json.loads((model / "she.json").read_text())
-    assert meta["label_offsets_computed"] == rep["label_offsets"] and rep["after"]["macro_f1"] == 1.0
-    assert meta["label_offsets"] == {"Irrelevant": 0.0, "Partial": 1.0, "Exact": 0.0}  # the generated mode's, kept
-    assert (model / "calibration_computed.json").exists() and not (model / "calibration.json").exists()
-    m = ev.evaluate(str(model), recs, tmp_path / "eval", progress=False, evidence="computed")
-    assert seen[-1] == rep["label_offsets"] and m["evidence"] == "computed" and m["macro_f1"] == 1.0
 
 
 def test_bad_evidence_modes(tiny_model_dir, tmp_path):

@@ -1,14 +1,11 @@
 """`evidence: marginal`: the verdict averaged over the values of the step before it, weighted by their probability."""
 
-import json
-import shutil
-
 import pytest
 import torch
 
 from she.data.schema import Product, Record
 from she.errors import UserError
-from she.evaluation.calibration import apply_offsets, marginalise
+from she.evaluation.calibration import marginalise
 from she.evaluation.generate import Judgement
 from she.reasoning.parse import parse_trace
 from she.reasoning.rationale import write_rationale
@@ -119,43 +116,6 @@ def test_a_schema_without_a_choice_step_before_the_verdict_is_refused(tiny):
     model, tok = tiny
     with pytest.raises(UserError, match="choice step right before"):
         marginal_judgements(model, tok, _records(), schema=default_schema("hd3"), bf16=False, progress=False)
-
-
-def test_calibrate_and_eval_keep_the_marginal_offsets_apart(tmp_path, tiny_model_dir, monkeypatch):
-    import she.evaluation.evaluate as ev
-    import she.evaluation.fast as fast
-    from she.models.metadata import load_she_meta, save_she_meta
-
-    model = tmp_path / "m"
-    shutil.copytree(tiny_model_dir, model)
-    meta = load_she_meta(model)
-    meta.update(schema="decision", label_offsets={"Irrelevant": 0.0, "Partial": 1.0, "Exact": 0.0})
-    save_she_meta(model, meta)
-    recs = _records()
-    seen = []
-
-    def scripted(model_, tok, records, *, label_offsets=None, **kw):
-        seen.append(label_offsets)
-        out = []
-        for r in records:  # an Exact bias over the gold class: offsets can undo it
-            p = {lab: 0.15 for lab in LABELS}
-            p["Exact"], p[r.label] = (0.7, 0.7) if r.label == "Exact" else (0.5, 0.35)
-            text = "Verdict: Exact"
-            out.append(Judgement(r.id, text, apply_offsets(p, "Exact", label_offsets), p, True,
-                                 parse_trace(text, default_schema("hd3")), 0, raw_label="Exact",
-                                 step_probs={"yes": 0.5, "no": 0.5}))
-        return out
-
-    monkeypatch.setattr(fast, "marginal_judgements", scripted)
-    rep = ev.calibrate(str(model), recs, progress=False, evidence="marginal")
-    meta = json.loads((model / "she.json").read_text())
-    assert meta["label_offsets_marginal"] == rep["label_offsets"] and rep["after"]["macro_f1"] == 1.0
-    assert meta["label_offsets"] == {"Irrelevant": 0.0, "Partial": 1.0, "Exact": 0.0}  # the generated mode's, kept
-    assert (model / "calibration_marginal.json").exists() and not (model / "calibration.json").exists()
-    m = ev.evaluate(str(model), recs, tmp_path / "eval", progress=False, evidence="marginal")
-    assert seen[-1] == rep["label_offsets"] and m["evidence"] == "marginal" and m["macro_f1"] == 1.0
-    rows = [json.loads(x) for x in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
-    assert all(row["step_probs"] == {"yes": 0.5, "no": 0.5} for row in rows)
 
 
 def test_marginal_eval_script_rebuilds_the_generated_judgements(load_script):

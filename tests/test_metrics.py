@@ -317,3 +317,16 @@ def test_seed_differences_one_seed_and_bad_input():
         seed_differences([0.1, float("nan")])
     with pytest.raises(ValueError, match="0 < power < 1"):
         seed_differences([0.1, 0.2], power=1.0)
+
+
+def test_f1_summary_line_by_hand():
+    from she.evaluation.metrics import f1_summary
+
+    labels = ["Irrelevant", "Partial", "Exact"]
+    gold = ["Irrelevant", "Partial", "Exact", "Exact"]
+    pred = ["Irrelevant", "Exact", "Exact", None]
+    # F1: Irrelevant 1, Partial 0, Exact 2*1/(2+2) = 0.5 -> 0.5; predicted shares 1/4, 0, 2/4 (None counts in n)
+    line = f1_summary(gold, pred, labels, groups=["a", "b", "c", "d"], n_boot=50)
+    assert line.startswith("Macro F1 0.500 [") and line.endswith("predicted 0.25/0.00/0.50")
+    lo, hi = (float(x) for x in line.split("[")[1].split("]")[0].split(", "))
+    assert 0.0 <= lo <= hi <= 1.0

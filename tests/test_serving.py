@@ -812,9 +812,12 @@ def test_backend_serves_in_the_models_schema(tiny, monkeypatch):
     assert ["Missing" in s for s in seen] == [True, False, True]
 
 
-def test_computed_mode_answers_as_she_predict_evidence_computed(tmp_path, tiny_model_dir):
-    """Mode `computed`: the label-free steps computed from the pair and forced, with the model's computed-mode
-    offsets; the same answers as `she predict --evidence computed`. A schema with label-derived steps is a 422."""
+@pytest.mark.parametrize("mode, schema, needs", [("computed", "evidence", "depend on the label"),
+                                                ("marginal", "decision", "choice step right before")])
+def test_computed_and_marginal_modes_answer_as_she_predict_evidence(mode, schema, needs, tmp_path, tiny_model_dir):
+    """Mode `computed` (the label-free steps computed from the pair and forced) and mode `marginal` (generated steps,
+    the verdict averaged over the step before it), each with the model's offsets of that mode: the same answers as
+    `she predict --evidence <mode>`. A schema the mode cannot read (the default one) is a 422."""
     import shutil
 
     from she.evaluation.evaluate import predict
@@ -824,59 +827,25 @@ def test_computed_mode_answers_as_she_predict_evidence_computed(tmp_path, tiny_m
     model = tmp_path / "m"
     shutil.copytree(tiny_model_dir, model)
     meta = load_she_meta(model)
-    meta.update(schema="evidence", label_offsets_computed={"Irrelevant": 0.0, "Partial": 0.3, "Exact": 0.0})
+    meta.update({"schema": schema, f"label_offsets_{mode}": {"Irrelevant": 0.0, "Partial": 0.3, "Exact": 0.0}})
     save_she_meta(model, meta)
     pairs = [{"query": "cordless 20v dewalt drills", "title": "DEWALT 18-Volt Drill/Driver Kit", "id": "a"},
              {"query": "white paint", "title": "Behr white flat paint", "brand": "Behr", "id": "b"}]
     recs = [Record(id=p["id"], query=p["query"], product=Product(title=p["title"], brand=p.get("brand")))
             for p in pairs]
     out = tmp_path / "p.jsonl"
-    predict(str(model), recs, out, evidence="computed", progress=False)
+    predict(str(model), recs, out, evidence=mode, progress=False, max_new_tokens=24)
     want = [json.loads(x) for x in out.read_text().splitlines()]
-    app = create_app(model, batch_wait_ms=0)
+    app = create_app(model, batch_wait_ms=0, max_new_tokens=24)
     with TestClient(app) as c:
-        r = c.post("/v1/relevance", json={"pairs": pairs, "mode": "computed", "return_reasoning": True})
+        r = c.post("/v1/relevance", json={"pairs": pairs, "mode": mode, "return_reasoning": True})
     assert r.status_code == 200, r.text
     got = r.json()["results"]
     assert [g["label"] for g in got] == [w["label"] for w in want]
     assert [g["probs"] for g in got] == [w["probs"] for w in want]
     assert [g["reasoning"] for g in got] == [w["reasoning"] for w in want]
-    assert "\nMissing: cordless, 20\n" in got[0]["reasoning"] and "\nVerdict: " in got[0]["reasoning"]
-    # the default schema's Type/Attributes come from the label: nothing to compute
-    with TestClient(create_app(tiny_model_dir, batch_wait_ms=0)) as c:
-        r = c.post("/v1/relevance", json={"pairs": pairs[:1], "mode": "computed"})
-    assert r.status_code == 422 and "depend on the label" in r.text
-
-
-def test_marginal_mode_answers_as_she_predict_evidence_marginal(tmp_path, tiny_model_dir):
-    """Mode `marginal`: full generation, the verdict averaged over the step before it, with the model's marginal-mode
-    offsets; the same answers as `she predict --evidence marginal`. A schema without a choice step there is a 422."""
-    import shutil
-
-    from she.evaluation.evaluate import predict
-    from she.models.metadata import load_she_meta, save_she_meta
-    from she.serving.app import create_app
-
-    model = tmp_path / "m"
-    shutil.copytree(tiny_model_dir, model)
-    meta = load_she_meta(model)
-    meta.update(schema="decision", label_offsets_marginal={"Irrelevant": 0.0, "Partial": 0.3, "Exact": 0.0})
-    save_she_meta(model, meta)
-    pairs = [{"query": "cordless 20v dewalt drills", "title": "DEWALT 18-Volt Drill/Driver Kit", "id": "a"},
-             {"query": "white paint", "title": "Behr white flat paint", "brand": "Behr", "id": "b"}]
-    recs = [Record(id=p["id"], query=p["query"], product=Product(title=p["title"], brand=p.get("brand")))
-            for p in pairs]
-    out = tmp_path / "p.jsonl"
-    predict(str(model), recs, out, evidence="marginal", progress=False, max_new_tokens=24)
-    want = [json.loads(x) for x in out.read_text().splitlines()]
-    app = create_app(model, batch_wait_ms=0, max_new_tokens=24)
-    with TestClient(app) as c:
-        r = c.post("/v1/relevance", json={"pairs": pairs, "mode": "marginal", "return_reasoning": True})
-    assert r.status_code == 200, r.text
-    got = r.json()["results"]
-    assert [g["label"] for g in got] == [w["label"] for w in want]
-    assert [g["reasoning"] for g in got] == [w["reasoning"] for w in want]
-    # the default schema ends on Attributes: nothing to marginalise over
+    if mode == "computed":
+        assert "\nMissing: cordless, 20\n" in got[0]["reasoning"] and "\nVerdict: " in got[0]["reasoning"]
     with TestClient(create_app(tiny_model_dir, batch_wait_ms=0, max_new_tokens=24)) as c:
-        r = c.post("/v1/relevance", json={"pairs": pairs[:1], "mode": "marginal"})
-    assert r.status_code == 422 and "choice step right before" in r.text
+        r = c.post("/v1/relevance", json={"pairs": pairs[:1], "mode": mode})
+    assert r.status_code == 422 and needs in r.text
