@@ -24,6 +24,28 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return prepare("tiny", out_dir=tmp_path_factory.mktemp("models") / "tiny")
 
 
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    """The tiny model and its tokenizer, loaded once a module."""
+    from she.models.registry import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(str(tiny_model_dir))
+
+
+@pytest.fixture
+def hd_pairs():
+    """Five labelled Home-Depot-like pairs (all three labels; units, brands, a far product) for forced-read tests."""
+    from she.data.schema import Product, Record
+
+    return [Record(id=f"r{i}", query=q, product=Product(title=t), label=lab) for i, (q, t, lab) in enumerate([
+        ("cordless 20v dewalt drills", "DEWALT 18-Volt Drill/Driver Kit", "Partial"),
+        ("white kitchen faucet", "Moen Chrome Kitchen Faucet", "Partial"),
+        ("2x4 lumber 8 ft", "2 in. x 4 in. x 8 ft. Stud", "Exact"),
+        ("hammer", "16 oz. Claw Hammer", "Exact"),
+        ("garden hose", "Ceiling Fan with Light", "Irrelevant"),
+    ])]
+
+
 def _build_tiny_bert(path: Path, records, *, hidden_size: int = 32, intermediate_size: int = 64,
                      max_position_embeddings: int = 128) -> Path:
     """A tiny random BERT encoder folder whose WordPiece vocabulary is exactly the words (and punctuation)

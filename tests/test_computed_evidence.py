@@ -24,29 +24,12 @@ def test_a_schema_with_label_derived_steps_is_refused():
         computed_evidence(Record(id="u", **PAIR), default_schema("hd3"))
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    from she.models.registry import load_model_and_tokenizer
-
-    return load_model_and_tokenizer(str(tiny_model_dir))
-
-
-def _records():
-    return [Record(id=f"r{i}", query=q, product=Product(title=t), label=lab) for i, (q, t, lab) in enumerate([
-        ("cordless 20v dewalt drills", "DEWALT 18-Volt Drill/Driver Kit", "Partial"),
-        ("white kitchen faucet", "Moen Chrome Kitchen Faucet", "Partial"),
-        ("2x4 lumber 8 ft", "2 in. x 4 in. x 8 ft. Stud", "Exact"),
-        ("garden hose", "Ceiling Fan with Light", "Irrelevant"),
-        ("hammer", "16 oz. Claw Hammer", "Exact"),
-    ])]
-
-
-def test_judgements_force_the_computed_steps_and_read_the_verdict_there(tiny):
+def test_judgements_force_the_computed_steps_and_read_the_verdict_there(tiny, hd_pairs):
     from she.evaluation.fast import computed_evidence_judgements, score_labels_fast
 
     model, tok = tiny
     schema = resolve_schema("evidence")
-    recs = _records()
+    recs = hd_pairs
     js = computed_evidence_judgements(model, tok, recs, schema=schema, batch_size=2, bf16=False)
     # the same reading as the fast scorer with the computed prefix, pair by pair
     ref = score_labels_fast(model, tok, recs, prefix=lambda r: computed_evidence(r, schema), batch_size=3, bf16=False,
@@ -62,11 +45,11 @@ def test_judgements_force_the_computed_steps_and_read_the_verdict_there(tiny):
     assert [j.raw_label for j in shifted] == [j.raw_label for j in js]
 
 
-def test_bad_evidence_modes(tiny_model_dir, tmp_path):
+def test_bad_evidence_modes(tiny_model_dir, tmp_path, hd_pairs):
     from she.evaluation.evaluate import predict
     from she.models.metadata import offsets_key
 
     with pytest.raises(UserError, match="evidence must be one of"):
         offsets_key("oracle")
     with pytest.raises(UserError, match="pick one"):
-        predict(str(tiny_model_dir), _records(), tmp_path / "p.jsonl", fast=True, evidence="computed")
+        predict(str(tiny_model_dir), hd_pairs, tmp_path / "p.jsonl", fast=True, evidence="computed")

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from she.data.schema import Product, Record
 from she.errors import UserError
 from she.evaluation.calibration import marginalise
 from she.evaluation.generate import Judgement
@@ -41,23 +40,6 @@ def test_marginal_step_is_the_choice_step_before_the_verdict():
         marginal_step(default_schema("hd3"))  # Attributes
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    from she.models.registry import load_model_and_tokenizer
-
-    return load_model_and_tokenizer(str(tiny_model_dir))
-
-
-def _records():
-    return [Record(id=f"r{i}", query=q, product=Product(title=t), label=lab) for i, (q, t, lab) in enumerate([
-        ("cordless 20v dewalt drills", "DEWALT 18-Volt Drill/Driver Kit", "Partial"),
-        ("white kitchen faucet", "Moen Chrome Kitchen Faucet", "Partial"),
-        ("2x4 lumber 8 ft", "2 in. x 4 in. x 8 ft. Stud", "Exact"),
-        ("hammer", "16 oz. Claw Hammer", "Exact"),
-        ("garden hose", "Ceiling Fan with Light", "Irrelevant"),
-    ])]
-
-
 def _scripted(recs, schema):
     """Judgements as if generated: the written rationale of each pair (its gold label), the last one cut before
     its Relevant line (no step to marginalise over)."""
@@ -81,13 +63,13 @@ def _next_probs(model, tok, text, ids):
     return torch.softmax(logits[ids], dim=-1).tolist()
 
 
-def test_marginal_judgements_read_the_step_and_each_branch(tiny):
+def test_marginal_judgements_read_the_step_and_each_branch(tiny, hd_pairs):
     from she.evaluation.fast import check_prefixes, marginal_judgements
     from she.reasoning.prompts import build_messages
 
     model, tok = tiny
     schema = resolve_schema("decision")
-    recs = _records()
+    recs = hd_pairs
     given = _scripted(recs, schema)
     js = marginal_judgements(model, tok, recs, schema=schema, batch_size=3, bf16=False, judgements=given)
     step_ids = check_prefixes(tok, ["Relevant:"], ["yes", "no"])[0]
@@ -110,18 +92,18 @@ def test_marginal_judgements_read_the_step_and_each_branch(tiny):
     assert [j.raw_label for j in shifted] == [j.raw_label for j in js]
 
 
-def test_a_schema_without_a_choice_step_before_the_verdict_is_refused(tiny):
+def test_a_schema_without_a_choice_step_before_the_verdict_is_refused(tiny, hd_pairs):
     from she.evaluation.fast import marginal_judgements
 
     model, tok = tiny
     with pytest.raises(UserError, match="choice step right before"):
-        marginal_judgements(model, tok, _records(), schema=default_schema("hd3"), bf16=False, progress=False)
+        marginal_judgements(model, tok, hd_pairs, schema=default_schema("hd3"), bf16=False, progress=False)
 
 
-def test_marginal_eval_script_rebuilds_the_generated_judgements(load_script):
+def test_marginal_eval_script_rebuilds_the_generated_judgements(load_script, hd_pairs):
     me = load_script("marginal_eval")
     schema = resolve_schema("decision")
-    r = _records()[0]
+    r = hd_pairs[0]
     text = write_rationale(r, schema)
     p = {"Irrelevant": 0.1, "Partial": 0.2, "Exact": 0.7}
     rows = [{"id": r.id, "label": "Partial", "raw_label": "Exact", "probs": p, "reasoning": text},  # calibrated row
