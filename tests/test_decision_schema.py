@@ -69,6 +69,15 @@ def test_the_wrong_decision_and_an_unreadable_one_are_incorrect_and_no_gold_is_u
     assert both["Relevant"].verdict == CORRECT and both["Verdict"].verdict == INCORRECT
 
 
-def test_no_computed_evidence_mode_for_a_label_derived_step():
+def test_computed_evidence_stops_before_the_label_derived_step():
+    schema = resolve_schema("decision")
     with pytest.raises(UserError, match="depend on the label"):
-        computed_evidence(_rec(None), resolve_schema("decision"))
+        computed_evidence(_rec(None), schema)  # the whole trace: Relevant comes from the label
+    stem = computed_evidence(_rec(None), schema, stop_at="relevant")  # the same for every label
+    for label in ("Irrelevant", "Partial", "Exact"):
+        text = write_rationale(_rec(label), schema)
+        assert text.startswith(stem[: -len("Relevant:")]) and text[len(stem) - len("Relevant:"):].startswith("Relevant:")
+    assert stem.endswith("\nSimilarity: " + stem.split("Similarity: ")[1].split("\n")[0] + "\nRelevant:")
+    # a stop at a label-derived step's successor still depends on the label
+    with pytest.raises(UserError, match=r"\(Query, Product, Type\) depend on the label"):
+        computed_evidence(_rec(None), resolve_schema("default"), stop_at="attributes")

@@ -112,3 +112,24 @@ def test_marginal_eval_script_rebuilds_the_generated_judgements(load_script, hd_
     assert js[0].raw_label == js[0].label == "Exact" and js[0].probs == p and js[0].parsed.step("relevant") is not None
     assert js[0].format_ok and js[0].text == text
     assert js[1].raw_label is None and js[1].probs is None and not js[1].format_ok
+
+
+def test_computed_evidence_on_the_decision_schema_forces_the_evidence_and_marginalises_relevant(tiny, hd_pairs):
+    from she.evaluation.fast import check_prefixes, computed_evidence_judgements
+    from she.reasoning.prompts import build_messages
+    from she.reasoning.rationale import computed_evidence
+
+    model, tok = tiny
+    schema = resolve_schema("decision")
+    js = computed_evidence_judgements(model, tok, hd_pairs, schema=schema, batch_size=2, bf16=False)
+    step_ids = check_prefixes(tok, ["Relevant:"], ["yes", "no"])[0]
+    label_ids = check_prefixes(tok, ["Verdict:"], LABELS)[0]
+    for r, j in zip(hd_pairs, js):
+        stem = computed_evidence(r, schema, stop_at="relevant")
+        prompt = tok.apply_chat_template(build_messages(r, schema=schema), tokenize=False, add_generation_prompt=True)
+        step = dict(zip(["yes", "no"], _next_probs(model, tok, prompt + stem, step_ids)))
+        branch = {v: _next_probs(model, tok, f"{prompt}{stem} {v}\nVerdict:", label_ids) for v in step}
+        want = {lab: step["yes"] * branch["yes"][k] + step["no"] * branch["no"][k] for k, lab in enumerate(LABELS)}
+        assert j.step_probs == pytest.approx(step, abs=1e-5) and j.probs == pytest.approx(want, abs=1e-5)
+        top = max(step, key=lambda v: step[v])
+        assert j.text == f"{stem} {top}\nVerdict: {j.label}" and j.parsed.format_ok and j.parsed.label == j.label

@@ -205,6 +205,44 @@ def forced_choice_probs(model, tokenizer, texts: Sequence[str], choice_ids: Sequ
     return out  # type: ignore[return-value]
 
 
+def marginal_step(schema: StepSchema):
+    """The step ``evidence: marginal`` reads as a probability: the choice step right before the verdict (``Relevant``
+    of the decision schema, ``Similarity`` of the semantic one). ``UserError`` when the schema has none."""
+    steps = schema.steps
+    if len(steps) < 2 or steps[-2].kind != "choice":
+        last = steps[-2].key if len(steps) > 1 else None
+        raise UserError(f"evidence: marginal reads the verdict over the values of the choice step right before it; "
+                        f"this schema has {last!r} there ({'a ' + steps[-2].kind + ' step' if last else 'no step'})")
+    return steps[-2]
+
+
+def marginal_reads(model, tokenizer, stems: Sequence[str], schema: StepSchema, *, batch_size: int = 16,
+                   bf16: bool = True) -> list[tuple[dict[str, float], dict[str, float]]]:
+    """For each stem (prompt and steps, ending with ``"S:"``, S = :func:`marginal_step` of ``schema``):
+    ``(P(S = v), P(label))`` with ``P(label) = sum_v P(S = v) P(label | S = v)``. ``P(S = v)`` is read at the stem's
+    end, ``P(label | S = v)`` at ``stem + " v\\nVerdict:"`` -- ``1 + |values|`` forward passes a stem
+    (:func:`forced_choice_probs`), the token boundaries checked first."""
+    from she.evaluation.calibration import marginalise
+
+    step, verdict_key = marginal_step(schema), schema.label_step.key
+    labels, choices = list(get_taxonomy(schema.taxonomy).labels), list(step.choices)
+    step_ids, _ = check_prefixes(tokenizer, [f"{step.key}:"], choices)
+    label_ids, _ = check_prefixes(tokenizer, [f"{verdict_key}:"], labels)
+    decision = [dict(zip(choices, p)) for p, _ in forced_choice_probs(model, tokenizer, stems, step_ids,
+                                                                       batch_size=batch_size, bf16=bf16)]
+    branches: list[dict[str, dict[str, float]]] = [{} for _ in stems]
+    for v in choices:
+        read = forced_choice_probs(model, tokenizer, [f"{t} {v}\n{verdict_key}:" for t in stems], label_ids,
+                                   batch_size=batch_size, bf16=bf16)
+        for b, (p, _) in zip(branches, read):
+            b[v] = dict(zip(labels, p))
+    return [(d, marginalise(d, b)) for d, b in zip(decision, branches)]
+
+
+def _argmax(probs: dict[str, float]) -> str:
+    return max(probs, key=lambda lab: probs[lab])  # the first maximum wins on a tie
+
+
 def computed_evidence_judgements(
     model,
     tokenizer,
@@ -222,15 +260,40 @@ def computed_evidence_judgements(
     computed_evidence`: every step right) and forced, and the label is read from the label-token probabilities
     at the verdict position, one forward pass a pair, with ``label_offsets`` (fitted in this mode) applied.
 
-    ``text`` is the forced steps and the label, parsed like a generated trace (its steps are right by
-    construction); ``raw_label`` is the label before the offsets. A schema with a label-derived step is refused.
+    A schema whose only label-derived step is the choice right before the verdict (the decision schema's
+    ``Relevant``) cannot have that step computed: the steps before it are forced, and it is read as a probability
+    and the verdict averaged over its values (:func:`marginal_reads`; ``step_probs`` keeps ``P(S = v)``, and ``text``
+    shows its most likely value). Any other label-derived step is refused (``UserError``).
+
+    ``text`` is the forced steps and the label, parsed like a generated trace (its computed steps are right by
+    construction); ``raw_label`` is the label before the offsets.
     """
     from she.evaluation.calibration import apply_offsets
     from she.reasoning.parse import parse_trace
+    from she.reasoning.prompts import build_messages
     from she.reasoning.rationale import computed_evidence
 
     schemas = [schema_for(schema, r.taxonomy) for r in records]
-    prefix_of = {id(r): computed_evidence(r, s) for r, s in zip(records, schemas)}  # written once a record
+    try:
+        prefixes = [computed_evidence(r, s) for r, s in zip(records, schemas)]
+    except UserError as full:
+        try:
+            step = marginal_step(schema_for(schema, taxonomy))
+            stems = [computed_evidence(r, s, stop_at=step.name) for r, s in zip(records, schemas)]
+        except UserError:
+            raise full from None
+        prompts = [tokenizer.apply_chat_template(build_messages(r, style=prompt_style, schema=s), tokenize=False,
+                                                 add_generation_prompt=True) for r, s in zip(records, schemas)]
+        reads = marginal_reads(model, tokenizer, [p + t for p, t in zip(prompts, stems)], schema_for(schema, taxonomy),
+                               batch_size=batch_size, bf16=bf16)
+        out = []
+        for r, s, stem, (d, probs) in zip(records, schemas, stems, reads):
+            raw = _argmax(probs)
+            label = apply_offsets(probs, raw, label_offsets)
+            text = f"{stem} {_argmax(d)}\n{s.label_step.key}: {label}"
+            out.append(Judgement(r.id, text, label, probs, True, parse_trace(text, s), 0, raw_label=raw, step_probs=d))
+        return out
+    prefix_of = {id(r): p for r, p in zip(records, prefixes)}
     scored = score_labels_fast(model, tokenizer, records, taxonomy=taxonomy, prompt_style=prompt_style,
                                prefix=lambda r: prefix_of[id(r)], batch_size=batch_size, bf16=bf16, schema=schema)
     out = []
@@ -239,17 +302,6 @@ def computed_evidence_judgements(
         text = f"{prefix_of[id(r)]} {label}"
         out.append(Judgement(j.record_id, text, label, j.probs, True, parse_trace(text, s), 0, raw_label=j.label))
     return out
-
-
-def marginal_step(schema: StepSchema):
-    """The step ``evidence: marginal`` reads as a probability: the choice step right before the verdict (``Relevant``
-    of the decision schema, ``Similarity`` of the semantic one). ``UserError`` when the schema has none."""
-    steps = schema.steps
-    if len(steps) < 2 or steps[-2].kind != "choice":
-        last = steps[-2].key if len(steps) > 1 else None
-        raise UserError(f"evidence: marginal reads the verdict over the values of the choice step right before it; "
-                        f"this schema has {last!r} there ({'a ' + steps[-2].kind + ' step' if last else 'no step'})")
-    return steps[-2]
 
 
 def marginal_judgements(
@@ -272,7 +324,7 @@ def marginal_judgements(
     The model writes its steps greedily (:func:`she.evaluation.generate.generate_judgements`, or ``judgements``
     already generated for ``records``). For each trace, with ``S`` the choice step right before the verdict
     (:func:`marginal_step`) and ``E`` the steps before it: ``P(S = v | E)`` is read at ``"S:"`` and, for every
-    value ``v``, ``P(label | E, S = v)`` at ``"S: v\nVerdict:"`` (forced, one forward pass a value), and
+    value ``v``, ``P(label | E, S = v)`` at ``"S: v\\nVerdict:"`` (forced, one forward pass a value), and
 
         P(label) = sum_v P(S = v | E) P(label | E, S = v)          (:func:`she.evaluation.calibration.marginalise`)
 
@@ -281,23 +333,19 @@ def marginal_judgements(
     deterministically, out of the offsets' reach. ``raw_label`` is the argmax of the marginal, ``label`` that with
     ``label_offsets`` (fitted in this mode); ``step_probs`` keeps ``P(S = v | E)``. A trace without a readable ``S``
     line keeps its generated verdict distribution and label (``step_probs`` None)."""
-    from she.evaluation.calibration import apply_offsets, marginalise
+    from she.evaluation.calibration import apply_offsets
     from she.evaluation.generate import generate_judgements
     from she.reasoning.prompts import build_messages
 
     job_schema = schema_for(schema, taxonomy)
-    step, verdict_key = marginal_step(job_schema), job_schema.label_step.key
-    labels = list(get_taxonomy(taxonomy).labels)
-    choices = list(step.choices)
-    step_ids, _ = check_prefixes(tokenizer, [f"{step.key}:"], choices)
-    label_ids, _ = check_prefixes(tokenizer, [f"{verdict_key}:"], labels)
+    step = marginal_step(job_schema)
     if judgements is None:
         judgements = generate_judgements(model, tokenizer, records, taxonomy=taxonomy, batch_size=batch_size,
                                          max_new_tokens=max_new_tokens, bf16=bf16, progress=progress,
                                          schema=schema, prompt_style=prompt_style)
     if len(judgements) != len(records):
         raise ValueError(f"{len(judgements)} judgements for {len(records)} records")
-    todo, texts = [], []  # the traces with an S line; prompt + steps up to and including "S:"
+    todo, stems = [], []  # the traces with an S line; prompt + steps up to and including "S:"
     for i, (r, j) in enumerate(zip(records, judgements)):
         line = j.parsed.step(step.name) if j.parsed is not None else None
         if line is None:
@@ -305,24 +353,16 @@ def marginal_judgements(
         prompt = tokenizer.apply_chat_template(build_messages(r, style=prompt_style, schema=schema_for(schema, r.taxonomy)),
                                                tokenize=False, add_generation_prompt=True)
         todo.append(i)
-        texts.append(prompt + j.text[: line.span[0]] + f"{step.key}:")
-    read = forced_choice_probs(model, tokenizer, texts, step_ids, batch_size=batch_size, bf16=bf16)
-    decision = {i: dict(zip(choices, p)) for i, (p, _) in zip(todo, read)}
-    branches: dict[int, dict[str, dict[str, float]]] = {i: {} for i in todo}
-    for v in choices:
-        read = forced_choice_probs(model, tokenizer, [f"{t} {v}\n{verdict_key}:" for t in texts], label_ids,
-                                   batch_size=batch_size, bf16=bf16)
-        for i, (p, _) in zip(todo, read):
-            branches[i][v] = dict(zip(labels, p))
+        stems.append(prompt + j.text[: line.span[0]] + f"{step.key}:")
+    reads = dict(zip(todo, marginal_reads(model, tokenizer, stems, job_schema, batch_size=batch_size, bf16=bf16)))
     out = []
     for i, j in enumerate(judgements):
-        if i not in decision:
+        if i not in reads:
             out.append(replace(j, label=apply_offsets(j.probs, j.raw_label, label_offsets)))
             continue
-        probs = marginalise(decision[i], branches[i])
-        raw = max(probs, key=lambda lab: probs[lab])  # first max wins on a tie
-        out.append(replace(j, label=apply_offsets(probs, raw, label_offsets), probs=probs, raw_label=raw,
-                           step_probs=decision[i]))
+        d, probs = reads[i]
+        raw = _argmax(probs)
+        out.append(replace(j, label=apply_offsets(probs, raw, label_offsets), probs=probs, raw_label=raw, step_probs=d))
     return out
 
 
@@ -364,4 +404,5 @@ class FastScorer:
 
 
 __all__ = ["FAST_BATCH_SIZE", "FAST_BF16", "FastJudgement", "FastScorer", "check_prefixes", "computed_evidence_judgements",
-           "fast_mode_is_exact", "fast_prefix", "forced_choice_probs", "marginal_judgements", "marginal_step", "prefix_label_tokens", "score_labels_fast"]
+           "fast_mode_is_exact", "fast_prefix", "forced_choice_probs", "marginal_judgements", "marginal_reads",
+           "marginal_step", "prefix_label_tokens", "score_labels_fast"]

@@ -681,7 +681,7 @@ def write_rationale(record: Record, schema: StepSchema | None = None, *, include
     return text
 
 
-def computed_evidence(record: Record, schema: StepSchema | None = None) -> str:
+def computed_evidence(record: Record, schema: StepSchema | None = None, stop_at: str | None = None) -> str:
     """The reasoning the rationale writer computes from the pair alone, up to the verdict key (``...\nVerdict:``).
 
     For a schema whose steps are label-free functions of the strings (``evidence``, ``semantic``) this is the
@@ -689,16 +689,29 @@ def computed_evidence(record: Record, schema: StepSchema | None = None) -> str:
     verdict (``evidence: computed`` in ``she eval`` / ``she predict``; docs/reasoning-format.md). The trace is
     written once per label of the taxonomy and must come out the same every time; a schema with a
     label-derived step (``Type``, ``Attributes``) is refused (``UserError``), so no label can leak in.
+    ``stop_at`` (a step name): the trace up to that step's key instead (``...\nRelevant:``), for a schema whose
+    label-derived step comes last and is read as a probability (:func:`she.evaluation.fast.marginal_judgements`).
     """
     schema = schema or default_schema(record.taxonomy)
     prefixes = set()
     for label in get_taxonomy(schema.taxonomy).labels:
         text = write_rationale(dataclasses.replace(record, label=label, taxonomy=schema.taxonomy), schema)
-        prefixes.add(verdict_prefix(text, parse_trace(text, schema).label_span[0])[0])
+        parsed = parse_trace(text, schema)
+        if stop_at is None:
+            prefixes.add(verdict_prefix(text, parsed.label_span[0])[0])
+        else:
+            line = parsed.step(stop_at)
+            if line is None:
+                raise UserError(f"schema has no step {stop_at!r} to stop at")
+            prefixes.add(text[: line.span[0]] + f"{line.key}:")
     if len(prefixes) != 1:
-        keys = ", ".join(s.key for s in schema.steps if s.kind != "label")
+        steps = [s for s in schema.steps if s.kind != "label"]
+        if stop_at is not None:
+            steps = steps[: [s.name for s in steps].index(stop_at)]
+        keys = ", ".join(s.key for s in steps)
         raise UserError(f"record {record.id}: the steps of this schema ({keys}) depend on the label, so they cannot be "
-                        "computed from the pair; computed evidence needs a label-free schema (evidence, semantic)")
+                        "computed from the pair; computed evidence needs a label-free schema (evidence, semantic) "
+                        "or one whose only label-derived step is a choice right before the verdict (decision)")
     return prefixes.pop()
 
 
