@@ -674,3 +674,43 @@ def test_finished_jobs_lose_their_checkpoints_unless_kept(tmp_path, monkeypatch,
                         else ["checkpoint-notes", "final"])
         assert (out / job / "final" / "config.json").exists()
     assert unfinished.is_dir()
+
+
+def test_eval_evidence_reads_every_generative_row_that_way_in_its_own_folder(tmp_path, tiny_model_dir, monkeypatch):
+    """``eval.evidence: marginal``: a row is evaluated and calibrated with that read-out (the evaluate and
+    judge_records calls say so) into ``<row>/eval_marginal``, next to the generated reading's ``<row>/eval``."""
+    import she.evaluation.evaluate as ev
+    from she.data.schema import Product, Record
+    from she.evaluation.generate import Judgement
+    from she.recipes.compare.run import CompareRun
+
+    with pytest.raises(ConfigError, match=r"compare-tiny.yaml.eval.evidence: 'oracle'; use one of"):
+        load_compare_config(CONFIG, {"eval.evidence": "oracle"})
+    labels = ["Irrelevant", "Partial", "Exact"]
+    recs = [Record(id=f"t{i}", query="q", product=Product(title="t"), label=lab) for i, lab in enumerate(labels)]
+    calls = []
+
+    def fake_evaluate(model, records, out_dir, *, evidence="generated", **kw):
+        calls.append(("evaluate", evidence, Path(out_dir).name))
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "metrics.json").write_text("{}")
+        (Path(out_dir) / "predictions.jsonl").write_text("".join(
+            json.dumps({"id": r.id, "label": "Exact", "probs": {"Irrelevant": 0.3, "Partial": 0.3, "Exact": 0.4}})
+            + "\n" for r in records))
+
+    def fake_judge(model, tok, records, *, evidence="generated", **kw):
+        calls.append(("judge_records", evidence))
+        return [Judgement(r.id, "", "Exact", {"Irrelevant": 0.4, "Partial": 0.2, "Exact": 0.4}, True, None, 0,
+                          raw_label="Exact") for r in records]
+
+    monkeypatch.setattr(ev, "evaluate", fake_evaluate)
+    monkeypatch.setattr(ev, "judge_records", fake_judge)
+    monkeypatch.setattr("she.models.registry.load_model_and_tokenizer", lambda path: (None, None))
+    for mode, folder in (("generated", "eval"), ("marginal", "eval_marginal")):
+        cfg = load_compare_config(CONFIG, {"output_dir": str(tmp_path), "eval.evidence": mode, "eval.calibrate": True})
+        run = CompareRun(cfg=cfg, out=tmp_path, rows=["sft"], train=[], evals=recs, labels=labels,
+                         state={"evals": {}}, command="pytest", same_as={}, calib=recs)
+        got, _ = run.predictions("sft", tiny_model_dir)
+        offsets = run.calibration("sft", tiny_model_dir)
+        assert got == tmp_path / "sft" / folder and (got / "calibration.json").exists() and offsets is not None
+        assert calls[-2:] == [("evaluate", mode, folder), ("judge_records", mode)]

@@ -34,6 +34,10 @@ class CompareEvalConfig:
     # log-probabilities on `calibration_max` validation pairs and report Macro F1 with them next to without
     calibrate: bool = False
     calibration_max: int = 300
+    # how a generative row's verdict is read (docs/reasoning-format.md): generated (the greedy trace's label
+    # probabilities) | marginal (averaged over the values of the step before the verdict) | computed (the label-free
+    # steps forced). Other modes evaluate into <row>/eval_<mode>, so one compare can be read several ways.
+    evidence: str = "generated"
 
 
 @dataclass

@@ -31,6 +31,7 @@ from she.config import (
 )
 from she.data.schema import Record
 from she.errors import UserError
+from she.models.metadata import EVIDENCE_MODES
 from she.recipes.compare.config import (
     CE_FIXED,
     CURRICULUM_FIXED,
@@ -83,6 +84,8 @@ def check_compare_config(cfg: CompareConfig, where: str = "config") -> None:
         raise ConfigError(f"{where}.budget: {cfg.budget!r}; use one of {list(BUDGETS)}")
     if cfg.eval.split not in ("train", "validation", "test"):
         raise ConfigError(f"{where}.eval.split: {cfg.eval.split!r}; use train, validation or test")
+    if cfg.eval.evidence not in EVIDENCE_MODES:
+        raise ConfigError(f"{where}.eval.evidence: {cfg.eval.evidence!r}; use one of {list(EVIDENCE_MODES)}")
     if cfg.bootstrap.n < 1 or not 0 < cfg.bootstrap.alpha < 1:
         raise ConfigError(f"{where}.bootstrap: need n >= 1 and 0 < alpha < 1")
     if cfg.checkpoint_eval_max < 1:

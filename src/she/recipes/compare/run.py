@@ -503,7 +503,7 @@ class CompareRun:
 
         if row in self.same_as:
             return self.predictions(self.same_as[row], model)
-        ev = self.out / row / "eval"
+        ev = self.eval_dir(row)
         mpath = ev / "metrics.json"
         if not mpath.exists():
             t = time.perf_counter()
@@ -516,7 +516,8 @@ class CompareRun:
 
                 evaluate(str(model), self.evals, ev, taxonomy=self.cfg.data.taxonomy, batch_size=ecfg.batch_size,
                          max_new_tokens=ecfg.max_new_tokens, bf16=ecfg.bf16, title=f"she compare: {row}",
-                         progress=False, calibrated=False)  # the row's own labels; calibration is reported apart
+                         progress=False, calibrated=False,  # the row's own labels; calibration is reported apart
+                         evidence=ecfg.evidence)
                 preds = None
             if preds is not None:
                 m = classification_report([r.label for r in self.evals], [p["label"] for p in preds], self.labels)
@@ -528,6 +529,11 @@ class CompareRun:
             _release(f"{row} evaluation")
         return ev, _read_json(mpath)
 
+    def eval_dir(self, row: str) -> Path:
+        """``<row>/eval``, or ``<row>/eval_<mode>`` for a verdict read another way (``eval.evidence``)."""
+        mode = self.cfg.eval.evidence
+        return self.out / row / ("eval" if mode == "generated" else f"eval_{mode}")
+
     def calibration(self, row: str, model: Path | None) -> dict[str, float] | None:
         """Per-class verdict offsets of a generative row fitted on the validation pairs (``eval.calibrate``),
         cached in ``<row>/eval/calibration.json``; None for rows that generate nothing or when off."""
@@ -537,21 +543,20 @@ class CompareRun:
             return None
         if row in self.same_as:
             return self.calibration(self.same_as[row], model)
-        path = self.out / row / "eval" / "calibration.json"
+        path = self.eval_dir(row) / "calibration.json"
         if not path.exists():
             from she.evaluation.calibration import fit_label_offsets
-            from she.evaluation.generate import generate_judgements
+            from she.evaluation.evaluate import judge_records
             from she.models.metadata import model_step_schema, prompt_style_of
             from she.models.registry import load_model_and_tokenizer
 
             t = time.perf_counter()
             ecfg = self.cfg.eval
             lm, tok = load_model_and_tokenizer(str(model))
-            js = generate_judgements(lm, tok, self.calib, taxonomy=self.cfg.data.taxonomy, batch_size=ecfg.batch_size,
-                                     max_new_tokens=ecfg.max_new_tokens, bf16=ecfg.bf16, progress=False,
-                                     prompt_style=prompt_style_of(str(model)),
-                                     schema=model_step_schema(str(model), self.cfg.data.taxonomy,
-                                                              compare_schema(self.cfg)))
+            js = judge_records(lm, tok, self.calib, evidence=ecfg.evidence, taxonomy=self.cfg.data.taxonomy,
+                               batch_size=ecfg.batch_size, max_new_tokens=ecfg.max_new_tokens, bf16=ecfg.bf16,
+                               progress=False, prompt_style=prompt_style_of(str(model)),
+                               schema=model_step_schema(str(model), self.cfg.data.taxonomy, compare_schema(self.cfg)))
             offsets = fit_label_offsets([j.probs for j in js], [j.raw_label for j in js],
                                         [r.label for r in self.calib], self.labels)
             atomic_write_lines(path, [json.dumps({"label_offsets": offsets, "n": len(self.calib),
