@@ -126,6 +126,10 @@ def _right_pad(batch: Sequence[Sequence[int]], pad_id: int):
     return ids, mask, last
 
 
+def _argmax(probs: dict[str, float]) -> str:
+    return max(probs, key=lambda lab: probs[lab])  # the first maximum wins on a tie
+
+
 @torch.no_grad()
 def score_labels_fast(
     model,
@@ -163,8 +167,7 @@ def score_labels_fast(
     for r, (p, mass) in zip(records, forced_choice_probs(model, tokenizer, texts, label_ids, batch_size=batch_size,
                                                          bf16=bf16)):
         probs = dict(zip(labels, p))
-        label = max(labels, key=lambda lab: probs[lab])  # first max wins on a tie
-        out.append(FastJudgement(r.id, "", label, probs, True, None, 0, label_mass=mass))
+        out.append(FastJudgement(r.id, "", _argmax(probs), probs, True, None, 0, label_mass=mass))
     return out
 
 
@@ -195,9 +198,9 @@ def forced_choice_probs(model, tokenizer, texts: Sequence[str], choice_ids: Sequ
             with autocast(bf16, device):
                 logits = selected_logits(model, ids.to(device), mask.to(device), rows.to(device), last.to(device),
                                          head_fp32=True)
-            picked = logits.float()[:, ids_t.to(logits.device)]
-            mass = torch.softmax(logits.float(), dim=-1)[:, ids_t.to(logits.device)].sum(dim=-1).tolist()
-            probs = torch.softmax(picked, dim=-1).tolist()
+            logits, cols = logits.float(), ids_t.to(logits.device)
+            mass = torch.softmax(logits, dim=-1)[:, cols].sum(dim=-1).tolist()
+            probs = torch.softmax(logits[:, cols], dim=-1).tolist()
             for row, i in enumerate(idx):
                 out[i] = (probs[row], float(mass[row]))
     finally:
@@ -237,10 +240,6 @@ def marginal_reads(model, tokenizer, stems: Sequence[str], schema: StepSchema, *
         for b, (p, _) in zip(branches, read):
             b[v] = dict(zip(labels, p))
     return [(d, marginalise(d, b)) for d, b in zip(decision, branches)]
-
-
-def _argmax(probs: dict[str, float]) -> str:
-    return max(probs, key=lambda lab: probs[lab])  # the first maximum wins on a tie
 
 
 def computed_evidence_judgements(
