@@ -546,7 +546,8 @@ class RLJobConfig(ConfigBase):
     # the advantage estimator (docs/srpo.md): srpo_gated (outcome-gated, penalty-only step credit) |
     # srpo_gated_min (the same, PURE min-form) | srpo_gated_balanced (penalties paid back: zero-sum) | srpo_centered (group-centred per step type) |
     # srpo_centered_pooled (centred over all step types: the first SRPO) | srpo_decoupled (step tokens get only their
-    # step's centred reward, the other tokens only the outcome) | grpo. None: srpo_gated, or grpo
+    # step's centred reward, the other tokens only the outcome) | srpo_likelihood (a decision step credited by the
+    # gradient of log P(gold value), both signs, every rollout) | grpo. None: srpo_gated, or grpo
     # when step_rewards is false.
     advantage: str | None = None
     alpha: float = 1.0  # weight of the step advantage next to the outcome advantage
@@ -557,6 +558,13 @@ class RLJobConfig(ConfigBase):
     incorrect_below: float = 0.5  # gated: a step score below this is a (partial) flaw
     reward_steps: list[str] | None = None  # step keys that may earn a step reward (null: all), e.g. [Missing, Numbers, Head]
     graded_sets: bool = False  # Missing/Numbers score the overlap of said and true items instead of exact 0/1 (docs/srpo.md)
+    # srpo_likelihood (docs/srpo.md, "Likelihood credit"): the choice steps credited by the exact gradient of the
+    # policy's log P(gold value) (null: the decision schema's Relevant); logprob | prob; the cap on a wrong sample's
+    # |credit|; decouple: those tokens get the credit only (false: the outcome advantage too)
+    likelihood_steps: list[str] | None = None
+    likelihood_objective: Literal["logprob", "prob"] = "logprob"
+    likelihood_clip: float = 4.0
+    likelihood_decouple: bool = True
     # class-aware outcome: weights on the normalised outcome advantage by gold class (every estimator, GRPO too):
     # null (none) | balanced (inverse frequency in the RL training records) | {Exact: 1.0, Partial: 1.5, ...}
     class_weights: str | dict[str, float] | None = None

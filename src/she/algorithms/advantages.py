@@ -97,7 +97,8 @@ alpha = 0 both are GRPO exactly.
 advantage *after* normalisation (before it, a constant weight per prompt would cancel). Every estimator
 has the signature ``fn(inputs: AdvantageInputs, opts: AdvantageOptions) -> Tensor [B, T]`` and is picked
 by name from :data:`ESTIMATORS` (as verl's ``core_algos``): ``grpo``, ``srpo_centered``,
-``srpo_centered_pooled``, ``srpo_gated``, ``srpo_gated_min``, ``srpo_gated_balanced``, ``srpo_decoupled``.
+``srpo_centered_pooled``, ``srpo_gated``, ``srpo_gated_min``, ``srpo_gated_balanced``, ``srpo_decoupled``,
+``srpo_likelihood``.
 
 7. Zero-sum gated credit (``srpo_gated_balanced``)
 -------------------------------------------------
@@ -129,6 +130,27 @@ mass drifts towards the modal path, and a step every rollout gets right has adva
 through the verdict: a step's credit never reaches another token. (This breaks the gated rule "no positive token
 in a wrong-verdict rollout" on purpose: the evidence steps are label-free facts of the pair, right or wrong
 whatever the verdict.) With alpha = 0 the step tokens get 0: the verdict is trained by GRPO alone.
+
+9. Likelihood credit on a decision step (``srpo_likelihood``)
+------------------------------------------------------------
+Every estimator above credits the *sampled* value of a step: right or wrong, after the fact. For a decision step
+whose gold value is known (the decision schema's ``Relevant: yes|no``, checked against the gold label) the policy's
+own probability of the gold value, p = P(S = g | prompt, the steps before S), read teacher-forced at the step's
+value position, gives more: for a binary choice the sampled value's credit can be chosen so that the policy
+gradient on that token is *exactly* the gradient of log p (or of p) -- in every rollout, not only in expectation:
+
+    logprob:  c = 1                 if the sampled value is g,    c = -min((1 - p) / p, clip)   otherwise
+    prob:     c = p                 if the sampled value is g,    c = -(1 - p)                    otherwise
+
+(with two values and softmax logits z: grad log pi(g) = (1 - p) grad(z_g - z_o) and grad log pi(o) = -p grad(z_g - z_o),
+so c(g) grad log pi(g) = c(o) grad log pi(o) = grad log p for the two c above; ``prob`` multiplies both by p).
+``clip`` bounds the one large value, a wrong sample where p was small (at clip 4: p < 0.2 is followed at a
+reduced rate). The credit has both signs and needs no group baseline; an all-wrong group still sharpens p; a
+rollout cannot farm it (it is the gold value's probability, whatever else the rollout writes). Tokens of such a
+step get ``alpha * c`` (plus the outcome advantage unless ``decouple``); every other token GRPO's outcome
+advantage -- other step rewards are not used. ``step_gold_prob`` [B, S] carries p per rewarded step, NaN where a
+step has no likelihood credit; right/wrong is the step reward (q >= incorrect_below). With alpha = 0 and
+``decouple=False`` this is GRPO exactly.
 """
 
 from __future__ import annotations
@@ -522,6 +544,56 @@ def decoupled_advantages(
     return torch.where(token_step >= 0, alpha * step_adv, out) * completion_mask.float()
 
 
+LIKELIHOOD_OBJECTIVES = ("logprob", "prob")
+
+
+def likelihood_step_credit(right: Tensor, p_gold: Tensor, objective: str = "logprob", clip: float = 4.0) -> Tensor:
+    """Credit c [B, S] of each step whose gold-value probability ``p_gold`` is known (module docstring, section 9):
+    the value that makes ``c * grad log pi(sampled)`` equal to ``grad log p`` (``logprob``, the wrong side capped at
+    ``clip``) or ``grad p`` (``prob``) for a two-valued step. ``right`` [B, S] bool: the sampled value is the gold
+    one. NaN in ``p_gold`` (no likelihood credit for that step) gives 0."""
+    if objective not in LIKELIHOOD_OBJECTIVES:
+        raise UserError(f"likelihood_objective must be one of {LIKELIHOOD_OBJECTIVES}, got {objective!r}")
+    if clip <= 0:
+        raise UserError(f"likelihood_clip must be > 0, got {clip}")
+    known = torch.isfinite(p_gold)
+    p = torch.where(known, p_gold.float(), torch.ones_like(p_gold, dtype=torch.float32)).clamp(1e-6, 1.0)
+    if ((p_gold[known] < 0) | (p_gold[known] > 1)).any():
+        raise ValueError("step_gold_prob must be a probability (or NaN)")
+    if objective == "logprob":
+        c = torch.where(right.bool(), torch.ones_like(p), -((1.0 - p) / p).clamp(max=clip))
+    else:
+        c = torch.where(right.bool(), p, -(1.0 - p))
+    return torch.where(known, c, torch.zeros_like(c))
+
+
+def likelihood_advantages(
+    outcome_adv: Tensor,
+    credit: Tensor,
+    credited: Tensor,
+    step_mask: Tensor,
+    token_step: Tensor,
+    completion_mask: Tensor,
+    alpha: float = 1.0,
+    decouple: bool = True,
+) -> Tensor:
+    """``srpo_likelihood``'s advantage [B, T] (section 9): tokens of a ``credited`` [B, S] step (a subset of
+    ``step_mask``) get ``alpha * credit`` (plus ``outcome_adv`` [B] unless ``decouple``), every other completion
+    token ``outcome_adv``."""
+    _check_same_shape(credit, credited, "credit", "credited")
+    _check_same_shape(credited, step_mask, "credited", "step_mask")
+    _check_token_step(token_step, step_mask.bool())
+    mask = completion_mask.float()
+    out = outcome_adv.float()[:, None].expand_as(mask)
+    if credit.shape[1] == 0:
+        return out * mask
+    idx = token_step.clamp(min=0).long()
+    in_credited = (token_step >= 0) & credited.bool().gather(1, idx)
+    c_t = alpha * credit.float().gather(1, idx)
+    adv = torch.where(in_credited, c_t if decouple else out + c_t, out)
+    return adv * mask
+
+
 # ---------------------------------------------------------------- the estimator registry
 
 
@@ -538,6 +610,7 @@ class AdvantageInputs:
     outcome_correct: Tensor | None = None  # [B] bool; None = outcome_rewards >= 1
     step_type: Tensor | None = None  # [B, S] long: schema step id, for per-type normalisation
     outcome_weight: Tensor | None = None  # [B] per-row weight on the normalised outcome advantage
+    step_gold_prob: Tensor | None = None  # [B, S] P(gold value | prefix) of likelihood steps, NaN elsewhere
 
 
 @dataclass(frozen=True)
@@ -553,6 +626,9 @@ class AdvantageOptions:
     first_error_weight: float = 2.0  # gated estimators
     flawed_share: float = 0.5
     incorrect_below: float = 0.5
+    likelihood_objective: str = "logprob"  # srpo_likelihood: logprob | prob
+    likelihood_clip: float = 4.0  # srpo_likelihood (logprob): cap on a wrong sample's |credit|
+    likelihood_decouple: bool = True  # srpo_likelihood: credited tokens get the credit only, not the outcome too
 
 
 Estimator = Callable[[AdvantageInputs, AdvantageOptions], Tensor]
@@ -644,6 +720,24 @@ def srpo_decoupled_estimator(x: AdvantageInputs, o: AdvantageOptions) -> Tensor:
                             batch_scale=o.batch_scale)
     return decoupled_advantages(adv, x.step_rewards, x.step_mask, x.token_step, x.completion_mask, x.group_size,
                                 alpha=o.alpha, eps=o.eps, scale=o.scale, step_type=x.step_type)
+
+
+@register_estimator("srpo_likelihood")
+def srpo_likelihood_estimator(x: AdvantageInputs, o: AdvantageOptions) -> Tensor:
+    """Steps with a known gold value credited by the exact gradient of log P(gold value), both signs, every rollout;
+    the other tokens by the outcome (section 9)."""
+    if x.step_gold_prob is None:
+        raise UserError("advantage 'srpo_likelihood' needs the policy's P(gold value) of its likelihood steps "
+                        "(step_gold_prob); set likelihood_steps")
+    _check_same_shape(x.step_gold_prob, x.step_rewards, "step_gold_prob", "step_rewards")
+    adv = outcome_advantage(x.outcome_rewards, x.group_size, x.outcome_weight, eps=o.eps, scale=o.scale,
+                            batch_scale=o.batch_scale)
+    credited = x.step_mask.bool() & torch.isfinite(x.step_gold_prob)
+    right = x.step_rewards >= o.incorrect_below
+    credit = likelihood_step_credit(right, torch.where(credited, x.step_gold_prob, torch.nan), o.likelihood_objective,
+                                    o.likelihood_clip)
+    return likelihood_advantages(adv, credit, credited, x.step_mask, x.token_step, x.completion_mask, alpha=o.alpha,
+                                 decouple=o.likelihood_decouple)
 
 
 def compute_advantages(name: str, inputs: AdvantageInputs, options: AdvantageOptions | None = None) -> Tensor:

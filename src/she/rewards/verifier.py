@@ -137,6 +137,26 @@ def _verify_relevant(step, record: Record) -> StepVerdict:
     return StepVerdict(step.key, CORRECT if said == truth else INCORRECT, f"label {record.label}: relevant {truth}")
 
 
+def choice_truth(key: str, record: Record) -> str | None:
+    """The gold value of a choice step the verifier decides exactly, or None: ``Relevant`` from the gold label (None
+    without one), ``Type`` from an annotated ``type_relation`` fact (the label alone does not fix it), ``Similarity``
+    computed from the pair; any other step None. What ``srpo_likelihood`` reads the policy's probability of
+    (docs/srpo.md, "Likelihood credit")."""
+    if key == "Type":
+        return record.facts.type_relation
+    if key == "Relevant":
+        if record.label is None:
+            return None
+        from she.reasoning.rationale import relevant_choice
+
+        return relevant_choice(record.label, record.taxonomy)
+    if key == "Similarity":
+        from she.reasoning.similarity import similarity_bucket
+
+        return similarity_bucket(record)
+    return None
+
+
 def _verify_coverage(step, record: Record) -> StepVerdict:
     """``Missing``: the named query words (by stem) must be exactly those the product text lacks."""
     from she.reasoning.rationale import missing_query_words, parse_coverage, _stem

@@ -27,11 +27,25 @@ from typing import Any
 import torch
 
 from she.data.schema import Record
+from she.errors import UserError
 from she.evaluation.generate import label_first_tokens
 from she.models.heads import capture_head_inputs, head_logits_fp32, plain_head
 from she.models.metadata import autocast
 from she.reasoning.parse import parse_trace, verdict_prefix
 from she.reasoning.schema import StepSchema
+
+
+def chat_prompt_ids(tokenizer: Any, prompts: list) -> list[list[int]]:
+    """Chat messages through the tokenizer's template (as TRL renders conversational prompts); plain text prompts
+    as TRL tokenizes them (the tokenizer's special tokens included)."""
+    out = []
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            out.append(tokenizer(prompt)["input_ids"])
+        else:
+            text = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+            out.append(tokenizer.encode(text, add_special_tokens=False))
+    return out
 
 
 def gold_log_probabilities(last_logits: torch.Tensor, label_ids: torch.Tensor, gold_index: torch.Tensor) -> torch.Tensor:
@@ -64,7 +78,7 @@ class GoldLabelProbability:
         if log_floor is not None and log_floor <= 0:
             raise ValueError(f"log_floor must be > 0, got {log_floor}")
         self.log_floor = log_floor
-        self.tokenize_prompts = tokenize_prompts or self._chat_prompt_ids  # SRPOTrainer passes TRL's own
+        self.tokenize_prompts = tokenize_prompts or (lambda p: chat_prompt_ids(tokenizer, p))  # SRPOTrainer: TRL's own
         self.model_getter = model_getter
         self.tokenizer = tokenizer
         self.schema = schema
@@ -108,41 +122,95 @@ class GoldLabelProbability:
         """Drop the memo: call it once the batch is scored, before the weights change."""
         self._memo = {}
 
-    def _chat_prompt_ids(self, prompts: list) -> list[list[int]]:
-        """Chat messages through the tokenizer's template (as TRL renders conversational prompts); plain text
-        prompts as TRL tokenizes them (the tokenizer's special tokens included)."""
-        out = []
-        for prompt in prompts:
-            if isinstance(prompt, str):
-                out.append(self.tokenizer(prompt)["input_ids"])
-            else:
-                text = self.tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
-                out.append(self.tokenizer.encode(text, add_special_tokens=False))
-        return out
-
-    @torch.no_grad()
     def _forward(self, chunk: list[tuple[list[int], bool, int]]) -> list[float]:
-        model = self.model_getter()
-        device = next(model.parameters()).device
-        width = max(len(ids) for ids, _, _ in chunk)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids, _, _ in chunk], device=device)
-        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _, _ in chunk], device=device)
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)  # left padding: positions as generate() gives them
-        label_ids = torch.tensor([self.first_tokens[spaced] for _, spaced, _ in chunk], device=device)
-        gold = torch.tensor([g for _, _, g in chunk], device=device)
-        was_training = model.training
-        model.eval()
-        try:
-            with autocast(self.bf16, device), capture_head_inputs(model) as hidden:
-                logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                               logits_to_keep=1, use_cache=False).logits[:, -1, :]
-            if hidden:  # the label logits in float32 (she.models.heads: bf16 rounds them to 1/16 nat)
-                logits = head_logits_fp32(plain_head(model), hidden[-1])
-        finally:
-            model.train(was_training)
-        log_p = gold_log_probabilities(logits, label_ids, gold)
+        rows = [(ids, self.first_tokens[spaced], gold) for ids, spaced, gold in chunk]
+        log_p = choice_log_probs(self.model_getter(), self.tokenizer, rows, bf16=self.bf16)
         return (log_p.exp() if self.log_floor is None else log_floor_reward(log_p, self.log_floor)).tolist()
 
 
-__all__ = ["GoldLabelProbability", "gold_log_probabilities", "log_floor_reward"]
+@torch.no_grad()
+def choice_log_probs(model: Any, tokenizer: Any, rows: Sequence[tuple[list[int], list[int], int]], *,
+                     bf16: bool = True) -> torch.Tensor:
+    """log P(gold choice) [N] after each row's input ids: ``rows`` are (input ids, the choices' first token ids,
+    the gold choice's index); one left-padded forward pass (no gradient, eval mode), the head in float32."""
+    device = next(model.parameters()).device
+    width = max(len(ids) for ids, _, _ in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids, _, _ in rows], device=device)
+    attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _, _ in rows], device=device)
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)  # left padding: positions as generate() gives them
+    label_ids = torch.tensor([c for _, c, _ in rows], device=device)
+    gold = torch.tensor([g for _, _, g in rows], device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast(bf16, device), capture_head_inputs(model) as hidden:
+            logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                           logits_to_keep=1, use_cache=False).logits[:, -1, :]
+        if hidden:  # the label logits in float32 (she.models.heads: bf16 rounds them to 1/16 nat)
+            logits = head_logits_fp32(plain_head(model), hidden[-1])
+    finally:
+        model.train(was_training)
+    return gold_log_probabilities(logits, label_ids, gold)
+
+
+class GoldStepProbability:
+    """P(gold value of a choice step | prompt, the completion before the value) for ``srpo_likelihood``
+    (docs/srpo.md, "Likelihood credit"), read from the policy at call time, teacher-forced, no gradient.
+
+    ``steps``: the choice steps to read (e.g. ``["Relevant"]``), each with a gold value
+    (:func:`she.rewards.verifier.choice_truth`). A step is read at ``<text before its line>Key:``, over the first
+    tokens of its choices with a leading space (as the policy writes ``Relevant: yes``); a line that does not start
+    with ``Key:`` or names no known choice, or a record without a gold value, is not read (None).
+    """
+
+    def __init__(self, model_getter: Callable[[], Any], tokenizer: Any, schema: StepSchema, steps: Sequence[str], *,
+                 bf16: bool = True, batch_size: int = 16,
+                 tokenize_prompts: Callable[[list], list[list[int]]] | None = None) -> None:
+        by_key = {s.key: s for s in schema.steps}
+        self.choices: dict[str, list[str]] = {}
+        self.first_tokens: dict[str, list[int]] = {}
+        for key in steps:
+            spec = by_key.get(key)
+            if spec is None or spec.kind != "choice":
+                raise UserError(f"likelihood step {key!r} is not a choice step of the schema "
+                                f"(its choice steps: {[s.key for s in schema.steps if s.kind == 'choice']})")
+            first = label_first_tokens(tokenizer, list(spec.choices))
+            if first is None:
+                raise UserError(f"two values of {key!r} {list(spec.choices)} share their first token")
+            self.choices[key], self.first_tokens[key] = list(spec.choices), first[True]
+        self.model_getter = model_getter
+        self.tokenizer = tokenizer
+        self.bf16 = bf16
+        self.batch_size = batch_size
+        self.tokenize_prompts = tokenize_prompts or (lambda p: chat_prompt_ids(tokenizer, p))
+
+    def score(self, prompts: Sequence[Any], texts: Sequence[str], records: Sequence[Record],
+              parsed: Sequence[Any]) -> list[dict[int, float]]:
+        """Per rollout, ``{index into parsed.steps: P(gold value)}`` for each readable likelihood step."""
+        from she.rewards.verifier import choice_truth
+
+        todo: list[tuple[list[int], list[int], int]] = []
+        where: list[tuple[int, int]] = []
+        prompt_ids = self.tokenize_prompts(list(prompts))
+        for i, (ids, text, rec, p) in enumerate(zip(prompt_ids, texts, records, parsed)):
+            for k, step in enumerate(p.steps):
+                if step.key not in self.choices or not step.text.startswith(f"{step.key}:"):
+                    continue
+                truth = choice_truth(step.key, rec)
+                if truth not in self.choices[step.key] or step.conclusion not in self.choices[step.key]:
+                    continue
+                prefix = text[: step.span[0]] + f"{step.key}:"
+                todo.append((list(ids) + self.tokenizer.encode(prefix, add_special_tokens=False),
+                             self.first_tokens[step.key], self.choices[step.key].index(truth)))
+                where.append((i, k))
+        out: list[dict[int, float]] = [{} for _ in texts]
+        for start in range(0, len(todo), self.batch_size):
+            chunk = todo[start : start + self.batch_size]
+            log_p = choice_log_probs(self.model_getter(), self.tokenizer, chunk, bf16=self.bf16)
+            for (i, k), v in zip(where[start : start + self.batch_size], log_p.exp().tolist()):
+                out[i][k] = v
+        return out
+
+
+__all__ = ["GoldLabelProbability", "GoldStepProbability", "choice_log_probs", "gold_log_probabilities", "log_floor_reward"]

@@ -126,7 +126,8 @@ def run_examiner_check(cfg: RLJobConfig, examiner, records: list[Record], schema
     if cfg.examiner_check not in ("error", "warn", "off"):
         raise UserError(f"examiner_check must be error, warn or off, got {cfg.examiner_check!r}")
     advantage = resolved_advantage(cfg)
-    if cfg.examiner_check == "off" or advantage == "grpo" or not records:
+    # srpo_likelihood pays no examiner score: it credits P(gold value), which no constant answer can raise
+    if cfg.examiner_check == "off" or advantage in ("grpo", "srpo_likelihood") or not records:
         return None
     sample = list(records)
     random.Random(cfg.seed).shuffle(sample)
@@ -216,7 +217,8 @@ def run_rl_job(cfg: RLJobConfig, train: list[Record], callbacks: list | None = N
         step_rewards=cfg.step_rewards, advantage=resolved_advantage(cfg), alpha=cfg.alpha, credit_mode=cfg.credit_mode,
         critical=cfg.critical, first_error_weight=cfg.first_error_weight, flawed_share=cfg.flawed_share,
         incorrect_below=cfg.incorrect_below, class_weights=class_weights, reward_steps=cfg.reward_steps,
-        outcome=cfg.outcome,
+        outcome=cfg.outcome, likelihood_steps=cfg.likelihood_steps, likelihood_objective=cfg.likelihood_objective,
+        likelihood_clip=cfg.likelihood_clip, likelihood_decouple=cfg.likelihood_decouple,
         taxonomy=cfg.data.taxonomy, schema=schema, partial_credit=cfg.partial_credit, format_weight=cfg.format_weight,
         callbacks=[ManifestCallback(), *(callbacks or []), *filter(None, [heap_trim_callback(cfg.heap_trim_steps)])],
         max_bad_steps=cfg.max_bad_steps,

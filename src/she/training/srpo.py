@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -68,7 +69,7 @@ from she.rewards.hybrid import (
     format_reward,
     outcome_reward,
 )
-from she.training.gold_prob import GoldLabelProbability
+from she.training.gold_prob import GoldLabelProbability, GoldStepProbability
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ RECORD_ID_COLUMN = "record_id"
 RECORD_JSON_COLUMN = "record"
 OUTCOME_REWARD_NAME = "outcome"
 OUTCOMES = ("label", "gold_prob", "gold_logprob")  # the outcome reward (SRPOTrainer ``outcome``)
+LIKELIHOOD_DEFAULTS = ("Relevant", "Type")  # srpo_likelihood's default step: the first of these in the schema
 GOLD_LOG_FLOOR = 20.0  # gold_logprob: log P(gold) at or below -20 (P ~ 2e-9) scores 0
 
 
@@ -192,11 +194,18 @@ class RolloutScore:
     step_sources: list[str]
     token_step: list[int] | None = None
     truncated: bool = False
+    step_gold: list[float | None] | None = None  # per examined step: P(gold value) (srpo_likelihood), else None
 
     @property
     def rewards(self) -> list[float]:
         """Step rewards of the rewarded steps, in text order (what ``token_step`` indexes)."""
         return [s for s in self.step_scores if s is not None]
+
+    @property
+    def gold_probs(self) -> list[float]:
+        """P(gold value) of the rewarded steps (parallel to :attr:`rewards`), NaN where a step has none."""
+        gold = self.step_gold or [None] * len(self.step_scores)
+        return [math.nan if g is None else g for g, s in zip(gold, self.step_scores) if s is not None]
 
     @property
     def reward_keys(self) -> list[str]:
@@ -376,6 +385,17 @@ def collapse_metrics(rows: Sequence[RolloutScore], labels: Sequence[str], group_
     return out
 
 
+def likelihood_metrics(rows: Sequence[RolloutScore]) -> dict[str, float]:
+    """``srpo/gold_step_prob``: the policy's mean P(gold value) over the likelihood steps read in the batch (what
+    ``srpo_likelihood`` sharpens; it should rise), and ``srpo/gold_step_read``: the share of rollouts with one."""
+    values = [g for r in rows for g in (r.step_gold or []) if g is not None]
+    read = sum(any(g is not None for g in (r.step_gold or [])) for r in rows)
+    out = {"srpo/gold_step_read": read / max(len(rows), 1)}
+    if values:
+        out["srpo/gold_step_prob"] = sum(values) / len(values)
+    return out
+
+
 def advantage_metrics(adv: Tensor, outcome_part: Tensor, mask: Tensor, correct: Tensor) -> dict[str, float]:
     """How the advantage of a batch is made up (pure; [B, T] tensors, ``correct`` [B] bool).
 
@@ -440,6 +460,7 @@ class SRPOBatch:
     step_rewards: list[list[float]] = field(default_factory=list)  # global, ragged
     step_keys: list[list[str]] = field(default_factory=list)  # global, ragged: the key of each rewarded step
     golds: list[str] = field(default_factory=list)  # global: each row's gold label
+    step_gold_probs: list[list[float]] = field(default_factory=list)  # global, ragged: P(gold value), NaN: none
     token_step: Tensor | None = None  # [B_local, T]
     trl_advantages: Tensor | None = None  # [B_local], TRL's own
     advantages: Tensor | None = None  # [B_local, T], what the loss uses
@@ -513,6 +534,10 @@ class SRPOTrainer(GRPOTrainer):
         reward_steps: Sequence[str] | None = None,
         outcome: str = "label",
         reward_model: Any | None = None,
+        likelihood_steps: Sequence[str] | None = None,
+        likelihood_objective: str = "logprob",
+        likelihood_clip: float = 4.0,
+        likelihood_decouple: bool = True,
         max_bad_steps: int = 5,
         dump_advantages_dir: str | Path | None = None,
         **grpo_kwargs: Any,
@@ -558,6 +583,10 @@ class SRPOTrainer(GRPOTrainer):
                             "format_weight do not apply (turn them off)")
         self.outcome = outcome
         self.gold_prob: GoldLabelProbability | None = None  # built after TRL's init (needs the policy)
+        self.likelihood_steps = self._likelihood_steps(likelihood_steps)
+        self.likelihood = dict(likelihood_objective=likelihood_objective, likelihood_clip=float(likelihood_clip),
+                               likelihood_decouple=bool(likelihood_decouple))
+        self.step_prob: GoldStepProbability | None = None  # srpo_likelihood: built after TRL's init
         if isinstance(max_bad_steps, bool) or not isinstance(max_bad_steps, int) or max_bad_steps < 1:
             raise UserError(f"max_bad_steps must be an integer >= 1, got {max_bad_steps!r}")
         self.max_bad_steps = max_bad_steps
@@ -587,6 +616,29 @@ class SRPOTrainer(GRPOTrainer):
                                                   self._tokenizer_for_decoding(), self.schema, bf16=bool(self.args.bf16),
                                                   log_floor=GOLD_LOG_FLOOR if outcome == "gold_logprob" else None,
                                                   tokenize_prompts=lambda prompts: self._tokenize_prompts(prompts)[0])
+        if self.likelihood_steps:
+            self.step_prob = GoldStepProbability(lambda: self.accelerator.unwrap_model(self.model),
+                                                 self._tokenizer_for_decoding(), self.schema, self.likelihood_steps,
+                                                 bf16=bool(self.args.bf16),
+                                                 tokenize_prompts=lambda prompts: self._tokenize_prompts(prompts)[0])
+
+    def _likelihood_steps(self, steps: Sequence[str] | None) -> list[str]:
+        """The steps ``srpo_likelihood`` reads P(gold value) of: ``steps``, or the schema's first decision step
+        (:data:`LIKELIHOOD_DEFAULTS`: the decision schema's ``Relevant``, else ``Type`` where facts annotate it)."""
+        if self.advantage != "srpo_likelihood":
+            if steps:
+                raise UserError(f"likelihood_steps is for advantage 'srpo_likelihood', not {self.advantage!r}")
+            return []
+        if steps is None:
+            keys = [st.key for st in self.schema.steps]
+            found = [k for k in LIKELIHOOD_DEFAULTS if k in keys]
+            if not found:
+                raise UserError(f"advantage 'srpo_likelihood' reads one of the decision steps {LIKELIHOOD_DEFAULTS} by "
+                                f"default; this schema has none ({keys}): set likelihood_steps (a choice step)")
+            return found[:1]
+        if not steps:
+            raise UserError("likelihood_steps is empty: srpo_likelihood needs at least one choice step")
+        return list(steps)
 
     # -- setup checks ------------------------------------------------------------------------------
 
@@ -713,6 +765,8 @@ class SRPOTrainer(GRPOTrainer):
         examined = [examined_step_indices(p, self.include_label_step) for p in parsed_rows]
         scores: list[StepScores] = examine_batch(self.examiner, list(zip(parsed_rows, records)))
         ends = {*getattr(self, "eos_token_ids", [tok.eos_token_id]), tok.pad_token_id} - {None}
+        gold_by_step = (self.step_prob.score([x["prompt"] for x in inputs], texts, records, parsed_rows)
+                        if self.step_prob is not None else [{} for _ in texts])
         rows = []
         for i, (p, rec, idx, sc) in enumerate(zip(parsed_rows, records, examined, scores)):
             keys = [p.steps[k].key for k in idx]
@@ -721,6 +775,10 @@ class SRPOTrainer(GRPOTrainer):
                                                      truncated=truncated)
             if self.reward_steps is not None:  # only these step types earn a step reward
                 step_scores = [s if key in self.reward_steps else None for key, s in zip(keys, step_scores)]
+            # P(gold value) of a likelihood step, unless the trace rules zeroed the step (cut, duplicate): its
+            # score then says nothing about the value sampled, and it gets the outcome only
+            step_gold = [gold_by_step[i].get(k) if src not in (SOURCE_CUT, SOURCE_DUPLICATE) else None
+                         for k, src in zip(idx, sources)]
             token_step = None
             if with_token_steps:
                 spans = [credit_span(texts[i], p.steps[k].span) for k, s in zip(idx, step_scores) if s is not None]
@@ -728,7 +786,7 @@ class SRPOTrainer(GRPOTrainer):
             rows.append(RolloutScore(
                 text=texts[i], label=p.label, gold=rec.label, outcome=outcomes[i], correct=p.label == rec.label,
                 format_ok=p.format_ok, step_keys=keys, step_scores=step_scores, step_sources=sources,
-                token_step=token_step, truncated=truncated,
+                token_step=token_step, truncated=truncated, step_gold=step_gold,
             ))
         return rows
 
@@ -794,11 +852,14 @@ class SRPOTrainer(GRPOTrainer):
         from accelerate.utils import gather_object
 
         light = [RolloutScore(r.text, r.label, r.gold, r.outcome, r.correct, r.format_ok, r.step_keys,
-                              r.step_scores, r.step_sources, truncated=r.truncated) for r in rows]  # token maps stay local
+                              r.step_scores, r.step_sources, truncated=r.truncated, step_gold=r.step_gold)
+                 for r in rows]  # token maps stay local
         all_rows: list[RolloutScore] = gather_object(light)
         group = self.num_generations if mode == "train" else (self.num_generations_eval or self.num_generations)
         metrics = {**step_metrics(all_rows), **collapse_metrics(all_rows, self.schema.labels, group)}
         metrics["srpo/truncated"] = sum(r.truncated for r in all_rows) / max(len(all_rows), 1)
+        if self.step_prob is not None:
+            metrics.update(likelihood_metrics(all_rows))
         for name, value in metrics.items():
             self._metrics[mode][name].append(value)
         if all_rows and len(all_rows) % group == 0:  # reasoning-path diversity inside rollout groups
@@ -812,7 +873,7 @@ class SRPOTrainer(GRPOTrainer):
         outcome_all = self.accelerator.gather(torch.tensor([r.outcome for r in rows], dtype=torch.float32, device=device))
         return SRPOBatch(mode=mode, rollouts=rows, outcome_rewards=outcome_all.cpu(),
                          step_rewards=[r.rewards for r in all_rows], step_keys=[r.reward_keys for r in all_rows],
-                         golds=[r.gold for r in all_rows])
+                         golds=[r.gold for r in all_rows], step_gold_probs=[r.gold_probs for r in all_rows])
 
     def _log_examiner_metrics(self, mode: str) -> None:
         """Log an examiner's own ``metrics()`` (e.g. how many steps facts annotated during the run decided,
@@ -912,9 +973,11 @@ class SRPOTrainer(GRPOTrainer):
             options=AdvantageOptions(alpha=self.alpha, credit_mode=self.credit_mode, critical=self.critical,
                                      scale=self.scale, batch_scale=self.batch_scale,
                                      first_error_weight=self.first_error_weight,
-                                     flawed_share=self.flawed_share, incorrect_below=self.incorrect_below),
+                                     flawed_share=self.flawed_share, incorrect_below=self.incorrect_below,
+                                     **self.likelihood),
             step_types_all=[[keys.get(k, len(keys)) for k in row] for row in batch.step_keys],
             outcome_weight=class_weight_vector(batch.golds, self.class_weights),
+            step_gold_all=batch.step_gold_probs if self.step_prob is not None else None,
         )
         for name, value in stats.items():
             self._metrics[mode][name].append(value)
@@ -936,14 +999,16 @@ def local_srpo_advantages(
     options: AdvantageOptions | None = None,
     step_types_all: Sequence[Sequence[int]] | None = None,
     outcome_weight: Tensor | None = None,
+    step_gold_all: Sequence[Sequence[float]] | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Advantages of ``estimator`` over the gathered batch, then this process's [B_local, T_local] part (pure).
 
     Inputs are what every process holds after gathering: ``outcome_all`` [B], ``step_rewards_all`` (ragged,
     B rows, in process order) and ``step_types_all`` (the same shape: schema step ids), ``token_step_all``/
     ``mask_all`` [B, T_max] (each process's rows padded on the right to the longest process's T with -1 / 0,
-    as ``accelerator.pad_across_processes`` does), ``correct_all`` [B] (label right) and ``outcome_weight`` [B]
-    (class-aware weights, or None). Groups may straddle processes; their statistics are computed on the
+    as ``accelerator.pad_across_processes`` does), ``correct_all`` [B] (label right), ``outcome_weight`` [B]
+    (class-aware weights, or None) and ``step_gold_all`` (ragged like the step rewards: P(gold value), NaN where a
+    step has none; for ``srpo_likelihood``). Groups may straddle processes; their statistics are computed on the
     whole group here. Returns (local advantages, :func:`advantage_metrics` of the global batch).
     """
     b_local, t_local = local_shape
@@ -958,8 +1023,16 @@ def local_srpo_advantages(
             if len(row) != int(step_mask[i].sum()):
                 raise ValueError(f"row {i}: {len(row)} step types for {int(step_mask[i].sum())} step rewards")
             step_type[i, : len(row)] = torch.tensor(list(row), dtype=torch.long)
+    step_gold = None
+    if step_gold_all is not None:
+        step_gold = torch.full(step_mask.shape, math.nan)
+        for i, row in enumerate(step_gold_all):
+            if len(row) != int(step_mask[i].sum()):
+                raise ValueError(f"row {i}: {len(row)} gold probabilities for {int(step_mask[i].sum())} step rewards")
+            step_gold[i, : len(row)] = torch.tensor(list(row), dtype=torch.float32)
     x = AdvantageInputs(outcome_all, step_values, step_mask, token_step_all, mask_all, group_size,
-                        outcome_correct=correct_all.bool(), step_type=step_type, outcome_weight=outcome_weight)
+                        outcome_correct=correct_all.bool(), step_type=step_type, outcome_weight=outcome_weight,
+                        step_gold_prob=step_gold)
     adv_all = compute_advantages(estimator, x, opts)
     outcome_part = outcome_advantage(outcome_all, group_size, outcome_weight, eps=opts.eps, scale=opts.scale,
                                      batch_scale=opts.batch_scale)[:, None] * mask_all.float()
@@ -984,6 +1057,7 @@ __all__ = [
     "class_weight_vector",
     "collapse_metrics",
     "credit_span",
+    "likelihood_metrics",
     "local_srpo_advantages",
     "make_prompt_dataset",
     "process_slice",

@@ -165,6 +165,10 @@ ROWS: dict[str, Row] = {
     "srpo_decoupled": Row("ablation", "SRPO whose step tokens are credited by their own (group-centred) step only "
                           "and every other token by the outcome only", "rl",
                           rl={"step_rewards": True, "advantage": "srpo_decoupled"}, **_RL),
+    "srpo_likelihood": Row("ablation", "SRPO whose decision step (Relevant) is credited by the exact gradient of the "
+                           "policy's log P(gold decision), both signs, every rollout; the other tokens by the outcome",
+                           "rl", rl={"step_rewards": True, "advantage": "srpo_likelihood", "examiner": "verifier"},
+                           **_RL),
     "srpo_gated_min": Row("ablation", "srpo_gated with PURE-style min-form credit over the penalties", "rl",
                           rl={"step_rewards": True, "advantage": "srpo_gated_min"}, **_RL),
     "srpo_centered": Row("ablation", "SRPO with group-centred step credit normalised per step type", "rl",
@@ -189,7 +193,7 @@ for _outcome, _what in (("gold_prob", "P(gold label | reasoning)"),
 
 # more seeds of the two rows the headline compares: `<row>_seed<k>` trains with seed k (the shared seed + k);
 # the report pools a row with its seeds (arm_of) for the paired intervals
-for _base in ("grpo", "srpo_gated", "srpo_gated_graded_missing", "srpo_decoupled"):
+for _base in ("grpo", "srpo_gated", "srpo_gated_graded_missing", "srpo_decoupled", "srpo_likelihood"):
     for _k in (1, 2):
         _spec = ROWS[_base]
         ROWS[f"{_base}_seed{_k}"] = Row("seed", f"{_base} with seed + {_k}", "rl", rl={**_spec.rl, "seed_offset": _k},
