@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from she.data.synthetic import generate
+from she.evaluation.metrics import roc_auc
 from she.models.registry import load_model_and_tokenizer
 from she.reasoning.parse import parse_trace
 from she.reasoning.prompts import user_message
@@ -31,7 +32,6 @@ from she.training.prm import (
     mc_needed,
     mean_verdict_loss,
     merge_step_labels,
-    roc_auc,
     run_prm_job,
     split_rows_by_group,
     train_judge,

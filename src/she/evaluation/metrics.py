@@ -339,6 +339,33 @@ def seed_differences(diffs: Sequence[float], alpha: float = 0.05, power: float =
     return out
 
 
+def roc_auc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
+    """Area under the ROC curve = P(score of a random positive > score of a random negative), ties 1/2.
+
+    Computed from average ranks (Mann-Whitney U), O(n log n). None when one class is absent (the AUC
+    is undefined then, and 0.5 would be a made-up number).
+    """
+    if len(scores) != len(labels):
+        raise ValueError(f"{len(scores)} scores but {len(labels)} labels")
+    n_pos = sum(1 for y in labels if y)
+    n_neg = len(labels) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = sorted(range(len(scores)), key=lambda i: scores[i])
+    ranks = [0.0] * len(scores)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
+            j += 1
+        avg = (i + j) / 2 + 1  # 1-based average rank of the tie block
+        for t in range(i, j + 1):
+            ranks[order[t]] = avg
+        i = j + 1
+    rank_sum = sum(r for r, y in zip(ranks, labels) if y)
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
 def step_accuracy(verdicts: Sequence[Sequence[str]]) -> dict:
     """Summarise step-level verdicts (one list per rollout, each "correct" / "incorrect" / "unknown").
 
@@ -375,5 +402,6 @@ def step_accuracy(verdicts: Sequence[Sequence[str]]) -> dict:
     }
 
 
-__all__ = ["classification_report", "bootstrap_ci", "f1_summary", "paired_bootstrap_diff", "seed_differences", "step_accuracy",
+__all__ = ["classification_report", "bootstrap_ci", "f1_summary", "paired_bootstrap_diff", "roc_auc", "seed_differences",
+           "step_accuracy",
            "t_cdf", "t_quantile", "INVALID", "STEP_VERDICTS"]

@@ -44,6 +44,7 @@ from typing import Any
 from she.config import PRMJobConfig, to_dict
 from she.data.schema import Record
 from she.errors import UserError
+from she.evaluation.metrics import roc_auc
 from she.models.metadata import schema_of
 from she.reasoning.schema import StepSchema, resolve_schema, schema_for
 
@@ -399,34 +400,7 @@ def split_rows_by_group(rows: Sequence[dict[str, Any]], fraction: float, seed: i
     return [r for r in rows if group(r) not in held], [r for r in rows if group(r) in held]
 
 
-# -- metrics ----------------------------------------------------------------------------------------
-def roc_auc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
-    """Area under the ROC curve = P(score of a random positive > score of a random negative), ties 1/2.
-
-    Computed from average ranks (Mann-Whitney U), O(n log n). None when one class is absent (the AUC
-    is undefined then, and 0.5 would be a made-up number).
-    """
-    if len(scores) != len(labels):
-        raise ValueError(f"{len(scores)} scores but {len(labels)} labels")
-    n_pos = sum(1 for y in labels if y)
-    n_neg = len(labels) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return None
-    order = sorted(range(len(scores)), key=lambda i: scores[i])
-    ranks = [0.0] * len(scores)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
-            j += 1
-        avg = (i + j) / 2 + 1  # 1-based average rank of the tie block
-        for t in range(i, j + 1):
-            ranks[order[t]] = avg
-        i = j + 1
-    rank_sum = sum(r for r, y in zip(ranks, labels) if y)
-    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
-
-
+# -- metrics (roc_auc: she.evaluation.metrics) ------------------------------------------------------
 def _targets(labels: Sequence[Any]) -> list[float | None]:
     return [None if v is None else float(v) for v in labels]
 

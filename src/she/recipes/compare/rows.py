@@ -169,6 +169,10 @@ ROWS: dict[str, Row] = {
                            "policy's log P(gold decision), both signs, every rollout; the other tokens by the outcome",
                            "rl", rl={"step_rewards": True, "advantage": "srpo_likelihood", "examiner": "verifier"},
                            **_RL),
+    "srpo_likelihood_outcome": Row("ablation", "srpo_likelihood whose decision tokens get the outcome advantage too "
+                                   "(likelihood_decouple: false)", "rl",
+                                   rl={"step_rewards": True, "advantage": "srpo_likelihood", "examiner": "verifier",
+                                       "likelihood_decouple": False}, **_RL),
     "srpo_gated_min": Row("ablation", "srpo_gated with PURE-style min-form credit over the penalties", "rl",
                           rl={"step_rewards": True, "advantage": "srpo_gated_min"}, **_RL),
     "srpo_centered": Row("ablation", "SRPO with group-centred step credit normalised per step type", "rl",
