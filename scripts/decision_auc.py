@@ -42,8 +42,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for path in args.predictions:
         s = decision_stats(path)
-        print(f"| {path} | {s['n']} | {s['auc_no']:.3f} | {s['auc_irrelevant']:.3f} | {s['no_share']:.1%} | "
-              f"{s['unsure']:.1%} |")
+        auc = ["n/a" if s[k] is None else f"{s[k]:.3f}" for k in ("auc_no", "auc_irrelevant")]  # one class only
+        print(f"| {path} | {s['n']} | {auc[0]} | {auc[1]} | {s['no_share']:.1%} | {s['unsure']:.1%} |")
 
 
 if __name__ == "__main__":

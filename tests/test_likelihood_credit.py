@@ -138,6 +138,16 @@ def test_estimator_by_hand():
     assert torch.equal(none, grpo)
 
 
+def test_the_sign_is_the_sampled_value_not_the_examiners_score():
+    """A blended examiner may score a wrong value >= 0.5: with ``step_gold_right`` the credit still pushes it down."""
+    p = torch.tensor([[NAN, 0.8], [NAN, 0.5], [NAN, 0.2], [NAN, 0.2]])
+    x = _inputs(p)
+    right = torch.tensor([[False, True], [False, False], [False, False], [False, True]])
+    liked = AdvantageInputs(**{**x.__dict__, "step_rewards": torch.ones(4, 2), "step_gold_right": right})
+    adv = compute_advantages("srpo_likelihood", liked, AdvantageOptions(alpha=1.0, scale=False))
+    assert adv[:, 2].tolist() == pytest.approx([1.0, -1.0, -4.0, 1.0])  # the same as the exact step rewards give
+
+
 def test_estimator_needs_the_gold_probabilities():
     x = _inputs(None)
     with pytest.raises(UserError, match="likelihood_steps"):
@@ -197,15 +207,22 @@ def test_reader_matches_one_by_one_and_skips_what_it_cannot_read(tiny_model_dir,
     recs = recs + [recs[0], recs[1], recs[2]]
     prompts = [build_messages(r, style="compact", schema=schema) for r in recs]
     parsed = [parse_trace(t, schema) for t in texts]
-    reader = GoldStepProbability(lambda: model, tok, schema, ["Relevant"], bf16=False, batch_size=2)
+    calls = []
+    reader = GoldStepProbability(lambda: calls.append(1) or model, tok, schema, ["Relevant"], bf16=False, batch_size=2)
     got = reader.score(prompts, texts, recs, parsed)
     k = [i for i, st in enumerate(parsed[0].steps) if st.key == "Relevant"][0]
     for i in range(4):  # the gold-consistent traces and the flipped decision: read at the same prefix
         want = _one_by_one(model, tok, recs[i], texts[i], schema)
-        assert set(got[i]) == {k} and got[i][k] == pytest.approx(want, abs=1e-5)
+        assert set(got[i]) == {k} and got[i][k][0] == pytest.approx(want, abs=1e-5)
+    assert [got[i][k][1] for i in range(4)] == [True, True, True, False]  # the sampled value against the gold one
     # the flipped trace has the same prefix as the first: the same P(gold), whatever value was sampled
-    assert got[3][k] == pytest.approx(got[0][k], abs=1e-6)
+    assert got[3][k][0] == pytest.approx(got[0][k][0], abs=1e-6)
     assert got[4] == {} and got[5] == {}  # an unknown value, and no Relevant line: nothing read
+    # one row a rollout, read or not: 6 rows in batches of 2 = 3 forward passes (equal on every process)
+    assert len(calls) == 3
+    calls.clear()
+    reader.score(prompts[4:], texts[4:], recs[4:], parsed[4:])
+    assert len(calls) == 1  # nothing readable: the passes still run
     with pytest.raises(UserError, match="not a choice step"):
         GoldStepProbability(lambda: model, tok, schema, ["Verdict"])
 
@@ -255,7 +272,8 @@ def test_trainer_credits_the_decision_and_logs_it(tiny_model_dir, decision_recor
     scored = t.score_rollouts(rows, completion_ids, mask)
     for r, row, x in zip(scored, rows, texts):
         k = r.step_keys.index("Relevant")
-        assert r.step_gold[k] == pytest.approx(_one_by_one(t.model, tok, by_id[row["record_id"]], x, schema), abs=1e-5)
+        assert r.step_gold[k][0] == pytest.approx(_one_by_one(t.model, tok, by_id[row["record_id"]], x, schema),
+                                                  abs=1e-5)
         assert [g is None for g in r.step_gold] == [key != "Relevant" for key in r.step_keys]
         assert sum(not math.isnan(g) for g in r.gold_probs) == 1
     t.train()  # one real step through TRL: the hook computes the likelihood advantages and logs the reads
@@ -265,11 +283,11 @@ def test_trainer_credits_the_decision_and_logs_it(tiny_model_dir, decision_recor
     batch = t.last_batch
     for i, r in enumerate(batch.rollouts):  # the decision's tokens carry its credit, every other token the outcome
         j = r.reward_keys.index("Relevant")
-        p = r.gold_probs[j]
-        right = r.rewards[j] >= 0.5
+        p, right = r.gold_probs[j], r.gold_right[j]
         credit = 1.0 if right else -min((1 - p) / p, 4.0)
         on = batch.token_step[i] == j
         assert on.any() and torch.allclose(batch.advantages[i][on], torch.full((int(on.sum()),), credit), atol=1e-5)
+    assert [r.gold_right[r.reward_keys.index("Relevant")] for r in batch.rollouts] == [True, False, True, True]
     assert [r.rewards[r.reward_keys.index("Relevant")] for r in batch.rollouts] == [1.0, 0.0, 1.0, 1.0]
 
     with pytest.raises(UserError, match="likelihood_steps is for"):

@@ -149,7 +149,8 @@ reduced rate). The credit has both signs and needs no group baseline; an all-wro
 rollout cannot farm it (it is the gold value's probability, whatever else the rollout writes). Tokens of such a
 step get ``alpha * c`` (plus the outcome advantage unless ``decouple``); every other token GRPO's outcome
 advantage -- other step rewards are not used. ``step_gold_prob`` [B, S] carries p per rewarded step, NaN where a
-step has no likelihood credit; right/wrong is the step reward (q >= incorrect_below). With alpha = 0 and
+step has no likelihood credit; right/wrong is ``step_gold_right`` (the sampled value is the gold one; without it the
+step reward, q >= incorrect_below, which the exact verifier makes the same). With alpha = 0 and
 ``decouple=False`` this is GRPO exactly.
 """
 
@@ -611,6 +612,7 @@ class AdvantageInputs:
     step_type: Tensor | None = None  # [B, S] long: schema step id, for per-type normalisation
     outcome_weight: Tensor | None = None  # [B] per-row weight on the normalised outcome advantage
     step_gold_prob: Tensor | None = None  # [B, S] P(gold value | prefix) of likelihood steps, NaN elsewhere
+    step_gold_right: Tensor | None = None  # [B, S] bool: the step's sampled value is its gold value (None: step_rewards)
 
 
 @dataclass(frozen=True)
@@ -733,7 +735,9 @@ def srpo_likelihood_estimator(x: AdvantageInputs, o: AdvantageOptions) -> Tensor
     adv = outcome_advantage(x.outcome_rewards, x.group_size, x.outcome_weight, eps=o.eps, scale=o.scale,
                             batch_scale=o.batch_scale)
     credited = x.step_mask.bool() & torch.isfinite(x.step_gold_prob)
-    right = x.step_rewards >= o.incorrect_below
+    # the credit's sign is the sampled value against the gold one; without that flag, the step reward (exact
+    # 0/1 for the verifier's choice steps) stands in for it
+    right = x.step_gold_right.bool() if x.step_gold_right is not None else x.step_rewards >= o.incorrect_below
     credit = likelihood_step_credit(right, torch.where(credited, x.step_gold_prob, torch.nan), o.likelihood_objective,
                                     o.likelihood_clip)
     return likelihood_advantages(adv, credit, credited, x.step_mask, x.token_step, x.completion_mask, alpha=o.alpha,

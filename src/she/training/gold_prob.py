@@ -186,31 +186,41 @@ class GoldStepProbability:
         self.tokenize_prompts = tokenize_prompts or (lambda p: chat_prompt_ids(tokenizer, p))
 
     def score(self, prompts: Sequence[Any], texts: Sequence[str], records: Sequence[Record],
-              parsed: Sequence[Any]) -> list[dict[int, float]]:
-        """Per rollout, ``{index into parsed.steps: P(gold value)}`` for each readable likelihood step."""
+              parsed: Sequence[Any]) -> list[dict[int, tuple[float, bool]]]:
+        """Per rollout, ``{index into parsed.steps: (P(gold value), sampled value == gold value)}`` for the first
+        step of each likelihood key, where it is readable (a repeated key is a duplicate, never credited).
+
+        Every rollout runs one row per likelihood key, read or not (an unreadable one runs its prompt and is thrown
+        away), so every process runs as many forward passes as the others: with sharded weights (FSDP, ZeRO-3)
+        each pass gathers them on every rank, as :class:`GoldLabelProbability` does."""
         from she.rewards.verifier import choice_truth
 
         todo: list[tuple[list[int], list[int], int]] = []
-        where: list[tuple[int, int]] = []
+        where: list[tuple[int, int, bool] | None] = []
         prompt_ids = self.tokenize_prompts(list(prompts))
         for i, (ids, text, rec, p) in enumerate(zip(prompt_ids, texts, records, parsed)):
-            for k, step in enumerate(p.steps):
-                if step.key not in self.choices or not step.text.startswith(f"{step.key}:"):
+            for key, choices in self.choices.items():
+                k = next((k for k, st in enumerate(p.steps) if st.key == key), None)
+                step = p.steps[k] if k is not None else None
+                truth = choice_truth(key, rec) if step is not None else None
+                if (step is None or not step.text.startswith(f"{key}:") or truth not in choices
+                        or step.conclusion not in choices):
+                    todo.append((list(ids), self.first_tokens[key], 0))  # run, not read
+                    where.append(None)
                     continue
-                truth = choice_truth(step.key, rec)
-                if truth not in self.choices[step.key] or step.conclusion not in self.choices[step.key]:
-                    continue
-                prefix = text[: step.span[0]] + f"{step.key}:"
+                prefix = text[: step.span[0]] + f"{key}:"
                 todo.append((list(ids) + self.tokenizer.encode(prefix, add_special_tokens=False),
-                             self.first_tokens[step.key], self.choices[step.key].index(truth)))
-                where.append((i, k))
-        out: list[dict[int, float]] = [{} for _ in texts]
+                             self.first_tokens[key], choices.index(truth)))
+                where.append((i, k, step.conclusion == truth))
+        out: list[dict[int, tuple[float, bool]]] = [{} for _ in texts]
         for start in range(0, len(todo), self.batch_size):
             chunk = todo[start : start + self.batch_size]
             log_p = choice_log_probs(self.model_getter(), self.tokenizer, chunk, bf16=self.bf16)
-            for (i, k), v in zip(where[start : start + self.batch_size], log_p.exp().tolist()):
-                out[i][k] = v
+            for at, v in zip(where[start : start + self.batch_size], log_p.exp().tolist()):
+                if at is not None:
+                    out[at[0]][at[1]] = (v, at[2])
         return out
 
 
-__all__ = ["GoldLabelProbability", "GoldStepProbability", "choice_log_probs", "gold_log_probabilities", "log_floor_reward"]
+__all__ = ["GoldLabelProbability", "GoldStepProbability", "chat_prompt_ids", "choice_log_probs", "gold_log_probabilities",
+           "log_floor_reward"]

@@ -194,7 +194,8 @@ class RolloutScore:
     step_sources: list[str]
     token_step: list[int] | None = None
     truncated: bool = False
-    step_gold: list[float | None] | None = None  # per examined step: P(gold value) (srpo_likelihood), else None
+    # per examined step: (P(gold value), sampled value == gold value) of a likelihood step (srpo_likelihood), else None
+    step_gold: list[tuple[float, bool] | None] | None = None
 
     @property
     def rewards(self) -> list[float]:
@@ -205,7 +206,14 @@ class RolloutScore:
     def gold_probs(self) -> list[float]:
         """P(gold value) of the rewarded steps (parallel to :attr:`rewards`), NaN where a step has none."""
         gold = self.step_gold or [None] * len(self.step_scores)
-        return [math.nan if g is None else g for g, s in zip(gold, self.step_scores) if s is not None]
+        return [math.nan if g is None else g[0] for g, s in zip(gold, self.step_scores) if s is not None]
+
+    @property
+    def gold_right(self) -> list[bool]:
+        """Whether the sampled value of each rewarded step is its gold value (False where it has no P(gold)):
+        the sign of ``srpo_likelihood``'s credit, taken from the value itself, not from the examiner's score."""
+        gold = self.step_gold or [None] * len(self.step_scores)
+        return [g is not None and g[1] for g, s in zip(gold, self.step_scores) if s is not None]
 
     @property
     def reward_keys(self) -> list[str]:
@@ -388,7 +396,7 @@ def collapse_metrics(rows: Sequence[RolloutScore], labels: Sequence[str], group_
 def likelihood_metrics(rows: Sequence[RolloutScore]) -> dict[str, float]:
     """``srpo/gold_step_prob``: the policy's mean P(gold value) over the likelihood steps read in the batch (what
     ``srpo_likelihood`` sharpens; it should rise), and ``srpo/gold_step_read``: the share of rollouts with one."""
-    values = [g for r in rows for g in (r.step_gold or []) if g is not None]
+    values = [g[0] for r in rows for g in (r.step_gold or []) if g is not None]
     read = sum(any(g is not None for g in (r.step_gold or [])) for r in rows)
     out = {"srpo/gold_step_read": read / max(len(rows), 1)}
     if values:
@@ -461,6 +469,7 @@ class SRPOBatch:
     step_keys: list[list[str]] = field(default_factory=list)  # global, ragged: the key of each rewarded step
     golds: list[str] = field(default_factory=list)  # global: each row's gold label
     step_gold_probs: list[list[float]] = field(default_factory=list)  # global, ragged: P(gold value), NaN: none
+    step_gold_right: list[list[bool]] = field(default_factory=list)  # global, ragged: sampled value == gold value
     token_step: Tensor | None = None  # [B_local, T]
     trl_advantages: Tensor | None = None  # [B_local], TRL's own
     advantages: Tensor | None = None  # [B_local, T], what the loss uses
@@ -873,7 +882,8 @@ class SRPOTrainer(GRPOTrainer):
         outcome_all = self.accelerator.gather(torch.tensor([r.outcome for r in rows], dtype=torch.float32, device=device))
         return SRPOBatch(mode=mode, rollouts=rows, outcome_rewards=outcome_all.cpu(),
                          step_rewards=[r.rewards for r in all_rows], step_keys=[r.reward_keys for r in all_rows],
-                         golds=[r.gold for r in all_rows], step_gold_probs=[r.gold_probs for r in all_rows])
+                         golds=[r.gold for r in all_rows], step_gold_probs=[r.gold_probs for r in all_rows],
+                         step_gold_right=[r.gold_right for r in all_rows])
 
     def _log_examiner_metrics(self, mode: str) -> None:
         """Log an examiner's own ``metrics()`` (e.g. how many steps facts annotated during the run decided,
@@ -978,11 +988,25 @@ class SRPOTrainer(GRPOTrainer):
             step_types_all=[[keys.get(k, len(keys)) for k in row] for row in batch.step_keys],
             outcome_weight=class_weight_vector(batch.golds, self.class_weights),
             step_gold_all=batch.step_gold_probs if self.step_prob is not None else None,
+            step_right_all=batch.step_gold_right if self.step_prob is not None else None,
         )
         for name, value in stats.items():
             self._metrics[mode][name].append(value)
         batch.token_step = token_step
         return adv.to(device=device, dtype=torch.float32)
+
+
+def _ragged(rows: Sequence[Sequence[Any]] | None, step_mask: Tensor, fill: Any, dtype: torch.dtype,
+            what: str) -> Tensor | None:
+    """Ragged per-rollout values of the rewarded steps -> [B, S] like ``step_mask`` (``fill`` in the padding)."""
+    if rows is None:
+        return None
+    out = torch.full(step_mask.shape, fill, dtype=dtype)
+    for i, row in enumerate(rows):
+        if len(row) != int(step_mask[i].sum()):
+            raise ValueError(f"row {i}: {len(row)} {what} for {int(step_mask[i].sum())} step rewards")
+        out[i, : len(row)] = torch.tensor(list(row), dtype=dtype)
+    return out
 
 
 def local_srpo_advantages(
@@ -1000,6 +1024,7 @@ def local_srpo_advantages(
     step_types_all: Sequence[Sequence[int]] | None = None,
     outcome_weight: Tensor | None = None,
     step_gold_all: Sequence[Sequence[float]] | None = None,
+    step_right_all: Sequence[Sequence[bool]] | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Advantages of ``estimator`` over the gathered batch, then this process's [B_local, T_local] part (pure).
 
@@ -1008,7 +1033,8 @@ def local_srpo_advantages(
     ``mask_all`` [B, T_max] (each process's rows padded on the right to the longest process's T with -1 / 0,
     as ``accelerator.pad_across_processes`` does), ``correct_all`` [B] (label right), ``outcome_weight`` [B]
     (class-aware weights, or None) and ``step_gold_all`` (ragged like the step rewards: P(gold value), NaN where a
-    step has none; for ``srpo_likelihood``). Groups may straddle processes; their statistics are computed on the
+    step has none; for ``srpo_likelihood``, with ``step_right_all``: whether each step's sampled value is the gold
+    one). Groups may straddle processes; their statistics are computed on the
     whole group here. Returns (local advantages, :func:`advantage_metrics` of the global batch).
     """
     b_local, t_local = local_shape
@@ -1016,23 +1042,12 @@ def local_srpo_advantages(
         raise ValueError(f"gathered token maps have {token_step_all.shape[1]} columns, fewer than T_local={t_local}")
     opts = options or AdvantageOptions()
     step_values, step_mask = pad_step_rewards(step_rewards_all)
-    step_type = None
-    if step_types_all is not None:
-        step_type = torch.full(step_mask.shape, -1, dtype=torch.long)
-        for i, row in enumerate(step_types_all):
-            if len(row) != int(step_mask[i].sum()):
-                raise ValueError(f"row {i}: {len(row)} step types for {int(step_mask[i].sum())} step rewards")
-            step_type[i, : len(row)] = torch.tensor(list(row), dtype=torch.long)
-    step_gold = None
-    if step_gold_all is not None:
-        step_gold = torch.full(step_mask.shape, math.nan)
-        for i, row in enumerate(step_gold_all):
-            if len(row) != int(step_mask[i].sum()):
-                raise ValueError(f"row {i}: {len(row)} gold probabilities for {int(step_mask[i].sum())} step rewards")
-            step_gold[i, : len(row)] = torch.tensor(list(row), dtype=torch.float32)
+    step_type = _ragged(step_types_all, step_mask, -1, torch.long, "step types")
+    step_gold = _ragged(step_gold_all, step_mask, math.nan, torch.float32, "gold probabilities")
+    step_right = _ragged(step_right_all, step_mask, False, torch.bool, "right/wrong flags")
     x = AdvantageInputs(outcome_all, step_values, step_mask, token_step_all, mask_all, group_size,
                         outcome_correct=correct_all.bool(), step_type=step_type, outcome_weight=outcome_weight,
-                        step_gold_prob=step_gold)
+                        step_gold_prob=step_gold, step_gold_right=step_right)
     adv_all = compute_advantages(estimator, x, opts)
     outcome_part = outcome_advantage(outcome_all, group_size, outcome_weight, eps=opts.eps, scale=opts.scale,
                                      batch_scale=opts.batch_scale)[:, None] * mask_all.float()
