@@ -299,6 +299,9 @@ def test_trainer_credits_the_decision_and_logs_it(tiny_model_dir, decision_recor
     with pytest.raises(UserError, match="decision steps"):
         SRPOTrainer(model, args, plain, processing_class=tok, records_by_id=by_id, schema=semantic_schema("hd3"),
                     advantage="srpo_likelihood")
+    with pytest.raises(UserError, match="not in reward_steps"):
+        SRPOTrainer(model, args, ds, processing_class=tok, records_by_id=by_id, schema=schema,
+                    advantage="srpo_likelihood", reward_steps=["Missing"])
     with pytest.raises(UserError, match="likelihood_steps is empty"):
         SRPOTrainer(model, args, ds, processing_class=tok, records_by_id=by_id, schema=schema,
                     advantage="srpo_likelihood", likelihood_steps=[])

@@ -596,6 +596,7 @@ class SRPOTrainer(GRPOTrainer):
         self.likelihood = dict(likelihood_objective=likelihood_objective, likelihood_clip=float(likelihood_clip),
                                likelihood_decouple=bool(likelihood_decouple))
         self.step_prob: GoldStepProbability | None = None  # srpo_likelihood: built after TRL's init
+        self._check_likelihood_rewarded()
         if isinstance(max_bad_steps, bool) or not isinstance(max_bad_steps, int) or max_bad_steps < 1:
             raise UserError(f"max_bad_steps must be an integer >= 1, got {max_bad_steps!r}")
         self.max_bad_steps = max_bad_steps
@@ -648,6 +649,14 @@ class SRPOTrainer(GRPOTrainer):
         if not steps:
             raise UserError("likelihood_steps is empty: srpo_likelihood needs at least one choice step")
         return list(steps)
+
+    def _check_likelihood_rewarded(self) -> None:
+        """A likelihood step left out of ``reward_steps`` has no token map, so it would get no credit: the run would
+        be GRPO under another name."""
+        left_out = [k for k in self.likelihood_steps if self.reward_steps is not None and k not in self.reward_steps]
+        if left_out:
+            raise UserError(f"likelihood_steps {left_out} are not in reward_steps {sorted(self.reward_steps)}: they "
+                            "would get no credit; add them to reward_steps (or set reward_steps: null)")
 
     # -- setup checks ------------------------------------------------------------------------------
 
