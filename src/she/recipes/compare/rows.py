@@ -173,6 +173,10 @@ ROWS: dict[str, Row] = {
                                    "(likelihood_decouple: false)", "rl",
                                    rl={"step_rewards": True, "advantage": "srpo_likelihood", "examiner": "verifier",
                                        "likelihood_decouple": False}, **_RL),
+    "srpo_likelihood_prob": Row("ablation", "srpo_likelihood whose decision credit is the gradient of P(gold decision) "
+                                "itself (likelihood_objective: prob): the expected step accuracy, mode-seeking", "rl",
+                                rl={"step_rewards": True, "advantage": "srpo_likelihood", "examiner": "verifier",
+                                    "likelihood_objective": "prob"}, **_RL),
     "srpo_gated_min": Row("ablation", "srpo_gated with PURE-style min-form credit over the penalties", "rl",
                           rl={"step_rewards": True, "advantage": "srpo_gated_min"}, **_RL),
     "srpo_centered": Row("ablation", "SRPO with group-centred step credit normalised per step type", "rl",

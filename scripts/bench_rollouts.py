@@ -1,0 +1,157 @@
+"""Rollout generation as GRPO/SRPO runs it, three ways, from one process (docs/benchmarks.md, "Rollout generation").
+
+The model is prepared by accelerate for bf16 training, as TRL's trainer has it (its ``forward`` carries its own
+autocast), and samples G rollouts for each of P prompts (temperature 1, no top-k/top-p: TRL's defaults), left
+padded, with a KV cache:
+
+  trl        ``model.generate`` as TRL calls it: each forward its own autocast region, ``torch.multinomial``
+  cached     the same inside one bf16 autocast region (she.models.generation.generation_autocast): the weights'
+             bf16 casts made once a call instead of once a token
+  cached+fast  the same, sampling by inversion (she.models.generation.fast_sampling)
+
+Variants alternate inside every repetition, each from the same seed, so drift of a shared CPU hits all three; the
+first repetition is a warm-up and is not counted. ``trl`` and ``cached`` must produce the same tokens (printed as
+``identical``); ``cached+fast`` draws from the same distribution with another random stream.
+
+Usage:
+  python scripts/bench_rollouts.py --model runs/hd-sft-decision-3k/sft/final \\
+      --data ../shared/data/home-depot-product-search-relevance/train.csv --format home-depot --prompts 4 --group 8
+  python scripts/bench_rollouts.py --tiny    # a smoke run on a tiny random model and synthetic data
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+VARIANTS = ("trl", "cached", "cached+fast")
+
+
+def prepared_model(path: str, bf16: bool):
+    from accelerate import Accelerator
+
+    from she.models.registry import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(path)
+    tok.padding_side = "left"
+    acc = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=True)
+    model = acc.prepare(model)
+    model.eval()
+    return model, tok
+
+
+def prompt_batch(tok, records, schema, style: str, group: int):
+    from she.reasoning.prompts import build_messages
+    from she.training.gold_prob import chat_prompt_ids
+
+    ids = chat_prompt_ids(tok, [build_messages(r, schema=schema, style=style) for r in records])
+    ids = [x for x in ids for _ in range(group)]  # TRL repeats each prompt G times, next to each other
+    width = max(map(len, ids))
+    input_ids = torch.full((len(ids), width), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for i, x in enumerate(ids):
+        input_ids[i, width - len(x):] = torch.tensor(x)
+        mask[i, width - len(x):] = 1
+    return input_ids, mask
+
+
+def generate_once(model, tok, input_ids, mask, variant: str, max_new: int, seed: int, bf16: bool):
+    from transformers import GenerationConfig
+
+    from she.models.generation import fast_sampling, generation_autocast
+
+    cfg = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new,
+                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    with torch.no_grad(), generation_autocast(bf16 and variant != "trl", "cpu"), \
+            fast_sampling(variant == "cached+fast"):
+        out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=cfg)
+    seconds = time.perf_counter() - t0
+    completion = out[:, input_ids.size(1):]
+    eos = completion == tok.eos_token_id
+    # new tokens up to and with the first EOS (what TRL keeps), else the whole row
+    lengths = torch.where(eos.any(1), eos.int().argmax(1) + 1, torch.full_like(eos[:, 0], completion.size(1),
+                                                                            dtype=torch.long))
+    return seconds, int(lengths.sum()), completion
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None)
+    p.add_argument("--data", default=None, help="data file (default: synthetic)")
+    p.add_argument("--format", default="auto")
+    p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--group", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=80)
+    p.add_argument("--reps", type=int, default=3, help="repetitions; the first is a warm-up")
+    p.add_argument("--prompt-style", default="compact")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-bf16", dest="bf16", action="store_false")
+    p.add_argument("--tiny", action="store_true", help="smoke run: tiny random model, synthetic data")
+    p.add_argument("--json", default=None, help="also write the result as JSON here")
+    args = p.parse_args(argv)
+
+    from she.data.synthetic import generate
+    from she.models.metadata import model_step_schema
+
+    if args.tiny:
+        from she.models.registry import prepare
+
+        args.model = str(prepare("tiny"))
+    if args.model is None:
+        p.error("--model is required (or --tiny)")
+    if args.data:
+        from she.data.loaders import load_records
+
+        recs, _ = load_records(args.data, args.format)
+    else:
+        recs = generate(n_queries=16, products_per_query=4, seed=args.seed)
+    model, tok = prepared_model(args.model, args.bf16)
+    schema = model_step_schema(args.model, recs[0].taxonomy)
+    rng = random.Random(args.seed)
+
+    rows: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    identical: list[bool] = []
+    for rep in range(args.reps):
+        input_ids, mask = prompt_batch(tok, rng.sample(recs, args.prompts), schema, args.prompt_style, args.group)
+        seed = args.seed + rep
+        outs = {}
+        for v in VARIANTS:
+            s, n, completion = generate_once(model, tok, input_ids, mask, v, args.max_new_tokens, seed, args.bf16)
+            outs[v] = completion
+            print(f"rep {rep} {v}: {s:.2f} s, {n} new tokens, {n / s:.1f} tokens/s"
+                  + (" (warm-up)" if rep == 0 else ""), flush=True)
+            if rep > 0:
+                rows[v].append({"seconds": s, "tokens": n})
+        identical.append(bool(torch.equal(outs["trl"], outs["cached"])))
+    agg = {}
+    for v, rs in rows.items():
+        sec = sum(r["seconds"] for r in rs)
+        tokens = sum(r["tokens"] for r in rs)
+        agg[v] = {"seconds_per_call": statistics.mean(r["seconds"] for r in rs), "new_tokens_per_s": tokens / sec,
+                  "mean_new_tokens": tokens / len(rs)}
+    # per-repetition ratios of seconds per new token against trl (the variants' lengths differ with their draws)
+    ratios = {v: [(t["seconds"] / t["tokens"]) / (b["seconds"] / b["tokens"]) for b, t in zip(rows["trl"], rows[v])]
+              for v in VARIANTS[1:]}
+    out = {"command": " ".join([sys.executable, *sys.argv]), "machine": platform.platform(),
+           "threads": torch.get_num_threads(), "args": vars(args), "mean": agg,
+           "time_per_token_vs_trl": ratios, "trl_and_cached_identical": identical}
+    print(json.dumps(out, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
