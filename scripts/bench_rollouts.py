@@ -22,17 +22,15 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import random
 import statistics
-import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from _bench import add_common_args, bench_records, report  # noqa: E402 - scripts/_bench.py, next to this file
 
 VARIANTS = ("trl", "cached", "cached+fast")
 
@@ -95,28 +93,13 @@ def main(argv=None) -> None:
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=80)
     p.add_argument("--reps", type=int, default=3, help="repetitions; the first is a warm-up")
-    p.add_argument("--prompt-style", default="compact")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-bf16", dest="bf16", action="store_false")
-    p.add_argument("--tiny", action="store_true", help="smoke run: tiny random model, synthetic data")
-    p.add_argument("--json", default=None, help="also write the result as JSON here")
+    p.add_argument("--n-records", type=int, default=None, help="records the prompts are drawn from (default: all)")
+    add_common_args(p)
     args = p.parse_args(argv)
 
-    from she.data.synthetic import generate
     from she.models.metadata import model_step_schema
 
-    if args.tiny:
-        from she.models.registry import prepare
-
-        args.model = str(prepare("tiny"))
-    if args.model is None:
-        p.error("--model is required (or --tiny)")
-    if args.data:
-        from she.data.loaders import load_records
-
-        recs, _ = load_records(args.data, args.format)
-    else:
-        recs = generate(n_queries=16, products_per_query=4, seed=args.seed)
+    recs = bench_records(p, args, args.n_records)
     model, tok = prepared_model(args.model, args.bf16)
     schema = model_step_schema(args.model, recs[0].taxonomy)
     rng = random.Random(args.seed)
@@ -144,13 +127,7 @@ def main(argv=None) -> None:
     # per-repetition ratios of seconds per new token against trl (the variants' lengths differ with their draws)
     ratios = {v: [(t["seconds"] / t["tokens"]) / (b["seconds"] / b["tokens"]) for b, t in zip(rows["trl"], rows[v])]
               for v in VARIANTS[1:]}
-    out = {"command": " ".join([sys.executable, *sys.argv]), "machine": platform.platform(),
-           "threads": torch.get_num_threads(), "args": vars(args), "mean": agg,
-           "time_per_token_vs_trl": ratios, "trl_and_cached_identical": identical}
-    print(json.dumps(out, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+    report(args, mean=agg, time_per_token_vs_trl=ratios, trl_and_cached_identical=identical)
 
 
 if __name__ == "__main__":

@@ -24,11 +24,8 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -37,6 +34,7 @@ from contextlib import contextmanager
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from _bench import add_common_args, bench_records, report  # noqa: E402 - scripts/_bench.py, next to this file
 
 TIMES: dict[str, float] = defaultdict(float)
 _DEPTH: dict[str, int] = defaultdict(int)
@@ -143,30 +141,9 @@ def main(argv=None) -> None:
     p.add_argument("--prompts", type=int, default=2)
     p.add_argument("--max-completion-length", type=int, default=64)
     p.add_argument("--beta", type=float, default=0.0)
-    p.add_argument("--prompt-style", default="compact")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-bf16", dest="bf16", action="store_false")
-    p.add_argument("--tiny", action="store_true", help="smoke run: tiny random model, synthetic data")
-    p.add_argument("--json", default=None, help="also write the result as JSON here")
+    add_common_args(p)
     args = p.parse_args(argv)
-
-    from she.data.synthetic import generate
-
-    if args.tiny:
-        from she.models.registry import prepare
-
-        args.model = args.judge = str(prepare("tiny"))
-    if args.model is None:
-        p.error("--model is required (or --tiny)")
-    if args.data:
-        from she.data.loaders import load_records
-
-        recs, _ = load_records(args.data, args.format)
-        import random
-
-        train = random.Random(args.seed).sample(recs, min(args.n_records, len(recs)))
-    else:
-        train = generate(n_queries=max(8, args.n_records // 4), products_per_query=4, seed=args.seed)[: args.n_records]
+    train = bench_records(p, args, args.n_records)
 
     results: dict[str, list[dict[str, float]]] = {"grpo": [], "srpo": []}
     for rep in range(args.reps):
@@ -177,13 +154,7 @@ def main(argv=None) -> None:
     agg = {n: {k: statistics.mean(r[k] for r in rows) for k in rows[0]} for n, rows in results.items()}
     ratio = agg["srpo"]["step"] / agg["grpo"]["step"]
     pairwise = [s["step"] / g["step"] for g, s in zip(results["grpo"], results["srpo"])]
-    out = {"command": " ".join([sys.executable, *sys.argv]), "machine": platform.platform(),
-           "threads": torch.get_num_threads(), "args": vars(args), "mean": agg, "ratio_srpo_over_grpo": ratio,
-           "pairwise_ratios": pairwise}
-    print(json.dumps(out, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+    report(args, mean=agg, ratio_srpo_over_grpo=ratio, pairwise_ratios=pairwise)
 
 
 if __name__ == "__main__":
