@@ -138,6 +138,23 @@ def test_estimator_by_hand():
     assert torch.equal(none, grpo)
 
 
+def test_class_weights_scale_the_credit_by_hand():
+    """``step_gold_weight`` multiplies each credited step's credit (class balance of its gold value); steps without
+    credit and every other token are untouched."""
+    p = torch.tensor([[NAN, 0.8], [NAN, 0.5], [NAN, 0.2], [NAN, 0.2]])
+    x = _inputs(p)
+    w = torch.tensor([[9.0, 1.5], [9.0, 0.75], [9.0, 1.5], [9.0, 0.5]])  # column 0 has no credit: its weight unused
+    weighted = AdvantageInputs(**{**x.__dict__, "step_gold_weight": w})
+    plain = compute_advantages("srpo_likelihood", x, AdvantageOptions(alpha=1.0, scale=False, likelihood_objective="prob"))
+    adv = compute_advantages("srpo_likelihood", weighted, AdvantageOptions(alpha=1.0, scale=False,
+                                                                           likelihood_objective="prob"))
+    # prob credit: right p -> p, wrong -> -(1 - p): [0.8, -0.5, -0.8, 0.2], times [1.5, 0.75, 1.5, 0.5]
+    assert adv[:, 2].tolist() == pytest.approx([1.2, -0.375, -1.2, 0.1])
+    assert torch.equal(adv[:, [0, 1, 4]], plain[:, [0, 1, 4]])
+    with pytest.raises(ValueError, match="step_gold_weight"):
+        compute_advantages("srpo_likelihood", AdvantageInputs(**{**x.__dict__, "step_gold_weight": torch.ones(4, 3)}))
+
+
 def test_the_sign_is_the_sampled_value_not_the_examiners_score():
     """A blended examiner may score a wrong value >= 0.5: with ``step_gold_right`` the credit still pushes it down."""
     p = torch.tensor([[NAN, 0.8], [NAN, 0.5], [NAN, 0.2], [NAN, 0.2]])
@@ -289,6 +306,34 @@ def test_trainer_credits_the_decision_and_logs_it(tiny_model_dir, decision_recor
         assert on.any() and torch.allclose(batch.advantages[i][on], torch.full((int(on.sum()),), credit), atol=1e-5)
     assert [r.gold_right[r.reward_keys.index("Relevant")] for r in batch.rollouts] == [True, False, True, True]
     assert [r.rewards[r.reward_keys.index("Relevant")] for r in batch.rollouts] == [1.0, 0.0, 1.0, 1.0]
+
+    # class-balanced credit: over the three records' gold decisions (yes, yes, no) no weighs 3 / (2 x 1) = 1.5 and yes
+    # 3 / (2 x 2) = 0.75; the decision's tokens then carry credit x weight
+    all_by_id = {r.id: r for r in decision_records}
+    tw = SRPOTrainer(model, args, ds, processing_class=tok, records_by_id=all_by_id, schema=schema,
+                     advantage="srpo_likelihood", alpha=1.0, rollout_func=rollout,
+                     likelihood_class_weights="balanced", likelihood_objective="prob")
+    assert tw.likelihood_weights == {"Relevant": {"yes": 0.75, "no": 1.5}}
+    tw.train()
+    batch = tw.last_batch
+    for i, (r, row) in enumerate(zip(batch.rollouts, rows)):
+        j = r.reward_keys.index("Relevant")
+        p, right = r.gold_probs[j], r.gold_right[j]
+        weight = 1.5 if by_id[row["record_id"]].label == "Irrelevant" else 0.75
+        assert r.gold_weights[j] == weight
+        on = batch.token_step[i] == j
+        assert torch.allclose(batch.advantages[i][on], torch.full((int(on.sum()),), weight * (p if right else p - 1)),
+                              atol=1e-5)
+    assert SRPOTrainer(model, args, ds, processing_class=tok, records_by_id=by_id, schema=schema,
+                       advantage="srpo_likelihood", likelihood_class_weights={"no": 2.0}
+                       ).likelihood_weights == {"Relevant": {"no": 2.0}}
+    for bad, match in [("inverse", "likelihood_class_weights must be"), ({"no": -1.0}, "numbers >= 0")]:
+        with pytest.raises(UserError, match=match):
+            SRPOTrainer(model, args, ds, processing_class=tok, records_by_id=by_id, schema=schema,
+                        advantage="srpo_likelihood", likelihood_class_weights=bad)
+    with pytest.raises(UserError, match="for advantage 'srpo_likelihood'"):
+        SRPOTrainer(model, args, ds, processing_class=tok, records_by_id=by_id, schema=schema,
+                    advantage="srpo_gated", likelihood_class_weights="balanced")
 
     with pytest.raises(UserError, match="likelihood_steps is for"):
         SRPOTrainer(model, args, ds, processing_class=tok, records_by_id=by_id, schema=schema,

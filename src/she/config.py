@@ -565,6 +565,10 @@ class RLJobConfig(ConfigBase):
     likelihood_objective: Literal["logprob", "prob"] = "logprob"
     likelihood_clip: float = 4.0
     likelihood_decouple: bool = True
+    # weights on the credit by the step's gold value: null | balanced (inverse frequency in the RL training records;
+    # with `prob`, the step's balanced accuracy instead of its accuracy, which the majority value maximises) |
+    # {value: weight}, e.g. {"no": 2.0}
+    likelihood_class_weights: str | dict[str, float] | None = None
     # how rollouts draw a token (she.models.generation): inverse_cdf (the same distribution as torch.multinomial, ~40x
     # cheaper over a 49k vocabulary on a CPU; another random stream) | torch (torch.multinomial, as before session 17)
     rollout_sampler: Literal["torch", "inverse_cdf"] = "inverse_cdf"

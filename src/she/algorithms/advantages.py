@@ -150,8 +150,10 @@ rollout cannot farm it (it is the gold value's probability, whatever else the ro
 step get ``alpha * c`` (plus the outcome advantage unless ``decouple``); every other token GRPO's outcome
 advantage -- other step rewards are not used. ``step_gold_prob`` [B, S] carries p per rewarded step, NaN where a
 step has no likelihood credit; right/wrong is ``step_gold_right`` (the sampled value is the gold one; without it the
-step reward, q >= incorrect_below, which the exact verifier makes the same). With alpha = 0 and
-``decouple=False`` this is GRPO exactly.
+step reward, q >= incorrect_below, which the exact verifier makes the same). ``step_gold_weight`` [B, S] multiplies
+each credit by a weight of its gold value (class balance: the ``prob`` objective is the expected accuracy of the
+step, which an imbalanced step maximises by its majority value; weighted, the balanced accuracy). With alpha = 0
+and ``decouple=False`` this is GRPO exactly.
 """
 
 from __future__ import annotations
@@ -613,6 +615,8 @@ class AdvantageInputs:
     outcome_weight: Tensor | None = None  # [B] per-row weight on the normalised outcome advantage
     step_gold_prob: Tensor | None = None  # [B, S] P(gold value | prefix) of likelihood steps, NaN elsewhere
     step_gold_right: Tensor | None = None  # [B, S] bool: the step's sampled value is its gold value (None: step_rewards)
+    step_gold_weight: Tensor | None = None  # [B, S] weight on a likelihood step's credit (class balance of its gold
+    # value; None: 1)
 
 
 @dataclass(frozen=True)
@@ -740,6 +744,9 @@ def srpo_likelihood_estimator(x: AdvantageInputs, o: AdvantageOptions) -> Tensor
     right = x.step_gold_right.bool() if x.step_gold_right is not None else x.step_rewards >= o.incorrect_below
     credit = likelihood_step_credit(right, torch.where(credited, x.step_gold_prob, torch.nan), o.likelihood_objective,
                                     o.likelihood_clip)
+    if x.step_gold_weight is not None:  # class-balanced credit: the objective's expectation over balanced gold values
+        _check_same_shape(x.step_gold_weight, x.step_gold_prob, "step_gold_weight", "step_gold_prob")
+        credit = credit * torch.where(credited, x.step_gold_weight.float(), torch.zeros_like(credit))
     return likelihood_advantages(adv, credit, credited, x.step_mask, x.token_step, x.completion_mask, alpha=o.alpha,
                                  decouple=o.likelihood_decouple)
 

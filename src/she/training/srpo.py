@@ -195,8 +195,9 @@ class RolloutScore:
     step_sources: list[str]
     token_step: list[int] | None = None
     truncated: bool = False
-    # per examined step: (P(gold value), sampled value == gold value) of a likelihood step (srpo_likelihood), else None
-    step_gold: list[tuple[float, bool] | None] | None = None
+    # per examined step: (P(gold value), sampled value == gold value[, weight of its credit]) of a likelihood step
+    # (srpo_likelihood), else None
+    step_gold: list[tuple[float, bool] | tuple[float, bool, float] | None] | None = None
 
     @property
     def rewards(self) -> list[float]:
@@ -215,6 +216,12 @@ class RolloutScore:
         the sign of ``srpo_likelihood``'s credit, taken from the value itself, not from the examiner's score."""
         gold = self.step_gold or [None] * len(self.step_scores)
         return [g is not None and g[1] for g, s in zip(gold, self.step_scores) if s is not None]
+
+    @property
+    def gold_weights(self) -> list[float]:
+        """The weight of each rewarded step's likelihood credit (1 where none is given)."""
+        gold = self.step_gold or [None] * len(self.step_scores)
+        return [g[2] if g is not None and len(g) > 2 else 1.0 for g, s in zip(gold, self.step_scores) if s is not None]
 
     @property
     def reward_keys(self) -> list[str]:
@@ -471,6 +478,7 @@ class SRPOBatch:
     golds: list[str] = field(default_factory=list)  # global: each row's gold label
     step_gold_probs: list[list[float]] = field(default_factory=list)  # global, ragged: P(gold value), NaN: none
     step_gold_right: list[list[bool]] = field(default_factory=list)  # global, ragged: sampled value == gold value
+    step_gold_weights: list[list[float]] = field(default_factory=list)  # global, ragged: weight of the credit
     token_step: Tensor | None = None  # [B_local, T]
     trl_advantages: Tensor | None = None  # [B_local], TRL's own
     advantages: Tensor | None = None  # [B_local, T], what the loss uses
@@ -548,6 +556,7 @@ class SRPOTrainer(GRPOTrainer):
         likelihood_objective: str = "logprob",
         likelihood_clip: float = 4.0,
         likelihood_decouple: bool = True,
+        likelihood_class_weights: str | Mapping[str, float] | None = None,
         rollout_sampler: str = "inverse_cdf",
         max_bad_steps: int = 5,
         dump_advantages_dir: str | Path | None = None,
@@ -598,6 +607,7 @@ class SRPOTrainer(GRPOTrainer):
         self.likelihood = dict(likelihood_objective=likelihood_objective, likelihood_clip=float(likelihood_clip),
                                likelihood_decouple=bool(likelihood_decouple))
         self.step_prob: GoldStepProbability | None = None  # srpo_likelihood: built after TRL's init
+        self.likelihood_weights = self._likelihood_class_weights(likelihood_class_weights)
         if rollout_sampler not in ROLLOUT_SAMPLERS:
             raise UserError(f"rollout_sampler must be one of {ROLLOUT_SAMPLERS}, got {rollout_sampler!r}")
         self.rollout_sampler = rollout_sampler
@@ -654,6 +664,45 @@ class SRPOTrainer(GRPOTrainer):
         if not steps:
             raise UserError("likelihood_steps is empty: srpo_likelihood needs at least one choice step")
         return list(steps)
+
+    def _likelihood_class_weights(self, spec: str | Mapping[str, float] | None) -> dict[str, dict[str, float]] | None:
+        """``{step key: {gold value: weight}}`` on the likelihood credit, or None (all 1): ``balanced`` is
+        ``n / (K n_v)`` over the training records' gold values of each likelihood step (K values seen: mean weight 1
+        a record); a mapping ``{value: weight}`` applies to every likelihood step (values it leaves out weigh 1)."""
+        if spec is None:
+            return None
+        if not self.likelihood_steps:
+            raise UserError("likelihood_class_weights is for advantage 'srpo_likelihood'")
+        if isinstance(spec, Mapping):
+            bad = {v: w for v, w in spec.items() if not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0}
+            if bad:
+                raise UserError(f"likelihood_class_weights must map step values to numbers >= 0, got {bad}")
+            return {k: {str(v): float(w) for v, w in spec.items()} for k in self.likelihood_steps}
+        if spec != "balanced":
+            raise UserError(f"likelihood_class_weights must be null, 'balanced' or {{value: weight}}, got {spec!r}")
+        if self.records_by_id is None:
+            raise UserError("likelihood_class_weights: balanced counts the training records' gold values: pass "
+                            "records_by_id")
+        from she.rewards.verifier import choice_truth
+
+        out: dict[str, dict[str, float]] = {}
+        for key in self.likelihood_steps:
+            counts: dict[str, int] = defaultdict(int)
+            for rec in self.records_by_id.values():
+                value = choice_truth(key, rec)
+                if value is not None:
+                    counts[value] += 1
+            n = sum(counts.values())
+            out[key] = {v: n / (len(counts) * c) for v, c in counts.items()}
+        return out
+
+    def _likelihood_weight(self, key: str, record: Record) -> float:
+        """The weight of a likelihood step's credit in a rollout of ``record`` (1 without class weights)."""
+        if self.likelihood_weights is None:
+            return 1.0
+        from she.rewards.verifier import choice_truth
+
+        return self.likelihood_weights.get(key, {}).get(choice_truth(key, record), 1.0)
 
     def _check_likelihood_rewarded(self) -> None:
         """A likelihood step left out of ``reward_steps`` has no token map, so it would get no credit: the run would
@@ -810,6 +859,8 @@ class SRPOTrainer(GRPOTrainer):
             # score then says nothing about the value sampled, and it gets the outcome only
             step_gold = [gold_by_step[i].get(k) if src not in (SOURCE_CUT, SOURCE_DUPLICATE) else None
                          for k, src in zip(idx, sources)]
+            step_gold = [None if g is None else (*g[:2], self._likelihood_weight(key, rec))
+                         for g, key in zip(step_gold, keys)]
             token_step = None
             if with_token_steps:
                 spans = [credit_span(texts[i], p.steps[k].span) for k, s in zip(idx, step_scores) if s is not None]
@@ -905,7 +956,8 @@ class SRPOTrainer(GRPOTrainer):
         return SRPOBatch(mode=mode, rollouts=rows, outcome_rewards=outcome_all.cpu(),
                          step_rewards=[r.rewards for r in all_rows], step_keys=[r.reward_keys for r in all_rows],
                          golds=[r.gold for r in all_rows], step_gold_probs=[r.gold_probs for r in all_rows],
-                         step_gold_right=[r.gold_right for r in all_rows])
+                         step_gold_right=[r.gold_right for r in all_rows],
+                         step_gold_weights=[r.gold_weights for r in all_rows])
 
     def _log_examiner_metrics(self, mode: str) -> None:
         """Log an examiner's own ``metrics()`` (e.g. how many steps facts annotated during the run decided,
@@ -1011,6 +1063,7 @@ class SRPOTrainer(GRPOTrainer):
             outcome_weight=class_weight_vector(batch.golds, self.class_weights),
             step_gold_all=batch.step_gold_probs if self.step_prob is not None else None,
             step_right_all=batch.step_gold_right if self.step_prob is not None else None,
+            step_weight_all=batch.step_gold_weights if self.likelihood_weights is not None else None,
         )
         for name, value in stats.items():
             self._metrics[mode][name].append(value)
@@ -1047,6 +1100,7 @@ def local_srpo_advantages(
     outcome_weight: Tensor | None = None,
     step_gold_all: Sequence[Sequence[float]] | None = None,
     step_right_all: Sequence[Sequence[bool]] | None = None,
+    step_weight_all: Sequence[Sequence[float]] | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Advantages of ``estimator`` over the gathered batch, then this process's [B_local, T_local] part (pure).
 
@@ -1056,7 +1110,7 @@ def local_srpo_advantages(
     as ``accelerator.pad_across_processes`` does), ``correct_all`` [B] (label right), ``outcome_weight`` [B]
     (class-aware weights, or None) and ``step_gold_all`` (ragged like the step rewards: P(gold value), NaN where a
     step has none; for ``srpo_likelihood``, with ``step_right_all``: whether each step's sampled value is the gold
-    one). Groups may straddle processes; their statistics are computed on the
+    one; ``step_weight_all``: the weight of each step's credit). Groups may straddle processes; their statistics are computed on the
     whole group here. Returns (local advantages, :func:`advantage_metrics` of the global batch).
     """
     b_local, t_local = local_shape
@@ -1067,9 +1121,10 @@ def local_srpo_advantages(
     step_type = _ragged(step_types_all, step_mask, -1, torch.long, "step types")
     step_gold = _ragged(step_gold_all, step_mask, math.nan, torch.float32, "gold probabilities")
     step_right = _ragged(step_right_all, step_mask, False, torch.bool, "right/wrong flags")
+    step_weight = _ragged(step_weight_all, step_mask, 1.0, torch.float32, "credit weights")
     x = AdvantageInputs(outcome_all, step_values, step_mask, token_step_all, mask_all, group_size,
                         outcome_correct=correct_all.bool(), step_type=step_type, outcome_weight=outcome_weight,
-                        step_gold_prob=step_gold, step_gold_right=step_right)
+                        step_gold_prob=step_gold, step_gold_right=step_right, step_gold_weight=step_weight)
     adv_all = compute_advantages(estimator, x, opts)
     outcome_part = outcome_advantage(outcome_all, group_size, outcome_weight, eps=opts.eps, scale=opts.scale,
                                      batch_scale=opts.batch_scale)[:, None] * mask_all.float()

@@ -177,6 +177,12 @@ ROWS: dict[str, Row] = {
                                 "itself (likelihood_objective: prob): the expected step accuracy, mode-seeking", "rl",
                                 rl={"step_rewards": True, "advantage": "srpo_likelihood", "examiner": "verifier",
                                     "likelihood_objective": "prob"}, **_RL),
+    "srpo_likelihood_prob_balanced": Row("ablation", "srpo_likelihood_prob with the credit weighted by the inverse "
+                                         "frequency of the gold decision (likelihood_class_weights: balanced): "
+                                         "the decision's balanced accuracy", "rl",
+                                         rl={"step_rewards": True, "advantage": "srpo_likelihood",
+                                             "examiner": "verifier", "likelihood_objective": "prob",
+                                             "likelihood_class_weights": "balanced"}, **_RL),
     "srpo_gated_min": Row("ablation", "srpo_gated with PURE-style min-form credit over the penalties", "rl",
                           rl={"step_rewards": True, "advantage": "srpo_gated_min"}, **_RL),
     "srpo_centered": Row("ablation", "SRPO with group-centred step credit normalised per step type", "rl",
