@@ -324,12 +324,13 @@ def test_trainer_credits_the_decision_and_logs_it(tiny_model_dir, decision_recor
         on = batch.token_step[i] == j
         assert torch.allclose(batch.advantages[i][on], torch.full((int(on.sum()),), weight * (p if right else p - 1)),
                               atol=1e-5)
-    assert SRPOTrainer(model, args, ds, processing_class=tok, records_by_id=by_id, schema=schema,
+    assert SRPOTrainer(model, args, ds, processing_class=tok, records_by_id=all_by_id, schema=schema,
                        advantage="srpo_likelihood", likelihood_class_weights={"no": 2.0}
                        ).likelihood_weights == {"Relevant": {"no": 2.0}}
-    for bad, match in [("inverse", "likelihood_class_weights must be"), ({"no": -1.0}, "numbers >= 0")]:
+    for bad, match in [("inverse", "likelihood_class_weights must be"), ({"no": -1.0}, "numbers >= 0"),
+                       ({"no": float("nan")}, "finite"), ({False: 2.0}, "quote yes/no"), ({"No": 2.0}, "'No'")]:
         with pytest.raises(UserError, match=match):
-            SRPOTrainer(model, args, ds, processing_class=tok, records_by_id=by_id, schema=schema,
+            SRPOTrainer(model, args, ds, processing_class=tok, records_by_id=all_by_id, schema=schema,
                         advantage="srpo_likelihood", likelihood_class_weights=bad)
     with pytest.raises(UserError, match="for advantage 'srpo_likelihood'"):
         SRPOTrainer(model, args, ds, processing_class=tok, records_by_id=by_id, schema=schema,

@@ -96,6 +96,36 @@ def test_fast_sampling_routes_only_the_one_sample_call_and_restores_torch(monkey
         assert torch.multinomial is original
 
 
+def test_fast_sampling_routes_only_the_threads_inside_a_block(monkeypatch):
+    """Another thread's draws go to torch's own sampler while a block is open, and blocks closing out of order
+    across threads leave torch's function installed at the end."""
+    import threading
+
+    original = torch.multinomial
+    calls = []
+    real = gen.categorical_sample
+    monkeypatch.setattr(gen, "categorical_sample", lambda p, g=None: calls.append(1) or real(p, g))
+    probs = torch.tensor([[0.0, 1.0]])
+    entered, release, done = threading.Event(), threading.Event(), []
+
+    def other():
+        with fast_sampling():
+            entered.set()
+            release.wait(10)
+        done.append(True)
+
+    with fast_sampling():
+        t = threading.Thread(target=other)
+        t.start()
+        entered.wait(10)
+    # this thread's block closed first; the other's is still open: this thread is routed to torch's sampler
+    torch.multinomial(probs, 1)
+    assert calls == []
+    release.set()
+    t.join(10)
+    assert done and torch.multinomial is original
+
+
 def _prepared_tiny(tiny_model_dir):
     """The tiny model as TRL's trainer generates with it: prepared by accelerate for bf16 (autocast in forward)."""
     from accelerate import Accelerator

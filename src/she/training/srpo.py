@@ -674,10 +674,22 @@ class SRPOTrainer(GRPOTrainer):
         if not self.likelihood_steps:
             raise UserError("likelihood_class_weights is for advantage 'srpo_likelihood'")
         if isinstance(spec, Mapping):
-            bad = {v: w for v, w in spec.items() if not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0}
+            bad = {v: w for v, w in spec.items()
+                   if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or w < 0}
             if bad:
-                raise UserError(f"likelihood_class_weights must map step values to numbers >= 0, got {bad}")
-            return {k: {str(v): float(w) for v, w in spec.items()} for k in self.likelihood_steps}
+                raise UserError(f"likelihood_class_weights must map step values to finite numbers >= 0, got {bad}")
+            if any(not isinstance(v, str) for v in spec):
+                raise UserError(f"likelihood_class_weights keys are step values as strings, got {list(spec)} (in YAML "
+                                "quote yes/no: unquoted they are read as booleans)")
+            if self.records_by_id is not None:
+                from she.rewards.verifier import choice_truth
+
+                seen = {choice_truth(k, r) for k in self.likelihood_steps for r in self.records_by_id.values()}
+                unknown = sorted(set(spec) - seen)
+                if unknown:
+                    raise UserError(f"likelihood_class_weights names {unknown}, which no training record has as the "
+                                    f"gold value of {self.likelihood_steps} (values: {sorted(v for v in seen if v)})")
+            return {k: dict(spec) for k in self.likelihood_steps}
         if spec != "balanced":
             raise UserError(f"likelihood_class_weights must be null, 'balanced' or {{value: weight}}, got {spec!r}")
         if self.records_by_id is None:
