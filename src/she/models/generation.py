@@ -47,9 +47,12 @@ def categorical_sample(probs: torch.Tensor, generator: torch.Generator | None = 
         uniform = torch.rand(total.shape, dtype=torch.float64, device=probs.device, generator=generator)
     u = uniform.to(torch.float64).reshape(total.shape) * total
     idx = torch.searchsorted(cum, u, right=True).squeeze(1)
-    # u * total can round up to total itself: the last index of positive probability, never a zero one
-    last = probs.size(1) - 1 - (probs.flip(-1) > 0).to(torch.int8).argmax(dim=-1)
-    return torch.minimum(idx, last)
+    # any index < V has positive probability; only u * total rounding up to total itself gives V: then the last index
+    # of positive probability (computed only in that rare case: this runs once per generated token)
+    if bool((idx >= probs.size(1)).any()):
+        last = probs.size(1) - 1 - (probs.flip(-1) > 0).to(torch.int8).argmax(dim=-1)
+        idx = torch.minimum(idx, last)
+    return idx
 
 
 _PATCH_LOCK = threading.Lock()
