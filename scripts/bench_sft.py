@@ -4,6 +4,9 @@ Variants (each a fresh `she train sft` run of ``--steps`` optimiser steps into `
   before          glibc's default allocator (SHE_MALLOC=system) and TRL's gradient checkpointing (on)
   tuned           she's allocator settings (she/runtime.py), no gradient checkpointing (the defaults now)
   tuned+grouped   the same with length-grouped batches (train_sampling_strategy: group_by_length)
+  all_positions   tuned+grouped with TRL's fused LM head projecting every position, prompt and padding included
+                  (SHE_LM_HEAD_POSITIONS=all: TRL's CPU path; the default projects the completion positions only,
+                  she.training.lm_head)
   compiled        tuned+grouped with torch_compile (TorchInductor) and lengths padded to a multiple of 16, so
                   that a handful of batch shapes is compiled once each
 
@@ -32,6 +35,7 @@ VARIANTS = {
     "before": ({"SHE_MALLOC": "system"}, ["--gradient_checkpointing", "true"]),
     "tuned": ({}, []),
     "tuned+grouped": ({}, ["--train_sampling_strategy", "group_by_length"]),
+    "all_positions": ({"SHE_LM_HEAD_POSITIONS": "all"}, ["--train_sampling_strategy", "group_by_length"]),
     "compiled": ({}, ["--train_sampling_strategy", "group_by_length", "--torch_compile", "true",
                       "--pad_to_multiple_of", "16"]),
 }

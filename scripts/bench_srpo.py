@@ -15,6 +15,10 @@ Breakdown per optimisation step (seconds, mean over measured steps):
   judge             the judge's one forward pass per rollout batch
   policy_fwd_bwd    the rest of the step: the policy's forward and backward and the optimiser
 
+``--compare lm_head`` times two GRPO arms instead: TRL's fused LM head projecting every position (TRL's CPU
+path) against only the completion positions (she.training.lm_head, the default); the same values, so the same
+training.
+
 Usage:
   python scripts/bench_srpo.py --model runs/hd-sft-bal/sft/final --judge smollm2-135m \
       --data ../shared/data/home-depot-product-search-relevance/train.csv --format home-depot --steps 4 --reps 2
@@ -64,7 +68,7 @@ def wrap(obj, attr: str, name: str, only_no_grad: bool = False) -> None:
     setattr(obj, attr, wrapped)
 
 
-def build_trainer(args, step_rewards: bool, train, out_dir: str):
+def build_trainer(args, step_rewards: bool, train, out_dir: str, labelled_only: bool = True):
     from she.models.registry import load_model_and_tokenizer
     from she.rewards.hybrid import HybridExaminer, VerifierExaminer
     from she.training.srpo import SRPOTrainer, build_grpo_config, make_prompt_dataset
@@ -87,16 +91,16 @@ def build_trainer(args, step_rewards: bool, train, out_dir: str):
     trainer = SRPOTrainer(
         model=model, args=cfg, train_dataset=make_prompt_dataset(train, args.prompt_style),
         processing_class=tok, records_by_id={r.id: r for r in train}, examiner=examiner,
-        step_rewards=step_rewards, taxonomy=train[0].taxonomy,
+        step_rewards=step_rewards, taxonomy=train[0].taxonomy, labelled_positions_only=labelled_only,
     )
     return trainer, judge
 
 
-def run_once(args, step_rewards: bool, train) -> dict[str, float]:
+def run_once(args, step_rewards: bool, train, labelled_only: bool = True) -> dict[str, float]:
     from transformers import TrainerCallback
 
     with tempfile.TemporaryDirectory() as tmp:
-        trainer, judge = build_trainer(args, step_rewards, train, tmp)
+        trainer, judge = build_trainer(args, step_rewards, train, tmp, labelled_only)
         wrap(trainer, "_generate", "generation")
         wrap(trainer, "_generate_and_score_completions", "score_total")
         wrap(trainer, "_get_per_token_logps_and_entropies", "reference", only_no_grad=True)
@@ -141,20 +145,27 @@ def main(argv=None) -> None:
     p.add_argument("--prompts", type=int, default=2)
     p.add_argument("--max-completion-length", type=int, default=64)
     p.add_argument("--beta", type=float, default=0.0)
+    p.add_argument("--compare", default="estimator", choices=["estimator", "lm_head"],
+                   help="estimator: GRPO against SRPO; lm_head: GRPO with the LM head on every position against "
+                        "the completion positions only")
     add_common_args(p)
     args = p.parse_args(argv)
     train = bench_records(p, args, args.n_records)
 
-    results: dict[str, list[dict[str, float]]] = {"grpo": [], "srpo": []}
+    # (name, step_rewards, labelled positions only); the ratio is the second arm's step time over the first's
+    arms = ((("grpo", False, True), ("srpo", True, True)) if args.compare == "estimator"
+            else (("all_positions", False, False), ("labelled_only", False, True)))
+    results: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in arms}
     for rep in range(args.reps):
-        for name, sr in (("grpo", False), ("srpo", True)):
-            r = run_once(args, sr, train)
+        for name, sr, labelled in arms:
+            r = run_once(args, sr, train, labelled)
             results[name].append(r)
             print(f"rep {rep} {name}: " + ", ".join(f"{k}={v:.2f}s" for k, v in sorted(r.items())), flush=True)
     agg = {n: {k: statistics.mean(r[k] for r in rows) for k in rows[0]} for n, rows in results.items()}
-    ratio = agg["srpo"]["step"] / agg["grpo"]["step"]
-    pairwise = [s["step"] / g["step"] for g, s in zip(results["grpo"], results["srpo"])]
-    report(args, mean=agg, ratio_srpo_over_grpo=ratio, pairwise_ratios=pairwise)
+    (a, _, _), (b, _, _) = arms
+    ratio = agg[b]["step"] / agg[a]["step"]
+    pairwise = [rb["step"] / ra["step"] for ra, rb in zip(results[a], results[b])]
+    report(args, mean=agg, **{f"ratio_{b}_over_{a}": ratio}, pairwise_ratios=pairwise)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,26 @@ def tiny(tiny_model_dir):
 
 
 @pytest.fixture
+def fused_head_calls(monkeypatch):
+    """Records each call of TRL's chunked LM head (she.training.lm_head): the positions it projects, and whether
+    TRL's line chose the labelled positions only at that call. Returns the two lists ``(positions, compact)``."""
+    trl_utils = pytest.importorskip("trl.trainer.utils")
+    positions: list[int] = []
+    compact: list[bool] = []
+    real = trl_utils._ChunkedLogProbFunction
+
+    class Recording:
+        @staticmethod
+        def apply(hidden, *args):
+            positions.append(hidden.shape[0])
+            compact.append(bool(trl_utils._use_triton(hidden.device)))
+            return real.apply(hidden, *args)
+
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", Recording)
+    return positions, compact
+
+
+@pytest.fixture
 def hd_pairs():
     """Five labelled Home-Depot-like pairs (all three labels; units, brands, a far product) for forced-read tests."""
     from she.data.schema import Product, Record

@@ -186,7 +186,8 @@ def scripted_cache(tiny_model_dir, records, tmp_path_factory) -> tuple[Path, Pas
 # ------------------------------------------------------------------------------------------------ DPO
 
 
-def test_dpo_two_steps_changes_weights_and_saves_a_loadable_folder(tiny_model_dir, records, scripted_cache, tmp_path):
+def test_dpo_two_steps_changes_weights_and_saves_a_loadable_folder(tiny_model_dir, records, scripted_cache, tmp_path,
+                                                                   fused_head_calls):
     from she.models.registry import load_model_and_tokenizer
     from she.training.dpo import run_dpo_job
     from she.models.metadata import load_she_meta
@@ -208,6 +209,9 @@ def test_dpo_two_steps_changes_weights_and_saves_a_loadable_folder(tiny_model_di
     assert changed, "DPO did not change any weight"
     logs = [h for h in json.loads((tmp_path / "dpo" / "log_history.json").read_text()) if "loss" in h]
     assert len(logs) == 2 and all(math.isfinite(h["loss"]) for h in logs)
+    # TRL's fused head projected the completion positions only (she.training.lm_head), policy and reference
+    positions, compact = fused_head_calls
+    assert positions and compact == [True] * len(positions)
 
 
 def test_dpo_without_pairs_fails_clearly(tiny_model_dir, records, tmp_path):

@@ -65,6 +65,19 @@ def test_sft_loss_is_the_sum_of_the_fused_heads_log_probs():
     assert "loss = per_token_loss.sum() / torch.as_tensor(num_tokens).clamp(min=1)" in src
 
 
+def test_fused_head_chooses_its_positions_by_the_name_we_patch():
+    """she.training.lm_head replaces ``trl.trainer.utils._use_triton`` so that the fused head projects only the
+    labelled positions on a CPU; that must stay the one name TRL's choice reads, and the log-probability method
+    SRPOTrainer wraps must keep its name."""
+    import trl.trainer.utils as trl_utils
+
+    src = inspect.getsource(trl_utils.add_fused_lm_head)
+    assert "compact = _use_triton(hidden_states.device)" in src
+    assert "hidden_states[mask] if compact else" in src and "labels[mask] if compact else" in src
+    assert callable(trl_utils._use_triton) and callable(trl_utils._ChunkedLogProbFunction.apply)
+    assert "self._get_per_token_logps_and_entropies(" in inspect.getsource(GRPOTrainer._compute_loss)
+
+
 def test_loss_accepts_token_level_advantages_by_source():
     src = inspect.getsource(GRPOTrainer._compute_loss)
     assert 'advantages = inputs["advantages"]' in src

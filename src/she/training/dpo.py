@@ -71,11 +71,13 @@ def run_dpo_job(cfg: DPOJobConfig, train_records: list[Record], *, progress: boo
     train_ds = Dataset.from_list(preference_rows(pairs, records_by_id, style, schema))
 
     from she.training.checkpoints import ManifestCallback
+    from she.training.lm_head import labelled_positions_only
 
     model, tok = load_model_and_tokenizer(resolve_model(cfg.model), for_training=True)
     trainer = DPOTrainer(model=model, args=build_dpo_config(cfg, out), train_dataset=train_ds, processing_class=tok,
                          callbacks=[ManifestCallback()])
-    train_resuming(trainer, out, cfg.resume, log)
+    with labelled_positions_only():  # TRL's fused LM head: the completion positions only on a CPU too (lm_head.py)
+        train_resuming(trainer, out, cfg.resume, log)
     tok.padding_side = "left"  # the saved tokenizer is for generation
     return save_final(trainer, out, {"prompt_style": style, "target": "reasoning", "taxonomy": cfg.data.taxonomy,
                                      "trained_by": "dpo", "schema": spec})

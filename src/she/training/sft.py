@@ -89,6 +89,7 @@ def _verdict_sft_trainer():
     from trl import SFTTrainer
 
     from she.algorithms.sft_loss import last_label_token_mask, verdict_token_weights
+    from she.training.lm_head import labelled_positions_only
 
     class VerdictSFTTrainer(SFTTrainer):
         def __init__(self, *args, verdict_ids: list[int], verdict_weight: float = 1.0, **kwargs):
@@ -124,7 +125,8 @@ def _verdict_sft_trainer():
 
             handle = model.register_forward_hook(hook, with_kwargs=True)
             try:
-                loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+                with labelled_positions_only():  # the head projects the completion positions only (lm_head.py)
+                    loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             finally:
                 handle.remove()
             if "log_probs" in seen:

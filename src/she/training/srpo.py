@@ -55,6 +55,7 @@ from she.algorithms.advantages import (
 from she.data.schema import Record
 from she.errors import UserError
 from she.models.generation import ROLLOUT_SAMPLERS, fast_sampling, generation_autocast
+from she.training.lm_head import labelled_positions_only
 from she.reasoning.parse import ParsedTrace, parse_trace
 from she.reasoning.schema import StepSchema, default_schema
 from she.reasoning.segmentation import token_steps_for_completion
@@ -518,6 +519,10 @@ class SRPOTrainer(GRPOTrainer):
         with ``score_records(records, completion_texts) -> list[float]``). When set, its score *replaces* the
         label outcome reward everywhere (TRL's reward function, hence GRPO's advantage, and SRPO's outcome
         term): scalar-RM GRPO with ``step_rewards=False``. ``correct``/label accuracy stay label-based metrics.
+    rollout_sampler: ``inverse_cdf`` (default) or ``torch``: how rollouts are sampled (she.models.generation).
+    labelled_positions_only: TRL's fused LM head projects only the completion positions on a CPU too (the same
+        values, she.training.lm_head); False: TRL's CPU path, every position; None (default): env
+        ``SHE_LM_HEAD_POSITIONS`` (``labelled`` unless set to ``all``).
     max_bad_steps: an optimizer step whose loss is NaN/inf is skipped (gradients dropped, parameters and
         optimizer moments untouched, counted and logged); this many skipped steps *in a row* raise
         :class:`NonFiniteLossError` (one bad batch is noise, a streak means the run has diverged).
@@ -558,6 +563,7 @@ class SRPOTrainer(GRPOTrainer):
         likelihood_decouple: bool = True,
         likelihood_class_weights: str | Mapping[str, float] | None = None,
         rollout_sampler: str = "inverse_cdf",
+        labelled_positions_only: bool | None = None,
         max_bad_steps: int = 5,
         dump_advantages_dir: str | Path | None = None,
         **grpo_kwargs: Any,
@@ -611,6 +617,7 @@ class SRPOTrainer(GRPOTrainer):
         if rollout_sampler not in ROLLOUT_SAMPLERS:
             raise UserError(f"rollout_sampler must be one of {ROLLOUT_SAMPLERS}, got {rollout_sampler!r}")
         self.rollout_sampler = rollout_sampler
+        self.labelled_positions_only = labelled_positions_only
         self._check_likelihood_rewarded()
         if isinstance(max_bad_steps, bool) or not isinstance(max_bad_steps, int) or max_bad_steps < 1:
             raise UserError(f"max_bad_steps must be an integer >= 1, got {max_bad_steps!r}")
@@ -824,6 +831,13 @@ class SRPOTrainer(GRPOTrainer):
         with generation_autocast(bool(self.args.bf16) and not self.use_vllm, self.accelerator.device), \
                 fast_sampling(self.rollout_sampler == "inverse_cdf" and not self.use_vllm):
             return super()._generate_single_turn(*args, **kwargs)
+
+    def _get_per_token_logps_and_entropies(self, *args: Any, **kwargs: Any):
+        """TRL's log-probabilities of the completion tokens (the policy's in the loss, the reference model's in
+        scoring), with its fused LM head projecting only the completion positions on a CPU too, as it does on a GPU
+        (she.training.lm_head: the same values; ``labelled_positions_only=False`` restores TRL's CPU path)."""
+        with labelled_positions_only(self.labelled_positions_only):
+            return super()._get_per_token_logps_and_entropies(*args, **kwargs)
 
     def _tokenizer_for_decoding(self):
         tok = self.processing_class

@@ -1,0 +1,78 @@
+"""TRL's fused LM head on a CPU: project only the positions that have a label.
+
+TRL 1.16 patches every model it trains (``trl.trainer.utils.add_fused_lm_head``): called with
+``fused_lm_head=True`` the model returns per-token log-probabilities (and entropies) from a chunked projection
+through the LM head, without materialising the ``[tokens, vocabulary]`` logits. Which positions it projects is
+decided by one line, ``compact = _use_triton(hidden_states.device)``:
+
+- on a GPU with Triton, only the positions whose label is not ``-100`` (the completion tokens);
+- anywhere else, *every* position, prompt and padding included, so that the tile shapes never change (a
+  recompilation concern on XLA/Neuron devices, none on a CPU).
+
+On a CPU the second branch costs most of the head's work. SmolLM2's head is 576 x 49,152 (a fifth of the model's
+FLOPs per position), its softmax statistics are folded in float32 over the whole vocabulary, and the backward
+accumulates both gradient products in float32 (about a quarter of the bf16 matmul rate here). In an RL step of
+this project the prompt is ~75 of ~125 tokens a row, and in the SFT the prompt and padding are more than half of
+a batch's positions: all projected, then thrown away by the mask.
+
+:func:`labelled_positions_only` makes TRL take its first branch on a CPU too, for the duration of a ``with``
+block, by replacing the one name that line reads (``trl.trainer.utils._use_triton``) with a function that is
+also true for CPU tensors. The kernel module keeps its own reference to the original, so the tiles are still
+folded by torch's ops, not Triton's. The per-token outputs are the same: each position's projection and fold
+do not depend on the other positions, and the unprojected positions were zeroed by the mask anyway
+(tests/test_lm_head.py checks log-probabilities, entropies and gradients against the unpatched path; TRL's line
+is pinned by tests/test_trl_contract.py). ``SHE_LM_HEAD_POSITIONS=all`` in the environment turns it off for every
+job that does not say otherwise (benchmarks, or a device where it misbehaves). Measured: docs/benchmarks.md,
+"Scoring only labelled positions".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+ENV = "SHE_LM_HEAD_POSITIONS"  # labelled (default) | all (TRL's CPU path)
+_LOCK = threading.Lock()
+_STATE: dict[str, Any] = {"count": 0, "original": None}  # open blocks (all threads); TRL's function while patched
+
+
+def _compact_on_cpu(device: Any) -> bool:
+    original = _STATE["original"]
+    return getattr(device, "type", None) == "cpu" or bool(original is not None and original(device))
+
+
+@contextlib.contextmanager
+def labelled_positions_only(enabled: bool | None = None) -> Iterator[None]:
+    """Inside the block, TRL's fused LM head projects only the labelled positions on a CPU as it does on a GPU
+    (see the module docstring); other devices keep TRL's own choice. Re-entrant and thread-safe (a count of
+    open blocks; TRL's function is back when the last one closes). A no-op when ``enabled`` is false;
+    ``None`` reads ``SHE_LM_HEAD_POSITIONS`` (``labelled``, the default, or ``all``)."""
+    if enabled is None:
+        value = os.environ.get(ENV, "labelled")
+        if value not in ("labelled", "all"):
+            raise ValueError(f"{ENV} must be 'labelled' or 'all', got {value!r}")
+        enabled = value == "labelled"
+    if not enabled:
+        yield
+        return
+    import trl.trainer.utils as trl_utils
+
+    with _LOCK:
+        if _STATE["count"] == 0:
+            _STATE["original"] = trl_utils._use_triton
+            trl_utils._use_triton = _compact_on_cpu
+        _STATE["count"] += 1
+    try:
+        yield
+    finally:
+        with _LOCK:
+            _STATE["count"] -= 1
+            if _STATE["count"] == 0:
+                trl_utils._use_triton = _STATE["original"]
+                _STATE["original"] = None
+
+
+__all__ = ["labelled_positions_only"]
