@@ -140,6 +140,19 @@ def test_rl_job_configs_differ_only_where_the_row_says():
     assert rl_job_config(curve, "srpo", **kw).save_total_limit is None  # the F1-over-training curve reads them all
 
 
+def test_regrouped_row_keeps_the_rollouts_a_step(tmp_path):
+    """srpo_likelihood_g2 spends the same rollouts a step as every RL row, in groups of 2 over more prompts."""
+    kw = dict(model="S", output_dir="o", judge=None)
+    cfg = CompareConfig(rl={"num_generations": 8, "prompts_per_step": 4, "max_steps": 60})
+    base, g2 = (rl_job_config(cfg, r, **kw) for r in ("srpo_likelihood", "srpo_likelihood_g2"))
+    assert (g2.num_generations, g2.prompts_per_step, g2.max_steps) == (2, 16, 60)
+    assert dataclasses.replace(g2, num_generations=8, prompts_per_step=4) == base  # nothing else differs
+    p = tmp_path / "c.yaml"
+    p.write_text("rows: [srpo_likelihood_g2]\nrl: {num_generations: 3, prompts_per_step: 1}\n")
+    with pytest.raises(ConfigError, match=r"c.yaml.rl: row srpo_likelihood_g2 regroups .* 3 is not a multiple of 2"):
+        load_compare_config(p)
+
+
 def test_label_only_section_errors_name_the_key(tmp_path):
     """label_only: may change the row's training sample (max_train, balance_train) and its SFT recipe; a data key
     that would move the split or the evaluation pairs, a key the driver sets, or a typo fails naming the key."""
@@ -480,12 +493,12 @@ def test_whole_table_on_the_tiny_model_then_a_rerun_runs_nothing(tmp_path, tiny_
     # SFT + label-only SFT; 5 plain RL rows + 2 + 2 + 2 curriculum stages + 1 = 12 RL runs (no_step_reward reuses
     # grpo, srpo_gated srpo, srpo_gated_verifier_only srpo_verifier_only), + 8 estimator/step-reward ablations
     # + 8 seed repeats (2 each of grpo, srpo_gated, srpo_gated_graded_missing, srpo_decoupled) + 4 likelihood-outcome
-    # rows + srpo_likelihood, its 2 seeds, srpo_likelihood_outcome, srpo_likelihood_prob and
-    # srpo_likelihood_prob_balanced
-    assert counts["train_sft"] == 2 and counts["run_rl_job"] == 38 and counts["run_curriculum"] == 3
+    # rows + srpo_likelihood, its 2 seeds, srpo_likelihood_outcome, srpo_likelihood_prob,
+    # srpo_likelihood_prob_balanced and srpo_likelihood_g2
+    assert counts["train_sft"] == 2 and counts["run_rl_job"] == 39 and counts["run_curriculum"] == 3
     assert counts["run_dpo_job"] == counts["run_reward_model_job"] == counts["run_cross_encoder_job"] == 1
     assert counts["estimate_pass_rates"] == 1 and "run_prm_job" not in counts  # judge given: no PRM job
-    assert counts["evaluate"] == 38  # every generative row but the reused ones (majority/cross-encoder: no LM)
+    assert counts["evaluate"] == 39  # every generative row but the reused ones (majority/cross-encoder: no LM)
 
     rows = res["rows"]
     assert list(rows) == list(ALL_ROWS)

@@ -97,6 +97,12 @@ def check_compare_config(cfg: CompareConfig, where: str = "config") -> None:
     if rl.max_steps < 1 or rl.prompts_per_step < 1 or rl.num_generations < 1:
         raise ConfigError(f"{where}.rl: max_steps, prompts_per_step and num_generations must be >= 1 "
                           "(they define the equal budget)")
+    for row in selected_rows(cfg, where):
+        g = (ROWS[row].rl or {}).get("regroup_generations")
+        if g is not None and (rl.prompts_per_step * rl.num_generations) % g:
+            raise ConfigError(f"{where}.rl: row {row} regroups each step's rollouts into groups of {g}, but "
+                              f"prompts_per_step x num_generations = {rl.prompts_per_step * rl.num_generations} "
+                              f"is not a multiple of {g}")
     build_section(PassAtNConfig, cfg.passn, f"{where}.passn", PASSN_FIXED)
     build_section(DPOJobConfig, cfg.dpo, f"{where}.dpo", DPO_FIXED)
     build_section(RewardModelJobConfig, cfg.rm, f"{where}.rm", RM_FIXED)
@@ -141,6 +147,12 @@ def rl_job_config(cfg: CompareConfig, row: str, *, model: str, output_dir: str, 
         raise ValueError(f"{row!r} is not an RL row")
     change = dict(spec.rl)
     seed = cfg.seed + int(change.pop("seed_offset", 0))
+    if "regroup_generations" in change:  # the same rollouts a step, spread over more prompts (equal budget)
+        g = int(change.pop("regroup_generations"))
+        per_step = base.prompts_per_step * base.num_generations
+        if per_step % g:  # check_compare_config says it first, with the config's name
+            raise ValueError(f"{row}: {per_step} rollouts a step cannot be regrouped into groups of {g}")
+        change.update(num_generations=g, prompts_per_step=per_step // g)
     kw: dict[str, Any] = {"model": str(model), "output_dir": str(output_dir), "data": cfg.data, "seed": seed,
                           **change}
     if spec.reward_model:
