@@ -206,3 +206,32 @@ def test_trainer_switch(tiny_model_dir, tmp_path, monkeypatch):
     assert calls == []
     SRPOTrainer(model, args, make_prompt_dataset(recs), **kw).train()  # the default: inverse_cdf
     assert len(calls) >= 1 and calls[0][0] == 4
+
+
+def test_policy_sampler_and_service_sample_by_inversion(tiny_model_dir, monkeypatch):
+    """The PRM/pass@N/difficulty sampler and the service's chat endpoint draw sampled tokens by inversion, and
+    greedy decoding draws nothing."""
+    from she.data.synthetic import generate
+    from she.models.registry import load_model_and_tokenizer
+    from she.serving.backend import ChatItem, JudgeBackend
+    from she.training.prm import PolicySampler
+
+    calls = []
+    real = gen.categorical_sample
+    monkeypatch.setattr(gen, "categorical_sample", lambda p, g=None: calls.append(p.shape) or real(p, g))
+    model, tok = load_model_and_tokenizer(str(tiny_model_dir))
+    rec = generate(n_queries=1, products_per_query=1, seed=0)[0]
+    sampler = PolicySampler(model, tok, max_new_tokens=4, batch_size=4, seed=1)
+    sampler([(rec, "")], n=3, temperature=0.0)
+    assert calls == []
+    first = sampler([(rec, "")], n=3, temperature=1.0)
+    assert calls and calls[0][0] == 3
+    sampler._calls = 1  # the same seed again: the same draws
+    assert sampler([(rec, "")], n=3, temperature=1.0) == first
+    calls.clear()
+    backend = JudgeBackend.load(str(tiny_model_dir))
+    item = ChatItem(messages=(("user", "hi"),))
+    backend._chat([item], max_tokens=3, temperature=0.0, top_p=1.0)
+    assert calls == []
+    backend._chat([item, item], max_tokens=3, temperature=0.8, top_p=0.9)
+    assert calls and calls[0][0] == 2

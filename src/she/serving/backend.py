@@ -236,6 +236,7 @@ class JudgeBackend:
     def _chat(self, items: list[ChatItem], *, max_tokens: int, temperature: float, top_p: float) -> list[Any]:
         import torch
 
+        from she.models.generation import fast_sampling
         from she.models.metadata import autocast
 
         tok = self.tokenizer
@@ -260,7 +261,7 @@ class JudgeBackend:
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 \
             else {"do_sample": False}
         eos = tok.eos_token_id
-        with torch.no_grad(), autocast(self.bf16, device):
+        with torch.no_grad(), autocast(self.bf16, device), fast_sampling(temperature > 0):  # by inversion
             seqs = self.model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_tokens,
                                        pad_token_id=pad, eos_token_id=eos, **sampling)
         for row, i in enumerate(idx):

@@ -89,6 +89,7 @@ class PolicySampler:
     def __call__(self, requests: Sequence[tuple[Record, str]], n: int, temperature: float) -> list[list[str]]:
         import torch
 
+        from she.models.generation import fast_sampling
         from she.models.metadata import autocast
 
         if n < 1:
@@ -118,7 +119,8 @@ class PolicySampler:
                 idx = order[start : start + self.batch_size]
                 enc = tok([prompts[flat[j]] for j in idx], return_tensors="pt", padding=True, add_special_tokens=False)
                 enc = {k: v.to(device) for k, v in enc.items()}
-                with autocast(self.bf16, device):
+                # sampled by inversion (she.models.generation: the same distribution, seeded by the same torch seed)
+                with autocast(self.bf16, device), fast_sampling(temperature > 0):
                     out = model.generate(**enc, max_new_tokens=self.max_new_tokens, pad_token_id=tok.pad_token_id,
                                          eos_token_id=eos, **sampling)
                 gen = out[:, enc["input_ids"].shape[1]:]
