@@ -35,8 +35,10 @@ def tiny(tiny_model_dir):
 @pytest.fixture
 def fused_head_calls(monkeypatch):
     """Records each call of TRL's chunked LM head (she.training.lm_head): the positions it projects, and whether
-    TRL's line chose the labelled positions only at that call. Returns the two lists ``(positions, compact)``."""
+    the name TRL's line reads (``_use_triton``) said "labelled positions only" at that call (the line itself is
+    pinned by tests/test_trl_contract.py). Returns the two lists ``(positions, compact)``."""
     trl_utils = pytest.importorskip("trl.trainer.utils")
+    monkeypatch.delenv("SHE_LM_HEAD_POSITIONS", raising=False)  # the default: labelled positions only
     positions: list[int] = []
     compact: list[bool] = []
     real = trl_utils._ChunkedLogProbFunction

@@ -118,9 +118,11 @@ def test_config_errors_name_the_key(tmp_path):
     cfg = load("rows: [grpo, srpo, srpo_no_step_reward, srpo_verifier_only]\nrl: {examiner: verifier}\n")
     assert plan_same_as(cfg, compare.selected_rows(cfg)) == {"srpo_no_step_reward": "grpo", "srpo_verifier_only": "srpo"}
     tiny = load_compare_config(CONFIG)
-    # srpo runs the rl: section's estimator, srpo_gated by default: the same job as srpo_gated (and its verifier arm)
+    # srpo runs the rl: section's estimator, srpo_gated by default: the same job as srpo_gated (and its verifier arm);
+    # the tiny config's groups are of 2 already, so regrouping srpo_likelihood into groups of 2 changes nothing
     assert plan_same_as(tiny, list(ALL_ROWS)) == {"srpo_no_step_reward": "grpo", "srpo_gated": "srpo",
-                                                  "srpo_gated_verifier_only": "srpo_verifier_only"}
+                                                  "srpo_gated_verifier_only": "srpo_verifier_only",
+                                                  "srpo_likelihood_g2": "srpo_likelihood"}
     other = load("rows: [srpo, srpo_gated, srpo_centered, grpo, grpo_seed1]\nrl: {advantage: srpo_centered_pooled}\n")
     assert plan_same_as(other, compare.selected_rows(other)) == {}  # a seed repeat is never the same job
 
@@ -493,12 +495,12 @@ def test_whole_table_on_the_tiny_model_then_a_rerun_runs_nothing(tmp_path, tiny_
     # SFT + label-only SFT; 5 plain RL rows + 2 + 2 + 2 curriculum stages + 1 = 12 RL runs (no_step_reward reuses
     # grpo, srpo_gated srpo, srpo_gated_verifier_only srpo_verifier_only), + 8 estimator/step-reward ablations
     # + 8 seed repeats (2 each of grpo, srpo_gated, srpo_gated_graded_missing, srpo_decoupled) + 4 likelihood-outcome
-    # rows + srpo_likelihood, its 2 seeds, srpo_likelihood_outcome, srpo_likelihood_prob,
-    # srpo_likelihood_prob_balanced and srpo_likelihood_g2
-    assert counts["train_sft"] == 2 and counts["run_rl_job"] == 39 and counts["run_curriculum"] == 3
+    # rows + srpo_likelihood, its 2 seeds, srpo_likelihood_outcome, srpo_likelihood_prob and
+    # srpo_likelihood_prob_balanced (srpo_likelihood_g2 is srpo_likelihood's job here: the tiny groups are of 2)
+    assert counts["train_sft"] == 2 and counts["run_rl_job"] == 38 and counts["run_curriculum"] == 3
     assert counts["run_dpo_job"] == counts["run_reward_model_job"] == counts["run_cross_encoder_job"] == 1
     assert counts["estimate_pass_rates"] == 1 and "run_prm_job" not in counts  # judge given: no PRM job
-    assert counts["evaluate"] == 39  # every generative row but the reused ones (majority/cross-encoder: no LM)
+    assert counts["evaluate"] == 38  # every generative row but the reused ones (majority/cross-encoder: no LM)
 
     rows = res["rows"]
     assert list(rows) == list(ALL_ROWS)

@@ -11,7 +11,13 @@ import torch
 
 trl_utils = pytest.importorskip("trl.trainer.utils")
 
+from she.errors import UserError  # noqa: E402
 from she.training.lm_head import labelled_positions_only  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _default_environment(monkeypatch):
+    monkeypatch.delenv("SHE_LM_HEAD_POSITIONS", raising=False)
 
 
 @pytest.fixture
@@ -86,8 +92,24 @@ def test_environment_switch(monkeypatch):
     with labelled_positions_only(True):  # an explicit choice wins
         assert trl_utils._use_triton is not original
     monkeypatch.setenv("SHE_LM_HEAD_POSITIONS", "some")
-    with pytest.raises(ValueError, match="SHE_LM_HEAD_POSITIONS"), labelled_positions_only():
+    with pytest.raises(UserError, match="SHE_LM_HEAD_POSITIONS must be 'labelled' or 'all', got 'some'"), \
+            labelled_positions_only():
         pass
+
+
+def test_bad_environment_fails_when_the_trainer_is_built(tiny_model_dir, tmp_path, monkeypatch):
+    from she.data.synthetic import generate
+    from she.models.registry import load_model_and_tokenizer
+    from she.training.srpo import SRPOTrainer, build_grpo_config, make_prompt_dataset
+
+    recs = generate(n_queries=2, products_per_query=2, seed=0)[:2]
+    model, tok = load_model_and_tokenizer(str(tiny_model_dir))
+    args = build_grpo_config(tmp_path, num_generations=2, per_device_train_batch_size=4, max_completion_length=8,
+                             max_steps=1, learning_rate=1e-4, seed=0)
+    monkeypatch.setenv("SHE_LM_HEAD_POSITIONS", "")
+    with pytest.raises(UserError, match="SHE_LM_HEAD_POSITIONS"):
+        SRPOTrainer(model, args, make_prompt_dataset(recs), processing_class=tok,
+                    records_by_id={r.id: r for r in recs}, step_rewards=False)
 
 
 def test_threads_share_one_patch():

@@ -570,7 +570,8 @@ class RLJobConfig(ConfigBase):
     # {value: weight}, e.g. {"no": 2.0}
     likelihood_class_weights: str | dict[str, float] | None = None
     # how rollouts draw a token (she.models.generation): inverse_cdf (the same distribution as torch.multinomial, ~40x
-    # cheaper over a 49k vocabulary on a CPU; another random stream) | torch (torch.multinomial, as before session 17)
+    # cheaper over a 49k vocabulary on a CPU; another random stream; CPU only, GPUs keep torch's) | torch
+    # (torch.multinomial, as before session 17)
     rollout_sampler: Literal["torch", "inverse_cdf"] = "inverse_cdf"
     # class-aware outcome: weights on the normalised outcome advantage by gold class (every estimator, GRPO too):
     # null (none) | balanced (inverse frequency in the RL training records) | {Exact: 1.0, Partial: 1.5, ...}

@@ -54,8 +54,10 @@ def run_dpo_job(cfg: DPOJobConfig, train_records: list[Record], *, progress: boo
 
     from she.models.registry import load_model_and_tokenizer, resolve_model
     from she.training.pairs import build_pairs_for_job, preference_rows
+    from she.training.lm_head import labelled_positions_only, resolve_labelled_positions
     from she.training.trainer_setup import save_final, train_resuming, write_job_config
 
+    labelled_only = resolve_labelled_positions()  # a bad SHE_LM_HEAD_POSITIONS fails before any sampling
     spec = schema_of(cfg.model)
     schema = resolve_schema(spec, cfg.data.taxonomy)
     out = Path(cfg.output_dir)
@@ -71,12 +73,11 @@ def run_dpo_job(cfg: DPOJobConfig, train_records: list[Record], *, progress: boo
     train_ds = Dataset.from_list(preference_rows(pairs, records_by_id, style, schema))
 
     from she.training.checkpoints import ManifestCallback
-    from she.training.lm_head import labelled_positions_only
 
     model, tok = load_model_and_tokenizer(resolve_model(cfg.model), for_training=True)
     trainer = DPOTrainer(model=model, args=build_dpo_config(cfg, out), train_dataset=train_ds, processing_class=tok,
                          callbacks=[ManifestCallback()])
-    with labelled_positions_only():  # TRL's fused LM head: the completion positions only on a CPU too (lm_head.py)
+    with labelled_positions_only(labelled_only):  # the fused LM head on the completion positions only (lm_head.py)
         train_resuming(trainer, out, cfg.resume, log)
     tok.padding_side = "left"  # the saved tokenizer is for generation
     return save_final(trainer, out, {"prompt_style": style, "target": "reasoning", "taxonomy": cfg.data.taxonomy,

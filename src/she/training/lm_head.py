@@ -22,8 +22,9 @@ folded by torch's ops, not Triton's. The per-token outputs are the same: each po
 do not depend on the other positions, and the unprojected positions were zeroed by the mask anyway
 (tests/test_lm_head.py checks log-probabilities, entropies and gradients against the unpatched path; TRL's line
 is pinned by tests/test_trl_contract.py). ``SHE_LM_HEAD_POSITIONS=all`` in the environment turns it off for every
-job that does not say otherwise (benchmarks, or a device where it misbehaves). Measured: docs/benchmarks.md,
-"Scoring only labelled positions".
+job that does not say otherwise (benchmarks, or a device where it misbehaves); a compiled SFT
+(``torch_compile: true``) keeps TRL's path, whose shapes do not depend on the labels. Measured: docs/benchmarks.md,
+"The fused LM head on labelled positions only".
 """
 
 from __future__ import annotations
@@ -34,28 +35,41 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+from she.errors import UserError
+
 ENV = "SHE_LM_HEAD_POSITIONS"  # labelled (default) | all (TRL's CPU path)
 _LOCK = threading.Lock()
 _STATE: dict[str, Any] = {"count": 0, "original": None}  # open blocks (all threads); TRL's function while patched
 
 
+def resolve_labelled_positions(enabled: bool | None = None) -> bool:
+    """``enabled`` as given, or for ``None`` the environment's ``SHE_LM_HEAD_POSITIONS`` (``labelled``, the default,
+    or ``all``). Trainers call it when they are built, so that a bad value fails before any model is loaded."""
+    if enabled is not None:
+        return bool(enabled)
+    value = os.environ.get(ENV, "labelled")
+    if value not in ("labelled", "all"):
+        raise UserError(f"{ENV} must be 'labelled' or 'all', got {value!r}")
+    return value == "labelled"
+
+
 def _compact_on_cpu(device: Any) -> bool:
-    original = _STATE["original"]
-    return getattr(device, "type", None) == "cpu" or bool(original is not None and original(device))
+    # TRL's own decision (the kernel module keeps the original name) or a CPU tensor
+    from trl.kernels.chunked_logprob import _use_triton
+
+    return getattr(device, "type", None) == "cpu" or bool(_use_triton(device))
 
 
 @contextlib.contextmanager
 def labelled_positions_only(enabled: bool | None = None) -> Iterator[None]:
     """Inside the block, TRL's fused LM head projects only the labelled positions on a CPU as it does on a GPU
-    (see the module docstring); other devices keep TRL's own choice. Re-entrant and thread-safe (a count of
-    open blocks; TRL's function is back when the last one closes). A no-op when ``enabled`` is false;
-    ``None`` reads ``SHE_LM_HEAD_POSITIONS`` (``labelled``, the default, or ``all``)."""
-    if enabled is None:
-        value = os.environ.get(ENV, "labelled")
-        if value not in ("labelled", "all"):
-            raise ValueError(f"{ENV} must be 'labelled' or 'all', got {value!r}")
-        enabled = value == "labelled"
-    if not enabled:
+    (see the module docstring); other devices keep TRL's own choice. ``enabled``: see
+    :func:`resolve_labelled_positions`; a no-op when it resolves to false.
+
+    Re-entrant and safe to open from several threads: a count of open blocks, TRL's function back when the last one
+    closes. The patch is process-wide while any block is open (a thread outside a block then gets the labelled
+    positions too), which changes no value, only the work done."""
+    if not resolve_labelled_positions(enabled):
         yield
         return
     import trl.trainer.utils as trl_utils
@@ -75,4 +89,4 @@ def labelled_positions_only(enabled: bool | None = None) -> Iterator[None]:
                 _STATE["original"] = None
 
 
-__all__ = ["labelled_positions_only"]
+__all__ = ["ENV", "labelled_positions_only", "resolve_labelled_positions"]

@@ -119,8 +119,8 @@ class PolicySampler:
                 idx = order[start : start + self.batch_size]
                 enc = tok([prompts[flat[j]] for j in idx], return_tensors="pt", padding=True, add_special_tokens=False)
                 enc = {k: v.to(device) for k, v in enc.items()}
-                # sampled by inversion (she.models.generation: the same distribution, seeded by the same torch seed)
-                with autocast(self.bf16, device), fast_sampling(temperature > 0):
+                # on a CPU sampled by inversion (she.models.generation: the same distribution, the same torch seed)
+                with autocast(self.bf16, device), fast_sampling(temperature > 0 and device.type == "cpu"):
                     out = model.generate(**enc, max_new_tokens=self.max_new_tokens, pad_token_id=tok.pad_token_id,
                                          eos_token_id=eos, **sampling)
                 gen = out[:, enc["input_ids"].shape[1]:]

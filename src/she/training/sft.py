@@ -89,11 +89,14 @@ def _verdict_sft_trainer():
     from trl import SFTTrainer
 
     from she.algorithms.sft_loss import last_label_token_mask, verdict_token_weights
-    from she.training.lm_head import labelled_positions_only
+    from she.training.lm_head import labelled_positions_only, resolve_labelled_positions
 
     class VerdictSFTTrainer(SFTTrainer):
         def __init__(self, *args, verdict_ids: list[int], verdict_weight: float = 1.0, **kwargs):
             super().__init__(*args, **kwargs)
+            # TRL's fused head on the completion positions only (lm_head.py), unless compiled: the labelled count
+            # changes every batch, and a compiled graph wants shapes that do not depend on the data
+            self.labelled_only = resolve_labelled_positions(False if self.args.torch_compile else None)
             self.verdict_ids = list(verdict_ids)
             self.verdict_weight = float(verdict_weight)
             self._built_at = time.perf_counter()
@@ -125,7 +128,7 @@ def _verdict_sft_trainer():
 
             handle = model.register_forward_hook(hook, with_kwargs=True)
             try:
-                with labelled_positions_only():  # the head projects the completion positions only (lm_head.py)
+                with labelled_positions_only(self.labelled_only):
                     loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             finally:
                 handle.remove()

@@ -55,7 +55,7 @@ from she.algorithms.advantages import (
 from she.data.schema import Record
 from she.errors import UserError
 from she.models.generation import ROLLOUT_SAMPLERS, fast_sampling, generation_autocast
-from she.training.lm_head import labelled_positions_only
+from she.training.lm_head import labelled_positions_only, resolve_labelled_positions
 from she.reasoning.parse import ParsedTrace, parse_trace
 from she.reasoning.schema import StepSchema, default_schema
 from she.reasoning.segmentation import token_steps_for_completion
@@ -519,7 +519,8 @@ class SRPOTrainer(GRPOTrainer):
         with ``score_records(records, completion_texts) -> list[float]``). When set, its score *replaces* the
         label outcome reward everywhere (TRL's reward function, hence GRPO's advantage, and SRPO's outcome
         term): scalar-RM GRPO with ``step_rewards=False``. ``correct``/label accuracy stay label-based metrics.
-    rollout_sampler: ``inverse_cdf`` (default) or ``torch``: how rollouts are sampled (she.models.generation).
+    rollout_sampler: ``inverse_cdf`` (default) or ``torch``: how rollouts are sampled on a CPU
+        (she.models.generation; on other devices always torch's).
     labelled_positions_only: TRL's fused LM head projects only the completion positions on a CPU too (the same
         values, she.training.lm_head); False: TRL's CPU path, every position; None (default): env
         ``SHE_LM_HEAD_POSITIONS`` (``labelled`` unless set to ``all``).
@@ -617,7 +618,7 @@ class SRPOTrainer(GRPOTrainer):
         if rollout_sampler not in ROLLOUT_SAMPLERS:
             raise UserError(f"rollout_sampler must be one of {ROLLOUT_SAMPLERS}, got {rollout_sampler!r}")
         self.rollout_sampler = rollout_sampler
-        self.labelled_positions_only = labelled_positions_only
+        self.labelled_positions_only = resolve_labelled_positions(labelled_positions_only)
         self._check_likelihood_rewarded()
         if isinstance(max_bad_steps, bool) or not isinstance(max_bad_steps, int) or max_bad_steps < 1:
             raise UserError(f"max_bad_steps must be an integer >= 1, got {max_bad_steps!r}")
@@ -829,7 +830,8 @@ class SRPOTrainer(GRPOTrainer):
         tokens) and, with ``rollout_sampler="inverse_cdf"``, sampling by inversion (the same distribution, faster
         on a CPU): she.models.generation, measured in docs/benchmarks.md ("Rollout generation")."""
         with generation_autocast(bool(self.args.bf16) and not self.use_vllm, self.accelerator.device), \
-                fast_sampling(self.rollout_sampler == "inverse_cdf" and not self.use_vllm):
+                fast_sampling(self.rollout_sampler == "inverse_cdf" and not self.use_vllm
+                              and self.accelerator.device.type == "cpu"):  # on a GPU torch's draw is fast already
             return super()._generate_single_turn(*args, **kwargs)
 
     def _get_per_token_logps_and_entropies(self, *args: Any, **kwargs: Any):

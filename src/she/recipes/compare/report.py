@@ -9,7 +9,7 @@ from typing import Any
 
 from she.data.schema import Record
 from she.recipes.compare.plan import group_of
-from she.recipes.compare.rows import FULL_ROWS, RL_ROWS
+from she.recipes.compare.rows import FULL_ROWS, RL_ROWS, ROWS
 
 
 def row_metrics(records: Sequence[Record], predicted: Mapping[str, str | None], labels: Sequence[str], *,
@@ -176,6 +176,7 @@ def results_markdown(s: Mapping[str, Any]) -> str:
     abl = {k: v for k, v in rows.items() if v["kind"] == "ablation"}
     seeds = {k: v for k, v in rows.items() if v["kind"] == "seed"}
     bs = s["bootstrap"]
+    regrouped = [k for k in rows if k in ROWS and (ROWS[k].rl or {}).get("regroup_generations")]
     parts = [f"# she compare: {s['output_dir']}", "",
              f"Command: `{s['command']}`  ", f"Seed: {s['seed']} (every job); bootstrap: {bs['n']} replicates over "
              f"query groups, seed {bs['seed']}, {100 * (1 - bs['alpha']):.0f} % percentile intervals.", "",
@@ -184,7 +185,9 @@ def results_markdown(s: Mapping[str, Any]) -> str:
              f"pairs from {d['eval_query_groups']} queries, labels {d['eval_labels']}.", "",
              *_label_only_line(d, rows),
              f"Budget ({b['mode']}): every RL row gets {b['rl']['max_steps']} steps x {b['rl']['prompts_per_step']} "
-             f"prompts x {b['rl']['num_generations']} generations = {b['rl_generations_per_row']:,} policy rollouts."]
+             f"prompts x {b['rl']['num_generations']} generations = {b['rl_generations_per_row']:,} policy rollouts"
+             + (f" ({', '.join(regrouped)}: the same rollouts a step in smaller groups over more prompts)."
+                if regrouped else ".")]
     if "passn" in b:
         parts.append(f"DPO / reward model: pass@{b['passn']['n']} on {b['passn']['max_records']} training prompts "
                      "(the same rollouts for both).")

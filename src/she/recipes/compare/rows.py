@@ -183,12 +183,6 @@ ROWS: dict[str, Row] = {
                                          rl={"step_rewards": True, "advantage": "srpo_likelihood",
                                              "examiner": "verifier", "likelihood_objective": "prob",
                                              "likelihood_class_weights": "balanced"}, **_RL),
-    # the same rollouts a step (16 x 2 instead of 4 x 8): the decision's credit is exact per rollout and needs no
-    # group baseline, so the rollouts can go to 4x as many distinct prompts (docs/srpo.md, "More prompts")
-    "srpo_likelihood_g2": Row("ablation", "srpo_likelihood with groups of 2 rollouts: the same rollouts a step "
-                              "spread over more prompts (4 x 8 becomes 16 x 2)", "rl",
-                              rl={"step_rewards": True, "advantage": "srpo_likelihood", "examiner": "verifier",
-                                  "regroup_generations": 2}, **_RL),
     "srpo_gated_min": Row("ablation", "srpo_gated with PURE-style min-form credit over the penalties", "rl",
                           rl={"step_rewards": True, "advantage": "srpo_gated_min"}, **_RL),
     "srpo_centered": Row("ablation", "SRPO with group-centred step credit normalised per step type", "rl",
@@ -202,6 +196,12 @@ ROWS: dict[str, Row] = {
     "srpo_full_no_curriculum": Row("ablation", "srpo_full trained in one stage on the selected prompts", "full",
                                    rl={"step_rewards": True}),
 }
+
+# the same rollouts a step (16 x 2 instead of 4 x 8): the decision's credit is exact per rollout and needs no group
+# baseline, so the rollouts can go to 4x as many distinct prompts (docs/srpo.md, "More prompts with the same rollouts")
+ROWS["srpo_likelihood_g2"] = Row("ablation", "srpo_likelihood with groups of 2 rollouts: the same rollouts a step "
+                                 "spread over more prompts (4 x 8 becomes 16 x 2)", "rl",
+                                 rl={**ROWS["srpo_likelihood"].rl, "regroup_generations": 2}, **_RL)
 
 # the likelihood outcomes (she.training.gold_prob), each for GRPO and for the best 8-rollout SRPO variant: the same
 # outcome for both arms, divided by the batch's reward std (a group's tiny spread is not blown up)
