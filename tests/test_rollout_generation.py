@@ -129,10 +129,13 @@ def test_fast_sampling_routes_only_the_threads_inside_a_block(monkeypatch):
 def _prepared_tiny(tiny_model_dir):
     """The tiny model as TRL's trainer generates with it: prepared by accelerate for bf16 (autocast in forward)."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     from she.models.registry import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(str(tiny_model_dir))
+    # an earlier test's trainer may have left accelerate's process-wide state at another precision
+    AcceleratorState._reset_state(reset_partial_state=True)
     model = Accelerator(mixed_precision="bf16", cpu=True).prepare(model)
     return model.eval(), tok
 

@@ -26,6 +26,8 @@ from collections.abc import Iterator
 
 import torch
 
+from she.patching import scoped_patch
+
 ROLLOUT_SAMPLERS = ("torch", "inverse_cdf")
 
 
@@ -55,17 +57,15 @@ def categorical_sample(probs: torch.Tensor, generator: torch.Generator | None = 
     return idx
 
 
-_PATCH_LOCK = threading.Lock()
-_PATCH = {"count": 0, "original": None}  # open blocks in all threads; torch's own function while patched
+_TORCH_MULTINOMIAL = torch.multinomial  # torch's own, whatever is installed while a block is open
 _THREAD = threading.local()  # .depth: open blocks in this thread (only they route their draws)
 
 
 def _routed_multinomial(input, num_samples, replacement=False, *, generator=None, out=None):  # noqa: A002
-    original = _PATCH["original"] or torch.multinomial
     if (getattr(_THREAD, "depth", 0) > 0 and num_samples == 1 and input.dim() == 2 and out is None
             and input.is_floating_point()):
         return categorical_sample(input, generator).unsqueeze(1)
-    return original(input, num_samples, replacement, generator=generator, out=out)
+    return _TORCH_MULTINOMIAL(input, num_samples, replacement, generator=generator, out=out)
 
 
 @contextlib.contextmanager
@@ -73,26 +73,17 @@ def fast_sampling(enabled: bool = True) -> Iterator[None]:
     """Inside the block, ``torch.multinomial(probs, 1)`` on [N, V] probabilities (the call of transformers'
     sampling loop) is :func:`categorical_sample`; any other call (more samples, with replacement, ``out=``, other
     shapes, other threads) goes to torch's own. Re-entrant and thread-safe: the wrapper is installed while any
-    block is open in any thread, routes only the calls of threads inside a block, and torch's function is back
-    when the last block closes."""
+    block is open in any thread (she.patching), routes only the calls of threads inside a block, and torch's
+    function is back when the last block closes."""
     if not enabled:
         yield
         return
-    with _PATCH_LOCK:
-        if _PATCH["count"] == 0:
-            _PATCH["original"] = torch.multinomial
-            torch.multinomial = _routed_multinomial
-        _PATCH["count"] += 1
-    _THREAD.depth = getattr(_THREAD, "depth", 0) + 1
-    try:
-        yield
-    finally:
-        _THREAD.depth -= 1
-        with _PATCH_LOCK:
-            _PATCH["count"] -= 1
-            if _PATCH["count"] == 0:
-                torch.multinomial = _PATCH["original"]
-                _PATCH["original"] = None
+    with scoped_patch(torch, "multinomial", _routed_multinomial):
+        _THREAD.depth = getattr(_THREAD, "depth", 0) + 1
+        try:
+            yield
+        finally:
+            _THREAD.depth -= 1
 
 
 def generation_autocast(enabled: bool, device: torch.device | str) -> contextlib.AbstractContextManager:

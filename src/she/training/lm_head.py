@@ -31,15 +31,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 from collections.abc import Iterator
 from typing import Any
 
 from she.errors import UserError
+from she.patching import scoped_patch
 
 ENV = "SHE_LM_HEAD_POSITIONS"  # labelled (default) | all (TRL's CPU path)
-_LOCK = threading.Lock()
-_STATE: dict[str, Any] = {"count": 0, "original": None}  # open blocks (all threads); TRL's function while patched
 
 
 def resolve_labelled_positions(enabled: bool | None = None) -> bool:
@@ -66,27 +64,16 @@ def labelled_positions_only(enabled: bool | None = None) -> Iterator[None]:
     (see the module docstring); other devices keep TRL's own choice. ``enabled``: see
     :func:`resolve_labelled_positions`; a no-op when it resolves to false.
 
-    Re-entrant and safe to open from several threads: a count of open blocks, TRL's function back when the last one
-    closes. The patch is process-wide while any block is open (a thread outside a block then gets the labelled
+    Re-entrant and safe to open from several threads (she.patching: TRL's function is back when the last block
+    closes). The patch is process-wide while any block is open (a thread outside a block then gets the labelled
     positions too), which changes no value, only the work done."""
     if not resolve_labelled_positions(enabled):
         yield
         return
     import trl.trainer.utils as trl_utils
 
-    with _LOCK:
-        if _STATE["count"] == 0:
-            _STATE["original"] = trl_utils._use_triton
-            trl_utils._use_triton = _compact_on_cpu
-        _STATE["count"] += 1
-    try:
+    with scoped_patch(trl_utils, "_use_triton", _compact_on_cpu):
         yield
-    finally:
-        with _LOCK:
-            _STATE["count"] -= 1
-            if _STATE["count"] == 0:
-                trl_utils._use_triton = _STATE["original"]
-                _STATE["original"] = None
 
 
 __all__ = ["ENV", "labelled_positions_only", "resolve_labelled_positions"]
