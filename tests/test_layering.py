@@ -14,7 +14,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "she"
 
 # lowest first; docs/design.md draws the same picture
 TIERS: list[tuple[str, ...]] = [
-    ("errors", "runtime", "config", "algorithms", "data", "reasoning", "models"),  # core
+    ("errors", "runtime", "patching", "config", "algorithms", "data", "reasoning", "models"),  # core
     ("rewards", "evaluation"),
     ("training", "sampling"),
     ("recipes", "serving", "annotation", "cli"),
@@ -23,7 +23,8 @@ TIERS: list[tuple[str, ...]] = [
 # is refused
 SAME_TIER = {
     ("config", "errors"), ("data", "errors"), ("data", "config"), ("reasoning", "errors"), ("reasoning", "data"),
-    ("runtime", "errors"), ("models", "errors"), ("models", "data"), ("models", "reasoning"), ("algorithms", "errors"),
+    ("runtime", "errors"), ("models", "errors"), ("models", "data"), ("models", "reasoning"), ("models", "patching"),
+    ("algorithms", "errors"),
     ("evaluation", "rewards"),
     ("sampling", "training"),
     ("cli", "recipes"), ("cli", "serving"), ("cli", "annotation"),
