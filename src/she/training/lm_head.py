@@ -12,8 +12,8 @@ decided by one line, ``compact = _use_triton(hidden_states.device)``:
 On a CPU the second branch costs most of the head's work. SmolLM2's head is 576 x 49,152 (a fifth of the model's
 FLOPs per position), its softmax statistics are folded in float32 over the whole vocabulary, and the backward
 accumulates both gradient products in float32 (about a quarter of the bf16 matmul rate here). In an RL step of
-this project the prompt is ~75 of ~125 tokens a row, and in the SFT the prompt and padding are more than half of
-a batch's positions: all projected, then thrown away by the mask.
+this project the prompt is ~75 of ~125 tokens a row: all projected, then thrown away by the mask (an RL step measured
+0.80x with this change; an SFT step, whose examples are mostly completion, no measurable change).
 
 :func:`labelled_positions_only` makes TRL take its first branch on a CPU too, for the duration of a ``with``
 block, by replacing the one name that line reads (``trl.trainer.utils._use_triton``) with a function that is
