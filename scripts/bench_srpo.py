@@ -19,6 +19,10 @@ Breakdown per optimisation step (seconds, mean over measured steps):
 path) against only the completion positions (she.training.lm_head, the default); the same values, so the same
 training.
 
+``--compare micro_batches`` times GRPO with the step's rollouts through the loss in one pass against
+``--micro-batches`` pieces (``rl.loss_micro_batches``: the same update, less activation memory at once); every arm
+also reports its peak resident memory (``peak_rss_gb``, VmHWM reset before the arm where the kernel allows it).
+
 Usage:
   python scripts/bench_srpo.py --model runs/hd-sft-bal/sft/final --judge smollm2-135m \
       --data ../shared/data/home-depot-product-search-relevance/train.csv --format home-depot --steps 4 --reps 2
@@ -68,9 +72,10 @@ def wrap(obj, attr: str, name: str, only_no_grad: bool = False) -> None:
     setattr(obj, attr, wrapped)
 
 
-def build_trainer(args, step_rewards: bool, train, out_dir: str, labelled_only: bool = True):
+def build_trainer(args, step_rewards: bool, train, out_dir: str, labelled_only: bool = True, micro_batches: int = 1):
     from she.models.registry import load_model_and_tokenizer
     from she.rewards.hybrid import HybridExaminer, VerifierExaminer
+    from she.training.rl import loss_batch_settings
     from she.training.srpo import SRPOTrainer, build_grpo_config, make_prompt_dataset
 
     model, tok = load_model_and_tokenizer(args.model)
@@ -83,7 +88,7 @@ def build_trainer(args, step_rewards: bool, train, out_dir: str, labelled_only: 
         judge = StepJudge.from_pretrained(args.judge, bf16=args.bf16)
         examiner = HybridExaminer(VerifierExaminer(), judge, mode="verifier_first" if args.examiner == "hybrid" else "blend")
     cfg = build_grpo_config(
-        out_dir, num_generations=args.group, per_device_train_batch_size=args.group * args.prompts,
+        out_dir, num_generations=args.group, **loss_batch_settings(args.group * args.prompts, micro_batches),
         max_completion_length=args.max_completion_length, max_steps=args.steps, learning_rate=1e-6,
         beta=args.beta, temperature=1.0, bf16=args.bf16, seed=args.seed, logging_steps=1, report_to="none",
         save_strategy="no",
@@ -96,11 +101,34 @@ def build_trainer(args, step_rewards: bool, train, out_dir: str, labelled_only: 
     return trainer, judge
 
 
-def run_once(args, step_rewards: bool, train, labelled_only: bool = True) -> dict[str, float]:
+def _reset_peak_rss() -> None:
+    """Reset this process's VmHWM (Linux: writing 5 to /proc/self/clear_refs); silently kept elsewhere."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_gb() -> float:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return float("nan")
+
+
+def run_once(args, step_rewards: bool, train, labelled_only: bool = True, micro_batches: int = 1) -> dict[str, float]:
     from transformers import TrainerCallback
 
+    from she.runtime import release_memory
+
+    release_memory()
+    _reset_peak_rss()
     with tempfile.TemporaryDirectory() as tmp:
-        trainer, judge = build_trainer(args, step_rewards, train, tmp, labelled_only)
+        trainer, judge = build_trainer(args, step_rewards, train, tmp, labelled_only, micro_batches)
         wrap(trainer, "_generate", "generation")
         wrap(trainer, "_generate_and_score_completions", "score_total")
         wrap(trainer, "_get_per_token_logps_and_entropies", "reference", only_no_grad=True)
@@ -128,6 +156,7 @@ def run_once(args, step_rewards: bool, train, labelled_only: bool = True) -> dic
     mean = {k: statistics.mean(r.get(k, 0.0) for r in measured) for k in keys}
     mean["score_total"] = mean.get("score_total", 0.0) - mean.get("generation", 0.0)
     mean["policy_fwd_bwd"] = mean["step"] - mean.get("generation", 0.0) - mean["score_total"]
+    mean["peak_rss_gb"] = _peak_rss_gb()
     return mean
 
 
@@ -145,24 +174,29 @@ def main(argv=None) -> None:
     p.add_argument("--prompts", type=int, default=2)
     p.add_argument("--max-completion-length", type=int, default=64)
     p.add_argument("--beta", type=float, default=0.0)
-    p.add_argument("--compare", default="estimator", choices=["estimator", "lm_head"],
+    p.add_argument("--compare", default="estimator", choices=["estimator", "lm_head", "micro_batches"],
                    help="estimator: GRPO against SRPO; lm_head: GRPO with the LM head on every position against "
-                        "the completion positions only")
+                        "the completion positions only; micro_batches: GRPO's loss in one pass against "
+                        "--micro-batches pieces")
+    p.add_argument("--micro-batches", type=int, default=4, help="pieces of the micro_batches arm")
     add_common_args(p)
     args = p.parse_args(argv)
     train = bench_records(p, args, args.n_records)
 
-    # (name, step_rewards, labelled positions only); the ratio is the second arm's step time over the first's
-    arms = ((("grpo", False, True), ("srpo", True, True)) if args.compare == "estimator"
-            else (("all_positions", False, False), ("labelled_only", False, True)))
-    results: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in arms}
+    # (name, step_rewards, labelled positions only, loss micro-batches); the ratio is the second arm's step time
+    # over the first's
+    arms = {"estimator": (("grpo", False, True, 1), ("srpo", True, True, 1)),
+            "lm_head": (("all_positions", False, False, 1), ("labelled_only", False, True, 1)),
+            "micro_batches": (("one_pass", False, True, 1), ("micro_batches", False, True, args.micro_batches)),
+            }[args.compare]
+    results: dict[str, list[dict[str, float]]] = {name: [] for name, *_ in arms}
     for rep in range(args.reps):
-        for name, sr, labelled in arms:
-            r = run_once(args, sr, train, labelled)
+        for name, sr, labelled, micro in arms:
+            r = run_once(args, sr, train, labelled, micro)
             results[name].append(r)
             print(f"rep {rep} {name}: " + ", ".join(f"{k}={v:.2f}s" for k, v in sorted(r.items())), flush=True)
     agg = {n: {k: statistics.mean(r[k] for r in rows) for k in rows[0]} for n, rows in results.items()}
-    (a, _, _), (b, _, _) = arms
+    (a, *_), (b, *_) = arms
     ratio = agg[b]["step"] / agg[a]["step"]
     pairwise = [rb["step"] / ra["step"] for ra, rb in zip(results[a], results[b])]
     report(args, mean=agg, **{f"ratio_{b}_over_{a}": ratio}, pairwise_ratios=pairwise)

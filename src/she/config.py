@@ -598,6 +598,10 @@ class RLJobConfig(ConfigBase):
     temperature: float = 1.0
     bf16: bool = True
     gradient_checkpointing: bool = False  # as JobConfig: TRL's default (on) costs ~1/3 more compute per step
+    # the step's rollouts go through the loss (forward + backward) in this many pieces before its one optimizer
+    # step: the same gradient, 1/n of the activations held at once (TRL's gradient accumulation over one
+    # generation batch; docs/benchmarks.md, "Loss micro-batches"). Must divide the rollouts per process a step.
+    loss_micro_batches: int = 1
     seed: int = 0
     logging_steps: int = 1
     save_steps: int = 25

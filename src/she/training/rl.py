@@ -147,6 +147,20 @@ def run_examiner_check(cfg: RLJobConfig, examiner, records: list[Record], schema
     return report
 
 
+def loss_batch_settings(rollouts: int, micro_batches: int = 1) -> dict:
+    """TRL's batch keywords for a step of ``rollouts`` rollouts per process that go through the loss in
+    ``micro_batches`` pieces: one generation batch of ``rollouts`` (``per_device_train_batch_size x
+    steps_per_generation``), split by TRL into ``micro_batches`` forward + backward passes whose gradients add
+    up before the step's one optimizer update (``gradient_accumulation_steps``). TRL's ``dapo`` loss divides
+    each piece by the whole generation batch's token count, so the gradient is the one of a single pass; what
+    changes is the activation memory held at once (1/n)."""
+    if micro_batches < 1 or rollouts % micro_batches:
+        raise UserError(f"rl.loss_micro_batches must be >= 1 and divide the {rollouts} rollouts a process trains on "
+                        f"each step, got {micro_batches}")
+    return {"per_device_train_batch_size": rollouts // micro_batches,
+            "gradient_accumulation_steps": micro_batches, "steps_per_generation": micro_batches}
+
+
 def rollout_settings(cfg: RLJobConfig) -> dict:
     """The job's rollout-engine settings as :func:`build_grpo_config` keywords (TRL's ``GRPOConfig`` names).
 
@@ -193,7 +207,8 @@ def run_rl_job(cfg: RLJobConfig, train: list[Record], callbacks: list | None = N
     # process group under `accelerate launch`, so that rank-0-only writes below know their rank.
     args = build_grpo_config(
         out, num_generations=cfg.num_generations,
-        per_device_train_batch_size=cfg.per_device_batch_size or cfg.num_generations * cfg.prompts_per_step,
+        **loss_batch_settings(cfg.per_device_batch_size or cfg.num_generations * cfg.prompts_per_step,
+                              cfg.loss_micro_batches),
         max_completion_length=cfg.max_completion_length, max_steps=cfg.max_steps,
         learning_rate=cfg.learning_rate, beta=cfg.beta, temperature=cfg.temperature, bf16=cfg.bf16, seed=cfg.seed,
         gradient_checkpointing=cfg.gradient_checkpointing, scale_rewards=cfg.scale_rewards,
