@@ -616,6 +616,9 @@ class RLJobConfig(ConfigBase):
     per_device_batch_size: int | None = None  # completions per process per step; None = num_generations * prompts_per_step
     layout_invariant_sampling: bool = False  # rollouts independent of the process count (equivalence tests)
     rollout_func: str | None = None  # "module:function", TRL's rollout_func (custom generation); None = TRL's own
+    # sampled: the policy writes its whole trace | computed: the steps a program computes from the pair are forced
+    # and only the rest is sampled and trained (the decision and the verdict; she.training.computed_rollouts)
+    rollout_evidence: str = "sampled"
     dump_advantages: str | None = None  # folder: each process writes its advantages per generation round (debug)
     use_vllm: bool = False  # TRL's vLLM rollouts (pip install 'she[vllm]'; needs a GPU)
     vllm_mode: str = "colocate"  # colocate (vLLM inside each training process) | server (`trl vllm-serve`)

@@ -173,13 +173,25 @@ def rollout_settings(cfg: RLJobConfig) -> dict:
             "vllm_server_base_url": cfg.vllm_server_base_url}
 
 
-def trainer_rollout_kwargs(cfg: RLJobConfig) -> dict:
-    """Extra :class:`SRPOTrainer` keywords: a custom ``rollout_func`` ("module:function") and the advantage dump
-    folder, each only when set (otherwise the trainer is built exactly as before)."""
+def trainer_rollout_kwargs(cfg: RLJobConfig, train: list[Record] | None = None, schema: StepSchema | None = None
+                           ) -> dict:
+    """Extra :class:`SRPOTrainer` keywords: a custom ``rollout_func`` ("module:function"), or the computed-evidence
+    one (``rollout_evidence: computed``: the steps of ``train``'s prompts a program computes, written in ``schema``,
+    forced), and the advantage dump folder, each only when set (otherwise the trainer is built exactly as before)."""
     from she.training.distributed import import_object
 
     out: dict = {}
-    if cfg.rollout_func:
+    if cfg.rollout_evidence not in ("sampled", "computed"):
+        raise UserError(f"rl.rollout_evidence must be sampled or computed, got {cfg.rollout_evidence!r}")
+    if cfg.rollout_evidence == "computed":
+        if cfg.rollout_func or cfg.use_vllm:
+            raise UserError("rl.rollout_evidence: computed is its own rollout_func on transformers generation; "
+                            "unset rollout_func and use_vllm")
+        from she.training.computed_rollouts import computed_evidence_rollout
+
+        out["rollout_func"] = computed_evidence_rollout(
+            train or [], schema if schema is not None else resolve_schema(None, cfg.data.taxonomy))
+    elif cfg.rollout_func:
         out["rollout_func"] = import_object(cfg.rollout_func)
     if cfg.dump_advantages:
         out["dump_advantages_dir"] = cfg.dump_advantages
@@ -218,6 +230,7 @@ def run_rl_job(cfg: RLJobConfig, train: list[Record], callbacks: list | None = N
     write_job_config(out, cfg, args.process_index)
     examiner = _live(build_examiner(cfg), cfg)
     class_weights = resolve_class_weights(cfg, train)
+    rollout_kwargs = trainer_rollout_kwargs(cfg, train, schema)  # computed stems are written here, before the model
     if args.process_index == 0:
         run_examiner_check(cfg, examiner, check_records if check_records is not None else train, schema)
     model, tok = load_model_and_tokenizer(cfg.model)
@@ -238,7 +251,7 @@ def run_rl_job(cfg: RLJobConfig, train: list[Record], callbacks: list | None = N
         taxonomy=cfg.data.taxonomy, schema=schema, partial_credit=cfg.partial_credit, format_weight=cfg.format_weight,
         callbacks=[ManifestCallback(), *(callbacks or []), *filter(None, [heap_trim_callback(cfg.heap_trim_steps)])],
         max_bad_steps=cfg.max_bad_steps,
-        **build_reward_model_kwargs(cfg), **trainer_rollout_kwargs(cfg),
+        **build_reward_model_kwargs(cfg), **rollout_kwargs,
     )
     train_resuming(trainer, out, cfg.resume, log)
 

@@ -203,6 +203,14 @@ ROWS["srpo_likelihood_g2"] = Row("ablation", "srpo_likelihood with groups of 2 r
                                  "spread over more prompts (4 x 8 becomes 16 x 2)", "rl",
                                  rl={**ROWS["srpo_likelihood"].rl, "regroup_generations": 2}, **_RL)
 
+# rollouts with the computed steps forced (she.training.computed_rollouts): the policy samples and trains only the
+# decision and the verdict, after the evidence the computed read of `she eval` forces too (docs/srpo.md, "Computed
+# evidence in the rollouts")
+for _base in ("grpo", "srpo_likelihood"):
+    ROWS[f"{_base}_computed"] = Row("ablation", f"{_base} on rollouts whose computed steps are forced "
+                                    "(rollout_evidence: computed)", "rl",
+                                    rl={**ROWS[_base].rl, "rollout_evidence": "computed"}, **_RL)
+
 # the likelihood outcomes (she.training.gold_prob), each for GRPO and for the best 8-rollout SRPO variant: the same
 # outcome for both arms, divided by the batch's reward std (a group's tiny spread is not blown up)
 for _outcome, _what in (("gold_prob", "P(gold label | reasoning)"),

@@ -1,0 +1,69 @@
+"""Rollouts whose evidence is computed, not sampled (``rl.rollout_evidence: computed``, docs/srpo.md).
+
+The best reads of a judge on the decision and evidence schemas force the computed evidence and let the policy
+decide after it (``evidence: computed``: the steps a program can compute from the pair are written by the
+rationale writer, every one right). A policy trained by RL on its *own* sampled evidence is then read on
+another distribution than the one it was trained on. Here the rollouts match the read: each prompt's computed
+steps (:func:`she.reasoning.rationale.computed_evidence`, up to the verdict key, or up to the key of the choice
+step right before it on the decision schema) are appended to the prompt, the policy samples only what follows
+(the decision value and the verdict), and the returned completion is the steps plus the sample, with TRL's
+``env_mask`` 0 on the forced steps: they are parsed, examined and rewarded like any trace, and get no gradient
+(TRL multiplies its loss mask by it).
+
+A TRL ``rollout_func`` (``GRPOTrainer(rollout_func=...)``); generation is the trainer's own
+``_generate_single_turn``, so SRPOTrainer's autocast region and sampling by inversion apply.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from she.data.schema import Record
+from she.errors import UserError
+from she.reasoning.prompts import user_message
+from she.reasoning.rationale import computed_evidence
+from she.reasoning.schema import StepSchema
+
+
+def computed_stem(record: Record, schema: StepSchema) -> str:
+    """The steps of ``record``'s trace a program computes, as text ending with the key the policy answers next:
+    ``...\\nVerdict:`` for a label-free schema (evidence, semantic), ``...\\nRelevant:`` for one whose only
+    label-derived step is a choice right before the verdict (decision). ``UserError`` for any other schema."""
+    try:
+        return computed_evidence(record, schema)
+    except UserError as full:
+        steps = schema.steps
+        if len(steps) < 2 or steps[-2].kind != "choice":
+            raise full from None
+        return computed_evidence(record, schema, stop_at=steps[-2].name)
+
+
+def computed_evidence_rollout(records: list[Record], schema: StepSchema) -> Callable[[list, Any], dict]:
+    """A TRL ``rollout_func`` for prompts built from ``records`` (matched by their user message): the computed
+    stem of each prompt forced, the rest sampled by the trainer. Stems are written once, here, so a schema that
+    cannot be computed fails before any model is loaded."""
+    stems: dict[str, str] = {}
+    for r in records:
+        stems.setdefault(user_message(r), computed_stem(r, schema))
+
+    def rollout(prompts: list, trainer) -> dict:
+        tok = trainer._tokenizer_for_decoding()
+        prompt_ids, images, multimodal = trainer._tokenize_prompts(prompts)
+        stem_ids = []
+        for p in prompts:
+            key = p[-1]["content"] if isinstance(p, list) else p
+            if key not in stems:
+                raise RuntimeError(f"rollout_evidence=computed: a prompt that none of the job's records wrote: {key!r}")
+            stem_ids.append(tok(stems[key], add_special_tokens=False)["input_ids"])
+        group = trainer.num_generations if trainer.model.training else trainer.num_generations_eval
+        sampled, _ = trainer._generate_single_turn([p + s for p, s in zip(prompt_ids, stem_ids)], images, multimodal,
+                                                    group)
+        return {"prompt_ids": prompt_ids,
+                "completion_ids": [s + list(c) for s, c in zip(stem_ids, sampled)],
+                "logprobs": None,  # TRL recomputes the old policy's where it needs them
+                "env_mask": [[0] * len(s) + [1] * len(c) for s, c in zip(stem_ids, sampled)]}
+
+    return rollout
+
+
+__all__ = ["computed_evidence_rollout", "computed_stem"]
