@@ -84,6 +84,17 @@ def test_loss_accepts_token_level_advantages_by_source():
     assert "if advantages.dim() == 1:" in src  # (B,) is unsqueezed, (B, T) is used as is
 
 
+def test_a_rollout_funcs_env_mask_keeps_tokens_out_of_the_loss():
+    """rl.rollout_evidence: computed (she.training.computed_rollouts) forces the computed steps into the completion
+    and relies on TRL turning the rollout_func's ``env_mask`` into the ``tool_mask`` its loss multiplies in, and on
+    the split of a generation batch into micro-batches (rl.loss_micro_batches) carrying it along."""
+    assert 'tool_mask = extra_fields.pop("env_mask", None)' in inspect.getsource(GRPOTrainer._generate)
+    assert 'mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]' in (
+        inspect.getsource(GRPOTrainer._compute_loss))
+    assert "loss_mask = completion_mask if tool_mask is None else completion_mask * tool_mask" in (
+        inspect.getsource(GRPOTrainer._generate_and_score_completions))  # num_items_in_batch counts trained tokens
+
+
 @pytest.fixture(scope="module")
 def grpo_trainer(tiny_model_dir, tmp_path_factory):
     from she.data.synthetic import generate
