@@ -2,7 +2,7 @@
 
 Both trainers get the same policy, prompts, batch, group size, seed and generation settings; the only
 difference is ``step_rewards`` (and, for SRPO, the examiner: ``--examiner verifier|hybrid|blend``, where
-hybrid/blend also run the generative judge). Runs alternate (GRPO, SRPO, GRPO, SRPO, ...) so slow drift
+hybrid/blend also run the generative judge). Runs alternate (GRPO, SRPO, SRPO, GRPO, ...) so slow drift
 of a shared CPU hits both. The first step of every run is a warm-up and is excluded.
 
 Breakdown per optimisation step (seconds, mean over measured steps):
@@ -126,7 +126,8 @@ def run_once(args, step_rewards: bool, train, labelled_only: bool = True, micro_
     from she.runtime import release_memory
 
     release_memory()
-    _reset_peak_rss()
+    _reset_peak_rss()  # to what the process holds now, which includes what an earlier arm left: start_rss_gb
+    start = _peak_rss_gb()
     with tempfile.TemporaryDirectory() as tmp:
         trainer, judge = build_trainer(args, step_rewards, train, tmp, labelled_only, micro_batches)
         wrap(trainer, "_generate", "generation")
@@ -156,7 +157,7 @@ def run_once(args, step_rewards: bool, train, labelled_only: bool = True, micro_
     mean = {k: statistics.mean(r.get(k, 0.0) for r in measured) for k in keys}
     mean["score_total"] = mean.get("score_total", 0.0) - mean.get("generation", 0.0)
     mean["policy_fwd_bwd"] = mean["step"] - mean.get("generation", 0.0) - mean["score_total"]
-    mean["peak_rss_gb"] = _peak_rss_gb()
+    mean["peak_rss_gb"], mean["start_rss_gb"] = _peak_rss_gb(), start
     return mean
 
 
@@ -191,7 +192,7 @@ def main(argv=None) -> None:
             }[args.compare]
     results: dict[str, list[dict[str, float]]] = {name: [] for name, *_ in arms}
     for rep in range(args.reps):
-        for name, sr, labelled, micro in arms:
+        for name, sr, labelled, micro in (arms if rep % 2 == 0 else arms[::-1]):  # what runs first alternates
             r = run_once(args, sr, train, labelled, micro)
             results[name].append(r)
             print(f"rep {rep} {name}: " + ", ".join(f"{k}={v:.2f}s" for k, v in sorted(r.items())), flush=True)

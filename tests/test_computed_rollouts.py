@@ -19,7 +19,7 @@ from she.config import RLJobConfig  # noqa: E402
 from she.data.schema import Product, Record  # noqa: E402
 from she.errors import UserError  # noqa: E402
 from she.reasoning.schema import resolve_schema  # noqa: E402
-from she.training.computed_rollouts import computed_evidence_rollout, computed_stem  # noqa: E402
+from she.training.computed_rollouts import computed_evidence_rollout, computed_stem, stem_tokens  # noqa: E402
 from she.training.rl import trainer_rollout_kwargs  # noqa: E402
 
 G = 2
@@ -93,12 +93,36 @@ def test_a_training_step_forces_the_stem_and_masks_it(tiny_model_dir, tmp_path, 
     for row in range(batch["completion_ids"].shape[0]):
         prompt = tok.decode([t for t in batch["prompt_ids"][row].tolist() if t != pad])
         stem = by_prompt[prompt]
-        n_stem = len(tok(stem, add_special_tokens=False)["input_ids"])
+        prompt_ids = [t for t in batch["prompt_ids"][row].tolist() if t != pad]
+        joint = tok(prompt + stem, add_special_tokens=False)["input_ids"]  # how `she eval`'s computed read forces them
+        n_stem = len(joint) - len(prompt_ids)
         ids = batch["completion_ids"][row]
-        assert tok.decode(ids[:n_stem]) == stem  # the computed steps, forced
+        assert prompt_ids + ids[:n_stem].tolist() == joint  # the computed steps, forced, as the read tokenizes them
         mask, tool = batch["completion_mask"][row], batch["tool_mask"][row]
         assert tool[:n_stem].sum().item() == 0  # no gradient on the forced steps
         n_real = int(mask.sum().item())
         assert n_real > n_stem and tool[n_stem:n_real].min().item() == 1  # the sampled tokens train
-        # the forced text is the one the computed read of `she eval` writes after the same prompt
-        assert tok.decode(tok(prompt + stem, add_special_tokens=False)["input_ids"]) == prompt + stem
+
+
+def test_stem_tokens_come_from_the_joint_text(tiny_model_dir):
+    """A stem is tokenized after its prompt, not on its own; a tokenizer whose tokens cross the boundary is refused."""
+    from she.models.registry import load_model_and_tokenizer
+
+    tok = load_model_and_tokenizer(tiny_model_dir)[1]
+    prompt = tok("Query: drill\nassistant\n", add_special_tokens=False)["input_ids"]
+    stem = "Missing: none\nRelevant:"
+    assert prompt + stem_tokens(tok, prompt, stem) == tok("Query: drill\nassistant\n" + stem,
+                                                          add_special_tokens=False)["input_ids"]
+    glued = tok("Query: dri", add_special_tokens=False)["input_ids"]
+    assert tok("Query: drill", add_special_tokens=False)["input_ids"][: len(glued)] != glued  # the premise: it merges
+    with pytest.raises(RuntimeError, match="merges across the boundary"):
+        stem_tokens(tok, glued, "ll")
+
+
+def test_records_whose_prompts_agree_must_agree_on_their_steps(monkeypatch):
+    a = _records()[0]
+    b = Record(id="other", query=a.query, product=a.product, label="Partial")
+    computed_evidence_rollout([a, b], resolve_schema("decision"))  # labels differ, computed steps do not: fine
+    monkeypatch.setattr(sim, "similarity_bucket", lambda record: "high" if record.id == a.id else "low")
+    with pytest.raises(UserError, match="computed steps differ"):
+        computed_evidence_rollout([a, b], resolve_schema("decision"))

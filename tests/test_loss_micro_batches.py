@@ -2,8 +2,8 @@
 
 The claim in she.training.rl.loss_batch_settings is that the update is the one of a single pass (TRL's dapo
 loss divides every piece by the whole generation batch's token count). Checked on the tiny model with scripted
-completions (tests/she_test_rollouts.py), so both runs see the same rollouts: two SRPO steps with a KL anchor,
-one pass against two pieces, the same parameters after, and the loss called twice as often.
+completions (tests/she_test_rollouts.py), so both runs see the same rollouts: two SRPO steps with a KL anchor
+under plain SGD, one pass against two pieces, the same parameters after, and the loss called twice as often.
 """
 
 from __future__ import annotations
@@ -39,8 +39,11 @@ def _train(tiny_model_dir, records, out, micro_batches: int):
 
     torch.manual_seed(0)
     model, tok = load_model_and_tokenizer(tiny_model_dir)
-    args = build_grpo_config(out, num_generations=G, max_completion_length=200, max_steps=2, learning_rate=1e-3,
-                             beta=0.04, seed=0, **loss_batch_settings(2 * G, micro_batches))
+    # plain SGD without clipping: the update is lr x the gradient itself, so a gradient off by a constant factor
+    # (a normaliser counted twice) shows, where Adam's per-parameter scaling and norm clipping would hide it
+    args = build_grpo_config(out, num_generations=G, max_completion_length=200, max_steps=2, learning_rate=1e-2,
+                             beta=0.04, seed=0, optim="sgd", max_grad_norm=0.0,
+                             **loss_batch_settings(2 * G, micro_batches))
     trainer = SRPOTrainer(model, args, make_prompt_dataset(records), records_by_id={r.id: r for r in records},
                           processing_class=tok, rollout_func=scripted_rollout, advantage="srpo_gated")
     calls = []

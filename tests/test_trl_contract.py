@@ -84,6 +84,17 @@ def test_loss_accepts_token_level_advantages_by_source():
     assert "if advantages.dim() == 1:" in src  # (B,) is unsqueezed, (B, T) is used as is
 
 
+def test_dapo_pieces_of_one_generation_batch_add_up_to_its_loss():
+    """rl.loss_micro_batches (she.training.rl.loss_batch_settings) sets gradient_accumulation_steps =
+    steps_per_generation = n and claims the gradient of one pass: dapo divides every piece by the whole generation
+    batch's trained tokens (the GA / steps_per_generation factor is 1), and transformers must not divide by GA again."""
+    src = inspect.getsource(GRPOTrainer._compute_loss)
+    assert 'normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes' in src
+    assert "normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation" in src
+    assert GRPOTrainer.loss_is_scaled_for_ga is True
+    assert GRPOConfig.__dataclass_fields__["loss_type"].default == "dapo"  # what run_rl_job trains with (RLJobConfig has no loss_type)
+
+
 def test_a_rollout_funcs_env_mask_keeps_tokens_out_of_the_loss():
     """rl.rollout_evidence: computed (she.training.computed_rollouts) forces the computed steps into the completion
     and relies on TRL turning the rollout_func's ``env_mask`` into the ``tool_mask`` its loss multiplies in, and on

@@ -38,23 +38,38 @@ def computed_stem(record: Record, schema: StepSchema) -> str:
         return computed_evidence(record, schema, stop_at=steps[-2].name)
 
 
+def stem_tokens(tok, prompt_ids: list[int], stem: str) -> list[int]:
+    """The ids of ``stem`` as they come after ``prompt_ids`` when prompt and stem are tokenized as one text, which
+    is how the computed read of ``she eval`` forces them (a stem tokenized on its own may differ at its start,
+    e.g. SentencePiece's leading "▁"). A tokenizer that merges across the boundary is refused."""
+    prompt_text = tok.decode(prompt_ids, skip_special_tokens=False)
+    full = tok(prompt_text + stem, add_special_tokens=False)["input_ids"]
+    if full[: len(prompt_ids)] != prompt_ids:
+        raise RuntimeError("rollout_evidence=computed: the prompt's tokens change when the computed steps follow it "
+                           f"(the tokenizer merges across the boundary); prompt ends {prompt_text[-40:]!r}")
+    return full[len(prompt_ids):]
+
+
 def computed_evidence_rollout(records: list[Record], schema: StepSchema) -> Callable[[list, Any], dict]:
     """A TRL ``rollout_func`` for prompts built from ``records`` (matched by their user message): the computed
     stem of each prompt forced, the rest sampled by the trainer. Stems are written once, here, so a schema that
     cannot be computed fails before any model is loaded."""
     stems: dict[str, str] = {}
     for r in records:
-        stems.setdefault(user_message(r), computed_stem(r, schema))
+        key, stem = user_message(r), computed_stem(r, schema)
+        if stems.setdefault(key, stem) != stem:  # the same prompt text, other facts: the policy could not tell them apart
+            raise UserError(f"record {r.id}: its prompt is another record's, but its computed steps differ "
+                            f"({stems[key]!r} vs {stem!r}); deduplicate the pairs or drop the conflicting facts")
 
     def rollout(prompts: list, trainer) -> dict:
         tok = trainer._tokenizer_for_decoding()
         prompt_ids, images, multimodal = trainer._tokenize_prompts(prompts)
         stem_ids = []
-        for p in prompts:
+        for p, ids in zip(prompts, prompt_ids):
             key = p[-1]["content"] if isinstance(p, list) else p
             if key not in stems:
                 raise RuntimeError(f"rollout_evidence=computed: a prompt that none of the job's records wrote: {key!r}")
-            stem_ids.append(tok(stems[key], add_special_tokens=False)["input_ids"])
+            stem_ids.append(stem_tokens(tok, list(ids), stems[key]))
         group = trainer.num_generations if trainer.model.training else trainer.num_generations_eval
         sampled, _ = trainer._generate_single_turn([p + s for p, s in zip(prompt_ids, stem_ids)], images, multimodal,
                                                     group)
@@ -66,4 +81,4 @@ def computed_evidence_rollout(records: list[Record], schema: StepSchema) -> Call
     return rollout
 
 
-__all__ = ["computed_evidence_rollout", "computed_stem"]
+__all__ = ["computed_evidence_rollout", "computed_stem", "stem_tokens"]

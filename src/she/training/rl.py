@@ -151,9 +151,11 @@ def loss_batch_settings(rollouts: int, micro_batches: int = 1) -> dict:
     """TRL's batch keywords for a step of ``rollouts`` rollouts per process that go through the loss in
     ``micro_batches`` pieces: one generation batch of ``rollouts`` (``per_device_train_batch_size x
     steps_per_generation``), split by TRL into ``micro_batches`` forward + backward passes whose gradients add
-    up before the step's one optimizer update (``gradient_accumulation_steps``). TRL's ``dapo`` loss divides
-    each piece by the whole generation batch's token count, so the gradient is the one of a single pass; what
-    changes is the activation memory held at once (1/n)."""
+    up before the step's one optimizer update (``gradient_accumulation_steps``). TRL's ``dapo`` loss (the one
+    ``run_rl_job`` trains with) divides each piece by the whole generation batch's token count, so the gradient is
+    the one of a single pass (tests/test_loss_micro_batches.py); what changes is the activation memory held at once
+    (1/n). Of TRL's other losses ``grpo``, ``dr_grpo``, ``sapo``, ``cispo`` and ``luspo`` stay equal (equal pieces);
+    ``bnpo``, ``top_entropy_quantile < 1`` and an entropy bonus average per piece and do not."""
     if micro_batches < 1 or rollouts % micro_batches:
         raise UserError(f"rl.loss_micro_batches must be >= 1 and divide the {rollouts} rollouts a process trains on "
                         f"each step, got {micro_batches}")
