@@ -10,6 +10,11 @@ backward) against that peak.
 Usage:
   python scripts/bench_peak.py                     # SmolLM2-135M shapes, 832 tokens (8 x 104), JSON to stdout
   python scripts/bench_peak.py --tokens 320 --mfu 395 --mfu-dtype bf16
+  python scripts/bench_peak.py --plain-step runs/hd-sft-decision-3k/sft/final   # + a plain HF training step
+
+``--plain-step MODEL`` also times the reference the SFT figures are judged against: a plain Hugging Face training
+step of the model (random token ids, batch x sequence = ``--tokens``, bf16 autocast, loss on every position,
+backward, AdamW), no trainer, no data pipeline -- what "plain PyTorch" reaches on this machine.
 """
 
 from __future__ import annotations
@@ -71,6 +76,30 @@ def mfu(tokens_per_s: float, peak_gflops: float, params: int = SMOLLM2_135M["par
     return 6 * params * tokens_per_s / (peak_gflops * 1e9)
 
 
+def plain_step(model_dir: str, batch: int, seq: int, steps: int, warmup: int = 2) -> dict:
+    """Trained tokens/s of a plain HF step (forward with labels, backward, AdamW) in bf16 autocast."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=g)
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    sec = statistics.median(times)
+    return {"batch": batch, "seq": seq, "steps": steps, "median_step_s": round(sec, 3),
+            "tokens_per_s": round(batch * seq / sec, 1)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=832, help="rows of each matmul (batch x sequence length)")
@@ -78,8 +107,14 @@ def main() -> None:
     p.add_argument("--mfu", type=float, default=None, metavar="TOKENS_PER_S",
                    help="also report the MFU of a training throughput (tokens/s)")
     p.add_argument("--mfu-dtype", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--plain-step", metavar="MODEL", default=None,
+                   help="also time a plain HF training step of this model folder (batch 8 x tokens/8)")
+    p.add_argument("--plain-steps", type=int, default=8)
     a = p.parse_args()
     res = measure(a.tokens, a.reps)
+    if a.plain_step:
+        res["plain_step"] = plain_step(a.plain_step, 8, a.tokens // 8, a.plain_steps)
+        res["plain_step"]["mfu"] = round(mfu(res["plain_step"]["tokens_per_s"], res["peak_gflops_bf16"]), 4)
     if a.mfu is not None:
         res["mfu"] = {"tokens_per_s": a.mfu, "dtype": a.mfu_dtype,
                       "mfu": round(mfu(a.mfu, res[f"peak_gflops_{a.mfu_dtype}"]), 4)}

@@ -8,8 +8,12 @@ padded, with a KV cache:
   cached     the same inside one bf16 autocast region (she.models.generation.generation_autocast): the weights'
              bf16 casts made once a call instead of once a token
   cached+fast  the same, sampling by inversion (she.models.generation.fast_sampling)
+  static     cached+fast with a static KV cache (``cache_implementation="static"``: preallocated to prompt +
+             max new tokens, fixed shapes)
+  static+compiled  the same with the decoding forward compiled by TorchInductor (transformers' CompileConfig,
+             mode "default", forced on a CPU with ``_compile_all_devices``); its compile lands in the warm-up
 
-Variants alternate inside every repetition, each from the same seed, so drift of a shared CPU hits all three; the
+``--variants`` picks which run (default: the first three). Variants alternate inside every repetition, each from the same seed, so drift of a shared CPU hits all three; the
 first repetition is a warm-up and is not counted. ``trl`` and ``cached`` must produce the same tokens (printed as
 ``identical``); ``cached+fast`` draws from the same distribution with another random stream.
 
@@ -32,7 +36,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from _bench import add_common_args, bench_records, report  # noqa: E402 - scripts/_bench.py, next to this file
 
-VARIANTS = ("trl", "cached", "cached+fast")
+VARIANTS = ("trl", "cached", "cached+fast", "static", "static+compiled")
+DEFAULT_VARIANTS = "trl,cached,cached+fast"
 
 
 def prepared_model(path: str, bf16: bool):
@@ -68,12 +73,21 @@ def generate_once(model, tok, input_ids, mask, variant: str, max_new: int, seed:
 
     from she.models.generation import fast_sampling, generation_autocast
 
+    extra = {}
+    if variant.startswith("static"):
+        extra["cache_implementation"] = "static"
+    if variant == "static+compiled":
+        from transformers import CompileConfig
+
+        cc = CompileConfig(mode="default")
+        cc._compile_all_devices = True
+        extra["compile_config"] = cc
     cfg = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new,
-                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **extra)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     with torch.no_grad(), generation_autocast(bf16 and variant != "trl", "cpu"), \
-            fast_sampling(variant == "cached+fast"):
+            fast_sampling(variant not in ("trl", "cached")):
         out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=cfg)
     seconds = time.perf_counter() - t0
     completion = out[:, input_ids.size(1):]
@@ -94,6 +108,7 @@ def main(argv=None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=80)
     p.add_argument("--reps", type=int, default=3, help="repetitions; the first is a warm-up")
     p.add_argument("--n-records", type=int, default=None, help="records the prompts are drawn from (default: all)")
+    p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, from {', '.join(VARIANTS)}")
     add_common_args(p)
     args = p.parse_args(argv)
 
@@ -104,30 +119,39 @@ def main(argv=None) -> None:
     schema = model_step_schema(args.model, recs[0].taxonomy)
     rng = random.Random(args.seed)
 
-    rows: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    variants = [v.strip() for v in args.variants.split(",")]
+    if unknown := [v for v in variants if v not in VARIANTS]:
+        p.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    base = variants[0]
+    rows: dict[str, list[dict]] = {v: [] for v in variants}
     identical: list[bool] = []
+    same_draw: list[bool] = []  # cached+fast and static: the same draws unless bf16 rounding moves a token
     for rep in range(args.reps):
         input_ids, mask = prompt_batch(tok, rng.sample(recs, args.prompts), schema, args.prompt_style, args.group)
         seed = args.seed + rep
         outs = {}
-        for v in VARIANTS:
+        for v in variants:
             s, n, completion = generate_once(model, tok, input_ids, mask, v, args.max_new_tokens, seed, args.bf16)
             outs[v] = completion
             print(f"rep {rep} {v}: {s:.2f} s, {n} new tokens, {n / s:.1f} tokens/s"
                   + (" (warm-up)" if rep == 0 else ""), flush=True)
             if rep > 0:
                 rows[v].append({"seconds": s, "tokens": n})
-        identical.append(bool(torch.equal(outs["trl"], outs["cached"])))
+        if "trl" in outs and "cached" in outs:
+            identical.append(bool(torch.equal(outs["trl"], outs["cached"])))
+        if "cached+fast" in outs and "static" in outs:
+            same_draw.append(bool(torch.equal(outs["cached+fast"], outs["static"])))
     agg = {}
     for v, rs in rows.items():
         sec = sum(r["seconds"] for r in rs)
         tokens = sum(r["tokens"] for r in rs)
         agg[v] = {"seconds_per_call": statistics.mean(r["seconds"] for r in rs), "new_tokens_per_s": tokens / sec,
                   "mean_new_tokens": tokens / len(rs)}
-    # per-repetition ratios of seconds per new token against trl (the variants' lengths differ with their draws)
-    ratios = {v: [(t["seconds"] / t["tokens"]) / (b["seconds"] / b["tokens"]) for b, t in zip(rows["trl"], rows[v])]
-              for v in VARIANTS[1:]}
-    report(args, mean=agg, time_per_token_vs_trl=ratios, trl_and_cached_identical=identical)
+    # per-repetition ratios of seconds per new token against the first variant (lengths differ with the draws)
+    ratios = {v: [(t["seconds"] / t["tokens"]) / (b["seconds"] / b["tokens"]) for b, t in zip(rows[base], rows[v])]
+              for v in variants[1:]}
+    report(args, mean=agg, **{f"time_per_token_vs_{base}": ratios}, trl_and_cached_identical=identical,
+           cached_fast_and_static_identical=same_draw)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ from she.config import RLJobConfig  # noqa: E402
 from she.data.schema import Product, Record  # noqa: E402
 from she.errors import UserError  # noqa: E402
 from she.reasoning.schema import resolve_schema  # noqa: E402
-from she.training.computed_rollouts import computed_evidence_rollout, computed_stem, stem_tokens  # noqa: E402
+from she.reasoning.rationale import computed_stem  # noqa: E402
+from she.training.computed_rollouts import computed_evidence_rollout, stem_tokens  # noqa: E402
 from she.training.rl import trainer_rollout_kwargs  # noqa: E402
 
 G = 2

@@ -32,7 +32,7 @@ def test_marginalise_by_hand():
 
 
 def test_marginal_step_is_the_choice_step_before_the_verdict():
-    from she.evaluation.fast import marginal_step
+    from she.reasoning.schema import marginal_step
 
     assert marginal_step(resolve_schema("decision")).key == "Relevant"
     assert marginal_step(resolve_schema("semantic")).key == "Similarity"

@@ -47,7 +47,7 @@ from she.data.schema import Record
 from she.errors import UserError
 from she.evaluation.generate import Judgement, label_first_tokens
 from she.models.metadata import autocast
-from she.reasoning.schema import StepSchema, schema_for
+from she.reasoning.schema import StepSchema, marginal_step, schema_for
 
 
 @dataclass
@@ -208,17 +208,6 @@ def forced_choice_probs(model, tokenizer, texts: Sequence[str], choice_ids: Sequ
     return out  # type: ignore[return-value]
 
 
-def marginal_step(schema: StepSchema):
-    """The step ``evidence: marginal`` reads as a probability: the choice step right before the verdict (``Relevant``
-    of the decision schema, ``Similarity`` of the semantic one). ``UserError`` when the schema has none."""
-    steps = schema.steps
-    if len(steps) < 2 or steps[-2].kind != "choice":
-        last = steps[-2].key if len(steps) > 1 else None
-        raise UserError(f"evidence: marginal reads the verdict over the values of the choice step right before it; "
-                        f"this schema has {last!r} there ({'a ' + steps[-2].kind + ' step' if last else 'no step'})")
-    return steps[-2]
-
-
 def marginal_reads(model, tokenizer, stems: Sequence[str], schema: StepSchema, *, batch_size: int = 16,
                    bf16: bool = True) -> list[tuple[dict[str, float], dict[str, float]]]:
     """For each stem (prompt and steps, ending with ``"S:"``, S = :func:`marginal_step` of ``schema``):
@@ -270,17 +259,14 @@ def computed_evidence_judgements(
     from she.evaluation.calibration import apply_offsets
     from she.reasoning.parse import parse_trace
     from she.reasoning.prompts import build_messages
-    from she.reasoning.rationale import computed_evidence
+    from she.reasoning.rationale import computed_stem
 
     schemas = [schema_for(schema, r.taxonomy) for r in records]
-    try:
-        prefixes = [computed_evidence(r, s) for r, s in zip(records, schemas)]
-    except UserError as full:
-        try:
-            step = marginal_step(schema_for(schema, taxonomy))
-            stems = [computed_evidence(r, s, stop_at=step.name) for r, s in zip(records, schemas)]
-        except UserError:
-            raise full from None
+    stems = [computed_stem(r, s) for r, s in zip(records, schemas)]
+    to_verdict = {stem.endswith(f"\n{s.label_step.key}:") for stem, s in zip(stems, schemas)}
+    if len(to_verdict) > 1:
+        raise RuntimeError("computed evidence: some pairs' steps were computed to the verdict, others to the decision")
+    if to_verdict == {False}:  # the decision's step is left to read as a probability
         prompts = [tokenizer.apply_chat_template(build_messages(r, style=prompt_style, schema=s), tokenize=False,
                                                  add_generation_prompt=True) for r, s in zip(records, schemas)]
         reads = marginal_reads(model, tokenizer, [p + t for p, t in zip(prompts, stems)], schema_for(schema, taxonomy),
@@ -292,7 +278,7 @@ def computed_evidence_judgements(
             text = f"{stem} {_argmax(d)}\n{s.label_step.key}: {label}"
             out.append(Judgement(r.id, text, label, probs, True, parse_trace(text, s), 0, raw_label=raw, step_probs=d))
         return out
-    prefix_of = {id(r): p for r, p in zip(records, prefixes)}
+    prefix_of = {id(r): p for r, p in zip(records, stems)}
     scored = score_labels_fast(model, tokenizer, records, taxonomy=taxonomy, prompt_style=prompt_style,
                                prefix=lambda r: prefix_of[id(r)], batch_size=batch_size, bf16=bf16, schema=schema)
     out = []

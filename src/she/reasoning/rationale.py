@@ -40,7 +40,7 @@ from she.errors import UserError
 from she.reasoning.parse import consistent_label, guideline_label, parse_trace, verdict_prefix
 from she.reasoning.quantities import Quantity, compare_quantities, normalize_text, numbers_text, strip_quantities
 from she.reasoning.render import one_line, render_trace
-from she.reasoning.schema import StepSchema, default_schema
+from she.reasoning.schema import StepSchema, default_schema, marginal_step
 
 # ---------------------------------------------------------------------------------------------
 # word lists (lower-case, stemmed with _stem); small on purpose: precision over recall
@@ -715,5 +715,20 @@ def computed_evidence(record: Record, schema: StepSchema | None = None, stop_at:
     return prefixes.pop()
 
 
-__all__ = ["Evidence", "analyse", "choose_conclusions", "computed_evidence", "rationale_steps", "relevant_choice",
+def computed_stem(record: Record, schema: StepSchema) -> str:
+    """The steps of ``record``'s trace a program computes, as text ending with the key the model answers next:
+    ``...\nVerdict:`` for a label-free schema (evidence, semantic), ``...\nRelevant:`` for one whose only
+    label-derived step is the choice right before the verdict (decision; :func:`she.reasoning.schema.marginal_step`).
+    ``UserError`` for any other schema."""
+    try:
+        return computed_evidence(record, schema)
+    except UserError as full:
+        try:
+            step = marginal_step(schema)
+        except UserError:
+            raise full from None
+        return computed_evidence(record, schema, stop_at=step.name)
+
+
+__all__ = ["Evidence", "analyse", "choose_conclusions", "computed_evidence", "computed_stem", "rationale_steps", "relevant_choice",
            "write_rationale"]

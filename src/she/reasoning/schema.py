@@ -378,7 +378,19 @@ def schema_for(schema: StepSchema | None, taxonomy: str) -> StepSchema:
     return default_schema(taxonomy) if schema is None else schema.for_taxonomy(taxonomy)
 
 
+def marginal_step(schema: StepSchema) -> Step:
+    """The step ``evidence: marginal`` reads as a probability: the choice step right before the verdict (``Relevant``
+    of the decision schema, ``Similarity`` of the semantic one). ``UserError`` when the schema has none."""
+    steps = schema.steps
+    if len(steps) < 2 or steps[-2].kind != "choice":
+        last = steps[-2].key if len(steps) > 1 else None
+        raise UserError(f"evidence: marginal reads the verdict over the values of the choice step right before it; "
+                        f"this schema has {last!r} there ({'a ' + steps[-2].kind + ' step' if last else 'no step'})")
+    return steps[-2]
+
+
 __all__ = [
+    "marginal_step",
     "COVERAGE_STEP",
     "HEAD_STEP",
     "NUMBERS_STEP",

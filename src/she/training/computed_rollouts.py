@@ -21,21 +21,8 @@ from typing import Any, Callable
 from she.data.schema import Record
 from she.errors import UserError
 from she.reasoning.prompts import user_message
-from she.reasoning.rationale import computed_evidence
+from she.reasoning.rationale import computed_stem
 from she.reasoning.schema import StepSchema
-
-
-def computed_stem(record: Record, schema: StepSchema) -> str:
-    """The steps of ``record``'s trace a program computes, as text ending with the key the policy answers next:
-    ``...\\nVerdict:`` for a label-free schema (evidence, semantic), ``...\\nRelevant:`` for one whose only
-    label-derived step is a choice right before the verdict (decision). ``UserError`` for any other schema."""
-    try:
-        return computed_evidence(record, schema)
-    except UserError as full:
-        steps = schema.steps
-        if len(steps) < 2 or steps[-2].kind != "choice":
-            raise full from None
-        return computed_evidence(record, schema, stop_at=steps[-2].name)
 
 
 def stem_tokens(tok, prompt_ids: list[int], stem: str) -> list[int]:
@@ -81,4 +68,4 @@ def computed_evidence_rollout(records: list[Record], schema: StepSchema) -> Call
     return rollout
 
 
-__all__ = ["computed_evidence_rollout", "computed_stem", "stem_tokens"]
+__all__ = ["computed_evidence_rollout", "stem_tokens"]
