@@ -8,6 +8,8 @@ padded, with a KV cache:
   cached     the same inside one bf16 autocast region (she.models.generation.generation_autocast): the weights'
              bf16 casts made once a call instead of once a token
   cached+fast  the same, sampling by inversion (she.models.generation.fast_sampling)
+  shared     cached+fast with the prompt's forward pass made once per group of G rollouts
+             (she.models.generation.shared_prefill, rl.rollout_prefill: shared, the default since session 20)
   static     cached+fast with a static KV cache (``cache_implementation="static"``: preallocated to prompt +
              max new tokens, fixed shapes)
   static+compiled  the same with the decoding forward compiled by TorchInductor (transformers' CompileConfig,
@@ -36,7 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from _bench import add_common_args, bench_records, report  # noqa: E402 - scripts/_bench.py, next to this file
 
-VARIANTS = ("trl", "cached", "cached+fast", "static", "static+compiled")
+VARIANTS = ("trl", "cached", "cached+fast", "shared", "static", "static+compiled")
 DEFAULT_VARIANTS = "trl,cached,cached+fast"
 
 
@@ -71,7 +73,7 @@ def prompt_batch(tok, records, schema, style: str, group: int):
 def generate_once(model, tok, input_ids, mask, variant: str, max_new: int, seed: int, bf16: bool):
     from transformers import GenerationConfig
 
-    from she.models.generation import fast_sampling, generation_autocast
+    from she.models.generation import fast_sampling, generation_autocast, shared_prefill
 
     extra = {}
     if variant.startswith("static"):
@@ -87,7 +89,7 @@ def generate_once(model, tok, input_ids, mask, variant: str, max_new: int, seed:
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     with torch.no_grad(), generation_autocast(bf16 and variant != "trl", "cpu"), \
-            fast_sampling(variant not in ("trl", "cached")):
+            fast_sampling(variant not in ("trl", "cached")), shared_prefill(model, variant == "shared"):
         out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=cfg)
     seconds = time.perf_counter() - t0
     completion = out[:, input_ids.size(1):]
@@ -125,7 +127,7 @@ def main(argv=None) -> None:
     base = variants[0]
     rows: dict[str, list[dict]] = {v: [] for v in variants}
     identical: list[bool] = []
-    same_draw: list[bool] = []  # cached+fast and static: the same draws unless bf16 rounding moves a token
+    same_draw: dict[str, list[bool]] = {}  # against cached+fast: the same draws unless rounding moves a token
     for rep in range(args.reps):
         input_ids, mask = prompt_batch(tok, rng.sample(recs, args.prompts), schema, args.prompt_style, args.group)
         seed = args.seed + rep
@@ -139,8 +141,9 @@ def main(argv=None) -> None:
                 rows[v].append({"seconds": s, "tokens": n})
         if "trl" in outs and "cached" in outs:
             identical.append(bool(torch.equal(outs["trl"], outs["cached"])))
-        if "cached+fast" in outs and "static" in outs:
-            same_draw.append(bool(torch.equal(outs["cached+fast"], outs["static"])))
+        for v in ("shared", "static"):
+            if "cached+fast" in outs and v in outs:
+                same_draw.setdefault(v, []).append(bool(torch.equal(outs["cached+fast"], outs[v])))
     agg = {}
     for v, rs in rows.items():
         sec = sum(r["seconds"] for r in rs)
@@ -151,7 +154,7 @@ def main(argv=None) -> None:
     ratios = {v: [(t["seconds"] / t["tokens"]) / (b["seconds"] / b["tokens"]) for b, t in zip(rows[base], rows[v])]
               for v in variants[1:]}
     report(args, mean=agg, **{f"time_per_token_vs_{base}": ratios}, trl_and_cached_identical=identical,
-           cached_fast_and_static_identical=same_draw)
+           identical_to_cached_fast=same_draw)
 
 
 if __name__ == "__main__":

@@ -573,6 +573,9 @@ class RLJobConfig(ConfigBase):
     # cheaper over a 49k vocabulary on a CPU; another random stream; CPU only, GPUs keep torch's) | torch
     # (torch.multinomial, as before session 17)
     rollout_sampler: Literal["torch", "inverse_cdf"] = "inverse_cdf"
+    # the rollouts' prompt forward pass (she.models.generation): shared (once per prompt, its KV cache copied to the G
+    # rollouts; the same tokens up to matmul rounding) | per_rollout (TRL's: each rollout computes its prompt)
+    rollout_prefill: Literal["shared", "per_rollout"] = "shared"
     # class-aware outcome: weights on the normalised outcome advantage by gold class (every estimator, GRPO too):
     # null (none) | balanced (inverse frequency in the RL training records) | {Exact: 1.0, Partial: 1.5, ...}
     class_weights: str | dict[str, float] | None = None

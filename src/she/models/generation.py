@@ -15,6 +15,12 @@
    ``with`` block; every other use of ``torch.multinomial`` goes to torch's. The draws follow another random
    stream than torch's, so a run is reproducible with itself, not bit for bit with a run on torch's sampler.
 
+3. **Every rollout of a group computes its prompt again.** GRPO samples G completions of each prompt, and TRL
+   hands ``generate`` each prompt G times (next to each other). :func:`shared_prefill_generate` runs the prompt's
+   forward pass (its KV cache) once for each run of identical rows and copies the cache to the run's rows before
+   decoding starts: the prompt costs 1/G of its forward pass. The rows' caches and the tokens sampled from them are
+   those of the plain call up to matmul rounding (a test compares them greedily and by logits).
+
 Measured figures and commands: docs/benchmarks.md, "Rollout generation".
 """
 
@@ -95,4 +101,67 @@ def generation_autocast(enabled: bool, device: torch.device | str) -> contextlib
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
-__all__ = ["ROLLOUT_SAMPLERS", "categorical_sample", "fast_sampling", "generation_autocast"]
+def identical_runs(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(starts, counts)``: the first row and the length of each run of consecutive identical rows (ids and mask
+    equal), in order; ``counts.sum()`` is the number of rows."""
+    if input_ids.size(0) == 0:
+        empty = torch.zeros(0, dtype=torch.long)
+        return empty, empty
+    same = (input_ids[1:] == input_ids[:-1]).all(1) & (attention_mask[1:] == attention_mask[:-1]).all(1)
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), torch.nonzero(~same).flatten() + 1])
+    ends = torch.cat([starts[1:], torch.tensor([input_ids.size(0)])])
+    return starts, ends - starts
+
+
+def shared_prefill_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, generate=None,
+                            **kwargs):
+    """``model.generate(input_ids=..., attention_mask=..., **kwargs)`` with the prompt's forward pass made once per
+    run of identical rows (module point 3). The prompt up to its last token is run for one row of each run, with
+    the positions ``generate`` itself gives a left-padded row (mask cumsum - 1, 0 on padding); the cache is
+    expanded to every row of its run and handed to ``generate``, which then feeds only each row's last prompt token
+    before decoding. Falls back to the plain call when no two rows are identical, a prompt has one token, or the
+    caller passes its own cache. ``generate``: the function to call (default ``model.generate``). Returns what it
+    returns (prompt and completion ids)."""
+    from transformers import DynamicCache
+
+    generate = generate or model.generate
+    starts, counts = identical_runs(input_ids, attention_mask)
+    if (counts.numel() == input_ids.size(0) or input_ids.size(1) < 2 or "cache" in kwargs
+            or "past_key_values" in kwargs):
+        return generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    ids, mask = input_ids[starts, :-1], attention_mask[starts, :-1]
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+              logits_to_keep=1)
+    cache.batch_select_indices(torch.repeat_interleave(torch.arange(counts.numel()), counts))
+    return generate(input_ids=input_ids, attention_mask=attention_mask, cache=cache, **kwargs)
+
+
+@contextlib.contextmanager
+def shared_prefill(model, enabled: bool = True) -> Iterator[None]:
+    """Inside the block, ``model.generate(input_ids=..., attention_mask=..., ...)`` is
+    :func:`shared_prefill_generate` (an attribute of this model object only, removed when the block exits; calls
+    without a mask go to the model's own). Not re-entrant on one model."""
+    if not enabled:
+        yield
+        return
+    if "generate" in vars(model):
+        raise RuntimeError("shared_prefill: this model's generate is already replaced")
+    own = model.generate
+
+    def generate(*args, input_ids=None, attention_mask=None, **kwargs):
+        if args or input_ids is None or attention_mask is None:
+            return own(*args, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return shared_prefill_generate(model, input_ids, attention_mask, generate=own, **kwargs)
+
+    model.generate = generate
+    try:
+        yield
+    finally:
+        del model.generate
+
+
+__all__ = ["ROLLOUT_SAMPLERS", "categorical_sample", "fast_sampling", "generation_autocast", "identical_runs",
+           "shared_prefill", "shared_prefill_generate"]

@@ -54,7 +54,7 @@ from she.algorithms.advantages import (
 )
 from she.data.schema import Record
 from she.errors import UserError
-from she.models.generation import ROLLOUT_SAMPLERS, fast_sampling, generation_autocast
+from she.models.generation import ROLLOUT_SAMPLERS, fast_sampling, generation_autocast, shared_prefill
 from she.training.lm_head import labelled_positions_only, resolve_labelled_positions
 from she.reasoning.parse import ParsedTrace, parse_trace
 from she.reasoning.schema import StepSchema, default_schema
@@ -521,6 +521,9 @@ class SRPOTrainer(GRPOTrainer):
         term): scalar-RM GRPO with ``step_rewards=False``. ``correct``/label accuracy stay label-based metrics.
     rollout_sampler: ``inverse_cdf`` (default) or ``torch``: how rollouts are sampled on a CPU
         (she.models.generation; on other devices always torch's).
+    rollout_prefill: ``shared`` (default): the prompt's forward pass made once for its G rollouts and its KV
+        cache copied to them (she.models.generation.shared_prefill; the same tokens up to matmul rounding);
+        ``per_rollout``: TRL's, every rollout computes its prompt. Not with vLLM (it caches prefixes itself).
     labelled_positions_only: TRL's fused LM head projects only the completion positions on a CPU too (the same
         values, she.training.lm_head); False: TRL's CPU path, every position; None (default): env
         ``SHE_LM_HEAD_POSITIONS`` (``labelled`` unless set to ``all``).
@@ -564,6 +567,7 @@ class SRPOTrainer(GRPOTrainer):
         likelihood_decouple: bool = True,
         likelihood_class_weights: str | Mapping[str, float] | None = None,
         rollout_sampler: str = "inverse_cdf",
+        rollout_prefill: str = "shared",
         labelled_positions_only: bool | None = None,
         max_bad_steps: int = 5,
         dump_advantages_dir: str | Path | None = None,
@@ -618,6 +622,9 @@ class SRPOTrainer(GRPOTrainer):
         if rollout_sampler not in ROLLOUT_SAMPLERS:
             raise UserError(f"rollout_sampler must be one of {ROLLOUT_SAMPLERS}, got {rollout_sampler!r}")
         self.rollout_sampler = rollout_sampler
+        if rollout_prefill not in ("shared", "per_rollout"):
+            raise UserError(f"rollout_prefill must be 'shared' or 'per_rollout', got {rollout_prefill!r}")
+        self.rollout_prefill = rollout_prefill
         self.labelled_positions_only = resolve_labelled_positions(labelled_positions_only)
         self._check_likelihood_rewarded()
         if isinstance(max_bad_steps, bool) or not isinstance(max_bad_steps, int) or max_bad_steps < 1:
@@ -827,11 +834,14 @@ class SRPOTrainer(GRPOTrainer):
 
     def _generate_single_turn(self, *args: Any, **kwargs: Any):
         """TRL's generation inside one bf16 autocast region (the weights cast once a call, not once a token: the same
-        tokens) and, with ``rollout_sampler="inverse_cdf"``, sampling by inversion (the same distribution, faster
-        on a CPU): she.models.generation, measured in docs/benchmarks.md ("Rollout generation")."""
+        tokens), with ``rollout_sampler="inverse_cdf"`` sampling by inversion (the same distribution, faster on a
+        CPU), and with ``rollout_prefill="shared"`` each prompt's forward pass made once for its G rollouts:
+        she.models.generation, measured in docs/benchmarks.md ("Rollout generation")."""
+        model = self.accelerator.unwrap_model(self.model_wrapped)  # what TRL's generation calls generate on
         with generation_autocast(bool(self.args.bf16) and not self.use_vllm, self.accelerator.device), \
                 fast_sampling(self.rollout_sampler == "inverse_cdf" and not self.use_vllm
-                              and self.accelerator.device.type == "cpu"):  # on a GPU torch's draw is fast already
+                              and self.accelerator.device.type == "cpu"), \
+                shared_prefill(model, self.rollout_prefill == "shared" and not self.use_vllm):
             return super()._generate_single_turn(*args, **kwargs)
 
     def _get_per_token_logps_and_entropies(self, *args: Any, **kwargs: Any):

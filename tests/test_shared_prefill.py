@@ -1,0 +1,173 @@
+"""One prompt forward pass for a group of rollouts (she.models.generation.shared_prefill; docs/benchmarks.md,
+"Rollout generation"): runs of identical rows found by hand, the same tokens and scores as the plain ``generate``
+(greedy and sampled, left padding, runs of different lengths), the prompt computed once per run (tokens counted
+at the embedding), the patch scoped to its block, and the trainer's switch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from she.models import generation as gen
+from she.models.generation import identical_runs, shared_prefill, shared_prefill_generate
+
+
+def _llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _batch(counts: list[int], width: int = 9, seed: int = 0):
+    """Left-padded prompts, prompt k repeated counts[k] times next to each other; prompt k has k * 2 pad tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 97, (len(counts), width), generator=g)
+    mask = torch.ones_like(ids)
+    for k in range(len(counts)):
+        ids[k, : 2 * k] = 0
+        mask[k, : 2 * k] = 0
+    reps = torch.tensor(counts)
+    return ids.repeat_interleave(reps, 0), mask.repeat_interleave(reps, 0)
+
+
+def test_identical_runs_by_hand():
+    ids = torch.tensor([[1, 2], [1, 2], [3, 4], [1, 2], [1, 2], [1, 2]])
+    mask = torch.ones_like(ids)
+    starts, counts = identical_runs(ids, mask)
+    assert starts.tolist() == [0, 2, 3] and counts.tolist() == [2, 1, 3]  # a prompt seen again later is a new run
+    mask[1, 0] = 0  # same ids, another mask: not the same row
+    starts, counts = identical_runs(ids, mask)
+    assert starts.tolist() == [0, 1, 2, 3] and counts.tolist() == [1, 1, 1, 3]
+    starts, counts = identical_runs(ids[:0], mask[:0])
+    assert starts.numel() == 0 and counts.numel() == 0
+
+
+@pytest.mark.parametrize("counts", [[4, 4, 4], [3, 1, 2]])
+def test_same_tokens_and_scores_as_the_plain_call(counts):
+    from transformers import GenerationConfig
+
+    model = _llama()
+    ids, mask = _batch(counts)
+    greedy = GenerationConfig(do_sample=False, max_new_tokens=10, pad_token_id=0, eos_token_id=1,
+                              output_scores=True, return_dict_in_generate=True)
+    a = model.generate(input_ids=ids, attention_mask=mask, generation_config=greedy)
+    b = shared_prefill_generate(model, ids, mask, generation_config=greedy)
+    assert torch.equal(a.sequences, b.sequences)
+    assert len(a.scores) == len(b.scores)
+    for x, y in zip(a.scores, b.scores):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    sampled = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=10,
+                               pad_token_id=0, eos_token_id=1)
+    torch.manual_seed(5)
+    a = model.generate(input_ids=ids, attention_mask=mask, generation_config=sampled)
+    torch.manual_seed(5)
+    b = shared_prefill_generate(model, ids, mask, generation_config=sampled)
+    assert torch.equal(a, b)  # the same logits, the same random stream: the same draws
+
+
+def _count_embedded_tokens(model):
+    seen = []
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, i, o: seen.append(i[0].numel()))
+    return seen, handle
+
+
+def test_the_prompt_is_computed_once_per_run():
+    from transformers import GenerationConfig
+
+    model = _llama()
+    ids, mask = _batch([4, 4, 4], width=9)
+    cfg = GenerationConfig(do_sample=False, max_new_tokens=3, min_new_tokens=3, pad_token_id=0, eos_token_id=1)
+    seen, handle = _count_embedded_tokens(model)
+    try:
+        model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)
+        plain = list(seen)
+        seen.clear()
+        shared_prefill_generate(model, ids, mask, generation_config=cfg)
+        shared = list(seen)
+    finally:
+        handle.remove()
+    # plain: 12 rows x 9 prompt tokens, then 2 decoding steps of 12 rows (the third token needs no forward)
+    assert plain == [12 * 9, 12, 12]
+    # shared: 3 prompts x 8 tokens once, then each row's last prompt token, then the same decoding steps
+    assert shared == [3 * 8, 12, 12, 12]
+
+
+def test_falls_back_to_the_plain_call_without_repeated_rows():
+    from transformers import GenerationConfig
+
+    model = _llama()
+    ids, mask = _batch([1, 1, 1])
+    cfg = GenerationConfig(do_sample=False, max_new_tokens=2, min_new_tokens=2, pad_token_id=0, eos_token_id=1)
+    seen, handle = _count_embedded_tokens(model)
+    try:
+        out = shared_prefill_generate(model, ids, mask, generation_config=cfg)
+    finally:
+        handle.remove()
+    assert seen == [3 * 9, 3]
+    assert torch.equal(out, model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg))
+
+
+def test_the_patch_is_scoped_to_its_block_and_model():
+    from transformers import GenerationConfig
+
+    model, other = _llama(), _llama(1)
+    ids, mask = _batch([2, 2])
+    cfg = GenerationConfig(do_sample=False, max_new_tokens=2, min_new_tokens=2, pad_token_id=0, eos_token_id=1)
+    seen, handle = _count_embedded_tokens(model)
+    try:
+        with shared_prefill(model):
+            assert "generate" in vars(model) and "generate" not in vars(other)
+            model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)
+            assert seen[0] == 2 * 8  # shared
+            with pytest.raises(RuntimeError, match="already replaced"):
+                with shared_prefill(model):
+                    pass
+        assert "generate" not in vars(model)
+        seen.clear()
+        model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)
+        assert seen[0] == 4 * 9  # the model's own again
+        seen.clear()
+        with shared_prefill(model, enabled=False):
+            assert "generate" not in vars(model)
+        with pytest.raises(ZeroDivisionError), shared_prefill(model):
+            raise ZeroDivisionError
+        assert "generate" not in vars(model)  # removed on an exception too
+    finally:
+        handle.remove()
+
+
+def test_trainer_switch(tiny_model_dir, tmp_path):
+    """SRPOTrainer's rollouts take the shared prefill by default (the prompts' forward pass counted at the
+    embedding), TRL's per-rollout path with ``rollout_prefill="per_rollout"``, and a bad value is refused."""
+    from she.data.synthetic import generate
+    from she.errors import UserError
+    from she.models.registry import load_model_and_tokenizer
+    from she.training.srpo import SRPOTrainer, build_grpo_config, make_prompt_dataset
+
+    recs = generate(n_queries=2, products_per_query=2, seed=0)[:2]
+    model, tok = load_model_and_tokenizer(str(tiny_model_dir))
+    args = build_grpo_config(tmp_path, num_generations=2, per_device_train_batch_size=4, max_completion_length=8,
+                             max_steps=1, learning_rate=1e-4, seed=0, bf16=True)
+    kw = dict(processing_class=tok, records_by_id={r.id: r for r in recs}, step_rewards=False)
+    with pytest.raises(UserError, match="rollout_prefill"):
+        SRPOTrainer(model, args, make_prompt_dataset(recs), rollout_prefill="cached", **kw)
+
+    def first_generation_forward(**extra):
+        trainer = SRPOTrainer(model, args, make_prompt_dataset(recs), **extra, **kw)
+        calls = []
+
+        def spy(*a, **k):
+            calls.append(a[1].shape)
+            return shared_prefill_generate(*a, **k)
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(gen, "shared_prefill_generate", spy)
+            trainer.train()
+        return calls
+
+    calls = first_generation_forward()
+    assert calls and calls[0][0] == 4  # 2 prompts x 2 rollouts went through the shared prefill
+    assert first_generation_forward(rollout_prefill="per_rollout") == []
