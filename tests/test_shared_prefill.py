@@ -171,3 +171,27 @@ def test_trainer_switch(tiny_model_dir, tmp_path):
     calls = first_generation_forward()
     assert calls and calls[0][0] == 4  # 2 prompts x 2 rollouts went through the shared prefill
     assert first_generation_forward(rollout_prefill="per_rollout") == []
+
+
+def test_policy_sampler_shares_the_prompt_of_its_n_samples(tiny_model_dir, monkeypatch):
+    """The judge's Monte-Carlo labels, DPO's pass@N and the difficulty estimate sample n completions of each
+    request: the n rows are adjacent, so each request's prompt goes through one shared prefill."""
+    from she.data.synthetic import generate
+    from she.models.registry import load_model_and_tokenizer
+    from she.training.prm import PolicySampler
+
+    calls = []
+
+    def spy(model, ids, mask, **k):
+        calls.append(identical_runs(ids, mask)[1].tolist())
+        return shared_prefill_generate(model, ids, mask, **k)
+
+    monkeypatch.setattr(gen, "shared_prefill_generate", spy)
+    model, tok = load_model_and_tokenizer(str(tiny_model_dir))
+    recs = generate(n_queries=2, products_per_query=1, seed=0)[:2]
+    sampler = PolicySampler(model, tok, max_new_tokens=4, batch_size=8, seed=1)
+    first = sampler([(recs[0], ""), (recs[1], "")], n=3, temperature=1.0)
+    assert calls == [[3, 3]]
+    assert "generate" not in vars(model)
+    sampler._calls = 0  # the same seed again: the same draws
+    assert sampler([(recs[0], ""), (recs[1], "")], n=3, temperature=1.0) == first

@@ -89,7 +89,7 @@ class PolicySampler:
     def __call__(self, requests: Sequence[tuple[Record, str]], n: int, temperature: float) -> list[list[str]]:
         import torch
 
-        from she.models.generation import fast_sampling
+        from she.models.generation import fast_sampling, shared_prefill
         from she.models.metadata import autocast
 
         if n < 1:
@@ -119,8 +119,10 @@ class PolicySampler:
                 idx = order[start : start + self.batch_size]
                 enc = tok([prompts[flat[j]] for j in idx], return_tensors="pt", padding=True, add_special_tokens=False)
                 enc = {k: v.to(device) for k, v in enc.items()}
-                # on a CPU sampled by inversion (she.models.generation: the same distribution, the same torch seed)
-                with autocast(self.bf16, device), fast_sampling(temperature > 0 and device.type == "cpu"):
+                # on a CPU sampled by inversion (she.models.generation: the same distribution, the same torch seed);
+                # the n samples of a request are adjacent rows (a stable sort), so their prompt is computed once
+                with autocast(self.bf16, device), fast_sampling(temperature > 0 and device.type == "cpu"), \
+                        shared_prefill(model, n > 1):
                     out = model.generate(**enc, max_new_tokens=self.max_new_tokens, pad_token_id=tok.pad_token_id,
                                          eos_token_id=eos, **sampling)
                 gen = out[:, enc["input_ids"].shape[1]:]
