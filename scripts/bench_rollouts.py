@@ -100,6 +100,25 @@ def generate_once(model, tok, input_ids, mask, variant: str, max_new: int, seed:
     return seconds, int(lengths.sum()), completion
 
 
+def greedy_check(model, tok, input_ids, mask, max_new: int, bf16: bool) -> dict:
+    """Greedy decoding with and without the shared prefill on one batch: the share of rows whose tokens are equal
+    and the largest difference of a first-step logit (the prompt's last token is computed after the cached rest
+    instead of with it, so bf16 rounds differently; in float32 the tiny-model tests find them equal)."""
+    from transformers import GenerationConfig
+
+    from she.models.generation import generation_autocast, shared_prefill_generate
+
+    cfg = GenerationConfig(do_sample=False, max_new_tokens=max_new, pad_token_id=tok.pad_token_id,
+                           eos_token_id=tok.eos_token_id, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad(), generation_autocast(bf16, "cpu"):
+        plain = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=cfg)
+        shared = shared_prefill_generate(model, input_ids, mask, generation_config=cfg)
+    same_len = plain.sequences.size(1) == shared.sequences.size(1)
+    rows_equal = (plain.sequences == shared.sequences).all(1).float().mean().item() if same_len else float("nan")
+    return {"new_tokens": max_new, "rows_equal": rows_equal,
+            "first_step_max_abs_logit_diff": (plain.scores[0] - shared.scores[0]).abs().max().item()}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None)
@@ -110,6 +129,9 @@ def main(argv=None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=80)
     p.add_argument("--reps", type=int, default=3, help="repetitions; the first is a warm-up")
     p.add_argument("--n-records", type=int, default=None, help="records the prompts are drawn from (default: all)")
+    p.add_argument("--check-shared", type=int, default=0, metavar="N",
+                   help="first compare N greedy new tokens of the plain call and of the shared prefill on the first "
+                        "batch (rows equal, largest first-step logit difference), then benchmark")
     p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, from {', '.join(VARIANTS)}")
     add_common_args(p)
     args = p.parse_args(argv)
@@ -126,6 +148,12 @@ def main(argv=None) -> None:
         p.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     base = variants[0]
     rows: dict[str, list[dict]] = {v: [] for v in variants}
+    checks = {}
+    if args.check_shared:
+        ids, mask = prompt_batch(tok, random.Random(args.seed).sample(recs, args.prompts), schema, args.prompt_style,
+                                 args.group)
+        checks["shared_vs_plain_greedy"] = greedy_check(model, tok, ids, mask, args.check_shared, args.bf16)
+        print(checks, flush=True)
     identical: list[bool] = []
     same_draw: dict[str, list[bool]] = {}  # against cached+fast: the same draws unless rounding moves a token
     for rep in range(args.reps):
@@ -154,7 +182,7 @@ def main(argv=None) -> None:
     ratios = {v: [(t["seconds"] / t["tokens"]) / (b["seconds"] / b["tokens"]) for b, t in zip(rows[base], rows[v])]
               for v in variants[1:]}
     report(args, mean=agg, **{f"time_per_token_vs_{base}": ratios}, trl_and_cached_identical=identical,
-           identical_to_cached_fast=same_draw)
+           identical_to_cached_fast=same_draw, **checks)
 
 
 if __name__ == "__main__":
