@@ -143,6 +143,8 @@ def main(argv=None) -> None:
     schema = model_step_schema(args.model, recs[0].taxonomy)
     rng = random.Random(args.seed)
 
+    if args.reps < 2:
+        p.error("--reps must be >= 2 (the first is a warm-up and is not counted)")
     variants = [v.strip() for v in args.variants.split(",")]
     if unknown := [v for v in variants if v not in VARIANTS]:
         p.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
