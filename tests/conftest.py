@@ -33,6 +33,22 @@ def tiny(tiny_model_dir):
 
 
 @pytest.fixture
+def tiny_grpo(tiny_model_dir, tmp_path):
+    """One-step GRPO on the tiny model, 2 synthetic prompts x 2 rollouts: ``(model, args, dataset, kwargs)`` for
+    ``SRPOTrainer(model, args, dataset, **kwargs)`` (outcome reward only)."""
+    from she.data.synthetic import generate
+    from she.models.registry import load_model_and_tokenizer
+    from she.training.srpo import build_grpo_config, make_prompt_dataset
+
+    recs = generate(n_queries=2, products_per_query=2, seed=0)[:2]
+    model, tok = load_model_and_tokenizer(str(tiny_model_dir))
+    args = build_grpo_config(tmp_path, num_generations=2, per_device_train_batch_size=4, max_completion_length=8,
+                             max_steps=1, learning_rate=1e-4, seed=0, bf16=True)
+    kw = dict(processing_class=tok, records_by_id={r.id: r for r in recs}, step_rewards=False)
+    return model, args, make_prompt_dataset(recs), kw
+
+
+@pytest.fixture
 def fused_head_calls(monkeypatch):
     """Records each call of TRL's chunked LM head (she.training.lm_head): the positions it projects, and whether
     the name TRL's line reads (``_use_triton``) said "labelled positions only" at that call (the line itself is

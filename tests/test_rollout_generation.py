@@ -189,25 +189,19 @@ def test_hf_generate_samples_through_the_inversion(tiny_model_dir, monkeypatch):
     assert torch.equal(out, again)  # reproducible from the seed
 
 
-def test_trainer_switch(tiny_model_dir, tmp_path, monkeypatch):
-    from she.data.synthetic import generate
+def test_trainer_switch(tiny_grpo, monkeypatch):
     from she.errors import UserError
-    from she.models.registry import load_model_and_tokenizer
-    from she.training.srpo import SRPOTrainer, build_grpo_config, make_prompt_dataset
+    from she.training.srpo import SRPOTrainer
 
-    recs = generate(n_queries=2, products_per_query=2, seed=0)[:2]
-    model, tok = load_model_and_tokenizer(str(tiny_model_dir))
-    args = build_grpo_config(tmp_path, num_generations=2, per_device_train_batch_size=4, max_completion_length=8,
-                             max_steps=1, learning_rate=1e-4, seed=0, bf16=True)
-    kw = dict(processing_class=tok, records_by_id={r.id: r for r in recs}, step_rewards=False)
+    model, args, data, kw = tiny_grpo
     with pytest.raises(UserError, match="rollout_sampler"):
-        SRPOTrainer(model, args, make_prompt_dataset(recs), rollout_sampler="gumbel", **kw)
+        SRPOTrainer(model, args, data, rollout_sampler="gumbel", **kw)
     calls = []
     real = gen.categorical_sample
     monkeypatch.setattr(gen, "categorical_sample", lambda p, g=None: calls.append(p.shape) or real(p, g))
-    SRPOTrainer(model, args, make_prompt_dataset(recs), rollout_sampler="torch", **kw).train()
+    SRPOTrainer(model, args, data, rollout_sampler="torch", **kw).train()
     assert calls == []
-    SRPOTrainer(model, args, make_prompt_dataset(recs), **kw).train()  # the default: inverse_cdf
+    SRPOTrainer(model, args, data, **kw).train()  # the default: inverse_cdf
     assert len(calls) >= 1 and calls[0][0] == 4
 
 

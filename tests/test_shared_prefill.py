@@ -139,24 +139,18 @@ def test_the_patch_is_scoped_to_its_block_and_model():
         handle.remove()
 
 
-def test_trainer_switch(tiny_model_dir, tmp_path):
+def test_trainer_switch(tiny_grpo):
     """SRPOTrainer's rollouts take the shared prefill by default (the prompts' forward pass counted at the
     embedding), TRL's per-rollout path with ``rollout_prefill="per_rollout"``, and a bad value is refused."""
-    from she.data.synthetic import generate
     from she.errors import UserError
-    from she.models.registry import load_model_and_tokenizer
-    from she.training.srpo import SRPOTrainer, build_grpo_config, make_prompt_dataset
+    from she.training.srpo import SRPOTrainer
 
-    recs = generate(n_queries=2, products_per_query=2, seed=0)[:2]
-    model, tok = load_model_and_tokenizer(str(tiny_model_dir))
-    args = build_grpo_config(tmp_path, num_generations=2, per_device_train_batch_size=4, max_completion_length=8,
-                             max_steps=1, learning_rate=1e-4, seed=0, bf16=True)
-    kw = dict(processing_class=tok, records_by_id={r.id: r for r in recs}, step_rewards=False)
+    model, args, data, kw = tiny_grpo
     with pytest.raises(UserError, match="rollout_prefill"):
-        SRPOTrainer(model, args, make_prompt_dataset(recs), rollout_prefill="cached", **kw)
+        SRPOTrainer(model, args, data, rollout_prefill="cached", **kw)
 
     def first_generation_forward(**extra):
-        trainer = SRPOTrainer(model, args, make_prompt_dataset(recs), **extra, **kw)
+        trainer = SRPOTrainer(model, args, data, **extra, **kw)
         calls = []
 
         def spy(*a, **k):
