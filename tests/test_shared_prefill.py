@@ -189,3 +189,26 @@ def test_policy_sampler_shares_the_prompt_of_its_n_samples(tiny_model_dir, monke
     assert "generate" not in vars(model)
     sampler._calls = 0  # the same seed again: the same draws
     assert sampler([(recs[0], ""), (recs[1], "")], n=3, temperature=1.0) == first
+
+
+def test_composes_with_a_generate_already_set_on_the_instance():
+    """A wrapper set on the instance before (the layout-invariant sampler of multi-process runs) is what the shared
+    prefill calls, and it is back on the instance when the block exits."""
+    from transformers import GenerationConfig
+
+    model = _llama()
+    ids, mask = _batch([2, 2])
+    cfg = GenerationConfig(do_sample=False, max_new_tokens=2, min_new_tokens=2, pad_token_id=0, eos_token_id=1)
+    seen = []
+    cls_generate = type(model).generate
+
+    def wrapper(*a, **k):
+        seen.append("cache" in k)
+        return cls_generate(model, *a, **k)
+
+    model.generate = wrapper
+    with shared_prefill(model):
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)
+    assert seen == [True]  # the shared path went through the instance's wrapper, with the prefilled cache
+    assert vars(model)["generate"] is wrapper
+    assert torch.equal(out, cls_generate(model, input_ids=ids, attention_mask=mask, generation_config=cfg))

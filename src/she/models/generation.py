@@ -142,26 +142,31 @@ def shared_prefill_generate(model, input_ids: torch.Tensor, attention_mask: torc
 @contextlib.contextmanager
 def shared_prefill(model, enabled: bool = True) -> Iterator[None]:
     """Inside the block, ``model.generate(input_ids=..., attention_mask=..., ...)`` is
-    :func:`shared_prefill_generate` (an attribute of this model object only, removed when the block exits; calls
-    without a mask go to the model's own). Not re-entrant on one model."""
+    :func:`shared_prefill_generate` over whatever ``model.generate`` was (the class's, or a wrapper already set on
+    the instance, e.g. she.training.distributed's layout-invariant sampler), set on this model object only and put
+    back as it was when the block exits; calls without a mask go to the previous one. Not re-entrant on one model."""
     if not enabled:
         yield
         return
-    if "generate" in vars(model):
-        raise RuntimeError("shared_prefill: this model's generate is already replaced")
     own = model.generate
+    if getattr(own, "_she_shared_prefill", False):
+        raise RuntimeError("shared_prefill: this model's generate is already replaced by an open block")
+    had_attr = "generate" in vars(model)
 
     def generate(*args, input_ids=None, attention_mask=None, **kwargs):
         if args or input_ids is None or attention_mask is None:
             return own(*args, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         return shared_prefill_generate(model, input_ids, attention_mask, generate=own, **kwargs)
 
+    generate._she_shared_prefill = True
     model.generate = generate
     try:
         yield
     finally:
-        del model.generate
-
+        if had_attr:
+            model.generate = own
+        else:
+            del model.generate
 
 __all__ = ["ROLLOUT_SAMPLERS", "categorical_sample", "fast_sampling", "generation_autocast", "identical_runs",
            "shared_prefill", "shared_prefill_generate"]
