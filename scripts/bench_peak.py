@@ -14,7 +14,8 @@ Usage:
 
 ``--plain-step MODEL`` also times the reference the SFT figures are judged against: a plain Hugging Face training
 step of the model (random token ids, batch x sequence = ``--tokens``, bf16 autocast, loss on every position,
-backward, AdamW), no trainer, no data pipeline -- what "plain PyTorch" reaches on this machine.
+backward, AdamW), no trainer, no data pipeline -- what "plain PyTorch" reaches on this machine (its MFU counts
+SmolLM2-135M's parameters: pass that model).
 """
 
 from __future__ import annotations

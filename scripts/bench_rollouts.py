@@ -15,8 +15,8 @@ padded, with a KV cache:
   static+compiled  the same with the decoding forward compiled by TorchInductor (transformers' CompileConfig,
              mode "default", forced on a CPU with ``_compile_all_devices``); its compile lands in the warm-up
 
-``--variants`` picks which run (default: the first three). Variants alternate inside every repetition, each from the same seed, so drift of a shared CPU hits all three; the
-first repetition is a warm-up and is not counted. ``trl`` and ``cached`` must produce the same tokens (printed as
+``--variants`` picks which run (default: the first three). Variants alternate inside every repetition, each from
+the same seed, so drift of a shared CPU hits all of them; the first repetition is a warm-up and is not counted. ``trl`` and ``cached`` must produce the same tokens (printed as
 ``identical``); ``cached+fast`` draws from the same distribution with another random stream.
 
 Usage:

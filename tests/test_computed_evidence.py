@@ -53,3 +53,17 @@ def test_bad_evidence_modes(tiny_model_dir, tmp_path, hd_pairs):
         offsets_key("oracle")
     with pytest.raises(UserError, match="pick one"):
         predict(str(tiny_model_dir), hd_pairs, tmp_path / "p.jsonl", fast=True, evidence="computed")
+
+
+def test_a_verdict_only_schema_reads_the_verdict_right_away(tiny, hd_pairs):
+    """A schema with no step before the verdict: the computed stem is the verdict key alone, read like any other
+    label-free schema's (not sent to the decision's marginal read)."""
+    from she.evaluation.fast import computed_evidence_judgements, score_labels_fast
+    from she.reasoning.schema import StepSchema
+
+    model, tok = tiny
+    schema = StepSchema([resolve_schema("evidence").label_step])
+    assert computed_evidence(hd_pairs[0], schema) == "Verdict:"
+    js = computed_evidence_judgements(model, tok, hd_pairs, schema=schema, batch_size=2, bf16=False)
+    ref = score_labels_fast(model, tok, hd_pairs, prefix=lambda r: "Verdict:", batch_size=3, bf16=False, schema=schema)
+    assert [j.label for j in js] == [f.label for f in ref] and all(j.step_probs is None for j in js)

@@ -140,8 +140,8 @@ def test_the_patch_is_scoped_to_its_block_and_model():
 
 
 def test_trainer_switch(tiny_grpo):
-    """SRPOTrainer's rollouts take the shared prefill by default (the prompts' forward pass counted at the
-    embedding), TRL's per-rollout path with ``rollout_prefill="per_rollout"``, and a bad value is refused."""
+    """SRPOTrainer's rollouts take the shared prefill by default on a CPU (TRL's G rows of a prompt adjacent), TRL's
+    per-rollout path with ``rollout_prefill="per_rollout"``, and a bad value is refused."""
     from she.errors import UserError
     from she.training.srpo import SRPOTrainer
 
@@ -153,9 +153,9 @@ def test_trainer_switch(tiny_grpo):
         trainer = SRPOTrainer(model, args, data, **extra, **kw)
         calls = []
 
-        def spy(*a, **k):
-            calls.append(a[1].shape)
-            return shared_prefill_generate(*a, **k)
+        def spy(model, ids, mask, **k):
+            calls.append(identical_runs(ids, mask)[1].tolist())
+            return shared_prefill_generate(model, ids, mask, **k)
 
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(gen, "shared_prefill_generate", spy)
@@ -163,7 +163,7 @@ def test_trainer_switch(tiny_grpo):
         return calls
 
     calls = first_generation_forward()
-    assert calls and calls[0][0] == 4  # 2 prompts x 2 rollouts went through the shared prefill
+    assert calls == [[2, 2]]  # TRL's 2 prompts x 2 rollouts came as two runs of identical rows
     assert first_generation_forward(rollout_prefill="per_rollout") == []
 
 
@@ -212,3 +212,27 @@ def test_composes_with_a_generate_already_set_on_the_instance():
     assert seen == [True]  # the shared path went through the instance's wrapper, with the prefilled cache
     assert vars(model)["generate"] is wrapper
     assert torch.equal(out, cls_generate(model, input_ids=ids, attention_mask=mask, generation_config=cfg))
+
+
+@pytest.mark.parametrize("extra", [{"num_beams": 2, "num_return_sequences": 2}, {"num_beams": 2}, {"use_cache": False},
+                                   {"output_hidden_states": True}, {"cache_implementation": "static"}])
+def test_falls_back_when_a_prefilled_cache_would_change_the_call(extra):
+    """Beams or several sequences a row would expand the rows but not a cache passed in; another cache kind, no cache
+    or the prompt's hidden states need the prompt inside generate: the plain call, the same output."""
+    from transformers import GenerationConfig
+
+    model = _llama()
+    ids, mask = _batch([2, 2])
+    cfg = GenerationConfig(do_sample=False, max_new_tokens=3, min_new_tokens=3, pad_token_id=0, eos_token_id=1,
+                           **extra)
+    seen, handle = _count_embedded_tokens(model)
+    try:
+        out = shared_prefill_generate(model, ids, mask, generation_config=cfg)
+    finally:
+        handle.remove()
+    rows = 4 * extra.get("num_beams", 1)
+    assert seen[0] == rows * 9  # the whole prompt of every row, in generate's own prefill
+    plain = model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)
+    assert torch.equal(out if isinstance(out, torch.Tensor) else out.sequences,
+                       plain if isinstance(plain, torch.Tensor) else plain.sequences)
+

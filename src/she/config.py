@@ -574,7 +574,8 @@ class RLJobConfig(ConfigBase):
     # (torch.multinomial, as before session 17)
     rollout_sampler: Literal["torch", "inverse_cdf"] = "inverse_cdf"
     # the rollouts' prompt forward pass (she.models.generation): shared (once per prompt, its KV cache copied to the G
-    # rollouts; the same tokens up to matmul rounding) | per_rollout (TRL's: each rollout computes its prompt)
+    # rollouts; the same tokens up to matmul rounding; CPU only) | per_rollout (TRL's: each rollout computes its
+    # prompt; the default before session 20, so a run resumed from then draws other rollouts from here on)
     rollout_prefill: Literal["shared", "per_rollout"] = "shared"
     # class-aware outcome: weights on the normalised outcome advantage by gold class (every estimator, GRPO too):
     # null (none) | balanced (inverse frequency in the RL training records) | {Exact: 1.0, Partial: 1.5, ...}

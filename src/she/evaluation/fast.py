@@ -263,7 +263,8 @@ def computed_evidence_judgements(
 
     schemas = [schema_for(schema, r.taxonomy) for r in records]
     stems = [computed_stem(r, s) for r, s in zip(records, schemas)]
-    to_verdict = {stem.endswith(f"\n{s.label_step.key}:") for stem, s in zip(stems, schemas)}
+    to_verdict = {stem == f"{s.label_step.key}:" or stem.endswith(f"\n{s.label_step.key}:")
+                  for stem, s in zip(stems, schemas)}
     if len(to_verdict) > 1:
         raise RuntimeError("computed evidence: some pairs' steps were computed to the verdict, others to the decision")
     if to_verdict == {False}:  # the decision's step is left to read as a probability

@@ -103,14 +103,34 @@ def generation_autocast(enabled: bool, device: torch.device | str) -> contextlib
 
 def identical_runs(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(starts, counts)``: the first row and the length of each run of consecutive identical rows (ids and mask
-    equal), in order; ``counts.sum()`` is the number of rows."""
+    equal), in order, on the inputs' device; ``counts.sum()`` is the number of rows."""
+    dev = input_ids.device
     if input_ids.size(0) == 0:
-        empty = torch.zeros(0, dtype=torch.long)
+        empty = torch.zeros(0, dtype=torch.long, device=dev)
         return empty, empty
     same = (input_ids[1:] == input_ids[:-1]).all(1) & (attention_mask[1:] == attention_mask[:-1]).all(1)
-    starts = torch.cat([torch.zeros(1, dtype=torch.long), torch.nonzero(~same).flatten() + 1])
-    ends = torch.cat([starts[1:], torch.tensor([input_ids.size(0)])])
+    starts = torch.cat([torch.zeros(1, dtype=torch.long, device=dev), torch.nonzero(~same).flatten() + 1])
+    ends = torch.cat([starts[1:], torch.tensor([input_ids.size(0)], device=dev)])
     return starts, ends - starts
+
+
+# generate() arguments the shared path leaves to the plain call: its own cache or inputs, rows it would expand
+# (beams, several sequences a row), per-position outputs of the prompt, and any tensor (multimodal fields)
+_PLAIN_ONLY = {"cache", "past_key_values", "inputs_embeds", "position_ids", "num_beams", "num_return_sequences",
+               "cache_implementation", "use_cache", "output_hidden_states", "output_attentions", "prefill_chunk_size"}
+
+
+def _shareable(model, kwargs: dict) -> bool:
+    """Whether a ``generate`` call with these arguments can start from a shared prefill (else: the plain call)."""
+    if _PLAIN_ONLY & kwargs.keys() or any(isinstance(v, torch.Tensor) for v in kwargs.values()):
+        return False
+    gc = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    if gc is not None and ((getattr(gc, "num_beams", 1) or 1) > 1 or (getattr(gc, "num_return_sequences", 1) or 1) > 1
+                           or getattr(gc, "cache_implementation", None) is not None
+                           or getattr(gc, "use_cache", True) is False or getattr(gc, "prefill_chunk_size", None)
+                           or getattr(gc, "output_hidden_states", False) or getattr(gc, "output_attentions", False)):
+        return False
+    return True
 
 
 def shared_prefill_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, generate=None,
@@ -120,22 +140,22 @@ def shared_prefill_generate(model, input_ids: torch.Tensor, attention_mask: torc
     the positions ``generate`` itself gives a left-padded row (mask cumsum - 1, 0 on padding); the cache is
     expanded to every row of its run and handed to ``generate``, which then feeds only each row's last prompt token
     before decoding. Falls back to the plain call when no two rows are identical, a prompt has one token, or the
-    caller passes its own cache. ``generate``: the function to call (default ``model.generate``). Returns what it
-    returns (prompt and completion ids)."""
+    call asks for what a prefilled cache would change (its own cache or inputs, beams or several sequences a row,
+    another cache kind, no cache, the prompt's hidden states or attentions, tensor arguments: ``_PLAIN_ONLY``).
+    ``generate``: the function to call (default ``model.generate``). Returns what it returns."""
     from transformers import DynamicCache
 
     generate = generate or model.generate
     starts, counts = identical_runs(input_ids, attention_mask)
-    if (counts.numel() == input_ids.size(0) or input_ids.size(1) < 2 or "cache" in kwargs
-            or "past_key_values" in kwargs):
+    if counts.numel() == input_ids.size(0) or input_ids.size(1) < 2 or not _shareable(model, kwargs):
         return generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     ids, mask = input_ids[starts, :-1], attention_mask[starts, :-1]
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
     cache = DynamicCache(config=model.config)
+    keep = {"logits_to_keep": 1} if getattr(model, "_supports_logits_to_keep", lambda: False)() else {}
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-              logits_to_keep=1)
-    cache.batch_select_indices(torch.repeat_interleave(torch.arange(counts.numel()), counts))
+        model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, **keep)
+    cache.batch_select_indices(torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts))
     return generate(input_ids=input_ids, attention_mask=attention_mask, cache=cache, **kwargs)
 
 

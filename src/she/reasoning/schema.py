@@ -378,7 +378,7 @@ def schema_for(schema: StepSchema | None, taxonomy: str) -> StepSchema:
     return default_schema(taxonomy) if schema is None else schema.for_taxonomy(taxonomy)
 
 
-def marginal_step(schema: StepSchema) -> Step:
+def marginal_step(schema: StepSchema) -> StepSpec:
     """The step ``evidence: marginal`` reads as a probability: the choice step right before the verdict (``Relevant``
     of the decision schema, ``Similarity`` of the semantic one). ``UserError`` when the schema has none."""
     steps = schema.steps
@@ -390,7 +390,6 @@ def marginal_step(schema: StepSchema) -> Step:
 
 
 __all__ = [
-    "marginal_step",
     "COVERAGE_STEP",
     "HEAD_STEP",
     "NUMBERS_STEP",
@@ -413,5 +412,6 @@ __all__ = [
     "StepSpec",
     "default_schema",
     "load_schema",
+    "marginal_step",
     "normalize_key",
 ]

@@ -122,7 +122,7 @@ class PolicySampler:
                 # on a CPU sampled by inversion (she.models.generation: the same distribution, the same torch seed);
                 # the n samples of a request are adjacent rows (a stable sort), so their prompt is computed once
                 with autocast(self.bf16, device), fast_sampling(temperature > 0 and device.type == "cpu"), \
-                        shared_prefill(model, n > 1):
+                        shared_prefill(model, n > 1 and device.type == "cpu"):
                     out = model.generate(**enc, max_new_tokens=self.max_new_tokens, pad_token_id=tok.pad_token_id,
                                          eos_token_id=eos, **sampling)
                 gen = out[:, enc["input_ids"].shape[1]:]

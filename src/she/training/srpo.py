@@ -523,7 +523,8 @@ class SRPOTrainer(GRPOTrainer):
         (she.models.generation; on other devices always torch's).
     rollout_prefill: ``shared`` (default): the prompt's forward pass made once for its G rollouts and its KV
         cache copied to them (she.models.generation.shared_prefill; the same tokens up to matmul rounding);
-        ``per_rollout``: TRL's, every rollout computes its prompt. Not with vLLM (it caches prefixes itself).
+        ``per_rollout``: TRL's, every rollout computes its prompt. On a CPU only (measured and tested there; GPUs keep
+        TRL's path, and vLLM caches prefixes itself).
     labelled_positions_only: TRL's fused LM head projects only the completion positions on a CPU too (the same
         values, she.training.lm_head); False: TRL's CPU path, every position; None (default): env
         ``SHE_LM_HEAD_POSITIONS`` (``labelled`` unless set to ``all``).
@@ -841,7 +842,8 @@ class SRPOTrainer(GRPOTrainer):
         with generation_autocast(bool(self.args.bf16) and not self.use_vllm, self.accelerator.device), \
                 fast_sampling(self.rollout_sampler == "inverse_cdf" and not self.use_vllm
                               and self.accelerator.device.type == "cpu"), \
-                shared_prefill(model, self.rollout_prefill == "shared" and not self.use_vllm):
+                shared_prefill(model, self.rollout_prefill == "shared" and not self.use_vllm
+                               and self.accelerator.device.type == "cpu"):  # measured and tested on a CPU only
             return super()._generate_single_turn(*args, **kwargs)
 
     def _get_per_token_logps_and_entropies(self, *args: Any, **kwargs: Any):
