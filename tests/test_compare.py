@@ -496,7 +496,7 @@ def test_whole_table_on_the_tiny_model_then_a_rerun_runs_nothing(tmp_path, tiny_
     # from the label, so no step of it can be computed (those rows refuse it: tests/test_computed_rollouts.py)
     from she.recipes.compare.rows import ROWS
 
-    table = [r for r in ALL_ROWS if ROWS[r].rl.get("rollout_evidence") != "computed"]
+    table = [r for r in ALL_ROWS if (ROWS[r].rl or {}).get("rollout_evidence") != "computed"]
     over = {"rows": table, "model": str(tiny_model_dir), "judge": str(tiny_model_dir), "output_dir": str(out),
             "cross_encoder.model": str(bert)}
     cfg = load_compare_config(CONFIG, over)
