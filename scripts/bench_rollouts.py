@@ -16,8 +16,9 @@ padded, with a KV cache:
              mode "default", forced on a CPU with ``_compile_all_devices``); its compile lands in the warm-up
 
 ``--variants`` picks which run (default: the first three). Variants alternate inside every repetition, each from
-the same seed, so drift of a shared CPU hits all of them; the first repetition is a warm-up and is not counted. ``trl`` and ``cached`` must produce the same tokens (printed as
-``identical``); ``cached+fast`` draws from the same distribution with another random stream.
+the same seed, so drift of a shared CPU hits all of them; the first repetition is a warm-up and is not counted.
+``trl`` and ``cached`` must produce the same tokens (printed as ``identical``); ``cached+fast`` draws from the same
+distribution with another random stream.
 
 Usage:
   python scripts/bench_rollouts.py --model runs/hd-sft-decision-3k/sft/final \\

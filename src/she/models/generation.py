@@ -35,6 +35,7 @@ import torch
 from she.patching import scoped_patch
 
 ROLLOUT_SAMPLERS = ("torch", "inverse_cdf")
+ROLLOUT_PREFILLS = ("shared", "per_rollout")
 
 
 def categorical_sample(probs: torch.Tensor, generator: torch.Generator | None = None, *,
@@ -188,5 +189,6 @@ def shared_prefill(model, enabled: bool = True) -> Iterator[None]:
         else:
             del model.generate
 
-__all__ = ["ROLLOUT_SAMPLERS", "categorical_sample", "fast_sampling", "generation_autocast", "identical_runs",
-           "shared_prefill", "shared_prefill_generate"]
+
+__all__ = ["ROLLOUT_PREFILLS", "ROLLOUT_SAMPLERS", "categorical_sample", "fast_sampling", "generation_autocast",
+           "identical_runs", "shared_prefill", "shared_prefill_generate"]

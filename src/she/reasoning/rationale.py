@@ -730,5 +730,5 @@ def computed_stem(record: Record, schema: StepSchema) -> str:
         return computed_evidence(record, schema, stop_at=step.name)
 
 
-__all__ = ["Evidence", "analyse", "choose_conclusions", "computed_evidence", "computed_stem", "rationale_steps", "relevant_choice",
-           "write_rationale"]
+__all__ = ["Evidence", "analyse", "choose_conclusions", "computed_evidence", "computed_stem", "rationale_steps",
+           "relevant_choice", "write_rationale"]

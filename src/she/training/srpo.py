@@ -54,7 +54,13 @@ from she.algorithms.advantages import (
 )
 from she.data.schema import Record
 from she.errors import UserError
-from she.models.generation import ROLLOUT_SAMPLERS, fast_sampling, generation_autocast, shared_prefill
+from she.models.generation import (
+    ROLLOUT_PREFILLS,
+    ROLLOUT_SAMPLERS,
+    fast_sampling,
+    generation_autocast,
+    shared_prefill,
+)
 from she.training.lm_head import labelled_positions_only, resolve_labelled_positions
 from she.reasoning.parse import ParsedTrace, parse_trace
 from she.reasoning.schema import StepSchema, default_schema
@@ -623,8 +629,8 @@ class SRPOTrainer(GRPOTrainer):
         if rollout_sampler not in ROLLOUT_SAMPLERS:
             raise UserError(f"rollout_sampler must be one of {ROLLOUT_SAMPLERS}, got {rollout_sampler!r}")
         self.rollout_sampler = rollout_sampler
-        if rollout_prefill not in ("shared", "per_rollout"):
-            raise UserError(f"rollout_prefill must be 'shared' or 'per_rollout', got {rollout_prefill!r}")
+        if rollout_prefill not in ROLLOUT_PREFILLS:
+            raise UserError(f"rollout_prefill must be one of {ROLLOUT_PREFILLS}, got {rollout_prefill!r}")
         self.rollout_prefill = rollout_prefill
         self.labelled_positions_only = resolve_labelled_positions(labelled_positions_only)
         self._check_likelihood_rewarded()
