@@ -228,3 +228,46 @@ def test_demo_runs_sft_then_srpo_and_reports_both(tmp_path, tiny_model_dir):
         meta = json.loads((out / stage / "final" / "she.json").read_text())
         cal = json.loads((out / stage / "final" / "calibration.json").read_text())
         assert key in summary["timings"] and meta["label_offsets"] == cal["label_offsets"], stage
+
+
+@pytest.mark.slow
+def test_demo_reads_each_evidence_mode_with_its_own_offsets(tmp_path, tiny_model_dir):
+    """`evidence: [computed, generated]`: the demo calibrates and evaluates the model in each read, the first one
+    the headline; each read's offsets go to their own she.json key."""
+    cfg = tmp_path / "demo.yaml"
+    cfg.write_text(
+        f"model: {tiny_model_dir}\noutput_dir: {tmp_path / 'demo'}\n"
+        "data: {synthetic_queries: 12, synthetic_products_per_query: 3, max_train: 16, max_eval: 8}\n"
+        "sft: {max_steps: 2, batch_size: 4, bf16: false, save_steps: 2, report_to: none, schema: evidence,\n"
+        "      prompt_style: compact}\n"
+        "eval_batch_size: 8\nmax_new_tokens: 24\neval_before: false\nrl: null\n"
+        "calibration_pairs: 4\nevidence: [computed, generated]\n"
+    )
+    assert _run(["demo", "--config", str(cfg)]) == 0
+    out = tmp_path / "demo"
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["rows"])[:2] == ["SFT (computed evidence)", "SFT"]
+    assert json.loads((out / "eval_sft_computed" / "metrics.json").read_text())["evidence"] == "computed"
+    assert json.loads((out / "eval_sft" / "metrics.json").read_text())["evidence"] == "generated"
+    meta = json.loads((out / "sft" / "final" / "she.json").read_text())
+    for evidence, key, name in (("computed", "label_offsets_computed", "calibration_computed.json"),
+                                ("generated", "label_offsets", "calibration.json")):
+        cal = json.loads((out / "sft" / "final" / name).read_text())
+        assert cal["evidence"] == evidence and meta[key] == cal["label_offsets"]
+    assert "calibration_computed" in summary["timings"] and "eval_sft_computed" in summary["timings"]
+
+
+def test_demo_config_evidence_is_checked(tmp_path):
+    """An unknown read is a config error naming the field; an empty list is refused before any training."""
+    from she.config import ConfigError, DemoConfig, load_config
+    from she.errors import UserError
+    from she.recipes.demo import _reads
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("evidence: [computed, guessed]\n")
+    with pytest.raises(ConfigError, match="evidence"):
+        load_config(DemoConfig, bad)
+    assert _reads(DemoConfig(evidence="computed")) == ["computed"]
+    assert _reads(DemoConfig(evidence=["computed", "generated", "computed"])) == ["computed", "generated"]
+    with pytest.raises(UserError, match="evidence"):
+        _reads(DemoConfig(evidence=[]))

@@ -102,6 +102,9 @@ Format = Literal["auto", "home-depot", "esci", "wands", "jsonl"]
 OnError = Literal["fail", "skip"]
 Taxonomy = Literal["hd3", "esci4", "taobao4"]
 PromptStyle = Literal["compact", "full"]
+# how a reasoning judge's steps are read before its verdict (she.evaluation.evaluate.judge_records): written by the
+# model, computed from the pair and forced, or the step marginalised over its values
+Evidence = Literal["generated", "computed", "marginal"]
 ReportTo = str  # a transformers integration name, "none", or a comma-separated list
 
 
@@ -231,6 +234,10 @@ class DemoConfig(ConfigBase):
     # fit per-class verdict offsets of the SFT model and of SRPO's on up to this many validation pairs before
     # their evaluations (she calibrate; both rows read alike; 0 = off)
     calibration_pairs: int = 0
+    # the reads of each model, each calibrated and evaluated on its own (the first is the report's headline):
+    # generated (the model writes its steps), computed (label-free steps computed from the pair and forced; the
+    # decision marginalised on the decision schema), marginal. A string is one read.
+    evidence: Evidence | list[Evidence] = "generated"
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:

@@ -16,8 +16,10 @@ import contextlib
 import json
 import os
 from pathlib import Path
+import typing
 from typing import Any
 
+from she.config import Evidence
 from she.errors import UserError
 
 SHE_META = "she.json"
@@ -84,7 +86,7 @@ def prompt_style_of(model_path) -> str:
     return load_she_meta(resolve_model(model_path)).get("prompt_style", "full")
 
 
-EVIDENCE_MODES = ("generated", "computed", "marginal")
+EVIDENCE_MODES = typing.get_args(Evidence)
 
 
 def offsets_key(evidence: str = "generated") -> str:

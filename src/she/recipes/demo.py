@@ -11,6 +11,7 @@ from pathlib import Path
 from she.config import DemoConfig, to_dict
 from she.data.labels import get_taxonomy
 from she.data.sources import majority_label, prior_train
+from she.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -19,16 +20,43 @@ def _loss_curve(log_history: list[dict]) -> list[tuple[float, float]]:
     return [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
 
 
+def _reads(cfg: DemoConfig) -> list[str]:
+    """The evidence modes the models are read in, the headline first (``evidence`` is one mode or a list)."""
+    reads = [cfg.evidence] if isinstance(cfg.evidence, str) else list(dict.fromkeys(cfg.evidence))
+    if not reads:
+        raise UserError("demo config: evidence lists no read; give one of generated, computed, marginal")
+    return reads
+
+
 def _calibrate(cfg: DemoConfig, model, splits, timings: dict, key: str) -> None:
-    """``calibration_pairs`` > 0: fit the model's verdict offsets on validation pairs (never test) into she.json."""
+    """``calibration_pairs`` > 0: fit the model's verdict offsets on validation pairs (never test) into she.json,
+    once per read (each read has its own offsets)."""
     if cfg.calibration_pairs <= 0 or not splits.get("validation"):
         return
     from she.evaluation.evaluate import calibrate
 
-    t = time.time()
-    calibrate(str(model), splits["validation"][: cfg.calibration_pairs], taxonomy=cfg.data.taxonomy,
-              batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, bf16=cfg.sft.bf16, progress=False)
-    timings[key] = time.time() - t
+    for evidence in _reads(cfg):
+        t = time.time()
+        calibrate(str(model), splits["validation"][: cfg.calibration_pairs], taxonomy=cfg.data.taxonomy,
+                  batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, bf16=cfg.sft.bf16,
+                  progress=False, evidence=evidence)
+        timings[key if evidence == "generated" else f"{key}_{evidence}"] = time.time() - t
+
+
+def _evaluate_reads(cfg: DemoConfig, model, test, out: Path, name: str, title: str, rows: dict, timings: dict,
+                    **common) -> None:
+    """Evaluate ``model`` on ``test`` in each read: row ``name`` (the generated read keeps the plain name and
+    folder; another read is ``name (computed evidence)`` in ``<folder>_computed``)."""
+    from she.evaluation.evaluate import evaluate
+
+    for evidence in _reads(cfg):
+        suffix = "" if evidence == "generated" else f"_{evidence}"
+        label = name if evidence == "generated" else f"{name} ({evidence} evidence)"
+        t = time.time()
+        rows[label] = evaluate(str(model), test, out.with_name(out.name + suffix),
+                               title=title if not suffix else f"{title}, {evidence} evidence", evidence=evidence,
+                               **common)
+        timings[out.name + suffix] = time.time() - t
 
 
 def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
@@ -39,6 +67,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     from she.models.registry import resolve_model
     from she.training.sft import train_sft
 
+    _reads(cfg)  # a config without a read fails here, not after the training
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
@@ -74,9 +103,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     # the SFT row is read as the SRPO row is, calibrated when calibration is on: a calibrated SRPO beside a raw SFT
     # would credit RL with what the offsets do (their offsets do not reach RL: its she.json is written afresh)
     _calibrate(cfg, final, splits, timings, "calibration_sft" if cfg.rl is not None else "calibration")
-    t = time.time()
-    rows["SFT"] = evaluate(str(final), test, out / "eval_sft", title="After SFT", **common)
-    timings["eval_sft"] = time.time() - t
+    _evaluate_reads(cfg, final, test, out / "eval_sft", "SFT", "After SFT", rows, timings, **common)
 
     if cfg.rl is not None:
         import dataclasses
@@ -88,10 +115,10 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
         rl_final = run_rl_job(rl_cfg, splits["train"], check_records=splits["validation"] or None)
         timings["srpo"] = time.time() - t
         _calibrate(cfg, rl_final, splits, timings, "calibration")
-        t = time.time()
-        rows[f"SRPO ({rl_cfg.advantage or 'srpo_gated'}, {rl_cfg.max_steps} steps)"] = evaluate(
-            str(rl_final), test, out / "eval_srpo", title="After SRPO", **common)
-        timings["eval_srpo"] = time.time() - t
+        # step_rewards false is vanilla GRPO (the estimator then has no step term to name)
+        algo = f"SRPO ({rl_cfg.advantage or 'srpo_gated'}, " if rl_cfg.step_rewards else "GRPO ("
+        _evaluate_reads(cfg, rl_final, test, out / "eval_srpo", f"{algo}{rl_cfg.max_steps} steps)",
+                        f"After {algo.split()[0]}", rows, timings, **common)
 
     history = json.loads((out / "sft" / "log_history.json").read_text())
     plot_curves({"train loss": _loss_curve(history)}, out / "sft_loss.png", "SFT training loss")
