@@ -1,6 +1,7 @@
 """End to end on CPU with the tiny model: data -> SFT -> eval/predict, through the CLI and the API."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -200,22 +201,26 @@ def test_eval_data_config_uses_the_jobs_split_and_caps(tmp_path, tiny_model_dir)
     assert _run(["eval", "--model", str(tiny_model_dir), "--data-config", str(bad), "--out", str(ev)]) == 2
 
 
+def _tiny_demo(tmp_path, model_dir, sft_extra: str, rest: str) -> tuple[Path, dict]:
+    """`she demo` of the tiny model on a tiny synthetic set, calibrated on 4 pairs: its folder and summary.json."""
+    cfg = tmp_path / "demo.yaml"
+    cfg.write_text(
+        f"model: {model_dir}\noutput_dir: {tmp_path / 'demo'}\n"
+        "data: {synthetic_queries: 12, synthetic_products_per_query: 3, max_train: 16, max_eval: 8}\n"
+        f"sft: {{max_steps: 2, batch_size: 4, bf16: false, save_steps: 2, report_to: none{sft_extra}}}\n"
+        "eval_batch_size: 8\ncalibration_pairs: 4\n" + rest
+    )
+    assert _run(["demo", "--config", str(cfg)]) == 0
+    return tmp_path / "demo", json.loads((tmp_path / "demo" / "summary.json").read_text())
+
+
 @pytest.mark.slow
 def test_demo_runs_sft_then_srpo_and_reports_both(tmp_path, tiny_model_dir):
     """The main job: base / SFT / SRPO side by side, with predicted-class shares and the SRPO curves."""
-    cfg = tmp_path / "demo.yaml"
-    cfg.write_text(
-        f"model: {tiny_model_dir}\noutput_dir: {tmp_path / 'demo'}\n"
-        "data: {synthetic_queries: 12, synthetic_products_per_query: 3, max_train: 16, max_eval: 8}\n"
-        "sft: {max_steps: 2, batch_size: 4, bf16: false, save_steps: 2, report_to: none}\n"
-        "eval_batch_size: 8\nmax_new_tokens: 12\n"
-        "rl: {max_steps: 2, num_generations: 2, prompts_per_step: 1, max_completion_length: 12, bf16: false,\n"
-        "     save_steps: 1, examiner_check: warn}\n"
-        "calibration_pairs: 4\n"
-    )
-    assert _run(["demo", "--config", str(cfg)]) == 0
-    out = tmp_path / "demo"
-    summary = json.loads((out / "summary.json").read_text())
+    out, summary = _tiny_demo(tmp_path, tiny_model_dir, "",
+                              "max_new_tokens: 12\n"
+                              "rl: {max_steps: 2, num_generations: 2, prompts_per_step: 1, max_completion_length: 12,\n"
+                              "     bf16: false, save_steps: 1, examiner_check: warn}\n")
     names = list(summary["rows"])
     assert names[0] == "base (zero-shot)" and names[1] == "SFT" and names[2].startswith("SRPO (srpo_gated, 2 steps)")
     report = (out / "report.md").read_text()
@@ -234,18 +239,8 @@ def test_demo_runs_sft_then_srpo_and_reports_both(tmp_path, tiny_model_dir):
 def test_demo_reads_each_evidence_mode_with_its_own_offsets(tmp_path, tiny_model_dir):
     """`evidence: [computed, generated]`: the demo calibrates and evaluates the model in each read, the first one
     the headline; each read's offsets go to their own she.json key."""
-    cfg = tmp_path / "demo.yaml"
-    cfg.write_text(
-        f"model: {tiny_model_dir}\noutput_dir: {tmp_path / 'demo'}\n"
-        "data: {synthetic_queries: 12, synthetic_products_per_query: 3, max_train: 16, max_eval: 8}\n"
-        "sft: {max_steps: 2, batch_size: 4, bf16: false, save_steps: 2, report_to: none, schema: evidence,\n"
-        "      prompt_style: compact}\n"
-        "eval_batch_size: 8\nmax_new_tokens: 24\neval_before: false\nrl: null\n"
-        "calibration_pairs: 4\nevidence: [computed, generated]\n"
-    )
-    assert _run(["demo", "--config", str(cfg)]) == 0
-    out = tmp_path / "demo"
-    summary = json.loads((out / "summary.json").read_text())
+    out, summary = _tiny_demo(tmp_path, tiny_model_dir, ", schema: evidence, prompt_style: compact",
+                              "max_new_tokens: 24\neval_before: false\nrl: null\nevidence: [computed, generated]\n")
     assert list(summary["rows"])[:2] == ["SFT (computed evidence)", "SFT"]
     assert json.loads((out / "eval_sft_computed" / "metrics.json").read_text())["evidence"] == "computed"
     assert json.loads((out / "eval_sft" / "metrics.json").read_text())["evidence"] == "generated"
