@@ -254,14 +254,18 @@ def test_demo_reads_each_evidence_mode_with_its_own_offsets(tmp_path, tiny_model
 
 def test_demo_config_evidence_is_checked(tmp_path):
     """An unknown read is a config error naming the field; an empty list is refused before any training."""
-    from she.config import ConfigError, DemoConfig, load_config
+    import typing
+
+    from she.config import ConfigError, DemoConfig, Evidence, load_config
     from she.errors import UserError
+    from she.models.metadata import EVIDENCE_MODES
     from she.recipes.demo import _reads
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("evidence: [computed, guessed]\n")
     with pytest.raises(ConfigError, match="evidence"):
         load_config(DemoConfig, bad)
+    assert typing.get_args(Evidence) == EVIDENCE_MODES  # the config's reads are the ones she.models knows
     assert _reads(DemoConfig(evidence="computed")) == ["computed"]
     assert _reads(DemoConfig(evidence=["computed", "generated", "computed"])) == ["computed", "generated"]
     with pytest.raises(UserError, match="evidence"):
