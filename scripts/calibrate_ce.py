@@ -29,16 +29,14 @@ def main(argv=None) -> None:
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
 
-    import yaml
-
-    from she.config import DataConfig, from_dict
+    from she.config import data_section
     from she.data.labels import get_taxonomy
     from she.data.sources import load_splits
     from she.evaluation.calibration import apply_offsets, fit_label_offsets
     from she.evaluation.metrics import classification_report
     from she.training.cross_encoder import CrossEncoderJudge
 
-    data = from_dict(DataConfig, yaml.safe_load(Path(args.data_config).read_text())["data"], "data")
+    data = data_section(args.data_config)
     records = load_splits(data)["validation"][: args.n]
     labels = list(get_taxonomy(data.taxonomy).labels)
     rows = CrossEncoderJudge.from_pretrained(args.model).predict(records)

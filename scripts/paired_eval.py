@@ -21,7 +21,7 @@ import argparse
 import json
 from pathlib import Path
 
-from she.config import DataConfig, from_dict, read_yaml
+from she.config import data_section
 from she.data.labels import get_taxonomy
 from she.data.sources import load_splits
 from she.evaluation.calibration import apply_offsets
@@ -53,10 +53,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    raw = read_yaml(args.data_config)
-    if not isinstance(raw.get("data"), dict):
-        raise SystemExit(f"{args.data_config}: no `data:` section")
-    data = from_dict(DataConfig, raw["data"], f"{args.data_config}.data")  # any job's or compare's config
+    data = data_section(args.data_config)  # any job's or compare's config
     query = {r.id: r.query for part in load_splits(data).values() for r in part}
     labels = list(get_taxonomy(data.taxonomy).labels)
     a, b = read_arm(args.a), read_arm(args.b)

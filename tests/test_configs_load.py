@@ -109,3 +109,20 @@ def test_pyproject_package_data_exists():
     for pkg, globs in meta.get("tool", {}).get("setuptools", {}).get("package-data", {}).items():
         for g in globs:
             assert list((REPO / "src" / pkg.replace(".", "/")).glob(g)), f"package-data {pkg}: {g} matches nothing"
+
+
+def test_data_section_reads_any_configs_split(tmp_path):
+    """`data_section` (the scripts' --data-config): a compare config's and a job config's data: section alike; a
+    file without one is a config error naming it."""
+    from she.config import ConfigError, DataConfig, data_section
+
+    d = data_section(REPO / "configs" / "compare-cpu-decision-3k.yaml")
+    assert isinstance(d, DataConfig) and d.max_eval == 1000 and d.cuts == (1.75, 2.5) and d.balance_train
+    assert data_section(REPO / "configs" / "ce-hd-3k.yaml").max_train == 3000
+    bad = tmp_path / "nodata.yaml"
+    bad.write_text("model: x\n")
+    with pytest.raises(ConfigError, match="nodata.yaml: no `data:` section"):
+        data_section(bad)
+    bad.write_text("data: [1, 2]\n")
+    with pytest.raises(ConfigError, match="no `data:` section"):
+        data_section(bad)

@@ -345,6 +345,14 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
+def data_section(path: str | Path) -> DataConfig:
+    """The ``data:`` section of any job's or comparison's config: the split its evaluations were made on."""
+    raw = read_yaml(path)
+    if not isinstance(raw.get("data"), dict):
+        raise ConfigError(f"{path}: no `data:` section")
+    return from_dict(DataConfig, raw["data"], f"{path}.data")
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> T:
     """Load ``cls`` from a YAML file (optional) and apply dotted overrides like ``{"sft.num_train_epochs": 2}``.
 

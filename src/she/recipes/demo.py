@@ -50,13 +50,13 @@ def _evaluate_reads(cfg: DemoConfig, model, test, out: Path, name: str, title: s
     from she.evaluation.evaluate import evaluate
 
     for evidence in _reads(cfg):
-        suffix = "" if evidence == "generated" else f"_{evidence}"
-        label = name if evidence == "generated" else f"{name} ({evidence} evidence)"
+        plain = evidence == "generated"
+        folder = out.name if plain else f"{out.name}_{evidence}"
         t = time.time()
-        rows[label] = evaluate(str(model), test, out.with_name(out.name + suffix),
-                               title=title if not suffix else f"{title}, {evidence} evidence", evidence=evidence,
-                               **common)
-        timings[out.name + suffix] = time.time() - t
+        rows[name if plain else f"{name} ({evidence} evidence)"] = evaluate(
+            str(model), test, out.with_name(folder), title=title if plain else f"{title}, {evidence} evidence",
+            evidence=evidence, **common)
+        timings[folder] = time.time() - t
 
 
 def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
@@ -116,9 +116,10 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
         timings["srpo"] = time.time() - t
         _calibrate(cfg, rl_final, splits, timings, "calibration")
         # step_rewards false is vanilla GRPO (the estimator then has no step term to name)
-        algo = f"SRPO ({rl_cfg.advantage or 'srpo_gated'}, " if rl_cfg.step_rewards else "GRPO ("
-        _evaluate_reads(cfg, rl_final, test, out / "eval_srpo", f"{algo}{rl_cfg.max_steps} steps)",
-                        f"After {algo.split()[0]}", rows, timings, **common)
+        algo = "SRPO" if rl_cfg.step_rewards else "GRPO"
+        estimator = f"{rl_cfg.advantage or 'srpo_gated'}, " if rl_cfg.step_rewards else ""
+        _evaluate_reads(cfg, rl_final, test, out / "eval_srpo", f"{algo} ({estimator}{rl_cfg.max_steps} steps)",
+                        f"After {algo}", rows, timings, **common)
 
     history = json.loads((out / "sft" / "log_history.json").read_text())
     plot_curves({"train loss": _loss_curve(history)}, out / "sft_loss.png", "SFT training loss")
