@@ -1,7 +1,9 @@
 """Paired bootstrap of Macro F1 between two (or more) evaluations of the same pairs, raw and calibrated.
 
 Each arm is one or more ``predictions.jsonl`` files (``she eval``, ``she demo``'s ``eval_*``, or a
-``she compare`` row's ``eval/``); several files in one arm are seeds, pooled. The calibrated label of a
+``she compare`` row's ``eval/``) or prediction archives (``results/predictions/*.jsonl.gz``, written by
+``scripts/archive_predictions.py``; their gold labels come from the split); several files in one arm are seeds,
+pooled. The calibrated label of a
 prediction is ``label`` when the model was calibrated before its evaluation (``raw_label`` then holds the
 generated one), or, with ``PRED@OFFSETS`` (a ``calibration.json`` of a compare row, or any JSON with
 ``label_offsets``), the raw label re-read from ``probs`` with those offsets; a file with neither reports its
@@ -24,23 +26,17 @@ from pathlib import Path
 from she.config import data_section
 from she.data.labels import get_taxonomy
 from she.data.sources import load_splits
-from she.evaluation.calibration import apply_offsets
+from she.evaluation.archive import read_predictions
 from she.evaluation.metrics import bootstrap_ci, classification_report, paired_bootstrap_diff, seed_differences
 
 
-def read_arm(specs: list[str]) -> list[dict[str, dict[str, str | None]]]:
-    """Per file: ``{id: {"gold", "raw", "calibrated"}}``."""
+def read_arm(specs: list[str], gold: dict[str, str]) -> list[dict[str, dict[str, str | None]]]:
+    """Per file: ``{id: {"gold", "raw", "calibrated"}}`` (an archive's gold labels from ``gold``, the split's)."""
     runs = []
     for spec in specs:
         path, _, off_path = spec.partition("@")
         offsets = json.loads(Path(off_path).read_text())["label_offsets"] if off_path else None
-        rows = {}
-        for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-            d = json.loads(line)
-            raw = d.get("raw_label", d["label"])
-            cal = apply_offsets(d.get("probs"), raw, offsets) if offsets else d["label"]
-            rows[str(d["id"])] = {"gold": d["gold"], "raw": raw, "calibrated": cal}
-        runs.append(rows)
+        runs.append(read_predictions(path, offsets, gold))
     return runs
 
 
@@ -54,9 +50,11 @@ def main() -> None:
     args = ap.parse_args()
 
     data = data_section(args.data_config)  # any job's or compare's config
-    query = {r.id: r.query for part in load_splits(data).values() for r in part}
+    records = [r for part in load_splits(data).values() for r in part]
+    query = {r.id: r.query for r in records}
     labels = list(get_taxonomy(data.taxonomy).labels)
-    a, b = read_arm(args.a), read_arm(args.b)
+    split_gold = {r.id: r.label for r in records if r.label is not None}
+    a, b = read_arm(args.a, split_gold), read_arm(args.b, split_gold)
     ids = sorted(set.intersection(*(set(r) for r in a + b)))
     if not ids:
         raise SystemExit("the arms share no pair id")
