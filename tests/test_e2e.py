@@ -227,6 +227,8 @@ def test_demo_runs_sft_then_srpo_and_reports_both(tmp_path, tiny_model_dir):
     assert "predicted (Irr/Par/Exa)" in report and "| SRPO (srpo_gated, 2 steps) |" in report
     assert (out / "srpo" / "final" / "she.json").exists() and (out / "srpo" / "examiner_check.json").exists()
     assert (out / "srpo" / "collapse.png").exists() and "srpo" in summary["timings"]
+    assert ("[base](eval_base/confusion.png), [sft](eval_sft/confusion.png), [srpo](eval_srpo/confusion.png)"
+            in report and "[collapse signs](srpo/collapse.png)" in report)
     # both models were calibrated on validation pairs before their evaluations (both rows read alike), and the
     # SFT's offsets did not travel into the SRPO folder: its own calibration wrote them
     for stage, key in (("sft", "calibration_sft"), ("srpo", "calibration")):
@@ -250,6 +252,21 @@ def test_demo_reads_each_evidence_mode_with_its_own_offsets(tmp_path, tiny_model
         cal = json.loads((out / "sft" / "final" / name).read_text())
         assert cal["evidence"] == evidence and meta[key] == cal["label_offsets"]
     assert "calibration_computed" in summary["timings"] and "eval_sft_computed" in summary["timings"]
+    report = (out / "report.md").read_text()  # links to what was written: no base, no RL curves
+    assert "[sft_computed](eval_sft_computed/confusion.png), [sft](eval_sft/confusion.png)." in report
+    assert "eval_base" not in report and "RL curves" not in report
+
+
+def test_demo_report_links_only_files_that_exist(tmp_path):
+    from she.recipes.demo import _links
+
+    assert _links(tmp_path) == ""
+    for f in ("eval_sft_computed/confusion.png", "eval_srpo_computed/confusion.png", "srpo/reward.png"):
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_bytes(b"png")
+    assert _links(tmp_path) == ("Confusion matrices: [sft_computed](eval_sft_computed/confusion.png), "
+                                "[srpo_computed](eval_srpo_computed/confusion.png). RL curves: "
+                                "[reward](srpo/reward.png).")
 
 
 def test_demo_config_evidence_is_checked(tmp_path):

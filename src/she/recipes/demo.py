@@ -59,6 +59,22 @@ def _evaluate_reads(cfg: DemoConfig, model, test, out: Path, name: str, title: s
         timings[folder] = time.time() - t
 
 
+def _links(out: Path) -> str:
+    """The report's links to the figures this run wrote (confusion matrices of every evaluated read, RL curves):
+    only files that exist, so a run without a base evaluation, or read with computed evidence, links no dead file."""
+    parts = []
+    evals = sorted(out.glob("eval_*/confusion.png"), key=lambda f: (f.stat().st_mtime_ns, f.parent.name))
+    if evals:
+        parts.append("Confusion matrices: " + ", ".join(f"[{f.parent.name.removeprefix('eval_')}]"
+                                                        f"({f.relative_to(out).as_posix()})" for f in evals) + ".")
+    curves = [(n, out / "srpo" / f) for n, f in (("reward", "reward.png"), ("collapse signs", "collapse.png"),
+                                                 ("examiner check", "examiner_check.json"))]
+    curves = [f"[{n}]({f.relative_to(out).as_posix()})" for n, f in curves if f.exists()]
+    if curves:
+        parts.append("RL curves: " + ", ".join(curves) + ".")
+    return " ".join(parts)
+
+
 def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     from she.data.loaders import save_jsonl
     from she.data.sources import load_splits
@@ -135,9 +151,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
         f"Model: `{cfg.model}`; SFT target: {cfg.sft.target}.", "",
         metrics_table(rows, labels), "",
         "![SFT loss](sft_loss.png)", "",
-        "Confusion matrices: [base](eval_base/confusion.png), [SFT](eval_sft/confusion.png)"
-        + (", [SRPO](eval_srpo/confusion.png); SRPO curves: [reward](srpo/reward.png), "
-           "[collapse signs](srpo/collapse.png), [examiner check](srpo/examiner_check.json)." if cfg.rl else "."), "",
+        _links(out), "",
         "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), "",
     ]
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
