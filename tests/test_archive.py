@@ -79,6 +79,29 @@ def test_bad_predictions_are_refused_with_file_and_line(tmp_path):
     (tmp_path / "r.jsonl").write_text('{"id": "a", "label": "Exact"}\nnot json\n')
     with pytest.raises(UserError, match=r"r\.jsonl:2: invalid JSON"):
         write_archive(tmp_path / "r.jsonl", tmp_path / "x.jsonl.gz")
+    (tmp_path / "s.jsonl").write_text('["a", "Exact"]\n')
+    with pytest.raises(UserError, match=r"s\.jsonl:1: expected a JSON object"):
+        write_archive(tmp_path / "s.jsonl", tmp_path / "x.jsonl.gz")
     with pytest.raises(UserError, match="no predictions"):
         write_archive(_write(tmp_path / "e.jsonl", []), tmp_path / "x.jsonl.gz")
     assert not (tmp_path / "x.jsonl.gz").exists()
+
+
+def test_gzip_lines_are_written_atomically_and_read_back(tmp_path):
+    """atomic_write_lines compresses a .gz name; iter_jsonl reads it; a failure midway keeps the old file and
+    leaves no temporary behind."""
+    from she.data.validation import atomic_write_lines, iter_jsonl
+
+    dest = tmp_path / "x.jsonl.gz"
+    atomic_write_lines(dest, ['{"a": 1}\n', "\n", '{"a": "\u00e9"}\n'])
+    assert gzip.decompress(dest.read_bytes()).decode() == '{"a": 1}\n\n{"a": "\u00e9"}\n'
+    assert list(iter_jsonl(dest)) == [(1, {"a": 1}), (3, {"a": "\u00e9"})]
+
+    def broken():
+        yield '{"a": 2}\n'
+        raise RuntimeError("midway")
+
+    with pytest.raises(RuntimeError, match="midway"):
+        atomic_write_lines(dest, broken())
+    assert list(iter_jsonl(dest)) == [(1, {"a": 1}), (3, {"a": "\u00e9"})]
+    assert [p.name for p in tmp_path.iterdir()] == ["x.jsonl.gz"]

@@ -260,11 +260,12 @@ def test_demo_reads_each_evidence_mode_with_its_own_offsets(tmp_path, tiny_model
 def test_demo_report_links_only_files_that_exist(tmp_path):
     from she.recipes.demo import _links
 
-    assert _links(tmp_path) == ""
+    folders = ["eval_base", "eval_sft_computed", "eval_srpo_computed"]
+    assert _links(tmp_path, folders) == ""
     for f in ("eval_sft_computed/confusion.png", "eval_srpo_computed/confusion.png", "srpo/reward.png"):
         (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / f).write_bytes(b"png")
-    assert _links(tmp_path) == ("Confusion matrices: [sft_computed](eval_sft_computed/confusion.png), "
+    assert _links(tmp_path, folders) == ("Confusion matrices: [sft_computed](eval_sft_computed/confusion.png), "
                                 "[srpo_computed](eval_srpo_computed/confusion.png). RL curves: "
                                 "[reward](srpo/reward.png).")
 

@@ -171,12 +171,20 @@ def finish_rejects(report: LoadReport, input_path: str | os.PathLike, rejects_pa
 def atomic_write_lines(path: str | os.PathLike, lines: Iterable[str]) -> Path:
     """Write ``lines`` (each with its own newline) to ``path`` via a temporary file in the same
     directory and ``os.replace``, so a reader never sees a half-written file and a failure midway
-    (a crash, or an exception raised by the ``lines`` iterator) leaves any old file intact."""
+    (a crash, or an exception raised by the ``lines`` iterator) leaves any old file intact. A ``path`` ending in
+    ``.gz`` is written gzip-compressed."""
+    import gzip
+
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+        if target.suffix == ".gz":
+            os.close(fd)
+            f = gzip.open(tmp, "wt", encoding="utf-8", newline="\n", compresslevel=9)
+        else:
+            f = os.fdopen(fd, "w", encoding="utf-8", newline="\n")
+        with f:
             f.writelines(lines)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file ordinary permissions
         os.replace(tmp, target)
@@ -212,10 +220,13 @@ def check_labelled_unique(records: Iterable[Any], purpose: str) -> None:
 def iter_jsonl(path: str | os.PathLike):
     """Yield ``(line_number, object)`` for each non-blank line of a JSONL file; bad JSON raises
     ``ValueError`` naming the file and line. For small side files (traces, PRM rows); records go
-    through :mod:`she.data.loaders`, which can also skip and write rejects."""
+    through :mod:`she.data.loaders`, which can also skip and write rejects. A name ending in ``.gz`` is read
+    gzip-compressed."""
+    import gzip
     import json
 
-    with open(path, encoding="utf-8") as f:
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue

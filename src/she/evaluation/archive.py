@@ -15,45 +15,35 @@ the data file by id when an archive is read (``scripts/paired_eval.py`` takes it
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
-from she.data.validation import atomic_write_lines
+from she.data.validation import atomic_write_lines, iter_jsonl
 from she.errors import UserError
 from she.evaluation.calibration import apply_offsets
 
 
-def _lines(path: Path) -> Iterator[tuple[int, dict]]:
-    """``(line number, object)`` of a JSONL file, gzip-compressed when its name ends in ``.gz``."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n}: invalid JSON: {e.msg}") from None
-            if not isinstance(d, dict):
-                raise UserError(f"{path}:{n}: expected a JSON object, got {type(d).__name__}")
-            yield n, d
-
-
-def _field(d: dict, key: str, path: Path, n: int):
+def _field(d, key: str, path: Path, n: int):
+    if not isinstance(d, dict):
+        raise UserError(f"{path}:{n}: expected a JSON object, got {type(d).__name__}")
     if d.get(key) is None:
         raise UserError(f"{path}:{n}: field {key!r}: missing")
     return d[key]
 
 
+def _labels(d: Mapping, offsets: Mapping[str, float] | None) -> tuple[str | None, str | None]:
+    """A prediction's generated label and its reported one (re-read from the probabilities with ``offsets``)."""
+    raw = d.get("raw_label", d.get("label"))
+    return raw, apply_offsets(d.get("probs"), raw, offsets) if offsets else d.get("label")
+
+
 def compact_prediction(d: Mapping, offsets: Mapping[str, float] | None = None) -> dict:
     """One archive line from one ``predictions.jsonl`` object: id, generated label, reported (or re-read) label,
     probabilities; everything else (reasoning, gold, step probabilities) left out."""
-    raw = d.get("raw_label", d.get("label"))
-    out = {"id": str(d["id"]), "raw_label": raw,
-           "label": apply_offsets(d.get("probs"), raw, offsets) if offsets else d.get("label")}
+    raw, label = _labels(d, offsets)
+    out = {"id": str(d["id"]), "raw_label": raw, "label": label}
     if d.get("probs"):
         out["probs"] = {str(c): float(f"{float(p):.6g}") for c, p in d["probs"].items()}
     return out
@@ -66,7 +56,7 @@ def write_archive(src: str | os.PathLike, dest: str | os.PathLike,
     Written to a temporary file and renamed, so an interrupted call leaves no half archive."""
     src, dest = Path(src), Path(dest)
     rows, seen = [], set()
-    for n, d in _lines(src):
+    for n, d in iter_jsonl(src):
         rid = str(_field(d, "id", src, n))
         if rid in seen:
             raise UserError(f"{src}:{n}: field 'id': duplicate id {rid!r}")
@@ -75,14 +65,7 @@ def write_archive(src: str | os.PathLike, dest: str | os.PathLike,
         rows.append(json.dumps(compact_prediction(d, offsets), ensure_ascii=False, sort_keys=True) + "\n")
     if not rows:
         raise UserError(f"{src}: no predictions")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    if dest.suffix == ".gz":
-        tmp = dest.with_name(dest.name + ".tmp")
-        with gzip.open(tmp, "wt", encoding="utf-8", compresslevel=9) as f:
-            f.writelines(rows)
-        os.replace(tmp, dest)
-    else:
-        atomic_write_lines(dest, rows)
+    atomic_write_lines(dest, rows)  # gzip-compressed for a .gz name
     return len(rows)
 
 
@@ -95,9 +78,9 @@ def read_predictions(path: str | os.PathLike, offsets: Mapping[str, float] | Non
     (the data file's label); a pair with neither is an error naming the file and line."""
     path = Path(path)
     out: dict[str, dict[str, str | None]] = {}
-    for n, d in _lines(path):
+    for n, d in iter_jsonl(path):
         rid = str(_field(d, "id", path, n))
-        raw = d.get("raw_label", d.get("label"))
+        raw, reported = _labels(d, offsets)
         g = d.get("gold")
         if g is None:
             if gold is None:
@@ -105,8 +88,7 @@ def read_predictions(path: str | os.PathLike, offsets: Mapping[str, float] | Non
             if rid not in gold:
                 raise UserError(f"{path}:{n}: field 'id': {rid!r} is not a labelled pair of the data given")
             g = gold[rid]
-        out[rid] = {"gold": g, "raw": raw,
-                    "calibrated": apply_offsets(d.get("probs"), raw, offsets) if offsets else d.get("label")}
+        out[rid] = {"gold": g, "raw": raw, "calibrated": reported}
     return out
 
 

@@ -59,11 +59,12 @@ def _evaluate_reads(cfg: DemoConfig, model, test, out: Path, name: str, title: s
         timings[folder] = time.time() - t
 
 
-def _links(out: Path) -> str:
-    """The report's links to the figures this run wrote (confusion matrices of every evaluated read, RL curves):
-    only files that exist, so a run without a base evaluation, or read with computed evidence, links no dead file."""
+def _links(out: Path, folders) -> str:
+    """The report's links to the figures this run wrote: the confusion matrix of each evaluation folder in
+    ``folders`` (in order) and the RL curves; only files that exist, so a run without a base evaluation, or read
+    with computed evidence, links no dead file."""
     parts = []
-    evals = sorted(out.glob("eval_*/confusion.png"), key=lambda f: (f.stat().st_mtime_ns, f.parent.name))
+    evals = [f for f in (out / name / "confusion.png" for name in folders) if f.exists()]
     if evals:
         parts.append("Confusion matrices: " + ", ".join(f"[{f.parent.name.removeprefix('eval_')}]"
                                                         f"({f.relative_to(out).as_posix()})" for f in evals) + ".")
@@ -151,7 +152,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
         f"Model: `{cfg.model}`; SFT target: {cfg.sft.target}.", "",
         metrics_table(rows, labels), "",
         "![SFT loss](sft_loss.png)", "",
-        _links(out), "",
+        _links(out, [k for k in timings if k.startswith("eval_")]), "",  # timings: each evaluation's folder
         "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), "",
     ]
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
