@@ -659,3 +659,70 @@ def test_decoupled_properties(seed):
         for k in range(3):
             of_k = sm[rows] & (types[rows] == k)
             assert abs(float(value[rows][of_k].sum())) < 1e-5
+
+
+# -- the share pin (section 10): verdict classes paid by their share gap, centred in the group
+
+from she.algorithms.advantages import share_pin_shift  # noqa: E402
+from she.errors import UserError  # noqa: E402
+
+
+def ref_share_pin(pred: list[int], gold: list[int], k: int, g: int, coef: float) -> list[float]:
+    """Loop reference of section 10."""
+    n = len(pred)
+    gap = [(sum(p == c for p in pred) - sum(y == c for y in gold)) / n for c in range(k)]
+    raw = [-coef * gap[p] if p >= 0 else 0.0 for p in pred]
+    out = []
+    for i in range(n):
+        grp = range(i // g * g, i // g * g + g)
+        lab = [j for j in grp if pred[j] >= 0]
+        out.append(raw[i] - sum(raw[j] for j in lab) / len(lab) if pred[i] >= 0 else 0.0)
+    return out
+
+
+def test_share_pin_by_hand():
+    # two prompts of G = 4, classes 0 Exact, 1 Partial, 2 Irrelevant; gold: prompt 0 Partial, prompt 1 Exact
+    pred = torch.tensor([0, 0, 1, 0, 0, 0, 2, -1])
+    gold = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0])
+    # shares of 8: pred Exact 5, Partial 1, Irrelevant 1 (one no-label); gold Exact 4, Partial 4, Irrelevant 0
+    # gap: Exact +1/8, Partial -3/8, Irrelevant +1/8; lambda 2 -> raw Exact -0.25, Partial +0.75, Irrelevant -0.25
+    # group 0 raw [-.25, -.25, .75, -.25]: mean 0 -> [-0.25, -0.25, 0.75, -0.25]
+    # group 1 raw [-.25, -.25, -.25, (none)]: mean over the labelled three -0.25 -> [0, 0, 0, 0]
+    got = share_pin_shift(pred, gold, 3, 4, 2.0)
+    assert torch.allclose(got, torch.tensor([-0.25, -0.25, 0.75, -0.25, 0.0, 0.0, 0.0, 0.0]))
+    assert torch.equal(share_pin_shift(pred, gold, 3, 4, 0.0), torch.zeros(8))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_share_pin_matches_loop_and_is_zero_sum_per_group(seed):
+    gen = torch.Generator().manual_seed(seed)
+    g, p, k = [2, 4, 8][seed % 3], 1 + seed, 3
+    pred = torch.randint(-1, k, (g * p,), generator=gen)
+    gold = torch.randint(0, k, (p,), generator=gen).repeat_interleave(g)
+    coef = 0.5 + seed
+    got = share_pin_shift(pred, gold, k, g, coef)
+    assert torch.allclose(got, torch.tensor(ref_share_pin(pred.tolist(), gold.tolist(), k, g, coef)), atol=1e-6)
+    assert torch.allclose(got.view(p, g).sum(1), torch.zeros(p), atol=1e-5)  # never moves a prompt's total
+    assert (got[pred < 0] == 0).all()  # a rollout without a verdict is never lifted
+
+
+def test_share_pin_shift_is_added_after_the_weights_in_every_estimator():
+    r = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    w = torch.tensor([2.0, 2.0, 0.5, 0.5])
+    shift = torch.tensor([0.1, -0.1, 0.3, -0.3])
+    assert torch.allclose(outcome_advantage(r, 2, w, shift=shift), group_normalize(r, 2) * w + shift)
+    x = AdvantageInputs(r, torch.zeros(4, 0), torch.zeros(4, 0, dtype=torch.bool), torch.full((4, 3), -1),
+                        torch.ones(4, 3), 2, outcome_weight=w, outcome_shift=shift)
+    want = (group_normalize(r, 2) * w + shift)[:, None] * torch.ones(4, 3)
+    for name in ESTIMATORS:  # no steps: every estimator is the shifted outcome advantage
+        xn = dataclasses.replace(x, step_gold_prob=torch.zeros(4, 0)) if name == "srpo_likelihood" else x
+        assert torch.allclose(compute_advantages(name, xn), want), name
+
+
+def test_share_pin_bad_input():
+    with pytest.raises(UserError, match="share_pin"):
+        share_pin_shift(torch.tensor([0, 1]), torch.tensor([0, 1]), 2, 2, -1.0)
+    with pytest.raises(ValueError, match="class ids"):
+        share_pin_shift(torch.tensor([0, 3]), torch.tensor([0, 1]), 2, 2, 1.0)
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        share_pin_shift(torch.tensor([0, 1, 0]), torch.tensor([0, 1, 0]), 2, 2, 1.0)

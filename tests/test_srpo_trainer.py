@@ -24,6 +24,7 @@ pytest.importorskip("trl")
 
 from she.algorithms.advantages import AdvantageOptions, pad_step_rewards, srpo_advantages  # noqa: E402
 from she.data.schema import Record  # noqa: E402
+from she.errors import UserError  # noqa: E402
 from she.data.synthetic import generate  # noqa: E402
 from she.reasoning.parse import parse_trace  # noqa: E402
 from she.reasoning.prompts import user_message  # noqa: E402
@@ -452,7 +453,7 @@ def test_two_training_steps_use_token_level_advantages(tiny, records, tmp_path, 
     from she.evaluation.report import rl_curves
 
     written = rl_curves(t.state.log_history, tmp_path)
-    assert set(written) == {"reward", "step_reward", "policy", "collapse", "advantage"}
+    assert set(written) == {"reward", "step_reward", "policy", "collapse", "shares", "advantage"}
     assert all(p.stat().st_size > 0 for p in written.values())
 
 
@@ -621,3 +622,34 @@ def test_moving_average_by_hand():
     pts = [(1, 1.0), (2, 3.0), (3, 5.0), (4, 7.0)]
     assert moving_average(pts, 2) == [(1, 1.0), (2, 2.0), (3, 4.0), (4, 6.0)]
     assert moving_average(pts, 1) == pts
+
+
+def test_share_pin_shifts_grpo_by_the_batch_share_gap(tiny, records, tmp_path):
+    """GRPO with the share pin: TRL's advantage plus the pin's term, computed from the batch's own verdicts and
+    gold labels (the pure function's hand-computed tests are in test_advantages.py); the gap is logged."""
+    from she.algorithms.advantages import share_pin_shift
+    from she.training.srpo import class_ids
+
+    t = make_trainer(tiny, records, tmp_path, step_rewards=False, share_pin=3.0)
+    t.model.train()
+    out = t._generate_and_score_completions(batch_rows(t, [0, 1]))
+    b = t.last_batch
+    labels = t.schema.labels
+    shift = share_pin_shift(class_ids(b.preds, labels, what="pred"), class_ids(b.golds, labels, what="gold"),
+                            len(labels), G, 3.0)
+    assert shift.abs().sum() > 0  # the scripted rollouts disagree on verdicts: the pin has something to move
+    want = (b.trl_advantages + shift)[:, None] * out["completion_mask"]
+    assert torch.allclose(out["advantages"], want, atol=1e-5)
+    assert b.preds == [r.label for r in b.rollouts]
+    gaps = [t._metrics["train"][f"srpo/share_gap/{lab}"][-1] for lab in labels]
+    assert sum(gaps) == pytest.approx(-t._metrics["train"]["srpo/pred_share/none"][-1])
+    with pytest.raises(UserError, match="share_pin"):
+        make_trainer(tiny, records, tmp_path, step_rewards=False, share_pin=-1.0)
+
+
+def test_class_ids():
+    from she.training.srpo import class_ids
+
+    assert class_ids(["b", None, "a", "zz"], ["a", "b"], what="pred").tolist() == [1, -1, 0, -1]
+    with pytest.raises(UserError, match="gold label"):
+        class_ids(["a", "zz"], ["a", "b"], what="gold")

@@ -595,6 +595,10 @@ class RLJobConfig(ConfigBase):
     # class-aware outcome: weights on the normalised outcome advantage by gold class (every estimator, GRPO too):
     # null (none) | balanced (inverse frequency in the RL training records) | {Exact: 1.0, Partial: 1.5, ...}
     class_weights: str | dict[str, float] | None = None
+    # the share pin (docs/srpo.md, "Holding the verdict shares"): lambda >= 0 of a term that pays a rollout's verdict
+    # class by how far its share of the batch's verdicts falls below its share of the batch's gold labels (centred
+    # in the group; every estimator, GRPO too); 0: off
+    share_pin: float = 0.0
     # the outcome reward (docs/srpo.md): label (1 for the gold label) | gold_prob (the policy's own P(gold label)
     # after its reasoning, read at the verdict position: graded, so same-verdict groups still rank their rollouts;
     # pair it with scale_rewards: batch, so a group's tiny spread is not blown up to unit variance)

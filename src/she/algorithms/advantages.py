@@ -154,6 +154,21 @@ step reward, q >= incorrect_below, which the exact verifier makes the same). ``s
 each credit by a weight of its gold value (class balance: the ``prob`` objective is the expected accuracy of the
 step, which an imbalanced step maximises by its majority value; weighted, the balanced accuracy). With alpha = 0
 and ``decouple=False`` this is GRPO exactly.
+
+10. Holding the verdict shares to the gold shares (``share_pin``)
+----------------------------------------------------------------
+A 0/1 outcome sampled at temperature 1 pays a class by how often it is right. The middle class (Partial) is the
+least often right on unclear pairs, so GRPO's own outcome pushes the policy off it, while Macro F1 weighs each class
+a third (docs/srpo.md: both RL arms drifted off Partial without a reward gain). The pin adds, after the outcome's
+normalisation and weights, a term that pays a rollout's *predicted* class by how far that class's share of the
+batch's verdicts falls short of its share of the batch's gold labels:
+    d_c     = share_pred(c) - share_gold(c)          over the (gathered) batch; unparsable verdicts count in n only
+    raw_i   = -lambda * d_{pred(i)}                   0 for a rollout without a label
+    shift_i = raw_i - mean_{j in group(i), labelled} raw_j      0 for a rollout without a label
+Centred within the group (over its labelled rollouts), it only re-ranks the verdicts of one prompt -- it never
+raises or lowers a prompt's total advantage, and an unparsable rollout is never lifted by it. The gold shares are
+the same batch's, so a batch that happens to hold more prompts of one class does not push that class down; no
+state is carried between steps (a resumed run computes the same shifts). lambda = 0 is the estimator without it.
 """
 
 from __future__ import annotations
@@ -351,11 +366,13 @@ def srpo_advantages(
     scale: bool = True,
     step_type: Tensor | None = None,
     outcome_weight: Tensor | None = None,
+    outcome_shift: Tensor | None = None,
 ) -> Tensor:
     """Per-token SRPO advantage [B, T]: ``(A^out_i + alpha * A^step_{i,t}) * completion_mask``.
 
     ``step_type``: normalise step rewards per type (see :func:`normalize_step_rewards`); ``outcome_weight``
-    [B]: per-row weights on the normalised outcome advantage (:func:`outcome_advantage`).
+    [B]: per-row weights on the normalised outcome advantage, ``outcome_shift`` [B] added to it
+    (:func:`outcome_advantage`).
 
     ``critical``: None (no emphasis) or keyword arguments for ``critical_step_weights`` (``first_error_weight``,
     ``confident_correct_weight``, ``threshold``, ``incorrect_below``) plus optionally ``outcome_correct``
@@ -371,7 +388,8 @@ def srpo_advantages(
             f"[B={outcome_rewards.shape[0]}, T]"
         )
     mask = completion_mask.float()
-    adv = outcome_advantage(outcome_rewards, group_size, outcome_weight, eps=eps, scale=scale)[:, None] * mask
+    adv = outcome_advantage(outcome_rewards, group_size, outcome_weight, eps=eps, scale=scale,
+                            shift=outcome_shift)[:, None] * mask
     if alpha == 0:
         return adv
 
@@ -394,16 +412,41 @@ def srpo_advantages(
     return adv + alpha * step_adv * mask
 
 
+def share_pin_shift(pred: Tensor, gold: Tensor, num_classes: int, group_size: int, coef: float) -> Tensor:
+    """The share pin's term [B] (section 10): ``pred``/``gold`` [B] class ids (``pred`` -1: no label).
+
+    ``-coef * (share_pred(c) - share_gold(c))`` for each rollout's predicted class c, centred over the labelled
+    rollouts of its group; 0 for unlabelled rollouts (and everywhere when ``coef`` is 0).
+    """
+    if pred.shape != gold.shape or pred.dim() != 1:
+        raise ValueError(f"pred {tuple(pred.shape)} and gold {tuple(gold.shape)} must both be [B]")
+    if not (0 <= coef < float("inf")):
+        raise UserError(f"share_pin must be a finite number >= 0, got {coef}")
+    if ((pred < -1) | (pred >= num_classes)).any() or ((gold < 0) | (gold >= num_classes)).any():
+        raise ValueError(f"class ids must be in [0, {num_classes}) (pred may be -1: no label)")
+    n = pred.shape[0]
+    if coef == 0 or n == 0:
+        return torch.zeros(n)
+    labelled = pred >= 0
+    k = torch.arange(num_classes)
+    gap = ((pred[:, None] == k).float().sum(0) - (gold[:, None] == k).float().sum(0)) / n  # [K]
+    raw = torch.where(labelled, -coef * gap[pred.clamp(min=0)], torch.zeros(n))
+    lab = _groups(labelled, group_size, "pred").float()  # [P, G]
+    mean = (_groups(raw, group_size, "pred") * lab).sum(1, keepdim=True) / lab.sum(1, keepdim=True).clamp(min=1)
+    return torch.where(labelled, raw - mean.expand_as(lab).reshape(-1), torch.zeros(n))
+
+
 def outcome_advantage(
     outcome_rewards: Tensor, group_size: int, outcome_weight: Tensor | None = None, eps: float = 1e-4,
-    scale: bool = True, batch_scale: bool = False,
+    scale: bool = True, batch_scale: bool = False, shift: Tensor | None = None,
 ) -> Tensor:
     """GRPO's group-normalised outcome advantage [B], times ``outcome_weight`` [B] *after* normalisation.
 
     A weight per gold class applied to the rewards before normalisation would cancel (every rollout of a
     prompt shares the gold class); applied after, it scales how much a prompt of that class moves the policy.
     ``batch_scale`` (TRL's ``scale_rewards="batch"``): centre per group, divide by the std of the *whole batch*
-    of rewards, so a prompt the policy is nearly sure about is not blown up by its tiny group std.
+    so a prompt the policy is nearly sure about is not blown up by its tiny group std. ``shift`` [B] is added last
+    (the share pin, :func:`share_pin_shift`).
     """
     if batch_scale:
         centred = group_normalize(outcome_rewards, group_size, eps=eps, scale=False)
@@ -412,14 +455,18 @@ def outcome_advantage(
         adv = centred / (std + eps)
     else:
         adv = group_normalize(outcome_rewards, group_size, eps=eps, scale=scale)
-    if outcome_weight is None:
-        return adv
-    w = outcome_weight.float()
-    if w.shape != adv.shape:
-        raise ValueError(f"outcome_weight has shape {tuple(w.shape)}, expected [{adv.shape[0]}]")
-    if not torch.isfinite(w).all() or (w < 0).any():
-        raise ValueError("outcome_weight must be finite and >= 0")
-    return adv * w
+    if outcome_weight is not None:
+        w = outcome_weight.float()
+        if w.shape != adv.shape:
+            raise ValueError(f"outcome_weight has shape {tuple(w.shape)}, expected [{adv.shape[0]}]")
+        if not torch.isfinite(w).all() or (w < 0).any():
+            raise ValueError("outcome_weight must be finite and >= 0")
+        adv = adv * w
+    if shift is not None:
+        if shift.shape != adv.shape:
+            raise ValueError(f"shift has shape {tuple(shift.shape)}, expected [{adv.shape[0]}]")
+        adv = adv + shift.float()
+    return adv
 
 
 def step_flaws(step_rewards: Tensor, step_mask: Tensor, incorrect_below: float = 0.5) -> Tensor:
@@ -613,6 +660,7 @@ class AdvantageInputs:
     outcome_correct: Tensor | None = None  # [B] bool; None = outcome_rewards >= 1
     step_type: Tensor | None = None  # [B, S] long: schema step id, for per-type normalisation
     outcome_weight: Tensor | None = None  # [B] per-row weight on the normalised outcome advantage
+    outcome_shift: Tensor | None = None  # [B] added to it after the weight (the share pin, section 10)
     step_gold_prob: Tensor | None = None  # [B, S] P(gold value | prefix) of likelihood steps, NaN elsewhere
     step_gold_right: Tensor | None = None  # [B, S] bool: the step's sampled value is its gold value (None: step_rewards)
     step_gold_weight: Tensor | None = None  # [B, S] weight on a likelihood step's credit (class balance of its gold
@@ -661,11 +709,16 @@ def _correct(x: AdvantageInputs) -> Tensor:
     return x.outcome_correct.bool() if x.outcome_correct is not None else x.outcome_rewards >= 1.0
 
 
+def _outcome(x: AdvantageInputs, o: AdvantageOptions) -> Tensor:
+    """The outcome advantage [B] every estimator starts from: normalised, weighted, shifted (sections 1, 6, 10)."""
+    return outcome_advantage(x.outcome_rewards, x.group_size, x.outcome_weight, eps=o.eps, scale=o.scale,
+                             batch_scale=o.batch_scale, shift=x.outcome_shift)
+
+
 @register_estimator("grpo")
 def grpo_estimator(x: AdvantageInputs, o: AdvantageOptions) -> Tensor:
     """Outcome only (with the class-aware weight when given), broadcast over the completion tokens."""
-    adv = outcome_advantage(x.outcome_rewards, x.group_size, x.outcome_weight, eps=o.eps, scale=o.scale,
-                            batch_scale=o.batch_scale)
+    adv = _outcome(x, o)
     return adv[:, None] * x.completion_mask.float()
 
 
@@ -676,7 +729,7 @@ def _centered(x: AdvantageInputs, o: AdvantageOptions, step_type: Tensor | None)
         crit.setdefault("outcome_correct", _correct(x))
     return srpo_advantages(x.outcome_rewards, x.step_rewards, x.step_mask, x.token_step, x.completion_mask,
                            x.group_size, alpha=o.alpha, mode=o.credit_mode, critical=crit, eps=o.eps, scale=o.scale,
-                           step_type=step_type, outcome_weight=x.outcome_weight)
+                           step_type=step_type, outcome_weight=x.outcome_weight, outcome_shift=x.outcome_shift)
 
 
 @register_estimator("srpo_centered")
@@ -692,8 +745,7 @@ def srpo_centered_pooled_estimator(x: AdvantageInputs, o: AdvantageOptions) -> T
 
 
 def _gated(x: AdvantageInputs, o: AdvantageOptions, min_form: bool, balance: bool = False) -> Tensor:
-    adv = outcome_advantage(x.outcome_rewards, x.group_size, x.outcome_weight, eps=o.eps, scale=o.scale,
-                            batch_scale=o.batch_scale)
+    adv = _outcome(x, o)
     return gated_step_advantages(adv, _correct(x), x.step_rewards, x.step_mask, x.token_step, x.completion_mask,
                                  alpha=o.alpha, first_error_weight=o.first_error_weight, flawed_share=o.flawed_share,
                                  incorrect_below=o.incorrect_below, min_form=min_form,
@@ -722,8 +774,7 @@ def srpo_gated_balanced_estimator(x: AdvantageInputs, o: AdvantageOptions) -> Te
 @register_estimator("srpo_decoupled")
 def srpo_decoupled_estimator(x: AdvantageInputs, o: AdvantageOptions) -> Tensor:
     """Step tokens credited by their own step only, the other tokens by the outcome only (section 8)."""
-    adv = outcome_advantage(x.outcome_rewards, x.group_size, x.outcome_weight, eps=o.eps, scale=o.scale,
-                            batch_scale=o.batch_scale)
+    adv = _outcome(x, o)
     return decoupled_advantages(adv, x.step_rewards, x.step_mask, x.token_step, x.completion_mask, x.group_size,
                                 alpha=o.alpha, eps=o.eps, scale=o.scale, step_type=x.step_type)
 
@@ -736,8 +787,7 @@ def srpo_likelihood_estimator(x: AdvantageInputs, o: AdvantageOptions) -> Tensor
         raise UserError("advantage 'srpo_likelihood' needs the policy's P(gold value) of its likelihood steps "
                         "(step_gold_prob); set likelihood_steps")
     _check_same_shape(x.step_gold_prob, x.step_rewards, "step_gold_prob", "step_rewards")
-    adv = outcome_advantage(x.outcome_rewards, x.group_size, x.outcome_weight, eps=o.eps, scale=o.scale,
-                            batch_scale=o.batch_scale)
+    adv = _outcome(x, o)
     credited = x.step_mask.bool() & torch.isfinite(x.step_gold_prob)
     # the credit's sign is the sampled value against the gold one; without that flag, the step reward (exact
     # 0/1 for the verifier's choice steps) stands in for it

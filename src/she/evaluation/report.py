@@ -137,11 +137,13 @@ def rl_curves(log_history: list[dict], out_dir: Path) -> dict[str, Path]:
                    ["entropy", "kl", "clip_ratio/region_mean", "srpo/path_diversity"]),
         "collapse": ("predicted-class shares and Macro F1 of the training rollouts",
                      [k for k in keys if k.startswith("srpo/pred_share/")] + ["srpo/train_macro_f1"]),
+        "shares": ("verdict share minus gold share, per label (0: no drift), and the share pin's mean |term|",
+                   [k for k in keys if k.startswith("srpo/share_gap/")] + ["srpo/share_pin_abs"]),
         "advantage": ("advantage make-up and signal",
                       ["srpo/step_share", "srpo/pos_adv_mass_wrong", "srpo/zero_var_groups", "srpo/verdict_entropy",
                        "srpo/truncated"]),
     }
-    smooth = {"reward": 10, "step_reward": 10, "collapse": 10, "advantage": 10}  # per-batch values are noisy
+    smooth = {"reward": 10, "step_reward": 10, "collapse": 10, "shares": 10, "advantage": 10}  # per-batch values are noisy
     written: dict[str, Path] = {}
     for name, (title, ks) in groups.items():
         data = {k.split("/")[-1] if name == "step_reward" else k.removeprefix("srpo/"): series(k) for k in ks}

@@ -246,7 +246,7 @@ def run_rl_job(cfg: RLJobConfig, train: list[Record], callbacks: list | None = N
         processing_class=tok, records_by_id={r.id: r for r in train}, examiner=examiner,
         step_rewards=cfg.step_rewards, advantage=resolved_advantage(cfg), alpha=cfg.alpha, credit_mode=cfg.credit_mode,
         critical=cfg.critical, first_error_weight=cfg.first_error_weight, flawed_share=cfg.flawed_share,
-        incorrect_below=cfg.incorrect_below, class_weights=class_weights, reward_steps=cfg.reward_steps,
+        incorrect_below=cfg.incorrect_below, class_weights=class_weights, share_pin=cfg.share_pin, reward_steps=cfg.reward_steps,
         outcome=cfg.outcome, likelihood_steps=cfg.likelihood_steps, likelihood_objective=cfg.likelihood_objective,
         likelihood_clip=cfg.likelihood_clip, likelihood_decouple=cfg.likelihood_decouple,
         likelihood_class_weights=cfg.likelihood_class_weights, rollout_sampler=cfg.rollout_sampler,

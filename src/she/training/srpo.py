@@ -51,6 +51,7 @@ from she.algorithms.advantages import (
     compute_advantages,
     outcome_advantage,
     pad_step_rewards,
+    share_pin_shift,
 )
 from she.data.schema import Record
 from she.errors import UserError
@@ -368,6 +369,7 @@ def collapse_metrics(rows: Sequence[RolloutScore], labels: Sequence[str], group_
     """Signs of a policy collapsing onto one label, from the training rollouts of one batch (pure).
 
     ``srpo/pred_share/<label>``: share of rollouts that give that label (``None``: no label);
+    ``srpo/share_gap/<label>``: that share minus the share of the batch's gold labels that are it;
     ``srpo/recall/<label>``: per gold class, the share of its rollouts that give it (classes present only);
     ``srpo/train_macro_f1``: Macro F1 of the rollouts' labels over the classes present in gold or predictions;
     ``srpo/verdict_entropy``: mean entropy (nats) of the label distribution inside each rollout group (0 when
@@ -384,6 +386,8 @@ def collapse_metrics(rows: Sequence[RolloutScore], labels: Sequence[str], group_
     for lab in labels:
         out[f"srpo/pred_share/{lab}"] = sum(r.label == lab for r in rows) / n
     out["srpo/pred_share/none"] = sum(r.label not in labels for r in rows) / n
+    for lab in labels:  # predicted minus gold share: what the share pin (share_pin) pulls back to 0
+        out[f"srpo/share_gap/{lab}"] = out[f"srpo/pred_share/{lab}"] - sum(r.gold == lab for r in rows) / n
     f1s = []
     for lab in labels:
         tp = sum(r.label == lab and r.gold == lab for r in rows)
@@ -452,6 +456,16 @@ def class_weight_vector(golds: Sequence[str], class_weights: Mapping[str, float]
     return torch.tensor([float(class_weights[g]) for g in golds], dtype=torch.float32)
 
 
+def class_ids(labels: Sequence[str | None], classes: Sequence[str], *, what: str) -> Tensor:
+    """Labels as indices into ``classes`` [B] (long); a label that is not a class (no verdict) is -1 for the
+    predictions (``what="pred"``) and an error for anything else (a gold label must be a class)."""
+    index = {c: k for k, c in enumerate(classes)}
+    bad = sorted({str(x) for x in labels if x not in index})
+    if bad and what != "pred":
+        raise UserError(f"{what} label(s) {bad} are not among the classes {list(classes)}")
+    return torch.tensor([index.get(x, -1) for x in labels], dtype=torch.long)  # type: ignore[arg-type]
+
+
 def balanced_class_weights(labels: Sequence[str], classes: Sequence[str]) -> dict[str, float]:
     """Inverse-frequency weights ``n / (K * n_c)`` over the classes present (mean weight 1 over rows)."""
     counts = {c: sum(1 for x in labels if x == c) for c in classes}
@@ -483,6 +497,7 @@ class SRPOBatch:
     step_rewards: list[list[float]] = field(default_factory=list)  # global, ragged
     step_keys: list[list[str]] = field(default_factory=list)  # global, ragged: the key of each rewarded step
     golds: list[str] = field(default_factory=list)  # global: each row's gold label
+    preds: list[str | None] = field(default_factory=list)  # global: each row's verdict (None: none parsed)
     step_gold_probs: list[list[float]] = field(default_factory=list)  # global, ragged: P(gold value), NaN: none
     step_gold_right: list[list[bool]] = field(default_factory=list)  # global, ragged: sampled value == gold value
     step_gold_weights: list[list[float]] = field(default_factory=list)  # global, ragged: weight of the credit
@@ -511,6 +526,9 @@ class SRPOTrainer(GRPOTrainer):
         (``group`` -> True, ``none`` -> False).
     class_weights: ``{label: weight}`` on the group-normalised outcome advantage of a prompt with that gold
         label (after normalisation, where it does not cancel); the same for every estimator, GRPO included.
+    share_pin: lambda of the share pin (:func:`she.algorithms.advantages.share_pin_shift`): a rollout's verdict
+        class is paid ``-lambda * (its share of the batch's verdicts - its share of the batch's gold labels)``,
+        centred in its group, on top of the outcome advantage; 0 (default) is off. Every estimator, GRPO included.
     schema, taxonomy: the step schema the policy writes (None: the built-in one of ``taxonomy``).
     partial_credit, format_weight: the outcome reward (:func:`rollout_outcome`).
     include_label_step: also give the verdict step a step reward (off: the outcome already covers it).
@@ -560,6 +578,7 @@ class SRPOTrainer(GRPOTrainer):
         flawed_share: float = 0.5,
         incorrect_below: float = 0.5,
         class_weights: Mapping[str, float] | None = None,
+        share_pin: float = 0.0,
         schema: StepSchema | None = None,
         taxonomy: str = "hd3",
         partial_credit: bool = False,
@@ -600,6 +619,9 @@ class SRPOTrainer(GRPOTrainer):
         if not self.step_rewards and self.advantage != "grpo":
             raise UserError(f"step_rewards=False is vanilla GRPO; advantage={self.advantage!r} needs step rewards")
         self.class_weights = dict(class_weights) if class_weights is not None else None
+        if isinstance(share_pin, bool) or not isinstance(share_pin, (int, float)) or not 0 <= share_pin < math.inf:
+            raise UserError(f"share_pin must be a finite number >= 0, got {share_pin!r}")
+        self.share_pin = float(share_pin)
         self.first_error_weight = float(first_error_weight)
         self.flawed_share = float(flawed_share)
         self.incorrect_below = float(incorrect_below)
@@ -931,7 +953,7 @@ class SRPOTrainer(GRPOTrainer):
                 f"TRL returned advantages of shape {tuple(trl_adv.shape)} for completion_mask {tuple(mask.shape)}; "
                 "SRPOTrainer expects [B_local] (see tests/test_trl_contract.py)"
             )
-        own = self.advantage != "grpo" or self.class_weights is not None
+        own = self.advantage != "grpo" or self.class_weights is not None or self.share_pin > 0
         rows = self.score_rollouts(inputs, output["completion_ids"], mask, with_token_steps=self.advantage != "grpo")
         if self.gold_prob is not None:
             self.gold_prob.forget()  # the memo served TRL's reward call and score_rollouts; the weights move next
@@ -1001,7 +1023,7 @@ class SRPOTrainer(GRPOTrainer):
         outcome_all = self.accelerator.gather(torch.tensor([r.outcome for r in rows], dtype=torch.float32, device=device))
         return SRPOBatch(mode=mode, rollouts=rows, outcome_rewards=outcome_all.cpu(),
                          step_rewards=[r.rewards for r in all_rows], step_keys=[r.reward_keys for r in all_rows],
-                         golds=[r.gold for r in all_rows], step_gold_probs=[r.gold_probs for r in all_rows],
+                         golds=[r.gold for r in all_rows], preds=[r.label for r in all_rows], step_gold_probs=[r.gold_probs for r in all_rows],
                          step_gold_right=[r.gold_right for r in all_rows],
                          step_gold_weights=[r.gold_weights for r in all_rows])
 
@@ -1097,6 +1119,13 @@ class SRPOTrainer(GRPOTrainer):
         mask_all = acc.gather(acc.pad_across_processes(mask, dim=1, pad_index=0)).cpu()
         correct_all = acc.gather(correct).cpu()
         keys = {st.key: k for k, st in enumerate(self.schema.steps)}
+        shift = None
+        if self.share_pin > 0:
+            labels = self.schema.labels
+            shift = share_pin_shift(class_ids(batch.preds, labels, what="pred"),
+                                    class_ids(batch.golds, labels, what="gold"), len(labels), group_size,
+                                    self.share_pin)
+            self._metrics[mode]["srpo/share_pin_abs"].append(float(shift.abs().mean()))
         adv, stats = local_srpo_advantages(
             batch.outcome_rewards, batch.step_rewards, token_step_all, mask_all, correct_all, group_size,
             process_index=acc.process_index, local_shape=(b_local, t_local), estimator=self.advantage,
@@ -1106,7 +1135,7 @@ class SRPOTrainer(GRPOTrainer):
                                      flawed_share=self.flawed_share, incorrect_below=self.incorrect_below,
                                      **self.likelihood),
             step_types_all=[[keys.get(k, len(keys)) for k in row] for row in batch.step_keys],
-            outcome_weight=class_weight_vector(batch.golds, self.class_weights),
+            outcome_weight=class_weight_vector(batch.golds, self.class_weights), outcome_shift=shift,
             step_gold_all=batch.step_gold_probs if self.step_prob is not None else None,
             step_right_all=batch.step_gold_right if self.step_prob is not None else None,
             step_weight_all=batch.step_gold_weights if self.likelihood_weights is not None else None,
@@ -1144,6 +1173,7 @@ def local_srpo_advantages(
     options: AdvantageOptions | None = None,
     step_types_all: Sequence[Sequence[int]] | None = None,
     outcome_weight: Tensor | None = None,
+    outcome_shift: Tensor | None = None,
     step_gold_all: Sequence[Sequence[float]] | None = None,
     step_right_all: Sequence[Sequence[bool]] | None = None,
     step_weight_all: Sequence[Sequence[float]] | None = None,
@@ -1154,7 +1184,7 @@ def local_srpo_advantages(
     B rows, in process order) and ``step_types_all`` (the same shape: schema step ids), ``token_step_all``/
     ``mask_all`` [B, T_max] (each process's rows padded on the right to the longest process's T with -1 / 0,
     as ``accelerator.pad_across_processes`` does), ``correct_all`` [B] (label right), ``outcome_weight`` [B]
-    (class-aware weights, or None) and ``step_gold_all`` (ragged like the step rewards: P(gold value), NaN where a
+    (class-aware weights, or None), ``outcome_shift`` [B] (the share pin's term, or None) and ``step_gold_all`` (ragged like the step rewards: P(gold value), NaN where a
     step has none; for ``srpo_likelihood``, with ``step_right_all``: whether each step's sampled value is the gold
     one; ``step_weight_all``: the weight of each step's credit). Groups may straddle processes; their statistics are computed on the
     whole group here. Returns (local advantages, :func:`advantage_metrics` of the global batch).
@@ -1170,10 +1200,11 @@ def local_srpo_advantages(
     step_weight = _ragged(step_weight_all, step_mask, 1.0, torch.float32, "credit weights")
     x = AdvantageInputs(outcome_all, step_values, step_mask, token_step_all, mask_all, group_size,
                         outcome_correct=correct_all.bool(), step_type=step_type, outcome_weight=outcome_weight,
+                        outcome_shift=outcome_shift,
                         step_gold_prob=step_gold, step_gold_right=step_right, step_gold_weight=step_weight)
     adv_all = compute_advantages(estimator, x, opts)
     outcome_part = outcome_advantage(outcome_all, group_size, outcome_weight, eps=opts.eps, scale=opts.scale,
-                                     batch_scale=opts.batch_scale)[:, None] * mask_all.float()
+                                     batch_scale=opts.batch_scale, shift=outcome_shift)[:, None] * mask_all.float()
     stats = advantage_metrics(adv_all, outcome_part, mask_all, correct_all)
     return adv_all[process_slice(process_index, b_local), :t_local], stats
 
@@ -1192,6 +1223,7 @@ __all__ = [
     "advantage_metrics",
     "apply_trace_rules",
     "balanced_class_weights",
+    "class_ids",
     "class_weight_vector",
     "collapse_metrics",
     "credit_span",
