@@ -445,8 +445,8 @@ def outcome_advantage(
     A weight per gold class applied to the rewards before normalisation would cancel (every rollout of a
     prompt shares the gold class); applied after, it scales how much a prompt of that class moves the policy.
     ``batch_scale`` (TRL's ``scale_rewards="batch"``): centre per group, divide by the std of the *whole batch*
-    so a prompt the policy is nearly sure about is not blown up by its tiny group std. ``shift`` [B] is added last
-    (the share pin, :func:`share_pin_shift`).
+    of rewards, so a prompt the policy is nearly sure about is not blown up by its tiny group std. ``shift`` [B] is
+    added last (the share pin, :func:`share_pin_shift`).
     """
     if batch_scale:
         centred = group_normalize(outcome_rewards, group_size, eps=eps, scale=False)

@@ -143,7 +143,8 @@ def rl_curves(log_history: list[dict], out_dir: Path) -> dict[str, Path]:
                       ["srpo/step_share", "srpo/pos_adv_mass_wrong", "srpo/zero_var_groups", "srpo/verdict_entropy",
                        "srpo/truncated"]),
     }
-    smooth = {"reward": 10, "step_reward": 10, "collapse": 10, "shares": 10, "advantage": 10}  # per-batch values are noisy
+    # per-batch values are noisy
+    smooth = {"reward": 10, "step_reward": 10, "collapse": 10, "shares": 10, "advantage": 10}
     written: dict[str, Path] = {}
     for name, (title, ks) in groups.items():
         data = {k.split("/")[-1] if name == "step_reward" else k.removeprefix("srpo/"): series(k) for k in ks}

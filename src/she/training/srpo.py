@@ -1023,7 +1023,8 @@ class SRPOTrainer(GRPOTrainer):
         outcome_all = self.accelerator.gather(torch.tensor([r.outcome for r in rows], dtype=torch.float32, device=device))
         return SRPOBatch(mode=mode, rollouts=rows, outcome_rewards=outcome_all.cpu(),
                          step_rewards=[r.rewards for r in all_rows], step_keys=[r.reward_keys for r in all_rows],
-                         golds=[r.gold for r in all_rows], preds=[r.label for r in all_rows], step_gold_probs=[r.gold_probs for r in all_rows],
+                         golds=[r.gold for r in all_rows], preds=[r.label for r in all_rows],
+                         step_gold_probs=[r.gold_probs for r in all_rows],
                          step_gold_right=[r.gold_right for r in all_rows],
                          step_gold_weights=[r.gold_weights for r in all_rows])
 
@@ -1184,9 +1185,10 @@ def local_srpo_advantages(
     B rows, in process order) and ``step_types_all`` (the same shape: schema step ids), ``token_step_all``/
     ``mask_all`` [B, T_max] (each process's rows padded on the right to the longest process's T with -1 / 0,
     as ``accelerator.pad_across_processes`` does), ``correct_all`` [B] (label right), ``outcome_weight`` [B]
-    (class-aware weights, or None), ``outcome_shift`` [B] (the share pin's term, or None) and ``step_gold_all`` (ragged like the step rewards: P(gold value), NaN where a
-    step has none; for ``srpo_likelihood``, with ``step_right_all``: whether each step's sampled value is the gold
-    one; ``step_weight_all``: the weight of each step's credit). Groups may straddle processes; their statistics are computed on the
+    (class-aware weights, or None), ``outcome_shift`` [B] (the share pin's term, or None) and ``step_gold_all``
+    (ragged like the step rewards: P(gold value), NaN where a step has none; for ``srpo_likelihood``, with
+    ``step_right_all``: whether each step's sampled value is the gold one; ``step_weight_all``: the weight of each
+    step's credit). Groups may straddle processes; their statistics are computed on the
     whole group here. Returns (local advantages, :func:`advantage_metrics` of the global batch).
     """
     b_local, t_local = local_shape
