@@ -404,6 +404,79 @@ def test_label_only_row_trains_on_its_own_sample_of_the_training_queries(tmp_pat
     assert "trains on its own sample" not in (tmp_path / "a" / "results.md").read_text()
 
 
+def test_rl_prompts_fresh_trains_rl_on_training_queries_the_sft_never_saw(tmp_path, monkeypatch):
+    """``rl_prompts: fresh``: the RL rows get as many pairs as the SFT sample, drawn label-balanced like it, from
+    training queries it does not contain (none held out); ``sft`` (the default) gives them the SFT's own pairs.
+    The SFT job and the evaluation pairs do not change; the data summary names the RL sample."""
+    from collections import Counter
+
+    import she.evaluation.evaluate as ev_mod
+    import she.training.rl as rl_mod
+    import she.training.sft as sft_mod
+    from she.data.sources import load_splits
+    from she.recipes.compare.plan import group_of
+
+    calls: dict[str, list] = {}
+
+    def folder(p: Path) -> Path:
+        p.mkdir(parents=True, exist_ok=True)
+        (p / "config.json").write_text("{}")
+        return p
+
+    def fake_sft(cfg, train, validation=None):
+        calls.setdefault(f"{Path(cfg.output_dir).parent.name}/sft", []).append([r.id for r in train])
+        return folder(Path(cfg.output_dir) / "final")
+
+    def fake_rl(cfg, train, callbacks=None):
+        calls.setdefault(f"{Path(cfg.output_dir).parent.name}/rl", []).append(list(train))
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.output_dir) / "log_history.json").write_text(json.dumps([{"step": 1, "loss": 0.0, "reward": 0.0}]))
+        return folder(Path(cfg.output_dir) / "final")
+
+    monkeypatch.setattr(sft_mod, "train_sft", fake_sft)
+    monkeypatch.setattr(rl_mod, "run_rl_job", fake_rl)
+    monkeypatch.setattr(ev_mod, "evaluate", lambda model, records, out, **kw: _write_fake_eval(out, records) or {})
+    data = DataConfig(synthetic_queries=60, max_train=18, balance_train=True, max_eval=30)
+    kw = dict(model="BASE", rows=["sft", "grpo"], data=data, sft={"max_steps": 5},
+              rl={"max_steps": 2, "prompts_per_step": 2, "num_generations": 2},
+              eval=compare.CompareEvalConfig(max_eval=25), bootstrap=compare.BootstrapConfig(n=20))
+    base = compare.run_compare(CompareConfig(output_dir=str(tmp_path / "a"), **kw))
+    res = compare.run_compare(CompareConfig(output_dir=str(tmp_path / "b"), rl_prompts="fresh", **kw))
+
+    splits = load_splits(data)
+    whole_train = {r.id for r in load_splits(dataclasses.replace(data, max_train=None))["train"]}
+    sft_ids = [r.id for r in splits["train"]]
+    assert calls["a/sft"] == calls["b/sft"] == [sft_ids]  # the SFT job is the same either way
+    assert [r.id for r in calls["a/rl"][0]] == sft_ids  # default: RL on the SFT's own pairs
+    fresh = calls["b/rl"][0]
+    assert len(fresh) == len(sft_ids) == 18 and {r.id for r in fresh} <= whole_train
+    assert not {group_of(r) for r in fresh} & {group_of(r) for r in splits["train"]}  # new queries only
+    assert max(Counter(r.label for r in fresh).values()) - min(Counter(r.label for r in fresh).values()) <= 1
+    assert res["data"]["rl_prompts"]["train_n"] == 18 and base["data"]["rl_prompts"] is None
+    # the same draw again (a resumed run must train on the same prompts)
+    again = compare.run_compare(CompareConfig(output_dir=str(tmp_path / "c"), rl_prompts="fresh", **kw))
+    assert [r.id for r in calls["c/rl"][0]] == [r.id for r in fresh] and again["data"]["rl_prompts"] == res["data"][
+        "rl_prompts"]
+    with pytest.raises(ConfigError, match="rl_prompts: 'new'"):
+        compare.run_compare(CompareConfig(output_dir=str(tmp_path / "d"), rl_prompts="new", **kw))
+
+
+def test_fresh_train_sample_excludes_used_queries_and_fails_when_none_is_left():
+    from she.data.sources import fresh_train_sample, load_splits
+    from she.errors import UserError
+
+    data = DataConfig(synthetic_queries=20, max_train=10)
+    train = load_splits(dataclasses.replace(data, max_train=None))["train"]
+    used = train[:5]
+    got = fresh_train_sample(data, used, 1000)  # fewer than asked: every fresh pair, each once
+    assert len(got) == len({r.id for r in got}) == sum(r.group not in {u.group for u in used} for r in train)
+    assert fresh_train_sample(data, used, 4) == fresh_train_sample(data, used, 4)  # seeded
+    with pytest.raises(UserError, match="no training pair outside the"):
+        fresh_train_sample(data, train, 3)
+    with pytest.raises(ConfigError, match="n must be >= 1"):
+        fresh_train_sample(data, used, 0)
+
+
 def test_resuming_a_run_from_before_a_new_config_key_does_not_call_the_config_changed(tmp_path, caplog):
     from she.config import to_dict
     from she.recipes.compare.run import STATE_FILE, _initial_state

@@ -193,6 +193,26 @@ def with_train_draw(cfg: DataConfig, n: int, seed: int = 0) -> dict[str, list[Re
     return splits
 
 
+def fresh_train_sample(cfg: DataConfig, used: list[Record], n: int, salt: str = "fresh") -> list[Record]:
+    """``n`` pairs of ``cfg``'s training part whose queries are in none of ``used``'s pairs: new labelled pairs for a
+    later stage (RL prompts the SFT never saw). Drawn label-balanced when ``cfg.balance_train`` (as ``used`` was),
+    else at random, with ``random.Random(f"{split_seed}:{salt}")``. The split is by query and the validation and test
+    pairs are :func:`load_splits`'s, so nothing held out can be drawn. Fails, named, when no such pair exists; fewer
+    than ``n`` come back when the split has fewer (the caller says what it got)."""
+    if n < 1:
+        raise ConfigError(f"fresh training sample: n must be >= 1, got {n}")
+    seen = {r.group for r in used}
+    pool = [r for r in load_splits(dataclasses.replace(cfg, max_train=None, balance_train=False))["train"]
+            if r.group not in seen]
+    if not pool:
+        raise UserError(f"no training pair outside the {len(seen)} queries already used: the training split has "
+                        "no fresh query (raise data.max_train less, or use rl_prompts: sft)")
+    rng = random.Random(f"{cfg.split_seed}:{salt}")
+    if cfg.balance_train:
+        return label_balanced_sample(pool, n, rng)
+    return rng.sample(pool, min(n, len(pool)))
+
+
 def prior_train(cfg: DataConfig, train: list[Record]) -> list[Record]:
     """The training records whose label shares are the split's prior: ``train`` itself, or, when it is a
     label-balanced sample (``balance_train``), the whole training part of the same split (a balanced sample

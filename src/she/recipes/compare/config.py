@@ -92,6 +92,10 @@ class CompareConfig:
     sft_model: str | None = None  # reuse an existing SFT folder instead of training <out>/sft
     judge: str | None = None  # judge folder (`she train prm`); None = train one from `prm:` when a row needs it
     rl: dict[str, Any] = field(default_factory=dict)  # RLJobConfig fields shared by every RL row
+    # the prompts of the RL rows (docs/srpo.md, "Fresh prompts"): sft = the SFT's own training pairs (the default
+    # until session 24); fresh = as many pairs, drawn the same way, from training queries the SFT sample does not
+    # contain (new labels for RL rather than a third pass over pairs the SFT has fitted)
+    rl_prompts: str = "sft"
     passn: dict[str, Any] = field(default_factory=dict)  # PassAtNConfig fields shared by dpo and rm
     dpo: dict[str, Any] = field(default_factory=dict)
     rm: dict[str, Any] = field(default_factory=dict)

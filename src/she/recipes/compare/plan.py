@@ -49,6 +49,7 @@ from she.recipes.compare.config import (
 from she.recipes.compare.rows import ALL_ROWS, RL_ROWS, ROWS
 
 BUDGETS = ("strict", "rl")
+RL_PROMPTS = ("sft", "fresh")  # CompareConfig.rl_prompts
 
 # -- rows and checks --------------------------------------------------------------------------------------
 
@@ -88,6 +89,8 @@ def check_compare_config(cfg: CompareConfig, where: str = "config") -> None:
         raise ConfigError(f"{where}.eval.evidence: {cfg.eval.evidence!r}; use one of {list(EVIDENCE_MODES)}")
     if cfg.bootstrap.n < 1 or not 0 < cfg.bootstrap.alpha < 1:
         raise ConfigError(f"{where}.bootstrap: need n >= 1 and 0 < alpha < 1")
+    if cfg.rl_prompts not in RL_PROMPTS:
+        raise ConfigError(f"{where}.rl_prompts: {cfg.rl_prompts!r}; use one of {list(RL_PROMPTS)}")
     if cfg.checkpoint_eval_max < 1:
         raise ConfigError(f"{where}.checkpoint_eval_max: must be >= 1")
     build_section(SFTJobConfig, cfg.sft, f"{where}.sft", SFT_FIXED)
@@ -267,6 +270,6 @@ def last_step(log_history: Sequence[Mapping[str, Any]]) -> int:
     return max(steps) if steps else 0
 
 
-__all__ = ["BUDGETS", "check_compare_config", "default_stages", "group_of", "judge_rows", "last_step",
+__all__ = ["BUDGETS", "RL_PROMPTS", "check_compare_config", "default_stages", "group_of", "judge_rows", "last_step",
            "load_compare_config", "plan_same_as", "rl_generations", "rl_job_config", "seeded_subset", "selected_rows",
            "split_stage_steps", "strict_rl_steps"]

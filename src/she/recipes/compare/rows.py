@@ -90,7 +90,7 @@ def _rl_config(run: Any, needs: Mapping[str, Any]) -> Any:
 def _run_rl(run: Any, cfg: Any) -> None:
     from she.training.rl import run_rl_job
 
-    run_rl_job(cfg, run.train)
+    run_rl_job(cfg, run.rl_train())
 
 
 # -- predictions of the rows that generate nothing ---------------------------------------------------------

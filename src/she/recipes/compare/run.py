@@ -250,9 +250,23 @@ class CompareRun:
         self.job("rm", lambda: _done(final), run)
         return final
 
+    def rl_train(self) -> list[Record]:
+        """The prompts of every RL row (``rl_prompts``): the SFT's training pairs, or as many fresh ones from the
+        training queries the SFT sample does not contain (:func:`~she.data.sources.fresh_train_sample`)."""
+        if self.cfg.rl_prompts == "sft":
+            return self.train
+        if "rl_train" not in self.memo:
+            from she.data.sources import fresh_train_sample
+
+            recs = fresh_train_sample(self.cfg.data, self.train, len(self.train), f"{self.cfg.seed}:rl-fresh")
+            log.info("compare: rl_prompts fresh: %d pairs from %d training queries the SFT sample does not contain",
+                     len(recs), len({group_of(r) for r in recs}))
+            self.memo["rl_train"] = recs
+        return self.memo["rl_train"]
+
     # srpo_full pipeline ------------------------------------------------------------------------------
     def pool(self) -> list[Record]:
-        return seeded_subset(self.train, self.cfg.difficulty.max_records, f"{self.cfg.seed}:compare-pool")
+        return seeded_subset(self.rl_train(), self.cfg.difficulty.max_records, f"{self.cfg.seed}:compare-pool")
 
     def difficulty_k(self) -> int:
         return self.cfg.difficulty.k or self.rl_base.num_generations
@@ -766,7 +780,18 @@ def data_summary(ctx: CompareRun, splits: Mapping[str, list[Record]]) -> dict[st
         "train_labels": dict(Counter(r.label for r in ctx.train).most_common()),
         "train_n": len(ctx.train),
         "label_only": label_only_summary(ctx),
+        "rl_prompts": rl_prompts_summary(ctx),
     }
+
+
+def rl_prompts_summary(ctx: CompareRun) -> dict[str, Any] | None:
+    """The RL rows' own prompt sample when it is not the SFT's (None otherwise, or when no RL row is run)."""
+    if ctx.cfg.rl_prompts == "sft" or not any(r in RL_ROWS + FULL_ROWS for r in ctx.rows):
+        return None
+    recs = ctx.rl_train()
+    return {"rl_prompts": ctx.cfg.rl_prompts, "train_n": len(recs),
+            "train_query_groups": len({group_of(r) for r in recs}),
+            "train_labels": dict(Counter(r.label for r in recs).most_common())}
 
 
 def label_only_summary(ctx: CompareRun) -> dict[str, Any] | None:
