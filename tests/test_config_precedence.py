@@ -9,7 +9,7 @@ import logging
 import pytest
 
 from she import cli
-from she.config import ConfigError, DataConfig, SFTJobConfig, load_config, parse_overrides
+from she.config import NULL, ConfigError, DataConfig, SFTJobConfig, load_config, parse_overrides
 
 DATA_YAML = "data:\n  format: jsonl\n  on_error: skip\n  taxonomy: esci4\n  max_train: 7\n"
 
@@ -120,7 +120,7 @@ def test_override_syntax():
     o = parse_overrides(SFTJobConfig, ["--learning_rate", "1e-5", "--data.max_train=100", "--lora", "--no-resume",
                                        "--lr-scheduler-type", "linear", "--traces_file", "null", "--schema", "007"])
     assert o == {"learning_rate": "1e-5", "data.max_train": 100, "lora": True, "resume": False,
-                 "lr_scheduler_type": "linear", "traces_file": None, "schema": "007"}
+                 "lr_scheduler_type": "linear", "traces_file": NULL, "schema": "007"}
     cfg = load_config(SFTJobConfig, None, o)
     assert cfg.learning_rate == 1e-5 and cfg.data.max_train == 100 and cfg.schema == "007"
     assert parse_overrides(SFTJobConfig, ["--lora", "false"]) == {"lora": False}
@@ -132,6 +132,18 @@ def test_override_syntax():
         parse_overrides(SFTJobConfig, ["stray"])
     with pytest.raises(ConfigError, match=r"learning_rate: expected a number, got 'fast'"):
         load_config(SFTJobConfig, None, parse_overrides(SFTJobConfig, ["--learning_rate", "fast"]))
+
+
+def test_a_null_flag_sets_the_key_and_is_not_taken_for_a_flag_not_given(tmp_path):
+    # `she demo --config best-cpu.yaml --rl null` once went on to train the RL stage: the null read as "not given"
+    path = write(tmp_path, "rl:\n  max_steps: 3\nsft:\n  seed: 4\n")
+    assert load(["demo", "--config", path]).rl is not None
+    assert load(["demo", "--config", path, "--rl", "null"]).rl is None
+    assert load(["demo", "--config", path, "--rl=null"]).rl is None
+    assert load(["train", "sft", "--traces-file", "x.jsonl", "--traces-file", "null"]).traces_file is None
+    with pytest.raises(ConfigError, match="learning_rate"):  # a key that cannot be null says so
+        load_config(SFTJobConfig, None, parse_overrides(SFTJobConfig, ["--learning_rate", "null"]))
+    assert load_config(SFTJobConfig, None, {"lora": None}).lora is False  # None: a flag not given, as before
 
 
 def test_unknown_flag_is_a_usage_error(tmp_path, capsys):

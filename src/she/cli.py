@@ -345,11 +345,11 @@ def flag_overrides(a: argparse.Namespace) -> dict:
 def data_config(a: argparse.Namespace, base: dict | None = None, where: str = "data"):
     """The one conversion of data flags (and --data.KEY overrides) to a :class:`~she.config.DataConfig`, on top
     of ``base`` (a config's `data:` section)."""
-    from she.config import DataConfig, from_dict, parse_overrides
+    from she.config import NULL, DataConfig, from_dict, parse_overrides
 
     raw = dict(base or {})
     extras = [t if not t.startswith("--data.") else "--" + t[len("--data."):] for t in getattr(a, "extras", [])]
-    raw.update(parse_overrides(DataConfig, extras))
+    raw.update({k: None if v is NULL else v for k, v in parse_overrides(DataConfig, extras).items()})
     raw.update({k.split(".", 1)[1]: v for k, v in flag_overrides(a).items() if k.startswith("data.")})
     return from_dict(DataConfig, raw, where)
 

@@ -353,17 +353,28 @@ def data_section(path: str | Path) -> DataConfig:
     return from_dict(DataConfig, raw["data"], f"{path}.data")
 
 
+class _Null:
+    """The value of an override that sets its key to null on purpose, as opposed to ``None``: not given."""
+
+    def __repr__(self) -> str:
+        return "NULL"
+
+
+NULL = _Null()
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> T:
     """Load ``cls`` from a YAML file (optional) and apply dotted overrides like ``{"sft.num_train_epochs": 2}``.
 
-    An override whose value is ``None`` is ignored (a flag the user did not give). Overrides win over the
-    file, the file wins over the built-in defaults."""
+    An override whose value is ``None`` is ignored (a flag the user did not give); :data:`NULL` sets the key to
+    null (``--rl null`` on a command line, see :func:`parse_overrides`). Overrides win over the file, the file
+    wins over the built-in defaults."""
     raw: dict[str, Any] = read_yaml(path) if path is not None else {}
     where = str(path) if path is not None else "config"
     for key, value in (overrides or {}).items():
         if value is None:
             continue
-        _set_dotted(cls, raw, key.split("."), value, where)
+        _set_dotted(cls, raw, key.split("."), None if value is NULL else value, where)
     return from_dict(cls, raw, where)
 
 
@@ -439,12 +450,18 @@ def _parse_value(tp: Any, text: str) -> Any:
         return text  # the type check names the key and the value
 
 
+def _explicit(value: Any) -> Any:
+    return NULL if value is None else value
+
+
 def parse_overrides(cls: type, tokens: list[str]) -> dict[str, Any]:
     """``--key value`` / ``--key=value`` / ``--section.key value`` tokens as dotted overrides of ``cls``.
 
     Dashes in key names count as underscores (``--learning-rate`` = ``--learning_rate``). A boolean key
     given without a value is true (``--lora``); ``--no-KEY`` / ``--no_KEY`` is false. Unknown keys are a
-    :class:`ConfigError` that lists the keys of ``cls``; the types are checked when the config is built.
+    :class:`ConfigError` that lists the keys of ``cls``; the types are checked when the config is built. A value
+    read as null (``--rl null``) is :data:`NULL`, so that it sets the key rather than being taken for a flag not
+    given (a key that cannot be null is then a type error naming it).
     """
     out: dict[str, Any] = {}
     i = 0
@@ -469,13 +486,13 @@ def parse_overrides(cls: type, tokens: list[str]) -> dict[str, Any]:
                     raise ConfigError(f"option {flag} needs a value")
                 i += 1
                 text = tokens[i]
-            out[key] = _parse_value(tp, text)
+            out[key] = _explicit(_parse_value(tp, text))
         elif negate:
             if tp is not bool or eq:
                 raise ConfigError(f"option {flag}: --no-... only turns off a true/false key")
             out[key] = False
         elif eq:
-            out[key] = _parse_value(tp, text)
+            out[key] = _explicit(_parse_value(tp, text))
         elif i + 1 < len(tokens) and tokens[i + 1].strip().lower() in ("true", "false", "yes", "no"):
             i += 1
             out[key] = _parse_value(tp, tokens[i])
