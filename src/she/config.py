@@ -436,21 +436,18 @@ def _field_type(cls: type, parts: list[str], flag: str) -> tuple[Any, str]:
 
 def _parse_value(tp: Any, text: str) -> Any:
     """A command-line value for a field of type ``tp``: strings stay as typed (so `--model 007` is a name),
-    everything else is read as YAML (numbers, true/false, null, [lists], {mappings})."""
+    everything else is read as YAML (numbers, true/false, null, [lists], {mappings}); null is :data:`NULL`."""
     args = typing.get_args(tp)
     optional = type(None) in args
     core = [a for a in args if a is not type(None)] if typing.get_origin(tp) in (typing.Union, types.UnionType) else [tp]
     if optional and text.strip().lower() in ("null", "none", "~"):
-        return None
+        return NULL
     if all(a is str or typing.get_origin(a) is Literal for a in core):
         return text
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text  # the type check names the key and the value
-
-
-def _explicit(value: Any) -> Any:
     return NULL if value is None else value
 
 
@@ -486,13 +483,13 @@ def parse_overrides(cls: type, tokens: list[str]) -> dict[str, Any]:
                     raise ConfigError(f"option {flag} needs a value")
                 i += 1
                 text = tokens[i]
-            out[key] = _explicit(_parse_value(tp, text))
+            out[key] = _parse_value(tp, text)
         elif negate:
             if tp is not bool or eq:
                 raise ConfigError(f"option {flag}: --no-... only turns off a true/false key")
             out[key] = False
         elif eq:
-            out[key] = _explicit(_parse_value(tp, text))
+            out[key] = _parse_value(tp, text)
         elif i + 1 < len(tokens) and tokens[i + 1].strip().lower() in ("true", "false", "yes", "no"):
             i += 1
             out[key] = _parse_value(tp, tokens[i])
