@@ -164,6 +164,17 @@ def test_computed_rows_change_only_the_rollout_evidence():
         assert dataclasses.replace(computed, rollout_evidence="sampled") == plain
 
 
+def test_exact_rows_are_grpo_and_srpo_over_enumerated_leaves():
+    kw = dict(model="S", output_dir="o", judge=None)
+    cfg = CompareConfig(rl={"num_generations": 8, "prompts_per_step": 4, "max_steps": 60, "share_pin": 3.0})
+    grpo, srpo = (rl_job_config(cfg, r, **kw) for r in ("grpo_exact", "srpo_exact"))
+    assert (grpo.advantage, srpo.advantage) == ("grpo_exact", "srpo_exact")
+    assert grpo.rollout_evidence == srpo.rollout_evidence == "enumerated"
+    assert grpo.num_generations == srpo.num_generations == 6 and grpo.share_pin == srpo.share_pin == 3.0
+    assert srpo.reward_steps == ["Relevant"] and srpo.step_rewards and not grpo.step_rewards
+    assert rl_job_config(cfg, "srpo_exact_seed1", **kw).seed == cfg.seed + 1
+
+
 def test_label_only_section_errors_name_the_key(tmp_path):
     """label_only: may change the row's training sample (max_train, balance_train) and its SFT recipe; a data key
     that would move the split or the evaluation pairs, a key the driver sets, or a typo fails naming the key."""
@@ -565,11 +576,11 @@ def test_whole_table_on_the_tiny_model_then_a_rerun_runs_nothing(tmp_path, tiny_
     splits = load_splits(base.data)
     bert = tiny_bert_factory(tmp_path / "bert", splits["train"] + splits["test"], hidden_size=16, intermediate_size=32,
                              max_position_embeddings=80)
-    # every row but the computed-rollout ones: the tiny SFT writes the default schema, whose Type and Attributes come
+    # every row but the computed- and enumerated-rollout ones: the tiny SFT writes the default schema, whose Type and Attributes come
     # from the label, so no step of it can be computed (those rows refuse it: tests/test_computed_rollouts.py)
     from she.recipes.compare.rows import ROWS
 
-    table = [r for r in ALL_ROWS if (ROWS[r].rl or {}).get("rollout_evidence") != "computed"]
+    table = [r for r in ALL_ROWS if (ROWS[r].rl or {}).get("rollout_evidence") not in ("computed", "enumerated")]
     over = {"rows": table, "model": str(tiny_model_dir), "judge": str(tiny_model_dir), "output_dir": str(out),
             "cross_encoder.model": str(bert)}
     cfg = load_compare_config(CONFIG, over)

@@ -50,7 +50,7 @@ def test_stems_end_where_the_policy_answers():
 
 def test_config_errors():
     recs, schema = _records(), resolve_schema("decision")
-    with pytest.raises(UserError, match="sampled or computed"):
+    with pytest.raises(UserError, match="sampled, computed or enumerated"):
         trainer_rollout_kwargs(RLJobConfig(rollout_evidence="forced"), recs, schema)
     with pytest.raises(UserError, match="unset rollout_func"):
         trainer_rollout_kwargs(RLJobConfig(rollout_evidence="computed", rollout_func="m:f"), recs, schema)

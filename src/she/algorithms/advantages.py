@@ -98,7 +98,7 @@ advantage *after* normalisation (before it, a constant weight per prompt would c
 has the signature ``fn(inputs: AdvantageInputs, opts: AdvantageOptions) -> Tensor [B, T]`` and is picked
 by name from :data:`ESTIMATORS` (as verl's ``core_algos``): ``grpo``, ``srpo_centered``,
 ``srpo_centered_pooled``, ``srpo_gated``, ``srpo_gated_min``, ``srpo_gated_balanced``, ``srpo_decoupled``,
-``srpo_likelihood``.
+``srpo_likelihood``, ``grpo_exact``, ``srpo_exact``.
 
 7. Zero-sum gated credit (``srpo_gated_balanced``)
 -------------------------------------------------
@@ -169,6 +169,30 @@ Centred within the group (over its labelled rollouts), it only re-ranks the verd
 raises or lowers a prompt's total advantage, and an unparsable rollout is never lifted by it. The gold shares are
 the same batch's, so a batch that happens to hold more prompts of one class does not push that class down; no
 state is carried between steps (a resumed run computes the same shifts). lambda = 0 is the estimator without it.
+
+11. Enumerated rollouts: the exact expectation (``grpo_exact``, ``srpo_exact``)
+----------------------------------------------------------------------------
+When everything before the last choices is forced (``rollout_evidence: enumerated``: the computed evidence, then
+the decision value and the verdict), a prompt has few possible completions -- 2 decisions x 3 verdicts on the
+decision schema -- and the G rollouts of its group are *all of them*, each once ("leaves"), not a sample. With the
+leaves' log-probabilities ``leaf_logp`` [B] (summed over their trained tokens, no gradient), renormalised within the
+group, pi_c = softmax_group(leaf_logp)_c, the exact policy gradient of the expected reward needs no sampling:
+
+    grad E_pi[R] = sum_c pi_c (R_c - V) grad log pi_c,      V = sum_c pi_c R_c
+
+so each leaf's tokens get
+
+    A_c = G * pi_c * [ w_g * (R_c - V) / (s + eps) + (h_c - sum_j pi_j h_j) ]
+
+(G so that the scale matches a sampled group's, whose loss sums G rollouts' terms; w_g the prompt's class weight,
+section 6; s the std of R over the batch's leaves under pi, as TRL's ``scale_rewards="batch"`` -- a group std would
+blow up the prompts the policy is sure of; h_c the share pin's raw term with the *expected* verdict shares,
+:func:`expected_share_pin`, centred under pi so it is zero-sum per prompt). Nothing is random: a group where the
+policy is sure and wrong, which a sample would show as G equal wrong verdicts (no GRPO gradient), gets its full
+gradient here, and two RL seeds differ only in the prompts' order. ``grpo_exact``: R = the outcome.
+``srpo_exact``: R = outcome + alpha * the sum of the examined steps' rewards (on the decision schema with computed
+evidence, the decision's verifier score; constant steps cancel in R - V). Renormalising over the leaves is exact
+for the gradient: the normaliser's term is sum_c pi_c (R_c - V) = 0.
 """
 
 from __future__ import annotations
@@ -182,6 +206,7 @@ from torch import Tensor
 from she.errors import UserError
 
 CREDIT_MODES = ("broadcast", "cumsum", "min")
+EXACT_ESTIMATORS = ("grpo_exact", "srpo_exact")  # over enumerated leaves (section 11)
 
 
 def _groups(x: Tensor, group_size: int, name: str) -> Tensor:
@@ -436,6 +461,58 @@ def share_pin_shift(pred: Tensor, gold: Tensor, num_classes: int, group_size: in
     return torch.where(labelled, raw - mean.expand_as(lab).reshape(-1), torch.zeros(n))
 
 
+def leaf_probabilities(leaf_logp: Tensor, group_size: int) -> Tensor:
+    """pi [B]: each enumerated leaf's probability renormalised within its group (section 11)."""
+    if leaf_logp.dim() != 1:
+        raise ValueError(f"leaf_logp must be 1-D [B], got shape {tuple(leaf_logp.shape)}")
+    if not torch.isfinite(leaf_logp).all():
+        raise ValueError("leaf_logp contains NaN/inf")
+    return torch.softmax(_groups(leaf_logp.float(), group_size, "leaf_logp"), dim=1).reshape(-1)
+
+
+def expected_share_pin(probs: Tensor, pred: Tensor, gold: Tensor, num_classes: int, group_size: int,
+                       coef: float) -> Tensor:
+    """The share pin's raw term h [B] for enumerated leaves (section 11): ``-coef * (expected share of c - gold share
+    of c)`` for each leaf's class c, the expected share ``sum_g sum_{leaf of g} pi * [class = c] / num_prompts``."""
+    if not (probs.shape == pred.shape == gold.shape) or probs.dim() != 1:
+        raise ValueError(f"probs {tuple(probs.shape)}, pred {tuple(pred.shape)}, gold {tuple(gold.shape)} must be [B]")
+    if not (0 <= coef < float("inf")):
+        raise UserError(f"share_pin must be a finite number >= 0, got {coef}")
+    if ((pred < 0) | (pred >= num_classes)).any() or ((gold < 0) | (gold >= num_classes)).any():
+        raise ValueError(f"class ids must be in [0, {num_classes}): every enumerated leaf has a verdict")
+    prompts = _groups(probs, group_size, "probs").shape[0]
+    if coef == 0 or prompts == 0:
+        return torch.zeros(probs.shape[0])
+    k = torch.arange(num_classes)
+    expected = (probs.float()[:, None] * (pred[:, None] == k).float()).sum(0) / prompts  # [K]
+    gold_share = (gold[::group_size, None] == k).float().sum(0) / prompts  # one gold label a prompt
+    return -coef * (expected - gold_share)[pred]
+
+
+def exact_tree_advantages(rewards: Tensor, leaf_logp: Tensor, group_size: int, weight: Tensor | None = None,
+                          pin: Tensor | None = None, eps: float = 1e-4) -> Tensor:
+    """``A_c = G * pi_c * [w_g (R_c - V) / (s + eps) + h_c - E_pi h]`` [B] over enumerated leaves (section 11)."""
+    if rewards.shape != leaf_logp.shape or rewards.dim() != 1:
+        raise ValueError(f"rewards {tuple(rewards.shape)} and leaf_logp {tuple(leaf_logp.shape)} must both be [B]")
+    if not torch.isfinite(rewards).all():
+        raise ValueError("rewards contain NaN/inf")
+    pi = _groups(leaf_probabilities(leaf_logp, group_size), group_size, "leaf_logp")  # [P, G]
+    r = _groups(rewards.float(), group_size, "rewards")
+    value = (pi * r).sum(1, keepdim=True)
+    mean = value.mean()
+    s = ((pi * (r - mean) ** 2).sum(1).mean()).sqrt()  # the std of R over all leaves, each prompt weighing 1
+    a = (r - value) / (s + eps)
+    if weight is not None:
+        w = _groups(weight.float(), group_size, "weight")
+        if not torch.isfinite(w).all() or (w < 0).any():
+            raise ValueError("weight must be finite and >= 0")
+        a = a * w
+    if pin is not None:
+        h = _groups(pin.float(), group_size, "pin")
+        a = a + h - (pi * h).sum(1, keepdim=True)
+    return (group_size * pi * a).reshape(-1)
+
+
 def outcome_advantage(
     outcome_rewards: Tensor, group_size: int, outcome_weight: Tensor | None = None, eps: float = 1e-4,
     scale: bool = True, batch_scale: bool = False, shift: Tensor | None = None,
@@ -665,6 +742,7 @@ class AdvantageInputs:
     step_gold_right: Tensor | None = None  # [B, S] bool: the step's sampled value is its gold value (None: step_rewards)
     step_gold_weight: Tensor | None = None  # [B, S] weight on a likelihood step's credit (class balance of its gold
     # value; None: 1)
+    leaf_logp: Tensor | None = None  # [B] enumerated leaves' log-probabilities (the exact estimators, section 11)
 
 
 @dataclass(frozen=True)
@@ -799,6 +877,27 @@ def srpo_likelihood_estimator(x: AdvantageInputs, o: AdvantageOptions) -> Tensor
         credit = credit * torch.where(credited, x.step_gold_weight.float(), torch.zeros_like(credit))
     return likelihood_advantages(adv, credit, credited, x.step_mask, x.token_step, x.completion_mask, alpha=o.alpha,
                                  decouple=o.likelihood_decouple)
+
+
+def _exact(x: AdvantageInputs, rewards: Tensor) -> Tensor:
+    if x.leaf_logp is None:
+        raise UserError("the exact estimators need every leaf of a prompt enumerated and its log-probability "
+                        "(rl.rollout_evidence: enumerated)")
+    adv = exact_tree_advantages(rewards, x.leaf_logp, x.group_size, x.outcome_weight, x.outcome_shift)
+    return adv[:, None] * x.completion_mask.float()
+
+
+@register_estimator("grpo_exact")
+def grpo_exact_estimator(x: AdvantageInputs, o: AdvantageOptions) -> Tensor:
+    """GRPO's outcome over enumerated leaves: the exact expected-reward gradient (section 11)."""
+    return _exact(x, x.outcome_rewards.float())
+
+
+@register_estimator("srpo_exact")
+def srpo_exact_estimator(x: AdvantageInputs, o: AdvantageOptions) -> Tensor:
+    """Outcome plus alpha times each leaf's examined step rewards, exact over enumerated leaves (section 11)."""
+    steps = (x.step_rewards.float() * x.step_mask.float()).sum(1) if x.step_rewards.shape[1] else 0.0
+    return _exact(x, x.outcome_rewards.float() + o.alpha * steps)
 
 
 def compute_advantages(name: str, inputs: AdvantageInputs, options: AdvantageOptions | None = None) -> Tensor:

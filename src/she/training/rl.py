@@ -6,6 +6,7 @@ import json
 import logging
 from pathlib import Path
 
+from she.algorithms.advantages import EXACT_ESTIMATORS
 from she.config import RLJobConfig
 from she.data.schema import Record
 from she.errors import UserError
@@ -105,10 +106,10 @@ def resolve_class_weights(cfg: RLJobConfig, train: list[Record]) -> dict[str, fl
 
 
 def resolved_advantage(cfg: RLJobConfig) -> str:
-    """The estimator a job runs: ``grpo`` whenever step rewards are off (``she train grpo`` on an SRPO config),
-    else ``cfg.advantage`` or the default ``srpo_gated``."""
+    """The estimator a job runs: ``grpo`` whenever step rewards are off (``she train grpo`` on an SRPO config; on
+    enumerated rollouts its exact form ``grpo_exact``), else ``cfg.advantage`` or the default ``srpo_gated``."""
     if not cfg.step_rewards:
-        return "grpo"
+        return "grpo_exact" if cfg.rollout_evidence == "enumerated" else "grpo"
     return cfg.advantage or "srpo_gated"
 
 
@@ -183,16 +184,24 @@ def trainer_rollout_kwargs(cfg: RLJobConfig, train: list[Record] | None = None, 
     from she.training.distributed import import_object
 
     out: dict = {}
-    if cfg.rollout_evidence not in ("sampled", "computed"):
-        raise UserError(f"rl.rollout_evidence must be sampled or computed, got {cfg.rollout_evidence!r}")
-    if cfg.rollout_evidence == "computed":
+    if cfg.rollout_evidence not in ("sampled", "computed", "enumerated"):
+        raise UserError(f"rl.rollout_evidence must be sampled, computed or enumerated, got {cfg.rollout_evidence!r}")
+    exact = resolved_advantage(cfg) in EXACT_ESTIMATORS
+    if exact != (cfg.rollout_evidence == "enumerated"):
+        raise UserError(f"rl.advantage {resolved_advantage(cfg)!r} with rl.rollout_evidence {cfg.rollout_evidence!r}: "
+                        f"the exact estimators {EXACT_ESTIMATORS} and enumerated rollouts go together")
+    if cfg.rollout_evidence in ("computed", "enumerated"):
         if cfg.rollout_func or cfg.use_vllm:
-            raise UserError("rl.rollout_evidence: computed is its own rollout_func on transformers generation; "
-                            "unset rollout_func and use_vllm")
-        from she.training.computed_rollouts import computed_evidence_rollout
+            raise UserError(f"rl.rollout_evidence: {cfg.rollout_evidence} is its own rollout_func on transformers "
+                            "generation; unset rollout_func and use_vllm")
+        from she.training.computed_rollouts import computed_evidence_rollout, enumerated_evidence_rollout
 
-        out["rollout_func"] = computed_evidence_rollout(
-            train or [], schema if schema is not None else resolve_schema(None, cfg.data.taxonomy))
+        make = computed_evidence_rollout if cfg.rollout_evidence == "computed" else enumerated_evidence_rollout
+        out["rollout_func"] = make(train or [], schema if schema is not None else resolve_schema(None, cfg.data.taxonomy))
+        leaves = getattr(out["rollout_func"], "num_leaves", None)
+        if leaves is not None and cfg.num_generations != leaves:
+            raise UserError(f"rl.rollout_evidence: enumerated has {leaves} leaves a prompt on this schema; set "
+                            f"rl.num_generations: {leaves} (got {cfg.num_generations})")
     elif cfg.rollout_func:
         out["rollout_func"] = import_object(cfg.rollout_func)
     if cfg.dump_advantages:

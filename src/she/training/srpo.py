@@ -48,7 +48,10 @@ from she.algorithms.advantages import (
     ESTIMATORS,
     AdvantageInputs,
     AdvantageOptions,
+    EXACT_ESTIMATORS,
     compute_advantages,
+    expected_share_pin,
+    leaf_probabilities,
     outcome_advantage,
     pad_step_rewards,
     share_pin_shift,
@@ -412,6 +415,25 @@ def collapse_metrics(rows: Sequence[RolloutScore], labels: Sequence[str], group_
     return out
 
 
+def expected_collapse_metrics(probs: Tensor, pred: Tensor, gold: Tensor, labels: Sequence[str],
+                              group_size: int) -> dict[str, float]:
+    """:func:`collapse_metrics`' class shares, share gaps and recalls, and the accuracy, as the policy's expectations
+    over enumerated leaves (``probs`` [B]: each leaf's probability within its group; ``pred``/``gold`` class ids)."""
+    prompts = probs.shape[0] // group_size
+    if prompts == 0:
+        return {}
+    p = probs.float()
+    golds = gold[::group_size]
+    out = {"srpo/expected_accuracy": float((p * (pred == gold)).sum()) / prompts}
+    for k, lab in enumerate(labels):
+        out[f"srpo/pred_share/{lab}"] = float((p * (pred == k)).sum()) / prompts
+        out[f"srpo/share_gap/{lab}"] = out[f"srpo/pred_share/{lab}"] - float((golds == k).sum()) / prompts
+        n_gold = int((golds == k).sum())
+        if n_gold:
+            out[f"srpo/recall/{lab}"] = float((p * ((pred == k) & (gold == k))).sum()) / n_gold
+    return out
+
+
 def likelihood_metrics(rows: Sequence[RolloutScore]) -> dict[str, float]:
     """``srpo/gold_step_prob``: the policy's mean P(gold value) over the likelihood steps read in the batch (what
     ``srpo_likelihood`` sharpens; it should rise), and ``srpo/gold_step_read``: the share of rollouts with one."""
@@ -504,6 +526,7 @@ class SRPOBatch:
     token_step: Tensor | None = None  # [B_local, T]
     trl_advantages: Tensor | None = None  # [B_local], TRL's own
     advantages: Tensor | None = None  # [B_local, T], what the loss uses
+    leaf_logp: Tensor | None = None  # [B_global]: enumerated leaves' log-probabilities (exact estimators)
 
 
 class SRPOTrainer(GRPOTrainer):
@@ -616,7 +639,7 @@ class SRPOTrainer(GRPOTrainer):
         self.advantage = advantage or ("srpo_gated" if self.step_rewards else "grpo")
         if self.advantage not in ESTIMATORS:
             raise UserError(f"advantage must be one of {sorted(ESTIMATORS)}, got {self.advantage!r}")
-        if not self.step_rewards and self.advantage != "grpo":
+        if not self.step_rewards and self.advantage not in ("grpo", "grpo_exact"):
             raise UserError(f"step_rewards=False is vanilla GRPO; advantage={self.advantage!r} needs step rewards")
         self.class_weights = dict(class_weights) if class_weights is not None else None
         if isinstance(share_pin, bool) or not isinstance(share_pin, (int, float)) or not 0 <= share_pin < math.inf:
@@ -954,11 +977,14 @@ class SRPOTrainer(GRPOTrainer):
                 "SRPOTrainer expects [B_local] (see tests/test_trl_contract.py)"
             )
         own = self.advantage != "grpo" or self.class_weights is not None or self.share_pin > 0
-        rows = self.score_rollouts(inputs, output["completion_ids"], mask, with_token_steps=self.advantage != "grpo")
+        rows = self.score_rollouts(inputs, output["completion_ids"], mask,
+                                   with_token_steps=self.advantage not in ("grpo", "grpo_exact"))
         if self.gold_prob is not None:
             self.gold_prob.forget()  # the memo served TRL's reward call and score_rollouts; the weights move next
         batch = self._gather_rows(rows, mode)
         batch.trl_advantages = trl_adv.detach().clone()
+        if self.advantage in EXACT_ESTIMATORS:  # enumerated leaves: their probabilities weigh them (no gradient)
+            batch.leaf_logp = self.accelerator.gather(self._leaf_logps(output)).cpu()
         if own:
             adv = self._srpo_local_advantages(rows, mask, group_size, batch, mode)
         else:
@@ -970,6 +996,19 @@ class SRPOTrainer(GRPOTrainer):
             self.dump_advantages(batch, inputs, mask)
         self._generation_rounds += 1
         return output
+
+    def _leaf_logps(self, output: Mapping[str, Any]) -> Tensor:
+        """log pi of each (enumerated) completion [B_local]: the sum over its trained tokens (the env mask's 1s) of
+        the policy's token log-probabilities, one no-gradient forward pass as TRL's for its old log-probabilities."""
+        completion_ids, mask = output["completion_ids"], output["completion_mask"]
+        if "tool_mask" in output:
+            mask = mask * output["tool_mask"]
+        ids = torch.cat([output["prompt_ids"], completion_ids], dim=1)
+        attention = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+        with torch.no_grad():
+            logps = self._get_per_token_logps_and_entropies(self.model, ids, attention, completion_ids.shape[1],
+                                                            batch_size=self.args.per_device_train_batch_size)[0]
+        return (logps.float() * mask.float()).sum(dim=1)
 
     def dump_advantages(self, batch: SRPOBatch, inputs: Sequence[Mapping[str, Any]], mask: Tensor) -> Path:
         """Write this process's part of the current generation round to ``dump_advantages_dir``.
@@ -1108,6 +1147,16 @@ class SRPOTrainer(GRPOTrainer):
                 "a learning rate too high, bf16 overflow, or rewards/advantages out of range."
             )
 
+    def _log_expected_shares(self, probs: Tensor, pred: Tensor, gold: Tensor, group_size: int, mode: str) -> None:
+        """Enumerated leaves are every verdict once, so their sampled shares say nothing: the class shares, gaps and
+        recalls :func:`collapse_metrics` logged for this round are replaced by the policy's expected ones."""
+        for name, value in expected_collapse_metrics(probs, pred, gold, self.schema.labels, group_size).items():
+            logged = self._metrics[mode][name]
+            if logged:
+                logged[-1] = value
+            else:
+                logged.append(value)
+
     def _srpo_local_advantages(self, rows: list[RolloutScore], mask: Tensor, group_size: int, batch: SRPOBatch,
                                mode: str) -> Tensor:
         acc = self.accelerator
@@ -1121,8 +1170,14 @@ class SRPOTrainer(GRPOTrainer):
         correct_all = acc.gather(correct).cpu()
         keys = {st.key: k for k, st in enumerate(self.schema.steps)}
         shift = None
-        if self.share_pin > 0:
-            labels = self.schema.labels
+        labels = self.schema.labels
+        if batch.leaf_logp is not None:  # enumerated leaves: expected class shares, the pin centred under pi
+            probs = leaf_probabilities(batch.leaf_logp, group_size)
+            pred, gold = class_ids(batch.preds, labels, what="pred"), class_ids(batch.golds, labels, what="gold")
+            self._log_expected_shares(probs, pred, gold, group_size, mode)
+            if self.share_pin > 0:
+                shift = expected_share_pin(probs, pred, gold, len(labels), group_size, self.share_pin)
+        elif self.share_pin > 0:
             shift = share_pin_shift(class_ids(batch.preds, labels, what="pred"),
                                     class_ids(batch.golds, labels, what="gold"), len(labels), group_size,
                                     self.share_pin)
@@ -1140,6 +1195,7 @@ class SRPOTrainer(GRPOTrainer):
             step_gold_all=batch.step_gold_probs if self.step_prob is not None else None,
             step_right_all=batch.step_gold_right if self.step_prob is not None else None,
             step_weight_all=batch.step_gold_weights if self.likelihood_weights is not None else None,
+            leaf_logp_all=batch.leaf_logp,
         )
         for name, value in stats.items():
             self._metrics[mode][name].append(value)
@@ -1178,6 +1234,7 @@ def local_srpo_advantages(
     step_gold_all: Sequence[Sequence[float]] | None = None,
     step_right_all: Sequence[Sequence[bool]] | None = None,
     step_weight_all: Sequence[Sequence[float]] | None = None,
+    leaf_logp_all: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Advantages of ``estimator`` over the gathered batch, then this process's [B_local, T_local] part (pure).
 
@@ -1188,7 +1245,7 @@ def local_srpo_advantages(
     (class-aware weights, or None), ``outcome_shift`` [B] (the share pin's term, or None) and ``step_gold_all``
     (ragged like the step rewards: P(gold value), NaN where a step has none; for ``srpo_likelihood``, with
     ``step_right_all``: whether each step's sampled value is the gold one; ``step_weight_all``: the weight of each
-    step's credit). Groups may straddle processes; their statistics are computed on the
+    step's credit; ``leaf_logp_all`` [B]: enumerated leaves' log-probabilities, for the exact estimators). Groups may straddle processes; their statistics are computed on the
     whole group here. Returns (local advantages, :func:`advantage_metrics` of the global batch).
     """
     b_local, t_local = local_shape
@@ -1203,7 +1260,8 @@ def local_srpo_advantages(
     x = AdvantageInputs(outcome_all, step_values, step_mask, token_step_all, mask_all, group_size,
                         outcome_correct=correct_all.bool(), step_type=step_type, outcome_weight=outcome_weight,
                         outcome_shift=outcome_shift,
-                        step_gold_prob=step_gold, step_gold_right=step_right, step_gold_weight=step_weight)
+                        step_gold_prob=step_gold, step_gold_right=step_right, step_gold_weight=step_weight,
+                        leaf_logp=leaf_logp_all)
     adv_all = compute_advantages(estimator, x, opts)
     outcome_part = outcome_advantage(outcome_all, group_size, outcome_weight, eps=opts.eps, scale=opts.scale,
                                      batch_scale=opts.batch_scale, shift=outcome_shift)[:, None] * mask_all.float()
@@ -1222,6 +1280,7 @@ __all__ = [
     "build_grpo_config",
     "completion_lengths",
     "examined_step_indices",
+    "expected_collapse_metrics",
     "advantage_metrics",
     "apply_trace_rules",
     "balanced_class_weights",

@@ -211,6 +211,19 @@ for _base in ("grpo", "srpo_likelihood"):
                                     "(rollout_evidence: computed)", "rl",
                                     rl={**ROWS[_base].rl, "rollout_evidence": "computed"}, **_RL)
 
+# enumerated rollouts (she.training.computed_rollouts): the computed steps forced, then every decision value x verdict
+# once (6 leaves on the decision schema), each weighed by its probability -- the exact expected-reward gradient
+# (she.algorithms.advantages, section 11; docs/srpo.md, "Enumerated rollouts"). GRPO's outcome, and SRPO's outcome
+# plus the verifier's score of the decision step
+ROWS["grpo_exact"] = Row("ablation", "GRPO over enumerated leaves (computed steps forced, every decision x verdict "
+                         "once, weighed by its probability): the exact expected outcome", "rl",
+                         rl={**ROWS["grpo"].rl, "rollout_evidence": "enumerated", "num_generations": 6}, **_RL)
+ROWS["srpo_exact"] = Row("ablation", "grpo_exact whose reward adds alpha x the verifier's score of the decision step "
+                         "(Relevant), exact over the leaves", "rl",
+                         rl={"step_rewards": True, "advantage": "srpo_exact", "examiner": "verifier",
+                             "reward_steps": ["Relevant"], "rollout_evidence": "enumerated", "num_generations": 6},
+                         **_RL)
+
 # the likelihood outcomes (she.training.gold_prob), each for GRPO and for the best 8-rollout SRPO variant: the same
 # outcome for both arms, divided by the batch's reward std (a group's tiny spread is not blown up)
 for _outcome, _what in (("gold_prob", "P(gold label | reasoning)"),
@@ -222,7 +235,7 @@ for _outcome, _what in (("gold_prob", "P(gold label | reasoning)"),
 # more seeds of the two rows the headline compares: `<row>_seed<k>` trains with seed k (the shared seed + k);
 # the report pools a row with its seeds (arm_of) for the paired intervals
 for _base in ("grpo", "srpo_gated", "srpo_gated_graded_missing", "srpo_decoupled", "srpo_likelihood", "grpo_computed",
-              "srpo_likelihood_computed"):
+              "srpo_likelihood_computed", "grpo_exact", "srpo_exact"):
     for _k in (1, 2):
         _spec = ROWS[_base]
         ROWS[f"{_base}_seed{_k}"] = Row("seed", f"{_base} with seed + {_k}", "rl", rl={**_spec.rl, "seed_offset": _k},
