@@ -1,8 +1,12 @@
-"""``rl.rollout_evidence: computed``: the computed steps forced, only the rest sampled and trained.
+"""``rl.rollout_evidence: computed``: the computed steps forced, only the rest sampled and trained; and
+``enumerated``: after the same steps a prompt's G rollouts are all its leaves (decision value x verdict), each once,
+weighed by the policy's probability of it (the exact estimators).
 
 A real SRPO step on the tiny model (its samples are noise, which is fine: what is checked is where they go): every
 completion starts with its record's computed stem, TRL's loss mask is 0 on the stem's tokens and 1 on the sampled
-ones, and the prompt plus stem tokenize back to the text the computed read of ``she eval`` forces.
+ones, and the prompt plus stem tokenize back to the text the computed read of ``she eval`` forces. Enumerated: every
+group holds the 6 leaves in order after its record's stem, TRL trains the leaf tokens only, the leaves'
+log-probabilities the trainer uses are the policy's (recomputed here), and the advantages are zero-sum per prompt.
 """
 
 from __future__ import annotations
@@ -14,13 +18,21 @@ import pytest
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 pytest.importorskip("trl")
 
+import torch  # noqa: E402
+
 import she.reasoning.similarity as sim  # noqa: E402
+from she.algorithms.advantages import exact_tree_advantages  # noqa: E402
 from she.config import RLJobConfig  # noqa: E402
 from she.data.schema import Product, Record  # noqa: E402
 from she.errors import UserError  # noqa: E402
 from she.reasoning.schema import resolve_schema  # noqa: E402
 from she.reasoning.rationale import computed_stem  # noqa: E402
-from she.training.computed_rollouts import computed_evidence_rollout, stem_tokens  # noqa: E402
+from she.training.computed_rollouts import (  # noqa: E402
+    computed_evidence_rollout,
+    enumerated_evidence_rollout,
+    leaf_texts,
+    stem_tokens,
+)
 from she.training.rl import trainer_rollout_kwargs  # noqa: E402
 
 G = 2
@@ -127,3 +139,103 @@ def test_records_whose_prompts_agree_must_agree_on_their_steps(monkeypatch):
     monkeypatch.setattr(sim, "similarity_bucket", lambda record: "high" if record.id == a.id else "low")
     with pytest.raises(UserError, match="computed steps differ"):
         computed_evidence_rollout([a, b], resolve_schema("decision"))
+
+
+# -- rollout_evidence: enumerated
+
+
+def test_leaves_of_the_decision_and_of_a_label_free_schema():
+    rec = _records()[0]
+    decision = leaf_texts(resolve_schema("decision"), computed_stem(rec, resolve_schema("decision")))
+    assert decision == [f" {v}\nVerdict: {lab}" for v in ("yes", "no") for lab in ("Irrelevant", "Partial", "Exact")]
+    assert leaf_texts(resolve_schema("semantic"), computed_stem(rec, resolve_schema("semantic"))) == [
+        " Irrelevant", " Partial", " Exact"]
+    assert enumerated_evidence_rollout(_records(), resolve_schema("decision")).num_leaves == 6
+
+
+def test_enumerated_config_errors():
+    recs, schema = _records(), resolve_schema("decision")
+    with pytest.raises(UserError, match="go together"):  # enumerated leaves with a sampled estimator
+        trainer_rollout_kwargs(RLJobConfig(rollout_evidence="enumerated", advantage="srpo_gated"), recs, schema)
+    with pytest.raises(UserError, match="go together"):  # an exact estimator on sampled rollouts
+        trainer_rollout_kwargs(RLJobConfig(rollout_evidence="computed", advantage="srpo_exact"), recs, schema)
+    with pytest.raises(UserError, match="num_generations: 6"):
+        trainer_rollout_kwargs(RLJobConfig(rollout_evidence="enumerated", advantage="srpo_exact", num_generations=8),
+                               recs, schema)
+    ok = trainer_rollout_kwargs(RLJobConfig(rollout_evidence="enumerated", step_rewards=False, num_generations=6),
+                                recs, schema)  # GRPO on enumerated leaves is grpo_exact
+    assert ok["rollout_func"].num_leaves == 6
+
+
+def test_a_training_step_enumerates_every_leaf_and_weighs_it(tiny_model_dir, tmp_path, monkeypatch):
+    from trl import GRPOTrainer
+
+    from she.models.registry import load_model_and_tokenizer
+    from she.reasoning.prompts import build_messages, user_message
+    from she.training.srpo import SRPOTrainer, build_grpo_config, make_prompt_dataset
+
+    recs, schema, g = _records(), resolve_schema("decision"), 6
+    model, tok = load_model_and_tokenizer(tiny_model_dir)
+    tok.padding_side = "left"
+    args = build_grpo_config(tmp_path, num_generations=g, per_device_train_batch_size=2 * g, max_completion_length=80,
+                             max_steps=1, learning_rate=1e-3, seed=0, bf16=False)
+    trainer = SRPOTrainer(model, args, make_prompt_dataset(recs, "compact", schema=schema),
+                          records_by_id={r.id: r for r in recs}, processing_class=tok, schema=schema,
+                          step_rewards=True, advantage="srpo_exact", alpha=0.5, reward_steps=["Relevant"],
+                          share_pin=1.0, rollout_func=enumerated_evidence_rollout(recs, schema))
+    seen = []
+    original = GRPOTrainer._compute_loss
+
+    def spy(self, model, inputs):
+        seen.append({k: inputs[k].clone() for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask",
+                                                     "tool_mask", "advantages")})
+        with torch.no_grad():  # each row's token log-probabilities, by a plain forward pass before the update
+            seen[-1]["token_logps"] = [
+                model(torch.cat([p[m.bool()], c])[None]).logits[0].float().log_softmax(-1)
+                for p, m, c in zip(inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"])]
+        return original(self, model, inputs)
+
+    monkeypatch.setattr(GRPOTrainer, "_compute_loss", spy)
+    trainer.train()
+    batch, last = seen[0], trainer.last_batch
+    pad = tok.pad_token_id
+    stem_of = {tok.apply_chat_template(build_messages(r, style="compact", schema=schema), tokenize=False,
+                                       add_generation_prompt=True): computed_stem(r, schema) for r in recs}
+    leaves = leaf_texts(schema, computed_stem(recs[0], schema))
+    # TRL shuffles the rows before the loss: match them by their text
+    texts, logps, advs = [], {}, {}
+    for row in range(batch["completion_ids"].shape[0]):
+        prompt_ids = [t for t in batch["prompt_ids"][row].tolist() if t != pad]
+        n = int(batch["completion_mask"][row].sum())
+        ids = batch["completion_ids"][row][:n].tolist()
+        text = tok.decode(ids, skip_special_tokens=True)
+        stem = stem_of[tok.decode(prompt_ids)]
+        assert text[len(stem):] in leaves and text.startswith(stem)
+        texts.append(text)
+        assert ids[-1] == tok.eos_token_id
+        tool = batch["tool_mask"][row][:n]
+        n_stem = int((tool == 0).sum())
+        assert tool[:n_stem].sum() == 0 and tool[n_stem:].min() == 1  # only the leaf's tokens train
+        logits = batch["token_logps"][row][len(prompt_ids) - 1:len(prompt_ids) - 1 + n]  # the leaf's, on its own
+        logps[text] = float(logits.gather(1, torch.tensor(ids)[:, None])[n_stem:, 0].sum())
+        a = batch["advantages"][row]
+        assert torch.allclose(a[:n], a[0].expand(n))  # one advantage a leaf, on its tokens
+        advs[text] = float(a[0])
+    assert len(set(texts)) == len(texts) == 2 * g  # two prompts, each with its 6 leaves once
+    order = [r.text for r in last.rollouts]
+    assert sorted(order) == sorted(texts)
+    for p in range(2):  # the trainer's own order: groups contiguous, leaves in leaf_texts' order
+        stems = {t[: -len(leaf)] for t, leaf in zip(order[p * g:(p + 1) * g], leaves)}
+        assert len(stems) == 1 and all(t.endswith(leaf) for t, leaf in zip(order[p * g:(p + 1) * g], leaves))
+    assert last.leaf_logp.tolist() == pytest.approx([logps[t] for t in order], abs=2e-3)
+    per_row = torch.tensor([advs[t] for t in order])
+    assert per_row.view(-1, g).sum(1).abs().max() < 1e-4  # zero-sum per prompt (the pin is centred under pi)
+    rewards = last.outcome_rewards + 0.5 * torch.tensor([sum(r) for r in last.step_rewards])
+    no_pin = exact_tree_advantages(rewards, last.leaf_logp, g)
+    assert not torch.allclose(per_row, no_pin, atol=1e-4)  # the pin moved them
+    logged = next(h for h in trainer.state.log_history if "srpo/expected_accuracy" in h)
+    shares = [logged[f"srpo/pred_share/{lab}"] for lab in schema.labels]
+    assert sum(shares) == pytest.approx(1.0, abs=1e-4)  # the policy's expected shares, not the leaves' 1/3 each
+    probs = torch.softmax(last.leaf_logp.view(-1, g), 1).reshape(-1)
+    exa = [i for i, r in enumerate(last.rollouts) if r.label == "Exact"]
+    assert logged["srpo/pred_share/Exact"] == pytest.approx(float(probs[exa].sum()) / 2, abs=1e-4)

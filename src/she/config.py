@@ -654,7 +654,9 @@ class RLJobConfig(ConfigBase):
     layout_invariant_sampling: bool = False  # rollouts independent of the process count (equivalence tests)
     rollout_func: str | None = None  # "module:function", TRL's rollout_func (custom generation); None = TRL's own
     # sampled: the policy writes its whole trace | computed: the steps a program computes from the pair are forced
-    # and only the rest is sampled and trained (the decision and the verdict; she.training.computed_rollouts)
+    # and only the rest is sampled and trained (the decision and the verdict; she.training.computed_rollouts) |
+    # enumerated: the same steps forced, then every rest of the trace once (num_generations = the leaves: 6 on the
+    # decision schema), weighed by its probability: the exact estimators grpo_exact / srpo_exact (docs/srpo.md)
     rollout_evidence: str = "sampled"
     dump_advantages: str | None = None  # folder: each process writes its advantages per generation round (debug)
     use_vllm: bool = False  # TRL's vLLM rollouts (pip install 'she[vllm]'; needs a GPU)
