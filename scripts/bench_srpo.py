@@ -19,6 +19,10 @@ Breakdown per optimisation step (seconds, mean over measured steps):
 path) against only the completion positions (she.training.lm_head, the default); the same values, so the same
 training.
 
+``--compare logp_prefix`` times GRPO with every rollout scored as its own row (TRL's) against the rollouts of a
+prompt packed over one shared prompt (``rl.logp_prefix: shared``, she.models.prefix_tree): the same values up to
+matmul rounding; the difference is in ``policy_fwd_bwd`` and ``reference`` (with ``--beta`` > 0).
+
 ``--compare micro_batches`` times GRPO with the step's rollouts through the loss in one pass against
 ``--micro-batches`` pieces (``rl.loss_micro_batches``: the same update, less activation memory at once); every arm
 also reports its peak resident memory (``peak_rss_gb``, VmHWM reset before the arm where the kernel allows it).
@@ -72,7 +76,8 @@ def wrap(obj, attr: str, name: str, only_no_grad: bool = False) -> None:
     setattr(obj, attr, wrapped)
 
 
-def build_trainer(args, step_rewards: bool, train, out_dir: str, labelled_only: bool = True, micro_batches: int = 1):
+def build_trainer(args, step_rewards: bool, train, out_dir: str, labelled_only: bool = True, micro_batches: int = 1,
+                  logp_prefix: str = "per_row"):
     from she.models.registry import load_model_and_tokenizer
     from she.rewards.hybrid import HybridExaminer, VerifierExaminer
     from she.training.rl import loss_batch_settings
@@ -97,6 +102,7 @@ def build_trainer(args, step_rewards: bool, train, out_dir: str, labelled_only: 
         model=model, args=cfg, train_dataset=make_prompt_dataset(train, args.prompt_style),
         processing_class=tok, records_by_id={r.id: r for r in train}, examiner=examiner,
         step_rewards=step_rewards, taxonomy=train[0].taxonomy, labelled_positions_only=labelled_only,
+        logp_prefix=logp_prefix,
     )
     return trainer, judge
 
@@ -120,7 +126,8 @@ def _peak_rss_gb() -> float:
     return float("nan")
 
 
-def run_once(args, step_rewards: bool, train, labelled_only: bool = True, micro_batches: int = 1) -> dict[str, float]:
+def run_once(args, step_rewards: bool, train, labelled_only: bool = True, micro_batches: int = 1,
+             logp_prefix: str = "per_row") -> dict[str, float]:
     from transformers import TrainerCallback
 
     from she.runtime import release_memory
@@ -129,7 +136,7 @@ def run_once(args, step_rewards: bool, train, labelled_only: bool = True, micro_
     _reset_peak_rss()  # to what the process holds now, which includes what an earlier arm left: start_rss_gb
     start = _peak_rss_gb()
     with tempfile.TemporaryDirectory() as tmp:
-        trainer, judge = build_trainer(args, step_rewards, train, tmp, labelled_only, micro_batches)
+        trainer, judge = build_trainer(args, step_rewards, train, tmp, labelled_only, micro_batches, logp_prefix)
         wrap(trainer, "_generate", "generation")
         wrap(trainer, "_generate_and_score_completions", "score_total")
         wrap(trainer, "_get_per_token_logps_and_entropies", "reference", only_no_grad=True)
@@ -175,25 +182,29 @@ def main(argv=None) -> None:
     p.add_argument("--prompts", type=int, default=2)
     p.add_argument("--max-completion-length", type=int, default=64)
     p.add_argument("--beta", type=float, default=0.0)
-    p.add_argument("--compare", default="estimator", choices=["estimator", "lm_head", "micro_batches"],
+    p.add_argument("--compare", default="estimator",
+                   choices=["estimator", "lm_head", "micro_batches", "logp_prefix"],
                    help="estimator: GRPO against SRPO; lm_head: GRPO with the LM head on every position against "
                         "the completion positions only; micro_batches: GRPO's loss in one pass against "
-                        "--micro-batches pieces")
+                        "--micro-batches pieces; logp_prefix: GRPO scoring every rollout as its own row against "
+                        "the rollouts of a prompt packed over one shared prompt (rl.logp_prefix: shared)")
     p.add_argument("--micro-batches", type=int, default=4, help="pieces of the micro_batches arm")
     add_common_args(p)
     args = p.parse_args(argv)
     train = bench_records(p, args, args.n_records)
 
-    # (name, step_rewards, labelled positions only, loss micro-batches); the ratio is the second arm's step time
-    # over the first's
-    arms = {"estimator": (("grpo", False, True, 1), ("srpo", True, True, 1)),
-            "lm_head": (("all_positions", False, False, 1), ("labelled_only", False, True, 1)),
-            "micro_batches": (("one_pass", False, True, 1), ("micro_batches", False, True, args.micro_batches)),
+    # (name, step_rewards, labelled positions only, loss micro-batches, logp_prefix); the ratio is the second arm's
+    # step time over the first's
+    arms = {"estimator": (("grpo", False, True, 1, "per_row"), ("srpo", True, True, 1, "per_row")),
+            "lm_head": (("all_positions", False, False, 1, "per_row"), ("labelled_only", False, True, 1, "per_row")),
+            "micro_batches": (("one_pass", False, True, 1, "per_row"),
+                              ("micro_batches", False, True, args.micro_batches, "per_row")),
+            "logp_prefix": (("per_row", False, True, 1, "per_row"), ("shared", False, True, 1, "shared")),
             }[args.compare]
     results: dict[str, list[dict[str, float]]] = {name: [] for name, *_ in arms}
     for rep in range(args.reps):
-        for name, sr, labelled, micro in (arms if rep % 2 == 0 else arms[::-1]):  # what runs first alternates
-            r = run_once(args, sr, train, labelled, micro)
+        for name, sr, labelled, micro, prefix in (arms if rep % 2 == 0 else arms[::-1]):  # first arm alternates
+            r = run_once(args, sr, train, labelled, micro, prefix)
             results[name].append(r)
             print(f"rep {rep} {name}: " + ", ".join(f"{k}={v:.2f}s" for k, v in sorted(r.items())), flush=True)
     agg = {n: {k: statistics.mean(r[k] for r in rows) for k in rows[0]} for n, rows in results.items()}

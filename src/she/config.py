@@ -606,6 +606,10 @@ class RLJobConfig(ConfigBase):
     # rollouts; the same tokens up to matmul rounding; CPU only) | per_rollout (TRL's: each rollout computes its
     # prompt; the default before session 20, so a run resumed from then draws other rollouts from here on)
     rollout_prefill: Literal["shared", "per_rollout"] = "shared"
+    # how the loss, the reference model and the leaf/old log-probabilities score the rollouts (she.models.prefix_tree):
+    # per_row (TRL's: each rollout a full sequence) | shared (the rollouts of a prompt packed into one sequence, the
+    # shared prompt -- and forced stem -- computed once; the same values up to matmul rounding)
+    logp_prefix: Literal["per_row", "shared"] = "per_row"
     # class-aware outcome: weights on the normalised outcome advantage by gold class (every estimator, GRPO too):
     # null (none) | balanced (inverse frequency in the RL training records) | {Exact: 1.0, Partial: 1.5, ...}
     class_weights: str | dict[str, float] | None = None

@@ -260,7 +260,7 @@ def run_rl_job(cfg: RLJobConfig, train: list[Record], callbacks: list | None = N
         outcome=cfg.outcome, likelihood_steps=cfg.likelihood_steps, likelihood_objective=cfg.likelihood_objective,
         likelihood_clip=cfg.likelihood_clip, likelihood_decouple=cfg.likelihood_decouple,
         likelihood_class_weights=cfg.likelihood_class_weights, rollout_sampler=cfg.rollout_sampler,
-        rollout_prefill=cfg.rollout_prefill,
+        rollout_prefill=cfg.rollout_prefill, logp_prefix=cfg.logp_prefix,
         taxonomy=cfg.data.taxonomy, schema=schema, partial_credit=cfg.partial_credit, format_weight=cfg.format_weight,
         callbacks=[ManifestCallback(), *(callbacks or []), *filter(None, [heap_trim_callback(cfg.heap_trim_steps)])],
         max_bad_steps=cfg.max_bad_steps,

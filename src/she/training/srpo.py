@@ -65,6 +65,7 @@ from she.models.generation import (
     generation_autocast,
     shared_prefill,
 )
+from she.models.prefix_tree import LOGP_PREFIXES, pack_shared_prefixes, unpack
 from she.training.lm_head import labelled_positions_only, resolve_labelled_positions
 from she.reasoning.parse import ParsedTrace, parse_trace
 from she.reasoning.schema import StepSchema, default_schema
@@ -572,6 +573,10 @@ class SRPOTrainer(GRPOTrainer):
         cache copied to them (she.models.generation.shared_prefill; the same tokens up to matmul rounding);
         ``per_rollout``: TRL's, every rollout computes its prompt. On a CPU only (measured and tested there; GPUs keep
         TRL's path, and vLLM caches prefixes itself).
+    logp_prefix: how the loss, the reference model and the old/leaf log-probabilities score the rollouts:
+        ``per_row`` (default, TRL's: every row a full sequence) or ``shared``: the rows that share a prompt packed
+        into one sequence whose shared prefix is computed once (she.models.prefix_tree; the same log-probabilities
+        and gradients up to matmul rounding, tests/test_prefix_tree.py).
     labelled_positions_only: TRL's fused LM head projects only the completion positions on a CPU too (the same
         values, she.training.lm_head); False: TRL's CPU path, every position; None (default): env
         ``SHE_LM_HEAD_POSITIONS`` (``labelled`` unless set to ``all``).
@@ -617,6 +622,7 @@ class SRPOTrainer(GRPOTrainer):
         likelihood_class_weights: str | Mapping[str, float] | None = None,
         rollout_sampler: str = "inverse_cdf",
         rollout_prefill: str = "shared",
+        logp_prefix: str = "per_row",
         labelled_positions_only: bool | None = None,
         max_bad_steps: int = 5,
         dump_advantages_dir: str | Path | None = None,
@@ -677,6 +683,9 @@ class SRPOTrainer(GRPOTrainer):
         if rollout_prefill not in ROLLOUT_PREFILLS:
             raise UserError(f"rollout_prefill must be one of {ROLLOUT_PREFILLS}, got {rollout_prefill!r}")
         self.rollout_prefill = rollout_prefill
+        if logp_prefix not in LOGP_PREFIXES:
+            raise UserError(f"logp_prefix must be one of {LOGP_PREFIXES}, got {logp_prefix!r}")
+        self.logp_prefix = logp_prefix
         self.labelled_positions_only = resolve_labelled_positions(labelled_positions_only)
         self._check_likelihood_rewarded()
         if isinstance(max_bad_steps, bool) or not isinstance(max_bad_steps, int) or max_bad_steps < 1:
@@ -897,12 +906,41 @@ class SRPOTrainer(GRPOTrainer):
                                and self.accelerator.device.type == "cpu"):  # measured and tested on a CPU only
             return super()._generate_single_turn(*args, **kwargs)
 
-    def _get_per_token_logps_and_entropies(self, *args: Any, **kwargs: Any):
+    def _get_per_token_logps_and_entropies(self, model: Any, input_ids: Tensor, attention_mask: Tensor,
+                                           logits_to_keep: int, batch_size: int | None = None,
+                                           compute_entropy: bool = False, compute_aux_loss: bool = False,
+                                           **multimodal: Any):
         """TRL's log-probabilities of the completion tokens (the policy's in the loss, the reference model's in
         scoring), with its fused LM head projecting only the completion positions on a CPU too, as it does on a GPU
-        (she.training.lm_head: the same values; ``labelled_positions_only=False`` restores TRL's CPU path)."""
+        (she.training.lm_head: the same values; ``labelled_positions_only=False`` restores TRL's CPU path); with
+        ``logp_prefix="shared"`` (text-only models) the rows that share a prompt scored as one packed sequence."""
         with labelled_positions_only(self.labelled_positions_only):
-            return super()._get_per_token_logps_and_entropies(*args, **kwargs)
+            if self.logp_prefix == "shared" and not compute_aux_loss \
+                    and all(v is None for v in multimodal.values()):
+                return self._packed_logps(model, input_ids, attention_mask, logits_to_keep, compute_entropy)
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
+                **multimodal)
+
+    def _packed_logps(self, model: Any, input_ids: Tensor, attention_mask: Tensor, logits_to_keep: int,
+                      compute_entropy: bool) -> tuple[Tensor, Tensor | None, None]:
+        """TRL's per-token outputs [B, logits_to_keep] from one forward pass over the packed prefix tree of the
+        batch (she.models.prefix_tree): each group of rows with the same prompt is one sequence, its shared prefix
+        computed once, its rows' own tokens as segments that see the prefix and themselves."""
+        pad = self._tokenizer_for_decoding().pad_token_id or 0
+        packing = pack_shared_prefixes(input_ids.cpu(), attention_mask.cpu(), logits_to_keep, pad_token_id=pad)
+        device = input_ids.device
+        attention = packing.attention.to(device)
+        if getattr(self.accelerator.unwrap_model(model).config, "_attn_implementation", "sdpa") == "eager":
+            attention = torch.zeros(attention.shape, device=device).masked_fill(~attention, torch.finfo(
+                torch.float32).min)  # eager attention adds the mask to its scores
+        with self.accelerator.autocast():
+            out = model(input_ids=packing.input_ids.to(device), attention_mask=attention,
+                        position_ids=packing.position_ids.to(device), shift_labels=packing.shift_labels.to(device),
+                        fused_lm_head=True)
+        logps = unpack(out.log_probs, packing)
+        entropy = unpack(out.entropy, packing) if compute_entropy else None
+        return logps, entropy, None
 
     def _tokenizer_for_decoding(self):
         tok = self.processing_class
