@@ -133,3 +133,23 @@ def test_computed_evidence_on_the_decision_schema_forces_the_evidence_and_margin
         assert j.step_probs == pytest.approx(step, abs=1e-5) and j.probs == pytest.approx(want, abs=1e-5)
         top = max(step, key=lambda v: step[v])
         assert j.text == f"{stem} {top}\nVerdict: {j.label}" and j.parsed.format_ok and j.parsed.label == j.label
+
+
+def test_the_packed_read_equals_one_pass_a_text(tiny, hd_pairs):
+    """marginal_reads' default (the stem and its branches packed over the stem, she.models.prefix_tree) against
+    ``1 + |values|`` passes a stem; stems of different lengths in one batch."""
+    from she.evaluation.fast import forced_choice_tree, marginal_reads
+    from she.reasoning.prompts import build_messages
+    from she.reasoning.rationale import computed_evidence
+
+    model, tok = tiny
+    schema = resolve_schema("decision")
+    stems = [tok.apply_chat_template(build_messages(r, schema=schema), tokenize=False, add_generation_prompt=True)
+             + computed_evidence(r, schema, stop_at="relevant") for r in hd_pairs]
+    packed = marginal_reads(model, tok, stems, schema, batch_size=3, bf16=False)
+    rows = marginal_reads(model, tok, stems, schema, batch_size=3, bf16=False, shared_prefix=False)
+    assert len(packed) == len(rows) == len(hd_pairs)
+    for (d1, p1), (d2, p2) in zip(packed, rows):
+        assert d1 == pytest.approx(d2, abs=1e-5) and p1 == pytest.approx(p2, abs=1e-5)
+    with pytest.raises(ValueError, match="every group must have 2 texts"):
+        forced_choice_tree(model, tok, [["a"]], [[1], [2]])

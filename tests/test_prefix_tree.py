@@ -10,7 +10,7 @@ import torch
 
 trl_utils = pytest.importorskip("trl.trainer.utils")
 
-from she.models.prefix_tree import IGNORE, pack_shared_prefixes, unpack  # noqa: E402
+from she.models.prefix_tree import IGNORE, model_attention, pack_groups, pack_shared_prefixes, unpack  # noqa: E402
 
 
 def test_layout_by_hand():
@@ -93,9 +93,8 @@ def _unpacked(model, ids, mask, keep):
 
 def _packed(model, ids, mask, keep, attn):
     p = pack_shared_prefixes(ids, mask, keep)
-    attention = p.attention
-    if attn == "eager":
-        attention = torch.zeros(attention.shape).masked_fill(~attention, torch.finfo(torch.float32).min)
+    attention = model_attention(model, p.attention)
+    assert attention.dtype == (torch.bool if attn == "sdpa" else torch.float32)
     out = model(input_ids=p.input_ids, attention_mask=attention, position_ids=p.position_ids,
                 shift_labels=p.shift_labels, fused_lm_head=True)
     return unpack(out.log_probs, p), unpack(out.entropy, p)

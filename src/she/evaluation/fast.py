@@ -208,18 +208,76 @@ def forced_choice_probs(model, tokenizer, texts: Sequence[str], choice_ids: Sequ
     return out  # type: ignore[return-value]
 
 
+@torch.no_grad()
+def forced_choice_tree(model, tokenizer, text_groups: Sequence[Sequence[str]], choice_ids: Sequence[Sequence[int]],
+                       *, batch_size: int = 16, bf16: bool = False) -> list[list[tuple[list[float], float]]]:
+    """:func:`forced_choice_probs` for groups of texts that share a prefix (a stem and its branches): member j of
+    each group read over ``choice_ids[j]``. A group is one packed sequence (she.models.prefix_tree): the shared
+    tokens computed once, each text's own tail attending to them and to itself, at the positions it has alone --
+    the same probabilities as one pass a text up to matmul rounding (tests/test_prefix_tree.py), one forward pass
+    over ``batch_size`` groups, length-sorted."""
+    from she.models.heads import selected_logits
+    from she.models.prefix_tree import model_attention, pack_groups
+
+    if batch_size < 1:
+        raise UserError(f"batch_size must be >= 1, got {batch_size}")
+    if any(len(g) != len(choice_ids) for g in text_groups):
+        raise ValueError(f"every group must have {len(choice_ids)} texts, one a choice list")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = [[tokenizer.encode(t, add_special_tokens=False) for t in g] for g in text_groups]
+    order = sorted(range(len(encoded)), key=lambda i: sum(len(x) for x in encoded[i]))
+    out: list[list[tuple[list[float], float]] | None] = [None] * len(encoded)
+    ids_t = [torch.tensor(list(c), dtype=torch.long) for c in choice_ids]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            seqs = [x + [pad_id] for i in idx for x in encoded[i]]  # a dummy next token: its predictor is the read
+            m = len(choice_ids)
+            packed = pack_groups(seqs, [list(range(k * m, k * m + m)) for k in range(len(idx))],
+                                 [[len(x) - 1] for x in seqs], pad_token_id=pad_id)
+            picks = [packed.where[r][len(x) - 1] for r, x in enumerate(seqs)]
+            rows = torch.tensor([n for n, _ in picks], device=device)
+            cols = torch.tensor([c for _, c in picks], device=device)
+            with autocast(bf16, device):
+                logits = selected_logits(model, packed.input_ids.to(device),
+                                         model_attention(model, packed.attention.to(device)), rows, cols,
+                                         head_fp32=True, position_ids=packed.position_ids.to(device))
+            logits = logits.float()
+            for k, i in enumerate(idx):
+                reads = []
+                for j in range(m):
+                    row, cols_j = logits[k * m + j], ids_t[j].to(logits.device)
+                    reads.append((torch.softmax(row[cols_j], dim=-1).tolist(),
+                                  float(torch.softmax(row, dim=-1)[cols_j].sum())))
+                out[i] = reads
+    finally:
+        model.train(was_training)
+    return out  # type: ignore[return-value]
+
+
 def marginal_reads(model, tokenizer, stems: Sequence[str], schema: StepSchema, *, batch_size: int = 16,
-                   bf16: bool = True) -> list[tuple[dict[str, float], dict[str, float]]]:
+                   bf16: bool = True, shared_prefix: bool = True) -> list[tuple[dict[str, float], dict[str, float]]]:
     """For each stem (prompt and steps, ending with ``"S:"``, S = :func:`marginal_step` of ``schema``):
     ``(P(S = v), P(label))`` with ``P(label) = sum_v P(S = v) P(label | S = v)``. ``P(S = v)`` is read at the stem's
-    end, ``P(label | S = v)`` at ``stem + " v\\nVerdict:"`` -- ``1 + |values|`` forward passes a stem
-    (:func:`forced_choice_probs`), the token boundaries checked first."""
+    end, ``P(label | S = v)`` at ``stem + " v\\nVerdict:"``, the token boundaries checked first. ``shared_prefix``
+    (default): the stem and its ``|values|`` branches as one packed sequence (:func:`forced_choice_tree`, the stem
+    computed once); False: ``1 + |values|`` forward passes a stem (:func:`forced_choice_probs`)."""
     from she.evaluation.calibration import marginalise
 
     step, verdict_key = marginal_step(schema), schema.label_step.key
     labels, choices = list(get_taxonomy(schema.taxonomy).labels), list(step.choices)
     step_ids, _ = check_prefixes(tokenizer, [f"{step.key}:"], choices)
     label_ids, _ = check_prefixes(tokenizer, [f"{verdict_key}:"], labels)
+    if shared_prefix:
+        groups = [[t, *(f"{t} {v}\n{verdict_key}:" for v in choices)] for t in stems]
+        reads = forced_choice_tree(model, tokenizer, groups, [step_ids] + [label_ids] * len(choices),
+                                   batch_size=batch_size, bf16=bf16)
+        decision = [dict(zip(choices, r[0][0])) for r in reads]
+        branches = [{v: dict(zip(labels, r[1 + k][0])) for k, v in enumerate(choices)} for r in reads]
+        return [(d, marginalise(d, b)) for d, b in zip(decision, branches)]
     decision = [dict(zip(choices, p)) for p, _ in forced_choice_probs(model, tokenizer, stems, step_ids,
                                                                        batch_size=batch_size, bf16=bf16)]
     branches: list[dict[str, dict[str, float]]] = [{} for _ in stems]
@@ -389,6 +447,7 @@ class FastScorer:
                                  bf16=self.bf16, schema=self.schema)
 
 
-__all__ = ["FAST_BATCH_SIZE", "FAST_BF16", "FastJudgement", "FastScorer", "check_prefixes", "computed_evidence_judgements",
-           "fast_mode_is_exact", "fast_prefix", "forced_choice_probs", "marginal_judgements", "marginal_reads",
-           "marginal_step", "prefix_label_tokens", "score_labels_fast"]
+__all__ = ["FAST_BATCH_SIZE", "FAST_BF16", "FastJudgement", "FastScorer", "check_prefixes",
+           "computed_evidence_judgements", "fast_mode_is_exact", "fast_prefix", "forced_choice_probs",
+           "forced_choice_tree", "marginal_judgements", "marginal_reads", "marginal_step", "prefix_label_tokens",
+           "score_labels_fast"]

@@ -57,20 +57,23 @@ def capture_head_inputs(model: Any) -> Iterator[list[torch.Tensor] | None]:
         handle.remove()
 
 
-def selected_logits(model: Any, input_ids, attention_mask, rows, cols, *, head_fp32: bool = False):
+def selected_logits(model: Any, input_ids, attention_mask, rows, cols, *, head_fp32: bool = False,
+                    position_ids=None):
     """Full-vocabulary logits [N, V] at the (rows, cols) positions, as float32.
 
     Runs the decoder once and applies the output head only at the N selected positions (for SmolLM2 the
     49k-word head is ~20 % of a forward's cost at every position). ``head_fp32``: that head in float32 even
     under bf16 autocast (for reading probabilities; training keeps the ambient precision). Models whose logits
-    are more than ``head(hidden)`` take the full forward.
+    are more than ``head(hidden)`` take the full forward. ``attention_mask`` may be a custom 4-D mask with its
+    ``position_ids`` (she.models.prefix_tree).
     """
     head = plain_head(model)
+    extra = {} if position_ids is None else {"position_ids": position_ids}
     if head is not None and getattr(model, "base_model", None) is not None and model.base_model is not model:
-        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
         picked = hidden[rows, cols]
         return head_logits_fp32(head, picked) if head_fp32 else head(picked).float()
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
     return logits[rows, cols].float()
 
 

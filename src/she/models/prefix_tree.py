@@ -24,6 +24,7 @@ Tests: tests/test_prefix_tree.py (log-probabilities, entropies and gradients aga
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -53,6 +54,71 @@ def _longest_common_prefix(rows: list[list[int]]) -> int:
     return n
 
 
+@dataclass(frozen=True)
+class PackedGroups:
+    input_ids: Tensor  # [N, Lp] one packed row a group, right-padded
+    position_ids: Tensor  # [N, Lp]
+    attention: Tensor  # [N, 1, Lp, Lp] bool, True = attend (padding positions attend to themselves only)
+    shift_labels: Tensor  # [N, Lp] the token each position predicts, IGNORE where nothing is scored
+    where: list[dict[int, tuple[int, int]]]  # per original row: scored token index t -> the (packed row, column)
+    # whose output predicts it
+    tokens_before: int  # sum of the rows' lengths
+    tokens_after: int  # sum of the packed rows' lengths
+
+
+def pack_groups(seqs: list[list[int]], groups: list[list[int]], scored: list[list[int]],
+                pad_token_id: int = 0) -> PackedGroups:
+    """Pack each group of rows (indices into ``seqs``, every row in exactly one group) into one sequence over the
+    rows' longest common prefix (module docstring). ``scored[i]``: the token indices t >= 1 of row i whose
+    prediction (by token t - 1) is wanted."""
+    if sorted(i for g in groups for i in g) != list(range(len(seqs))):
+        raise ValueError("every row must be in exactly one group")
+    if any(not s for s in seqs):
+        raise ValueError("rows must not be empty")
+    packed_ids, packed_pos, labels, layouts = [], [], [], []
+    where: list[dict[int, tuple[int, int]]] = [{} for _ in seqs]
+    for n, members in enumerate(groups):
+        rows = [seqs[i] for i in members]
+        p = _longest_common_prefix(rows)  # >= 1 unless the rows differ at their first token
+        if p == 0:
+            raise ValueError(f"group {n}: its rows share no first token")
+        ids, pos, lab, offsets = list(rows[0][:p - 1]), list(range(p - 1)), [IGNORE] * (p - 1), []
+        for i, s in zip(members, rows):
+            offset = len(ids)  # the packed column of s[p-1] in this row's segment
+            offsets.append(offset)
+            ids.extend(s[p - 1:])
+            pos.extend(range(p - 1, len(s)))
+            lab.extend([IGNORE] * (len(s) - p + 1))
+            for t in scored[i]:
+                if not 1 <= t < len(s):
+                    raise ValueError(f"row {i}: scored token {t} is outside [1, {len(s)})")
+                src = t - 1 if t - 1 < p - 1 else offset + (t - p)  # the position holding token t - 1
+                lab[src] = s[t]
+                where[i][t] = (n, src)
+        packed_ids.append(ids)
+        packed_pos.append(pos)
+        labels.append(lab)
+        layouts.append((p - 1, offsets, [len(s) - p + 1 for s in rows]))
+
+    width = max(len(x) for x in packed_ids)
+    out_ids = torch.full((len(groups), width), pad_token_id, dtype=torch.long)
+    out_pos = torch.zeros((len(groups), width), dtype=torch.long)
+    out_lab = torch.full((len(groups), width), IGNORE, dtype=torch.long)
+    attend = torch.zeros((len(groups), 1, width, width), dtype=torch.bool)
+    for n, (ids, pos, lab, (shared, offsets, seg_lengths)) in enumerate(zip(packed_ids, packed_pos, labels, layouts)):
+        out_ids[n, :len(ids)] = torch.tensor(ids)
+        out_pos[n, :len(pos)] = torch.tensor(pos)
+        out_lab[n, :len(lab)] = torch.tensor(lab)
+        attend[n, 0, :shared, :shared] = torch.ones(shared, shared, dtype=torch.bool).tril()
+        for offset, m in zip(offsets, seg_lengths):
+            attend[n, 0, offset:offset + m, :shared] = True
+            attend[n, 0, offset:offset + m, offset:offset + m] = torch.ones(m, m, dtype=torch.bool).tril()
+        idle = torch.arange(len(ids), width)
+        attend[n, 0, idle, idle] = True  # padding attends to itself: no empty softmax row
+    return PackedGroups(out_ids, out_pos, attend, out_lab, where, tokens_before=sum(len(s) for s in seqs),
+                        tokens_after=sum(len(x) for x in packed_ids))
+
+
 def pack_shared_prefixes(input_ids: Tensor, attention_mask: Tensor, logits_to_keep: int,
                          pad_token_id: int = 0) -> PrefixPacking:
     """The packed layout of ``input_ids`` [B, L] (left-padded prompts, then right-padded completions, as TRL
@@ -79,53 +145,25 @@ def pack_shared_prefixes(input_ids: Tensor, attention_mask: Tensor, logits_to_ke
     groups: dict[tuple, list[int]] = {}
     for i in range(b):
         groups.setdefault((tuple(input_ids[i, :start].tolist()), tuple(valid[i, :start].tolist())), []).append(i)
-
-    packed_ids, packed_pos, labels, spans = [], [], [], []
+    scored = [list(range(start - c, len(s))) for s, c in zip(seqs, first_col)]  # the tokens in the last columns
+    g = pack_groups(seqs, list(groups.values()), scored, pad_token_id)
     row = torch.zeros(b, logits_to_keep, dtype=torch.long)
     col = torch.full((b, logits_to_keep), -1, dtype=torch.long)
-    for n, members in enumerate(groups.values()):
-        rows = [seqs[i] for i in members]
-        p = _longest_common_prefix(rows)  # >= 1: the prompt is shared and not empty
-        ids = list(rows[0][:p - 1])
-        pos = list(range(p - 1))
-        lab = [IGNORE] * (p - 1)
-        seg_spans = []
-        for i, s in zip(members, rows):
-            offset = len(ids)  # the packed column of s[p-1] in this row's segment
-            seg_spans.append(offset)
-            ids.extend(s[p - 1:])
-            pos.extend(range(p - 1, len(s)))
-            lab.extend([IGNORE] * (len(s) - p + 1))
-            for t in range(1, len(s)):  # token t of row i is predicted by the position holding token t - 1
-                c = first_col[i] + t
-                if c < start:
-                    continue
-                src = t - 1 if t - 1 < p - 1 else offset + (t - 1 - (p - 1))
-                lab[src] = s[t]
-                row[i, c - start] = n
-                col[i, c - start] = src
-        packed_ids.append(ids)
-        packed_pos.append(pos)
-        labels.append(lab)
-        spans.append((p - 1, seg_spans, [len(s) - p + 1 for s in rows]))
+    for i in range(b):
+        for t, (n, src) in g.where[i].items():
+            row[i, first_col[i] + t - start] = n
+            col[i, first_col[i] + t - start] = src
+    return PrefixPacking(g.input_ids.to(input_ids.dtype), g.position_ids, g.attention, g.shift_labels, row, col,
+                         tokens_before=g.tokens_before, tokens_after=g.tokens_after)
 
-    width = max(len(x) for x in packed_ids)
-    out_ids = torch.full((len(packed_ids), width), pad_token_id, dtype=input_ids.dtype)
-    out_pos = torch.zeros((len(packed_ids), width), dtype=torch.long)
-    out_lab = torch.full((len(packed_ids), width), IGNORE, dtype=torch.long)
-    attend = torch.zeros((len(packed_ids), 1, width, width), dtype=torch.bool)
-    for n, (ids, pos, lab, (shared, offsets, seg_lengths)) in enumerate(zip(packed_ids, packed_pos, labels, spans)):
-        out_ids[n, :len(ids)] = torch.tensor(ids, dtype=input_ids.dtype)
-        out_pos[n, :len(pos)] = torch.tensor(pos)
-        out_lab[n, :len(lab)] = torch.tensor(lab)
-        attend[n, 0, :shared, :shared] = torch.ones(shared, shared, dtype=torch.bool).tril()
-        for offset, m in zip(offsets, seg_lengths):
-            attend[n, 0, offset:offset + m, :shared] = True
-            attend[n, 0, offset:offset + m, offset:offset + m] = torch.ones(m, m, dtype=torch.bool).tril()
-        idle = torch.arange(len(ids), width)
-        attend[n, 0, idle, idle] = True  # padding attends to itself: no empty softmax row
-    return PrefixPacking(out_ids, out_pos, attend, out_lab, row, col, tokens_before=sum(len(s) for s in seqs),
-                         tokens_after=sum(len(x) for x in packed_ids))
+
+def model_attention(model: Any, attention: Tensor) -> Tensor:
+    """The packed boolean mask as ``model`` takes a custom 4-D mask: as is (sdpa, True = attend), or additive
+    (0 / the float32 minimum) for eager attention, which adds the mask to its scores."""
+    if getattr(getattr(model, "config", None), "_attn_implementation", "sdpa") == "eager":
+        return torch.zeros(attention.shape, device=attention.device).masked_fill(~attention,
+                                                                                 torch.finfo(torch.float32).min)
+    return attention
 
 
 def unpack(values: Tensor, packing: PrefixPacking) -> Tensor:
@@ -136,4 +174,5 @@ def unpack(values: Tensor, packing: PrefixPacking) -> Tensor:
     return torch.where(packing.col >= 0, picked, torch.zeros((), dtype=values.dtype, device=values.device))
 
 
-__all__ = ["IGNORE", "LOGP_PREFIXES", "PrefixPacking", "pack_shared_prefixes", "unpack"]
+__all__ = ["IGNORE", "LOGP_PREFIXES", "PackedGroups", "PrefixPacking", "model_attention", "pack_groups",
+           "pack_shared_prefixes", "unpack"]

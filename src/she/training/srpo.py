@@ -65,7 +65,7 @@ from she.models.generation import (
     generation_autocast,
     shared_prefill,
 )
-from she.models.prefix_tree import LOGP_PREFIXES, pack_shared_prefixes, unpack
+from she.models.prefix_tree import LOGP_PREFIXES, model_attention, pack_shared_prefixes, unpack
 from she.training.lm_head import labelled_positions_only, resolve_labelled_positions
 from she.reasoning.parse import ParsedTrace, parse_trace
 from she.reasoning.schema import StepSchema, default_schema
@@ -930,10 +930,7 @@ class SRPOTrainer(GRPOTrainer):
         pad = self._tokenizer_for_decoding().pad_token_id or 0
         packing = pack_shared_prefixes(input_ids.cpu(), attention_mask.cpu(), logits_to_keep, pad_token_id=pad)
         device = input_ids.device
-        attention = packing.attention.to(device)
-        if getattr(self.accelerator.unwrap_model(model).config, "_attn_implementation", "sdpa") == "eager":
-            attention = torch.zeros(attention.shape, device=device).masked_fill(~attention, torch.finfo(
-                torch.float32).min)  # eager attention adds the mask to its scores
+        attention = model_attention(self.accelerator.unwrap_model(model), packing.attention.to(device))
         with self.accelerator.autocast():
             out = model(input_ids=packing.input_ids.to(device), attention_mask=attention,
                         position_ids=packing.position_ids.to(device), shift_labels=packing.shift_labels.to(device),
