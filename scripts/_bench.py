@@ -7,6 +7,10 @@ import random
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
+    """The options every benchmark takes: the model and data (see :func:`bench_records`), precision, seed, output."""
+    p.add_argument("--model", default=None)
+    p.add_argument("--data", default=None, help="data file (default: synthetic)")
+    p.add_argument("--format", default="auto")
     p.add_argument("--prompt-style", default="compact")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-bf16", dest="bf16", action="store_false")

@@ -31,9 +31,6 @@ from _bench import add_common_args, bench_records, report  # noqa: E402 - script
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None)
-    p.add_argument("--data", default=None, help="data file (default: synthetic)")
-    p.add_argument("--format", default="auto")
     p.add_argument("--pairs", type=int, default=256)
     p.add_argument("--batch-sizes", default="32,64,128")
     p.add_argument("--max-new-tokens", type=int, default=96)

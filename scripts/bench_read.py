@@ -28,9 +28,6 @@ from _bench import add_common_args, bench_records, report  # noqa: E402 - script
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None)
-    p.add_argument("--data", default=None, help="data file (default: synthetic)")
-    p.add_argument("--format", default="auto")
     p.add_argument("--pairs", type=int, default=192)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--reps", type=int, default=2, help="repetitions; the first is a warm-up")

@@ -122,9 +122,6 @@ def greedy_check(model, tok, input_ids, mask, max_new: int, bf16: bool) -> dict:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None)
-    p.add_argument("--data", default=None, help="data file (default: synthetic)")
-    p.add_argument("--format", default="auto")
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=80)

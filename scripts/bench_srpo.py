@@ -170,11 +170,8 @@ def run_once(args, step_rewards: bool, train, labelled_only: bool = True, micro_
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None)
     p.add_argument("--judge", default="smollm2-135m", help="judge folder or registry name (hybrid/blend)")
     p.add_argument("--examiner", default="blend", choices=["verifier", "hybrid", "blend"])
-    p.add_argument("--data", default=None, help="data file (default: synthetic)")
-    p.add_argument("--format", default="auto")
     p.add_argument("--n-records", type=int, default=64)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--reps", type=int, default=2)

@@ -36,11 +36,13 @@ here, and the two give the same numbers for the same pairs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from she.data.labels import get_taxonomy
 from she.data.schema import Record
@@ -186,11 +188,7 @@ def forced_choice_probs(model, tokenizer, texts: Sequence[str], choice_ids: Sequ
     encoded = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
     order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))  # less padding per batch
     out: list[tuple[list[float], float] | None] = [None] * len(texts)
-    ids_t = torch.tensor(list(choice_ids), dtype=torch.long)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    try:
+    with _reading(model) as device:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             ids, mask, last = _right_pad([encoded[i] for i in idx], pad_id)
@@ -198,14 +196,27 @@ def forced_choice_probs(model, tokenizer, texts: Sequence[str], choice_ids: Sequ
             with autocast(bf16, device):
                 logits = selected_logits(model, ids.to(device), mask.to(device), rows.to(device), last.to(device),
                                          head_fp32=True)
-            logits, cols = logits.float(), ids_t.to(logits.device)
-            mass = torch.softmax(logits, dim=-1)[:, cols].sum(dim=-1).tolist()
-            probs = torch.softmax(logits[:, cols], dim=-1).tolist()
             for row, i in enumerate(idx):
-                out[i] = (probs[row], float(mass[row]))
+                out[i] = _choice_read(logits[row], choice_ids)
+    return out  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def _reading(model) -> Iterator[torch.device]:
+    """The model in eval mode for the block (its training flag restored after), and its device."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield next(model.parameters()).device
     finally:
         model.train(was_training)
-    return out  # type: ignore[return-value]
+
+
+def _choice_read(logits: Tensor, choice_ids: Sequence[int]) -> tuple[list[float], float]:
+    """(softmax over the choices' first tokens, their full-vocabulary mass) of one position's logits [V]."""
+    logits = logits.float()
+    cols = torch.tensor(list(choice_ids), dtype=torch.long, device=logits.device)
+    return torch.softmax(logits[cols], dim=-1).tolist(), float(torch.softmax(logits, dim=-1)[cols].sum())
 
 
 @torch.no_grad()
@@ -227,11 +238,7 @@ def forced_choice_tree(model, tokenizer, text_groups: Sequence[Sequence[str]], c
     encoded = [[tokenizer.encode(t, add_special_tokens=False) for t in g] for g in text_groups]
     order = sorted(range(len(encoded)), key=lambda i: sum(len(x) for x in encoded[i]))
     out: list[list[tuple[list[float], float]] | None] = [None] * len(encoded)
-    ids_t = [torch.tensor(list(c), dtype=torch.long) for c in choice_ids]
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    try:
+    with _reading(model) as device:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             seqs = [x + [pad_id] for i in idx for x in encoded[i]]  # a dummy next token: its predictor is the read
@@ -245,16 +252,8 @@ def forced_choice_tree(model, tokenizer, text_groups: Sequence[Sequence[str]], c
                 logits = selected_logits(model, packed.input_ids.to(device),
                                          model_attention(model, packed.attention.to(device)), rows, cols,
                                          head_fp32=True, position_ids=packed.position_ids.to(device))
-            logits = logits.float()
             for k, i in enumerate(idx):
-                reads = []
-                for j in range(m):
-                    row, cols_j = logits[k * m + j], ids_t[j].to(logits.device)
-                    reads.append((torch.softmax(row[cols_j], dim=-1).tolist(),
-                                  float(torch.softmax(row, dim=-1)[cols_j].sum())))
-                out[i] = reads
-    finally:
-        model.train(was_training)
+                out[i] = [_choice_read(logits[k * m + j], choice_ids[j]) for j in range(m)]
     return out  # type: ignore[return-value]
 
 
