@@ -130,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     mp = m.add_parser("prepare", help="convert a registered model into a save_pretrained folder in the cache")
     mp.add_argument("name", choices=["smollm2-135m", "tiny"], help="registered model name")
     mp.add_argument("--force", action="store_true", help="rebuild the folder even if it exists")
+    ma = m.add_parser("average", help="average the weights of fine-tunes of one model (a model soup); calibrate "
+                                      "the result before use (its she.json drops the fitted offsets)")
+    ma.add_argument("models", nargs="+", help="two or more save_pretrained folders of the same architecture")
+    ma.add_argument("--out", required=True, help="new folder for the averaged model")
+    ma.add_argument("--weights", type=float, nargs="+", default=None,
+                    help="mixing weights, one per model (normalised; default uniform)")
 
     d = sub.add_parser("data", help="validate, describe, split or generate data",
                        epilog="Exit status of every data command: 0 clean; 1 rows rejected (--on-error skip: the "
@@ -407,6 +413,13 @@ def _help_keys(a: argparse.Namespace) -> None:
 
 
 def _cmd_model(a) -> None:
+    if a.model_cmd == "average":
+        from she.models.soup import average_models
+
+        out = average_models(a.models, a.out, a.weights)
+        print(f"{out} (weights {a.weights or 'uniform'}); fit its verdict offsets next: "
+              f"she calibrate --model {out} --data-config <the training config>")
+        return
     from she.models.registry import prepare
 
     print(prepare(a.name, force=a.force))
