@@ -67,6 +67,9 @@ def test_mismatched_folders_name_the_file_and_tensor(tiny_model_dir, tmp_path):
     save_file(state, str(other / WEIGHTS))
     with pytest.raises(UserError, match=rf"{other / WEIGHTS}: tensor '{key}' is \(3, 3\)"):
         average_models([tiny_model_dir, other], tmp_path / "soup")
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        average_models([tiny_model_dir, tiny_model_dir], tmp_path / "a_file")
     with pytest.raises(UserError, match="no model.safetensors"):
         average_models([tiny_model_dir, tmp_path], tmp_path / "soup2")
 

@@ -90,6 +90,8 @@ def average_models(paths: list[str | os.PathLike], out: str | os.PathLike,
         if not (f / WEIGHTS).is_file():
             raise UserError(f"{f}: no {WEIGHTS} (give save_pretrained folders of full models, e.g. runs/x/sft/final)")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file; give a new folder")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out}: exists and is not empty; give a new folder")
     states = [load_file(str(f / WEIGHTS)) for f in folders]
