@@ -1,6 +1,7 @@
 """Weight averaging (`she model average`): the pure average against hand-computed tensors, and the folder I/O."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -67,6 +68,13 @@ def test_mismatched_folders_name_the_file_and_tensor(tiny_model_dir, tmp_path):
     save_file(state, str(other / WEIGHTS))
     with pytest.raises(UserError, match=rf"{other / WEIGHTS}: tensor '{key}' is \(3, 3\)"):
         average_models([tiny_model_dir, other], tmp_path / "soup")
+    del state[key]
+    save_file(state, str(other / WEIGHTS))
+    lacks = re.escape(f"{other / WEIGHTS}: no tensor '{key}', which {tiny_model_dir / WEIGHTS} has")
+    with pytest.raises(UserError, match=lacks):  # the first folder has it
+        average_models([tiny_model_dir, other], tmp_path / "soup")
+    with pytest.raises(UserError, match=lacks):  # the second folder has it
+        average_models([other, tiny_model_dir], tmp_path / "soup")
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(UserError, match="is a file"):
         average_models([tiny_model_dir, tiny_model_dir], tmp_path / "a_file")

@@ -14,7 +14,6 @@ folders, and names the folder and tensor of any mismatch.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 from she.errors import UserError
+from she.models.metadata import SHE_META, load_she_meta, save_she_meta
 
 WEIGHTS = "model.safetensors"
 _OFFSET_KEYS = "label_offsets"
@@ -62,11 +62,10 @@ def _check_same(states: list[dict[str, torch.Tensor]], paths: list[Path]) -> Non
     ref, ref_path = states[0], paths[0] / WEIGHTS
     for state, path in zip(states[1:], paths[1:]):
         where = path / WEIGHTS
-        missing, extra = sorted(set(ref) - set(state)), sorted(set(state) - set(ref))
-        if missing or extra:
-            name = (missing or extra)[0]
-            raise UserError(f"{where}: tensor {name!r} is {'missing' if missing else 'not'} in {ref_path}"
-                            f"{'' if missing else ' either'}; only fine-tunes of one model can be averaged")
+        for name in sorted(set(ref) ^ set(state)):
+            has, lacks = (ref_path, where) if name in ref else (where, ref_path)
+            raise UserError(f"{lacks}: no tensor {name!r}, which {has} has; only fine-tunes of one model can be "
+                            f"averaged")
         for key, t in ref.items():
             u = state[key]
             if u.shape != t.shape or u.dtype != t.dtype:
@@ -99,14 +98,12 @@ def average_models(paths: list[str | os.PathLike], out: str | os.PathLike,
     soup = average_state_dicts(states, w)
     out.mkdir(parents=True, exist_ok=True)
     for item in folders[0].iterdir():
-        if item.is_file() and item.name not in (WEIGHTS, "she.json", "training_args.bin") \
+        if item.is_file() and item.name not in (WEIGHTS, SHE_META, "training_args.bin") \
                 and not item.name.startswith("calibration"):
             shutil.copy2(item, out / item.name)
-    meta_path = folders[0] / "she.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    meta = {k: v for k, v in meta.items() if not k.startswith(_OFFSET_KEYS)}
+    meta = {k: v for k, v in load_she_meta(folders[0]).items() if not k.startswith(_OFFSET_KEYS)}
     meta["soup"] = {"models": [str(f) for f in folders], "weights": w}
-    (out / "she.json").write_text(json.dumps(meta, indent=2))
+    save_she_meta(out, meta)
     tmp = out / (WEIGHTS + ".tmp")
     save_file(soup, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, out / WEIGHTS)
