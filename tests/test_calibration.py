@@ -4,7 +4,10 @@ import math
 
 import pytest
 
-from she.evaluation.calibration import apply_offsets, fit_label_offsets
+import numpy as np
+
+from she.errors import UserError
+from she.evaluation.calibration import apply_offsets, bootstrap_draws, fit_label_offsets
 
 LABELS = ["Irrelevant", "Partial", "Exact"]
 
@@ -73,6 +76,63 @@ def test_fit_bad_input():
     with pytest.raises(ValueError, match="no pairs"):
         fit_label_offsets([], [], [], LABELS)
     assert math.isfinite(fit_label_offsets([P(0, 0, 1)], ["Exact"], ["Exact"], LABELS)["Exact"])
+
+
+def _noisy_pairs(n, seed):
+    """A soft judge with an Exact prior: gold in thirds, p = softmax(signal on gold + noise + prior)."""
+    rng = np.random.default_rng(seed)
+    gold = [LABELS[i % 3] for i in range(n)]
+    probs = []
+    for g in gold:
+        z = rng.normal(0, 1.0, 3) + np.array([0.0, 0.2, 0.8]) + 1.2 * np.array([lab == g for lab in LABELS])
+        e = np.exp(z - z.max())
+        probs.append(dict(zip(LABELS, (e / e.sum()).tolist())))
+    return probs, [max(p, key=p.get) for p in probs], gold
+
+
+def test_bagged_is_the_mean_of_grid_fits_on_the_bootstrap_draws():
+    probs, raw, gold = _noisy_pairs(60, 0)
+    groups = [i // 2 for i in range(60)]  # two pairs a query
+    grid = [x / 10 for x in range(-20, 21)]
+    bagged = fit_label_offsets(probs, raw, gold, LABELS, method="bagged", n_boot=7, seed=3, groups=groups, grid=grid)
+    loop = []
+    for ix in bootstrap_draws(60, 7, 3, groups):
+        fit = fit_label_offsets([probs[i] for i in ix], [raw[i] for i in ix], [gold[i] for i in ix], LABELS, grid=grid)
+        loop.append([fit[lab] for lab in LABELS])
+    assert [bagged[lab] for lab in LABELS] == pytest.approx(np.mean(loop, axis=0).tolist(), abs=1e-4)
+    assert bagged["Irrelevant"] == 0.0 and len({tuple(x) for x in loop}) > 1  # the fits differ: there is noise
+
+
+def test_bootstrap_draws_take_whole_groups():
+    groups = ["a", "a", "b", "c", "c", "c"]
+    for ix in bootstrap_draws(6, 20, 1, groups):
+        drawn = [groups[i] for i in ix]
+        for g in set(drawn):  # every drawn query brings all its pairs, as often as it was drawn
+            assert drawn.count(g) % groups.count(g) == 0
+    assert all(len(ix) == 6 for ix in bootstrap_draws(6, 5, 0))  # rows resampled one by one without groups
+    with pytest.raises(ValueError, match="groups has 2 items for 6 pairs"):
+        bootstrap_draws(6, 1, 0, ["a", "b"])
+
+
+def test_prior_method_matches_the_gold_shares():
+    # p_Exact is the largest on every pair, the gold class ranks second on non-Exact pairs: shares matched to
+    # gold's thirds recover every label (the two other classes' probabilities order them), by hand as in
+    # test_fit_recovers_a_prior_shift
+    gold, probs = [], []
+    for g in LABELS * 10:
+        p = {lab: 0.15 for lab in LABELS}
+        p["Exact"], p[g] = (0.7, 0.7) if g == "Exact" else (0.5, 0.35)
+        gold.append(g)
+        probs.append(p)
+    raw = ["Exact"] * 30
+    b = fit_label_offsets(probs, raw, gold, LABELS, method="prior")
+    pred = [apply_offsets(p, r, b) for p, r in zip(probs, raw)]
+    assert [pred.count(lab) for lab in LABELS] == [10, 10, 10] and pred == gold
+
+
+def test_unknown_calibration_method_is_a_clear_error():
+    with pytest.raises(UserError, match="calibration method 'median': pick one of grid, bagged, prior"):
+        fit_label_offsets([P(0.2, 0.3, 0.5)], ["Exact"], ["Exact"], LABELS, method="median")
 
 
 def test_calibrate_writes_she_json_and_eval_uses_it(tmp_path, tiny_model_dir, monkeypatch):

@@ -285,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--max-new-tokens", type=int, default=96, help="longest judgement (default 96)")
     ca.add_argument("--no-bf16", action="store_true", help="fp32 instead of bf16 autocast")
     _add_evidence_arg(ca)
+    ca.add_argument("--method", default="grid", choices=["grid", "bagged", "prior"],
+                    help="grid: the offsets maximising validation Macro F1 (default); bagged: their mean over 50 "
+                         "query-bootstrap resamples; prior: predicted shares matched to the validation labels'")
     ca.add_argument("--data-config", default=None,
                     help="YAML of any job (its `data:` section is used): the same seeded split as that job")
     _add_data_args(ca)
@@ -622,7 +625,7 @@ def _cmd_calibrate(a) -> None:
 
     records, dcfg = _eval_data(a)
     rep = calibrate(a.model, records, taxonomy=dcfg.taxonomy, batch_size=a.batch_size,
-                    max_new_tokens=a.max_new_tokens, bf16=not a.no_bf16, evidence=a.evidence)
+                    max_new_tokens=a.max_new_tokens, bf16=not a.no_bf16, evidence=a.evidence, method=a.method)
     print(json.dumps(rep, indent=2))
 
 

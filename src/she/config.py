@@ -105,6 +105,7 @@ PromptStyle = Literal["compact", "full"]
 # how a reasoning judge's steps are read before its verdict (she.evaluation.evaluate.judge_records): written by the
 # model, computed from the pair and forced, or the step marginalised over its values
 Evidence = Literal["generated", "computed", "marginal"]
+CalibrationMethod = Literal["grid", "bagged", "prior"]  # she.evaluation.calibration.CALIBRATION_METHODS
 ReportTo = str  # a transformers integration name, "none", or a comma-separated list
 
 
@@ -234,6 +235,9 @@ class DemoConfig(ConfigBase):
     # fit per-class verdict offsets of the SFT model and of SRPO's on up to this many validation pairs before
     # their evaluations (she calibrate; both rows read alike; 0 = off)
     calibration_pairs: int = 0
+    # how the offsets are fitted: grid (maximise validation Macro F1) | bagged (its mean over query-bootstrap
+    # resamples) | prior (match the validation label shares); docs/reasoning-format.md
+    calibration_method: CalibrationMethod = "grid"
     # the reads of each model, each calibrated and evaluated on its own (the first is the report's headline):
     # generated (the model writes its steps), computed (label-free steps computed from the pair and forced; the
     # decision marginalised on the decision schema), marginal. A string is one read.

@@ -152,11 +152,14 @@ def evaluate(
 
 def calibrate(model_path: str, records: list[Record], *, taxonomy: str = "hd3", batch_size: int = 32,
               max_new_tokens: int = 96, bf16: bool = True, progress: bool = True,
-              schema: StepSchema | None = None, evidence: str = "generated") -> dict:
+              schema: StepSchema | None = None, evidence: str = "generated", method: str = "grid") -> dict:
     """Fit per-class verdict offsets on ``records`` (a validation split: never the test pairs) and write them
     into the model's ``she.json`` (``label_offsets``; ``label_offsets_computed`` for ``evidence="computed"``) and
-    ``calibration.json`` (``calibration_computed.json``). Returns the report: offsets, Macro F1 and
-    predicted-class shares before and after, on these pairs. ``schema`` and ``evidence`` as in :func:`evaluate`."""
+    ``calibration.json`` (``calibration_computed.json``), the pairs' verdict probabilities beside them
+    (``calibration_predictions.jsonl``, ``calibration_computed_predictions.jsonl``) so another fit needs no new
+    read. Returns the report: offsets, method, Macro F1 and predicted-class shares before and after, on these pairs.
+    ``method`` as in :func:`she.evaluation.calibration.fit_label_offsets` (``bagged`` resamples whole queries);
+    ``schema`` and ``evidence`` as in :func:`evaluate`."""
     from she.evaluation.calibration import apply_offsets, fit_label_offsets
     from she.evaluation.metrics import classification_report
     from she.models.metadata import load_she_meta
@@ -175,7 +178,8 @@ def calibrate(model_path: str, records: list[Record], *, taxonomy: str = "hd3", 
     labels = list(get_taxonomy(taxonomy).labels)
     gold = [r.label for r in records]
     raw = [j.raw_label for j in js]
-    offsets = fit_label_offsets([j.probs for j in js], raw, gold, labels)
+    offsets = fit_label_offsets([j.probs for j in js], raw, gold, labels, method=method,
+                                groups=[r.query for r in records])
     cal = [apply_offsets(j.probs, j.raw_label, offsets) for j in js]
 
     def summary(pred):
@@ -183,13 +187,16 @@ def calibrate(model_path: str, records: list[Record], *, taxonomy: str = "hd3", 
         return {"macro_f1": m["macro_f1"], "accuracy": m["accuracy"],
                 "pred_share": {lab: sum(p == lab for p in pred) / len(pred) for lab in labels}}
 
-    report = {"label_offsets": offsets, "evidence": evidence, "n": len(records),
+    report = {"label_offsets": offsets, "method": method, "evidence": evidence, "n": len(records),
               "with_probs": sum(j.probs is not None for j in js), "before": summary(raw), "after": summary(cal)}
     meta = load_she_meta(folder)
     meta[key] = offsets
     atomic_write_lines(folder / "she.json", [json.dumps(meta, indent=2)])
-    name = "calibration.json" if evidence == "generated" else f"calibration_{evidence}.json"
-    atomic_write_lines(folder / name, [json.dumps(report, indent=2)])
+    name = "calibration" if evidence == "generated" else f"calibration_{evidence}"
+    atomic_write_lines(folder / f"{name}_predictions.jsonl",
+                       (json.dumps({"id": r.id, "gold": r.label, "raw_label": j.raw_label, "probs": j.probs}) + "\n"
+                        for r, j in zip(records, js)))
+    atomic_write_lines(folder / f"{name}.json", [json.dumps(report, indent=2)])
     return report
 
 

@@ -39,7 +39,7 @@ def _calibrate(cfg: DemoConfig, model, splits, timings: dict, key: str) -> None:
         t = time.time()
         calibrate(str(model), splits["validation"][: cfg.calibration_pairs], taxonomy=cfg.data.taxonomy,
                   batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, bf16=cfg.sft.bf16,
-                  progress=False, evidence=evidence)
+                  progress=False, evidence=evidence, method=cfg.calibration_method)
         timings[key if evidence == "generated" else f"{key}_{evidence}"] = time.time() - t
 
 

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from she.config import ConfigError, DataConfig, SFTJobConfig, canonical_key, from_dict
+from she.config import CalibrationMethod, ConfigError, DataConfig, SFTJobConfig, canonical_key, from_dict
 
 # keys of each section that the driver sets itself (a value in the config would be silently overridden)
 SFT_FIXED = ("model", "output_dir", "data", "target", "seed")
@@ -34,6 +34,7 @@ class CompareEvalConfig:
     # log-probabilities on `calibration_max` validation pairs and report Macro F1 with them next to without
     calibrate: bool = False
     calibration_max: int = 300
+    calibration_method: CalibrationMethod = "grid"  # grid | bagged | prior (she.evaluation.calibration.fit_label_offsets)
     # how a generative row's verdict is read (docs/reasoning-format.md): generated (the greedy trace's label
     # probabilities) | marginal (averaged over the values of the step before the verdict) | computed (the label-free
     # steps forced). Other modes evaluate into <row>/eval_<mode>, so one compare can be read several ways.

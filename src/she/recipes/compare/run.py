@@ -572,8 +572,10 @@ class CompareRun:
                                progress=False, prompt_style=prompt_style_of(str(model)),
                                schema=model_step_schema(str(model), self.cfg.data.taxonomy, compare_schema(self.cfg)))
             offsets = fit_label_offsets([j.probs for j in js], [j.raw_label for j in js],
-                                        [r.label for r in self.calib], self.labels)
-            atomic_write_lines(path, [json.dumps({"label_offsets": offsets, "n": len(self.calib),
+                                        [r.label for r in self.calib], self.labels, method=ecfg.calibration_method,
+                                        groups=[r.query for r in self.calib])
+            atomic_write_lines(path, [json.dumps({"label_offsets": offsets, "method": ecfg.calibration_method,
+                                                  "n": len(self.calib),
                                                   "seconds": round(time.perf_counter() - t, 2)}, indent=2)])
         return _read_json(path)["label_offsets"]
 
