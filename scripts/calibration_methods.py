@@ -71,10 +71,14 @@ def main() -> None:
         elif ids != test_ids:
             raise SystemExit(f"{name}: its test file covers other pairs than the first model's")
         vids = sorted(val)
+        outside = [i for i in vids if i not in query]
+        if outside:
+            raise SystemExit(f"{name}: {len(outside)} validation pairs are not in the data config's split (e.g. "
+                             f"{outside[0]!r}); their queries group the bagged fit")
         row = {"model": name}
         for method in args.methods:
             b = fit_label_offsets([val[i][1] for i in vids], [val[i][0] for i in vids], [val[i][2] for i in vids],
-                                  labels, method=method, n_boot=args.bag, groups=[query.get(i, i) for i in vids])
+                                  labels, method=method, n_boot=args.bag, groups=[query[i] for i in vids])
             p = [apply_offsets(test[i][1], test[i][0], b) for i in ids]
             preds[method].append(p)
             row[method] = {"offsets": b, "macro_f1": classification_report(test_gold, p, labels)["macro_f1"]}

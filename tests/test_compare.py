@@ -828,3 +828,14 @@ def test_eval_evidence_reads_every_generative_row_that_way_in_its_own_folder(tmp
         offsets = run.calibration("sft", tiny_model_dir)
         assert got == tmp_path / "sft" / folder and (got / "calibration.json").exists() and offsets is not None
         assert calls[-2:] == [("evaluate", mode, folder), ("judge_records", mode)]
+    # offsets cached by another fit method are refitted, not reused; the same method reads the cache
+    n_judged = sum(c[0] == "judge_records" for c in calls)
+    for method, judged in (("grid", 0), ("bagged", 1), ("bagged", 0)):
+        cfg = load_compare_config(CONFIG, {"output_dir": str(tmp_path), "eval.evidence": "marginal",
+                                           "eval.calibrate": True, "eval.calibration_method": method})
+        run = CompareRun(cfg=cfg, out=tmp_path, rows=["sft"], train=[], evals=recs, labels=labels,
+                         state={"evals": {}}, command="pytest", same_as={}, calib=recs)
+        run.calibration("sft", tiny_model_dir)
+        n_judged, before = sum(c[0] == "judge_records" for c in calls), n_judged
+        assert n_judged - before == judged
+        assert json.loads((tmp_path / "sft" / "eval_marginal" / "calibration.json").read_text())["method"] == method

@@ -119,6 +119,10 @@ def _add_evidence_arg(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import typing
+
+    from she.config import CalibrationMethod
+
     p = _Parser(prog="she", description="Stepwise Hybrid Examination: LLM relevance judges",
                 epilog="Exit status: 0 done; 1 some input rows were rejected (--on-error skip; the rejects file "
                        "lists them); 2 unusable input or a usage error (one line on stderr, nothing written).")
@@ -285,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--max-new-tokens", type=int, default=96, help="longest judgement (default 96)")
     ca.add_argument("--no-bf16", action="store_true", help="fp32 instead of bf16 autocast")
     _add_evidence_arg(ca)
-    ca.add_argument("--method", default="grid", choices=["grid", "bagged", "prior"],
+    ca.add_argument("--method", default="grid", choices=typing.get_args(CalibrationMethod),
                     help="grid: the offsets maximising validation Macro F1 (default); bagged: their mean over 50 "
                          "query-bootstrap resamples; prior: predicted shares matched to the validation labels'")
     ca.add_argument("--data-config", default=None,

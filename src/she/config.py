@@ -105,7 +105,7 @@ PromptStyle = Literal["compact", "full"]
 # how a reasoning judge's steps are read before its verdict (she.evaluation.evaluate.judge_records): written by the
 # model, computed from the pair and forced, or the step marginalised over its values
 Evidence = Literal["generated", "computed", "marginal"]
-CalibrationMethod = Literal["grid", "bagged", "prior"]  # she.evaluation.calibration.CALIBRATION_METHODS
+CalibrationMethod = Literal["grid", "bagged", "prior"]  # how verdict offsets are fitted (she.evaluation.calibration)
 ReportTo = str  # a transformers integration name, "none", or a comma-separated list
 
 

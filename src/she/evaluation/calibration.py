@@ -17,10 +17,12 @@ A pair without label probabilities (no readable verdict) keeps its generated lab
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from she.config import CalibrationMethod
 from she.errors import UserError
 
 # wide and fine: a reasoning judge whose verdict follows from a label-derived step is very peaked (p ~ 0.9999 on
@@ -124,7 +126,7 @@ def bootstrap_draws(n: int, n_boot: int, seed: int, groups: Sequence | None = No
     return [np.concatenate([rows[j] for j in rng.integers(0, len(rows), len(rows))]) for _ in range(n_boot)]
 
 
-CALIBRATION_METHODS = ("grid", "bagged", "prior")
+CALIBRATION_METHODS = typing.get_args(CalibrationMethod)  # grid, bagged, prior
 
 
 def fit_label_offsets(probs: Sequence[Mapping[str, float] | None], labels_out: Sequence[str | None],

@@ -558,7 +558,8 @@ class CompareRun:
         if row in self.same_as:
             return self.calibration(self.same_as[row], model)
         path = self.eval_dir(row) / "calibration.json"
-        if not path.exists():
+        method = self.cfg.eval.calibration_method  # offsets cached by another method (files before it: grid) are refitted
+        if not path.exists() or _read_json(path).get("method", "grid") != method:
             from she.evaluation.calibration import fit_label_offsets
             from she.evaluation.evaluate import judge_records
             from she.models.metadata import model_step_schema, prompt_style_of
@@ -572,9 +573,9 @@ class CompareRun:
                                progress=False, prompt_style=prompt_style_of(str(model)),
                                schema=model_step_schema(str(model), self.cfg.data.taxonomy, compare_schema(self.cfg)))
             offsets = fit_label_offsets([j.probs for j in js], [j.raw_label for j in js],
-                                        [r.label for r in self.calib], self.labels, method=ecfg.calibration_method,
+                                        [r.label for r in self.calib], self.labels, method=method,
                                         groups=[r.query for r in self.calib])
-            atomic_write_lines(path, [json.dumps({"label_offsets": offsets, "method": ecfg.calibration_method,
+            atomic_write_lines(path, [json.dumps({"label_offsets": offsets, "method": method,
                                                   "n": len(self.calib),
                                                   "seconds": round(time.perf_counter() - t, 2)}, indent=2)])
         return _read_json(path)["label_offsets"]
