@@ -239,3 +239,38 @@ def test_a_training_step_enumerates_every_leaf_and_weighs_it(tiny_model_dir, tmp
     probs = torch.softmax(last.leaf_logp.view(-1, g), 1).reshape(-1)
     exa = [i for i, r in enumerate(last.rollouts) if r.label == "Exact"]
     assert logged["srpo/pred_share/Exact"] == pytest.approx(float(probs[exa].sum()) / 2, abs=1e-4)
+
+
+def test_rated_verdicts_reach_each_leaf_reward(tiny_model_dir, tmp_path):
+    """``rl.rated_verdict`` on enumerated leaves: each leaf's step rewards are its Relevant line's 0/1 and its verdict's
+    agreement with the pair's mean rating (docs/srpo.md, "Rated verdicts"), so srpo_exact's leaf reward carries the
+    rating the outcome leaves out."""
+    from she.data.labels import rating_agreement
+    from she.models.registry import load_model_and_tokenizer
+    from she.rewards.hybrid import VerifierExaminer
+    from she.training.srpo import SRPOTrainer, build_grpo_config, make_prompt_dataset
+
+    ratings = {"Exact": 2.67, "Partial": 2.33, "Irrelevant": 1.33}
+    recs = [Record(id=r.id, query=r.query, product=r.product, label=r.label, score=ratings[r.label])
+            for r in _records()]
+    schema, g = resolve_schema("decision"), 6
+    model, tok = load_model_and_tokenizer(tiny_model_dir)
+    tok.padding_side = "left"
+    args = build_grpo_config(tmp_path, num_generations=g, per_device_train_batch_size=2 * g, max_completion_length=80,
+                             max_steps=1, learning_rate=1e-3, seed=0, bf16=False)
+    trainer = SRPOTrainer(model, args, make_prompt_dataset(recs, "compact", schema=schema),
+                          records_by_id={r.id: r for r in recs}, processing_class=tok, schema=schema,
+                          examiner=VerifierExaminer(rated=True), step_rewards=True, advantage="srpo_exact",
+                          reward_steps=["Relevant", "Verdict"], include_label_step=True,
+                          rollout_func=enumerated_evidence_rollout(recs, schema))
+    trainer.train()
+    last = trainer.last_batch
+    checked = 0
+    for rollout, steps in zip(last.rollouts, last.step_rewards):
+        assert rollout.label in schema.labels and len(steps) == 2, steps
+        relevant_right = ("Relevant: no" in rollout.text) == (rollout.gold == "Irrelevant")
+        rating = ratings[rollout.gold]
+        assert steps[-1] == pytest.approx(rating_agreement(rollout.label, rating, "hd3"))
+        assert steps[0] == (1.0 if relevant_right else 0.0)
+        checked += 1
+    assert checked == 2 * g

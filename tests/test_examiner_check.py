@@ -22,6 +22,28 @@ def test_trace_totals_by_hand():
     # steps: free (None -> neutral 0.5 in reward, no flaw), 1.0, 0.25 (flaw 0.5), 0.0 (flaw 1), label (left out)
     t = trace_totals([None, 1.0, 0.25, 0.0, 1.0], ["free", "choice", "attributes", "free", "label"])
     assert t == {"reward": 0.5 + 1.0 + 0.25 + 0.0, "flaw": 0.5 + 1.0}
+    t = trace_totals([None, 1.0, 0.25, 0.0, 0.25], ["free", "choice", "attributes", "free", "label"],
+                     include_label_step=True)
+    assert t == {"reward": 0.5 + 1.0 + 0.25 + 0.0 + 0.25, "flaw": 0.5 + 1.0 + 0.5}
+
+
+def test_the_check_pays_rated_verdicts_as_the_trainer_does(records):
+    """Under rl.rated_verdict the verdict step is paid, so the check counts it: on Irrelevant pairs rated 1.67 (just
+    under the 1.75 cut) a constant Partial verdict agrees more with the raters (1 - 1/3 / 2) than the gold Irrelevant
+    (1 - 2/3 / 2); the steps before it still keep the gold trace ahead (the check passes)."""
+    import dataclasses
+
+    recs = [dataclasses.replace(r, score={"Exact": 3.0, "Partial": 2.0, "Irrelevant": 5 / 3}[r.label]) for r in records]
+    examiner = VerifierExaminer(rated=True)
+    paid = check_examiner(examiner, recs, SCHEMA, criterion="reward", include_label_step=True)
+    before = check_examiner(examiner, recs, SCHEMA, criterion="reward")
+    irr, irr0 = paid["classes"]["Irrelevant"], before["classes"]["Irrelevant"]
+    assert irr["gold"]["reward"] - irr0["gold"]["reward"] == pytest.approx(1 - (2 / 3) / 2, abs=1e-5)
+    assert irr["constant"]["Partial"]["reward"] - irr0["constant"]["Partial"]["reward"] == pytest.approx(
+        1 - (1 / 3) / 2, abs=1e-5)
+    exact, exact0 = paid["classes"]["Exact"], before["classes"]["Exact"]  # rated 3.0: Irrelevant agrees 0
+    assert exact["constant"]["Irrelevant"]["reward"] == pytest.approx(exact0["constant"]["Irrelevant"]["reward"])
+    assert paid["ok"], format_check(paid)
 
 
 def test_constant_trace_follows_the_constant_label(records):

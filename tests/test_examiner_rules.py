@@ -83,3 +83,53 @@ def test_graded_missing_scores_word_overlap():
         scores[said] = (exact, graded)
     assert scores == {"cordless": (0.0, 0.5), "none": (0.0, 0.0), "cordless, bits": (1.0, 1.0),
                       "cordless, bits, red": (0.0, 2 / 3)}
+
+
+# -- rated verdicts: the verdict step against the pair's mean human rating (docs/srpo.md, "Rated verdicts") -------
+def test_rating_agreement_by_hand():
+    from she.data.labels import rating_agreement
+
+    # hd3 grades stand for ratings 1 / 2 / 3 on the raters' 1..3 scale: 1 - |rating - grade| / 2
+    assert rating_agreement("Exact", 3.0, "hd3") == 1.0
+    assert rating_agreement("Exact", 2.0, "hd3") == 0.5
+    assert rating_agreement("Irrelevant", 3.0, "hd3") == 0.0
+    assert rating_agreement("Partial", 2.5, "hd3") == pytest.approx(0.75)
+    assert rating_agreement("exact", 1.5, "hd3") == pytest.approx(0.25)  # any spelling the taxonomy accepts
+    assert rating_agreement("Exact", 2.0, "esci4") is None  # no rating scale behind ESCI's labels
+    with pytest.raises(ValueError, match="outside"):
+        rating_agreement("Exact", 4.0, "hd3")
+    with pytest.raises(ValueError):
+        rating_agreement("Substitute", 2.0, "hd3")
+
+
+def test_rated_verifier_scores_the_verdict_by_the_rating():
+    from she.rewards.hybrid import VerifierExaminer
+
+    def scored(verdict, score, label="Partial", rated=True):
+        r = Record(id="r", query="dewalt drill", product=Product(title="DeWalt 20V Drill"), label=label, score=score)
+        return VerifierExaminer(rated=rated).score_steps(parse_trace(trace("same", "none", verdict), SCHEMA), r)
+
+    # a Partial pair rated 2.33: Partial agrees 1 - 0.33 / 2, Exact 1 - 0.67 / 2, Irrelevant 1 - 1.33 / 2
+    assert scored("Partial", 2.33)[-1] == pytest.approx(0.835)
+    assert scored("Exact", 2.33)[-1] == pytest.approx(0.665)
+    assert scored("Irrelevant", 2.33)[-1] == pytest.approx(0.335)
+    assert scored("Exact", 2.0)[-1] == pytest.approx(0.5)  # the same wrong label, a lower rating: less credit
+    assert scored("maybe", 2.33)[-1] == 0.0  # an unreadable verdict earns nothing
+    assert scored("Exact", None)[-1] == 0.0  # no rating: the gold label's 0/1
+    assert scored("Partial", None)[-1] == 1.0
+    assert scored("Exact", 2.33, rated=False)[-1] == 0.0  # off: 0/1 as before
+    # the other steps are scored as without it
+    assert scored("Exact", 2.33)[:-1] == scored("Exact", 2.33, rated=False)[:-1]
+
+
+def test_rated_verdict_needs_the_verdict_step_rewarded():
+    from she.config import RLJobConfig
+    from she.errors import UserError
+    from she.training.rl import build_examiner
+
+    assert build_examiner(RLJobConfig(rated_verdict=True, reward_steps=["Relevant", "Verdict"])).rated
+    assert build_examiner(RLJobConfig(rated_verdict=True)).rated  # reward_steps null: every step
+    for bad in (RLJobConfig(rated_verdict=True, reward_steps=["Relevant"]),
+                RLJobConfig(rated_verdict=True, step_rewards=False)):
+        with pytest.raises(UserError, match="rated_verdict"):
+            build_examiner(bad)

@@ -591,6 +591,10 @@ class RLJobConfig(ConfigBase):
     incorrect_below: float = 0.5  # gated: a step score below this is a (partial) flaw
     reward_steps: list[str] | None = None  # step keys that may earn a step reward (null: all), e.g. [Missing, Numbers, Head]
     graded_sets: bool = False  # Missing/Numbers score the overlap of said and true items instead of exact 0/1 (docs/srpo.md)
+    # the verifier scores the verdict step by its agreement with the pair's mean human rating (1 - |rating - grade| /
+    # 2 on hd3) and the verdict step earns a step reward too: the raters' distance from the cut, which the gold label
+    # (and so the outcome) leaves out (docs/srpo.md, "Rated verdicts"); add Verdict to reward_steps when set
+    rated_verdict: bool = False
     # srpo_likelihood (docs/srpo.md, "Likelihood credit"): the choice steps credited by the exact gradient of the
     # policy's log P(gold value) (null: the decision schema's Relevant); logprob | prob; the cap on a wrong sample's
     # |credit|; decouple: those tokens get the credit only (false: the outcome advantage too)

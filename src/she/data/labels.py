@@ -17,6 +17,7 @@ that an accessory for the item searched is irrelevant).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from she.errors import UserError
@@ -105,6 +106,28 @@ def map_label(label: str, source: str, target: str) -> str:
     except KeyError:
         raise UserError(f"no label mapping from {source!r} to {target!r}") from None
     return table[canonical]
+
+
+# the raters' scale behind a taxonomy whose labels are cuts of a mean rating: (lowest, highest) rating
+RATING_SCALES: dict[str, tuple[float, float]] = {"hd3": (1.0, 3.0)}
+
+
+def rating_agreement(label: str, rating: float, taxonomy: str) -> float | None:
+    """How well ``label`` agrees with a pair's mean human rating, in [0, 1]: ``1 - |rating - r(label)| / (hi - lo)``,
+    ``r(label)`` the rating the label's grade stands for on the raters' scale (hd3: Irrelevant 1, Partial 2, Exact 3).
+    None for a taxonomy without a rating scale. A label outside the taxonomy is ``ValueError``.
+
+    Why: the gold label is a cut of the mean rating (:func:`rating_to_label`) and keeps only its side of the cut; the
+    mean also says how far from it the raters were. Exact on a pair rated 2.33 (gold Partial) agrees 0.67, on one
+    rated 1.33 (gold Irrelevant) 0.17 (docs/srpo.md, "Rated verdicts")."""
+    if taxonomy not in RATING_SCALES:
+        return None
+    lo, hi = RATING_SCALES[taxonomy]
+    if not math.isfinite(rating) or not lo <= rating <= hi:
+        raise ValueError(f"rating {rating} is outside the {taxonomy} raters' scale [{lo}, {hi}]")
+    tax = get_taxonomy(taxonomy)
+    grade = lo + tax.index(label) * (hi - lo) / (len(tax.labels) - 1)
+    return 1.0 - abs(rating - grade) / (hi - lo)
 
 
 def rating_to_label(rating: float, cuts: tuple[float, float] = (1.75, 2.5)) -> str:

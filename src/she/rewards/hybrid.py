@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from she.data.labels import get_taxonomy
+from she.data.labels import get_taxonomy, rating_agreement
 from she.errors import UserError
 from she.rewards.verifier import CORRECT, INCORRECT, UNKNOWN, verify_steps
 
@@ -116,12 +116,18 @@ class VerifierExaminer:
     so a penalty-only step reward pushes the policy to write ``none`` -- the path to *Exact* (measured,
     docs/results.md). Overlap grades a mostly right list as mostly right and a wrong ``none`` (overlap 0) as
     fully wrong.
+
+    ``rated=True``: the verdict step of a pair with a mean human rating (``record.score``, Home Depot) scores its
+    agreement with that rating (:func:`she.data.labels.rating_agreement`) instead of 0/1: the raters' distance from
+    the label's cut, which the gold label leaves out (docs/srpo.md, "Rated verdicts"). Without a rating, or on a
+    taxonomy without a rating scale, the verdict scores 0/1 against the gold label; an unreadable verdict 0.
     """
 
     _SCORE = {CORRECT: 1.0, INCORRECT: 0.0, UNKNOWN: None}
 
-    def __init__(self, graded: bool = False) -> None:
+    def __init__(self, graded: bool = False, rated: bool = False) -> None:
         self.graded = graded
+        self.rated = rated
 
     def score_steps(self, parsed: Any, record: Any) -> list[float | None]:
         verdicts = verify_steps(parsed, record)
@@ -132,7 +138,18 @@ class VerifierExaminer:
             if v.verdict not in self._SCORE:
                 raise ValueError(f"verifier verdict {v.verdict!r} for step {v.step} is not correct/incorrect/unknown")
             out.append(v.similarity if self.graded and v.similarity is not None else self._SCORE[v.verdict])
+        if self.rated:
+            out = [self._rated(step, record, sc) for step, sc in zip(parsed.steps, out)]
         return out
+
+    @staticmethod
+    def _rated(step: Any, record: Any, score: float | None) -> float | None:
+        if step.kind != "label" or record.score is None or record.label is None:
+            return score
+        if not step.valid or step.conclusion is None:
+            return 0.0
+        agreement = rating_agreement(step.conclusion, record.score, record.taxonomy)
+        return score if agreement is None else agreement
 
 
 def combine_step_scores(

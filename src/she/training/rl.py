@@ -19,8 +19,13 @@ log = logging.getLogger(__name__)
 def build_examiner(cfg: RLJobConfig):
     from she.rewards.hybrid import HybridExaminer, VerifierExaminer
 
+    if cfg.rated_verdict and not (cfg.step_rewards and (cfg.reward_steps is None or "Verdict" in cfg.reward_steps)):
+        raise UserError("rl.rated_verdict scores the verdict step, which earns nothing unless rl.step_rewards is true "
+                        f"and rl.reward_steps includes Verdict (got step_rewards {cfg.step_rewards}, reward_steps "
+                        f"{cfg.reward_steps})")
+    verifier = VerifierExaminer(graded=cfg.graded_sets, rated=cfg.rated_verdict)
     if cfg.examiner == "verifier":
-        return VerifierExaminer(graded=cfg.graded_sets)
+        return verifier
     if cfg.examiner in ("hybrid", "blend"):
         if not cfg.judge:
             raise UserError(f"examiner {cfg.examiner!r} needs a judge folder (`judge:` from `she train prm`)")
@@ -28,7 +33,7 @@ def build_examiner(cfg: RLJobConfig):
 
         judge = StepJudge.from_pretrained(cfg.judge)
         mode = "verifier_first" if cfg.examiner == "hybrid" else "blend"
-        return HybridExaminer(VerifierExaminer(graded=cfg.graded_sets), judge, mode=mode, weight=cfg.judge_weight,
+        return HybridExaminer(verifier, judge, mode=mode, weight=cfg.judge_weight,
                               judge_steps=judge_steps_above_floor(cfg.judge, cfg.judge_auc_floor))
     raise UserError(f"unknown examiner {cfg.examiner!r}; use verifier, hybrid or blend")
 
@@ -134,7 +139,7 @@ def run_examiner_check(cfg: RLJobConfig, examiner, records: list[Record], schema
     random.Random(cfg.seed).shuffle(sample)
     criterion = "flaw" if advantage.startswith("srpo_gated") else "reward"
     report = check_examiner(examiner, sample[: cfg.examiner_check_records], schema_for(schema, cfg.data.taxonomy),
-                            criterion=criterion)
+                            criterion=criterion, include_label_step=cfg.rated_verdict)
     text = format_check(report)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -256,7 +261,7 @@ def run_rl_job(cfg: RLJobConfig, train: list[Record], callbacks: list | None = N
         step_rewards=cfg.step_rewards, advantage=resolved_advantage(cfg), alpha=cfg.alpha, credit_mode=cfg.credit_mode,
         critical=cfg.critical, first_error_weight=cfg.first_error_weight, flawed_share=cfg.flawed_share,
         incorrect_below=cfg.incorrect_below, class_weights=class_weights, share_pin=cfg.share_pin,
-        reward_steps=cfg.reward_steps,
+        reward_steps=cfg.reward_steps, include_label_step=cfg.rated_verdict,
         outcome=cfg.outcome, likelihood_steps=cfg.likelihood_steps, likelihood_objective=cfg.likelihood_objective,
         likelihood_clip=cfg.likelihood_clip, likelihood_decouple=cfg.likelihood_decouple,
         likelihood_class_weights=cfg.likelihood_class_weights, rollout_sampler=cfg.rollout_sampler,

@@ -223,6 +223,12 @@ ROWS["srpo_exact"] = Row("ablation", "grpo_exact whose reward adds alpha x the v
                          rl={"step_rewards": True, "advantage": "srpo_exact", "examiner": "verifier",
                              "reward_steps": ["Relevant"], "rollout_evidence": "enumerated", "num_generations": 6},
                          **_RL)
+# the same with the verdict step scored by its agreement with the pair's mean human rating (rl.rated_verdict;
+# docs/srpo.md, "Rated verdicts"): the one human signal in this data the gold label, and so GRPO's outcome, leaves out
+ROWS["srpo_exact_rated"] = Row("ablation", "srpo_exact whose reward also adds alpha x the verdict's agreement with the "
+                               "pair's mean human rating", "rl",
+                               rl={**ROWS["srpo_exact"].rl, "reward_steps": ["Relevant", "Verdict"],
+                                   "rated_verdict": True}, **_RL)
 
 # the likelihood outcomes (she.training.gold_prob), each for GRPO and for the best 8-rollout SRPO variant: the same
 # outcome for both arms, divided by the batch's reward std (a group's tiny spread is not blown up)
@@ -235,8 +241,8 @@ for _outcome, _what in (("gold_prob", "P(gold label | reasoning)"),
 # more seeds of the two rows the headline compares: `<row>_seed<k>` trains with seed k (the shared seed + k);
 # the report pools a row with its seeds (arm_of) for the paired intervals
 for _base in ("grpo", "srpo_gated", "srpo_gated_graded_missing", "srpo_decoupled", "srpo_likelihood", "grpo_computed",
-              "srpo_likelihood_computed", "grpo_exact", "srpo_exact"):
-    for _k in (1, 2, 3) if _base in ("grpo_exact", "srpo_exact") else (1, 2):  # the enumerated arms: ~10 min a row
+              "srpo_likelihood_computed", "grpo_exact", "srpo_exact", "srpo_exact_rated"):
+    for _k in (1, 2, 3) if _base in ("grpo_exact", "srpo_exact", "srpo_exact_rated") else (1, 2):  # the enumerated arms: ~10 min a row
         _spec = ROWS[_base]
         ROWS[f"{_base}_seed{_k}"] = Row("seed", f"{_base} with seed + {_k}", "rl", rl={**_spec.rl, "seed_offset": _k},
                                         **_RL)
