@@ -187,6 +187,11 @@ class SFTJobConfig(TrainerJobConfig):
     # the verdict's label token counts this many times in the loss (1 = TRL's plain mean over completion
     # tokens; she.algorithms.sft_loss); its loss and accuracy are logged as verdict_nll / verdict_accuracy
     verdict_weight: float = 1.0
+    # rated targets: each training pair with a mean human rating (Home Depot) is written with a label drawn from
+    # (1 - mix) x its gold label + mix x its rating spread over the two grades around it, so the label-derived lines
+    # (Relevant, Verdict; the label of target: label) learn the raters' soft targets in expectation (she.data.labels.rated_targets;
+    # docs/reasoning-format.md, "Rated targets"). 0: the gold label as is
+    rating_targets: float = 0.0
     learning_rate: float = 1e-4
     lr_scheduler_type: str = "cosine"
     warmup_ratio: float = 0.03

@@ -130,6 +130,38 @@ def rating_agreement(label: str, rating: float, taxonomy: str) -> float | None:
     return 1.0 - abs(rating - grade) / (hi - lo)
 
 
+def rating_distribution(rating: float, taxonomy: str) -> dict[str, float] | None:
+    """The rating spread over the two grades around it, linearly: on hd3 2.33 -> Partial 0.67, Exact 0.33; 3.0 ->
+    Exact 1. The distribution over labels whose expected grade is the rating with the least spread. None for a
+    taxonomy without a rating scale; a rating outside the scale is ``ValueError``."""
+    if taxonomy not in RATING_SCALES:
+        return None
+    lo, hi = RATING_SCALES[taxonomy]
+    if not math.isfinite(rating) or not lo <= rating <= hi:
+        raise ValueError(f"rating {rating} is outside the {taxonomy} raters' scale [{lo}, {hi}]")
+    labels = get_taxonomy(taxonomy).labels
+    x = (rating - lo) / (hi - lo) * (len(labels) - 1)  # the rating in grade units, 0 .. K-1
+    k = min(int(math.floor(x)), len(labels) - 2)
+    out = {lab: 0.0 for lab in labels}
+    out[labels[k]] += k + 1 - x
+    out[labels[k + 1]] += x - k
+    return out
+
+
+def rated_targets(label: str, rating: float, taxonomy: str, mix: float) -> dict[str, float] | None:
+    """Soft SFT targets of a pair: ``(1 - mix) x onehot(label) + mix x rating_distribution(rating)``. On hd3 with mix
+    0.5 a Partial pair rated 2.33 gives Partial 0.83, Exact 0.17; one rated 2.0 stays Partial 1. The gold label keeps
+    the largest share while ``mix`` < 0.75 at the 1.75 / 2.5 cuts (a pair rated 1.67 gives Irrelevant 1 - 2 mix / 3).
+    None for a taxonomy without a rating scale (docs/reasoning-format.md, "Rated targets")."""
+    if not 0.0 <= mix < 1.0:
+        raise UserError(f"rating_targets (the mix) must be in [0, 1), got {mix}")
+    spread = rating_distribution(rating, taxonomy)
+    if spread is None:
+        return None
+    gold = get_taxonomy(taxonomy).normalize(label)
+    return {lab: (1.0 - mix) * (lab == gold) + mix * p for lab, p in spread.items()}
+
+
 def rating_to_label(rating: float, cuts: tuple[float, float] = (1.75, 2.5)) -> str:
     """Home Depot mean rating (1..3) to an ``hd3`` label: Irrelevant < cuts[0] <= Partial < cuts[1] <= Exact."""
     lo, hi = cuts

@@ -51,6 +51,31 @@ def build_sft_dataset(records: list[Record], target: str = "reasoning", traces: 
     return Dataset.from_list(rows)
 
 
+def relabel_by_rating(records: list[Record], mix: float, seed: int) -> tuple[list[Record], int]:
+    """``records`` with each rated pair's label drawn from :func:`she.data.labels.rated_targets` (``sft.rating_targets``),
+    and how many labels the draw changed. A pair without a rating, or of a taxonomy without a rating scale, keeps its
+    label; ``mix`` 0 returns the records as they are. The draw is fixed by ``seed`` and the record ids (not their
+    order), so a resumed run trains on the same labels."""
+    import dataclasses
+    import random
+
+    from she.data.labels import rated_targets
+
+    if mix == 0.0:
+        return list(records), 0
+    out, changed = [], 0
+    for r in records:
+        targets = None if r.score is None or r.label is None else rated_targets(r.label, r.score, r.taxonomy, mix)
+        if targets is None:
+            out.append(r)
+            continue
+        labels = list(targets)
+        drawn = random.Random(f"{seed}:{r.id}").choices(labels, weights=[targets[lab] for lab in labels])[0]
+        changed += drawn != r.label
+        out.append(r if drawn == r.label else dataclasses.replace(r, label=drawn))
+    return out, changed
+
+
 def load_traces(path: str | os.PathLike) -> dict[str, str]:
     """Teacher traces ``{"id", "trace"}`` per line; records without one fall back to the rule writer."""
     from she.data.validation import iter_jsonl
@@ -161,8 +186,15 @@ def train_sft(cfg: SFTJobConfig, train: list[Record], validation: list[Record] |
         raise UserError(f"sft.verdict_weight must be >= 0, got {cfg.verdict_weight}")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model, tok = load_model_and_tokenizer(cfg.model, for_training=True)
     traces = load_traces(cfg.traces_file) if cfg.traces_file else None
+    if cfg.rating_targets:
+        if traces is not None:
+            raise UserError("sft.rating_targets redraws the labels the rule-based traces are written from; a "
+                            "traces_file's texts would keep theirs: use one or the other")
+        train, changed = relabel_by_rating(train, cfg.rating_targets, cfg.seed)
+        log.info("rating_targets %.2f: %d of %d training labels drawn away from the gold label", cfg.rating_targets,
+                 changed, len(train))
+    model, tok = load_model_and_tokenizer(cfg.model, for_training=True)
     train_ds = build_sft_dataset(train, cfg.target, traces=traces, prompt_style=cfg.prompt_style, schema=schema)
     eval_ds = build_sft_dataset(validation, cfg.target, prompt_style=cfg.prompt_style, schema=schema) \
         if validation else None

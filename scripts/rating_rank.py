@@ -1,0 +1,82 @@
+"""Does a judge order pairs as the raters' mean rating does? Spearman correlation between each evaluation's expected
+grade (sum over labels of P(label) x its grade, from the verdict probabilities) and the pairs' mean human rating
+(Home Depot), per run and as a paired difference of two arms, each arm the mean over its runs (seeds pooled).
+
+The mechanism check of ``rl.rated_verdict`` (docs/srpo.md, "Rated verdicts"): a step reward that pays agreement with
+the rating should raise this correlation before it can move Macro F1. Intervals resample query groups, the same
+draw for both arms.
+
+    python scripts/rating_rank.py --data-config configs/best-cpu.yaml \\
+        --a results/predictions/decision3k-sft-s1-srpo-exact-rated-s{1,2,3}-pin3-fresh-computed.jsonl.gz \\
+        --b results/predictions/decision3k-sft-s1-grpo-exact-s{1,2,3}-pin3-fresh-computed.jsonl.gz
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+from scipy.stats import rankdata
+
+from she.config import data_section
+from she.data.labels import get_taxonomy
+from she.data.sources import load_splits
+from she.data.validation import iter_jsonl
+from she.evaluation.calibration import bootstrap_draws
+
+
+def expected_grades(path: str, labels: list[str]) -> dict[str, float]:
+    """``{id: sum_k P(label_k) k}`` of an evaluation's ``probs`` (a pair without them is an error naming the line)."""
+    out = {}
+    for n, d in iter_jsonl(path):
+        probs = d.get("probs")
+        if not isinstance(probs, dict) or not probs:
+            raise SystemExit(f"{path}, line {n}: field 'probs' missing (an evaluation with verdict probabilities)")
+        total = sum(float(probs.get(lab, 0.0)) for lab in labels)
+        out[str(d["id"])] = sum(k * float(probs.get(lab, 0.0)) for k, lab in enumerate(labels)) / total
+    return out
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    return float(np.corrcoef(rankdata(x), rankdata(y))[0, 1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data-config", required=True, help="YAML whose data: section made the evaluated split")
+    ap.add_argument("--a", nargs="+", required=True, metavar="PRED")
+    ap.add_argument("--b", nargs="+", required=True, metavar="PRED")
+    ap.add_argument("--n-boot", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    data = data_section(args.data_config)
+    records = {r.id: r for part in load_splits(data).values() for r in part if r.score is not None}
+    labels = list(get_taxonomy(data.taxonomy).labels)
+    arms = {name: [expected_grades(p, labels) for p in paths] for name, paths in (("A", args.a), ("B", args.b))}
+    ids = sorted(set(records).intersection(*(set(g) for runs in arms.values() for g in runs)))
+    if not ids:
+        raise SystemExit("the evaluations share no rated pair id with the data")
+    rating = np.array([records[i].score for i in ids])
+    grades = {name: np.array([[g[i] for i in ids] for g in runs]) for name, runs in arms.items()}
+    draws = bootstrap_draws(len(ids), args.n_boot, args.seed, groups=[records[i].query_id or records[i].query
+                                                                       for i in ids])
+
+    def arm_rho(name: str, idx: np.ndarray) -> float:
+        return float(np.mean([spearman(run[idx], rating[idx]) for run in grades[name]]))
+
+    print(f"{len(ids)} rated pairs, {len({records[i].query for i in ids})} queries; arm A {len(args.a)} run(s), "
+          f"arm B {len(args.b)}")
+    full = np.arange(len(ids))
+    for name, paths in (("A", args.a), ("B", args.b)):
+        for path, run in zip(paths, grades[name]):
+            boot = np.percentile([spearman(run[d], rating[d]) for d in draws], [2.5, 97.5])
+            print(f"  {name} {spearman(run, rating):.3f} [{boot[0]:.3f}, {boot[1]:.3f}]  {path}")
+    diff = [arm_rho("A", d) - arm_rho("B", d) for d in draws]
+    lo, hi = np.percentile(diff, [2.5, 97.5])
+    print(f"Spearman A - B (runs averaged): {arm_rho('A', full) - arm_rho('B', full):+.4f} [{lo:+.4f}, {hi:+.4f}], "
+          f"share <= 0: {np.mean(np.array(diff) <= 0):.3f}")
+
+
+if __name__ == "__main__":
+    main()
