@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-from scipy.stats import rankdata
 
 from she.config import data_section
 from she.data.labels import get_taxonomy
 from she.data.sources import load_splits
 from she.data.validation import iter_jsonl
 from she.evaluation.calibration import bootstrap_draws
+from she.evaluation.metrics import spearman
 
 
 def expected_grades(path: str, labels: list[str]) -> dict[str, float]:
@@ -35,10 +35,6 @@ def expected_grades(path: str, labels: list[str]) -> dict[str, float]:
         total = sum(float(probs.get(lab, 0.0)) for lab in labels)
         out[str(d["id"])] = sum(k * float(probs.get(lab, 0.0)) for k, lab in enumerate(labels)) / total
     return out
-
-
-def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    return float(np.corrcoef(rankdata(x), rankdata(y))[0, 1])
 
 
 def main() -> None:

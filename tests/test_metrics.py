@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from she.evaluation.metrics import bootstrap_ci, classification_report, step_accuracy
+from she.evaluation.metrics import average_ranks, bootstrap_ci, classification_report, spearman, step_accuracy
 
 HD3 = ["Irrelevant", "Partial", "Exact"]
 ESCI4 = ["Irrelevant", "Complement", "Substitute", "Exact"]
@@ -330,3 +330,26 @@ def test_f1_summary_line_by_hand():
     assert line.startswith("Macro F1 0.500 [") and line.endswith("predicted 0.25/0.00/0.50")
     lo, hi = (float(x) for x in line.split("[")[1].split("]")[0].split(", "))
     assert 0.0 <= lo <= hi <= 1.0
+
+
+# ---------------------------------------------------------------- ranks (scripts/rating_rank.py)
+
+
+def test_average_ranks_and_spearman_by_hand():
+    assert average_ranks([0.3, 0.1, 0.3, 0.2]).tolist() == [3.5, 1.0, 3.5, 2.0]  # the tied pair shares ranks 3 and 4
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ranks x 1,2,3,4 and y 1,3,2,4: Pearson of the ranks = 1 - 6 * 2 / (4 * 15) = 0.8 (no ties)
+    assert spearman([0.1, 0.2, 0.3, 0.4], [5.0, 7.0, 6.0, 8.0]) == pytest.approx(0.8)
+    assert spearman([1, 1, 1], [1, 2, 3]) is None  # a constant side: undefined, not 0
+    with pytest.raises(ValueError):
+        spearman([1, 2], [1])
+
+
+def test_spearman_agrees_with_scipy_on_ties():
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        x, y = rng.integers(0, 5, 60).astype(float), rng.normal(size=60)  # many ties on x
+        assert spearman(x, y) == pytest.approx(stats.spearmanr(x, y).statistic)
+        assert average_ranks(x).tolist() == pytest.approx(stats.rankdata(x).tolist())

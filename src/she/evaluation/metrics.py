@@ -339,6 +339,23 @@ def seed_differences(diffs: Sequence[float], alpha: float = 0.05, power: float =
     return out
 
 
+def average_ranks(values: Sequence[float]) -> np.ndarray:
+    """1-based ranks of ``values``, ties sharing the average rank of their block (as ``scipy.stats.rankdata``)."""
+    _, inverse, counts = np.unique(np.asarray(values, dtype=float), return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    return (ends - (counts - 1) / 2.0)[inverse.reshape(-1)]
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Spearman's rank correlation: Pearson's on the average ranks. None when either side is constant (undefined)."""
+    if len(x) != len(y):
+        raise ValueError(f"{len(x)} x values but {len(y)} y values")
+    rx, ry = average_ranks(x), average_ranks(y)
+    if len(rx) < 2 or rx.std() == 0 or ry.std() == 0:
+        return None
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
 def roc_auc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
     """Area under the ROC curve = P(score of a random positive > score of a random negative), ties 1/2.
 
@@ -351,18 +368,8 @@ def roc_auc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
     n_neg = len(labels) - n_pos
     if n_pos == 0 or n_neg == 0:
         return None
-    order = sorted(range(len(scores)), key=lambda i: scores[i])
-    ranks = [0.0] * len(scores)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
-            j += 1
-        avg = (i + j) / 2 + 1  # 1-based average rank of the tie block
-        for t in range(i, j + 1):
-            ranks[order[t]] = avg
-        i = j + 1
-    rank_sum = sum(r for r, y in zip(ranks, labels) if y)
+    ranks = average_ranks(scores)
+    rank_sum = float(sum(r for r, y in zip(ranks, labels) if y))
     return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
@@ -402,6 +409,6 @@ def step_accuracy(verdicts: Sequence[Sequence[str]]) -> dict:
     }
 
 
-__all__ = ["classification_report", "bootstrap_ci", "f1_summary", "paired_bootstrap_diff", "roc_auc", "seed_differences",
-           "step_accuracy",
+__all__ = ["average_ranks", "classification_report", "bootstrap_ci", "f1_summary", "paired_bootstrap_diff", "roc_auc", "seed_differences",
+           "spearman", "step_accuracy",
            "t_cdf", "t_quantile", "INVALID", "STEP_VERDICTS"]
