@@ -19,7 +19,6 @@ the unit (``seed_differences``: mean, spread, t-interval, and about how many see
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -28,6 +27,8 @@ from she.data.labels import get_taxonomy
 from she.data.sources import load_splits
 from she.evaluation.archive import read_predictions
 from she.evaluation.metrics import bootstrap_ci, classification_report, paired_bootstrap_diff, seed_differences
+
+from _arms import two_arm_args  # scripts/_arms.py, next to this file
 
 
 def read_arm(specs: list[str], gold: dict[str, str]) -> list[dict[str, dict[str, str | None]]]:
@@ -41,13 +42,7 @@ def read_arm(specs: list[str], gold: dict[str, str]) -> list[dict[str, dict[str,
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data-config", required=True, help="YAML whose data: section made the evaluated split")
-    ap.add_argument("--a", nargs="+", required=True, metavar="PRED[@OFFSETS]")
-    ap.add_argument("--b", nargs="+", required=True, metavar="PRED[@OFFSETS]")
-    ap.add_argument("--n-boot", type=int, default=1000)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    args = two_arm_args(__doc__, "PRED[@OFFSETS]")
 
     data = data_section(args.data_config)  # any job's or compare's config
     records = [r for part in load_splits(data).values() for r in part]

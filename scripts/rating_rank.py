@@ -13,7 +13,6 @@ draw for both arms.
 
 from __future__ import annotations
 
-import argparse
 
 import numpy as np
 
@@ -23,6 +22,8 @@ from she.data.sources import load_splits
 from she.data.validation import iter_jsonl
 from she.evaluation.calibration import bootstrap_draws
 from she.evaluation.metrics import spearman
+
+from _arms import two_arm_args  # scripts/_arms.py, next to this file
 
 
 def expected_grades(path: str, labels: list[str]) -> dict[str, float]:
@@ -38,13 +39,7 @@ def expected_grades(path: str, labels: list[str]) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data-config", required=True, help="YAML whose data: section made the evaluated split")
-    ap.add_argument("--a", nargs="+", required=True, metavar="PRED")
-    ap.add_argument("--b", nargs="+", required=True, metavar="PRED")
-    ap.add_argument("--n-boot", type=int, default=1000)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    args = two_arm_args(__doc__, "PRED")
 
     data = data_section(args.data_config)
     records = {r.id: r for part in load_splits(data).values() for r in part if r.score is not None}

@@ -167,22 +167,32 @@ def test_enumerated_config_errors():
     assert ok["rollout_func"].num_leaves == 6
 
 
+def _enumerated_trainer(model_dir, out, recs: list[Record], **srpo_kwargs):
+    """(SRPOTrainer, tokenizer): one srpo_exact step over ``recs``' enumerated leaves on the decision schema, two
+    prompts a step, the tiny model; ``srpo_kwargs`` add to or override the trainer's keywords."""
+    from she.models.registry import load_model_and_tokenizer
+    from she.training.srpo import SRPOTrainer, build_grpo_config, make_prompt_dataset
+
+    schema, g = resolve_schema("decision"), 6
+    model, tok = load_model_and_tokenizer(model_dir)
+    tok.padding_side = "left"
+    args = build_grpo_config(out, num_generations=g, per_device_train_batch_size=2 * g, max_completion_length=80,
+                             max_steps=1, learning_rate=1e-3, seed=0, bf16=False)
+    kwargs = {"step_rewards": True, "advantage": "srpo_exact",
+              "rollout_func": enumerated_evidence_rollout(recs, schema), **srpo_kwargs}
+    trainer = SRPOTrainer(model, args, make_prompt_dataset(recs, "compact", schema=schema),
+                          records_by_id={r.id: r for r in recs}, processing_class=tok, schema=schema, **kwargs)
+    return trainer, tok
+
+
 def test_a_training_step_enumerates_every_leaf_and_weighs_it(tiny_model_dir, tmp_path, monkeypatch):
     from trl import GRPOTrainer
 
-    from she.models.registry import load_model_and_tokenizer
     from she.reasoning.prompts import build_messages, user_message
-    from she.training.srpo import SRPOTrainer, build_grpo_config, make_prompt_dataset
 
     recs, schema, g = _records(), resolve_schema("decision"), 6
-    model, tok = load_model_and_tokenizer(tiny_model_dir)
-    tok.padding_side = "left"
-    args = build_grpo_config(tmp_path, num_generations=g, per_device_train_batch_size=2 * g, max_completion_length=80,
-                             max_steps=1, learning_rate=1e-3, seed=0, bf16=False)
-    trainer = SRPOTrainer(model, args, make_prompt_dataset(recs, "compact", schema=schema),
-                          records_by_id={r.id: r for r in recs}, processing_class=tok, schema=schema,
-                          step_rewards=True, advantage="srpo_exact", alpha=0.5, reward_steps=["Relevant"],
-                          share_pin=1.0, rollout_func=enumerated_evidence_rollout(recs, schema))
+    trainer, tok = _enumerated_trainer(tiny_model_dir, tmp_path, recs, alpha=0.5, reward_steps=["Relevant"],
+                                       share_pin=1.0)
     seen = []
     original = GRPOTrainer._compute_loss
 
@@ -246,23 +256,14 @@ def test_rated_verdicts_reach_each_leaf_reward(tiny_model_dir, tmp_path):
     agreement with the pair's mean rating (docs/srpo.md, "Rated verdicts"), so srpo_exact's leaf reward carries the
     rating the outcome leaves out."""
     from she.data.labels import rating_agreement
-    from she.models.registry import load_model_and_tokenizer
     from she.rewards.hybrid import VerifierExaminer
-    from she.training.srpo import SRPOTrainer, build_grpo_config, make_prompt_dataset
 
     ratings = {"Exact": 2.67, "Partial": 2.33, "Irrelevant": 1.33}
     recs = [Record(id=r.id, query=r.query, product=r.product, label=r.label, score=ratings[r.label])
             for r in _records()]
     schema, g = resolve_schema("decision"), 6
-    model, tok = load_model_and_tokenizer(tiny_model_dir)
-    tok.padding_side = "left"
-    args = build_grpo_config(tmp_path, num_generations=g, per_device_train_batch_size=2 * g, max_completion_length=80,
-                             max_steps=1, learning_rate=1e-3, seed=0, bf16=False)
-    trainer = SRPOTrainer(model, args, make_prompt_dataset(recs, "compact", schema=schema),
-                          records_by_id={r.id: r for r in recs}, processing_class=tok, schema=schema,
-                          examiner=VerifierExaminer(rated=True), step_rewards=True, advantage="srpo_exact",
-                          reward_steps=["Relevant", "Verdict"], include_label_step=True,
-                          rollout_func=enumerated_evidence_rollout(recs, schema))
+    trainer, _ = _enumerated_trainer(tiny_model_dir, tmp_path, recs, examiner=VerifierExaminer(rated=True),
+                                     reward_steps=["Relevant", "Verdict"], include_label_step=True)
     trainer.train()
     last = trainer.last_batch
     checked = 0
