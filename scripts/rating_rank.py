@@ -34,6 +34,8 @@ def expected_grades(path: str, labels: list[str]) -> dict[str, float]:
         if not isinstance(probs, dict) or not probs:
             raise SystemExit(f"{path}, line {n}: field 'probs' missing (an evaluation with verdict probabilities)")
         total = sum(float(probs.get(lab, 0.0)) for lab in labels)
+        if not total > 0:
+            raise SystemExit(f"{path}, line {n}: 'probs' has no mass on the labels {labels} (another taxonomy?)")
         out[str(d["id"])] = sum(k * float(probs.get(lab, 0.0)) for k, lab in enumerate(labels)) / total
     return out
 
@@ -50,19 +52,25 @@ def main() -> None:
         raise SystemExit("the evaluations share no rated pair id with the data")
     rating = np.array([records[i].score for i in ids])
     grades = {name: np.array([[g[i] for i in ids] for g in runs]) for name, runs in arms.items()}
-    draws = bootstrap_draws(len(ids), args.n_boot, args.seed, groups=[records[i].query_id or records[i].query
-                                                                       for i in ids])
+    # whole queries resampled, as scripts/paired_eval.py does (the query text is the group)
+    draws = bootstrap_draws(len(ids), args.n_boot, args.seed, groups=[records[i].query for i in ids])
+
+    def rho(run: np.ndarray, idx: np.ndarray) -> float:
+        r = spearman(run[idx], rating[idx])
+        if r is None:
+            raise SystemExit("a run's expected grades (or the ratings) are constant on a resample: no rank correlation")
+        return r
 
     def arm_rho(name: str, idx: np.ndarray) -> float:
-        return float(np.mean([spearman(run[idx], rating[idx]) for run in grades[name]]))
+        return float(np.mean([rho(run, idx) for run in grades[name]]))
 
     print(f"{len(ids)} rated pairs, {len({records[i].query for i in ids})} queries; arm A {len(args.a)} run(s), "
           f"arm B {len(args.b)}")
     full = np.arange(len(ids))
     for name, paths in (("A", args.a), ("B", args.b)):
         for path, run in zip(paths, grades[name]):
-            boot = np.percentile([spearman(run[d], rating[d]) for d in draws], [2.5, 97.5])
-            print(f"  {name} {spearman(run, rating):.3f} [{boot[0]:.3f}, {boot[1]:.3f}]  {path}")
+            boot = np.percentile([rho(run, d) for d in draws], [2.5, 97.5])
+            print(f"  {name} {rho(run, full):.3f} [{boot[0]:.3f}, {boot[1]:.3f}]  {path}")
     diff = [arm_rho("A", d) - arm_rho("B", d) for d in draws]
     lo, hi = np.percentile(diff, [2.5, 97.5])
     print(f"Spearman A - B (runs averaged): {arm_rho('A', full) - arm_rho('B', full):+.4f} [{lo:+.4f}, {hi:+.4f}], "

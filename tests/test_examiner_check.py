@@ -25,6 +25,9 @@ def test_trace_totals_by_hand():
     t = trace_totals([None, 1.0, 0.25, 0.0, 0.25], ["free", "choice", "attributes", "free", "label"],
                      include_label_step=True)
     assert t == {"reward": 0.5 + 1.0 + 0.25 + 0.0 + 0.25, "flaw": 0.5 + 1.0 + 0.5}
+    t = trace_totals([None, 1.0, 0.25, 0.0, 0.25], ["free", "choice", "attributes", "free", "label"],
+                     include_label_step=True, paid=[False, True, False, False, True])  # reward_steps: two of them
+    assert t == {"reward": 1.0 + 0.25, "flaw": 0.5}
 
 
 def test_the_check_pays_rated_verdicts_as_the_trainer_does(records):

@@ -127,9 +127,25 @@ def test_rated_verdict_needs_the_verdict_step_rewarded():
     from she.errors import UserError
     from she.training.rl import build_examiner
 
-    assert build_examiner(RLJobConfig(rated_verdict=True, reward_steps=["Relevant", "Verdict"])).rated
-    assert build_examiner(RLJobConfig(rated_verdict=True)).rated  # reward_steps null: every step
-    for bad in (RLJobConfig(rated_verdict=True, reward_steps=["Relevant"]),
-                RLJobConfig(rated_verdict=True, step_rewards=False)):
+    exact = {"advantage": "srpo_exact", "rollout_evidence": "enumerated"}
+    assert build_examiner(RLJobConfig(rated_verdict=True, reward_steps=["Relevant", "Verdict"], **exact)).rated
+    assert build_examiner(RLJobConfig(rated_verdict=True, **exact)).rated  # reward_steps null: every step
+    for bad in (RLJobConfig(rated_verdict=True, reward_steps=["Relevant"], **exact),
+                RLJobConfig(rated_verdict=True, step_rewards=False, **exact),
+                RLJobConfig(rated_verdict=True),  # srpo_gated: a degree read as a flaw threshold
+                RLJobConfig(rated_verdict=True, advantage="srpo_likelihood")):
         with pytest.raises(UserError, match="rated_verdict"):
             build_examiner(bad)
+
+
+def test_ratings_outside_the_scale_are_refused_up_front():
+    from she.data.labels import check_rating_scale
+    from she.errors import UserError
+
+    good = [Record(id="a", query="q", product=Product(title="t"), label="Exact", score=3.0),
+            Record(id="b", query="q", product=Product(title="t"), label="Exact", score=None),
+            Record(id="c", query="q", product=Product(title="t"), label="Exact", score=7.0, taxonomy="esci4")]
+    check_rating_scale(good, "rl.rated_verdict")  # no scale for esci4, no score: nothing to check
+    bad = good + [Record(id="d", query="q", product=Product(title="t"), label="Partial", score=4.5)]
+    with pytest.raises(UserError, match=r"record 'd' has score 4.5.*\[1.0, 3.0\]"):
+        check_rating_scale(bad, "rl.rated_verdict")

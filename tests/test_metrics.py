@@ -344,6 +344,9 @@ def test_average_ranks_and_spearman_by_hand():
     assert spearman([1, 1, 1], [1, 2, 3]) is None  # a constant side: undefined, not 0
     with pytest.raises(ValueError):
         spearman([1, 2], [1])
+    for bad in ([0.1, float("nan")], [0.1, None], [float("inf"), 0.2]):
+        with pytest.raises(ValueError, match="non-finite"):
+            average_ranks(bad)
 
 
 def test_spearman_agrees_with_scipy_on_ties():

@@ -68,3 +68,16 @@ def test_train_sft_refuses_rated_targets_with_teacher_traces(tmp_path):
                        rating_targets=0.5)
     with pytest.raises(UserError, match="rating_targets"):  # before any model is loaded
         train_sft(cfg, [_rec(0, "Partial", 2.33)])
+
+
+def test_train_sft_checks_the_mix_and_the_ratings_before_the_model(tmp_path):
+    from she.config import SFTJobConfig
+    from she.training.sft import train_sft
+
+    for mix in (-0.5, 1.0):  # refused even on data without ratings, where the mix would never be read
+        cfg = SFTJobConfig(model="no-such-model", output_dir=str(tmp_path / "out"), rating_targets=mix)
+        with pytest.raises(UserError, match="rating_targets"):
+            train_sft(cfg, [_rec(0, "Partial", None)])
+    cfg = SFTJobConfig(model="no-such-model", output_dir=str(tmp_path / "out"), rating_targets=0.5)
+    with pytest.raises(UserError, match="outside"):
+        train_sft(cfg, [_rec(0, "Partial", 2.33), _rec(1, "Exact", 5.0)])

@@ -130,6 +130,19 @@ def rating_agreement(label: str, rating: float, taxonomy: str) -> float | None:
     return 1.0 - abs(rating - grade) / (hi - lo)
 
 
+def check_rating_scale(records, what: str) -> None:
+    """``UserError`` naming the first record whose ``score`` lies outside its taxonomy's raters' scale: ``what`` (the
+    setting that reads the ratings) would fail on it mid-run. Records without a score, or of a taxonomy without a
+    rating scale, pass (they keep the gold label's 0/1)."""
+    for r in records:
+        if r.score is None or r.taxonomy not in RATING_SCALES:
+            continue
+        lo, hi = RATING_SCALES[r.taxonomy]
+        if not (math.isfinite(r.score) and lo <= r.score <= hi):
+            raise UserError(f"{what} reads each pair's mean rating, but record {r.id!r} has score {r.score}, outside "
+                            f"the {r.taxonomy} raters' scale [{lo}, {hi}]: fix its 'score' field or drop the setting")
+
+
 def rating_distribution(rating: float, taxonomy: str) -> dict[str, float] | None:
     """The rating spread over the two grades around it, linearly: on hd3 2.33 -> Partial 0.67, Exact 0.33; 3.0 ->
     Exact 1. The distribution over labels whose expected grade is the rating with the least spread. None for a

@@ -340,8 +340,12 @@ def seed_differences(diffs: Sequence[float], alpha: float = 0.05, power: float =
 
 
 def average_ranks(values: Sequence[float]) -> np.ndarray:
-    """1-based ranks of ``values``, ties sharing the average rank of their block (as ``scipy.stats.rankdata``)."""
-    _, inverse, counts = np.unique(np.asarray(values, dtype=float), return_inverse=True, return_counts=True)
+    """1-based ranks of ``values``, ties sharing the average rank of their block (as ``scipy.stats.rankdata``).
+    A NaN, an infinity or a None has no rank: ``ValueError`` (a made-up rank would be a wrong AUC or correlation)."""
+    x = np.asarray(values, dtype=float)
+    if not np.isfinite(x).all():
+        raise ValueError(f"cannot rank non-finite values (first at index {int(np.flatnonzero(~np.isfinite(x))[0])})")
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
     ends = np.cumsum(counts)
     return (ends - (counts - 1) / 2.0)[inverse.reshape(-1)]
 

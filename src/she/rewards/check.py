@@ -43,12 +43,14 @@ def _flaw(q: float, incorrect_below: float = 0.5) -> float:
 
 
 def trace_totals(scores: Sequence[float | None], kinds: Sequence[str], *, neutral: float = 0.5,
-                 incorrect_below: float = 0.5, include_label_step: bool = False) -> dict[str, float]:
+                 incorrect_below: float = 0.5, include_label_step: bool = False,
+                 paid: Sequence[bool] | None = None) -> dict[str, float]:
     """``reward`` and ``flaw`` totals of one trace's step scores (pure). Label steps are left out unless
-    ``include_label_step`` (the trainer's: the verdict step is then paid too, e.g. under ``rl.rated_verdict``)."""
+    ``include_label_step`` (the trainer's: the verdict step is then paid too, e.g. under ``rl.rated_verdict``);
+    ``paid`` (one flag a step): only the flagged steps count, as the trainer's ``reward_steps``."""
     reward = flaw = 0.0
-    for s, kind in zip(scores, kinds):
-        if kind == "label" and not include_label_step:
+    for k, (s, kind) in enumerate(zip(scores, kinds)):
+        if (kind == "label" and not include_label_step) or (paid is not None and not paid[k]):
             continue
         q = neutral if s is None else float(s)
         reward += q
@@ -121,9 +123,11 @@ def _step_score(parsed: Any, scores: Sequence[float | None], key: str) -> float 
 
 
 def check_examiner(examiner: Any, records: Sequence[Record], schema: StepSchema, *, criterion: str = "flaw",
-                   tolerance: float = 1e-6, include_label_step: bool = False) -> dict[str, Any]:
-    """Score gold and constant traces of ``records`` with ``examiner``; per gold class, mean totals (the verdict
-    step's score counted too with ``include_label_step``, as the trainer pays it then).
+                   tolerance: float = 1e-6, include_label_step: bool = False,
+                   paid_steps: Sequence[str] | None = None) -> dict[str, Any]:
+    """Score gold and constant traces of ``records`` with ``examiner``; per gold class, mean totals of the steps the
+    trainer pays: the verdict step's score too with ``include_label_step``, only the keys in ``paid_steps`` when given
+    (the trainer's ``reward_steps``; None: every step).
 
     Returns ``{"criterion", "classes": {gold: {"n", "gold": {reward, flaw}, "constant": {L: {reward, flaw}}}},
     "failures": [(gold, L, gold_value, constant_value)], "hedges": [...], "ok"}``: a failure is a class on which a
@@ -146,7 +150,8 @@ def check_examiner(examiner: Any, records: Sequence[Record], schema: StepSchema,
     sums: dict[tuple[str, str], dict[str, float]] = defaultdict(lambda: {"reward": 0.0, "flaw": 0.0})
     counts: dict[str, int] = defaultdict(int)
     for (gold, which), (parsed, _), sc in zip(owners, items, scored):
-        t = trace_totals(sc.scores, [s.kind for s in parsed.steps], include_label_step=include_label_step)
+        t = trace_totals(sc.scores, [s.kind for s in parsed.steps], include_label_step=include_label_step,
+                         paid=None if paid_steps is None else [s.key in paid_steps for s in parsed.steps])
         for k in CRITERIA:
             sums[(gold, which)][k] += t[k]
         if which == "gold":

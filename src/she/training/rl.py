@@ -23,6 +23,11 @@ def build_examiner(cfg: RLJobConfig):
         raise UserError("rl.rated_verdict scores the verdict step, which earns nothing unless rl.step_rewards is true "
                         f"and rl.reward_steps includes Verdict (got step_rewards {cfg.step_rewards}, reward_steps "
                         f"{cfg.reward_steps})")
+    if cfg.rated_verdict and resolved_advantage(cfg) != "srpo_exact":
+        # a rated score is a degree, not a verdict: the gated estimators' flaw threshold and srpo_likelihood's
+        # right/wrong test would read an off-by-one verdict (0.5) as no flaw, or as right
+        raise UserError(f"rl.rated_verdict is built and measured with advantage srpo_exact (enumerated leaves), got "
+                        f"{resolved_advantage(cfg)!r} (docs/srpo.md, \"Rated verdicts\")")
     verifier = VerifierExaminer(graded=cfg.graded_sets, rated=cfg.rated_verdict)
     if cfg.examiner == "verifier":
         return verifier
@@ -139,7 +144,7 @@ def run_examiner_check(cfg: RLJobConfig, examiner, records: list[Record], schema
     random.Random(cfg.seed).shuffle(sample)
     criterion = "flaw" if advantage.startswith("srpo_gated") else "reward"
     report = check_examiner(examiner, sample[: cfg.examiner_check_records], schema_for(schema, cfg.data.taxonomy),
-                            criterion=criterion, include_label_step=cfg.rated_verdict)
+                            criterion=criterion, include_label_step=cfg.rated_verdict, paid_steps=cfg.reward_steps)
     text = format_check(report)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -249,6 +254,10 @@ def run_rl_job(cfg: RLJobConfig, train: list[Record], callbacks: list | None = N
     rollout_kwargs = trainer_rollout_kwargs(cfg, train, schema)  # computed stems are written here, before the model
     if args.process_index == 0:
         run_examiner_check(cfg, examiner, check_records if check_records is not None else train, schema)
+    if cfg.rated_verdict:
+        from she.data.labels import check_rating_scale
+
+        check_rating_scale(train, "rl.rated_verdict")
     model, tok = load_model_and_tokenizer(cfg.model)
     tok.padding_side = "left"
     if cfg.layout_invariant_sampling:

@@ -186,8 +186,13 @@ def train_sft(cfg: SFTJobConfig, train: list[Record], validation: list[Record] |
         raise UserError(f"sft.verdict_weight must be >= 0, got {cfg.verdict_weight}")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if not 0.0 <= cfg.rating_targets < 1.0:
+        raise UserError(f"sft.rating_targets (the mix) must be in [0, 1), got {cfg.rating_targets}")
     traces = load_traces(cfg.traces_file) if cfg.traces_file else None
     if cfg.rating_targets:
+        from she.data.labels import check_rating_scale
+
+        check_rating_scale(train, "sft.rating_targets")
         if traces is not None:
             raise UserError("sft.rating_targets redraws the labels the rule-based traces are written from; a "
                             "traces_file's texts would keep theirs: use one or the other")
