@@ -112,6 +112,16 @@ def map_label(label: str, source: str, target: str) -> str:
 RATING_SCALES: dict[str, tuple[float, float]] = {"hd3": (1.0, 3.0)}
 
 
+def rating_scale(rating: float, taxonomy: str) -> tuple[float, float] | None:
+    """The raters' scale (lo, hi) of ``taxonomy``, None without one; ``ValueError`` if ``rating`` lies outside it."""
+    if taxonomy not in RATING_SCALES:
+        return None
+    lo, hi = RATING_SCALES[taxonomy]
+    if not (math.isfinite(rating) and lo <= rating <= hi):
+        raise ValueError(f"rating {rating} is outside the {taxonomy} raters' scale [{lo}, {hi}]")
+    return lo, hi
+
+
 def rating_agreement(label: str, rating: float, taxonomy: str) -> float | None:
     """How well ``label`` agrees with a pair's mean human rating, in [0, 1]: ``1 - |rating - r(label)| / (hi - lo)``,
     ``r(label)`` the rating the label's grade stands for on the raters' scale (hd3: Irrelevant 1, Partial 2, Exact 3).
@@ -120,11 +130,10 @@ def rating_agreement(label: str, rating: float, taxonomy: str) -> float | None:
     Why: the gold label is a cut of the mean rating (:func:`rating_to_label`) and keeps only its side of the cut; the
     mean also says how far from it the raters were. Exact on a pair rated 2.33 (gold Partial) agrees 0.67, on one
     rated 1.33 (gold Irrelevant) 0.17 (docs/srpo.md, "Rated verdicts")."""
-    if taxonomy not in RATING_SCALES:
+    scale = rating_scale(rating, taxonomy)
+    if scale is None:
         return None
-    lo, hi = RATING_SCALES[taxonomy]
-    if not math.isfinite(rating) or not lo <= rating <= hi:
-        raise ValueError(f"rating {rating} is outside the {taxonomy} raters' scale [{lo}, {hi}]")
+    lo, hi = scale
     tax = get_taxonomy(taxonomy)
     grade = lo + tax.index(label) * (hi - lo) / (len(tax.labels) - 1)
     return 1.0 - abs(rating - grade) / (hi - lo)
@@ -135,23 +144,23 @@ def check_rating_scale(records, what: str) -> None:
     setting that reads the ratings) would fail on it mid-run. Records without a score, or of a taxonomy without a
     rating scale, pass (they keep the gold label's 0/1)."""
     for r in records:
-        if r.score is None or r.taxonomy not in RATING_SCALES:
+        if r.score is None:
             continue
-        lo, hi = RATING_SCALES[r.taxonomy]
-        if not (math.isfinite(r.score) and lo <= r.score <= hi):
-            raise UserError(f"{what} reads each pair's mean rating, but record {r.id!r} has score {r.score}, outside "
-                            f"the {r.taxonomy} raters' scale [{lo}, {hi}]: fix its 'score' field or drop the setting")
+        try:
+            rating_scale(r.score, r.taxonomy)
+        except ValueError as e:
+            raise UserError(f"{what} reads each pair's mean rating, but record {r.id!r} has score {r.score}: {e}; "
+                            "fix its 'score' field or drop the setting") from None
 
 
 def rating_distribution(rating: float, taxonomy: str) -> dict[str, float] | None:
     """The rating spread over the two grades around it, linearly: on hd3 2.33 -> Partial 0.67, Exact 0.33; 3.0 ->
     Exact 1. The distribution over labels whose expected grade is the rating with the least spread. None for a
     taxonomy without a rating scale; a rating outside the scale is ``ValueError``."""
-    if taxonomy not in RATING_SCALES:
+    scale = rating_scale(rating, taxonomy)
+    if scale is None:
         return None
-    lo, hi = RATING_SCALES[taxonomy]
-    if not math.isfinite(rating) or not lo <= rating <= hi:
-        raise ValueError(f"rating {rating} is outside the {taxonomy} raters' scale [{lo}, {hi}]")
+    lo, hi = scale
     labels = get_taxonomy(taxonomy).labels
     x = (rating - lo) / (hi - lo) * (len(labels) - 1)  # the rating in grade units, 0 .. K-1
     k = min(int(math.floor(x)), len(labels) - 2)
