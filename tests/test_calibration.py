@@ -7,7 +7,7 @@ import pytest
 import numpy as np
 
 from she.errors import UserError
-from she.evaluation.calibration import apply_offsets, bootstrap_draws, fit_label_offsets
+from she.evaluation.calibration import apply_offsets, bootstrap_draws, fit_label_offsets, pool_probs
 
 LABELS = ["Irrelevant", "Partial", "Exact"]
 
@@ -133,6 +133,38 @@ def test_prior_method_matches_the_gold_shares():
 def test_unknown_calibration_method_is_a_clear_error():
     with pytest.raises(UserError, match="calibration method 'median': pick one of grid, bagged, prior"):
         fit_label_offsets([P(0.2, 0.3, 0.5)], ["Exact"], ["Exact"], LABELS, method="median")
+
+
+def test_pool_probs_is_the_normalised_geometric_mean_by_hand():
+    a = {"Irrelevant": 0.5, "Partial": 0.25, "Exact": 0.25}
+    b = {"Exact": 0.5, "Partial": 0.25, "Irrelevant": 0.25}  # another key order: the first judge's order is kept
+    # equal weights: sqrt(0.5 * 0.25) for Irrelevant and Exact, 0.25 for Partial, then normalised
+    g = math.sqrt(0.125)
+    want = {"Irrelevant": g / (2 * g + 0.25), "Partial": 0.25 / (2 * g + 0.25), "Exact": g / (2 * g + 0.25)}
+    got = pool_probs([a, b])
+    assert list(got) == ["Irrelevant", "Partial", "Exact"]
+    assert got == pytest.approx(want, abs=1e-12)
+    # weights 1 / 0 give the first judge back; one judge is itself
+    assert pool_probs([a, b], [1.0, 0.0]) == pytest.approx(a, abs=1e-12)
+    assert pool_probs([b]) == pytest.approx(b, abs=1e-12)
+    # offsets on the pooled log-probabilities: log p_pool = mean of the logs - log Z, so a pooled read with offsets
+    # equals the argmax of the mean log-probabilities plus the offsets
+    off = {"Irrelevant": 0.0, "Partial": 0.6, "Exact": 0.1}
+    mean_log = {c: (math.log(a[c]) + math.log(b[c])) / 2 + off[c] for c in a}
+    assert apply_offsets(got, None, off) == max(mean_log, key=mean_log.get) == "Partial"
+    # a zero probability is floored as apply_offsets floors it, not a -inf
+    assert pool_probs([{"x": 0.0, "y": 1.0}, {"x": 1.0, "y": 0.0}])["x"] == pytest.approx(0.5)
+
+
+def test_pool_probs_bad_input():
+    with pytest.raises(ValueError, match="no label"):
+        pool_probs([])
+    with pytest.raises(ValueError, match="different labels"):
+        pool_probs([{"a": 1.0}, {"b": 1.0}])
+    with pytest.raises(ValueError, match="summing to 1"):
+        pool_probs([{"a": 1.0}, {"a": 1.0}], [0.5, 0.6])
+    with pytest.raises(ValueError, match="one non-negative weight per judge"):
+        pool_probs([{"a": 1.0}, {"a": 1.0}], [1.0])
 
 
 def test_calibrate_writes_she_json_and_eval_uses_it(tmp_path, tiny_model_dir, monkeypatch):

@@ -177,4 +177,29 @@ def marginalise(step_probs: Mapping[str, float], branch_probs: Mapping[str, Mapp
     return {lab: float(sum(float(pv) * float(branch_probs[v][lab]) for v, pv in step_probs.items())) for lab in labels}
 
 
-__all__ = ["CALIBRATION_METHODS", "DEFAULT_GRID", "apply_offsets", "bootstrap_draws", "fit_label_offsets", "marginalise"]
+def pool_probs(judges: Sequence[Mapping[str, float]], weights: Sequence[float] | None = None) -> dict[str, float]:
+    """Several judges' label distributions of one pair pooled log-linearly:
+
+        p(c) proportional to prod_j p_j(c) ** w_j,      w_j >= 0 summing to 1 (equal without ``weights``)
+
+    the geometric mean, so that per-class offsets fitted on the pooled log-probabilities act as they do on one
+    judge's (``log p + b``). Every judge must give the same labels (in the first judge's order); probabilities are
+    floored at 1e-12 as :func:`apply_offsets` floors them. Pure; raises ``ValueError`` on mismatched labels or
+    weights."""
+    if not judges:
+        raise ValueError("no label distributions to pool")
+    labels = list(judges[0])
+    if any(set(j) != set(labels) for j in judges):
+        raise ValueError("the judges' label distributions are over different labels")
+    w = np.full(len(judges), 1.0 / len(judges)) if weights is None else np.asarray(weights, dtype=float)
+    if w.shape != (len(judges),) or (w < 0).any() or not np.isclose(w.sum(), 1.0):
+        raise ValueError(f"weights {list(w)}: one non-negative weight per judge, summing to 1")
+    logp = np.log(np.maximum([[float(j[c]) for c in labels] for j in judges], 1e-12))  # judges x labels
+    pooled = w @ logp
+    pooled = np.exp(pooled - pooled.max())
+    pooled /= pooled.sum()
+    return {c: float(v) for c, v in zip(labels, pooled)}
+
+
+__all__ = ["CALIBRATION_METHODS", "DEFAULT_GRID", "apply_offsets", "bootstrap_draws", "fit_label_offsets", "marginalise",
+           "pool_probs"]
