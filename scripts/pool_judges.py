@@ -63,6 +63,9 @@ def main() -> None:
     pairs = [spec.split("=", 1) for spec in args.judge]
     if any(len(p) != 2 for p in pairs):
         raise SystemExit("--judge: expected VAL=TEST (a validation read and a test read of one judge)")
+    if args.weights is not None and (len(args.weights) != len(pairs) or min(args.weights) < 0
+                                     or abs(sum(args.weights) - 1.0) > 1e-9):
+        raise SystemExit(f"--weights: one per judge ({len(pairs)}), non-negative, summing to 1; got {args.weights}")
     val = pooled([read_probs(v, labels) for v, _ in pairs], args.weights, "validation")
     test = pooled([read_probs(t, labels) for _, t in pairs], args.weights, "test")
     unknown = [i for i in list(val) + list(test) if i not in records]
