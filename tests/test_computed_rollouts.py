@@ -11,6 +11,7 @@ log-probabilities the trainer uses are the policy's (recomputed here), and the a
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -167,9 +168,9 @@ def test_enumerated_config_errors():
     assert ok["rollout_func"].num_leaves == 6
 
 
-def _enumerated_trainer(model_dir, out, recs: list[Record], **srpo_kwargs):
+def _enumerated_trainer(model_dir, out, recs: list[Record], beta: float = 0.0, **srpo_kwargs):
     """(SRPOTrainer, tokenizer): one srpo_exact step over ``recs``' enumerated leaves on the decision schema, two
-    prompts a step, the tiny model; ``srpo_kwargs`` add to or override the trainer's keywords."""
+    prompts a step, the tiny model (KL anchor ``beta``); ``srpo_kwargs`` add to or override the trainer's keywords."""
     from she.models.registry import load_model_and_tokenizer
     from she.training.srpo import SRPOTrainer, build_grpo_config, make_prompt_dataset
 
@@ -177,7 +178,7 @@ def _enumerated_trainer(model_dir, out, recs: list[Record], **srpo_kwargs):
     model, tok = load_model_and_tokenizer(model_dir)
     tok.padding_side = "left"
     args = build_grpo_config(out, num_generations=g, per_device_train_batch_size=2 * g, max_completion_length=80,
-                             max_steps=1, learning_rate=1e-3, seed=0, bf16=False)
+                             max_steps=1, learning_rate=1e-3, seed=0, bf16=False, beta=beta)
     kwargs = {"step_rewards": True, "advantage": "srpo_exact",
               "rollout_func": enumerated_evidence_rollout(recs, schema), **srpo_kwargs}
     trainer = SRPOTrainer(model, args, make_prompt_dataset(recs, "compact", schema=schema),
@@ -275,3 +276,60 @@ def test_rated_verdicts_reach_each_leaf_reward(tiny_model_dir, tmp_path):
         assert steps[0] == (1.0 if relevant_right else 0.0)
         checked += 1
     assert checked == 2 * g
+
+
+TEACHER = {"r0": {"Irrelevant": 0.1, "Partial": 0.2, "Exact": 0.7}, "r1": {"Irrelevant": 0.2, "Partial": 0.6, "Exact": 0.2},
+           "r2": {"Irrelevant": 0.8, "Partial": 0.1, "Exact": 0.1}, "r3": {"Irrelevant": 0.3, "Partial": 0.3, "Exact": 0.4}}
+
+
+def test_a_teachers_term_reaches_each_leaf(tiny_model_dir, tmp_path):
+    """``rl.teacher`` (docs/srpo.md, "A teacher's term"): each leaf gets w x (log q(its verdict) - beta (log pi - log
+    pi_ref)), centred under pi with the share pin; before the first update pi_ref = pi, so the term is log q alone."""
+    from she.algorithms.advantages import teacher_leaf_term
+
+    recs, g = _records(), 6
+    trainer, _ = _enumerated_trainer(tiny_model_dir, tmp_path, recs, beta=0.04, alpha=0.5, reward_steps=["Relevant"],
+                                     teacher_probs=TEACHER, teacher_weight=0.7, teacher_beta=2.0)
+    trainer.train()
+    last = trainer.last_batch
+    ids = [r.id for r in recs[:2]]  # the step's two prompts, in the trainer's order
+    prompt_of = [rid for rid in ids for _ in range(g)]
+    assert last.teacher_logp.tolist() == pytest.approx(
+        [math.log(TEACHER[rid][r.label]) for rid, r in zip(prompt_of, last.rollouts)], abs=1e-6)
+    assert last.ref_leaf_logp.tolist() == pytest.approx(last.leaf_logp.tolist(), abs=1e-3)  # the start is the ref
+    rewards = last.outcome_rewards + 0.5 * torch.tensor([sum(r) for r in last.step_rewards])
+    h = teacher_leaf_term(last.leaf_logp, last.ref_leaf_logp, last.teacher_logp, g, 2.0)
+    want = exact_tree_advantages(rewards, last.leaf_logp, g, pin=0.7 * h)
+    assert last.advantages[:, 0].tolist() == pytest.approx(want.tolist(), abs=1e-4)
+    assert not torch.allclose(want, exact_tree_advantages(rewards, last.leaf_logp, g), atol=1e-3)  # it moved them
+    logged = next(h for h in trainer.state.log_history if "srpo/teacher_kl" in h)
+    assert logged["srpo/teacher_kl"] == pytest.approx(0.0, abs=1e-3)
+
+
+def test_teacher_refusals(tiny_model_dir, tmp_path, tiny_bert_factory):
+    from she.config import CrossEncoderJobConfig, DataConfig
+    from she.training.cross_encoder import run_cross_encoder_job
+    from she.training.rl import read_teacher
+
+    recs = _records()
+    with pytest.raises(UserError, match="needs beta > 0"):
+        _enumerated_trainer(tiny_model_dir, tmp_path, recs, teacher_probs=TEACHER)
+    with pytest.raises(UserError, match="exact estimators"):
+        _enumerated_trainer(tiny_model_dir, tmp_path, recs, beta=0.04, teacher_probs=TEACHER, advantage="srpo_gated",
+                            rollout_func=None)
+    exact = {"rollout_evidence": "enumerated", "advantage": "srpo_exact", "num_generations": 6, "beta": 0.04}
+    with pytest.raises(UserError, match="exact estimators"):
+        read_teacher(RLJobConfig(teacher="x", advantage="srpo_gated"), recs)
+    with pytest.raises(UserError, match="needs rl.beta > 0"):
+        read_teacher(RLJobConfig(teacher="x", **{**exact, "beta": 0.0}), recs)
+    with pytest.raises(UserError, match="not a model folder"):
+        read_teacher(RLJobConfig(teacher=str(tmp_path / "nothing"), **exact), recs)
+    # a real (tiny) cross-encoder: every RL prompt read, probabilities over the taxonomy's labels
+    base = tiny_bert_factory(tmp_path / "bert", recs)
+    ce = CrossEncoderJobConfig(model=str(base), output_dir=str(tmp_path / "ce"), data=DataConfig(taxonomy="hd3"),
+                               max_steps=1, batch_size=4, max_length=64, report_to="none", eval_split="none")
+    final = run_cross_encoder_job(ce, recs, [])
+    probs = read_teacher(RLJobConfig(teacher=str(final), **exact), recs)
+    assert sorted(probs) == sorted(r.id for r in recs)
+    assert all(set(p) == {"Irrelevant", "Partial", "Exact"} and sum(p.values()) == pytest.approx(1.0, abs=1e-5)
+               for p in probs.values())

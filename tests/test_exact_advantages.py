@@ -15,6 +15,7 @@ from she.algorithms.advantages import (
     exact_tree_advantages,
     expected_share_pin,
     leaf_probabilities,
+    teacher_leaf_term,
 )
 
 
@@ -128,3 +129,53 @@ def test_exact_estimators_need_leaf_probabilities():
                         torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1), 2)
     with pytest.raises(UserError, match="enumerated"):
         compute_advantages("grpo_exact", x)
+
+
+def test_teacher_term_by_hand():
+    # one prompt, two leaves: pi = (0.75, 0.25), pi_ref = (0.5, 0.5), q = (0.2, 0.8), beta 2:
+    # h = log q - 2 (log pi - log pi_ref) = (log 0.2 - 2 log 1.5, log 0.8 - 2 log 0.5)
+    h = teacher_leaf_term(torch.tensor([math.log(0.75), math.log(0.25)]), torch.tensor([0.0, 0.0]),
+                          torch.tensor([math.log(0.2), math.log(0.8)]), 2, beta=2.0)
+    assert h.tolist() == pytest.approx([math.log(0.2) - 2 * math.log(1.5), math.log(0.8) - 2 * math.log(0.5)],
+                                       abs=1e-6)
+    # unnormalised leaf log-probabilities are renormalised per prompt; a leaf far below the others stays finite
+    h2 = teacher_leaf_term(torch.tensor([math.log(0.75) - 3, math.log(0.25) - 3]), torch.tensor([-7.0, -7.0]),
+                           torch.tensor([math.log(0.2), math.log(0.8)]), 2, beta=2.0)
+    assert h2.tolist() == pytest.approx(h.tolist(), abs=1e-6)
+    assert torch.isfinite(teacher_leaf_term(torch.tensor([0.0, -200.0]), torch.zeros(2), torch.zeros(2), 2, 1.0)).all()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_teacher_term_as_pin_is_the_gradient_of_the_kl_regularised_objective(seed):
+    # advantages with pin = h are G x the gradient of E_pi[log q] - beta KL(pi || pi_ref) (+ the outcome part, 0 here)
+    gen = torch.Generator().manual_seed(seed)
+    g, prompts, beta = 6, 4, 2.0
+    logp = -3 * torch.rand(prompts * g, generator=gen)
+    ref = -3 * torch.rand(prompts * g, generator=gen)
+    logq = torch.log_softmax(torch.randn(prompts, 3, generator=gen), dim=1)[:, [0, 1, 2, 0, 1, 2]].reshape(-1)
+    h = teacher_leaf_term(logp, ref, logq, g, beta)
+    adv = exact_tree_advantages(torch.zeros(prompts * g), logp, g, pin=h, eps=1.0)  # zero rewards: pin alone
+    theta = logp.clone().requires_grad_(True)
+    log_pi = torch.log_softmax(theta.view(-1, g), dim=1)
+    log_ref = torch.log_softmax(ref.view(-1, g), dim=1)
+    objective = (log_pi.exp() * (logq.view(-1, g) - beta * (log_pi - log_ref))).sum()
+    (grad,) = torch.autograd.grad(g * objective, theta)
+    assert adv.tolist() == pytest.approx(grad.tolist(), abs=1e-5)
+
+
+def test_teacher_term_vanishes_at_its_fixed_point_and_bad_input():
+    # pi = pi_ref * q^(1/beta) (renormalised) is the maximiser: there h is constant within the prompt, so the centred
+    # term, and the advantages it gives, are 0
+    ref = torch.log(torch.tensor([0.5, 0.3, 0.2]))
+    logq = torch.log(torch.tensor([0.1, 0.3, 0.6]))
+    beta = 2.0
+    star = torch.log_softmax(ref + logq / beta, dim=0)
+    h = teacher_leaf_term(star, ref, logq, 3, beta)
+    assert (h - h.mean()).abs().max() < 1e-6
+    assert exact_tree_advantages(torch.zeros(3), star, 3, pin=h, eps=1.0).abs().max() < 1e-6
+    with pytest.raises(ValueError, match="must all be"):
+        teacher_leaf_term(torch.zeros(3), torch.zeros(2), torch.zeros(3), 3, 1.0)
+    with pytest.raises(ValueError, match="NaN"):
+        teacher_leaf_term(torch.zeros(3), torch.zeros(3), torch.tensor([0.0, -math.inf, 0.0]), 3, 1.0)
+    with pytest.raises(Exception, match="teacher_beta"):
+        teacher_leaf_term(torch.zeros(3), torch.zeros(3), torch.zeros(3), 3, 0.0)

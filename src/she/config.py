@@ -600,6 +600,12 @@ class RLJobConfig(ConfigBase):
     # 2 on hd3) and the verdict step earns a step reward too: the raters' distance from the cut, which the gold label
     # (and so the outcome) leaves out (docs/srpo.md, "Rated verdicts"); add Verdict to reward_steps when set
     rated_verdict: bool = False
+    # a teacher's view of each verdict (docs/srpo.md, "A teacher's term"; exact estimators, beta > 0): a cross-encoder
+    # folder (she train cross-encoder) read on every RL prompt before training; each enumerated leaf gets the term
+    # log q(verdict) - teacher_beta (log pi - log pi_ref), times teacher_weight, whose maximiser is pi_ref q^(1/beta)
+    teacher: str | None = None
+    teacher_weight: float = 1.0
+    teacher_beta: float = 2.0
     # srpo_likelihood (docs/srpo.md, "Likelihood credit"): the choice steps credited by the exact gradient of the
     # policy's log P(gold value) (null: the decision schema's Relevant); logprob | prob; the cap on a wrong sample's
     # |credit|; decouple: those tokens get the credit only (false: the outcome advantage too)

@@ -489,6 +489,29 @@ def expected_share_pin(probs: Tensor, pred: Tensor, gold: Tensor, num_classes: i
     return -coef * (expected - gold_share)[pred]
 
 
+def teacher_leaf_term(leaf_logp: Tensor, ref_leaf_logp: Tensor, teacher_logp: Tensor, group_size: int,
+                      beta: float) -> Tensor:
+    """A teacher's KL-regularised term h [B] for enumerated leaves (section 11, "teacher"):
+
+        h_c = log q(c) - beta * (log pi_c - log pi_ref(c)),      pi, pi_ref renormalised over each prompt's leaves
+
+    ``teacher_logp`` [B]: log q of each leaf's label under a teacher (e.g. a cross-encoder's probability of the
+    leaf's verdict). Given to :func:`exact_tree_advantages` as its ``pin`` (centred under pi there), the update is
+    the exact gradient of ``E_pi[log q] - beta KL(pi || pi_ref)`` (h held fixed), whose maximiser is
+    ``pi* proportional to pi_ref q^(1/beta)``: at beta 2 the geometric pool of the policy's start and the teacher."""
+    if not (leaf_logp.shape == ref_leaf_logp.shape == teacher_logp.shape) or leaf_logp.dim() != 1:
+        raise ValueError(f"leaf_logp {tuple(leaf_logp.shape)}, ref_leaf_logp {tuple(ref_leaf_logp.shape)} and "
+                         f"teacher_logp {tuple(teacher_logp.shape)} must all be [B]")
+    if not torch.isfinite(teacher_logp).all():
+        raise ValueError("teacher_logp contains NaN/inf (floor the teacher's probabilities first)")
+    if not (0 < beta < float("inf")):
+        raise UserError(f"teacher_beta must be a finite number > 0, got {beta}")
+    leaf_probabilities(leaf_logp, group_size), leaf_probabilities(ref_leaf_logp, group_size)  # their checks
+    log_pi = torch.log_softmax(_groups(leaf_logp.float(), group_size, "leaf_logp"), dim=1).reshape(-1)
+    log_ref = torch.log_softmax(_groups(ref_leaf_logp.float(), group_size, "ref_leaf_logp"), dim=1).reshape(-1)
+    return teacher_logp.float() - beta * (log_pi - log_ref)
+
+
 def exact_tree_advantages(rewards: Tensor, leaf_logp: Tensor, group_size: int, weight: Tensor | None = None,
                           pin: Tensor | None = None, eps: float = 1e-4) -> Tensor:
     """``A_c = G * pi_c * [w_g (R_c - V) / (s + eps) + h_c - E_pi h]`` [B] over enumerated leaves (section 11)."""

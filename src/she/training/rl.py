@@ -43,6 +43,31 @@ def build_examiner(cfg: RLJobConfig):
     raise UserError(f"unknown examiner {cfg.examiner!r}; use verifier, hybrid or blend")
 
 
+def read_teacher(cfg: RLJobConfig, records: list[Record]) -> dict[str, dict[str, float]]:
+    """``{record id: {label: q}}``: the teacher (``rl.teacher``, a cross-encoder folder) read on every RL prompt
+    before training. Refused, before any model is loaded for RL, with an estimator other than the exact ones, with
+    ``beta`` 0 (the term is regularised towards the reference model), or with a teacher over other labels."""
+    from she.data.labels import get_taxonomy
+    from she.training.cross_encoder import CrossEncoderJudge
+
+    if resolved_advantage(cfg) not in EXACT_ESTIMATORS:
+        raise UserError(f"rl.teacher is built for the exact estimators {EXACT_ESTIMATORS} (rl.rollout_evidence: "
+                        f"enumerated), got {resolved_advantage(cfg)!r} (docs/srpo.md, \"A teacher's term\")")
+    if not cfg.beta > 0:
+        raise UserError(f"rl.teacher regularises towards the reference model: it needs rl.beta > 0, got {cfg.beta}")
+    if not Path(cfg.teacher, "config.json").is_file():
+        raise UserError(f"rl.teacher: {cfg.teacher} is not a model folder (no config.json; she train cross-encoder "
+                        "writes one under its output_dir/final)")
+    judge = CrossEncoderJudge.from_pretrained(cfg.teacher)
+    labels = set(get_taxonomy(cfg.data.taxonomy).labels)
+    if set(judge.labels) != labels:
+        raise UserError(f"rl.teacher {cfg.teacher} predicts {sorted(judge.labels)}, the data's taxonomy has "
+                        f"{sorted(labels)}")
+    out = {str(r.id): dict(d["probs"]) for r, d in zip(records, judge.predict(records))}
+    log.info("teacher %s read %d RL prompts", cfg.teacher, len(out))
+    return out
+
+
 def judge_steps_above_floor(judge_dir: str, floor: float | None) -> list[str] | None:
     """Step keys whose held-out judge AUC (``metrics.json`` of ``she train prm``, next to the judge folder)
     is at least ``floor``; None = no filter (no floor, or no per-step metrics to read -- said in the log)."""
@@ -258,6 +283,7 @@ def run_rl_job(cfg: RLJobConfig, train: list[Record], callbacks: list | None = N
         from she.data.labels import check_rating_scale
 
         check_rating_scale(train, "rl.rated_verdict")
+    teacher_probs = read_teacher(cfg, train) if cfg.teacher else None
     model, tok = load_model_and_tokenizer(cfg.model)
     tok.padding_side = "left"
     if cfg.layout_invariant_sampling:
@@ -271,6 +297,7 @@ def run_rl_job(cfg: RLJobConfig, train: list[Record], callbacks: list | None = N
         critical=cfg.critical, first_error_weight=cfg.first_error_weight, flawed_share=cfg.flawed_share,
         incorrect_below=cfg.incorrect_below, class_weights=class_weights, share_pin=cfg.share_pin,
         reward_steps=cfg.reward_steps, include_label_step=cfg.rated_verdict,
+        teacher_probs=teacher_probs, teacher_weight=cfg.teacher_weight, teacher_beta=cfg.teacher_beta,
         outcome=cfg.outcome, likelihood_steps=cfg.likelihood_steps, likelihood_objective=cfg.likelihood_objective,
         likelihood_clip=cfg.likelihood_clip, likelihood_decouple=cfg.likelihood_decouple,
         likelihood_class_weights=cfg.likelihood_class_weights, rollout_sampler=cfg.rollout_sampler,

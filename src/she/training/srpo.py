@@ -51,6 +51,7 @@ from she.algorithms.advantages import (
     EXACT_ESTIMATORS,
     compute_advantages,
     expected_share_pin,
+    teacher_leaf_term,
     leaf_probabilities,
     outcome_advantage,
     pad_step_rewards,
@@ -528,6 +529,8 @@ class SRPOBatch:
     trl_advantages: Tensor | None = None  # [B_local], TRL's own
     advantages: Tensor | None = None  # [B_local, T], what the loss uses
     leaf_logp: Tensor | None = None  # [B_global]: enumerated leaves' log-probabilities (exact estimators)
+    ref_leaf_logp: Tensor | None = None  # [B_global]: the same under the reference model (a teacher's term)
+    teacher_logp: Tensor | None = None  # [B_global]: log q of each leaf's verdict under the teacher
 
 
 class SRPOTrainer(GRPOTrainer):
@@ -624,6 +627,9 @@ class SRPOTrainer(GRPOTrainer):
         rollout_prefill: str = "shared",
         logp_prefix: str = "per_row",
         labelled_positions_only: bool | None = None,
+        teacher_probs: Mapping[str, Mapping[str, float]] | None = None,
+        teacher_weight: float = 1.0,
+        teacher_beta: float = 2.0,
         max_bad_steps: int = 5,
         dump_advantages_dir: str | Path | None = None,
         **grpo_kwargs: Any,
@@ -651,6 +657,18 @@ class SRPOTrainer(GRPOTrainer):
         if isinstance(share_pin, bool) or not isinstance(share_pin, (int, float)) or not 0 <= share_pin < math.inf:
             raise UserError(f"share_pin must be a finite number >= 0, got {share_pin!r}")
         self.share_pin = float(share_pin)
+        self.teacher_probs = {str(k): dict(v) for k, v in teacher_probs.items()} if teacher_probs is not None else None
+        if self.teacher_probs is not None:
+            if self.advantage not in EXACT_ESTIMATORS:
+                raise UserError(f"a teacher's term is built for the exact estimators {EXACT_ESTIMATORS} (enumerated "
+                                f"leaves), got advantage {self.advantage!r}")
+            if not (0 <= teacher_weight < math.inf) or not (0 < teacher_beta < math.inf):
+                raise UserError(f"teacher_weight must be >= 0 and teacher_beta > 0, got {teacher_weight} / {teacher_beta}")
+            if not (args is not None and args.beta > 0):
+                raise UserError("a teacher's term is KL-regularised towards the reference model: it needs beta > 0 "
+                                "(the reference pass TRL runs only then)")
+        self.teacher_weight = float(teacher_weight)
+        self.teacher_beta = float(teacher_beta)
         self.first_error_weight = float(first_error_weight)
         self.flawed_share = float(flawed_share)
         self.incorrect_below = float(incorrect_below)
@@ -1020,6 +1038,11 @@ class SRPOTrainer(GRPOTrainer):
         batch.trl_advantages = trl_adv.detach().clone()
         if self.advantage in EXACT_ESTIMATORS:  # enumerated leaves: their probabilities weigh them (no gradient)
             batch.leaf_logp = self.accelerator.gather(self._leaf_logps(output)).cpu()
+            if self.teacher_probs is not None:  # the reference's leaf log-probabilities, the teacher's of each leaf
+                batch.ref_leaf_logp = self.accelerator.gather(
+                    self._leaf_logps(output, output["ref_per_token_logps"])).cpu()
+                batch.teacher_logp = self.accelerator.gather(
+                    self._teacher_logps(inputs, rows).to(batch.leaf_logp.device)).cpu()
         if own:
             adv = self._srpo_local_advantages(rows, mask, group_size, batch, mode)
         else:
@@ -1032,18 +1055,34 @@ class SRPOTrainer(GRPOTrainer):
         self._generation_rounds += 1
         return output
 
-    def _leaf_logps(self, output: Mapping[str, Any]) -> Tensor:
+    def _leaf_logps(self, output: Mapping[str, Any], per_token_logps: Tensor | None = None) -> Tensor:
         """log pi of each (enumerated) completion [B_local]: the sum over its trained tokens (the env mask's 1s) of
-        the policy's token log-probabilities, one no-gradient forward pass as TRL's for its old log-probabilities."""
+        the policy's token log-probabilities, one no-gradient forward pass as TRL's for its old log-probabilities
+        (or of ``per_token_logps`` when given: the reference model's, which TRL computed already)."""
         completion_ids, mask = output["completion_ids"], output["completion_mask"]
         if "tool_mask" in output:
             mask = mask * output["tool_mask"]
-        ids = torch.cat([output["prompt_ids"], completion_ids], dim=1)
-        attention = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
-        with torch.no_grad():
-            logps = self._get_per_token_logps_and_entropies(self.model, ids, attention, completion_ids.shape[1],
-                                                            batch_size=self.args.per_device_train_batch_size)[0]
-        return (logps.float() * mask.float()).sum(dim=1)
+        if per_token_logps is None:
+            ids = torch.cat([output["prompt_ids"], completion_ids], dim=1)
+            attention = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+            with torch.no_grad():
+                per_token_logps = self._get_per_token_logps_and_entropies(
+                    self.model, ids, attention, completion_ids.shape[1],
+                    batch_size=self.args.per_device_train_batch_size)[0]
+        return (per_token_logps.float() * mask.float()).sum(dim=1)
+
+    def _teacher_logps(self, inputs: Sequence[Mapping[str, Any]], rows: Sequence[RolloutScore]) -> Tensor:
+        """log q [B_local] of each leaf's verdict under the teacher (``teacher_probs[record id][label]``, floored
+        at 1e-6); a record the teacher did not read, or a leaf without a verdict, is an internal error here (the
+        job reads every prompt's record and every enumerated leaf ends with a label)."""
+        out = []
+        for row, score in zip(inputs, rows):
+            rid = str(self.resolve_record(row).id)
+            probs = self.teacher_probs.get(rid)
+            if probs is None or score.label not in probs:
+                raise RuntimeError(f"teacher has no probability for record {rid!r}, label {score.label!r}")
+            out.append(math.log(max(float(probs[score.label]), 1e-6)))
+        return torch.tensor(out, dtype=torch.float32)
 
     def dump_advantages(self, batch: SRPOBatch, inputs: Sequence[Mapping[str, Any]], mask: Tensor) -> Path:
         """Write this process's part of the current generation round to ``dump_advantages_dir``.
@@ -1212,6 +1251,13 @@ class SRPOTrainer(GRPOTrainer):
             self._log_expected_shares(probs, pred, gold, group_size, mode)
             if self.share_pin > 0:
                 shift = expected_share_pin(probs, pred, gold, len(labels), group_size, self.share_pin)
+            if batch.teacher_logp is not None:  # the teacher's KL-regularised term, centred under pi like the pin
+                h = teacher_leaf_term(batch.leaf_logp, batch.ref_leaf_logp, batch.teacher_logp, group_size,
+                                      self.teacher_beta)
+                self._metrics[mode]["srpo/teacher_kl"].append(float(
+                    (probs * (torch.log(probs.clamp_min(1e-12)) - torch.log(leaf_probabilities(
+                        batch.ref_leaf_logp, group_size).clamp_min(1e-12)))).sum() / (probs.numel() / group_size)))
+                shift = self.teacher_weight * h + (shift if shift is not None else 0.0)
         elif self.share_pin > 0:
             shift = share_pin_shift(class_ids(batch.preds, labels, what="pred"),
                                     class_ids(batch.golds, labels, what="gold"), len(labels), group_size,

@@ -156,8 +156,13 @@ def rl_job_config(cfg: CompareConfig, row: str, *, model: str, output_dir: str, 
         if per_step % g:  # check_compare_config says it first, with the config's name
             raise ValueError(f"{row}: {per_step} rollouts a step cannot be regrouped into groups of {g}")
         change.update(num_generations=g, prompts_per_step=per_step // g)
+    # the shared rl: section's teacher (a cross-encoder folder) reaches only the rows that ask for it
+    wants_teacher = bool(change.pop("teacher", False))
+    if wants_teacher and not base.teacher:
+        raise UserError(f"row {row!r} pays a teacher's term: set rl.teacher to a cross-encoder folder (she train "
+                        "cross-encoder writes one under its output_dir/final)")
     kw: dict[str, Any] = {"model": str(model), "output_dir": str(output_dir), "data": cfg.data, "seed": seed,
-                          **change}
+                          "teacher": base.teacher if wants_teacher else None, **change}
     if spec.reward_model:
         kw["reward_model"] = str(reward_model)
     examiner = kw.get("examiner", base.examiner)

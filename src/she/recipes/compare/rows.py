@@ -229,6 +229,12 @@ ROWS["srpo_exact_rated"] = Row("ablation", "srpo_exact whose reward also adds al
                                "pair's mean human rating", "rl",
                                rl={**ROWS["srpo_exact"].rl, "reward_steps": ["Relevant", "Verdict"],
                                    "rated_verdict": True}, **_RL)
+# the same with a teacher's term on the verdict (rl.teacher, a cross-encoder read on every RL prompt; docs/srpo.md,
+# "A teacher's term"): log q(verdict) - beta (log pi - log pi_ref), whose maximiser is the reference pooled with the
+# teacher -- the pool measured in session 32 to order pairs better than the SFT alone
+ROWS["srpo_exact_teacher"] = Row("ablation", "srpo_exact plus a cross-encoder teacher's KL-regularised term on each "
+                                 "leaf's verdict (rl.teacher)", "rl", rl={**ROWS["srpo_exact"].rl, "teacher": True},
+                                 **_RL)
 
 # the likelihood outcomes (she.training.gold_prob), each for GRPO and for the best 8-rollout SRPO variant: the same
 # outcome for both arms, divided by the batch's reward std (a group's tiny spread is not blown up)
@@ -241,8 +247,8 @@ for _outcome, _what in (("gold_prob", "P(gold label | reasoning)"),
 # more seeds of the two rows the headline compares: `<row>_seed<k>` trains with seed k (the shared seed + k);
 # the report pools a row with its seeds (arm_of) for the paired intervals
 for _base in ("grpo", "srpo_gated", "srpo_gated_graded_missing", "srpo_decoupled", "srpo_likelihood", "grpo_computed",
-              "srpo_likelihood_computed", "grpo_exact", "srpo_exact", "srpo_exact_rated"):
-    for _k in (1, 2, 3) if _base in ("grpo_exact", "srpo_exact", "srpo_exact_rated") else (1, 2):  # the enumerated arms: ~10 min a row
+              "srpo_likelihood_computed", "grpo_exact", "srpo_exact", "srpo_exact_rated", "srpo_exact_teacher"):
+    for _k in (1, 2, 3) if _base in ("grpo_exact", "srpo_exact", "srpo_exact_rated", "srpo_exact_teacher") else (1, 2):  # the enumerated arms: ~10 min a row
         _spec = ROWS[_base]
         ROWS[f"{_base}_seed{_k}"] = Row("seed", f"{_base} with seed + {_k}", "rl", rl={**_spec.rl, "seed_offset": _k},
                                         **_RL)
