@@ -19,6 +19,7 @@ import pytest
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 from she.config import ConfigError, DataConfig  # noqa: E402
+from she.errors import UserError  # noqa: E402
 from she.recipes import compare  # noqa: E402
 from she.recipes.compare import (  # noqa: E402
     ALL_ROWS,
@@ -125,6 +126,17 @@ def test_config_errors_name_the_key(tmp_path):
                                                   "srpo_likelihood_g2": "srpo_likelihood"}
     other = load("rows: [srpo, srpo_gated, srpo_centered, grpo, grpo_seed1]\nrl: {advantage: srpo_centered_pooled}\n")
     assert plan_same_as(other, compare.selected_rows(other)) == {}  # a seed repeat is never the same job
+    # a teacher row reads rl.teacher, else the folder the run passes (its own cross-encoder); other rows none
+    base = load_compare_config(CONFIG)
+    kw = dict(model="S", output_dir="o", judge=None)
+    with pytest.raises(UserError, match="pays a teacher's term"):
+        rl_job_config(base, "srpo_exact_teacher", **kw)
+    assert rl_job_config(base, "srpo_exact_teacher_seed2", teacher="CE", **kw).teacher == "CE"
+    assert rl_job_config(base, "srpo_exact", teacher="CE", **kw).teacher is None
+    given = dataclasses.replace(base, rl={**base.rl, "teacher": "MINE"})
+    assert rl_job_config(given, "srpo_exact_teacher", teacher="CE", **kw).teacher == "MINE"
+    assert rl_job_config(given, "grpo_exact", **kw).teacher is None
+    assert load("rows: [srpo_exact_teacher]\n").rows == ["srpo_exact_teacher"]  # no teacher needed up front
 
 
 def test_rl_job_configs_differ_only_where_the_row_says():
@@ -839,3 +851,28 @@ def test_eval_evidence_reads_every_generative_row_that_way_in_its_own_folder(tmp
         n_judged, before = sum(c[0] == "judge_records" for c in calls), n_judged
         assert n_judged - before == judged
         assert json.loads((tmp_path / "sft" / "eval_marginal" / "calibration.json").read_text())["method"] == method
+
+
+def test_teacher_rows_read_rl_teacher_or_the_comparisons_own_cross_encoder(tmp_path, monkeypatch):
+    """srpo_exact_teacher's teacher: ``rl.teacher`` when set; else the cross_encoder row's job, trained on demand
+    (once: the job skips a finished folder) and its final folder passed on; other rows get none."""
+    trained = []
+
+    def fake_train_row(self, row, needs):
+        trained.append(row)
+        return tmp_path / row / "final"
+
+    monkeypatch.setattr(compare.CompareRun, "train_row", fake_train_row)
+
+    def run_of(rl):
+        cfg = CompareConfig(model="BASE", rl=rl, seed=0)
+        return compare.CompareRun(cfg=cfg, out=tmp_path, rows=[], train=[], evals=[], labels=[], state={},
+                                  command="", same_as={})
+
+    own = run_of({})
+    job = own.rl_config("srpo_exact_teacher_seed1", model="SFT", judge=None)
+    assert job.teacher == str(tmp_path / "cross_encoder" / "final") and trained == ["cross_encoder"]
+    assert own.rl_config("srpo_exact", model="SFT", judge=None).teacher is None and trained == ["cross_encoder"]
+    given = run_of({"teacher": "runs/ce/final"})
+    assert given.rl_config("srpo_exact_teacher", model="SFT", judge=None).teacher == "runs/ce/final"
+    assert trained == ["cross_encoder"]  # a given teacher trains nothing

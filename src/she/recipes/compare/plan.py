@@ -141,9 +141,11 @@ def load_compare_config(path: str | Path | None, overrides: dict[str, Any] | Non
 
 
 def rl_job_config(cfg: CompareConfig, row: str, *, model: str, output_dir: str, judge: str | None,
-                  reward_model: str | None = None, max_steps: int | None = None) -> RLJobConfig:
+                  reward_model: str | None = None, max_steps: int | None = None,
+                  teacher: str | None = None) -> RLJobConfig:
     """The RL job of ``row``: the shared ``rl:`` section, the shared start, and the row's own change
-    (:attr:`she.recipes.compare.rows.Row.rl`)."""
+    (:attr:`she.recipes.compare.rows.Row.rl`). ``teacher``: the folder of a row that pays a teacher's term when
+    ``rl.teacher`` is not set (the comparison's own cross-encoder, :func:`teacher_rows`)."""
     base = build_section(RLJobConfig, cfg.rl, "rl", RL_FIXED)
     spec = ROWS.get(row)
     if spec is None or spec.rl is None:
@@ -158,11 +160,11 @@ def rl_job_config(cfg: CompareConfig, row: str, *, model: str, output_dir: str, 
         change.update(num_generations=g, prompts_per_step=per_step // g)
     # the shared rl: section's teacher (a cross-encoder folder) reaches only the rows that ask for it
     wants_teacher = bool(change.pop("teacher", False))
-    if wants_teacher and not base.teacher:
-        raise UserError(f"row {row!r} pays a teacher's term: set rl.teacher to a cross-encoder folder (she train "
-                        "cross-encoder writes one under its output_dir/final)")
+    if wants_teacher and not (base.teacher or teacher):
+        raise UserError(f"row {row!r} pays a teacher's term: set rl.teacher to a cross-encoder folder, or let the "
+                        "comparison train its own (the cross_encoder row's job)")
     kw: dict[str, Any] = {"model": str(model), "output_dir": str(output_dir), "data": cfg.data, "seed": seed,
-                          "teacher": base.teacher if wants_teacher else None, **change}
+                          "teacher": (base.teacher or teacher) if wants_teacher else None, **change}
     if spec.reward_model:
         kw["reward_model"] = str(reward_model)
     examiner = kw.get("examiner", base.examiner)
@@ -185,6 +187,12 @@ def _job_key(rl: RLJobConfig) -> str:
     return json.dumps(d, sort_keys=True, default=str)
 
 
+def teacher_rows(cfg: CompareConfig, rows: Sequence[str]) -> list[str]:
+    """The rows that pay a teacher's term and so need a teacher folder: ``rl.teacher``, else the comparison's own
+    cross-encoder (trained on the same training sample as the SFT; the ``cross_encoder`` row's job)."""
+    return [r for r in rows if (ROWS[r].rl or {}).get("teacher")]
+
+
 def plan_same_as(cfg: CompareConfig, rows: Sequence[str]) -> dict[str, str]:
     """``{row: earlier row}`` for RL rows whose job would be identical to an earlier row's (trained once):
     srpo_no_step_reward is always grpo's job; srpo_verifier_only is srpo's when `rl.examiner` is verifier."""
@@ -193,7 +201,8 @@ def plan_same_as(cfg: CompareConfig, rows: Sequence[str]) -> dict[str, str]:
     for row in rows:
         if row not in RL_ROWS:
             continue
-        key = _job_key(rl_job_config(cfg, row, model="SFT", output_dir="-", judge="JUDGE", reward_model="RM"))
+        key = _job_key(rl_job_config(cfg, row, model="SFT", output_dir="-", judge="JUDGE", reward_model="RM",
+                                     teacher="TEACHER"))
         if key in seen:
             out[row] = seen[key]
         else:

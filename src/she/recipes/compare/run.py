@@ -43,6 +43,7 @@ from she.recipes.compare.plan import (
     seeded_subset,
     selected_rows,
     split_stage_steps,
+    teacher_rows,
     strict_rl_steps,
 )
 from she.recipes.compare.report import paired_results, results_markdown, row_metrics, write_plots
@@ -396,8 +397,17 @@ class CompareRun:
     # rows ------------------------------------------------------------------------------------------
     def rl_config(self, row: str, *, model: Path | str, judge: str | None, reward_model: Path | str | None = None,
                   max_steps: int | None = None) -> RLJobConfig:
+        teacher = self.teacher_dir() if teacher_rows(self.cfg, [row]) else None
         return rl_job_config(self.cfg, row, model=str(model), output_dir=str(self.out / row), judge=judge,
-                             reward_model=None if reward_model is None else str(reward_model), max_steps=max_steps)
+                             reward_model=None if reward_model is None else str(reward_model), max_steps=max_steps,
+                             teacher=teacher)
+
+    def teacher_dir(self) -> str:
+        """The teacher of the rows that pay one: ``rl.teacher``, else the comparison's own cross-encoder (the
+        ``cross_encoder`` row's job, trained here if it has not been)."""
+        if self.rl_base.teacher:
+            return self.rl_base.teacher
+        return str(self.train_row("cross_encoder", {"row": "cross_encoder"}))
 
     def train_row(self, row: str, needs: dict[str, Any]) -> Path:
         """The one job of a ``job`` or ``rl`` row (:data:`ROWS`), unless its final folder exists."""
