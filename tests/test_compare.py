@@ -136,6 +136,7 @@ def test_config_errors_name_the_key(tmp_path):
     given = dataclasses.replace(base, rl={**base.rl, "teacher": "MINE"})
     assert rl_job_config(given, "srpo_exact_teacher", teacher="CE", **kw).teacher == "MINE"
     assert rl_job_config(given, "grpo_exact", **kw).teacher is None
+    assert rl_job_config(given, "srpo_exact_kl_seed1", teacher="CE", **kw).teacher == "uniform"  # names its own
     assert load("rows: [srpo_exact_teacher]\n").rows == ["srpo_exact_teacher"]  # no teacher needed up front
 
 
@@ -876,3 +877,5 @@ def test_teacher_rows_read_rl_teacher_or_the_comparisons_own_cross_encoder(tmp_p
     given = run_of({"teacher": "runs/ce/final"})
     assert given.rl_config("srpo_exact_teacher", model="SFT", judge=None).teacher == "runs/ce/final"
     assert trained == ["cross_encoder"]  # a given teacher trains nothing
+    assert own.rl_config("srpo_exact_kl", model="SFT", judge=None).teacher == "uniform"
+    assert trained == ["cross_encoder"]  # the uniform control trains nothing either

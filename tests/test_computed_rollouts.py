@@ -329,6 +329,8 @@ def test_teacher_refusals(tiny_model_dir, tmp_path, tiny_bert_factory):
     ce = CrossEncoderJobConfig(model=str(base), output_dir=str(tmp_path / "ce"), data=DataConfig(taxonomy="hd3"),
                                max_steps=1, batch_size=4, max_length=64, report_to="none", eval_split="none")
     final = run_cross_encoder_job(ce, recs, [])
+    uniform = read_teacher(RLJobConfig(teacher="uniform", **exact), recs)
+    assert uniform == {r.id: {"Irrelevant": 1 / 3, "Partial": 1 / 3, "Exact": 1 / 3} for r in recs}
     probs = read_teacher(RLJobConfig(teacher=str(final), **exact), recs)
     assert sorted(probs) == sorted(r.id for r in recs)
     assert all(set(p) == {"Irrelevant", "Partial", "Exact"} and sum(p.values()) == pytest.approx(1.0, abs=1e-5)

@@ -603,6 +603,7 @@ class RLJobConfig(ConfigBase):
     # a teacher's view of each verdict (docs/srpo.md, "A teacher's term"; exact estimators, beta > 0): a cross-encoder
     # folder (she train cross-encoder) read on every RL prompt before training; each enumerated leaf gets the term
     # log q(verdict) - teacher_beta (log pi - log pi_ref), times teacher_weight, whose maximiser is pi_ref q^(1/beta)
+    # (`uniform`: q = 1/K, the term's KL anchor alone -- the control)
     teacher: str | None = None
     teacher_weight: float = 1.0
     teacher_beta: float = 2.0

@@ -45,7 +45,7 @@ def build_examiner(cfg: RLJobConfig):
 
 def read_teacher(cfg: RLJobConfig, records: list[Record]) -> dict[str, dict[str, float]]:
     """``{record id: {label: q}}``: the teacher (``rl.teacher``, a cross-encoder folder) read on every RL prompt
-    before training. Refused, before any model is loaded for RL, with an estimator other than the exact ones, with
+    before training; ``uniform``: q = 1 / K for every label (the term's KL anchor alone, the control). Refused, before any model is loaded for RL, with an estimator other than the exact ones, with
     ``beta`` 0 (the term is regularised towards the reference model), or with a teacher over other labels."""
     from she.data.labels import get_taxonomy
     from she.training.cross_encoder import CrossEncoderJudge
@@ -55,12 +55,14 @@ def read_teacher(cfg: RLJobConfig, records: list[Record]) -> dict[str, dict[str,
                         f"enumerated), got {resolved_advantage(cfg)!r} (docs/srpo.md, \"A teacher's term\")")
     if not cfg.beta > 0:
         raise UserError(f"rl.teacher regularises towards the reference model: it needs rl.beta > 0, got {cfg.beta}")
+    labels = list(get_taxonomy(cfg.data.taxonomy).labels)
+    if cfg.teacher == "uniform":  # the control: log q constant, so the term is its KL anchor alone
+        return {str(r.id): {lab: 1.0 / len(labels) for lab in labels} for r in records}
     if not Path(cfg.teacher, "config.json").is_file():
         raise UserError(f"rl.teacher: {cfg.teacher} is not a model folder (no config.json; she train cross-encoder "
                         "writes one under its output_dir/final)")
     judge = CrossEncoderJudge.from_pretrained(cfg.teacher)
-    labels = set(get_taxonomy(cfg.data.taxonomy).labels)
-    if set(judge.labels) != labels:
+    if set(judge.labels) != set(labels):
         raise UserError(f"rl.teacher {cfg.teacher} predicts {sorted(judge.labels)}, the data's taxonomy has "
                         f"{sorted(labels)}")
     out = {str(r.id): dict(d["probs"]) for r, d in zip(records, judge.predict(records))}

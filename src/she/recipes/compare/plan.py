@@ -159,12 +159,14 @@ def rl_job_config(cfg: CompareConfig, row: str, *, model: str, output_dir: str, 
             raise ValueError(f"{row}: {per_step} rollouts a step cannot be regrouped into groups of {g}")
         change.update(num_generations=g, prompts_per_step=per_step // g)
     # the shared rl: section's teacher (a cross-encoder folder) reaches only the rows that ask for it
-    wants_teacher = bool(change.pop("teacher", False))
-    if wants_teacher and not (base.teacher or teacher):
+    # (a row may also name its teacher itself: `uniform`, the KL anchor's control)
+    wanted = change.pop("teacher", None)
+    if wanted is True and not (base.teacher or teacher):
         raise UserError(f"row {row!r} pays a teacher's term: set rl.teacher to a cross-encoder folder, or let the "
                         "comparison train its own (the cross_encoder row's job)")
+    chosen = (base.teacher or teacher) if wanted is True else wanted
     kw: dict[str, Any] = {"model": str(model), "output_dir": str(output_dir), "data": cfg.data, "seed": seed,
-                          "teacher": (base.teacher or teacher) if wants_teacher else None, **change}
+                          "teacher": chosen, **change}
     if spec.reward_model:
         kw["reward_model"] = str(reward_model)
     examiner = kw.get("examiner", base.examiner)
@@ -190,7 +192,7 @@ def _job_key(rl: RLJobConfig) -> str:
 def teacher_rows(cfg: CompareConfig, rows: Sequence[str]) -> list[str]:
     """The rows that pay a teacher's term and so need a teacher folder: ``rl.teacher``, else the comparison's own
     cross-encoder (trained on the same training sample as the SFT; the ``cross_encoder`` row's job)."""
-    return [r for r in rows if (ROWS[r].rl or {}).get("teacher")]
+    return [r for r in rows if (ROWS[r].rl or {}).get("teacher") is True]
 
 
 def plan_same_as(cfg: CompareConfig, rows: Sequence[str]) -> dict[str, str]:

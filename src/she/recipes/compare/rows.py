@@ -235,6 +235,10 @@ ROWS["srpo_exact_rated"] = Row("ablation", "srpo_exact whose reward also adds al
 ROWS["srpo_exact_teacher"] = Row("ablation", "srpo_exact plus a cross-encoder teacher's KL-regularised term on each "
                                  "leaf's verdict (rl.teacher)", "rl", rl={**ROWS["srpo_exact"].rl, "teacher": True},
                                  **_RL)
+# its control: the same term with a uniform teacher (log q constant), i.e. only its KL anchor towards the SFT
+ROWS["srpo_exact_kl"] = Row("ablation", "srpo_exact_teacher with a uniform teacher: the term's KL anchor alone "
+                            "(the control of the teacher's knowledge)", "rl",
+                            rl={**ROWS["srpo_exact"].rl, "teacher": "uniform"}, **_RL)
 
 # the likelihood outcomes (she.training.gold_prob), each for GRPO and for the best 8-rollout SRPO variant: the same
 # outcome for both arms, divided by the batch's reward std (a group's tiny spread is not blown up)
@@ -247,8 +251,9 @@ for _outcome, _what in (("gold_prob", "P(gold label | reasoning)"),
 # more seeds of the two rows the headline compares: `<row>_seed<k>` trains with seed k (the shared seed + k);
 # the report pools a row with its seeds (arm_of) for the paired intervals
 for _base in ("grpo", "srpo_gated", "srpo_gated_graded_missing", "srpo_decoupled", "srpo_likelihood", "grpo_computed",
-              "srpo_likelihood_computed", "grpo_exact", "srpo_exact", "srpo_exact_rated", "srpo_exact_teacher"):
-    for _k in (1, 2, 3) if _base in ("grpo_exact", "srpo_exact", "srpo_exact_rated", "srpo_exact_teacher") else (1, 2):  # the enumerated arms: ~10 min a row
+              "srpo_likelihood_computed", "grpo_exact", "srpo_exact", "srpo_exact_rated", "srpo_exact_teacher", "srpo_exact_kl"):
+    for _k in (1, 2, 3) if _base in ("grpo_exact", "srpo_exact", "srpo_exact_rated", "srpo_exact_teacher",
+                                     "srpo_exact_kl") else (1, 2):  # the enumerated arms: ~10 min a row
         _spec = ROWS[_base]
         ROWS[f"{_base}_seed{_k}"] = Row("seed", f"{_base} with seed + {_k}", "rl", rl={**_spec.rl, "seed_offset": _k},
                                         **_RL)
