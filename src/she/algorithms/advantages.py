@@ -506,7 +506,8 @@ def teacher_leaf_term(leaf_logp: Tensor, ref_leaf_logp: Tensor, teacher_logp: Te
         raise ValueError("teacher_logp contains NaN/inf (floor the teacher's probabilities first)")
     if not (0 < beta < float("inf")):
         raise UserError(f"teacher_beta must be a finite number > 0, got {beta}")
-    leaf_probabilities(leaf_logp, group_size), leaf_probabilities(ref_leaf_logp, group_size)  # their checks
+    if not (torch.isfinite(leaf_logp).all() and torch.isfinite(ref_leaf_logp).all()):
+        raise ValueError("leaf_logp or ref_leaf_logp contains NaN/inf")
     log_pi = torch.log_softmax(_groups(leaf_logp.float(), group_size, "leaf_logp"), dim=1).reshape(-1)
     log_ref = torch.log_softmax(_groups(ref_leaf_logp.float(), group_size, "ref_leaf_logp"), dim=1).reshape(-1)
     return teacher_logp.float() - beta * (log_pi - log_ref)

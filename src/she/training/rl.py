@@ -45,8 +45,9 @@ def build_examiner(cfg: RLJobConfig):
 
 def read_teacher(cfg: RLJobConfig, records: list[Record]) -> dict[str, dict[str, float]]:
     """``{record id: {label: q}}``: the teacher (``rl.teacher``, a cross-encoder folder) read on every RL prompt
-    before training; ``uniform``: q = 1 / K for every label (the term's KL anchor alone, the control). Refused, before any model is loaded for RL, with an estimator other than the exact ones, with
-    ``beta`` 0 (the term is regularised towards the reference model), or with a teacher over other labels."""
+    before training; ``uniform``: q = 1 / K for every label (the term's KL anchor alone, the control). Refused
+    before the policy is loaded (the trainer checks the first two again for the Python API): an estimator other than
+    the exact ones, ``beta`` 0 (the term is regularised towards the reference model), a teacher over other labels."""
     from she.data.labels import get_taxonomy
     from she.training.cross_encoder import CrossEncoderJudge
 

@@ -51,11 +51,11 @@ from she.algorithms.advantages import (
     EXACT_ESTIMATORS,
     compute_advantages,
     expected_share_pin,
-    teacher_leaf_term,
     leaf_probabilities,
     outcome_advantage,
     pad_step_rewards,
     share_pin_shift,
+    teacher_leaf_term,
 )
 from she.data.schema import Record
 from she.errors import UserError
@@ -1254,9 +1254,9 @@ class SRPOTrainer(GRPOTrainer):
             if batch.teacher_logp is not None:  # the teacher's KL-regularised term, centred under pi like the pin
                 h = teacher_leaf_term(batch.leaf_logp, batch.ref_leaf_logp, batch.teacher_logp, group_size,
                                       self.teacher_beta)
-                self._metrics[mode]["srpo/teacher_kl"].append(float(
-                    (probs * (torch.log(probs.clamp_min(1e-12)) - torch.log(leaf_probabilities(
-                        batch.ref_leaf_logp, group_size).clamp_min(1e-12)))).sum() / (probs.numel() / group_size)))
+                log_ratio = (batch.teacher_logp - h) / self.teacher_beta  # log pi - log pi_ref, per leaf
+                self._metrics[mode]["srpo/teacher_kl"].append(float((probs * log_ratio).sum()) * group_size
+                                                              / probs.numel())  # mean KL(pi || pi_ref) a prompt
                 shift = self.teacher_weight * h + (shift if shift is not None else 0.0)
         elif self.share_pin > 0:
             shift = share_pin_shift(class_ids(batch.preds, labels, what="pred"),

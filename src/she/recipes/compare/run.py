@@ -43,8 +43,8 @@ from she.recipes.compare.plan import (
     seeded_subset,
     selected_rows,
     split_stage_steps,
-    teacher_rows,
     strict_rl_steps,
+    teacher_rows,
 )
 from she.recipes.compare.report import paired_results, results_markdown, row_metrics, write_plots
 from she.recipes.compare.rows import FULL_ROWS, RL_ROWS, ROWS
