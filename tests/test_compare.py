@@ -137,6 +137,8 @@ def test_config_errors_name_the_key(tmp_path):
     assert rl_job_config(given, "srpo_exact_teacher", teacher="CE", **kw).teacher == "MINE"
     assert rl_job_config(given, "grpo_exact", **kw).teacher is None
     assert rl_job_config(given, "srpo_exact_kl_seed1", teacher="CE", **kw).teacher == "uniform"  # names its own
+    assert rl_job_config(given, "grpo_exact_kl_seed2", teacher="CE", **kw).teacher == "uniform"  # GRPO's arm too
+    assert rl_job_config(given, "grpo_exact_kl", **kw).step_rewards is False  # and no step reward (alpha 0)
     assert load("rows: [srpo_exact_teacher]\n").rows == ["srpo_exact_teacher"]  # no teacher needed up front
 
 

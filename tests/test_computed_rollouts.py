@@ -282,14 +282,18 @@ TEACHER = {"r0": {"Irrelevant": 0.1, "Partial": 0.2, "Exact": 0.7}, "r1": {"Irre
            "r2": {"Irrelevant": 0.8, "Partial": 0.1, "Exact": 0.1}, "r3": {"Irrelevant": 0.3, "Partial": 0.3, "Exact": 0.4}}
 
 
-def test_a_teachers_term_reaches_each_leaf(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("arm", ["srpo_exact", "grpo_exact"])
+def test_a_teachers_term_reaches_each_leaf(tiny_model_dir, tmp_path, arm):
     """``rl.teacher`` (docs/srpo.md, "A teacher's term"): each leaf gets w x (log q(its verdict) - beta (log pi - log
-    pi_ref)), centred under pi with the share pin; before the first update pi_ref = pi, so the term is log q alone."""
+    pi_ref)), centred under pi with the share pin; before the first update pi_ref = pi, so the term is log q alone.
+    GRPO's exact arm (no step rewards: ``grpo_exact_kl``'s) gets the same term over its outcome alone."""
     from she.algorithms.advantages import teacher_leaf_term
 
     recs, g = _records(), 6
-    trainer, _ = _enumerated_trainer(tiny_model_dir, tmp_path, recs, beta=0.04, alpha=0.5, reward_steps=["Relevant"],
-                                     teacher_probs=TEACHER, teacher_weight=0.7, teacher_beta=2.0)
+    arm_kw = ({"alpha": 0.5, "reward_steps": ["Relevant"]} if arm == "srpo_exact"
+              else {"step_rewards": False, "advantage": "grpo_exact"})
+    trainer, _ = _enumerated_trainer(tiny_model_dir, tmp_path, recs, beta=0.04, teacher_probs=TEACHER,
+                                     teacher_weight=0.7, teacher_beta=2.0, **arm_kw)
     trainer.train()
     last = trainer.last_batch
     ids = [r.id for r in recs[:2]]  # the step's two prompts, in the trainer's order
@@ -297,7 +301,8 @@ def test_a_teachers_term_reaches_each_leaf(tiny_model_dir, tmp_path):
     assert last.teacher_logp.tolist() == pytest.approx(
         [math.log(TEACHER[rid][r.label]) for rid, r in zip(prompt_of, last.rollouts)], abs=1e-6)
     assert last.ref_leaf_logp.tolist() == pytest.approx(last.leaf_logp.tolist(), abs=1e-3)  # the start is the ref
-    rewards = last.outcome_rewards + 0.5 * torch.tensor([sum(r) for r in last.step_rewards])
+    steps = torch.tensor([sum(r) for r in last.step_rewards]) if arm == "srpo_exact" else 0.0
+    rewards = last.outcome_rewards + 0.5 * steps
     h = teacher_leaf_term(last.leaf_logp, last.ref_leaf_logp, last.teacher_logp, g, 2.0)
     want = exact_tree_advantages(rewards, last.leaf_logp, g, pin=0.7 * h)
     assert last.advantages[:, 0].tolist() == pytest.approx(want.tolist(), abs=1e-4)

@@ -239,6 +239,9 @@ ROWS["srpo_exact_teacher"] = Row("ablation", "srpo_exact plus a cross-encoder te
 ROWS["srpo_exact_kl"] = Row("ablation", "srpo_exact_teacher with a uniform teacher: the term's KL anchor alone "
                             "(the control of the teacher's knowledge)", "rl",
                             rl={**ROWS["srpo_exact"].rl, "teacher": "uniform"}, **_RL)
+# and GRPO's arm under the same anchor (alpha 0), so that srpo_exact_kl - grpo_exact_kl is the step term alone again
+ROWS["grpo_exact_kl"] = Row("ablation", "grpo_exact with srpo_exact_kl's anchor (a uniform teacher's term): the fair "
+                            "GRPO arm beside it", "rl", rl={**ROWS["grpo_exact"].rl, "teacher": "uniform"}, **_RL)
 
 # the likelihood outcomes (she.training.gold_prob), each for GRPO and for the best 8-rollout SRPO variant: the same
 # outcome for both arms, divided by the batch's reward std (a group's tiny spread is not blown up)
@@ -251,9 +254,10 @@ for _outcome, _what in (("gold_prob", "P(gold label | reasoning)"),
 # more seeds of the two rows the headline compares: `<row>_seed<k>` trains with seed k (the shared seed + k);
 # the report pools a row with its seeds (arm_of) for the paired intervals
 for _base in ("grpo", "srpo_gated", "srpo_gated_graded_missing", "srpo_decoupled", "srpo_likelihood", "grpo_computed",
-              "srpo_likelihood_computed", "grpo_exact", "srpo_exact", "srpo_exact_rated", "srpo_exact_teacher", "srpo_exact_kl"):
+              "srpo_likelihood_computed", "grpo_exact", "srpo_exact", "srpo_exact_rated", "srpo_exact_teacher", "srpo_exact_kl",
+              "grpo_exact_kl"):
     for _k in (1, 2, 3) if _base in ("grpo_exact", "srpo_exact", "srpo_exact_rated", "srpo_exact_teacher",
-                                     "srpo_exact_kl") else (1, 2):  # the enumerated arms: ~10 min a row
+                                     "srpo_exact_kl", "grpo_exact_kl") else (1, 2):  # the enumerated arms: ~10 min a row
         _spec = ROWS[_base]
         ROWS[f"{_base}_seed{_k}"] = Row("seed", f"{_base} with seed + {_k}", "rl", rl={**_spec.rl, "seed_offset": _k},
                                         **_RL)
