@@ -253,11 +253,10 @@ for _outcome, _what in (("gold_prob", "P(gold label | reasoning)"),
 
 # more seeds of the two rows the headline compares: `<row>_seed<k>` trains with seed k (the shared seed + k);
 # the report pools a row with its seeds (arm_of) for the paired intervals
+_ENUMERATED = ("grpo_exact", "srpo_exact", "srpo_exact_rated", "srpo_exact_teacher", "srpo_exact_kl", "grpo_exact_kl")
 for _base in ("grpo", "srpo_gated", "srpo_gated_graded_missing", "srpo_decoupled", "srpo_likelihood", "grpo_computed",
-              "srpo_likelihood_computed", "grpo_exact", "srpo_exact", "srpo_exact_rated", "srpo_exact_teacher", "srpo_exact_kl",
-              "grpo_exact_kl"):
-    for _k in (1, 2, 3) if _base in ("grpo_exact", "srpo_exact", "srpo_exact_rated", "srpo_exact_teacher",
-                                     "srpo_exact_kl", "grpo_exact_kl") else (1, 2):  # the enumerated arms: ~10 min a row
+              "srpo_likelihood_computed") + _ENUMERATED:
+    for _k in (1, 2, 3) if _base in _ENUMERATED else (1, 2):  # the enumerated arms: ~10 min a row, three seeds
         _spec = ROWS[_base]
         ROWS[f"{_base}_seed{_k}"] = Row("seed", f"{_base} with seed + {_k}", "rl", rl={**_spec.rl, "seed_offset": _k},
                                         **_RL)
