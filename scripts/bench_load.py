@@ -2,7 +2,7 @@
 
 Starts `she serve` itself (a separate process on a free 127.0.0.1 port, ``--model``) or targets one that is
 already running (``--url``, loopback only). Sends ``--requests`` N requests of ``--pairs`` K pairs each, in
-fast or full mode, ``--concurrency`` at a time (default: all N at once, a burst), after one warm-up request
+fast, full, computed or marginal mode, ``--concurrency`` at a time (default: all N at once, a burst), after one warm-up request
 that is not counted. Prints one JSON object:
 
 * ``pairs_per_s``: pairs of the requests answered 200, divided by the burst's wall time;
@@ -257,7 +257,9 @@ def main(argv: list[str] | None = None) -> None:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--model", help="start `she serve --model MODEL` on a free 127.0.0.1 port")
     where.add_argument("--url", help="a running server, loopback only (e.g. http://127.0.0.1:8000)")
-    p.add_argument("--mode", choices=["fast", "full"], default="fast")
+    p.add_argument("--mode", choices=["fast", "full", "computed", "marginal"], default="fast",
+                   help="the service's relevance mode (docs/serving.md); computed and marginal need a model of a "
+                        "label-free schema (e.g. the decision schema)")
     p.add_argument("--requests", type=int, default=200, help=f"requests in the burst (<= {MAX_REQUESTS})")
     p.add_argument("--pairs", type=int, default=8, help=f"pairs per request (<= {MAX_PAIRS})")
     p.add_argument("--concurrency", type=int, default=None,
