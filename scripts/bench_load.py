@@ -2,8 +2,8 @@
 
 Starts `she serve` itself (a separate process on a free 127.0.0.1 port, ``--model``) or targets one that is
 already running (``--url``, loopback only). Sends ``--requests`` N requests of ``--pairs`` K pairs each, in
-fast, full, computed or marginal mode, ``--concurrency`` at a time (default: all N at once, a burst), after one warm-up request
-that is not counted. Prints one JSON object:
+fast, full, computed or marginal mode, ``--concurrency`` at a time (default: all N at once, a burst), after one
+warm-up request that is not counted. Prints one JSON object:
 
 * ``pairs_per_s``: pairs of the requests answered 200, divided by the burst's wall time;
 * ``latency_ok_s`` / ``latency_all_s``: p50, p99 (nearest rank) and max of the 200 answers / of every answer;
@@ -258,8 +258,8 @@ def main(argv: list[str] | None = None) -> None:
     where.add_argument("--model", help="start `she serve --model MODEL` on a free 127.0.0.1 port")
     where.add_argument("--url", help="a running server, loopback only (e.g. http://127.0.0.1:8000)")
     p.add_argument("--mode", choices=["fast", "full", "computed", "marginal"], default="fast",
-                   help="the service's relevance mode (docs/serving.md); computed and marginal need a model of a "
-                        "label-free schema (e.g. the decision schema)")
+                   help="the service's relevance mode (docs/serving.md): computed needs a schema whose steps can be "
+                        "computed (evidence, semantic, decision), marginal one with a choice step before the verdict")
     p.add_argument("--requests", type=int, default=200, help=f"requests in the burst (<= {MAX_REQUESTS})")
     p.add_argument("--pairs", type=int, default=8, help=f"pairs per request (<= {MAX_PAIRS})")
     p.add_argument("--concurrency", type=int, default=None,
