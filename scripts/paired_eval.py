@@ -11,6 +11,8 @@ raw labels as "calibrated" too. Query groups for the bootstrap
 come from the data config's split (the same seeded split the evaluations used). With as many files in A as
 in B, the k-th of each is taken as the k-th seed and the per-seed differences are summarised with seeds as
 the unit (``seed_differences``: mean, spread, t-interval, and about how many seeds detect the mean).
+``--gold facts`` scores every pair against the label its step facts imply (``label_from_facts``) instead of its
+data label: for synthetic data made with label noise, whose facts stay true (docs/synthetic.md).
 
     python scripts/paired_eval.py --data-config configs/best-cpu.yaml \
       --a runs/best-cpu/eval_srpo/predictions.jsonl \
@@ -23,6 +25,7 @@ import json
 from pathlib import Path
 
 from she.config import data_section
+from she.data.guideline import label_from_facts
 from she.data.labels import get_taxonomy
 from she.data.sources import load_splits
 from she.evaluation.archive import read_predictions
@@ -42,7 +45,7 @@ def read_arm(specs: list[str], gold: dict[str, str]) -> list[dict[str, dict[str,
 
 
 def main() -> None:
-    args = two_arm_args(__doc__, "PRED[@OFFSETS]")
+    args = two_arm_args(__doc__, "PRED[@OFFSETS]", gold_choice=True)
 
     data = data_section(args.data_config)  # any job's or compare's config
     records = [r for part in load_splits(data).values() for r in part]
@@ -59,6 +62,11 @@ def main() -> None:
     gold = [a[0][i]["gold"] for i in ids]
     if any(r[i]["gold"] != g for r in a + b for i, g in zip(ids, gold)):
         raise SystemExit("the arms disagree on a pair's gold label: they were not evaluated on the same data")
+    if args.gold == "facts":  # the label the pair's (true) step facts imply, not its data label
+        by_id = {r.id: r for r in records}
+        gold = [label_from_facts(by_id[i].facts, data.taxonomy) for i in ids]
+        print(f"gold: the facts' labels; the data labels differ on {sum(g != a[0][i]['gold'] for i, g in zip(ids, gold))}"
+              f" of {len(ids)} pairs")
     print(f"{len(ids)} shared pairs, {len({query[i] for i in ids})} queries; arm A {len(a)} run(s), arm B {len(b)}")
     for kind in ("raw", "calibrated"):
         pa = [[r[i][kind] for i in ids] for r in a]

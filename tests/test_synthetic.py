@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from collections import Counter, defaultdict
 
@@ -110,6 +113,17 @@ def test_same_seed_same_records():
     a = [r.to_dict() for r in S.generate(n_queries=60, seed=3)]
     b = [r.to_dict() for r in S.generate(n_queries=60, seed=3)]
     assert a == b
+
+
+def test_same_seed_same_records_in_every_process():
+    # the string hash differs per process (PYTHONHASHSEED): a loop over a set of strings that draws from the
+    # generator's rng made two processes' data differ (a she compare resumed in a new process re-split it)
+    code = ("import hashlib, json; from she.data.synthetic import generate; "
+            "print(hashlib.sha256(json.dumps([r.to_dict() for r in generate(n_queries=300, products_per_query=4, "
+            "seed=0, label_noise=0.3)], sort_keys=True).encode()).hexdigest())")
+    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": str(k)}).stdout for k in (1, 2, 3)}
+    assert len(digests) == 1
 
 
 def test_different_seeds_differ():

@@ -130,6 +130,9 @@ class DataConfig(ConfigBase):
     # synthetic generator (used when no path or file is given)
     synthetic_queries: int = 300
     synthetic_products_per_query: int = 4
+    # share of synthetic labels replaced by a different label (rater disagreement; she.data.synthetic.generate's
+    # label_noise): the step facts stay true, so a fact-checking examiner then knows more than the label
+    synthetic_label_noise: float = 0.0
     # query-disjoint split
     split_seed: int = 0
     validation_fraction: float = 0.1

@@ -49,6 +49,7 @@ def load_data(cfg: DataConfig) -> list[Record]:
             products_per_query=cfg.synthetic_products_per_query,
             seed=cfg.split_seed,
             taxonomy=cfg.taxonomy,
+            label_noise=cfg.synthetic_label_noise,
         )
     return _load(cfg, cfg.path)
 

@@ -870,7 +870,8 @@ def _same_mismatch(rng: random.Random, intent: Intent) -> Item:
     ptype = CATALOGUE[intent.type]
     violable = _violable(intent)
     k = 1 if len(violable) == 1 or rng.random() < 0.75 else 2
-    broken = set(rng.sample(violable, k))
+    broken = rng.sample(violable, k)  # a list: a set's order follows the per-process string hash, and the loop below
+    # draws from rng in that order
     fixed = dict(intent.constraints)
     if intent.negated is not None:
         fixed["function"] = rng.choice(_functions_for(ptype, intent.negated, "function" in broken))

@@ -782,7 +782,7 @@ def data_summary(ctx: CompareRun, splits: Mapping[str, list[Record]]) -> dict[st
     dc = ctx.cfg.data
     source = (f"{dc.path} (format {dc.format}" + (f", cuts {list(dc.cuts)}" if dc.format == "home-depot" else "") + ")"
               if dc.path else f"synthetic ({dc.synthetic_queries} queries x {dc.synthetic_products_per_query} products, "
-              f"seed {dc.split_seed})")
+              f"seed {dc.split_seed}" + (f", label noise {dc.synthetic_label_noise}" if dc.synthetic_label_noise else "") + ")")
     return {
         "source": source, "taxonomy": dc.taxonomy, "split_seed": dc.split_seed, "balance_train": dc.balance_train,
         "max_train": dc.max_train, "max_eval": dc.max_eval,
