@@ -64,6 +64,10 @@ def main() -> None:
         raise SystemExit("the arms disagree on a pair's gold label: they were not evaluated on the same data")
     if args.gold == "facts":  # the label the pair's (true) step facts imply, not its data label
         by_id = {r.id: r for r in records}
+        no_facts = [i for i in ids if by_id[i].facts.type_relation is None]
+        if no_facts:
+            raise SystemExit(f"--gold facts: {len(no_facts)} pairs have no step facts to imply a label, e.g. "
+                             f"{no_facts[:3]} (synthetic data, or data with human step facts, has them)")
         gold = [label_from_facts(by_id[i].facts, data.taxonomy) for i in ids]
         print(f"gold: the facts' labels; the data labels differ on {sum(g != a[0][i]['gold'] for i, g in zip(ids, gold))}"
               f" of {len(ids)} pairs")

@@ -50,3 +50,19 @@ def test_gold_facts_scores_against_the_facts_labels(tmp_path):
     assert _macro_f1s(runs["facts"], "raw")[0] == 1.0 and _macro_f1s(runs["facts"], "raw")[2] > 0
     assert f"differ on {n_noisy} of {len(gold)} pairs" in runs["facts"]
     assert "differ on" not in runs["data"]
+
+
+def test_gold_facts_without_facts_is_a_clear_error(tmp_path):
+    rows = [{"id": f"p{i}", "query": f"query {i // 2}", "product": {"title": f"product {i}"},
+             "label": ["Irrelevant", "Partial", "Exact"][i % 3]} for i in range(40)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tmp_path / "data.yaml"
+    cfg.write_text(f"data:\n  path: {data}\n  format: jsonl\n  split_seed: 0\n  test_fraction: 0.5\n")
+    test = load_splits(data_section(str(cfg)))["test"]
+    gold = {r.id: r.label for r in test}
+    pred = _write(tmp_path / "a.jsonl", gold, gold)
+    res = subprocess.run([sys.executable, str(ROOT / "scripts/paired_eval.py"), "--data-config", str(cfg),
+                          "--a", pred, "--b", pred, "--gold", "facts", "--n-boot", "20"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode != 0 and "have no step facts" in res.stderr
