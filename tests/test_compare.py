@@ -607,14 +607,14 @@ def test_whole_table_on_the_tiny_model_then_a_rerun_runs_nothing(tmp_path, tiny_
     res = compare.run_compare(cfg, command="pytest")
     # SFT + label-only SFT; 5 plain RL rows + 2 + 2 + 2 curriculum stages + 1 = 12 RL runs (no_step_reward reuses
     # grpo, srpo_gated srpo, srpo_gated_verifier_only srpo_verifier_only), + 8 estimator/step-reward ablations
-    # + 8 seed repeats (2 each of grpo, srpo_gated, srpo_gated_graded_missing, srpo_decoupled) + 4 likelihood-outcome
-    # rows + srpo_likelihood, its 2 seeds, srpo_likelihood_outcome, srpo_likelihood_prob and
-    # srpo_likelihood_prob_balanced with its 2 seeds (srpo_likelihood_g2 is srpo_likelihood's job here: the tiny
+    # + 9 seed repeats (3 of grpo, 2 each of srpo_gated, srpo_gated_graded_missing, srpo_decoupled) + 4
+    # likelihood-outcome rows + srpo_likelihood, its 2 seeds, srpo_likelihood_outcome, srpo_likelihood_prob and
+    # srpo_likelihood_prob_balanced with its 3 seeds (srpo_likelihood_g2 is srpo_likelihood's job here: the tiny
     # groups are of 2)
-    assert counts["train_sft"] == 2 and counts["run_rl_job"] == 40 and counts["run_curriculum"] == 3
+    assert counts["train_sft"] == 2 and counts["run_rl_job"] == 42 and counts["run_curriculum"] == 3
     assert counts["run_dpo_job"] == counts["run_reward_model_job"] == counts["run_cross_encoder_job"] == 1
     assert counts["estimate_pass_rates"] == 1 and "run_prm_job" not in counts  # judge given: no PRM job
-    assert counts["evaluate"] == 40  # every generative row but the reused ones (majority/cross-encoder: no LM)
+    assert counts["evaluate"] == 42  # every generative row but the reused ones (majority/cross-encoder: no LM)
 
     rows = res["rows"]
     assert list(rows) == table
@@ -643,7 +643,7 @@ def test_whole_table_on_the_tiny_model_then_a_rerun_runs_nothing(tmp_path, tiny_
     for name in table:
         assert f"| {name}" in md, name
     assert "Command: `pytest`" in md and "Seed: 0" in md and "## Ablations" in md
-    assert "## More seeds of the main rows" in md and "| srpo_gated - grpo | 3 | 3 |" in md
+    assert "## More seeds of the main rows" in md and "| srpo_gated - grpo | 3 | 4 |" in md
     assert "## Calibrated verdicts" in md and rows["grpo"]["calibrated"]["label_offsets"].keys() == set(labels)
     assert "calibrated" not in rows["majority"] and "calibrated" not in rows["cross_encoder"]
     assert (out / "grpo" / "eval" / "calibration.json").exists() and res["paired_calibrated"]

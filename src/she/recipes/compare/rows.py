@@ -257,8 +257,10 @@ _ENUMERATED = ("grpo_exact", "srpo_exact", "srpo_exact_rated", "srpo_exact_teach
 for _base in ("grpo", "srpo_gated", "srpo_gated_graded_missing", "srpo_decoupled", "srpo_likelihood", "grpo_computed",
               "srpo_likelihood_computed", "srpo_likelihood_prob_balanced") + _ENUMERATED:
     # the enumerated arms: ~10 min a row, three seeds; the anchored matched pair, whose gap issue 10's replicates
-    # decide (eight replicates in sessions 33-36: +0.002, sd 0.008), five
-    _n_seeds = 5 if _base in ("srpo_exact_kl", "grpo_exact_kl") else 3 if _base in _ENUMERATED else 2
+    # decide (eight replicates in sessions 33-36: +0.002, sd 0.008), five; GRPO and the balanced likelihood credit, the
+    # pair of the noisy synthetic comparison (session 40), three
+    _n_seeds = (5 if _base in ("srpo_exact_kl", "grpo_exact_kl")
+                else 3 if _base in _ENUMERATED + ("grpo", "srpo_likelihood_prob_balanced") else 2)
     for _k in range(1, _n_seeds + 1):
         _spec = ROWS[_base]
         ROWS[f"{_base}_seed{_k}"] = Row("seed", f"{_base} with seed + {_k}", "rl", rl={**_spec.rl, "seed_offset": _k},
