@@ -71,6 +71,17 @@ def test_archive_without_gold_is_an_error_naming_the_line(tmp_path):
         read_predictions(dest, gold={"a": "Exact", "b": "Partial"})
 
 
+def test_a_format_invalid_prediction_is_kept_with_its_null_label(tmp_path):
+    preds = [PREDS[0], {"id": "x", "label": None, "probs": None, "format_ok": False, "reasoning": "Verdict", "gold": "Exact"}]
+    dest = tmp_path / "a.jsonl.gz"
+    assert write_archive(_write(tmp_path / "p.jsonl", preds), dest, {"Exact": 1.0}) == 2
+    back = read_predictions(dest, gold={"a": "Exact", "x": "Exact"})
+    assert back["x"] == {"gold": "Exact", "raw": None, "calibrated": None}
+    # a null label on a line that does not say it is format-invalid is still refused
+    with pytest.raises(UserError, match=r"q\.jsonl:1: field 'label': missing"):
+        write_archive(_write(tmp_path / "q.jsonl", [{"id": "a", "label": None}]), tmp_path / "y.jsonl.gz")
+
+
 def test_bad_predictions_are_refused_with_file_and_line(tmp_path):
     with pytest.raises(UserError, match=r"p\.jsonl:2: field 'id': duplicate"):
         write_archive(_write(tmp_path / "p.jsonl", [PREDS[0], PREDS[0]]), tmp_path / "x.jsonl.gz")

@@ -6,7 +6,8 @@ row (seeds pooled across sessions). An archive keeps what a paired comparison ne
 
     {"id": "hd-12345", "raw_label": "Partial", "label": "Exact", "probs": {"Exact": 0.61, ...}}
 
-one line a pair, gzip-compressed (``.jsonl.gz``; plain ``.jsonl`` too): the pair's id, the generated label, the
+one line a pair, gzip-compressed (``.jsonl.gz``; plain ``.jsonl`` too): the pair's id, the generated label (null
+for a generation with no readable verdict, ``format_ok: false``, which a comparison scores as wrong), the
 label the evaluation reported (calibrated when it was, or re-read with the offsets given when archiving) and the
 label-token probabilities (6 significant digits: offsets of several nats read the small ones). No query, product,
 reasoning or gold label: the data's licence keeps them out of the repository, so the gold label comes back from
@@ -61,7 +62,8 @@ def write_archive(src: str | os.PathLike, dest: str | os.PathLike,
         if rid in seen:
             raise UserError(f"{src}:{n}: field 'id': duplicate id {rid!r}")
         seen.add(rid)
-        _field(d, "label", src, n)
+        if d.get("format_ok") is not False or "label" not in d:  # a null label only for a format-invalid trace
+            _field(d, "label", src, n)
         rows.append(json.dumps(compact_prediction(d, offsets), ensure_ascii=False, sort_keys=True) + "\n")
     if not rows:
         raise UserError(f"{src}: no predictions")
