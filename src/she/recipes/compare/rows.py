@@ -183,6 +183,12 @@ ROWS: dict[str, Row] = {
                                          rl={"step_rewards": True, "advantage": "srpo_likelihood",
                                              "examiner": "verifier", "likelihood_objective": "prob",
                                              "likelihood_class_weights": "balanced"}, **_RL),
+    "srpo_likelihood_balanced": Row("ablation", "srpo_likelihood (the log P(gold value) credit, a proper scoring rule) "
+                                    "with the credit weighted by the inverse frequency of the gold value "
+                                    "(likelihood_class_weights: balanced): the balanced log-likelihood of the step",
+                                    "rl", rl={"step_rewards": True, "advantage": "srpo_likelihood",
+                                              "examiner": "verifier", "likelihood_objective": "logprob",
+                                              "likelihood_class_weights": "balanced"}, **_RL),
     "srpo_gated_min": Row("ablation", "srpo_gated with PURE-style min-form credit over the penalties", "rl",
                           rl={"step_rewards": True, "advantage": "srpo_gated_min"}, **_RL),
     "srpo_centered": Row("ablation", "SRPO with group-centred step credit normalised per step type", "rl",
