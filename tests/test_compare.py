@@ -609,12 +609,12 @@ def test_whole_table_on_the_tiny_model_then_a_rerun_runs_nothing(tmp_path, tiny_
     # grpo, srpo_gated srpo, srpo_gated_verifier_only srpo_verifier_only), + 8 estimator/step-reward ablations
     # + 9 seed repeats (3 of grpo, 2 each of srpo_gated, srpo_gated_graded_missing, srpo_decoupled) + 4
     # likelihood-outcome rows + srpo_likelihood, its 2 seeds, srpo_likelihood_outcome, srpo_likelihood_prob and
-    # srpo_likelihood_prob_balanced with its 3 seeds, srpo_likelihood_balanced (srpo_likelihood_g2 is
+    # srpo_likelihood_prob_balanced with its 3 seeds, srpo_likelihood_balanced with its 2 (srpo_likelihood_g2 is
     # srpo_likelihood's job here: the tiny groups are of 2)
-    assert counts["train_sft"] == 2 and counts["run_rl_job"] == 43 and counts["run_curriculum"] == 3
+    assert counts["train_sft"] == 2 and counts["run_rl_job"] == 45 and counts["run_curriculum"] == 3
     assert counts["run_dpo_job"] == counts["run_reward_model_job"] == counts["run_cross_encoder_job"] == 1
     assert counts["estimate_pass_rates"] == 1 and "run_prm_job" not in counts  # judge given: no PRM job
-    assert counts["evaluate"] == 43  # every generative row but the reused ones (majority/cross-encoder: no LM)
+    assert counts["evaluate"] == 45  # every generative row but the reused ones (majority/cross-encoder: no LM)
 
     rows = res["rows"]
     assert list(rows) == table

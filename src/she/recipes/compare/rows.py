@@ -261,7 +261,7 @@ for _outcome, _what in (("gold_prob", "P(gold label | reasoning)"),
 # the report pools a row with its seeds (arm_of) for the paired intervals
 _ENUMERATED = ("grpo_exact", "srpo_exact", "srpo_exact_rated", "srpo_exact_teacher", "srpo_exact_kl", "grpo_exact_kl")
 for _base in ("grpo", "srpo_gated", "srpo_gated_graded_missing", "srpo_decoupled", "srpo_likelihood", "grpo_computed",
-              "srpo_likelihood_computed", "srpo_likelihood_prob_balanced") + _ENUMERATED:
+              "srpo_likelihood_computed", "srpo_likelihood_prob_balanced", "srpo_likelihood_balanced") + _ENUMERATED:
     # the enumerated arms: ~10 min a row, three seeds; the anchored matched pair, whose gap issue 10's replicates
     # decide (eight replicates in sessions 33-36: +0.002, sd 0.008), five; GRPO and the balanced likelihood credit, the
     # pair of the noisy synthetic comparison (session 40), three
