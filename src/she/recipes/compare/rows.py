@@ -183,12 +183,6 @@ ROWS: dict[str, Row] = {
                                          rl={"step_rewards": True, "advantage": "srpo_likelihood",
                                              "examiner": "verifier", "likelihood_objective": "prob",
                                              "likelihood_class_weights": "balanced"}, **_RL),
-    "srpo_likelihood_balanced": Row("ablation", "srpo_likelihood (the log P(gold value) credit, a proper scoring rule) "
-                                    "with the credit weighted by the inverse frequency of the gold value "
-                                    "(likelihood_class_weights: balanced): the balanced log-likelihood of the step",
-                                    "rl", rl={"step_rewards": True, "advantage": "srpo_likelihood",
-                                              "examiner": "verifier", "likelihood_objective": "logprob",
-                                              "likelihood_class_weights": "balanced"}, **_RL),
     "srpo_gated_min": Row("ablation", "srpo_gated with PURE-style min-form credit over the penalties", "rl",
                           rl={"step_rewards": True, "advantage": "srpo_gated_min"}, **_RL),
     "srpo_centered": Row("ablation", "SRPO with group-centred step credit normalised per step type", "rl",
@@ -208,6 +202,13 @@ ROWS: dict[str, Row] = {
 ROWS["srpo_likelihood_g2"] = Row("ablation", "srpo_likelihood with groups of 2 rollouts: the same rollouts a step "
                                  "spread over more prompts (4 x 8 becomes 16 x 2)", "rl",
                                  rl={**ROWS["srpo_likelihood"].rl, "regroup_generations": 2}, **_RL)
+# the log-likelihood credit (a proper scoring rule) with srpo_likelihood_prob_balanced's weights: a value the policy
+# rarely says is pulled back hardest, where the prob form's pull vanishes (docs/srpo.md, session 41)
+ROWS["srpo_likelihood_balanced"] = Row("ablation", "srpo_likelihood with the credit weighted by the inverse frequency "
+                                       "of the gold value (likelihood_class_weights: balanced): the step's balanced "
+                                       "log-likelihood", "rl",
+                                       rl={**ROWS["srpo_likelihood"].rl, "likelihood_objective": "logprob",
+                                           "likelihood_class_weights": "balanced"}, **_RL)
 
 # rollouts with the computed steps forced (she.training.computed_rollouts): the policy samples and trains only the
 # decision and the verdict, after the evidence the computed read of `she eval` forces too (docs/srpo.md, "Computed
@@ -264,7 +265,7 @@ for _base in ("grpo", "srpo_gated", "srpo_gated_graded_missing", "srpo_decoupled
               "srpo_likelihood_computed", "srpo_likelihood_prob_balanced", "srpo_likelihood_balanced") + _ENUMERATED:
     # the enumerated arms: ~10 min a row, three seeds; the anchored matched pair, whose gap issue 10's replicates
     # decide (eight replicates in sessions 33-36: +0.002, sd 0.008), five; GRPO and the balanced likelihood credit, the
-    # pair of the noisy synthetic comparison (session 40), three
+    # pair of the noisy synthetic comparison (session 40), three; its log-likelihood form (session 41), two
     _n_seeds = (5 if _base in ("srpo_exact_kl", "grpo_exact_kl")
                 else 3 if _base in _ENUMERATED + ("grpo", "srpo_likelihood_prob_balanced") else 2)
     for _k in range(1, _n_seeds + 1):
