@@ -66,3 +66,31 @@ def test_gold_facts_without_facts_is_a_clear_error(tmp_path):
                           "--a", pred, "--b", pred, "--gold", "facts", "--n-boot", "20"],
                          capture_output=True, text=True, cwd=ROOT)
     assert res.returncode != 0 and "have no step facts" in res.stderr
+
+
+def test_arms_under_other_label_noise_compare_on_the_facts_only(tmp_path):
+    """The same pairs made with and without label noise (same ids and facts, other data labels): --gold data refuses
+    to pair them, --gold facts scores both against the facts."""
+    splits = {}
+    for noise in (0.0, 0.3):
+        cfg = tmp_path / f"data{noise}.yaml"
+        cfg.write_text(f"data:\n  synthetic_queries: 80\n  synthetic_products_per_query: 4\n  synthetic_label_noise: "
+                       f"{noise}\n  split_seed: 0\n  test_fraction: 0.5\n")
+        splits[noise] = (cfg, {r.id: r for r in load_splits(data_section(str(cfg)))["test"]})
+    (cfg, noisy), (_, clean) = splits[0.3], splits[0.0]
+    assert noisy.keys() == clean.keys()
+    facts = {i: label_from_facts(r.facts, "hd3") for i, r in noisy.items()}
+    assert all(clean[i].label == facts[i] for i in facts)  # without noise every label is the facts' label
+    n_noisy = sum(noisy[i].label != facts[i] for i in facts)
+    assert n_noisy > 0
+    a = _write(tmp_path / "a.jsonl", facts, {i: r.label for i, r in clean.items()})  # evaluated on the clean data
+    b = _write(tmp_path / "b.jsonl", {i: r.label for i, r in noisy.items()}, {i: r.label for i, r in noisy.items()})
+    out = {}
+    for which in ("data", "facts"):
+        out[which] = subprocess.run([sys.executable, str(ROOT / "scripts/paired_eval.py"), "--data-config", str(cfg),
+                                     "--a", a, "--b", b, "--gold", which, "--n-boot", "20"],
+                                    capture_output=True, text=True, cwd=ROOT)
+    assert out["data"].returncode != 0 and "disagree on a pair's gold label" in out["data"].stderr
+    assert out["facts"].returncode == 0, out["facts"].stderr
+    assert f"data labels differ on {n_noisy} of {len(facts)} pairs" in out["facts"].stdout
+    assert _macro_f1s(out["facts"].stdout, "raw")[0] == 1.0 and _macro_f1s(out["facts"].stdout, "raw")[2] > 0
