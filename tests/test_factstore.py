@@ -305,3 +305,78 @@ def test_prm_records_get_store_facts(tmp_path):
                        facts_store=str(tmp_path / "f.sqlite"))
     recs = _records_for(cfg)
     assert [r.facts.type_relation for r in recs] == [None, None, "different"]
+
+
+# -- facts_on_share: a partial fact pass, simulated (rl.facts_share) ------------------------------------------------
+
+def _annotated(n):
+    return [_rec(f"p{i}", type_relation=("same", "related", "different")[i % 3], brand="match") for i in range(n)]
+
+
+def test_facts_on_share_keeps_a_fixed_nested_subset():
+    from she.data.factstore import facts_on_share
+
+    recs = _annotated(300)
+    assert facts_on_share(recs, None) == recs
+    assert all(r.facts.is_empty() for r in facts_on_share(recs, 0.0))
+    assert facts_on_share(recs, 1.0) == recs
+    kept = {}
+    for share in (0.25, 0.5):
+        out = facts_on_share(recs, share)
+        assert out == facts_on_share(recs, share)  # the same subset every call
+        assert [replace(r, facts=StepFacts()) for r in out] == [replace(r, facts=StepFacts()) for r in recs]
+        kept[share] = {r.id for r in out if not r.facts.is_empty()}
+        assert all(r.facts == recs[i].facts for i, r in enumerate(out) if r.id in kept[share])  # kept whole
+        assert abs(len(kept[share]) - share * len(recs)) < 0.1 * len(recs)  # about the share
+    assert kept[0.25] < kept[0.5]  # a smaller pass lies inside a larger one
+
+
+def test_facts_on_share_is_the_same_subset_in_every_process():
+    import subprocess
+    import sys
+
+    code = ("from she.data.factstore import facts_on_share\n"
+            "from she.data.schema import Product, Record, StepFacts\n"
+            "recs = [Record(id=f'p{i}', query='q', product=Product(title='t'), facts=StepFacts(type_relation='same'))"
+            " for i in range(100)]\n"
+            "print(','.join(r.id for r in facts_on_share(recs, 0.4) if not r.facts.is_empty()))\n")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
+    assert len(outs) == 1 and next(iter(outs)).strip()
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, "half", True])
+def test_facts_on_share_bad_value_is_a_clear_error(bad):
+    from she.data.factstore import facts_on_share
+    from she.errors import UserError
+
+    with pytest.raises(UserError, match="facts_share must be a number in"):
+        facts_on_share(_annotated(3), bad)
+
+
+def test_rl_job_examines_only_the_shared_facts(tmp_path, monkeypatch):
+    """The records the RL job trains on carry facts on the share only (read where the job resolves its class
+    weights, after the share and before any model is loaded); with a fact store too, a clear error."""
+    from she.config import RLJobConfig
+    from she.errors import UserError
+    from she.training import rl
+
+    seen = {}
+
+    def stop(cfg, train):
+        seen["train"] = train
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(rl, "resolve_class_weights", stop)
+    monkeypatch.setattr(rl, "schema_of", lambda model: None)
+    monkeypatch.setattr(rl, "resolve_schema", lambda spec, taxonomy: None)
+    monkeypatch.setattr(rl, "build_examiner", lambda cfg: None)
+    recs = _annotated(60)
+    cfg = RLJobConfig(model="tiny", output_dir=str(tmp_path / "rl"), report_to="none", facts_share=0.5)
+    with pytest.raises(RuntimeError, match="stop here"):
+        rl.run_rl_job(cfg, recs)
+    n_kept = sum(not r.facts.is_empty() for r in seen["train"])
+    assert 0 < n_kept < len(recs) and len(seen["train"]) == len(recs)
+    cfg.facts_store = str(tmp_path / "facts.sqlite")
+    with pytest.raises(UserError, match="set one of the two"):
+        rl.run_rl_job(cfg, recs)

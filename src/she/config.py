@@ -583,6 +583,10 @@ class RLJobConfig(ConfigBase):
     judge_weight: float = 0.5  # blend weight of the judge
     judge_auc_floor: float | None = 0.6  # step types whose held-out judge AUC is below this are not judged (None: all)
     facts_store: str | None = None  # fact store from `she data facts build`: facts for the verifier, by record id
+    # the share of the RL records whose step facts the examiner may read (picked by a hash of the id: the same
+    # subset for every arm and seed); the rest are examined as unannotated pairs (what their label implies). For
+    # sizing an annotation budget (docs/srpo.md). null: every record's facts
+    facts_share: float | None = None
     reward_model: str | None = None  # scalar RM folder (`she train rm`): its score replaces the label outcome reward
     # the advantage estimator (docs/srpo.md): srpo_gated (outcome-gated, penalty-only step credit) |
     # srpo_gated_min (the same, PURE min-form) | srpo_gated_balanced (penalties paid back: zero-sum) | srpo_centered (group-centred per step type) |

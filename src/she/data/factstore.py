@@ -504,6 +504,28 @@ def attach_facts(records: Sequence[Record], store: FactStore, *,
     return out, AttachStats(len(records), n_found, filled, both, conflicts)
 
 
+def facts_on_share(records: Sequence[Record], share: float | None) -> list[Record]:
+    """``records`` whose step facts are kept on ``share`` of them and cleared on the rest, as on data whose fact
+    pass covered only part of the pairs (sizing an annotation budget: ``rl.facts_share``, docs/srpo.md). A record
+    keeps its facts when a hash of its id, read as a number in [0, 1), is below ``share``: the same subset in every
+    run, seed and process, and the subset at a smaller share lies inside the one at a larger share. ``None``: all
+    records unchanged."""
+    if share is None:
+        return list(records)
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
+        raise UserError(f"facts_share must be a number in [0, 1] (the share of records keeping their step facts), "
+                        f"got {share!r}")
+    return [r if _unit_hash(r.id) < share else replace(r, facts=StepFacts()) for r in records]
+
+
+def _unit_hash(rid: str) -> float:
+    """A record id as a number in [0, 1): the first 8 bytes of its SHA-256 over 2^64 (not Python's per-process
+    string hash)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(str(rid).encode()).digest()[:8], "big") / 2.0**64
+
+
 def attach_from_path(records: Sequence[Record], store_path: PathLike | None) -> list[Record]:
     """The jobs' hook (``facts_store:`` in RL/PRM configs): records unchanged when no store is set,
     else with the store's facts attached (the store is opened, used and closed)."""
@@ -524,5 +546,6 @@ __all__ = [
     "FactStore",
     "attach_facts",
     "attach_from_path",
+    "facts_on_share",
     "merge_facts",
 ]

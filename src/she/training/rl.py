@@ -8,6 +8,7 @@ from pathlib import Path
 
 from she.algorithms.advantages import EXACT_ESTIMATORS
 from she.config import RLJobConfig
+from she.data.factstore import facts_on_share
 from she.data.schema import Record
 from she.errors import UserError
 from she.models.metadata import schema_of
@@ -261,7 +262,11 @@ def run_rl_job(cfg: RLJobConfig, train: list[Record], callbacks: list | None = N
 
     spec = schema_of(cfg.model)
     schema = resolve_schema(spec, cfg.data.taxonomy)
+    if cfg.facts_share is not None and cfg.facts_store:  # the live examiner would read the store's facts on every pair
+        raise UserError("rl.facts_share simulates a partial fact pass on records that carry facts; with rl.facts_store "
+                        "the store is the fact pass (annotate or drop pairs there instead): set one of the two")
     train = with_store_facts(cfg, train)
+    train = facts_on_share(train, cfg.facts_share)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     # The GRPOConfig comes first: it checks the vLLM settings (before a model is loaded) and sets up the
