@@ -29,6 +29,7 @@ calls ``refresh()`` once per step and sees new facts without a restart.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -521,8 +522,6 @@ def facts_on_share(records: Sequence[Record], share: float | None) -> list[Recor
 def _unit_hash(rid: str) -> float:
     """A record id as a number in [0, 1): the first 8 bytes of its SHA-256 over 2^64 (not Python's per-process
     string hash)."""
-    import hashlib
-
     return int.from_bytes(hashlib.sha256(str(rid).encode()).digest()[:8], "big") / 2.0**64
 
 
