@@ -380,3 +380,55 @@ def test_rl_job_examines_only_the_shared_facts(tmp_path, monkeypatch):
     cfg.facts_store = str(tmp_path / "facts.sqlite")
     with pytest.raises(UserError, match="set one of the two"):
         rl.run_rl_job(cfg, recs)
+
+
+# -- labels_from_facts: the same pairs with the labels their facts imply (rl.outcome_labels: facts) ---------------------
+
+def test_labels_from_facts_relabels_every_record_by_the_guideline():
+    from she.data.factstore import labels_from_facts
+
+    recs = [_rec("a", type_relation="same", brand="match"), _rec("b", type_relation="same", brand="mismatch"),
+            _rec("c", type_relation="related"), _rec("d", type_relation="different")]
+    noisy = [replace(r, label=lab) for r, lab in zip(recs, ["Irrelevant", "Exact", "Exact", "Partial"])]
+    out = labels_from_facts(noisy)
+    assert [r.label for r in out] == ["Exact", "Partial", "Partial", "Irrelevant"]  # hd3: mismatch or related -> Partial
+    assert [replace(r, label=None) for r in out] == [replace(r, label=None) for r in noisy]  # nothing else changes
+
+
+def test_labels_from_facts_refuses_a_record_without_a_type_fact():
+    from she.data.factstore import labels_from_facts
+    from she.errors import UserError
+
+    with pytest.raises(UserError, match="record 'b' has none"):
+        labels_from_facts([_rec("a", type_relation="same"), _rec("b")])
+
+
+def test_rl_job_pays_the_facts_labels_on_the_same_records(tmp_path, monkeypatch):
+    """``outcome_labels: facts`` relabels the RL records before the share clears facts (the labels of the cleared
+    records come from their facts too); an unknown value is a clear error."""
+    from she.config import RLJobConfig
+    from she.errors import UserError
+    from she.training import rl
+
+    seen = {}
+
+    def stop(cfg, train):
+        seen["train"] = train
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(rl, "resolve_class_weights", stop)
+    monkeypatch.setattr(rl, "schema_of", lambda model: None)
+    monkeypatch.setattr(rl, "resolve_schema", lambda spec, taxonomy: None)
+    monkeypatch.setattr(rl, "build_examiner", lambda cfg: None)
+    recs = [replace(r, label="Exact") for r in _annotated(30)]  # same/related/different, brand match
+    cfg = RLJobConfig(model="tiny", output_dir=str(tmp_path / "rl"), report_to="none", outcome_labels="facts",
+                      facts_share=0.5)
+    with pytest.raises(RuntimeError, match="stop here"):
+        rl.run_rl_job(cfg, recs)
+    want = {"same": "Exact", "related": "Partial", "different": "Irrelevant"}
+    assert [r.label for r in seen["train"]] == [want[r.facts.type_relation] for r in recs]
+    assert [r.id for r in seen["train"]] == [r.id for r in recs]
+    assert any(r.facts.is_empty() for r in seen["train"])  # the share applied after the relabel
+    cfg.outcome_labels = "gold"
+    with pytest.raises(UserError, match="outcome_labels must be data or facts"):
+        rl.run_rl_job(cfg, recs)

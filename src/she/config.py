@@ -587,6 +587,10 @@ class RLJobConfig(ConfigBase):
     # subset for every arm and seed); the rest are examined as unannotated pairs (what their label implies). For
     # sizing an annotation budget (docs/srpo.md). null: every record's facts
     facts_share: float | None = None
+    # whose labels the outcome reward pays: data (the records' own) | facts (each RL record's label recomputed from
+    # its step facts by the guideline; every record must carry a type_relation). A control for label noise: the same
+    # prompts with the labels their facts imply (docs/srpo.md)
+    outcome_labels: str = "data"
     reward_model: str | None = None  # scalar RM folder (`she train rm`): its score replaces the label outcome reward
     # the advantage estimator (docs/srpo.md): srpo_gated (outcome-gated, penalty-only step credit) |
     # srpo_gated_min (the same, PURE min-form) | srpo_gated_balanced (penalties paid back: zero-sum) | srpo_centered (group-centred per step type) |
