@@ -354,13 +354,9 @@ def test_facts_on_share_bad_value_is_a_clear_error(bad):
         facts_on_share(_annotated(3), bad)
 
 
-def test_rl_job_examines_only_the_shared_facts(tmp_path, monkeypatch):
-    """The records the RL job trains on carry facts on the share only (read where the job resolves its class
-    weights, after the share and before any model is loaded); with a fact store too, a clear error."""
-    from she.config import RLJobConfig
-    from she.errors import UserError
-    from she.training import rl
-
+def _stop_at_class_weights(monkeypatch, rl):
+    """Stops ``rl.run_rl_job`` where it resolves its class weights (after the records are prepared, before any model
+    is loaded), keeping the records it got there in the returned dict under ``train``."""
     seen = {}
 
     def stop(cfg, train):
@@ -371,6 +367,17 @@ def test_rl_job_examines_only_the_shared_facts(tmp_path, monkeypatch):
     monkeypatch.setattr(rl, "schema_of", lambda model: None)
     monkeypatch.setattr(rl, "resolve_schema", lambda spec, taxonomy: None)
     monkeypatch.setattr(rl, "build_examiner", lambda cfg: None)
+    return seen
+
+
+def test_rl_job_examines_only_the_shared_facts(tmp_path, monkeypatch):
+    """The records the RL job trains on carry facts on the share only (read where the job resolves its class
+    weights, after the share and before any model is loaded); with a fact store too, a clear error."""
+    from she.config import RLJobConfig
+    from she.errors import UserError
+    from she.training import rl
+
+    seen = _stop_at_class_weights(monkeypatch, rl)
     recs = _annotated(60)
     cfg = RLJobConfig(model="tiny", output_dir=str(tmp_path / "rl"), report_to="none", facts_share=0.5)
     with pytest.raises(RuntimeError, match="stop here"):
@@ -410,16 +417,7 @@ def test_rl_job_pays_the_facts_labels_on_the_same_records(tmp_path, monkeypatch)
     from she.errors import UserError
     from she.training import rl
 
-    seen = {}
-
-    def stop(cfg, train):
-        seen["train"] = train
-        raise RuntimeError("stop here")
-
-    monkeypatch.setattr(rl, "resolve_class_weights", stop)
-    monkeypatch.setattr(rl, "schema_of", lambda model: None)
-    monkeypatch.setattr(rl, "resolve_schema", lambda spec, taxonomy: None)
-    monkeypatch.setattr(rl, "build_examiner", lambda cfg: None)
+    seen = _stop_at_class_weights(monkeypatch, rl)
     recs = [replace(r, label="Exact") for r in _annotated(30)]  # same/related/different, brand match
     cfg = RLJobConfig(model="tiny", output_dir=str(tmp_path / "rl"), report_to="none", outcome_labels="facts",
                       facts_share=0.5)
