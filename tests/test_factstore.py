@@ -389,21 +389,22 @@ def test_rl_job_examines_only_the_shared_facts(tmp_path, monkeypatch):
         rl.run_rl_job(cfg, recs)
 
 
-# -- labels_from_facts: the same pairs with the labels their facts imply (rl.outcome_labels: facts) ---------------------
+# -- labels_from_facts: the same pairs with the labels their facts imply (rl.outcome_labels: facts) -------------------
 
 def test_labels_from_facts_relabels_every_record_by_the_guideline():
-    from she.data.factstore import labels_from_facts
+    from she.data.guideline import labels_from_facts
 
     recs = [_rec("a", type_relation="same", brand="match"), _rec("b", type_relation="same", brand="mismatch"),
             _rec("c", type_relation="related"), _rec("d", type_relation="different")]
     noisy = [replace(r, label=lab) for r, lab in zip(recs, ["Irrelevant", "Exact", "Exact", "Partial"])]
     out = labels_from_facts(noisy)
-    assert [r.label for r in out] == ["Exact", "Partial", "Partial", "Irrelevant"]  # hd3: mismatch or related -> Partial
+    # hd3: an attribute mismatch or a related type -> Partial
+    assert [r.label for r in out] == ["Exact", "Partial", "Partial", "Irrelevant"]
     assert [replace(r, label=None) for r in out] == [replace(r, label=None) for r in noisy]  # nothing else changes
 
 
 def test_labels_from_facts_refuses_a_record_without_a_type_fact():
-    from she.data.factstore import labels_from_facts
+    from she.data.guideline import labels_from_facts
     from she.errors import UserError
 
     with pytest.raises(UserError, match="record 'b' has none"):

@@ -41,7 +41,6 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from she.data.guideline import label_from_facts
 from she.data.schema import Record, StepFacts
 from she.data.validation import DataError, ErrorSink, LoadReport, check_on_error, finish_rejects
 from she.errors import UserError
@@ -518,20 +517,6 @@ def facts_on_share(records: Sequence[Record], share: float | None) -> list[Recor
         raise UserError(f"facts_share must be a number in [0, 1] (the share of records keeping their step facts), "
                         f"got {share!r}")
     return [r if _unit_hash(r.id) < share else replace(r, facts=StepFacts()) for r in records]
-
-
-def labels_from_facts(records: Sequence[Record]) -> list[Record]:
-    """``records`` with each label replaced by the one its step facts imply (:func:`she.data.guideline.label_from_facts`
-    in the record's taxonomy): the same pairs with clean labels, where the data's labels are noisy and its facts are
-    true (``rl.outcome_labels: facts``; the synthetic generator's ``label_noise``). A record without a
-    ``type_relation`` fact is an error naming it: a control that relabels only some pairs is not one."""
-    out = []
-    for r in records:
-        if r.facts.type_relation is None:
-            raise UserError(f"outcome_labels: facts needs a type_relation fact on every RL record; record {r.id!r} has "
-                            f"none (set rl.outcome_labels: data, or annotate it)")
-        out.append(replace(r, label=label_from_facts(r.facts, r.taxonomy)))
-    return out
 
 
 def _unit_hash(rid: str) -> float:

@@ -19,9 +19,10 @@ query that names no colour cannot be failed on colour.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
-from she.data.schema import ATTRIBUTES, MATCH_VALUES, TYPE_RELATIONS, StepFacts
+from she.data.schema import ATTRIBUTES, MATCH_VALUES, TYPE_RELATIONS, Record, StepFacts
 from she.errors import UserError
 
 GUIDELINE_TAXONOMIES = ("hd3", "esci4")
@@ -72,6 +73,20 @@ def label_from_facts(facts: StepFacts, taxonomy: str = "hd3") -> str:
         raise UserError("facts.type_relation is missing; the guideline label needs it")
     results = {a: getattr(facts, a) for a in ATTRIBUTES if getattr(facts, a) is not None}
     return guideline_label(facts.type_relation, results, taxonomy)
+
+
+def labels_from_facts(records: Sequence[Record]) -> list[Record]:
+    """``records`` with each label replaced by the one its step facts imply (:func:`label_from_facts` in the
+    record's taxonomy): the same pairs with clean labels, where the data's labels are noisy and its facts are
+    true (``rl.outcome_labels: facts``; the synthetic generator's ``label_noise``). A record without a
+    ``type_relation`` fact is an error naming it: a control that relabels only some pairs is not one."""
+    out = []
+    for r in records:
+        if r.facts.type_relation is None:
+            raise UserError(f"outcome_labels: facts needs a type_relation fact on every RL record; record {r.id!r} has "
+                            f"none (set rl.outcome_labels: data, or annotate it)")
+        out.append(replace(r, label=label_from_facts(r.facts, r.taxonomy)))
+    return out
 
 
 def consistent_type_relations(label: str, taxonomy: str = "hd3") -> tuple[str, ...]:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from she.algorithms.advantages import EXACT_ESTIMATORS
 from she.config import RLJobConfig
-from she.data.factstore import facts_on_share, labels_from_facts
+from she.data.factstore import facts_on_share
+from she.data.guideline import labels_from_facts
 from she.data.schema import Record
 from she.errors import UserError
 from she.models.metadata import schema_of
@@ -268,7 +269,8 @@ def run_rl_job(cfg: RLJobConfig, train: list[Record], callbacks: list | None = N
     train = with_store_facts(cfg, train)
     if cfg.outcome_labels not in ("data", "facts"):
         raise UserError(f"rl.outcome_labels must be data or facts, got {cfg.outcome_labels!r}")
-    if cfg.outcome_labels == "facts":  # before the share: the outcome reads every pair's facts, the examiner the share's
+    # relabel before the share: the outcome reads every pair's facts, the examiner only the share's
+    if cfg.outcome_labels == "facts":
         train = labels_from_facts(train)
     train = facts_on_share(train, cfg.facts_share)
     out = Path(cfg.output_dir)
