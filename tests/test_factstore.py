@@ -4,6 +4,7 @@ and its effect on the verifier, the CLI and the RL/PRM hooks."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import sqlite3
@@ -387,6 +388,40 @@ def test_rl_job_examines_only_the_shared_facts(tmp_path, monkeypatch):
     cfg.facts_store = str(tmp_path / "facts.sqlite")
     with pytest.raises(UserError, match="set one of the two"):
         rl.run_rl_job(cfg, recs)
+
+
+def test_fact_coverage_note_warns_on_a_thin_credit_only():
+    """Hand-counted: 3 of 12 records keep facts (25 %). At alpha 1 the credit's weight a step is 0.25 -> a warning
+    naming the share and 1 / share = 4.0; at alpha 4 (1.0) and with every record's facts, only information; with no
+    facts at all, information saying the examiner reads the labels."""
+    from she.training.rl import fact_coverage_note
+
+    recs = [_rec(f"q{i}", type_relation="same") if i < 3 else _rec(f"q{i}") for i in range(12)]
+    level, msg = fact_coverage_note(recs, 1.0)
+    assert level == logging.WARNING and "3 of 12 RL records (25%)" in msg and "share x alpha = 0.25" in msg
+    assert "here 4.0" in msg
+    assert fact_coverage_note(recs, 4.0)[0] == logging.INFO
+    assert fact_coverage_note(recs[:3], 0.1)[0] == logging.INFO  # every record annotated: no share to scale by
+    level, msg = fact_coverage_note(recs[3:], 1.0)
+    assert level == logging.INFO and "0 of 9" in msg and "only what each label implies" in msg
+
+
+def test_rl_job_logs_the_fact_coverage_for_step_estimators_only(tmp_path, monkeypatch, caplog):
+    from she.config import RLJobConfig
+    from she.training import rl
+
+    _stop_at_class_weights(monkeypatch, rl)
+    recs = _annotated(60)
+    cfg = RLJobConfig(model="tiny", output_dir=str(tmp_path / "rl"), report_to="none", facts_share=0.25)
+    with caplog.at_level(logging.INFO, logger="she.training.rl"), pytest.raises(RuntimeError, match="stop here"):
+        rl.run_rl_job(cfg, recs)
+    warned = [r for r in caplog.records if "RL records" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelno == logging.WARNING
+    caplog.clear()
+    cfg.step_rewards = False  # GRPO reads no facts: nothing to say
+    with caplog.at_level(logging.INFO, logger="she.training.rl"), pytest.raises(RuntimeError, match="stop here"):
+        rl.run_rl_job(cfg, recs)
+    assert not [r for r in caplog.records if "RL records" in r.getMessage()]
 
 
 # -- labels_from_facts: the same pairs with the labels their facts imply (rl.outcome_labels: facts) -------------------

@@ -145,6 +145,24 @@ def resolve_class_weights(cfg: RLJobConfig, train: list[Record]) -> dict[str, fl
     return {k: float(v) for k, v in cw.items()}
 
 
+def fact_coverage_note(records: list[Record], alpha: float) -> tuple[int, str]:
+    """(logging level, message) on how many RL records carry step facts, for a step estimator. With facts on a share
+    s < 1 of them and ``alpha * s`` under 0.5, a warning: on the noisy synthetic comparison a quarter at alpha 1
+    collapsed like GRPO and the same quarter at alpha 4 (= 1 / s) did not (docs/srpo.md, "How many pairs need step
+    facts?"); a measured hint, not a rule, so nothing is changed."""
+    n = len(records)
+    with_facts = sum(not r.facts.is_empty() for r in records)
+    share = with_facts / n if n else 0.0
+    msg = f"step facts on {with_facts} of {n} RL records ({share:.0%}), alpha {alpha:g}"
+    if with_facts == 0:
+        return logging.INFO, msg + ": the examiner reads only what each label implies"
+    if share < 1.0 and alpha * share < 0.5:
+        return logging.WARNING, (msg + f": share x alpha = {alpha * share:.2f}; with a partial fact pass docs/srpo.md "
+                                 f"(\"How many pairs need step facts?\") measured alpha ~ 1 / share (here "
+                                 f"{1.0 / share:.1f}) against a collapse at share x alpha 0.25")
+    return logging.INFO, msg
+
+
 def resolved_advantage(cfg: RLJobConfig) -> str:
     """The estimator a job runs: ``grpo`` whenever step rewards are off (``she train grpo`` on an SRPO config; on
     enumerated rollouts its exact form ``grpo_exact``), else ``cfg.advantage`` or the default ``srpo_gated``."""
@@ -273,6 +291,8 @@ def run_rl_job(cfg: RLJobConfig, train: list[Record], callbacks: list | None = N
     if cfg.outcome_labels == "facts":
         train = labels_from_facts(train)
     train = facts_on_share(train, cfg.facts_share)
+    if resolved_advantage(cfg) not in ("grpo", "grpo_exact") and cfg.alpha:
+        log.log(*fact_coverage_note(train, cfg.alpha))
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     # The GRPOConfig comes first: it checks the vLLM settings (before a model is loaded) and sets up the
