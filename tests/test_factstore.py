@@ -392,8 +392,8 @@ def test_rl_job_examines_only_the_shared_facts(tmp_path, monkeypatch):
 
 def test_fact_coverage_note_warns_on_a_thin_credit_only():
     """Hand-counted: 3 of 12 records keep facts (25 %). At alpha 1 the credit's weight a step is 0.25 -> a warning
-    naming the share and 1 / share = 4.0; at alpha 4 (1.0) and with every record's facts, only information; with no
-    facts at all, information saying the examiner reads the labels."""
+    naming the share and 1 / share = 4.0; at alpha 4 (1.0) and with every record's facts, only information; a tenth
+    (3 of 30) warns at any alpha; with no facts at all, information saying the examiner reads the labels."""
     from she.training.rl import fact_coverage_note
 
     recs = [_rec(f"q{i}", type_relation="same") if i < 3 else _rec(f"q{i}") for i in range(12)]
@@ -402,6 +402,8 @@ def test_fact_coverage_note_warns_on_a_thin_credit_only():
     assert "here 4.0" in msg
     assert fact_coverage_note(recs, 4.0)[0] == logging.INFO
     assert fact_coverage_note(recs[:3], 0.1)[0] == logging.INFO  # every record annotated: no share to scale by
+    level, msg = fact_coverage_note(recs[:3] + recs[3:] * 3, 10.0)  # 3 of 30: a tenth, whatever the alpha
+    assert level == logging.WARNING and "3 of 30 RL records (10%)" in msg and "under the quarter" in msg
     level, msg = fact_coverage_note(recs[3:], 1.0)
     assert level == logging.INFO and "0 of 9" in msg and "only what each label implies" in msg
 

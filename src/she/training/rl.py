@@ -146,16 +146,20 @@ def resolve_class_weights(cfg: RLJobConfig, train: list[Record]) -> dict[str, fl
 
 
 def fact_coverage_note(records: list[Record], alpha: float) -> tuple[int, str]:
-    """(logging level, message) on how many RL records carry step facts, for a step estimator. With facts on a share
-    s < 1 of them and ``alpha * s`` under 0.5, a warning: on the noisy synthetic comparison a quarter at alpha 1
-    collapsed like GRPO and the same quarter at alpha 4 (= 1 / s) did not (docs/srpo.md, "How many pairs need step
-    facts?"); a measured hint, not a rule, so nothing is changed."""
+    """(logging level, message) on how many RL records carry step facts, for a step estimator. A warning when facts
+    are on a share s < 1 of them and either ``alpha * s`` is under 0.5 or s is under a quarter: on the noisy synthetic
+    comparison a quarter at alpha 1 collapsed like GRPO, the same quarter at alpha 4 (= 1 / s) did not, and a tenth at
+    alpha 10 did (docs/srpo.md, "How many pairs need step facts?"); a measured hint, not a rule, so nothing is
+    changed."""
     n = len(records)
     with_facts = sum(not r.facts.is_empty() for r in records)
     share = with_facts / n if n else 0.0
     msg = f"step facts on {with_facts} of {n} RL records ({share:.0%}), alpha {alpha:g}"
     if with_facts == 0:
         return logging.INFO, msg + ": the examiner reads only what each label implies"
+    if share < 0.25:
+        return logging.WARNING, (msg + ": under the quarter that docs/srpo.md (\"How many pairs need step facts?\") "
+                                 "measured to work; a tenth at alpha 10 did not beat the SFT start")
     if share < 1.0 and alpha * share < 0.5:
         return logging.WARNING, (msg + f": share x alpha = {alpha * share:.2f}; with a partial fact pass docs/srpo.md "
                                  f"(\"How many pairs need step facts?\") measured alpha ~ 1 / share (here "
