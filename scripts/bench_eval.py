@@ -35,11 +35,18 @@ def main(argv=None) -> None:
     p.add_argument("--batch-sizes", default="32,64,128")
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--reps", type=int, default=2, help="repetitions; the first is a warm-up")
+    p.add_argument("--decoding", default="fast",
+                   help="comma-separated arms, from fast (she.models.generation.fast_decoding, the default since "
+                        "session 47) and plain (transformers' attention, cache and linear layers): each batch size "
+                        "runs once per arm, the arms alternating")
     add_common_args(p)
     args = p.parse_args(argv)
     if args.reps < 2:
         p.error("--reps must be >= 2: the first repetition is a warm-up and is not counted")
-    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    arms = [a.strip() for a in args.decoding.split(",")]
+    if unknown := [a for a in arms if a not in ("fast", "plain")]:
+        p.error(f"unknown --decoding arms {unknown}; choose from fast, plain")
+    sizes = [(int(b), a) for b in args.batch_sizes.split(",") for a in arms]
     records = bench_records(p, args, args.pairs)
 
     from she.evaluation.generate import generate_judgements
@@ -49,25 +56,27 @@ def main(argv=None) -> None:
     model, tok = load_model_and_tokenizer(args.model)
     schema = model_step_schema(args.model, "hd3")
     style = prompt_style_of(args.model)
-    times: dict[int, list[float]] = {b: [] for b in sizes}
-    tokens: dict[int, int] = {}
-    labels: dict[int, list] = {}
+    times: dict[tuple, list[float]] = {b: [] for b in sizes}
+    tokens: dict[tuple, int] = {}
+    labels: dict[tuple, list] = {}
     for rep in range(args.reps):
-        for b in (sizes if rep % 2 == 0 else sizes[::-1]):
+        for key in (sizes if rep % 2 == 0 else sizes[::-1]):
+            b, arm = key
+            os.environ["SHE_DECODING"] = arm
             t = time.perf_counter()
             js = generate_judgements(model, tok, records, batch_size=b, max_new_tokens=args.max_new_tokens,
                                      bf16=args.bf16, progress=False, schema=schema, prompt_style=style)
             dt = time.perf_counter() - t
             if rep:
-                times[b].append(dt)
-            tokens[b] = sum(j.n_new_tokens for j in js)
-            labels[b] = [j.label for j in js]
-            print(f"rep {rep} batch {b}: {dt:.1f} s, {tokens[b] / dt:.1f} new tokens/s", flush=True)
+                times[key].append(dt)
+            tokens[key] = sum(j.n_new_tokens for j in js)
+            labels[key] = [j.label for j in js]
+            print(f"rep {rep} batch {b} {arm}: {dt:.1f} s, {tokens[key] / dt:.1f} new tokens/s", flush=True)
     base = sizes[0]
     rows = {}
     for b in sizes:
         secs = statistics.median(times[b])
-        rows[str(b)] = {"seconds": secs, "new_tokens": tokens[b], "tokens_per_s": tokens[b] / secs,
+        rows[f"{b[0]} {b[1]}"] = {"seconds": secs, "new_tokens": tokens[b], "tokens_per_s": tokens[b] / secs,
                         "pairs_per_s": len(records) / secs,
                         "speedup_vs_first": statistics.median(times[base]) / secs,
                         "agree": sum(x == y for x, y in zip(labels[b], labels[base])) / len(records)}

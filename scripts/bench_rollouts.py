@@ -14,6 +14,13 @@ padded, with a KV cache:
              max new tokens, fixed shapes)
   static+compiled  the same with the decoding forward compiled by TorchInductor (transformers' CompileConfig,
              mode "default", forced on a CPU with ``_compile_all_devices``); its compile lands in the warm-up
+  shared+attn  shared with one-token queries attended by two small float32 matmuls instead of torch's CPU SDPA
+             kernel (she.models.generation.decode_attention)
+  shared+grow  shared with the KV cache grown into spare room instead of concatenated at every token
+             (she.models.generation.growing_cache)
+  shared+packed  shared with every linear layer on a bf16 weight packed once a call (she.models.generation.
+             packed_linears)
+  shared+decoding  shared with all three (she.models.generation.fast_decoding, the default since session 47)
 
 ``--variants`` picks which run (default: the first three). Variants alternate inside every repetition, each from
 the same seed, so drift of a shared CPU hits all of them; the first repetition is a warm-up and is not counted.
@@ -39,7 +46,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from _bench import add_common_args, bench_records, report  # noqa: E402 - scripts/_bench.py, next to this file
 
-VARIANTS = ("trl", "cached", "cached+fast", "shared", "static", "static+compiled")
+VARIANTS = ("trl", "cached", "cached+fast", "shared", "static", "static+compiled", "shared+attn", "shared+grow",
+            "shared+packed", "shared+decoding")
 DEFAULT_VARIANTS = "trl,cached,cached+fast"
 
 
@@ -74,7 +82,8 @@ def prompt_batch(tok, records, schema, style: str, group: int):
 def generate_once(model, tok, input_ids, mask, variant: str, max_new: int, seed: int, bf16: bool):
     from transformers import GenerationConfig
 
-    from she.models.generation import fast_sampling, generation_autocast, shared_prefill
+    from she.models.generation import (decode_attention, fast_sampling, generation_autocast, growing_cache,
+                                       packed_linears, shared_prefill)
 
     extra = {}
     if variant.startswith("static"):
@@ -90,7 +99,10 @@ def generate_once(model, tok, input_ids, mask, variant: str, max_new: int, seed:
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     with torch.no_grad(), generation_autocast(bf16 and variant != "trl", "cpu"), \
-            fast_sampling(variant not in ("trl", "cached")), shared_prefill(model, variant == "shared"):
+            fast_sampling(variant not in ("trl", "cached")), shared_prefill(model, variant.startswith("shared")), \
+            decode_attention(model, variant.endswith(("+attn", "+decoding"))), \
+            growing_cache(variant.endswith(("+grow", "+decoding"))), \
+            packed_linears(model, variant.endswith(("+packed", "+decoding"))):
         out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=cfg)
     seconds = time.perf_counter() - t0
     completion = out[:, input_ids.size(1):]
@@ -155,7 +167,7 @@ def main(argv=None) -> None:
         checks["shared_vs_plain_greedy"] = greedy_check(model, tok, ids, mask, args.check_shared, args.bf16)
         print(checks, flush=True)
     identical: list[bool] = []
-    same_draw: dict[str, list[bool]] = {}  # against cached+fast: the same draws unless rounding moves a token
+    same_draw: dict[str, list[bool]] = {}  # against cached+fast (else shared): equal unless rounding moves a token
     for rep in range(args.reps):
         input_ids, mask = prompt_batch(tok, rng.sample(recs, args.prompts), schema, args.prompt_style, args.group)
         seed = args.seed + rep
@@ -169,9 +181,10 @@ def main(argv=None) -> None:
                 rows[v].append({"seconds": s, "tokens": n})
         if "trl" in outs and "cached" in outs:
             identical.append(bool(torch.equal(outs["trl"], outs["cached"])))
-        for v in ("shared", "static"):
-            if "cached+fast" in outs and v in outs:
-                same_draw.setdefault(v, []).append(bool(torch.equal(outs["cached+fast"], outs[v])))
+        ref = "cached+fast" if "cached+fast" in outs else "shared"  # the same seed: the same draws up to rounding
+        for v in outs:
+            if v != ref and ref in outs and (v in ("shared", "static") or v.startswith("shared+")):
+                same_draw.setdefault(v, []).append(bool(torch.equal(outs[ref], outs[v])))
     agg = {}
     for v, rs in rows.items():
         sec = sum(r["seconds"] for r in rs)
@@ -182,7 +195,7 @@ def main(argv=None) -> None:
     ratios = {v: [(t["seconds"] / t["tokens"]) / (b["seconds"] / b["tokens"]) for b, t in zip(rows[base], rows[v])]
               for v in variants[1:]}
     report(args, mean=agg, **{f"time_per_token_vs_{base}": ratios}, trl_and_cached_identical=identical,
-           identical_to_cached_fast=same_draw, **checks)
+           identical_to_reference_draw=same_draw, **checks)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,11 @@ training.
 prompt packed over one shared prompt (``rl.logp_prefix: shared``, she.models.prefix_tree): the same values up to
 matmul rounding; the difference is in ``policy_fwd_bwd`` and ``reference`` (with ``--beta`` > 0).
 
+``--compare decoding`` times GRPO with transformers' attention, KV cache and linear layers in the rollouts'
+decoding (``SHE_DECODING=plain``) against she.models.generation.fast_decoding (the default since session 47): the
+same distribution (the packed layers are bit for bit, the attention and cache up to float rounding), so the difference
+is in ``generation``.
+
 ``--compare micro_batches`` times GRPO with the step's rollouts through the loss in one pass against
 ``--micro-batches`` pieces (``rl.loss_micro_batches``: the same update, less activation memory at once); every arm
 also reports its peak resident memory (``peak_rss_gb``, VmHWM reset before the arm where the kernel allows it).
@@ -127,10 +132,12 @@ def _peak_rss_gb() -> float:
 
 
 def run_once(args, step_rewards: bool, train, labelled_only: bool = True, micro_batches: int = 1,
-             logp_prefix: str = "per_row") -> dict[str, float]:
+             logp_prefix: str = "per_row", decoding: str = "fast") -> dict[str, float]:
     from transformers import TrainerCallback
 
     from she.runtime import release_memory
+
+    os.environ["SHE_DECODING"] = decoding  # read by the trainer's generation (she.models.generation.fast_decoding)
 
     release_memory()
     _reset_peak_rss()  # to what the process holds now, which includes what an earlier arm left: start_rss_gb
@@ -180,28 +187,30 @@ def main(argv=None) -> None:
     p.add_argument("--max-completion-length", type=int, default=64)
     p.add_argument("--beta", type=float, default=0.0)
     p.add_argument("--compare", default="estimator",
-                   choices=["estimator", "lm_head", "micro_batches", "logp_prefix"],
+                   choices=["estimator", "lm_head", "micro_batches", "logp_prefix", "decoding"],
                    help="estimator: GRPO against SRPO; lm_head: GRPO with the LM head on every position against "
                         "the completion positions only; micro_batches: GRPO's loss in one pass against "
                         "--micro-batches pieces; logp_prefix: GRPO scoring every rollout as its own row against "
-                        "the rollouts of a prompt packed over one shared prompt (rl.logp_prefix: shared)")
+                        "the rollouts of a prompt packed over one shared prompt (rl.logp_prefix: shared); decoding: "
+                        "GRPO with transformers' decoding (SHE_DECODING=plain) against fast_decoding")
     p.add_argument("--micro-batches", type=int, default=4, help="pieces of the micro_batches arm")
     add_common_args(p)
     args = p.parse_args(argv)
     train = bench_records(p, args, args.n_records)
 
-    # (name, step_rewards, labelled positions only, loss micro-batches, logp_prefix); the ratio is the second arm's
-    # step time over the first's
+    # (name, step_rewards, labelled positions only, loss micro-batches, logp_prefix[, decoding]); the ratio is the
+    # second arm's step time over the first's
     arms = {"estimator": (("grpo", False, True, 1, "per_row"), ("srpo", True, True, 1, "per_row")),
             "lm_head": (("all_positions", False, False, 1, "per_row"), ("labelled_only", False, True, 1, "per_row")),
             "micro_batches": (("one_pass", False, True, 1, "per_row"),
                               ("micro_batches", False, True, args.micro_batches, "per_row")),
             "logp_prefix": (("per_row", False, True, 1, "per_row"), ("shared", False, True, 1, "shared")),
+            "decoding": (("plain", False, True, 1, "per_row", "plain"), ("fast", False, True, 1, "per_row", "fast")),
             }[args.compare]
     results: dict[str, list[dict[str, float]]] = {name: [] for name, *_ in arms}
     for rep in range(args.reps):
-        for name, sr, labelled, micro, prefix in (arms if rep % 2 == 0 else arms[::-1]):  # first arm alternates
-            r = run_once(args, sr, train, labelled, micro, prefix)
+        for name, sr, labelled, micro, prefix, *decoding in (arms if rep % 2 == 0 else arms[::-1]):  # alternating
+            r = run_once(args, sr, train, labelled, micro, prefix, *decoding)
             results[name].append(r)
             print(f"rep {rep} {name}: " + ", ".join(f"{k}={v:.2f}s" for k, v in sorted(r.items())), flush=True)
     agg = {n: {k: statistics.mean(r[k] for r in rows) for k in rows[0]} for n, rows in results.items()}

@@ -21,6 +21,22 @@
    decoding starts: the prompt costs 1/G of its forward pass. The rows' caches and the tokens sampled from them are
    those of the plain call up to matmul rounding (a test compares them greedily and by logits).
 
+4. **Decoding attention without a mask takes a slow kernel.** With one query token a row and no padding mask,
+   transformers hands torch's CPU SDPA the grouped-query flag, whose kernel took ~2.8 ms a layer at 32 rows and
+   ~150 cached tokens here (~0.45 ms with a mask, where transformers instead stacks a key/value head's query heads
+   as query positions). :func:`decode_attention_forward` takes the stacked path for every one-token query
+   (:func:`grouped_decode_attention`); every other call (a prompt, training, dropout, soft caps, sinks, another
+   device) is transformers' SDPA. :func:`decode_attention` switches a model that uses SDPA to it for the duration
+   of a ``with`` block: the same kernel and arithmetic as transformers' own path with a mask.
+5. **The KV cache is copied at every token.** transformers' ``DynamicLayer`` grows a layer's keys and values by
+   ``torch.cat`` -- the whole cache copied, every layer, every decoding step (~10 % of a step here).
+   :func:`growing_cache` writes each new token into spare room that doubles when it runs out (amortised O(1) a
+   token) and hands back a view of the filled part: the same tensors' values, no copy.
+6. **Each linear layer's weight is cast and reordered at every call.** Under bf16 autocast every ``Linear`` casts
+   its float32 weight to bf16 (cached for the region) and oneDNN reorders it into its blocked layout at every call;
+   with one token a row the weights' bytes bound a decoding step. :func:`packed_linears` packs a bf16 copy of each
+   weight once a block and calls oneDNN's linear on it: the same bf16 products, bit for bit, faster at a few rows.
+
 Measured figures and commands: docs/benchmarks.md, "Rollout generation".
 """
 
@@ -190,5 +206,226 @@ def shared_prefill(model, enabled: bool = True) -> Iterator[None]:
             del model.generate
 
 
-__all__ = ["ROLLOUT_PREFILLS", "ROLLOUT_SAMPLERS", "categorical_sample", "fast_sampling", "generation_autocast",
-           "identical_runs", "shared_prefill", "shared_prefill_generate"]
+# -- decoding attention (module point 4) -----------------------------------------------------------------------------
+
+DECODE_ATTENTION = "she_decode"  # the name registered with transformers' attention and mask interfaces
+_DECODE_FALLBACK_KWARGS = ("softcap", "s_aux", "sinks", "position_bias")  # features only SDPA's path handles
+DECODING_ENV = "SHE_DECODING"  # fast (default: points 4-6 on a CPU) | plain (transformers' paths)
+
+
+def grouped_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """Attention of one query token a row: ``query`` [B, H, 1, D], ``key`` [B, K, L, D], ``value`` [B, K, L, Dv]
+    with H a multiple of K (query head h reads key/value head h // (H / K), as transformers' ``repeat_kv`` has it),
+    ``mask`` None, boolean (True = attend) or additive, broadcastable to [B, 1, 1, L] or [B, H, 1, L]. The G = H / K
+    query heads of a key/value head go to torch's SDPA as G query *positions* of one head ([B, K, G, D], not causal:
+    each attends to every cached key the mask allows), so the keys are neither repeated nor read through the
+    kernel's grouped-query path. Returns [B, 1, H, Dv] in the query's dtype."""
+    b, h, q_len, d = query.shape
+    k_heads, dv = key.size(1), value.size(-1)
+    if q_len != 1 or h % k_heads:
+        raise ValueError(f"grouped_decode_attention takes one query token and H % K == 0, got query "
+                         f"{tuple(query.shape)} and key {tuple(key.shape)}")
+    g = h // k_heads
+    if mask is not None and mask.dim() == 4 and mask.size(1) == h and h > 1:  # per-head mask: grouped as the query
+        mask = mask.reshape(mask.size(0), k_heads, g, mask.size(-1))
+    out = torch.nn.functional.scaled_dot_product_attention(query.reshape(b, k_heads, g, d), key, value,
+                                                           attn_mask=mask, scale=scaling)  # [B, K, G, Dv]
+    return out.reshape(b, h, 1, dv).transpose(1, 2)
+
+
+def decode_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                             is_causal: bool | None = None, **kwargs):
+    """transformers' attention-function signature: :func:`grouped_decode_attention` for a one-token query on a CPU
+    without dropout or the features in ``_DECODE_FALLBACK_KWARGS``; transformers' SDPA for anything else."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if (query.size(2) != 1 or dropout > 0 or query.device.type != "cpu" or kwargs.get("output_attentions")
+            or any(kwargs.get(k) is not None for k in _DECODE_FALLBACK_KWARGS) or query.size(1) % key.size(1)):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    scale = scaling if scaling is not None else query.size(-1) ** -0.5
+    return grouped_decode_attention(query, key, value, attention_mask, scale), None
+
+
+def _register_decode_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(DECODE_ATTENTION, decode_attention_forward)
+    AttentionMaskInterface.register(DECODE_ATTENTION, sdpa_mask)  # the masks SDPA gets (else transformers builds none)
+
+
+def resolve_fast_decoding(enabled: bool | None = None) -> bool:
+    """``enabled`` as given, or for ``None`` the environment's ``SHE_DECODING`` (``fast``, the default: module points
+    4-6, or ``plain``: transformers' attention, cache and linear layers)."""
+    import os
+
+    from she.errors import UserError
+
+    if enabled is not None:
+        return bool(enabled)
+    value = os.environ.get(DECODING_ENV, "fast")
+    if value not in ("fast", "plain"):
+        raise UserError(f"{DECODING_ENV} must be 'fast' or 'plain', got {value!r}")
+    return value == "fast"
+
+
+def _model_config(model):
+    config = getattr(model, "config", None)
+    if config is None and hasattr(model, "module"):  # DistributedDataParallel and similar wrappers
+        config = getattr(model.module, "config", None)
+    return config
+
+
+@contextlib.contextmanager
+def decode_attention(model, enabled: bool | None = None) -> Iterator[None]:
+    """Inside the block a model whose attention is SDPA uses :func:`decode_attention_forward` (module point 4):
+    one-token queries by :func:`grouped_decode_attention`, every other call SDPA as before. Models with another
+    attention (eager, flash, flex), ``enabled=False`` or ``SHE_DECODING=plain`` (for ``enabled=None``) are left as
+    they are. Nested blocks leave the switch to the outermost; the model's config is back as it was on
+    exit. The switch is the model's (its config), not the thread's: a forward pass of another thread meanwhile takes
+    the same path, and for anything but a one-token query that path is SDPA."""
+    config = _model_config(model)
+    if (not resolve_fast_decoding(enabled) or config is None
+            or getattr(config, "_attn_implementation", None) != "sdpa"):
+        yield
+        return
+    _register_decode_attention()
+    config._attn_implementation = DECODE_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"
+
+
+# -- the growing KV cache (module point 5) --------------------------------------------------------------------------
+
+_GROW_THREAD = threading.local()  # .depth: open growing_cache blocks in this thread
+
+
+def _grow(buffer: torch.Tensor | None, filled: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(buffer, view)``: ``filled`` [B, H, n, D] followed by ``new`` [B, H, t, D] as the first n + t positions of
+    ``buffer`` (reused when ``filled`` is its prefix view and there is room, else a new one of twice the length,
+    ``filled`` copied in once), and the view of those positions."""
+    n, t = (filled.size(-2) if filled.numel() else 0), new.size(-2)
+    reusable = (buffer is not None and n > 0 and filled.data_ptr() == buffer.data_ptr()
+                and filled.stride() == buffer.stride() and filled.shape[:2] == buffer.shape[:2]
+                and buffer.size(-2) >= n + t and buffer.dtype == new.dtype)
+    if not reusable:
+        b, h, _, d = new.shape
+        buffer = new.new_empty(b, h, max(2 * (n + t), 16), d)
+        if n:
+            buffer[:, :, :n].copy_(filled)
+    buffer[:, :, n:n + t].copy_(new)
+    return buffer, buffer[:, :, :n + t]
+
+
+def _growing_update(self, key_states, value_states, *args, **kwargs):
+    if getattr(_GROW_THREAD, "depth", 0) == 0 or type(self) is not _DYNAMIC_LAYER[0]:
+        return _DYNAMIC_UPDATE[0](self, key_states, value_states, *args, **kwargs)
+    if not self.is_initialized:
+        self.lazy_initialization(key_states, value_states)
+    self._she_key_buffer, self.keys = _grow(getattr(self, "_she_key_buffer", None), self.keys, key_states)
+    self._she_value_buffer, self.values = _grow(getattr(self, "_she_value_buffer", None), self.values, value_states)
+    return self.keys, self.values
+
+
+_DYNAMIC_LAYER: list = []  # transformers' DynamicLayer class, and its own update, once looked up
+_DYNAMIC_UPDATE: list = []
+
+
+@contextlib.contextmanager
+def growing_cache(enabled: bool = True) -> Iterator[None]:
+    """Inside the block, in this thread, transformers' ``DynamicLayer.update`` (the default KV cache's, exactly that
+    class: subclasses such as the sliding-window layer keep their own) appends into spare room instead of
+    concatenating (module point 5): the returned keys and values are views of a buffer that doubles when full, with
+    the values ``torch.cat`` would give. A layer whose keys were replaced meanwhile (``batch_select_indices``,
+    ``reorder_cache``, ``crop``) is detected by its tensor and starts a new buffer. Re-entrant and thread-safe as
+    :func:`fast_sampling` is (she.patching)."""
+    if not enabled:
+        yield
+        return
+    from transformers.cache_utils import DynamicLayer
+
+    if not _DYNAMIC_LAYER:
+        _DYNAMIC_LAYER.append(DynamicLayer)
+        _DYNAMIC_UPDATE.append(DynamicLayer.update)
+    with scoped_patch(DynamicLayer, "update", _growing_update):
+        _GROW_THREAD.depth = getattr(_GROW_THREAD, "depth", 0) + 1
+        try:
+            yield
+        finally:
+            _GROW_THREAD.depth -= 1
+
+
+# -- prepacked linear layers (module point 6) -----------------------------------------------------------------------
+
+def _packed_linear_op():
+    mkldnn = getattr(torch.ops, "mkldnn", None)
+    try:
+        return mkldnn._reorder_linear_weight, mkldnn._linear_pointwise
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN's linear ops
+        return None
+
+
+def _packed_forward(own, packed: torch.Tensor, bias: torch.Tensor | None, link):
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        # only what autocast's bf16 linear would compute: no gradient, this thread in a CPU bf16 autocast region
+        if (torch.is_grad_enabled() or x.device.type != "cpu" or not torch.is_autocast_enabled("cpu")
+                or torch.get_autocast_dtype("cpu") != torch.bfloat16):
+            return own(x)
+        return link(x.to(torch.bfloat16), packed, bias, "none", [], "")
+
+    return forward
+
+
+@contextlib.contextmanager
+def packed_linears(model, enabled: bool | None = None) -> Iterator[None]:
+    """Inside the block every ``torch.nn.Linear`` of ``model`` (exactly that class, the LM head included) computes
+    what CPU bf16 autocast computes for it -- the input and weight rounded to bf16, a bf16 result -- from a bf16
+    copy of its weight packed once, at the block's entry, into oneDNN's blocked layout (module point 6), instead
+    of autocast's cast and oneDNN's reorder of the weight at every call. Calls with gradients enabled, outside a
+    bf16 autocast region or on another device take the layer's own forward. The weights must not change inside the
+    block (generation: they do not). A no-op for ``enabled=False``, ``SHE_DECODING=plain`` (for ``None``), models
+    off the CPU or torch builds without oneDNN's linear ops. Not re-entrant on one model."""
+    ops = _packed_linear_op()
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"]
+    if not resolve_fast_decoding(enabled) or ops is None or not linears:
+        yield
+        return
+    reorder, link = ops
+    if any("forward" in vars(m) for m in linears):
+        raise RuntimeError("packed_linears: a linear layer's forward is already replaced (an open block?)")
+    with torch.no_grad():
+        for m in linears:
+            packed = reorder(m.weight.detach().to(torch.bfloat16))
+            bias = None if m.bias is None else m.bias.detach().to(torch.bfloat16)
+            m.forward = _packed_forward(m.forward, packed, bias, link)
+    try:
+        yield
+    finally:
+        for m in linears:
+            del m.forward
+
+
+def fast_decoding(model, enabled: bool | None = None, *, pack: bool = True) -> contextlib.AbstractContextManager:
+    """Module points 4-6 together on a CPU model: :func:`decode_attention`, :func:`growing_cache` and, with
+    ``pack``, :func:`packed_linears` (it acts in bf16 autocast regions only and costs a pass over the weights at
+    entry: open the block once around all of a call's batches). ``enabled=None`` reads ``SHE_DECODING`` (``fast``,
+    the default, or ``plain``); a model off the CPU gets none of them."""
+    stack = contextlib.ExitStack()
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if resolve_fast_decoding(enabled) and on_cpu:
+        stack.enter_context(decode_attention(model, True))
+        stack.enter_context(growing_cache(True))
+        if pack:
+            stack.enter_context(packed_linears(model, True))
+    return stack
+
+
+__all__ = ["DECODE_ATTENTION", "DECODING_ENV", "ROLLOUT_PREFILLS", "ROLLOUT_SAMPLERS", "categorical_sample",
+           "decode_attention", "decode_attention_forward", "fast_decoding", "fast_sampling", "generation_autocast",
+           "grouped_decode_attention", "growing_cache", "identical_runs", "packed_linears", "resolve_fast_decoding",
+           "shared_prefill", "shared_prefill_generate"]

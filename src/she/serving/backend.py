@@ -236,7 +236,7 @@ class JudgeBackend:
     def _chat(self, items: list[ChatItem], *, max_tokens: int, temperature: float, top_p: float) -> list[Any]:
         import torch
 
-        from she.models.generation import fast_sampling
+        from she.models.generation import fast_decoding, fast_sampling
         from she.models.metadata import autocast
 
         tok = self.tokenizer
@@ -262,7 +262,8 @@ class JudgeBackend:
             else {"do_sample": False}
         eos = tok.eos_token_id
         by_inversion = temperature > 0 and device.type == "cpu"  # she.models.generation: faster on a CPU only
-        with torch.no_grad(), autocast(self.bf16, device), fast_sampling(by_inversion):
+        with torch.no_grad(), autocast(self.bf16, device), fast_sampling(by_inversion), \
+                fast_decoding(self.model, pack=self.bf16):
             seqs = self.model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_tokens,
                                        pad_token_id=pad, eos_token_id=eos, **sampling)
         for row, i in enumerate(idx):

@@ -89,7 +89,7 @@ class PolicySampler:
     def __call__(self, requests: Sequence[tuple[Record, str]], n: int, temperature: float) -> list[list[str]]:
         import torch
 
-        from she.models.generation import fast_sampling, shared_prefill
+        from she.models.generation import fast_decoding, fast_sampling, shared_prefill
         from she.models.metadata import autocast
 
         if n < 1:
@@ -114,7 +114,8 @@ class PolicySampler:
 
             bar = tqdm(total=len(flat), desc="policy sampling", unit="gen")
         model.eval()
-        with torch.no_grad():
+        # on a CPU the decoding speed-ups of she.models.generation (packed weights once for all batches)
+        with torch.no_grad(), fast_decoding(model, pack=self.bf16):
             for start in range(0, len(order), self.batch_size):
                 idx = order[start : start + self.batch_size]
                 enc = tok([prompts[flat[j]] for j in idx], return_tensors="pt", padding=True, add_special_tokens=False)

@@ -62,6 +62,7 @@ from she.errors import UserError
 from she.models.generation import (
     ROLLOUT_PREFILLS,
     ROLLOUT_SAMPLERS,
+    fast_decoding,
     fast_sampling,
     generation_autocast,
     shared_prefill,
@@ -914,14 +915,16 @@ class SRPOTrainer(GRPOTrainer):
     def _generate_single_turn(self, *args: Any, **kwargs: Any):
         """TRL's generation inside one bf16 autocast region (the weights cast once a call, not once a token: the same
         tokens), with ``rollout_sampler="inverse_cdf"`` sampling by inversion (the same distribution, faster on a
-        CPU), and with ``rollout_prefill="shared"`` each prompt's forward pass made once for its G rollouts:
-        she.models.generation, measured in docs/benchmarks.md ("Rollout generation")."""
+        CPU), with ``rollout_prefill="shared"`` each prompt's forward pass made once for its G rollouts, and on a CPU
+        the decoding attention, KV cache and prepacked linear layers of ``fast_decoding`` (``SHE_DECODING=plain``
+        turns them off): she.models.generation, measured in docs/benchmarks.md ("Rollout generation")."""
         model = self.accelerator.unwrap_model(self.model_wrapped)  # what TRL's generation calls generate on
         with generation_autocast(bool(self.args.bf16) and not self.use_vllm, self.accelerator.device), \
                 fast_sampling(self.rollout_sampler == "inverse_cdf" and not self.use_vllm
                               and self.accelerator.device.type == "cpu"), \
                 shared_prefill(model, self.rollout_prefill == "shared" and not self.use_vllm
-                               and self.accelerator.device.type == "cpu"):  # measured and tested on a CPU only
+                               and self.accelerator.device.type == "cpu"), \
+                fast_decoding(model, False if self.use_vllm else None, pack=bool(self.args.bf16)):  # CPU only
             return super()._generate_single_turn(*args, **kwargs)
 
     def _get_per_token_logps_and_entropies(self, model: Any, input_ids: Tensor, attention_mask: Tensor,
