@@ -201,6 +201,8 @@ def start_server(args, log_path: str) -> tuple[subprocess.Popen, str]:
            "--request-timeout-s", str(args.request_timeout_s)]
     if args.fast_batch_size:
         cmd += ["--fast-batch-size", str(args.fast_batch_size)]
+    if args.precision != "auto":
+        cmd += ["--precision", args.precision]
     with open(log_path, "w") as log:  # the child keeps its own descriptor
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -278,6 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     srv.add_argument("--max-queue-pairs", type=int, default=4096)
     srv.add_argument("--fast-batch-size", type=int, default=None)
     srv.add_argument("--max-new-tokens", type=int, default=96)
+    srv.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="she serve --precision")
     srv.add_argument("--request-timeout-s", type=float, default=300)
     srv.add_argument("--start-timeout-s", type=float, default=600, help="longest wait for the model to load")
     args = p.parse_args(argv)

@@ -211,9 +211,10 @@ def test_packed_linears_are_autocast_bit_for_bit_and_scoped():
         assert all("forward" in vars(m) for m in linears)
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             got = model(input_ids=ids, attention_mask=mask).logits
-        with pytest.raises(RuntimeError, match="already replaced"):
-            with packed_linears(model, True):
-                pass
+        packed_forwards = [vars(m)["forward"] for m in linears]
+        with packed_linears(model, True):  # nested: the outer block's packing stays, nothing is packed again
+            assert [vars(m)["forward"] for m in linears] == packed_forwards
+        assert [vars(m)["forward"] for m in linears] == packed_forwards
         # outside autocast (float32) and with gradients: each layer's own forward
         with torch.no_grad():
             fp32 = model(input_ids=ids, attention_mask=mask).logits
@@ -224,6 +225,10 @@ def test_packed_linears_are_autocast_bit_for_bit_and_scoped():
     assert torch.equal(got, want)
     with torch.no_grad():
         torch.testing.assert_close(fp32, model(input_ids=ids, attention_mask=mask).logits)
+    model.lm_head.forward = lambda x: x  # something else replaced a layer's forward: refused
+    with pytest.raises(RuntimeError, match="something else"):
+        with packed_linears(model, True):
+            pass
 
 
 @needs_packed_ops

@@ -849,3 +849,44 @@ def test_computed_and_marginal_modes_answer_as_she_predict_evidence(mode, schema
     with TestClient(create_app(tiny_model_dir, batch_wait_ms=0, max_new_tokens=24)) as c:
         r = c.post("/v1/relevance", json={"pairs": pairs[:1], "mode": mode})
     assert r.status_code == 422 and needs in r.text
+
+
+def test_serve_precision_flag_reaches_the_backend(monkeypatch):
+    import she.serving.app as app
+
+    from she.cli import build_parser, main
+
+    assert build_parser().parse_args(["serve", "--model", "m"]).precision == "auto"
+    seen = []
+    monkeypatch.setattr(app, "serve", lambda model, **kw: seen.append(kw["bf16"]))
+    for flag, want in (("auto", None), ("bf16", True), ("fp32", False)):
+        main(["serve", "--model", "m", "--precision", flag])
+        assert seen[-1] is want
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--model", "m", "--precision", "fp16"])
+
+
+def test_bf16_backend_packs_its_weights_once_and_answers_as_unpacked(tiny_model_dir, monkeypatch):
+    """A bf16 backend on a CPU keeps its linear layers packed (she.models.generation.packed_linears) from load on;
+    full mode's judgements are those of the same model unpacked: the packed products are autocast's bit for bit."""
+    import torch
+
+    from she.models.generation import _packed_linear_op
+    from she.serving.backend import JudgeBackend
+
+    if _packed_linear_op() is None:
+        pytest.skip("this torch build has no oneDNN linear ops (torch.ops.mkldnn)")
+    recs = [_rec(0), _rec(1, query="white paint", title="Behr paint")]
+    packed = JudgeBackend.load(tiny_model_dir, bf16=True, max_new_tokens=12)
+    linears = [m for m in packed.model.modules() if type(m) is torch.nn.Linear]
+    assert linears and all(getattr(vars(m).get("forward"), "_she_packed", False) for m in linears)
+    got = packed.run("full", recs)
+    assert all(getattr(vars(m).get("forward"), "_she_packed", False) for m in linears)  # still packed after a call
+    plain = JudgeBackend.load(tiny_model_dir, bf16=True, max_new_tokens=12)
+    plain._packed.close()
+    assert not any("forward" in vars(m) for m in plain.model.modules())
+    monkeypatch.setenv("SHE_DECODING", "plain")  # and no packing inside the call either
+    want = plain.run("full", recs)
+    assert [(j.text, j.label, j.probs) for j in got] == [(j.text, j.label, j.probs) for j in want]
+    fp32 = JudgeBackend.load(tiny_model_dir, bf16=False, max_new_tokens=12)
+    assert not any("forward" in vars(m) for m in fp32.model.modules())

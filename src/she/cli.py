@@ -323,6 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "shorter; default 300)")
     sv.add_argument("--fast-batch-size", type=int, default=None,
                     help="pairs per forward pass in fast mode (default 16, as `she predict --batch-size`)")
+    sv.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                    help="auto: full mode and chat in bf16 autocast on CUDA and fp32 on CPU, fast mode in bf16; "
+                         "bf16 / fp32: all modes (bf16 is what `she eval` uses; on a CPU its decoding runs on "
+                         "packed bf16 weights, docs/benchmarks.md)")
     sv.add_argument("--api-key", default=None,
                     help="require 'Authorization: Bearer KEY' on every path but /health; default $SHE_API_KEY "
                          "(this flag wins when both are set; the variable keeps the key out of `ps`)")
@@ -655,7 +659,8 @@ def _cmd_serve(a) -> None:
     serve(a.model, host=a.host, port=a.port, max_batch_pairs=a.max_batch, batch_wait_ms=a.batch_wait_ms,
           max_request_pairs=a.max_request_pairs, max_text_chars=a.max_text_chars, max_new_tokens=a.max_new_tokens,
           taxonomy=a.taxonomy, max_queue_pairs=a.max_queue_pairs, request_timeout_s=a.request_timeout_s,
-          fast_batch_size=a.fast_batch_size, api_key=a.api_key)
+          fast_batch_size=a.fast_batch_size, api_key=a.api_key,
+          bf16={"auto": None, "bf16": True, "fp32": False}[a.precision])
 
 
 def _cmd_annotate(a) -> None:

@@ -378,6 +378,7 @@ def _packed_forward(own, packed: torch.Tensor, bias: torch.Tensor | None, link):
             return own(x)
         return link(x.to(torch.bfloat16), packed, bias, "none", [], "")
 
+    forward._she_packed = True
     return forward
 
 
@@ -389,15 +390,21 @@ def packed_linears(model, enabled: bool | None = None) -> Iterator[None]:
     of autocast's cast and oneDNN's reorder of the weight at every call. Calls with gradients enabled, outside a
     bf16 autocast region or on another device take the layer's own forward. The weights must not change inside the
     block (generation: they do not). A no-op for ``enabled=False``, ``SHE_DECODING=plain`` (for ``None``), models
-    off the CPU or torch builds without oneDNN's linear ops. Not re-entrant on one model."""
+    off the CPU or torch builds without oneDNN's linear ops, and inside an open block on the same model (nested, or
+    in another thread: the outermost block packs and unpacks; a call after it closed takes the layer's own forward,
+    the same products). A layer whose forward something else replaced is an error."""
     ops = _packed_linear_op()
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"]
     if not resolve_fast_decoding(enabled) or ops is None or not linears:
         yield
         return
     reorder, link = ops
-    if any("forward" in vars(m) for m in linears):
-        raise RuntimeError("packed_linears: a linear layer's forward is already replaced (an open block?)")
+    replaced = [vars(m).get("forward") for m in linears if "forward" in vars(m)]
+    if replaced and all(getattr(f, "_she_packed", False) for f in replaced) and len(replaced) == len(linears):
+        yield  # an open block already packed this model
+        return
+    if replaced:
+        raise RuntimeError("packed_linears: a linear layer's forward is already replaced by something else")
     with torch.no_grad():
         for m in linears:
             packed = reorder(m.weight.detach().to(torch.bfloat16))

@@ -15,6 +15,8 @@ tokenizers are not safe to reconfigure (padding) while another thread encodes.
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import os
 from collections.abc import Hashable, Sequence
@@ -108,6 +110,14 @@ class JudgeBackend:
                                    bf16=FAST_BF16 if fast_bf16 is None else fast_bf16)
         limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         self.context = int(limit) if limit else None
+        # bf16 full mode and chat on a CPU: the linear layers' bf16 weights packed once for the service's life
+        # (she.models.generation.packed_linears; each generation's own block then packs nothing again)
+        self._packed = contextlib.ExitStack()
+        first = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+        if bf16 and first is not None and first.device.type == "cpu":
+            from she.models.generation import packed_linears
+
+            self._packed.enter_context(packed_linears(model))
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike, *, taxonomy: str | None = None, device: str = "auto",
