@@ -64,3 +64,27 @@ def test_threads_share_the_patch_until_the_last_block_closes():
     release.set()
     t.join(5)
     assert owner.f is original
+
+
+def test_thread_routed_patch_counts_this_threads_blocks():
+    import threading
+
+    from she.patching import thread_routed_patch
+
+    class Owner:
+        f = staticmethod(len)
+
+    owner, local, seen = Owner(), threading.local(), []
+    with thread_routed_patch(owner, "f", abs, local):
+        assert owner.f is abs and local.depth == 1
+        with thread_routed_patch(owner, "f", abs, local):
+            assert local.depth == 2
+        t = threading.Thread(target=lambda: seen.append(getattr(local, "depth", 0)))
+        t.start()
+        t.join()
+        assert local.depth == 1
+    assert seen == [0]  # another thread sees the replacement but no open block of its own
+    assert owner.f is len and local.depth == 0
+    with pytest.raises(KeyError), thread_routed_patch(owner, "f", abs, local):
+        raise KeyError("x")
+    assert owner.f is len and local.depth == 0

@@ -41,4 +41,17 @@ def scoped_patch(owner: Any, name: str, replacement: Any) -> Iterator[None]:
                 del _OPEN[key]
 
 
-__all__ = ["scoped_patch"]
+@contextlib.contextmanager
+def thread_routed_patch(owner: Any, name: str, replacement: Any, local: threading.local) -> Iterator[None]:
+    """:func:`scoped_patch` plus ``local.depth``, the number of blocks open in the calling thread: a replacement
+    that reads it acts for the threads inside a block only and passes every other thread's calls to the original
+    (she.models.generation's sampler and KV cache)."""
+    with scoped_patch(owner, name, replacement):
+        local.depth = getattr(local, "depth", 0) + 1
+        try:
+            yield
+        finally:
+            local.depth -= 1
+
+
+__all__ = ["scoped_patch", "thread_routed_patch"]

@@ -48,7 +48,7 @@ from collections.abc import Iterator
 
 import torch
 
-from she.patching import scoped_patch
+from she.patching import thread_routed_patch
 
 ROLLOUT_SAMPLERS = ("torch", "inverse_cdf")
 ROLLOUT_PREFILLS = ("shared", "per_rollout")
@@ -101,12 +101,8 @@ def fast_sampling(enabled: bool = True) -> Iterator[None]:
     if not enabled:
         yield
         return
-    with scoped_patch(torch, "multinomial", _routed_multinomial):
-        _THREAD.depth = getattr(_THREAD, "depth", 0) + 1
-        try:
-            yield
-        finally:
-            _THREAD.depth -= 1
+    with thread_routed_patch(torch, "multinomial", _routed_multinomial, _THREAD):
+        yield
 
 
 def generation_autocast(enabled: bool, device: torch.device | str) -> contextlib.AbstractContextManager:
@@ -352,12 +348,8 @@ def growing_cache(enabled: bool = True) -> Iterator[None]:
     if not _DYNAMIC_LAYER:
         _DYNAMIC_LAYER.append(DynamicLayer)
         _DYNAMIC_UPDATE.append(DynamicLayer.update)
-    with scoped_patch(DynamicLayer, "update", _growing_update):
-        _GROW_THREAD.depth = getattr(_GROW_THREAD, "depth", 0) + 1
-        try:
-            yield
-        finally:
-            _GROW_THREAD.depth -= 1
+    with thread_routed_patch(DynamicLayer, "update", _growing_update, _GROW_THREAD):
+        yield
 
 
 # -- prepacked linear layers (module point 6) -----------------------------------------------------------------------
