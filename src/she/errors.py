@@ -12,4 +12,17 @@ class UserError(ValueError):
     """Bad input that the user can correct; ``str()`` is one readable line."""
 
 
-__all__ = ["UserError"]
+def env_switch(enabled: bool | None, env: str, on: str, off: str) -> bool:
+    """A two-valued switch: ``enabled`` as given, or for ``None`` the environment variable ``env`` (``on``, the
+    default, or ``off``); any other value is a :class:`UserError` naming the variable."""
+    import os
+
+    if enabled is not None:
+        return bool(enabled)
+    value = os.environ.get(env, on)
+    if value not in (on, off):
+        raise UserError(f"{env} must be {on!r} or {off!r}, got {value!r}")
+    return value == on
+
+
+__all__ = ["UserError", "env_switch"]

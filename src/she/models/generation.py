@@ -256,16 +256,9 @@ def _register_decode_attention() -> None:
 def resolve_fast_decoding(enabled: bool | None = None) -> bool:
     """``enabled`` as given, or for ``None`` the environment's ``SHE_DECODING`` (``fast``, the default: module points
     4-6, or ``plain``: transformers' attention, cache and linear layers)."""
-    import os
+    from she.errors import env_switch
 
-    from she.errors import UserError
-
-    if enabled is not None:
-        return bool(enabled)
-    value = os.environ.get(DECODING_ENV, "fast")
-    if value not in ("fast", "plain"):
-        raise UserError(f"{DECODING_ENV} must be 'fast' or 'plain', got {value!r}")
-    return value == "fast"
+    return env_switch(enabled, DECODING_ENV, "fast", "plain")
 
 
 def _model_config(model):

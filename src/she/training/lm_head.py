@@ -30,12 +30,11 @@ job that does not say otherwise (benchmarks, or a device where it misbehaves); a
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from typing import Any
 
-from she.errors import UserError
 from she.patching import scoped_patch
+from she.errors import env_switch
 
 ENV = "SHE_LM_HEAD_POSITIONS"  # labelled (default) | all (TRL's CPU path)
 
@@ -43,12 +42,7 @@ ENV = "SHE_LM_HEAD_POSITIONS"  # labelled (default) | all (TRL's CPU path)
 def resolve_labelled_positions(enabled: bool | None = None) -> bool:
     """``enabled`` as given, or for ``None`` the environment's ``SHE_LM_HEAD_POSITIONS`` (``labelled``, the default,
     or ``all``). Trainers call it when they are built, so that a bad value fails before any model is loaded."""
-    if enabled is not None:
-        return bool(enabled)
-    value = os.environ.get(ENV, "labelled")
-    if value not in ("labelled", "all"):
-        raise UserError(f"{ENV} must be 'labelled' or 'all', got {value!r}")
-    return value == "labelled"
+    return env_switch(enabled, ENV, "labelled", "all")
 
 
 def _compact_on_cpu(device: Any) -> bool:
