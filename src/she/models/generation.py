@@ -331,7 +331,8 @@ def growing_cache(enabled: bool = True) -> Iterator[None]:
     class: subclasses such as the sliding-window layer keep their own) appends into spare room instead of
     concatenating (module point 5): the returned keys and values are views of a buffer that doubles when full, with
     the values ``torch.cat`` would give. A layer whose keys were replaced meanwhile (``batch_select_indices``,
-    ``reorder_cache``, ``crop``) is detected by its tensor and starts a new buffer. Re-entrant and thread-safe as
+    ``reorder_cache``) is detected by its tensor and starts a new buffer; a ``crop`` leaves a shorter prefix view of
+    the same buffer, which the next token overwrites from its end. Re-entrant and thread-safe as
     :func:`fast_sampling` is (she.patching)."""
     if not enabled:
         yield
