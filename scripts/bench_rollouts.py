@@ -14,8 +14,8 @@ padded, with a KV cache:
              max new tokens, fixed shapes)
   static+compiled  the same with the decoding forward compiled by TorchInductor (transformers' CompileConfig,
              mode "default", forced on a CPU with ``_compile_all_devices``); its compile lands in the warm-up
-  shared+attn  shared with one-token queries attended by two small float32 matmuls instead of torch's CPU SDPA
-             kernel (she.models.generation.decode_attention)
+  shared+attn  shared with every one-token query on SDPA's stacked-heads path, never its grouped-query kernel
+             (she.models.generation.decode_attention)
   shared+grow  shared with the KV cache grown into spare room instead of concatenated at every token
              (she.models.generation.growing_cache)
   shared+packed  shared with every linear layer on a bf16 weight packed once a call (she.models.generation.

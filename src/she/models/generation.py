@@ -22,12 +22,13 @@
    those of the plain call up to matmul rounding (a test compares them greedily and by logits).
 
 4. **Decoding attention without a mask takes a slow kernel.** With one query token a row and no padding mask,
-   transformers hands torch's CPU SDPA the grouped-query flag, whose kernel took ~2.8 ms a layer at 32 rows and
-   ~150 cached tokens here (~0.45 ms with a mask, where transformers instead stacks a key/value head's query heads
-   as query positions). :func:`decode_attention_forward` takes the stacked path for every one-token query
-   (:func:`grouped_decode_attention`); every other call (a prompt, training, dropout, soft caps, sinks, another
-   device) is transformers' SDPA. :func:`decode_attention` switches a model that uses SDPA to it for the duration
-   of a ``with`` block: the same kernel and arithmetic as transformers' own path with a mask.
+   transformers hands torch's CPU SDPA the grouped-query flag, whose kernel took ~2.3 ms a layer at 32 rows and
+   ~150 cached tokens here (~0.43 ms with a mask, where transformers instead stacks a key/value head's query heads
+   as query positions; scripts/bench_decode_ops.py). :func:`decode_attention_forward` takes the stacked path for
+   every one-token query (:func:`grouped_decode_attention`); every other call (a prompt, training, dropout, soft
+   caps, sinks, another device) is transformers' SDPA. :func:`decode_attention` switches a model that uses SDPA
+   to it for the duration of a ``with`` block: the same kernel and arithmetic as transformers' own path with a
+   mask.
 5. **The KV cache is copied at every token.** transformers' ``DynamicLayer`` grows a layer's keys and values by
    ``torch.cat`` -- the whole cache copied, every layer, every decoding step (~10 % of a step here).
    :func:`growing_cache` writes each new token into spare room that doubles when it runs out (amortised O(1) a

@@ -16,7 +16,6 @@ tokenizers are not safe to reconfigure (padding) while another thread encodes.
 from __future__ import annotations
 
 import contextlib
-
 import logging
 import os
 from collections.abc import Hashable, Sequence
