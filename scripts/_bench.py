@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import random
 
 
@@ -56,3 +57,16 @@ def report(args: argparse.Namespace, **fields) -> dict:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
     return out
+
+
+DECODING_ARMS = ("plain", "packed", "fast")  # transformers' decoding; points 4-6 (session 47); 4-7 (the default)
+
+
+def set_decoding_arm(arm: str) -> None:
+    """The environment switches of she.models.generation.fast_decoding for one arm: ``plain`` (SHE_DECODING=plain),
+    ``packed`` (its attention, cache and packed layers, transformers' step: SHE_DECODE_STEP=transformers) or
+    ``fast`` (all of it, with she.models.decode_step's lean step)."""
+    if arm not in DECODING_ARMS:
+        raise ValueError(f"unknown decoding arm {arm!r}; choose from {', '.join(DECODING_ARMS)}")
+    os.environ["SHE_DECODING"] = "plain" if arm == "plain" else "fast"
+    os.environ["SHE_DECODE_STEP"] = "lean" if arm == "fast" else "transformers"

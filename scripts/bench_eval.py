@@ -26,7 +26,8 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from _bench import add_common_args, bench_records, report  # noqa: E402 - scripts/_bench.py, next to this file
+from _bench import (  # noqa: E402 - scripts/_bench.py, next to this file
+    DECODING_ARMS, add_common_args, bench_records, report, set_decoding_arm)
 
 
 def main(argv=None) -> None:
@@ -36,16 +37,17 @@ def main(argv=None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--reps", type=int, default=2, help="repetitions; the first is a warm-up")
     p.add_argument("--decoding", default="fast",
-                   help="comma-separated arms, from fast (she.models.generation.fast_decoding, the default since "
-                        "session 47) and plain (transformers' attention, cache and linear layers): each batch size "
-                        "runs once per arm, the arms alternating")
+                   help="comma-separated arms, from fast (she.models.generation.fast_decoding with the lean "
+                        "step, the default since session 48), packed (its session-47 form: attention, cache and "
+                        "packed layers, transformers' step) and plain (transformers' attention, cache and linear "
+                        "layers): each batch size runs once per arm, the arms alternating")
     add_common_args(p)
     args = p.parse_args(argv)
     if args.reps < 2:
         p.error("--reps must be >= 2: the first repetition is a warm-up and is not counted")
     arms = [a.strip() for a in args.decoding.split(",")]
-    if unknown := [a for a in arms if a not in ("fast", "plain")]:
-        p.error(f"unknown --decoding arms {unknown}; choose from fast, plain")
+    if unknown := [a for a in arms if a not in DECODING_ARMS]:
+        p.error(f"unknown --decoding arms {unknown}; choose from {', '.join(DECODING_ARMS)}")
     sizes = [(int(b), a) for b in args.batch_sizes.split(",") for a in arms]
     records = bench_records(p, args, args.pairs)
 
@@ -62,7 +64,7 @@ def main(argv=None) -> None:
     for rep in range(args.reps):
         for key in (sizes if rep % 2 == 0 else sizes[::-1]):
             b, arm = key
-            os.environ["SHE_DECODING"] = arm
+            set_decoding_arm(arm)
             t = time.perf_counter()
             js = generate_judgements(model, tok, records, batch_size=b, max_new_tokens=args.max_new_tokens,
                                      bf16=args.bf16, progress=False, schema=schema, prompt_style=style)

@@ -20,7 +20,10 @@ padded, with a KV cache:
              (she.models.generation.growing_cache)
   shared+packed  shared with every linear layer on a bf16 weight packed once a call (she.models.generation.
              packed_linears)
-  shared+decoding  shared with all three (she.models.generation.fast_decoding, the default since session 47)
+  shared+decoding  shared with all three (points 4-6 of she.models.generation.fast_decoding, session 47)
+  shared+lean  shared+decoding with the one-token steps computed by she.models.decode_step's lean decoder (fused
+             packed projections, no module stack, float32 attention scores; fast_decoding's default since session
+             48)
 
 ``--variants`` picks which run (default: the first three). Variants alternate inside every repetition, each from
 the same seed, so drift of a shared CPU hits all of them; the first repetition is a warm-up and is not counted.
@@ -47,7 +50,7 @@ import torch  # noqa: E402
 from _bench import add_common_args, bench_records, report  # noqa: E402 - scripts/_bench.py, next to this file
 
 VARIANTS = ("trl", "cached", "cached+fast", "shared", "static", "static+compiled", "shared+attn", "shared+grow",
-            "shared+packed", "shared+decoding")
+            "shared+packed", "shared+decoding", "shared+lean")
 DEFAULT_VARIANTS = "trl,cached,cached+fast"
 
 
@@ -82,6 +85,7 @@ def prompt_batch(tok, records, schema, style: str, group: int):
 def generate_once(model, tok, input_ids, mask, variant: str, max_new: int, seed: int, bf16: bool):
     from transformers import GenerationConfig
 
+    from she.models.decode_step import lean_decoding
     from she.models.generation import (decode_attention, fast_sampling, generation_autocast, growing_cache,
                                        packed_linears, shared_prefill)
 
@@ -100,9 +104,10 @@ def generate_once(model, tok, input_ids, mask, variant: str, max_new: int, seed:
     t0 = time.perf_counter()
     with torch.no_grad(), generation_autocast(bf16 and variant != "trl", "cpu"), \
             fast_sampling(variant not in ("trl", "cached")), shared_prefill(model, variant.startswith("shared")), \
-            decode_attention(model, variant.endswith(("+attn", "+decoding"))), \
-            growing_cache(variant.endswith(("+grow", "+decoding"))), \
-            packed_linears(model, variant.endswith(("+packed", "+decoding"))):
+            decode_attention(model, variant.endswith(("+attn", "+decoding", "+lean"))), \
+            growing_cache(variant.endswith(("+grow", "+decoding", "+lean"))), \
+            packed_linears(model, variant.endswith(("+packed", "+decoding", "+lean"))), \
+            lean_decoding(model, variant.endswith("+lean")):
         out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=cfg)
     seconds = time.perf_counter() - t0
     completion = out[:, input_ids.size(1):]

@@ -26,7 +26,8 @@ matmul rounding; the difference is in ``policy_fwd_bwd`` and ``reference`` (with
 ``--compare decoding`` times GRPO with transformers' attention, KV cache and linear layers in the rollouts'
 decoding (``SHE_DECODING=plain``) against she.models.generation.fast_decoding (the default since session 47): the
 same distribution (the packed layers are bit for bit, the attention and cache up to float rounding), so the difference
-is in ``generation``.
+is in ``generation``. ``--compare lean`` times the session-47 form of fast_decoding (``SHE_DECODE_STEP=transformers``)
+against it with she.models.decode_step's lean one-token step (the default since session 48).
 
 ``--compare micro_batches`` times GRPO with the step's rollouts through the loss in one pass against
 ``--micro-batches`` pieces (``rl.loss_micro_batches``: the same update, less activation memory at once); every arm
@@ -51,7 +52,8 @@ from contextlib import contextmanager
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from _bench import add_common_args, bench_records, report  # noqa: E402 - scripts/_bench.py, next to this file
+from _bench import (  # noqa: E402 - scripts/_bench.py, next to this file
+    add_common_args, bench_records, report, set_decoding_arm)
 
 TIMES: dict[str, float] = defaultdict(float)
 _DEPTH: dict[str, int] = defaultdict(int)
@@ -137,7 +139,7 @@ def run_once(args, step_rewards: bool, train, labelled_only: bool = True, micro_
 
     from she.runtime import release_memory
 
-    os.environ["SHE_DECODING"] = decoding  # read by the trainer's generation (she.models.generation.fast_decoding)
+    set_decoding_arm(decoding)  # read by the trainer's generation (she.models.generation.fast_decoding)
 
     release_memory()
     _reset_peak_rss()  # to what the process holds now, which includes what an earlier arm left: start_rss_gb
@@ -187,12 +189,13 @@ def main(argv=None) -> None:
     p.add_argument("--max-completion-length", type=int, default=64)
     p.add_argument("--beta", type=float, default=0.0)
     p.add_argument("--compare", default="estimator",
-                   choices=["estimator", "lm_head", "micro_batches", "logp_prefix", "decoding"],
+                   choices=["estimator", "lm_head", "micro_batches", "logp_prefix", "decoding", "lean"],
                    help="estimator: GRPO against SRPO; lm_head: GRPO with the LM head on every position against "
                         "the completion positions only; micro_batches: GRPO's loss in one pass against "
                         "--micro-batches pieces; logp_prefix: GRPO scoring every rollout as its own row against "
                         "the rollouts of a prompt packed over one shared prompt (rl.logp_prefix: shared); decoding: "
-                        "GRPO with transformers' decoding (SHE_DECODING=plain) against fast_decoding")
+                        "GRPO with transformers' decoding (SHE_DECODING=plain) against fast_decoding; lean: "
+                        "fast_decoding with transformers' one-token step against the lean step")
     p.add_argument("--micro-batches", type=int, default=4, help="pieces of the micro_batches arm")
     add_common_args(p)
     args = p.parse_args(argv)
@@ -206,6 +209,7 @@ def main(argv=None) -> None:
                               ("micro_batches", False, True, args.micro_batches, "per_row")),
             "logp_prefix": (("per_row", False, True, 1, "per_row"), ("shared", False, True, 1, "shared")),
             "decoding": (("plain", False, True, 1, "per_row", "plain"), ("fast", False, True, 1, "per_row", "fast")),
+            "lean": (("packed", False, True, 1, "per_row", "packed"), ("lean", False, True, 1, "per_row", "fast")),
             }[args.compare]
     results: dict[str, list[dict[str, float]]] = {name: [] for name, *_ in arms}
     for rep in range(args.reps):

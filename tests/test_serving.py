@@ -871,10 +871,10 @@ def test_bf16_backend_packs_its_weights_once_and_answers_as_unpacked(tiny_model_
     full mode's judgements are those of the same model unpacked: the packed products are autocast's bit for bit."""
     import torch
 
-    from she.models.generation import _packed_linear_op
+    from she.models.decode_step import packed_linear_ops
     from she.serving.backend import JudgeBackend
 
-    if _packed_linear_op() is None:
+    if packed_linear_ops() is None:
         pytest.skip("this torch build has no oneDNN linear ops (torch.ops.mkldnn)")
     recs = [_rec(0), _rec(1, query="white paint", title="Behr paint")]
     packed = JudgeBackend.load(tiny_model_dir, bf16=True, max_new_tokens=12)

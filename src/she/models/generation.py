@@ -37,6 +37,11 @@
    its float32 weight to bf16 (cached for the region) and oneDNN reorders it into its blocked layout at every call;
    with one token a row the weights' bytes bound a decoding step. :func:`packed_linears` packs a bf16 copy of each
    weight once a block and calls oneDNN's linear on it: the same bf16 products, bit for bit, faster at a few rows.
+7. **transformers' module stack costs a fifth of a decoding step at a few rows.** Module calls, keyword plumbing,
+   output capture, the mask builder and SDPA's kernel around a one-token query: she.models.decode_step computes a
+   Llama model's one-token step from its packed weights with the query/key/value and gate/up projections fused,
+   the same operations otherwise, and the attention's scores in float32 (:func:`fast_decoding` opens it with the
+   packed layers).
 
 Measured figures and commands: docs/benchmarks.md, "Rollout generation".
 """
@@ -49,6 +54,7 @@ from collections.abc import Iterator
 
 import torch
 
+from she.models.decode_step import lean_decoding, packed_linear_ops
 from she.patching import thread_routed_patch
 
 ROLLOUT_SAMPLERS = ("torch", "inverse_cdf")
@@ -207,7 +213,7 @@ def shared_prefill(model, enabled: bool = True) -> Iterator[None]:
 
 DECODE_ATTENTION = "she_decode"  # the name registered with transformers' attention and mask interfaces
 _DECODE_FALLBACK_KWARGS = ("softcap", "s_aux", "sinks", "position_bias")  # features only SDPA's path handles
-DECODING_ENV = "SHE_DECODING"  # fast (default: points 4-6 on a CPU) | plain (transformers' paths)
+DECODING_ENV = "SHE_DECODING"  # fast (default: points 4-7 on a CPU) | plain (transformers' paths)
 
 
 def grouped_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -256,7 +262,7 @@ def _register_decode_attention() -> None:
 
 def resolve_fast_decoding(enabled: bool | None = None) -> bool:
     """``enabled`` as given, or for ``None`` the environment's ``SHE_DECODING`` (``fast``, the default: module points
-    4-6, or ``plain``: transformers' attention, cache and linear layers)."""
+    4-7, or ``plain``: transformers' attention, cache and linear layers)."""
     from she.errors import env_switch
 
     return env_switch(enabled, DECODING_ENV, "fast", "plain")
@@ -349,14 +355,6 @@ def growing_cache(enabled: bool = True) -> Iterator[None]:
 
 # -- prepacked linear layers (module point 6) -----------------------------------------------------------------------
 
-def _packed_linear_op():
-    mkldnn = getattr(torch.ops, "mkldnn", None)
-    try:
-        return mkldnn._reorder_linear_weight, mkldnn._linear_pointwise
-    except (AttributeError, RuntimeError):  # a torch build without oneDNN's linear ops
-        return None
-
-
 def _packed_forward(own, packed: torch.Tensor, bias: torch.Tensor | None, link):
     def forward(x: torch.Tensor) -> torch.Tensor:
         # only what autocast's bf16 linear would compute: no gradient, this thread in a CPU bf16 autocast region
@@ -380,7 +378,7 @@ def packed_linears(model, enabled: bool | None = None) -> Iterator[None]:
     off the CPU or torch builds without oneDNN's linear ops, and inside an open block on the same model (nested, or
     in another thread: the outermost block packs and unpacks; a call after it closed takes the layer's own forward,
     the same products). A layer whose forward something else replaced is an error."""
-    ops = _packed_linear_op()
+    ops = packed_linear_ops()
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"]
     if not resolve_fast_decoding(enabled) or ops is None or not linears:
         yield
@@ -405,10 +403,12 @@ def packed_linears(model, enabled: bool | None = None) -> Iterator[None]:
 
 
 def fast_decoding(model, enabled: bool | None = None, *, pack: bool = True) -> contextlib.AbstractContextManager:
-    """Module points 4-6 together on a CPU model: :func:`decode_attention`, :func:`growing_cache` and, with
-    ``pack``, :func:`packed_linears` (it acts in bf16 autocast regions only and costs a pass over the weights at
-    entry: open the block once around all of a call's batches). ``enabled=None`` reads ``SHE_DECODING`` (``fast``,
-    the default, or ``plain``); a model off the CPU gets none of them."""
+    """Module points 4-7 together on a CPU model: :func:`decode_attention`, :func:`growing_cache` and, with
+    ``pack``, :func:`packed_linears` and she.models.decode_step's ``lean_decoding`` (both act in bf16 autocast
+    regions only and cost a pass over the weights at entry: open the block once around all of a call's batches;
+    ``SHE_DECODE_STEP=transformers`` leaves the lean step out).
+    ``enabled=None`` reads ``SHE_DECODING`` (``fast``, the default, or ``plain``); a model off the CPU gets none of
+    them."""
     stack = contextlib.ExitStack()
     on_cpu = next(model.parameters()).device.type == "cpu"
     if resolve_fast_decoding(enabled) and on_cpu:
@@ -416,6 +416,7 @@ def fast_decoding(model, enabled: bool | None = None, *, pack: bool = True) -> c
         stack.enter_context(growing_cache(True))
         if pack:
             stack.enter_context(packed_linears(model, True))
+            stack.enter_context(lean_decoding(model))  # SHE_DECODE_STEP=transformers leaves it out
     return stack
 
 
