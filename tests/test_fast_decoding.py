@@ -317,11 +317,13 @@ def _prefilled(model, ids, mask):
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("grow", [False, True])
 @pytest.mark.parametrize("positions", ["cache", "mask"])
-def test_lean_step_is_transformers_step_bit_for_bit(bias, padded, grow, positions):
+@pytest.mark.parametrize("packed", [False, True])
+def test_lean_step_is_transformers_step_bit_for_bit(bias, padded, grow, positions, packed):
     """With SDPA's attention the lean step is transformers' forward of one token bit for bit (fused projections,
     the same ops otherwise), over several steps of a growing or concatenated cache; with its float32 attention it is
     within bf16 rounding of it, and the caches it leaves are the same. Positions: none given (the cache's length,
-    transformers' default) or from the mask, as ``generate`` hands them."""
+    transformers' default) or from the mask, as ``generate`` hands them. Inside ``packed_linears`` the decoder
+    reuses its packed weights for the unfused layers (the same tensors); outside it packs them itself."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from she.models.decode_step import LeanDecoder
@@ -336,8 +338,10 @@ def test_lean_step_is_transformers_step_bit_for_bit(bias, padded, grow, position
         mask = torch.ones_like(mask)
     nxt = torch.randint(3, 97, (ids.size(0), 3), generator=torch.Generator().manual_seed(4))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), decode_attention(model, True), \
-            growing_cache(grow), packed_linears(model, True):
+            growing_cache(grow), packed_linears(model, packed):
         exact, fp32 = LeanDecoder(model, _sdpa_like), LeanDecoder(model)
+        reused = exact.head[0] is getattr(vars(model.lm_head).get("forward"), "_she_packed_weight", None)
+        assert reused == packed and (exact.layers[0]["o"][0] is fp32.layers[0]["o"][0]) == packed
         theirs, ours, ours32 = (_prefilled(model, ids, mask) for _ in range(3))
         m = mask
         for t in range(nxt.size(1)):

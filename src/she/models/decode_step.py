@@ -139,13 +139,21 @@ class LeanDecoder:
         self.embed, self.rotary, self.final_norm = base.embed_tokens, base.rotary_emb, base.norm
 
         def pack(*linears):  # one packed bf16 weight (and bias) for the linears' outputs side by side
-            with torch.no_grad():
-                weight = reorder(torch.cat([m.weight.detach() for m in linears]).to(torch.bfloat16))
-                biases = [m.bias for m in linears]
-                bias = None if all(x is None for x in biases) else torch.cat([
-                    (x.detach() if x is not None else torch.zeros(m.out_features)) for x, m in zip(biases, linears)
-                ]).to(torch.bfloat16)
-            return weight, bias
+            own = vars(linears[0]).get("forward")
+            if len(linears) == 1 and hasattr(own, "_she_packed_weight"):  # packed_linears packed it already
+                return own._she_packed_weight, own._she_packed_bias
+            with torch.no_grad():  # cast while copying into one bf16 buffer: no float32 concatenation
+                weight = torch.empty(sum(m.out_features for m in linears), linears[0].in_features,
+                                     dtype=torch.bfloat16)
+                bias = None if all(m.bias is None for m in linears) else torch.zeros(weight.size(0),
+                                                                                    dtype=torch.bfloat16)
+                row = 0
+                for m in linears:
+                    weight[row:row + m.out_features].copy_(m.weight.detach())
+                    if m.bias is not None:
+                        bias[row:row + m.out_features].copy_(m.bias.detach())
+                    row += m.out_features
+            return reorder(weight), bias
 
         self.layers = []
         for layer in base.layers:

@@ -364,6 +364,7 @@ def _packed_forward(own, packed: torch.Tensor, bias: torch.Tensor | None, link):
         return link(x.to(torch.bfloat16), packed, bias, "none", [], "")
 
     forward._she_packed = True
+    forward._she_packed_weight, forward._she_packed_bias = packed, bias  # for she.models.decode_step to reuse
     return forward
 
 
