@@ -119,6 +119,7 @@ def generate_judgements(
             if hidden is not None and len(hidden) != len(out.scores):
                 raise RuntimeError(f"the output head ran {len(hidden)} times for {len(out.scores)} generated tokens")
             gen = out.sequences[:, enc["input_ids"].shape[1] :]
+            rows = []  # (row, record index, new tokens, text, parse, verdict step k and its token's text or None)
             for row, i in enumerate(idx):
                 ids = gen[row].tolist()
                 if eos in ids:
@@ -126,18 +127,26 @@ def generate_judgements(
                 ids = [t for t in ids if t != tokenizer.pad_token_id]
                 text, offsets = token_char_offsets(tokenizer, ids)
                 parsed = parse_trace(text, schema)
-                probs = verdict_hidden = None
+                verdict = None
                 if parsed.label is not None and parsed.label_span is not None:
                     k = next((j for j, (s, e) in enumerate(offsets) if e > parsed.label_span[0]), None)
                     if k is not None and k < len(out.scores):
-                        s, e = offsets[k]
-                        step = out.scores[k][row] if hidden is None \
-                            else head_logits_fp32(head, hidden[k][row : row + 1])[0]
-                        probs = _label_probs(step, text[s:e], first_tokens, labels)
-                        if keep_hidden and hidden is not None:
-                            verdict_hidden = hidden[k][row].float().tolist()
+                        verdict = (k, text[offsets[k][0]:offsets[k][1]])
+                rows.append((row, i, len(ids), text, parsed, verdict))
+            read = [(row, v[0]) for row, *_, v in rows if v is not None]
+            if hidden is not None and read:  # every verdict's float32 logits in one product with the head
+                states = torch.stack([hidden[k][row] for row, k in read])
+                fp32_logits = dict(zip(read, head_logits_fp32(head, states)))
+            for row, i, n_new, text, parsed, verdict in rows:
+                probs = verdict_hidden = None
+                if verdict is not None:
+                    k, token_text = verdict
+                    step = out.scores[k][row] if hidden is None else fp32_logits[(row, k)]
+                    probs = _label_probs(step, token_text, first_tokens, labels)
+                    if keep_hidden and hidden is not None:
+                        verdict_hidden = hidden[k][row].float().tolist()
                 label = apply_offsets(probs, parsed.label, label_offsets)
-                results[i] = Judgement(records[i].id, text, label, probs, parsed.format_ok, parsed, len(ids),
+                results[i] = Judgement(records[i].id, text, label, probs, parsed.format_ok, parsed, n_new,
                                        raw_label=parsed.label, verdict_hidden=verdict_hidden)
             bar.update(len(idx))
     bar.close()
