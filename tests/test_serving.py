@@ -890,3 +890,16 @@ def test_bf16_backend_packs_its_weights_once_and_answers_as_unpacked(tiny_model_
     assert [(j.text, j.label, j.probs) for j in got] == [(j.text, j.label, j.probs) for j in want]
     fp32 = JudgeBackend.load(tiny_model_dir, bf16=False, max_new_tokens=12)
     assert not any("forward" in vars(m) for m in fp32.model.modules())
+
+
+def test_auto_precision_is_bf16_on_a_cpu_that_runs_it_well(tiny_model_dir, monkeypatch):
+    """``--precision auto`` (bf16=None): full mode and chat in bf16 -- what `she eval` judges in -- where oneDNN runs
+    bf16 well (she.runtime.cpu_bf16_native), fp32 on other CPUs; fast mode in bf16 on both."""
+    import she.runtime
+    from she.serving.backend import JudgeBackend
+
+    for native in (True, False):
+        monkeypatch.setattr(she.runtime, "cpu_bf16_native", lambda native=native: native)
+        backend = JudgeBackend.load(tiny_model_dir, device="cpu", max_new_tokens=4)
+        assert backend.bf16 is native
+        assert backend.fast is None or backend.fast.bf16 is True

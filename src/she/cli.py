@@ -324,9 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--fast-batch-size", type=int, default=None,
                     help="pairs per forward pass in fast mode (default 16, as `she predict --batch-size`)")
     sv.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                    help="auto: full mode and chat in bf16 autocast on CUDA and fp32 on CPU, fast mode in bf16; "
-                         "bf16 / fp32: all modes (bf16 is what `she eval` uses; on a CPU its decoding runs on "
-                         "packed bf16 weights, docs/benchmarks.md)")
+                    help="auto: bf16 autocast in every mode on CUDA and on CPUs that run bf16 well (AVX-512 "
+                         "and up), full mode and chat in fp32 on other CPUs; bf16 / fp32: all modes (bf16 is what "
+                         "`she eval` uses; on a CPU its decoding runs on packed bf16 weights, docs/benchmarks.md)")
     sv.add_argument("--api-key", default=None,
                     help="require 'Authorization: Bearer KEY' on every path but /health; default $SHE_API_KEY "
                          "(this flag wins when both are set; the variable keeps the key out of `ps`)")

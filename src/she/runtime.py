@@ -68,6 +68,17 @@ def tune_allocator(default: str = "tuned") -> bool:
     return applied
 
 
+def cpu_bf16_native() -> bool:
+    """Whether oneDNN counts this CPU as running bf16 matmuls well (``torch.ops.mkldnn._is_mkldnn_bf16_supported``:
+    AVX-512 and up, AMX, ARM's BF16); elsewhere bf16 is emulated and float32 is the faster choice."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN
+        return False
+
+
 def resident_bytes() -> int | None:
     """This process's resident memory (``/proc/self/statm``), or None where there is no procfs."""
     try:

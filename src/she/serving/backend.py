@@ -124,9 +124,13 @@ class JudgeBackend:
              fast_batch_size: int | None = None) -> "JudgeBackend":
         """Load a registered name or ``save_pretrained`` folder; prompt style/target/taxonomy from ``she.json``.
 
-        ``bf16=None``: full mode and chat in bf16 autocast on CUDA and fp32 on CPU; fast mode as ``she predict
+        ``bf16=None``: full mode and chat in bf16 autocast on CUDA and on a CPU that runs bf16 well
+        (:func:`she.runtime.cpu_bf16_native`; fp32 on other CPUs) -- what ``she eval`` judges in, and on a CPU the
+        faster path (packed weights, the lean decoding step; docs/benchmarks.md); fast mode as ``she predict
         --fast`` (bf16 autocast on both). ``True``/``False`` sets all three."""
         import torch
+
+        from she.runtime import cpu_bf16_native
 
         from she.models.registry import load_model_and_tokenizer, resolve_model
         from she.models.metadata import load_she_meta
@@ -143,7 +147,8 @@ class JudgeBackend:
         model.eval()
         return cls(model, tok, name=str(model_dir), taxonomy=taxonomy or trained or "hd3",
                    prompt_style=meta.get("prompt_style", "full"), target=meta.get("target"),
-                   max_new_tokens=max_new_tokens, bf16=(device != "cpu") if bf16 is None else bf16,
+                   max_new_tokens=max_new_tokens,
+                   bf16=(device != "cpu" or cpu_bf16_native()) if bf16 is None else bf16,
                    fast_prefix=fast_prefix, schema=meta.get("schema", "default"),
                    label_offsets=meta.get("label_offsets") or None, fast_bf16=bf16, fast_batch_size=fast_batch_size,
                    label_offsets_computed=meta.get("label_offsets_computed") or None,
