@@ -37,7 +37,7 @@
    its float32 weight to bf16 (cached for the region) and oneDNN reorders it into its blocked layout at every call;
    with one token a row the weights' bytes bound a decoding step. :func:`packed_linears` packs a bf16 copy of each
    weight once a block and calls oneDNN's linear on it: the same bf16 products, bit for bit, faster at a few rows.
-7. **transformers' module stack costs a fifth of a decoding step at a few rows.** Module calls, keyword plumbing,
+7. **transformers' module stack costs a quarter of a decoding step at a few rows.** Module calls, keyword plumbing,
    output capture, the mask builder and SDPA's kernel around a one-token query: she.models.decode_step computes a
    Llama model's one-token step from its packed weights with the query/key/value and gate/up projections fused,
    the same operations otherwise, and the attention's scores in float32 (:func:`fast_decoding` opens it with the
