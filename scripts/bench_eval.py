@@ -41,6 +41,10 @@ def main(argv=None) -> None:
                         "step, the default since session 48), packed (its session-47 form: attention, cache and "
                         "packed layers, transformers' step) and plain (transformers' attention, cache and linear "
                         "layers): each batch size runs once per arm, the arms alternating")
+    p.add_argument("--engines", default="she",
+                   help="comma-separated greedy engines (she.models.greedy, SHE_GREEDY): she (the default since "
+                        "session 49: the batch's shared prompt prefix run once, ended rows retired) and generate "
+                        "(model.generate); each batch size and decoding arm runs once per engine, alternating")
     add_common_args(p)
     args = p.parse_args(argv)
     if args.reps < 2:
@@ -48,7 +52,10 @@ def main(argv=None) -> None:
     arms = [a.strip() for a in args.decoding.split(",")]
     if unknown := [a for a in arms if a not in DECODING_ARMS]:
         p.error(f"unknown --decoding arms {unknown}; choose from {', '.join(DECODING_ARMS)}")
-    sizes = [(int(b), a) for b in args.batch_sizes.split(",") for a in arms]
+    engines = [e.strip() for e in args.engines.split(",")]
+    if unknown := [e for e in engines if e not in ("she", "generate")]:
+        p.error(f"unknown --engines {unknown}; choose from she, generate")
+    sizes = [(int(b), a, e) for b in args.batch_sizes.split(",") for a in arms for e in engines]
     records = bench_records(p, args, args.pairs)
 
     from she.evaluation.generate import generate_judgements
@@ -63,8 +70,9 @@ def main(argv=None) -> None:
     labels: dict[tuple, list] = {}
     for rep in range(args.reps):
         for key in (sizes if rep % 2 == 0 else sizes[::-1]):
-            b, arm = key
+            b, arm, engine = key
             set_decoding_arm(arm)
+            os.environ["SHE_GREEDY"] = engine
             t = time.perf_counter()
             js = generate_judgements(model, tok, records, batch_size=b, max_new_tokens=args.max_new_tokens,
                                      bf16=args.bf16, progress=False, schema=schema, prompt_style=style)
@@ -73,12 +81,12 @@ def main(argv=None) -> None:
                 times[key].append(dt)
             tokens[key] = sum(j.n_new_tokens for j in js)
             labels[key] = [j.label for j in js]
-            print(f"rep {rep} batch {b} {arm}: {dt:.1f} s, {tokens[key] / dt:.1f} new tokens/s", flush=True)
+            print(f"rep {rep} batch {b} {arm} {engine}: {dt:.1f} s, {tokens[key] / dt:.1f} new tokens/s", flush=True)
     base = sizes[0]
     rows = {}
     for b in sizes:
         secs = statistics.median(times[b])
-        rows[f"{b[0]} {b[1]}"] = {"seconds": secs, "new_tokens": tokens[b], "tokens_per_s": tokens[b] / secs,
+        rows[" ".join(map(str, b))] = {"seconds": secs, "new_tokens": tokens[b], "tokens_per_s": tokens[b] / secs,
                         "pairs_per_s": len(records) / secs,
                         "speedup_vs_first": statistics.median(times[base]) / secs,
                         "agree": sum(x == y for x, y in zip(labels[b], labels[base])) / len(records)}

@@ -101,20 +101,23 @@ def test_generate_judgements_keeps_the_verdict_hidden_state(tiny):
     script = tok.encode("Verdict: Exact", add_special_tokens=False) + [tok.eos_token_id]
     recs = [Record(id=str(i), query=q, product=Product(title=t), label="Exact")
             for i, (q, t) in enumerate([("red drill", "red cordless drill"), ("garden hose", "blue hose 50 ft")])]
-    real = model.generate
+    calls = []
 
-    def scripted(**kw):  # force the scripted trace; the head still runs at every step
-        start = kw["input_ids"].shape[1]
-        return real(**kw, prefix_allowed_tokens_fn=lambda b, ids: [script[min(len(ids) - start, len(script) - 1)]])
+    def scripted(_m, _args, logits):  # force the scripted trace: head call k (generated token k) puts script[k] on top
+        logits = logits.clone()
+        logits[..., script[min(len(calls), len(script) - 1)]] += 1e4
+        calls.append(1)
+        return logits
 
-    model.generate = scripted
+    handle = model.get_output_embeddings().register_forward_hook(scripted)
     try:
         kept = generate_judgements(model, tok, recs, taxonomy="hd3", max_new_tokens=len(script) + 1, bf16=False,
                                    progress=False, schema=schema, prompt_style="compact", keep_hidden=True)
+        calls.clear()
         plain = generate_judgements(model, tok, recs, taxonomy="hd3", max_new_tokens=len(script) + 1, bf16=False,
                                     progress=False, schema=schema, prompt_style="compact")
     finally:
-        del model.generate
+        handle.remove()
     ids = label_first_tokens(tok, labels)[True]
     for j, p in zip(kept, plain):
         assert j.raw_label == "Exact" and j.probs is not None and j.verdict_hidden is not None

@@ -19,6 +19,7 @@ from she.data.labels import get_taxonomy
 from she.data.schema import Record
 from she.models.heads import capture_head_inputs, head_logits_fp32, plain_head
 from she.models.generation import fast_decoding
+from she.models.greedy import greedy_generate
 from she.models.metadata import autocast
 from she.reasoning.schema import StepSchema
 
@@ -93,7 +94,6 @@ def generate_judgements(
     labels = list(get_taxonomy(taxonomy).labels)
     first_tokens = label_first_tokens(tokenizer, labels)
     head = plain_head(model)
-    tokenizer.padding_side = "left"
     model.eval()
     device = next(model.parameters()).device
     prompts = [
@@ -109,22 +109,19 @@ def generate_judgements(
     with fast_decoding(model, pack=bf16):
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
-            enc = {k: v.to(device) for k, v in enc.items()}
+            enc = tokenizer([prompts[i] for i in idx], add_special_tokens=False)["input_ids"]
             with autocast(bf16, device), capture_head_inputs(model) as hidden:
-                out = model.generate(
-                    # the scores only where no head input is captured: a batch's kept scores are 0.2 MB a pair a
-                    # token (SmolLM2), 0.8 GB for 64 pairs of 64 tokens, and the verdict is read from the states
-                    **enc, max_new_tokens=max_new_tokens, do_sample=False, output_scores=hidden is None,
-                    return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
-                )
-            steps = out.sequences.shape[1] - enc["input_ids"].shape[1]  # decoding steps of the batch
+                # greedy decoding with the batch's shared prompt prefix run once and ended rows retired
+                # (she.models.greedy); the scores only where no head input is captured: a batch's kept scores are
+                # 0.2 MB a pair a token (SmolLM2), and the verdict is read from the captured states
+                out = greedy_generate(model, enc, max_new_tokens=max_new_tokens, eos_token_id=eos,
+                                      pad_token_id=tokenizer.pad_token_id, output_scores=hidden is None)
+            steps = len(out.step_rows)  # decoding steps of the batch
             if hidden is not None and len(hidden) != steps:
                 raise RuntimeError(f"the output head ran {len(hidden)} times for {steps} generated tokens")
-            gen = out.sequences[:, enc["input_ids"].shape[1] :]
             rows = []  # (row, record index, new tokens, text, parse, verdict step k and its token's text or None)
             for row, i in enumerate(idx):
-                ids = gen[row].tolist()
+                ids = out.tokens[row]
                 if eos in ids:
                     ids = ids[: ids.index(eos)]
                 ids = [t for t in ids if t != tokenizer.pad_token_id]
@@ -138,16 +135,16 @@ def generate_judgements(
                 rows.append((row, i, len(ids), text, parsed, verdict))
             read = [(row, v[0]) for row, *_, v in rows if v is not None]
             if hidden is not None and read:  # every verdict's float32 logits in one product with the head
-                states = torch.stack([hidden[k][row] for row, k in read])
+                states = torch.stack([hidden[k][out.batch_row(k, row)] for row, k in read])
                 fp32_logits = dict(zip(read, head_logits_fp32(head, states)))
             for row, i, n_new, text, parsed, verdict in rows:
                 probs = verdict_hidden = None
                 if verdict is not None:
                     k, token_text = verdict
-                    step = out.scores[k][row] if hidden is None else fp32_logits[(row, k)]
+                    step = out.scores[k][out.batch_row(k, row)] if hidden is None else fp32_logits[(row, k)]
                     probs = _label_probs(step, token_text, first_tokens, labels)
                     if keep_hidden and hidden is not None:
-                        verdict_hidden = hidden[k][row].float().tolist()
+                        verdict_hidden = hidden[k][out.batch_row(k, row)].float().tolist()
                 label = apply_offsets(probs, parsed.label, label_offsets)
                 results[i] = Judgement(records[i].id, text, label, probs, parsed.format_ok, parsed, n_new,
                                        raw_label=parsed.label, verdict_hidden=verdict_hidden)
