@@ -164,6 +164,13 @@ def test_engine_switch_and_fallbacks(monkeypatch):
     assert out.engine == "generate"
 
 
+def test_models_whose_decoder_holds_the_head_take_generate():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert "output head" in loop_unsupported(model)
+    assert _run(model, _prompts(), n=2, engine="she").engine == "generate"
+
+
 def test_bad_arguments_are_errors():
     model = _llama()
     with pytest.raises(ValueError, match="non-empty"):

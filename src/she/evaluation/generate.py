@@ -7,6 +7,9 @@ probabilities are conditioned on the model's own reasoning, which is what the ju
 Those logits are the output head re-read in float32 on the hidden state of that step
 (:mod:`she.models.heads`): decoding runs in bf16, whose logits would quantise a soft verdict distribution
 into steps of 1/16 nat and tie one pair in ten.
+
+The traces are decoded by :func:`she.models.greedy.greedy_generate` (the batch's shared prompt prefix once, ended rows
+retired), in batches ordered by prompt token count.
 """
 
 from __future__ import annotations
@@ -101,7 +104,8 @@ def generate_judgements(
                                       add_generation_prompt=True)
         for r, s in zip(records, prompt_schemas)
     ]
-    order = sorted(range(len(records)), key=lambda i: len(prompts[i]))  # less padding per batch
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []
+    order = sorted(range(len(records)), key=lambda i: len(prompt_ids[i]))  # less padding per batch
     results: list[Judgement | None] = [None] * len(records)
     eos = tokenizer.eos_token_id
     bar = tqdm(total=len(records), desc="judging", unit="pair", disable=not progress)
@@ -109,7 +113,7 @@ def generate_judgements(
     with fast_decoding(model, pack=bf16):
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            enc = tokenizer([prompts[i] for i in idx], add_special_tokens=False)["input_ids"]
+            enc = [prompt_ids[i] for i in idx]
             with autocast(bf16, device), capture_head_inputs(model) as hidden:
                 # greedy decoding with the batch's shared prompt prefix run once and ended rows retired
                 # (she.models.greedy); the scores only where no head input is captured: a batch's kept scores are

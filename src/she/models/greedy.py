@@ -85,8 +85,12 @@ def resolve_engine(engine: str | None = None) -> str:
 def loop_unsupported(model) -> str | None:
     """Why this module's loop cannot stand in for ``model.generate`` on ``model`` (None: it can)."""
     base = getattr(model, "base_model", None)
-    if base is None or base is model:
-        return "no decoder module separate from the output head"
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if get_head is not None else None
+    # the prefix runs through ``base_model`` so that the head (and hooks on it) sees one call a generated token; a
+    # wrapper's base (peft's) holds the whole model, head included
+    if base is None or base is model or head is None or any(m is head for m in base.modules()):
+        return "no decoder module apart from the output head"
     gc = getattr(model, "generation_config", None)
     if gc is not None:
         from transformers import GenerationConfig
