@@ -158,6 +158,9 @@ def test_engine_switch_and_fallbacks(monkeypatch):
     monkeypatch.delenv("SHE_GREEDY")
     with pytest.raises(ValueError, match="engine"):
         resolve_engine("beam")
+    model.config.sliding_window = 4  # a window over cache slots, padding included
+    assert "sliding" in loop_unsupported(model)
+    model.config.sliding_window = None
     model.generation_config.repetition_penalty = 1.3  # a logits processor the loop does not apply
     assert "repetition_penalty" in loop_unsupported(model)
     out = _run(model, prompts, n=3, engine="she")

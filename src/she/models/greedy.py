@@ -17,9 +17,9 @@ the batch's longest judgement ends. Two of those costs buy nothing:
 
 The tokens are greedy (the arg max of each step's logits, as ``generate`` without logits processors takes it), the
 same as ``model.generate``'s up to the rounding of a batch of another shape (tests compare tokens and logits).
-Models whose generation config asks for logits processors, or that have no separate decoder module to run the
-prefix through without the output head, take ``model.generate`` (``engine="generate"``, also
-``SHE_GREEDY=generate``), which returns the same structure.
+Models whose generation config asks for logits processors, that have no separate decoder module to run the prefix
+through without the output head, or whose attention has a sliding window take ``model.generate``, as
+``engine="generate"`` and ``SHE_GREEDY=generate`` do; it returns the same structure.
 
 The caller opens the precision and decoding contexts (bf16 autocast, she.models.generation.fast_decoding): the
 one-token steps here are ordinary forward calls, which fast_decoding's lean step takes.
@@ -91,6 +91,11 @@ def loop_unsupported(model) -> str | None:
     # wrapper's base (peft's) holds the whole model, head included
     if base is None or base is model or head is None or any(m is head for m in base.modules()):
         return "no decoder module apart from the output head"
+    config = getattr(model, "config", None)
+    if (getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)) or \
+            "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+        # a window counts cache slots: the padding between prefix and remainder would take some of a row's window
+        return "sliding-window attention"
     gc = getattr(model, "generation_config", None)
     if gc is not None:
         from transformers import GenerationConfig
