@@ -53,18 +53,33 @@ def test_common_prefix_length_by_hand():
     assert common_prefix_length([[1, 2], [1, 2]]) == 2
 
 
+def _eos_at_different_steps(model, prompts, n):
+    """A token that ends some rows at different steps (greedy tokens of a random model repeat often)."""
+    free = _run(model, prompts, n=n, eos=96, engine="she", retire_fraction=None)
+    first = {}
+    for row, toks in enumerate(free.tokens):
+        for k, t in enumerate(toks):
+            first.setdefault(t, {}).setdefault(row, k)
+    best = max(first, key=lambda t: (len(set(first[t].values())), -len(first[t])))
+    assert len(set(first[best].values())) >= 2, "the test's model ends no two rows at different steps"
+    return best
+
+
 @pytest.mark.parametrize("shared", [0, 1, 6])
 @pytest.mark.parametrize("retire", [None, 0.0, 0.5])
 def test_loop_generates_what_generate_does(shared, retire):
     """Greedy tokens and every step's float32 logits as model.generate's on left-padded rows (fp32: only the rounding
     of other matmul shapes differs), whatever is shared or retired."""
-    model = _llama()
-    prompts = _prompts(shared=shared)
-    ref = _run(model, prompts, engine="generate")
+    model = _llama(seed=3)
+    prompts = _prompts(seed=3, shared=shared, lengths=(3, 7, 1, 5, 4, 2, 6, 3))
+    eos = _eos_at_different_steps(model, prompts, 10)  # rows end at different steps: retirement happens
+    ref = _run(model, prompts, n=10, eos=eos, engine="generate")
     assert ref.engine == "generate" and ref.prefix_tokens == 0
-    ours = _run(model, prompts, engine="she", retire_fraction=retire)
+    ours = _run(model, prompts, n=10, eos=eos, engine="she", retire_fraction=retire)
     assert ours.engine == "she" and ours.prefix_tokens == (shared if shared else 0)
     assert _agree(ref, ours) == sum(len(t) for t in ref.tokens)
+    if retire == 0.0:
+        assert len(ours.step_rows[-1]) < len(prompts)
 
 
 def test_shared_prefix_is_run_once_and_leaves_each_row_a_token():
@@ -83,18 +98,6 @@ def test_shared_prefix_is_run_once_and_leaves_each_row_a_token():
     assert _agree(_run(model, prompts, n=2, engine="generate"), out) == 6
     solo = _run(model, prompts[:1], n=2, engine="she")
     assert solo.prefix_tokens == 0  # one row: nothing to share
-
-
-def _eos_at_different_steps(model, prompts, n):
-    """A token that ends some rows at different steps (greedy tokens of a random model repeat often)."""
-    free = _run(model, prompts, n=n, eos=96, engine="she", retire_fraction=None)
-    first = {}
-    for row, toks in enumerate(free.tokens):
-        for k, t in enumerate(toks):
-            first.setdefault(t, {}).setdefault(row, k)
-    best = max(first, key=lambda t: (len(set(first[t].values())), -len(first[t])))
-    assert len(set(first[best].values())) >= 2, "the test's model ends no two rows at different steps"
-    return best
 
 
 def test_retired_rows_leave_the_batch_and_keep_their_states():
@@ -127,11 +130,21 @@ def test_retired_rows_leave_the_batch_and_keep_their_states():
 def test_fast_decoding_in_bf16_agrees_with_generate():
     """Under bf16 autocast with fast_decoding's lean step (which the loop's one-token calls reach): the same tokens as
     model.generate's but where a near tie parts them, scores within bf16 rounding."""
+    from she.models.decode_step import LeanDecoder, unsupported_reason
+
     model = _llama(seed=1)
     prompts = _prompts(seed=1)
-    with torch.autocast("cpu", dtype=torch.bfloat16), fast_decoding(model):
-        ref = _run(model, prompts, engine="generate")
-        ours = _run(model, prompts, engine="she", retire_fraction=0.0)
+    assert unsupported_reason(model) is None
+    steps = []
+    real = LeanDecoder.step
+    LeanDecoder.step = lambda self, ids, *a, **k: steps.append(ids.size(0)) or real(self, ids, *a, **k)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16), fast_decoding(model):
+            ref = _run(model, prompts, engine="generate")
+            ours = _run(model, prompts, engine="she", retire_fraction=0.0)
+    finally:
+        LeanDecoder.step = real
+    assert len(steps) == 2 * 7  # every one-token step of both runs went to the lean step
     compared = 0
     for row, toks in enumerate(ref.tokens):
         for k, t in enumerate(toks):
@@ -159,7 +172,7 @@ def test_engine_switch_and_fallbacks(monkeypatch):
     with pytest.raises(ValueError, match="engine"):
         resolve_engine("beam")
     model.config.sliding_window = 4  # a window over cache slots, padding included
-    assert "sliding" in loop_unsupported(model)
+    assert "SlidingWindow" in loop_unsupported(model)
     model.config.sliding_window = None
     model.generation_config.repetition_penalty = 1.3  # a logits processor the loop does not apply
     assert "repetition_penalty" in loop_unsupported(model)
@@ -172,6 +185,79 @@ def test_models_whose_decoder_holds_the_head_take_generate():
     model = peft.get_peft_model(_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
     assert "output head" in loop_unsupported(model)
     assert _run(model, _prompts(), n=2, engine="she").engine == "generate"
+
+
+def test_a_decoder_that_ignores_the_cache_takes_generate():
+    model = _llama()
+    own = model.base_model.forward
+    model.base_model.forward = lambda *a, cache=None, **k: own(*a, **k)  # drops the cache it is handed
+    try:
+        out = _run(model, _prompts(), n=3, engine="she")
+    finally:
+        del model.base_model.forward
+    assert out.engine == "generate"
+
+
+def test_judgements_read_each_rows_verdict_when_rows_end_apart(tiny, monkeypatch):
+    """generate_judgements through the loop with rows retired: the head is scripted row by row (pairs whose prompt has
+    an even number of tokens write a short trace, odd ones a longer one), so rows end at different steps; each pair's
+    label, verdict probabilities and verdict state are the ones model.generate gives."""
+    import she.evaluation.generate as gen_mod
+    from she.data.schema import Product, Record
+    from she.reasoning.schema import resolve_schema
+
+    model, tok = tiny
+    schema = resolve_schema("default", "hd3")
+    eos = tok.eos_token_id
+    short = tok.encode("Verdict: Exact", add_special_tokens=False) + [eos]
+    long = tok.encode("\nType: related\nVerdict: Partial", add_special_tokens=False) + [eos]
+    assert all(a != b for a, b in zip(short, long)) and len(long) > len(short)  # a step's token names its script
+    state = {}
+
+    def inputs(_m, _args, kw):  # the call's ids and mask, and the step (0: the prompt's pass), for the head's script
+        state["ids"], state["mask"] = kw["input_ids"], kw.get("attention_mask")
+        state["k"] = 0 if kw["input_ids"].size(1) > 1 else state["k"] + 1
+
+    def scripted(_m, _args, logits):
+        logits = logits.clone()
+        ids, k = state["ids"], state["k"]
+        for r in range(logits.size(0)):
+            if k == 0:  # the script by the parity of the row's prompt length
+                script = short if int(state["mask"][r].sum()) % 2 == 0 else long
+            else:  # the script whose previous token the row fed (none: an ended row)
+                script = next((sc for sc in (short, long) if k < len(sc) and int(ids[r, -1]) == sc[k - 1]), None)
+                if script is None:
+                    continue
+            logits[r, -1, script[k]] += 1e4
+        return logits
+
+    records = [Record(id=str(i), query=q, product=Product(title=t), label="Exact") for i, (q, t) in enumerate(
+        [("red drill", "red cordless drill 18 v"), ("garden hose", "blue hose 50 ft"), ("lamp", "desk lamp"),
+         ("white paint for walls", "white interior paint 1 gal"), ("saw", "circular saw blade 7 in"),
+         ("hammer", "claw hammer 16 oz fiberglass handle")])]
+    outs = []
+    real_greedy = gen_mod.greedy_generate
+    monkeypatch.setattr(gen_mod, "greedy_generate", lambda *a, **k: outs.append(real_greedy(*a, **k)) or outs[-1])
+    h1 = model.register_forward_pre_hook(inputs, with_kwargs=True)
+    h2 = model.get_output_embeddings().register_forward_hook(scripted)
+    runs = {}
+    try:
+        for engine in ("generate", "she"):
+            monkeypatch.setenv("SHE_GREEDY", engine)
+            runs[engine] = gen_mod.generate_judgements(
+                model, tok, records, taxonomy="hd3", batch_size=len(records), max_new_tokens=len(long) + 2,
+                bf16=False, progress=False, schema=schema, prompt_style="compact", keep_hidden=True)
+    finally:
+        h1.remove()
+        h2.remove()
+    assert outs[1].engine == "she" and len(outs[1].step_rows[-1]) < len(records)  # rows were retired
+    labels = [j.raw_label for j in runs["she"]]
+    assert {"Exact", "Partial"} == set(labels)
+    for a, b in zip(runs["generate"], runs["she"]):
+        assert a.raw_label == b.raw_label and a.text == b.text and a.n_new_tokens == b.n_new_tokens
+        assert b.probs is not None and b.probs == pytest.approx(a.probs, abs=1e-5)
+        assert b.verdict_hidden == pytest.approx(a.verdict_hidden, abs=1e-5)
+    assert len({tuple(j.verdict_hidden) for j in runs["she"]}) == len(records)
 
 
 def test_bad_arguments_are_errors():

@@ -18,8 +18,9 @@ the batch's longest judgement ends. Two of those costs buy nothing:
 The tokens are greedy (the arg max of each step's logits, as ``generate`` without logits processors takes it), the
 same as ``model.generate``'s up to the rounding of a batch of another shape (tests compare tokens and logits).
 Models whose generation config asks for logits processors, that have no separate decoder module to run the prefix
-through without the output head, or whose attention has a sliding window take ``model.generate``, as
-``engine="generate"`` and ``SHE_GREEDY=generate`` do; it returns the same structure.
+through without the output head, or whose KV cache is not transformers' plain one throughout (sliding windows,
+recurrent or convolutional layers) take ``model.generate``, as ``engine="generate"`` and ``SHE_GREEDY=generate`` do;
+it returns the same structure.
 
 The caller opens the precision and decoding contexts (bf16 autocast, she.models.generation.fast_decoding): the
 one-token steps here are ordinary forward calls, which fast_decoding's lean step takes.
@@ -91,11 +92,15 @@ def loop_unsupported(model) -> str | None:
     # wrapper's base (peft's) holds the whole model, head included
     if base is None or base is model or head is None or any(m is head for m in base.modules()):
         return "no decoder module apart from the output head"
-    config = getattr(model, "config", None)
-    if (getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)) or \
-            "sliding_attention" in (getattr(config, "layer_types", None) or ()):
-        # a window counts cache slots: the padding between prefix and remainder would take some of a row's window
-        return "sliding-window attention"
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    # rows are dropped from and padded in the middle of a plain KV cache; a sliding window counts cache slots (the
+    # padding would take part of a row's window), and recurrent or convolutional states would carry the padding
+    layers = DynamicCache(config=model.config).layers
+    kinds = {type(layer).__name__ for layer in layers if type(layer) is not DynamicLayer}
+    if kinds:
+        return f"its KV cache has {', '.join(sorted(kinds))} layers"
     gc = getattr(model, "generation_config", None)
     if gc is not None:
         from transformers import GenerationConfig
@@ -150,6 +155,8 @@ def greedy_generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos
     p = min(p, min(len(r) for r in prompts) - 1)  # every row keeps a token for the batch's pass
     if p > 0:  # the shared prefix, one row, through the decoder only (no output head call)
         model.base_model(input_ids=torch.tensor([prompts[0][:p]], device=device), cache=cache, use_cache=True)
+        if cache.get_seq_length() != p:  # a decoder that does not take ``cache=``: generate's own path
+            return _generate_engine(model, prompts, max_new_tokens, eos_token_id, pad_token_id, output_scores)
         cache.batch_select_indices(torch.zeros(b, dtype=torch.long, device=device))
     width = max(len(r) for r in prompts) - p
     rest = torch.full((b, width), pad_token_id, dtype=torch.long, device=device)
