@@ -53,8 +53,10 @@ def main(argv=None) -> None:
     if unknown := [a for a in arms if a not in DECODING_ARMS]:
         p.error(f"unknown --decoding arms {unknown}; choose from {', '.join(DECODING_ARMS)}")
     engines = [e.strip() for e in args.engines.split(",")]
-    if unknown := [e for e in engines if e not in ("she", "generate")]:
-        p.error(f"unknown --engines {unknown}; choose from she, generate")
+    from she.models.greedy import GREEDY_ENGINES
+
+    if unknown := [e for e in engines if e not in GREEDY_ENGINES]:
+        p.error(f"unknown --engines {unknown}; choose from {', '.join(GREEDY_ENGINES)}")
     sizes = [(int(b), a, e) for b in args.batch_sizes.split(",") for a in arms for e in engines]
     records = bench_records(p, args, args.pairs)
 

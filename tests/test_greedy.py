@@ -45,6 +45,13 @@ def _agree(a: GreedyOutput, b: GreedyOutput, atol: float = 1e-5) -> int:
     return compared
 
 
+def test_left_pad_by_hand():
+    from she.models.generation import left_pad
+
+    ids, mask = left_pad([[5, 6, 7], [8]], 0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
 def test_common_prefix_length_by_hand():
     assert common_prefix_length([]) == 0
     assert common_prefix_length([[1, 2, 3]]) == 3

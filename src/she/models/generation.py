@@ -121,6 +121,15 @@ def generation_autocast(enabled: bool, device: torch.device | str) -> contextlib
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
+def left_pad(rows: list[list[int]], pad_token_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` [N, longest] of token-id ``rows`` padded on the left (generation appends on the
+    right, so every row's last token is aligned), the mask 0 on padding."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_token_id] * (width - len(r)) + list(r) for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    return ids, mask
+
+
 def identical_runs(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(starts, counts)``: the first row and the length of each run of consecutive identical rows (ids and mask
     equal), in order, on the inputs' device; ``counts.sum()`` is the number of rows."""
@@ -423,5 +432,5 @@ def fast_decoding(model, enabled: bool | None = None, *, pack: bool = True) -> c
 
 __all__ = ["DECODE_ATTENTION", "DECODING_ENV", "ROLLOUT_PREFILLS", "ROLLOUT_SAMPLERS", "categorical_sample",
            "decode_attention", "decode_attention_forward", "fast_decoding", "fast_sampling", "generation_autocast",
-           "grouped_decode_attention", "growing_cache", "identical_runs", "packed_linears", "resolve_fast_decoding",
+           "grouped_decode_attention", "growing_cache", "identical_runs", "left_pad", "packed_linears", "resolve_fast_decoding",
            "shared_prefill", "shared_prefill_generate"]

@@ -1,9 +1,9 @@
 """Greedy decoding of a batch of judge prompts, with two savings ``model.generate`` does not make.
 
 Where a reasoning judge's evaluation spends its time (``she eval``, the service's full mode, the comparison's
-validation and test pairs): measured on the synthetic SFT judge at 32 pairs a batch (docs/benchmarks.md, "Greedy
-judgements"), ~40 % in the prompts' forward pass and the rest in ~64 one-token steps, which run for every row until
-the batch's longest judgement ends. Two of those costs buy nothing:
+validation and test pairs): measured on the synthetic SFT judge at 32 pairs a batch (scripts/bench_greedy.py,
+docs/benchmarks.md "Greedy judgements"), ~40 % in the prompts' forward pass and the rest in ~64 one-token steps,
+which run for every row until the batch's longest judgement ends. Two of those costs buy nothing:
 
 1. **Every prompt repeats the same opening.** A judge's prompts share their chat template's system turn and the
    instruction (28 of SmolLM2's ~93 tokens a synthetic prompt). :func:`greedy_generate` runs the batch's longest
@@ -11,9 +11,9 @@ the batch's longest judgement ends. Two of those costs buy nothing:
    laid out ``prefix | padding | remainder`` with positions counted over the real tokens (mask cumsum - 1, as
    ``generate`` counts them for left padding), so each row sees the positions and keys it has alone.
 2. **Finished rows keep decoding.** ``generate`` feeds a row that has ended padding until the batch's last row
-   ends; a step's cost grows with its rows (~1.9 ms a row here at 32-64 rows). Rows that have ended leave the
-   batch (their cache rows dropped) once they are ``retire_fraction`` of it: each retirement copies the cache, so
-   it is made for several rows at once.
+   ends; a step's cost grows with its rows (a Llama step of SmolLM2's shape: 30.8 ms at 8 rows, 60.3 ms at 32,
+   scripts/bench_decode_ops.py). Rows that have ended leave the batch (their cache rows dropped) once they are
+   ``retire_fraction`` of it: each retirement copies the cache, so it is made for several rows at once.
 
 The tokens are greedy (the arg max of each step's logits, as ``generate`` without logits processors takes it), the
 same as ``model.generate``'s up to the rounding of a batch of another shape (tests compare tokens and logits).
@@ -28,11 +28,12 @@ one-token steps here are ordinary forward calls, which fast_decoding's lean step
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 GREEDY_ENV = "SHE_GREEDY"  # she (default: this module's loop) | generate (model.generate)
+GREEDY_ENGINES = ("she", "generate")
 
 # generation-config fields whose non-default values make ``generate`` change greedy logits or stop early
 _PROCESSOR_FIELDS = ("repetition_penalty", "encoder_repetition_penalty", "no_repeat_ngram_size", "bad_words_ids",
@@ -49,14 +50,11 @@ class GreedyOutput:
     scores: list[torch.Tensor] | None = None  # float32 logits [len(step_rows[k]), V] of step k (``output_scores``)
     prefix_tokens: int = 0  # the shared prefix computed once (0: none)
     engine: str = "she"
-    _where: list[dict[int, int]] = field(default_factory=list, repr=False)
 
     def batch_row(self, k: int, row: int) -> int:
         """The position of input row ``row`` in step ``k``'s batch (its index into that step's scores or head
         inputs)."""
-        while len(self._where) <= k:
-            self._where.append({int(r): i for i, r in enumerate(self.step_rows[len(self._where)].tolist())})
-        return self._where[k][row]
+        return self.step_rows[k].tolist().index(row)
 
 
 def common_prefix_length(rows: list[list[int]]) -> int:
@@ -77,8 +75,8 @@ def resolve_engine(engine: str | None = None) -> str:
     from she.errors import env_switch
 
     if engine is not None:
-        if engine not in ("she", "generate"):
-            raise ValueError(f"greedy engine must be 'she' or 'generate', got {engine!r}")
+        if engine not in GREEDY_ENGINES:
+            raise ValueError(f"greedy engine must be one of {GREEDY_ENGINES}, got {engine!r}")
         return engine
     return "she" if env_switch(None, GREEDY_ENV, "she", "generate") else "generate"
 
@@ -113,10 +111,10 @@ def loop_unsupported(model) -> str | None:
 
 
 def _generate_engine(model, prompts, max_new_tokens, eos_token_id, pad_token_id, output_scores) -> GreedyOutput:
-    device = next(model.parameters()).device
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_token_id] * (width - len(p)) + list(p) for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    from she.models.generation import left_pad
+
+    ids, mask = left_pad(prompts, pad_token_id, next(model.parameters()).device)
+    width = ids.size(1)
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                          output_scores=output_scores, return_dict_in_generate=True, pad_token_id=pad_token_id,
                          eos_token_id=eos_token_id)
@@ -199,5 +197,5 @@ def greedy_generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos
     return GreedyOutput(tokens, step_rows, scores, prefix_tokens=p)
 
 
-__all__ = ["GREEDY_ENV", "GreedyOutput", "common_prefix_length", "greedy_generate", "loop_unsupported",
+__all__ = ["GREEDY_ENGINES", "GREEDY_ENV", "GreedyOutput", "common_prefix_length", "greedy_generate", "loop_unsupported",
            "resolve_engine"]

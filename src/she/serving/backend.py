@@ -250,7 +250,7 @@ class JudgeBackend:
     def _chat(self, items: list[ChatItem], *, max_tokens: int, temperature: float, top_p: float) -> list[Any]:
         import torch
 
-        from she.models.generation import fast_decoding, fast_sampling
+        from she.models.generation import fast_decoding, fast_sampling, left_pad
         from she.models.metadata import autocast
 
         tok = self.tokenizer
@@ -266,12 +266,10 @@ class JudgeBackend:
         if not prompts:
             return out
         idx = list(prompts)
-        width = max(len(prompts[i]) for i in idx)
         pad = tok.pad_token_id
         device = next(self.model.parameters()).device
-        # left padding: generation appends on the right, so every row's last prompt token is aligned
-        input_ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in idx], device=device)
-        mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx], device=device)
+        input_ids, mask = left_pad([prompts[i] for i in idx], pad, device)
+        width = input_ids.size(1)
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 \
             else {"do_sample": False}
         eos = tok.eos_token_id

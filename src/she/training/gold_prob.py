@@ -29,6 +29,7 @@ import torch
 from she.data.schema import Record
 from she.errors import UserError
 from she.evaluation.generate import label_first_tokens
+from she.models.generation import left_pad
 from she.models.heads import capture_head_inputs, head_logits_fp32, plain_head
 from she.models.metadata import autocast
 from she.reasoning.parse import parse_trace, verdict_prefix
@@ -134,10 +135,8 @@ def choice_log_probs(model: Any, tokenizer: Any, rows: Sequence[tuple[list[int],
     """log P(gold choice) [N] after each row's input ids: ``rows`` are (input ids, the choices' first token ids,
     the gold choice's index); one left-padded forward pass (no gradient, eval mode), the head in float32."""
     device = next(model.parameters()).device
-    width = max(len(ids) for ids, _, _ in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids, _, _ in rows], device=device)
-    attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _, _ in rows], device=device)
+    input_ids, attention = left_pad([ids for ids, _, _ in rows], pad, device)
     positions = (attention.cumsum(-1) - 1).clamp(min=0)  # left padding: positions as generate() gives them
     label_ids = torch.tensor([c for _, c, _ in rows], device=device)
     gold = torch.tensor([g for _, _, g in rows], device=device)
